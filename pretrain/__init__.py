@@ -1,0 +1,1 @@
+"""Pruning-aware pretraining on megatron-core: configs, model, data, loop, checkpoints."""

@@ -1,0 +1,145 @@
+"""Command line -> typed configs. Flag names are Megatron-LM's where one exists."""
+
+from __future__ import annotations
+
+import argparse
+
+from pretrain.config import (
+    MODEL_PRESETS,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    PretrainConfig,
+    TrainConfig,
+)
+
+_MODEL_FIELDS = ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                 "ffn_hidden_size", "kv_channels", "seq_length", "max_position_embeddings",
+                 "vocab_size", "make_vocab_size_divisible_by", "rotary_base", "norm_epsilon",
+                 "init_method_std"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pretrain",
+                                description="Pruning-aware pretraining on megatron-core.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(MODEL_PRESETS), default=None,
+                   help="a preset shape; explicit flags below override its values")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--num-query-groups", type=int, help="GQA groups (default: one per head)")
+    g.add_argument("--group-query-attention", action="store_true", help="accepted for Megatron-LM compatibility")
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--kv-channels", type=int, help="head size (default hidden/heads)")
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--vocab-size", type=int, help="model vocabulary (default: tokenizer's, padded)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--rotary-base", type=float)
+    g.add_argument("--norm-epsilon", type=float)
+    g.add_argument("--init-method-std", type=float)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--no-use-distributed-optimizer", dest="use_distributed_optimizer",
+                   action="store_false", help="plain DDP optimizer instead of the distributed one")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=[], help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--tokenizer-type", default="GPTSentencePieceTokenizer")
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--null-vocab-size", type=int, help="vocabulary of NullTokenizer")
+    g.add_argument("--mock-data", action="store_true", help="synthetic data (no --data-path)")
+    g.add_argument("--data-cache-path")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=3e-5)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int)
+    g.add_argument("--lr-decay-style", default="cosine")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=8)
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--train-tokens", type=int)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--eval-interval", type=int, default=0)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--exit-interval", type=int, help="save and exit at this iteration")
+    g.add_argument("--dry-run", action="store_true", help="build everything, print the plan, exit")
+
+    g = p.add_argument_group("checkpointing and logging")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only; start at iteration 0 with a fresh optimizer")
+    g.add_argument("--tensorboard-dir")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    model_values = dict(MODEL_PRESETS[args.model]) if args.model else {}
+    for name in _MODEL_FIELDS:
+        value = getattr(args, name)
+        if value is not None:
+            model_values[name] = value
+    if args.untie_embeddings_and_output_weights:
+        model_values["untie_embeddings_and_output_weights"] = True
+    missing = [n for n in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
+               if n not in model_values]
+    if missing:
+        raise ConfigError(
+            "the model shape is incomplete: give --model PRESET or "
+            + ", ".join("--" + n.replace("_", "-") for n in missing))
+    return PretrainConfig(
+        model=ModelConfig(**model_values),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        data=DataConfig(
+            data_path=args.data_path, split=args.split, tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model, vocab_size_for_null_tokenizer=args.null_vocab_size,
+            mock_data=args.mock_data, data_cache_path=args.data_cache_path,
+        ),
+        optim=OptimConfig(
+            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad, lr_warmup_iters=args.lr_warmup_iters,
+            lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
+        ),
+        train=TrainConfig(
+            micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+            train_iters=args.train_iters, train_tokens=args.train_tokens, seed=args.seed,
+            bf16=args.bf16, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+            log_interval=args.log_interval, exit_interval=args.exit_interval, dry_run=args.dry_run,
+        ),
+        checkpoint=CheckpointConfig(
+            save=args.save, load=args.load, save_interval=args.save_interval,
+            no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, finetune=args.finetune,
+            keep_last=args.keep_last,
+        ),
+        logging=LoggingConfig(tensorboard_dir=args.tensorboard_dir),
+    )

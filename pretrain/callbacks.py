@@ -1,0 +1,174 @@
+"""Callbacks: logging (stdout + tensorboard), evaluation, checkpointing with signal handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import torch
+
+from pretrain.trainer import Callback, StepMetrics, Trainer
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+class LoggingCallback(Callback):
+    """One line per ``--log-interval`` and the same scalars in tensorboard (rank 0).
+
+    Also appends every step's metrics to ``metrics.jsonl`` beside the tensorboard events, so tests
+    and scripts can read the loss curve without tensorboard.
+    """
+
+    name = "logging"
+
+    def __init__(self, log_interval: int, tensorboard_dir: str | None):
+        self.log_interval = log_interval
+        self.tensorboard_dir = tensorboard_dir
+        self.writer = None
+        self._window: list[StepMetrics] = []
+        self._start = time.time()
+        self.history: list[dict] = []
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self._start = time.time()
+        if self.tensorboard_dir and _is_rank0():
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(self.tensorboard_dir, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=self.tensorboard_dir)
+
+    def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
+        it = trainer.state.iteration
+        tokens_seen = trainer.state.consumed_samples * trainer.config.model.seq_length
+        record = {"iteration": it, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
+                  "tokens": tokens_seen, "step_seconds": m.seconds, **m.extra}
+        self.history.append(record)
+        self._window.append(m)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", m.loss, it)
+            self.writer.add_scalar("train/lr", m.lr, it)
+            self.writer.add_scalar("train/grad_norm", m.grad_norm, it)
+            self.writer.add_scalar("train/tokens_per_second", m.tokens / max(m.seconds, 1e-9), it)
+            self.writer.add_scalar("train/loss_vs_tokens", m.loss, tokens_seen)
+            with open(os.path.join(self.tensorboard_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if it % self.log_interval == 0 or it == trainer.total_iters:
+            window = self._window
+            seconds = sum(x.seconds for x in window)
+            toks = sum(x.tokens for x in window)
+            skipped = sum(x.skipped for x in window)
+            if _is_rank0():
+                print(
+                    f"iteration {it:>7d}/{trainer.total_iters} | loss {m.loss:.4f} | "
+                    f"lr {m.lr:.3e} | grad norm {m.grad_norm:.3f} | "
+                    f"tokens/s {toks / max(seconds, 1e-9):,.0f} | "
+                    f"elapsed {time.time() - self._start:,.1f}s"
+                    + (f" | skipped {skipped}" if skipped else ""),
+                    flush=True,
+                )
+            self._window = []
+
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
+
+
+class EvalCallback(Callback):
+    name = "eval"
+
+    def __init__(self, eval_interval: int, eval_iters: int, logger: LoggingCallback | None = None):
+        self.eval_interval = eval_interval
+        self.eval_iters = eval_iters
+        self.logger = logger
+        self.last_loss: float | None = None
+
+    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
+        it = trainer.state.iteration
+        if self.eval_interval and (it % self.eval_interval == 0 or it == trainer.total_iters):
+            loss = trainer.evaluate(self.eval_iters)
+            self.last_loss = loss
+            if _is_rank0():
+                ppl = float(torch.exp(torch.tensor(min(loss, 50.0))))
+                print(f"validation at iteration {it} | loss {loss:.4f} | perplexity {ppl:.2f}", flush=True)
+            if self.logger is not None:
+                self.logger.log_scalar("valid/loss", loss, it)
+
+
+class CheckpointCallback(Callback):
+    """Saves every ``save_interval`` steps, at the end, and when SIGTERM/SIGUSR1 arrive.
+
+    A signal only sets a flag; at the end of the current step all ranks agree (all-reduce) on
+    stopping, save together and leave the loop, so the process exits cleanly with a checkpoint.
+    """
+
+    name = "checkpoint"
+
+    def __init__(self, save: str | None, save_interval: int | None, keep_last: int | None,
+                 exit_interval: int | None = None, handle_signals: bool = True,
+                 snapshot_fn=None):
+        self.save = save
+        self.save_interval = save_interval
+        self.keep_last = keep_last
+        self.exit_interval = exit_interval
+        self.handle_signals = handle_signals
+        self.snapshot_fn = snapshot_fn  # () -> trainer_state dict to store
+        self._signal_received: int | None = None
+        self._previous_handlers: dict = {}
+        self.last_saved_iteration: int | None = None
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal_received = signum
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                try:
+                    self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+                except ValueError:  # not the main thread
+                    pass
+
+    def _agreed_signal(self) -> bool:
+        flag = torch.tensor([1.0 if self._signal_received is not None else 0.0])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def save_now(self, trainer: Trainer) -> None:
+        from pretrain.checkpoint import save_checkpoint
+
+        if not self.save or self.last_saved_iteration == trainer.state.iteration:
+            return
+        save_checkpoint(self.save, trainer.state.iteration, trainer.model_chunks, trainer.optimizer,
+                        self.snapshot_fn(), keep_last=self.keep_last)
+        self.last_saved_iteration = trainer.state.iteration
+
+    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
+        it = trainer.state.iteration
+        if self.handle_signals and self._agreed_signal():
+            if _is_rank0():
+                print(f"signal received: saving a checkpoint at iteration {it} and exiting", flush=True)
+            self.save_now(trainer)
+            trainer.request_stop("signal")
+            return
+        if self.save_interval and it % self.save_interval == 0:
+            self.save_now(trainer)
+        if self.exit_interval and it % self.exit_interval == 0:
+            self.save_now(trainer)
+            trainer.request_stop(f"--exit-interval {self.exit_interval}")
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if trainer.state.iteration >= trainer.total_iters:
+            self.save_now(trainer)
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}

@@ -1,0 +1,324 @@
+"""Typed configs, one per component; each validates itself with a message that names the flag.
+
+The command line (``pretrain/arguments.py``) only fills these; nothing reads a global namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the flag and what to do."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, GQA, no biases."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    num_query_groups: int | None = None  # None: MHA (one group per head)
+    kv_channels: int | None = None  # head size; default hidden_size // heads
+    seq_length: int = 2048
+    max_position_embeddings: int | None = None
+    vocab_size: int | None = None  # None: the tokenizer's, padded
+    make_vocab_size_divisible_by: int = 128
+    untie_embeddings_and_output_weights: bool = False
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length"):
+            _require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
+        groups = self.query_groups
+        _require(
+            self.num_attention_heads % groups == 0,
+            f"--num-attention-heads ({self.num_attention_heads}) must be a multiple of "
+            f"--num-query-groups ({groups})",
+        )
+        if self.kv_channels is None:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"--hidden-size ({self.hidden_size}) must be a multiple of --num-attention-heads "
+                f"({self.num_attention_heads}), or set --kv-channels",
+            )
+        _require(self.head_dim % 2 == 0, f"head size {self.head_dim} must be even for RoPE")
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tokenizer_vocab: int, tensor_parallel: int) -> int:
+        """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP."""
+        if self.vocab_size is not None:
+            _require(
+                self.vocab_size >= tokenizer_vocab,
+                f"--vocab-size {self.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({tokenizer_vocab}); raise it or use another tokenizer",
+            )
+            base = self.vocab_size
+        else:
+            base = tokenizer_vocab
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return int(math.ceil(base / multiple) * multiple)
+
+    def num_parameters(self, vocab_size: int) -> dict[str, int]:
+        """Parameter counts by part (no biases; tied embeddings counted once)."""
+        h, hd, heads, groups, f = (self.hidden_size, self.head_dim, self.num_attention_heads,
+                                   self.query_groups, self.ffn_hidden_size)
+        attention = h * hd * (heads + 2 * groups) + heads * hd * h
+        mlp = 3 * h * f
+        norms = 2 * h
+        per_layer = attention + mlp + norms
+        embedding = vocab_size * h
+        output = 0 if not self.untie_embeddings_and_output_weights else vocab_size * h
+        total = self.num_layers * per_layer + embedding + output + h
+        return {"per_layer": per_layer, "attention": attention, "mlp": mlp, "embedding": embedding,
+                "output_layer": output, "total": total,
+                "non_embedding": total - embedding - output}
+
+
+MODEL_PRESETS: dict[str, dict] = {
+    # tiny, for tests and the CPU demo; heads/groups/ffn divide by TP=2 and PP=2
+    "debug": dict(num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                  ffn_hidden_size=384, seq_length=128, make_vocab_size_divisible_by=64),
+    # HuggingFaceTB/SmolLM-135M
+    "smollm-135m": dict(num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3,
+                        ffn_hidden_size=1536, seq_length=2048, vocab_size=49152,
+                        rotary_base=10000.0),
+    # HuggingFaceTB/SmolLM-360M
+    "smollm-360m": dict(num_layers=32, hidden_size=960, num_attention_heads=15, num_query_groups=5,
+                        ffn_hidden_size=2560, seq_length=2048, vocab_size=49152,
+                        rotary_base=10000.0),
+    # HuggingFaceTB/SmolLM-1.7B (the paper's starting model)
+    "smollm-1.7b": dict(num_layers=24, hidden_size=2048, num_attention_heads=32, num_query_groups=32,
+                        ffn_hidden_size=8192, seq_length=2048, vocab_size=49152,
+                        rotary_base=10000.0),
+    # meta-llama/Llama-3.2-1B shape (GQA 32/8, tied)
+    "llama-3.2-1b": dict(num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8,
+                         ffn_hidden_size=8192, seq_length=2048, vocab_size=128256,
+                         rotary_base=500000.0, kv_channels=64),
+}
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    use_distributed_optimizer: bool = True
+
+    def validate(self, model: ModelConfig, world_size: int) -> None:
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        _require(tp >= 1 and pp >= 1, "--tensor/pipeline-model-parallel-size must be >= 1")
+        _require(
+            world_size % (tp * pp) == 0,
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp}); launch a multiple of {tp * pp} processes",
+        )
+        _require(
+            model.num_attention_heads % tp == 0,
+            f"--num-attention-heads ({model.num_attention_heads}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})",
+        )
+        _require(
+            model.query_groups % tp == 0,
+            f"--num-query-groups ({model.query_groups}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})",
+        )
+        _require(
+            model.ffn_hidden_size % tp == 0,
+            f"--ffn-hidden-size ({model.ffn_hidden_size}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})",
+        )
+        _require(
+            model.num_layers % pp == 0,
+            f"--num-layers ({model.num_layers}) must be divisible by "
+            f"--pipeline-model-parallel-size ({pp})",
+        )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    data_path: list[str] = field(default_factory=list)  # [w1, prefix1, w2, prefix2] or [prefix]
+    split: str = "969,30,1"
+    tokenizer_type: str = "GPTSentencePieceTokenizer"
+    tokenizer_model: str | None = None
+    vocab_size_for_null_tokenizer: int | None = None
+    mock_data: bool = False
+    data_cache_path: str | None = None
+    num_workers: int = 0
+
+    def blend(self) -> tuple[list[str], list[float] | None]:
+        """Megatron-LM's ``--data-path`` forms: ``PREFIX`` or ``W1 PREFIX1 W2 PREFIX2 ...``."""
+        items = self.data_path
+        if len(items) == 1:
+            return [items[0]], None
+        _require(
+            len(items) % 2 == 0,
+            "--data-path takes one prefix, or weight/prefix pairs: W1 PREFIX1 W2 PREFIX2 ...",
+        )
+        weights, prefixes = [], []
+        for weight, prefix in zip(items[0::2], items[1::2]):
+            try:
+                weights.append(float(weight))
+            except ValueError:
+                raise ConfigError(f"--data-path: {weight!r} is not a weight (pairs are W PREFIX)") from None
+            _require(weights[-1] >= 0, f"--data-path: weight {weight} must be >= 0")
+            prefixes.append(prefix)
+        return prefixes, weights
+
+    def validate(self) -> None:
+        if self.mock_data:
+            return
+        _require(bool(self.data_path), "--data-path is required (or --mock-data for synthetic data)")
+        prefixes, _ = self.blend()
+        for prefix in prefixes:
+            for ext in (".bin", ".idx"):
+                _require(
+                    os.path.isfile(prefix + ext),
+                    f"--data-path: {prefix + ext} does not exist; build it with "
+                    "tools/preprocess_data.py (give the prefix without .bin/.idx)",
+                )
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"--split {self.split!r}: expected numbers like 969,30,1") from None
+        _require(len(values) <= 3 and sum(values) > 0 and min(values) >= 0,
+                 f"--split {self.split!r}: up to three non-negative numbers, not all zero")
+        if self.tokenizer_type != "NullTokenizer":
+            _require(bool(self.tokenizer_model), f"--tokenizer-model is required for {self.tokenizer_type}")
+            _require(os.path.exists(self.tokenizer_model or ""),
+                     f"--tokenizer-model {self.tokenizer_model!r} does not exist")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # None: train_iters
+    lr_decay_style: str = "cosine"
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "--lr must be positive")
+        _require(0 <= self.min_lr <= self.lr, "--min-lr must be between 0 and --lr")
+        _require(self.lr_decay_style in ("cosine", "linear", "constant", "WSD", "inverse-square-root"),
+                 f"--lr-decay-style {self.lr_decay_style!r}: use cosine, linear, constant, WSD or "
+                 "inverse-square-root")
+        _require(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+        _require(self.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: int | None = None
+    train_tokens: int | None = None
+    seed: int = 1234
+    bf16: bool = False
+    eval_interval: int = 0  # 0: no evaluation during training
+    eval_iters: int = 10
+    log_interval: int = 10
+    exit_interval: int | None = None  # stop (after saving) at this iteration
+    dry_run: bool = False
+
+    def validate(self, data_parallel_size: int, seq_length: int) -> None:
+        _require(self.micro_batch_size > 0, "--micro-batch-size must be positive")
+        per_step = self.micro_batch_size * data_parallel_size
+        _require(
+            self.global_batch_size % per_step == 0,
+            f"--global-batch-size ({self.global_batch_size}) must be divisible by "
+            f"--micro-batch-size ({self.micro_batch_size}) x data-parallel size "
+            f"({data_parallel_size}) = {per_step}",
+        )
+        _require((self.train_iters is None) != (self.train_tokens is None),
+                 "give exactly one of --train-iters and --train-tokens")
+        _require(self.total_iters(seq_length) > 0, "training length must be at least one iteration")
+        _require(self.log_interval > 0, "--log-interval must be positive")
+        _require(self.eval_interval >= 0 and self.eval_iters >= 0, "--eval-interval/--eval-iters must be >= 0")
+
+    def total_iters(self, seq_length: int) -> int:
+        if self.train_iters is not None:
+            return self.train_iters
+        return int(math.ceil(self.train_tokens / (self.global_batch_size * seq_length)))
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    finetune: bool = False  # load weights only; iteration and data position start at 0
+    keep_last: int | None = None  # keep only this many newest checkpoints
+    exit_signal_handler: bool = True
+
+    def validate(self) -> None:
+        if self.save_interval is not None:
+            _require(self.save_interval > 0, "--save-interval must be positive")
+            _require(self.save is not None, "--save-interval needs --save")
+        if self.keep_last is not None:
+            _require(self.keep_last >= 1, "--keep-last must be >= 1")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    tensorboard_dir: str | None = None
+
+
+@dataclass(kw_only=True)
+class PretrainConfig:
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: int) -> None:
+        self.model.validate()
+        self.parallel.validate(self.model, world_size)
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate(self.parallel.data_parallel_size(world_size), self.model.seq_length)
+        self.checkpoint.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        return cls(
+            model=ModelConfig(**d["model"]), parallel=ParallelConfig(**d["parallel"]),
+            data=DataConfig(**d["data"]), optim=OptimConfig(**d["optim"]),
+            train=TrainConfig(**d["train"]), checkpoint=CheckpointConfig(**d["checkpoint"]),
+            logging=LoggingConfig(**d["logging"]),
+        )

@@ -1,0 +1,116 @@
+"""Training data: megatron-core ``GPTDataset`` blends over indexed datasets, read in a fixed global
+order from a consumed-samples position (so a resumed run sees exactly the samples it would have)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from data_prep.tokenizers import TextTokenizer, build_tokenizer
+from pretrain.config import ConfigError, DataConfig
+
+
+def load_tokenizer(data: DataConfig) -> TextTokenizer:
+    from data_prep.tokenizers import TokenizerError
+
+    try:
+        return build_tokenizer(data.tokenizer_type, data.tokenizer_model,
+                               vocab_size=data.vocab_size_for_null_tokenizer)
+    except TokenizerError as err:
+        raise ConfigError(str(err)) from None
+
+
+def megatron_tokenizer(tokenizer: TextTokenizer):
+    """Wrap our tokenizer in megatron-core's tokenizer interface (what its datasets expect)."""
+    from megatron.core.tokenizers import MegatronTokenizerBase
+
+    class _Adapter(MegatronTokenizerBase):
+        def __init__(self, inner: TextTokenizer):
+            self._inner = inner
+            self.path = getattr(inner, "path", None)
+            self.config = {}
+            self.unique_identifiers = dict(inner.unique_identifiers)
+
+        def tokenize(self, text):
+            return self._inner.tokenize(text)
+
+        def detokenize(self, ids):
+            return self._inner.detokenize(ids)
+
+        @property
+        def vocab(self):
+            return {}
+
+        @property
+        def vocab_size(self):
+            return self._inner.vocab_size
+
+        @property
+        def eod(self):
+            return self._inner.eod
+
+        @property
+        def pad(self):
+            return self._inner.pad if self._inner.pad is not None else self._inner.eod
+
+        def apply_chat_template(self, *args, **kwargs):
+            raise NotImplementedError("pretraining tokenizers have no chat template")
+
+    return _Adapter(tokenizer)
+
+
+def build_datasets(data: DataConfig, tokenizer: TextTokenizer, seq_length: int, seed: int,
+                   num_samples: tuple[int, int, int]):
+    """(train, valid, test) megatron-core datasets; valid/test may be None when their split is 0."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    blend = None if data.mock_data else data.blend()
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=data.split,
+        path_to_cache=data.data_cache_path,
+        tokenizer=megatron_tokenizer(tokenizer),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal attention builds its own mask
+        mmap_bin_files=True,
+    )
+    cls = MockGPTDataset if data.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config).build()
+
+
+class MicroBatchIterator:
+    """Micro-batches for this data-parallel rank, in Megatron-LM's ``MegatronPretrainingSampler``
+    order: global batch ``i`` is samples ``[i*G, (i+1)*G)``; DP rank ``r`` takes its contiguous
+    ``G/DP`` share, in micro-batches of ``micro_batch_size``."""
+
+    def __init__(self, dataset, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int):
+        self.dataset = dataset
+        self.next_sample = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = data_parallel_rank, data_parallel_size
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        stride = self.micro_batch_size * self.dp_size
+        start = self.next_sample + self.dp_rank * self.micro_batch_size
+        self.next_sample += stride
+        indices = [(start + i) % len(self.dataset) for i in range(self.micro_batch_size)]
+        samples = [self.dataset[i] for i in indices]
+        batch = {}
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            batch[key] = torch.from_numpy(np.stack([np.asarray(s[key]) for s in samples]))
+        batch["tokens"] = batch["tokens"].long()
+        batch["labels"] = batch["labels"].long()
+        batch["loss_mask"] = batch["loss_mask"].float()
+        batch["position_ids"] = batch["position_ids"].long()
+        return batch

@@ -1,0 +1,97 @@
+"""Build the Llama-style megatron-core GPT for this rank's pipeline stage."""
+
+from __future__ import annotations
+
+import torch
+
+from pretrain.config import ModelConfig, ParallelConfig, TrainConfig
+
+
+def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if train.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        # set explicitly: once heads are pruned, hidden/heads no longer gives the head size
+        kv_channels=model.head_dim,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=train.bf16,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        # CPU: the full master weight is initialised on CPU and split, so that every TP/PP layout
+        # starts from the same weights (see pretrain.model.build_model).
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        # fusions are CUDA kernels; keep them off on CPU
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=False,
+        # pipeline p2p on gloo: the batched isend/irecv path gives wrong results (FACTS.md)
+        batch_p2p_comm=False,
+    )
+
+
+def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
+                vocab_size: int, use_te: bool | None = None, wrap_ddp: bool = True) -> list:
+    """The model chunks of this rank (one chunk: no virtual pipeline), wrapped in megatron DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_patches.layer_specs import gpt_block_spec, transformer_engine_available
+
+    if use_te is None:
+        use_te = transformer_engine_available()
+    config = build_transformer_config(model_cfg, parallel, train)
+    # Same seed on every rank: the CPU master weights are identical and each rank keeps its slice.
+    torch.manual_seed(train.seed)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=gpt_block_spec(config, use_te=use_te),
+        vocab_size=vocab_size,
+        max_sequence_length=model_cfg.max_position_embeddings or model_cfg.seq_length,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=int(model_cfg.rotary_base),
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if not wrap_ddp:
+        return [model]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+    )
+    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)]
+
+
+def unwrap(model_chunk):
+    while hasattr(model_chunk, "module"):
+        model_chunk = model_chunk.module
+    return model_chunk
+
+
+def count_local_parameters(model_chunks: list) -> int:
+    return sum(p.numel() for chunk in model_chunks for p in chunk.parameters())

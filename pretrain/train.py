@@ -1,0 +1,184 @@
+"""Entry point: ``torchrun --nproc-per-node N -m pretrain [flags]`` (or ``python -m pretrain``).
+
+Reads like the algorithm: validate the config, set up the process groups, build tokenizer, data,
+model, optimizer and schedule, resume if asked, then ``Trainer.fit`` with its callbacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from pretrain.config import ConfigError, PretrainConfig
+
+
+def run(cfg: PretrainConfig, extra_callbacks: list = ()) -> dict:
+    """Train per ``cfg`` in this process (one rank of the launched world). Returns a summary."""
+    from megatron.core import parallel_state as ps
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
+    from pretrain.data import MicroBatchIterator, build_datasets, load_tokenizer
+    from pretrain.distributed import init_distributed, launch_environment, print_rank0, set_random_seed
+    from pretrain.init import deterministic_init
+    from pretrain.model import build_model, unwrap
+    from pretrain.optim import build_optimizer, build_scheduler
+    from pretrain.trainer import Trainer
+
+    _, world_size, _ = launch_environment()
+    cfg.validate(world_size)
+    tokenizer = load_tokenizer(cfg.data) if not cfg.data.mock_data or cfg.data.tokenizer_model else None
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
+    vocab_size = cfg.model.padded_vocab_size(tokenizer_vocab, tp)
+    layout = init_distributed(tp, pp)
+    set_random_seed(cfg.train.seed)
+    dp = layout["dp_size"]
+    total_iters = cfg.train.total_iters(cfg.model.seq_length)
+    num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+
+    counts = cfg.model.num_parameters(vocab_size)
+    print_rank0(_plan(cfg, layout, vocab_size, counts, total_iters, num_microbatches))
+    if cfg.train.dry_run:
+        return {"dry_run": True, "parameters": counts, "layout": layout}
+
+    model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size)
+    for chunk in model_chunks:
+        deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
+    optimizer = build_optimizer(model_chunks, cfg.optim, cfg.parallel, cfg.train)
+    # the optimizer holds fp32 master copies (bf16) made before our init: refresh them
+    if hasattr(optimizer, "reload_model_params"):
+        optimizer.reload_model_params()
+    scheduler = build_scheduler(optimizer, cfg.optim, total_iters)
+
+    logger = LoggingCallback(cfg.train.log_interval, cfg.logging.tensorboard_dir)
+    callbacks = [logger, EvalCallback(cfg.train.eval_interval, cfg.train.eval_iters, logger),
+                 *extra_callbacks]
+    trainer_holder: dict = {}
+    checkpointer = CheckpointCallback(
+        cfg.checkpoint.save, cfg.checkpoint.save_interval, cfg.checkpoint.keep_last,
+        cfg.train.exit_interval, cfg.checkpoint.exit_signal_handler,
+        snapshot_fn=lambda: {**trainer_holder["t"].state_dict(), "config": cfg.to_dict(),
+                             "layout": layout, "vocab_size": vocab_size},
+    )
+    callbacks.append(checkpointer)  # last: it saves what the others have updated
+
+    resume_state = None
+    if cfg.checkpoint.load:
+        finetune = cfg.checkpoint.finetune
+        loaded = ckpt.load_checkpoint(
+            cfg.checkpoint.load, model_chunks, optimizer,
+            load_optim=not (cfg.checkpoint.no_load_optim or finetune),
+            load_rng=not (cfg.checkpoint.no_load_rng or finetune),
+        )
+        if loaded is None:
+            print_rank0(f"no checkpoint found under --load {cfg.checkpoint.load}; starting from scratch")
+        else:
+            print_rank0(f"loaded checkpoint {loaded.folder} (iteration {loaded.trainer_state['iteration']})")
+            if not finetune:
+                resume_state = loaded.trainer_state
+
+    consumed = resume_state["consumed_samples"] if resume_state else 0
+    datasets = None
+    if tokenizer is not None or cfg.data.mock_data:
+        from pretrain.data import TextTokenizer  # noqa: F401
+        train_samples = total_iters * cfg.train.global_batch_size
+        eval_runs = (total_iters // cfg.train.eval_interval + 1) if cfg.train.eval_interval else 0
+        valid_samples = eval_runs * cfg.train.eval_iters * cfg.train.global_batch_size
+        datasets = build_datasets(cfg.data, tokenizer or _NullVocab(vocab_size), cfg.model.seq_length,
+                                  cfg.train.seed, (train_samples, valid_samples, 0))
+    train_ds, valid_ds = datasets[0], datasets[1]
+    dp_rank = ps.get_data_parallel_rank()
+    train_iter = MicroBatchIterator(train_ds, consumed, cfg.train.micro_batch_size, dp_rank, dp)
+
+    def valid_factory(consumed_valid: int):
+        if valid_ds is None:
+            return None
+        return MicroBatchIterator(valid_ds, consumed_valid, cfg.train.micro_batch_size, dp_rank, dp)
+
+    trainer = Trainer(
+        config=cfg, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
+        train_iterator=train_iter,
+        valid_dataset_iterator_factory=valid_factory if valid_ds is not None else None,
+        callbacks=callbacks, num_microbatches=num_microbatches, total_iters=total_iters,
+    )
+    trainer_holder["t"] = trainer
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+        checkpointer.last_saved_iteration = trainer.state.iteration
+    state = trainer.fit()
+    if state.stop_reason:
+        print_rank0(f"stopped at iteration {state.iteration}: {state.stop_reason}")
+    if cfg.logging.tensorboard_dir:
+        print_rank0(f"tensorboard logs: {os.path.abspath(cfg.logging.tensorboard_dir)} "
+                    f"(view with: tensorboard --logdir {cfg.logging.tensorboard_dir})")
+    return {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+            "history": logger.history, "stop_reason": state.stop_reason, "layout": layout,
+            "trainer": trainer}
+
+
+class _NullVocab:
+    """Stand-in tokenizer for --mock-data runs without a tokenizer."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.eod, self.pad, self.name, self.path = vocab_size, vocab_size - 1, vocab_size - 1, "mock", None
+        self.unique_identifiers = {"class": "mock", "vocab": vocab_size}
+
+    def tokenize(self, text):
+        raise NotImplementedError
+
+    def detokenize(self, ids):
+        return " ".join(map(str, ids))
+
+
+def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, total_iters: int,
+          num_microbatches: int) -> str:
+    m, t = cfg.model, cfg.train
+    tokens = total_iters * t.global_batch_size * m.seq_length
+    lines = [
+        "=" * 72,
+        f"model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads} "
+        f"(query groups {m.query_groups}, head dim {m.head_dim}), FFN {m.ffn_hidden_size}, "
+        f"vocab {vocab_size} (padded), seq {m.seq_length}, "
+        f"{'untied' if m.untie_embeddings_and_output_weights else 'tied'} embeddings",
+        f"parameters: {counts['total'] / 1e6:,.2f} M total, {counts['non_embedding'] / 1e6:,.2f} M "
+        f"non-embedding ({counts['per_layer'] / 1e6:,.3f} M per layer)",
+        f"layout: world {layout['world_size']} = TP {layout['tp_size']} x PP {layout['pp_size']} x "
+        f"DP {layout['dp_size']}; backend {'nccl' if torch.cuda.is_available() else 'gloo (CPU)'}; "
+        f"{'bf16' if t.bf16 else 'fp32'}",
+        f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x DP {layout['dp_size']} "
+        f"x {num_microbatches} micro-batches; {t.global_batch_size * m.seq_length:,} tokens/step",
+        f"plan: {total_iters} iterations, {tokens / 1e6:,.2f} M tokens; lr {cfg.optim.lr} "
+        f"({cfg.optim.lr_decay_style}, warmup {cfg.optim.lr_warmup_iters}, min {cfg.optim.min_lr})",
+        f"data: {'mock' if cfg.data.mock_data else ' '.join(cfg.data.data_path)} split {cfg.data.split}",
+        f"checkpoints: save {cfg.checkpoint.save} every {cfg.checkpoint.save_interval}; "
+        f"load {cfg.checkpoint.load}",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_prep.tokenizers import TokenizerError
+    from pretrain.arguments import build_parser, config_from_args
+    from pretrain.checkpoint import CheckpointError
+
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        run(cfg)
+    except (ConfigError, TokenizerError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from pretrain.distributed import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

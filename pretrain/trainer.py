@@ -1,0 +1,204 @@
+"""The generic training loop. Features (logging, evaluation, checkpoints, pruning) are callbacks.
+
+``Trainer.fit`` is the whole algorithm: take a global batch, run megatron-core's
+forward/backward schedule over its micro-batches (pipeline-parallel when PP > 1), step the
+optimizer and the LR schedule, advance the data position, and let the callbacks act.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+
+@dataclass
+class TrainerState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_valid_samples: int = 0
+    should_stop: bool = False
+    stop_reason: str = ""
+
+
+@dataclass
+class StepMetrics:
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    seconds: float
+    tokens: int
+    extra: dict = field(default_factory=dict)
+
+
+class Callback:
+    """Hooks the trainer calls; a callback with state returns it from ``state_dict``."""
+
+    name: str = "callback"
+
+    def on_train_begin(self, trainer: "Trainer") -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", metrics: StepMetrics) -> None: ...
+
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float()
+    loss = torch.sum(losses.view(-1) * loss_mask.view(-1)) / loss_mask.sum().clamp(min=1)
+    # clone: the schedule divides the returned loss in place by the number of micro-batches
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def forward_step(data_iterator, model):
+    """megatron-core's forward-step contract: run one micro-batch, return (output, loss_func)."""
+    from pretrain.distributed import device
+
+    batch = next(data_iterator)
+    dev = device()
+    tokens = batch["tokens"].to(dev)
+    output = model(
+        tokens, batch["position_ids"].to(dev), None, labels=batch["labels"].to(dev)
+    )
+    return output, partial(_loss_func, batch["loss_mask"].to(dev))
+
+
+class Trainer:
+    def __init__(self, *, config, model_chunks: list, optimizer, scheduler, train_iterator,
+                 valid_dataset_iterator_factory=None, callbacks: list[Callback] = (),
+                 num_microbatches: int, total_iters: int):
+        self.config = config
+        self.model_chunks = model_chunks
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_iterator = train_iterator
+        self.valid_iterator_factory = valid_dataset_iterator_factory
+        self.callbacks = list(callbacks)
+        self.num_microbatches = num_microbatches
+        self.total_iters = total_iters
+        self.state = TrainerState()
+        self._configure_model_hooks()
+
+    # -- megatron-core plumbing: DP grad sync and the tied-embedding grad across PP stages
+    def _configure_model_hooks(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        from pretrain.model import unwrap
+
+        mcfg = unwrap(self.model_chunks[0]).config
+        mcfg.finalize_model_grads_func = finalize_model_grads
+        mcfg.grad_scale_func = self.optimizer.scale_loss
+        no_sync = [chunk.no_sync for chunk in self.model_chunks]
+        mcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.config.train
+        return t.global_batch_size * self.config.model.seq_length
+
+    def train_step(self) -> StepMetrics:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        start = time.time()
+        for chunk in self.model_chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=self.train_iterator,
+            model=self.model_chunks,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.config.model.seq_length,
+            micro_batch_size=self.config.train.micro_batch_size,
+            forward_only=False,
+        )
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.scheduler.step(increment=1)
+        loss = self._global_mean_loss(losses)
+        return StepMetrics(
+            loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=self.optimizer.param_groups[0]["lr"], skipped=not update_successful,
+            seconds=time.time() - start, tokens=self.tokens_per_step,
+        )
+
+    def _global_mean_loss(self, losses: list) -> float:
+        """Mean loss over the global batch, on every rank (only the last PP stage computes it)."""
+        from megatron.core import parallel_state as ps
+
+        local = torch.zeros(2, dtype=torch.float64)
+        if ps.is_pipeline_last_stage() and losses:
+            local[0] = sum(float(x["lm loss"]) for x in losses) / len(losses)
+            local[1] = 1.0
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local)
+        return float(local[0] / local[1]) if local[1] > 0 else float("nan")
+
+    @torch.no_grad()
+    def evaluate(self, num_iters: int) -> float:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if self.valid_iterator_factory is None or num_iters <= 0:
+            return float("nan")
+        iterator = self.valid_iterator_factory(self.state.consumed_valid_samples)
+        for chunk in self.model_chunks:
+            chunk.eval()
+        total, count = 0.0, 0
+        for _ in range(num_iters):
+            losses = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iterator, model=self.model_chunks,
+                num_microbatches=self.num_microbatches, seq_length=self.config.model.seq_length,
+                micro_batch_size=self.config.train.micro_batch_size, forward_only=True,
+            )
+            total += self._global_mean_loss(losses)
+            count += 1
+        self.state.consumed_valid_samples += num_iters * self.config.train.global_batch_size
+        for chunk in self.model_chunks:
+            chunk.train()
+        return total / max(count, 1)
+
+    def request_stop(self, reason: str) -> None:
+        self.state.should_stop = True
+        self.state.stop_reason = self.state.stop_reason or reason
+
+    def fit(self) -> TrainerState:
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        while self.state.iteration < self.total_iters and not self.state.should_stop:
+            metrics = self.train_step()
+            self.state.iteration += 1
+            self.state.consumed_samples += self.config.train.global_batch_size
+            for cb in self.callbacks:
+                cb.on_step_end(self, metrics)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return self.state
+
+    # -- checkpointable state of the trainer and its callbacks
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.state.iteration,
+            "consumed_samples": self.state.consumed_samples,
+            "consumed_valid_samples": self.state.consumed_valid_samples,
+            "scheduler": self.scheduler.state_dict(),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+        }
+
+    def load_state_dict(self, state: dict, load_scheduler: bool = True) -> None:
+        self.state.iteration = state["iteration"]
+        self.state.consumed_samples = state["consumed_samples"]
+        self.state.consumed_valid_samples = state.get("consumed_valid_samples", 0)
+        if load_scheduler:
+            self.scheduler.load_state_dict(state["scheduler"])
+        for cb in self.callbacks:
+            if cb.name in state.get("callbacks", {}):
+                cb.load_state_dict(state["callbacks"][cb.name])
