@@ -1,0 +1,56 @@
+"""Summarise a run from its ``metrics.jsonl``: did the loss go down, what was saved, where logs are.
+
+``python -m pretrain.report RUN/tensorboard/metrics.jsonl [--checkpoints DIR] [--tensorboard-dir D]``
+exits non-zero if the loss did not go down (the demo uses this as its check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def summarise(metrics_path: str) -> dict:
+    records = {}
+    with open(metrics_path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                records[r["iteration"]] = r  # a resumed run rewrites later iterations: keep last
+    its = sorted(records)
+    if not its:
+        raise SystemExit(f"error: {metrics_path} has no records")
+    window = max(1, len(its) // 10)
+    first = sum(records[i]["loss"] for i in its[:window]) / window
+    last = sum(records[i]["loss"] for i in its[-window:]) / window
+    return {"iterations": its[-1], "first_loss": first, "last_loss": last,
+            "tokens": records[its[-1]]["tokens"], "window": window}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("metrics")
+    p.add_argument("--checkpoints")
+    p.add_argument("--tensorboard-dir")
+    args = p.parse_args(argv)
+    s = summarise(args.metrics)
+    print("=" * 72)
+    print(f"trained {s['iterations']} iterations ({s['tokens']:,} tokens)")
+    print(f"loss: {s['first_loss']:.3f} (mean of first {s['window']}) -> {s['last_loss']:.3f} "
+          f"(mean of last {s['window']})")
+    if args.checkpoints and os.path.isdir(args.checkpoints):
+        ckpts = sorted(n for n in os.listdir(args.checkpoints) if n.startswith("iter_"))
+        print(f"checkpoints in {args.checkpoints}: {', '.join(ckpts)}")
+    if args.tensorboard_dir:
+        print(f"tensorboard logs: {os.path.abspath(args.tensorboard_dir)}")
+        print(f"  view with: .venv/bin/tensorboard --logdir {args.tensorboard_dir}")
+    ok = s["last_loss"] < s["first_loss"] - 0.5
+    print("loss went down: " + ("yes" if ok else "NO"))
+    print("=" * 72)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

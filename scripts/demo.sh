@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# End-to-end CPU demo: corpus -> tokenizer -> indexed dataset -> TP=2 pretraining on 2 gloo
+# processes -> checkpoint -> stop -> resume from the checkpoint -> report.
+# Sizes can be overridden: DEMO_ITERS=300 DEMO_OUT=demo_out bash scripts/demo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${DEMO_OUT:-demo_out}
+ITERS=${DEMO_ITERS:-300}
+STOP_AT=${DEMO_STOP_AT:-$((ITERS * 2 / 3))}
+VOCAB=${DEMO_VOCAB:-4000}
+export OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+mkdir -p "$OUT"
+rm -rf "$OUT/ckpt" "$OUT/tensorboard"
+
+echo "== 1/5 building the built-in corpus (Python standard library documentation)"
+$PY -m data_prep.build_corpus --output "$OUT/corpus.jsonl"
+echo "== 2/5 training a sentencepiece tokenizer (vocab $VOCAB)"
+$PY -m data_prep.train_tokenizer --input "$OUT/corpus.jsonl" --vocab-size "$VOCAB" --output "$OUT/tokenizer"
+echo "== 3/5 preprocessing to a Megatron indexed dataset"
+$PY tools/preprocess_data.py --input "$OUT/corpus.jsonl" --output-prefix "$OUT/corpus" \
+    --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" \
+    --append-eod --workers 2 --no-progress
+
+TRAIN=(-m pretrain --model debug --tensor-model-parallel-size 2
+       --data-path "$OUT/corpus_text_document" --split 98,2,0
+       --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model"
+       --micro-batch-size 4 --global-batch-size 8 --train-iters "$ITERS"
+       --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 20 --lr-decay-style cosine
+       --log-interval 20 --eval-interval 100 --eval-iters 4
+       --save "$OUT/ckpt" --save-interval 100 --tensorboard-dir "$OUT/tensorboard")
+LAUNCH=($PY -m torch.distributed.run --standalone --nproc-per-node 2)
+
+echo "== 4/5 pretraining the debug model with TP=2 on 2 gloo processes; stopping at $STOP_AT"
+"${LAUNCH[@]}" "${TRAIN[@]}" --exit-interval "$STOP_AT" 2>&1 | grep -v -i "warn"
+echo "== 5/5 resuming from the checkpoint in $OUT/ckpt and training to $ITERS"
+"${LAUNCH[@]}" "${TRAIN[@]}" --load "$OUT/ckpt" 2>&1 | grep -v -i "warn"
+
+$PY -m pretrain.report "$OUT/tensorboard/metrics.jsonl" --checkpoints "$OUT/ckpt" --tensorboard-dir "$OUT/tensorboard"
