@@ -47,6 +47,21 @@ def iter_training_lines(paths: list[str], json_key: str) -> Iterator[str]:
                         piece = piece[len(head):]
 
 
+def _strip_output_path(model_path: str, name: str) -> None:
+    """sentencepiece records the output path in the model; keep only the name, so the same
+    corpus and settings give the same bytes wherever the model is written."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    except ImportError:  # protobuf missing: the model is still valid, only not path-independent
+        return
+    proto = model_pb2.ModelProto()
+    with open(model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.trainer_spec.model_prefix = name
+    with open(model_path, "wb") as f:
+        f.write(proto.SerializeToString())
+
+
 def train_tokenizer(
     inputs: list[str],
     output_prefix: str,
@@ -88,6 +103,7 @@ def train_tokenizer(
         num_threads=num_threads or max(1, os.cpu_count() or 1),
         minloglevel=2,
     )
+    _strip_output_path(tmp_prefix + ".model", out.name)
     for ext in (".model", ".vocab"):
         os.replace(tmp_prefix + ext, str(out) + ext)
     return str(out) + ".model"

@@ -1,0 +1,62 @@
+"""Each bad configuration gives one clear error naming the flag, before anything is built."""
+
+import pytest
+
+from pretrain.train import main
+
+BASE = ["--model", "debug", "--train-iters", "2", "--mock-data"]
+
+
+@pytest.mark.parametrize("flags, world, message", [
+    (["--num-attention-heads", "6", "--hidden-size", "96", "--num-query-groups", "6",
+      "--tensor-model-parallel-size", "4"], 4, "--num-attention-heads (6) must be divisible by --tensor-model-parallel-size (4)"),
+    (["--num-query-groups", "1", "--tensor-model-parallel-size", "2"], 2, "--num-query-groups (1) must be divisible"),
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2, "--num-layers (3) must be divisible by --pipeline-model-parallel-size (2)"),
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "--global-batch-size (6) must be divisible by --micro-batch-size (4)"),
+    (["--global-batch-size", "4", "--micro-batch-size", "1"], 8, "x data-parallel size (8)"),
+    (["--tensor-model-parallel-size", "3"], 2, "world size 2 is not divisible"),
+    (["--num-attention-heads", "4", "--num-query-groups", "3"], 1, "must be a multiple of --num-query-groups (3)"),
+    (["--lr", "0"], 1, "--lr must be positive"),
+    (["--train-tokens", "100"], 1, "exactly one of --train-iters and --train-tokens"),
+])
+def test_bad_config_messages(flags, world, message, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    assert main(BASE + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_missing_data_path_and_tokenizer(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["--model", "debug", "--train-iters", "2"]) == 2
+    assert "--data-path is required" in capsys.readouterr().err
+    assert main(["--model", "debug", "--train-iters", "2", "--data-path", str(tmp_path / "nope")]) == 2
+    assert "nope.bin does not exist" in capsys.readouterr().err
+
+
+def test_tokenizer_vocab_larger_than_model(tiny_dataset, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code = main(["--model", "debug", "--train-iters", "2", "--data-path", tiny_dataset["prefix"],
+                 "--tokenizer-model", tiny_dataset["tokenizer"], "--vocab-size", "500"])
+    assert code == 2
+    assert "smaller than the tokenizer's vocabulary (1000)" in capsys.readouterr().err
+
+
+def test_incomplete_model_shape(monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["--num-layers", "2", "--train-iters", "2", "--mock-data"]) == 2
+    assert "give --model PRESET or --hidden-size" in capsys.readouterr().err
+
+
+def test_dry_run_prints_plan(tiny_dataset, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    code = main(["--model", "smollm-135m", "--train-iters", "10", "--dry-run", "--data-path",
+                 tiny_dataset["prefix"], "--tokenizer-model", tiny_dataset["tokenizer"]])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "30 layers, hidden 576, heads 9 (query groups 3" in out
+    assert "parameters: 134.52 M total" in out  # SmolLM-135M: 134.5M with tied embeddings
+    assert "TP 1 x PP 1 x DP 1" in out

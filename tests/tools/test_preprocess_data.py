@@ -1,0 +1,180 @@
+"""tools/preprocess_data.py: megatron-core reads the output; workers do not change a byte; bad
+input stops with file:line and leaves no final-named output."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_prep.tokenizers import build_tokenizer
+from tools.preprocess_data import PreprocessError, preprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _docs(corpus, n=None):
+    with open(corpus) as f:
+        docs = [json.loads(line)["text"] for line in f]
+    return docs[:n] if n else docs
+
+
+def test_round_trip_with_megatron_indexed_dataset(tiny_dataset):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tok = build_tokenizer("GPTSentencePieceTokenizer", tiny_dataset["tokenizer"])
+    ds = IndexedDataset(tiny_dataset["prefix"])
+    docs = _docs(tiny_dataset["corpus"])
+    assert len(ds) == len(docs)
+    assert ds.index.dtype == np.uint16
+    for i in (0, 1, len(docs) // 2, len(docs) - 1):
+        expected = tok.tokenize(docs[i]) + [tok.eod]
+        assert ds[i].tolist() == expected
+
+
+def test_matches_megatron_builder_byte_for_byte(tiny_dataset, tmp_path):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tok = build_tokenizer("GPTSentencePieceTokenizer", tiny_dataset["tokenizer"])
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for text in _docs(tiny_dataset["corpus"]):
+        ids = tok.tokenize(text) + [tok.eod]
+        builder.add_document(torch.tensor(ids), [len(ids)])
+    builder.finalize(str(tmp_path / "ref.idx"))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ref{ext}").read_bytes() == open(tiny_dataset["prefix"] + ext, "rb").read()
+
+
+def test_workers_do_not_change_output(tiny_dataset, tmp_path):
+    outs = []
+    for workers in (1, 3):
+        prefix = str(tmp_path / f"w{workers}")
+        # small chunks so that several workers really share the input
+        preprocess([tiny_dataset["corpus"]], prefix, "GPTSentencePieceTokenizer",
+                   tiny_dataset["tokenizer"], append_eod=True, workers=workers, chunk_bytes=20000,
+                   progress=False)
+        outs.append([open(f"{prefix}_text_document{e}", "rb").read() for e in (".bin", ".idx")])
+    assert outs[0] == outs[1]
+
+
+def test_gzip_glob_and_several_keys(tiny_dataset, tmp_path):
+    docs = _docs(tiny_dataset["corpus"], 20)
+    for part in range(2):
+        with gzip.open(tmp_path / f"part{part}.jsonl.gz", "wt") as f:
+            for text in docs[part * 10:(part + 1) * 10]:
+                f.write(json.dumps({"text": text, "title": text[:30]}) + "\n")
+    summary = preprocess([str(tmp_path / "part*.jsonl.gz")], str(tmp_path / "out"),
+                         "GPTSentencePieceTokenizer", tiny_dataset["tokenizer"],
+                         json_keys=("text", "title"), workers=2, progress=False)
+    assert summary.documents == 20
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tok = build_tokenizer("GPTSentencePieceTokenizer", tiny_dataset["tokenizer"])
+    titles = IndexedDataset(str(tmp_path / "out_title_document"))
+    assert titles[15].tolist() == tok.tokenize(docs[15][:30])  # no --append-eod
+
+
+BAD_LINES = {
+    "malformed JSON": b'{"text": "unterminated\n',
+    "missing key": b'{"body": "no text key here"}\n',
+    "is a int, not a string": b'{"text": 42}\n',
+    "invalid UTF-8": b'{"text": "bad \xff\xfe bytes"}\n',
+    "empty document": b'{"text": "   "}\n',
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_LINES))
+def test_bad_line_stops_with_file_and_line(tiny_dataset, tmp_path, reason):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"text": "A good line of text."}).encode() + b"\n"
+    path.write_bytes(good * 3 + BAD_LINES[reason] + good)
+    with pytest.raises(PreprocessError) as err:
+        preprocess([str(path)], str(tmp_path / "out"), "GPTSentencePieceTokenizer",
+                   tiny_dataset["tokenizer"], workers=1, progress=False)
+    assert f"{path}:4:" in str(err.value) and reason in str(err.value)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("out")], "no output may remain"
+
+    summary = preprocess([str(path)], str(tmp_path / "skip"), "GPTSentencePieceTokenizer",
+                         tiny_dataset["tokenizer"], workers=1, skip_bad_lines=True, progress=False)
+    assert summary.documents == 4 and sum(summary.skipped.values()) == 1
+
+
+def test_missing_or_unreadable_tokenizer_and_input(tiny_dataset, tmp_path):
+    from data_prep.tokenizers import TokenizerError
+
+    with pytest.raises(TokenizerError, match="no such file"):
+        preprocess([tiny_dataset["corpus"]], str(tmp_path / "o"), "GPTSentencePieceTokenizer",
+                   str(tmp_path / "missing.model"), progress=False)
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match="not a readable sentencepiece model"):
+        preprocess([tiny_dataset["corpus"]], str(tmp_path / "o"), "GPTSentencePieceTokenizer",
+                   str(junk), progress=False)
+    with pytest.raises(PreprocessError, match="no such file"):
+        preprocess([str(tmp_path / "nope.jsonl")], str(tmp_path / "o"), "GPTSentencePieceTokenizer",
+                   tiny_dataset["tokenizer"], progress=False)
+    with pytest.raises(PreprocessError, match="matches no file"):
+        preprocess([str(tmp_path / "*.nothing")], str(tmp_path / "o"), "GPTSentencePieceTokenizer",
+                   tiny_dataset["tokenizer"], progress=False)
+
+
+def test_unwritable_output_folder(tiny_dataset, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(PreprocessError, match="cannot create"):
+        preprocess([tiny_dataset["corpus"]], str(blocker / "sub" / "out"), "GPTSentencePieceTokenizer",
+                   tiny_dataset["tokenizer"], progress=False)
+
+
+def test_cli_reports_summary_and_errors(tiny_dataset, tmp_path):
+    script = os.path.join(ROOT, "tools", "preprocess_data.py")
+    ok = subprocess.run([sys.executable, script, "--input", tiny_dataset["corpus"], "--output-prefix",
+                         str(tmp_path / "cli"), "--tokenizer-type", "GPTSentencePieceTokenizer",
+                         "--tokenizer-model", tiny_dataset["tokenizer"], "--append-eod",
+                         "--workers", "2"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "documents" in ok.stdout and "tokens/s" in ok.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    fail = subprocess.run([sys.executable, script, "--input", str(bad), "--output-prefix",
+                           str(tmp_path / "bad"), "--tokenizer-type", "GPTSentencePieceTokenizer",
+                           "--tokenizer-model", tiny_dataset["tokenizer"]], capture_output=True, text=True)
+    assert fail.returncode == 1
+    assert f"{bad}:2: malformed JSON" in fail.stderr and "Traceback" not in fail.stderr
+
+
+def test_null_tokenizer(tmp_path):
+    path = tmp_path / "ids.jsonl"
+    path.write_text('{"text": "1 2 3"}\n{"text": "4 5"}\n')
+    preprocess([str(path)], str(tmp_path / "n"), "NullTokenizer", vocab_size=100, append_eod=True,
+               workers=0, progress=False)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(tmp_path / "n_text_document"))
+    assert ds[0].tolist() == [1, 2, 3, 99] and ds[1].tolist() == [4, 5, 99]
+
+
+def test_gpt_dataset_builds_training_samples(tiny_dataset):
+    """What the trainer uses: megatron-core's GPTDataset over our output."""
+    import torch
+
+    from pretrain.config import DataConfig
+    from pretrain.data import build_datasets, load_tokenizer
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        cfg = DataConfig(data_path=[tiny_dataset["prefix"]], tokenizer_model=tiny_dataset["tokenizer"],
+                         split="90,10,0")
+        tok = load_tokenizer(cfg)
+        train, valid, test = build_datasets(cfg, tok, seq_length=32, seed=1, num_samples=(50, 10, 0))
+        sample = train[0]
+        assert sample["tokens"].shape == (32,) and sample["labels"].shape == (32,)
+        assert (sample["tokens"][1:] == sample["labels"][:-1]).all()
+        assert len(train) >= 50 and valid is not None and test is None
+    finally:
+        torch.distributed.destroy_process_group()
