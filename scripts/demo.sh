@@ -27,13 +27,13 @@ TRAIN=(-m pretrain --model debug --tensor-model-parallel-size 2
        --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model"
        --micro-batch-size 4 --global-batch-size 8 --train-iters "$ITERS"
        --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 20 --lr-decay-style cosine
-       --log-interval 20 --eval-interval 100 --eval-iters 4
-       --save "$OUT/ckpt" --save-interval 100 --tensorboard-dir "$OUT/tensorboard")
+       --log-interval 20 --eval-interval "$((ITERS / 3))" --eval-iters 4
+       --save "$OUT/ckpt" --save-interval "$((ITERS / 3))" --tensorboard-dir "$OUT/tensorboard")
 LAUNCH=($PY -m torch.distributed.run --standalone --nproc-per-node 2)
 
 echo "== 4/5 pretraining the debug model with TP=2 on 2 gloo processes; stopping at $STOP_AT"
-"${LAUNCH[@]}" "${TRAIN[@]}" --exit-interval "$STOP_AT" 2>&1 | grep -v -i "warn"
+"${LAUNCH[@]}" "${TRAIN[@]}" --exit-interval "$STOP_AT" 2>&1 | grep --line-buffered -v -i "warn"
 echo "== 5/5 resuming from the checkpoint in $OUT/ckpt and training to $ITERS"
-"${LAUNCH[@]}" "${TRAIN[@]}" --load "$OUT/ckpt" 2>&1 | grep -v -i "warn"
+"${LAUNCH[@]}" "${TRAIN[@]}" --load "$OUT/ckpt" 2>&1 | grep --line-buffered -v -i "warn"
 
 $PY -m pretrain.report "$OUT/tensorboard/metrics.jsonl" --checkpoints "$OUT/ckpt" --tensorboard-dir "$OUT/tensorboard"

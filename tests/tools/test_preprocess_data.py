@@ -178,3 +178,20 @@ def test_gpt_dataset_builds_training_samples(tiny_dataset):
         assert len(train) >= 50 and valid is not None and test is None
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_inspect_dataset(tiny_dataset):
+    from tools.inspect_dataset import main as inspect_main
+
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert inspect_main([tiny_dataset["prefix"], "--tokenizer-model", tiny_dataset["tokenizer"],
+                             "--num-docs", "1"]) == 0
+    out = buf.getvalue()
+    first_doc = _docs(tiny_dataset["corpus"], 1)[0]
+    assert "documents: 600" in out and "token dtype: uint16" in out
+    assert first_doc[:60] in out
+    assert inspect_main(["/nonexistent/prefix"]) == 1
