@@ -26,10 +26,29 @@ class RMSNorm(torch.nn.Module):
             # megatron-core marks replicated (non-TP-split) params this way for grad all-reduce.
             setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
 
+        # Pruning: the hidden ("stem") channels still kept. The RMS is taken over kept channels
+        # only, so a masked model normalises exactly as the physically smaller model will.
+        # Not persistent: masks are saved with the pruning state, not in the model weights.
+        self.register_buffer("hidden_mask", None, persistent=False)
+        self._num_kept: int | None = None
+
+    def set_hidden_mask(self, mask: torch.Tensor | None) -> None:
+        if mask is None or bool(mask.all()):
+            self.hidden_mask, self._num_kept = None, None
+            return
+        if mask.shape != (self.hidden_size,):
+            raise ValueError(f"hidden mask of shape {tuple(mask.shape)} for a norm of size {self.hidden_size}")
+        self.hidden_mask = mask.to(device=self.weight.device, dtype=torch.float32)
+        self._num_kept = int(mask.sum())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.hidden_mask is None:
+            mean_square = h.pow(2).mean(-1, keepdim=True)
+        else:
+            mean_square = (h.pow(2) * self.hidden_mask).sum(-1, keepdim=True) / self._num_kept
+        h = h * torch.rsqrt(mean_square + self.eps)
         return self.weight * h.to(input_dtype)
 
     def extra_repr(self) -> str:

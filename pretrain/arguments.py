@@ -14,6 +14,7 @@ from pretrain.config import (
     OptimConfig,
     ParallelConfig,
     PretrainConfig,
+    PruneConfig,
     TrainConfig,
 )
 
@@ -95,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true",
                    help="load weights only; start at iteration 0 with a fresh optimizer")
     g.add_argument("--tensorboard-dir")
+
+    g = p.add_argument_group("pruning-aware pretraining (off unless a target is given)")
+    g.add_argument("--prune-target-params", type=float, help="final parameter count (e.g. 4e8)")
+    g.add_argument("--prune-target-ratio", type=float, help="final parameters / initial parameters")
+    g.add_argument("--prune-start-tokens", type=float, default=0)
+    g.add_argument("--prune-end-tokens", type=float, help="default: the end of training")
+    g.add_argument("--prune-interval", type=int, default=10, help="steps between pruning events")
+    g.add_argument("--prune-ramp", choices=["linear", "cubic"], default="linear")
+    g.add_argument("--saliency", choices=["taylor", "fisher", "obs", "activation"], default="taylor")
+    g.add_argument("--saliency-taylor-form", choices=["vector", "element"], default="vector")
+    g.add_argument("--saliency-ema", type=float, default=0.9, help="EMA factor across scoring steps")
+    g.add_argument("--saliency-obs-exact", action="store_true",
+                   help="obs: exact inverse of the layer-input Hessian (small layers)")
+    g.add_argument("--prune-types", default="heads,ffn,hidden")
+    g.add_argument("--prune-granularity", choices=["uniform", "per-layer"], default="per-layer")
+    g.add_argument("--prune-align", type=int, help="channel alignment (default 8 on CPU, 64 on GPU)")
+    g.add_argument("--prune-min-heads", type=int, default=1, help="minimum query groups per layer")
+    g.add_argument("--prune-min-ffn", type=int, default=0)
+    g.add_argument("--prune-min-hidden", type=int, default=0)
     return p
 
 
@@ -142,4 +162,15 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
             keep_last=args.keep_last,
         ),
         logging=LoggingConfig(tensorboard_dir=args.tensorboard_dir),
+        prune=PruneConfig(
+            target_params=int(args.prune_target_params) if args.prune_target_params else None,
+            target_ratio=args.prune_target_ratio, start_tokens=int(args.prune_start_tokens),
+            end_tokens=int(args.prune_end_tokens) if args.prune_end_tokens is not None else None,
+            interval=args.prune_interval, ramp=args.prune_ramp, saliency=args.saliency,
+            taylor_form=args.saliency_taylor_form, saliency_ema=args.saliency_ema,
+            obs_exact=args.saliency_obs_exact,
+            types=tuple(t.strip() for t in args.prune_types.split(",") if t.strip()),
+            granularity=args.prune_granularity, align=args.prune_align,
+            min_heads=args.prune_min_heads, min_ffn=args.prune_min_ffn, min_hidden=args.prune_min_hidden,
+        ),
     )

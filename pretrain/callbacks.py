@@ -67,6 +67,9 @@ class LoggingCallback(Callback):
                     f"lr {m.lr:.3e} | grad norm {m.grad_norm:.3f} | "
                     f"tokens/s {toks / max(seconds, 1e-9):,.0f} | "
                     f"elapsed {time.time() - self._start:,.1f}s"
+                    + (f" | params {m.extra['params'] / 1e6:.3f} M (kept heads {m.extra['kept_heads']:.0%}, "
+                       f"ffn {m.extra['kept_ffn']:.0%}, hidden {m.extra['kept_hidden']:.0%})"
+                       if "params" in m.extra else "")
                     + (f" | skipped {skipped}" if skipped else ""),
                     flush=True,
                 )
@@ -149,7 +152,8 @@ class CheckpointCallback(Callback):
         if not self.save or self.last_saved_iteration == trainer.state.iteration:
             return
         save_checkpoint(self.save, trainer.state.iteration, trainer.model_chunks, trainer.optimizer,
-                        self.snapshot_fn(), keep_last=self.keep_last)
+                        self.snapshot_fn(), keep_last=self.keep_last,
+                        local_state=trainer.local_state_dict())
         self.last_saved_iteration = trainer.state.iteration
 
     def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:

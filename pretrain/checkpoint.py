@@ -187,7 +187,7 @@ def _load_model_state(model_chunks: list, state: dict) -> None:
 
 
 def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, trainer_state: dict,
-                    keep_last: int | None = None) -> str:
+                    keep_last: int | None = None, local_state: dict | None = None) -> str:
     """Collective: every rank calls it. Returns the final folder."""
     from megatron.core import dist_checkpointing
 
@@ -208,7 +208,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, tr
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False,
                                                             metadata=_SHARDING_METADATA)
     dist_checkpointing.save(sharded, os.path.join(tmp, MODEL_OPTIM_DIR))
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    torch.save({"rng": _rng_state(), "local": local_state or {}},
+               os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
     if _rank() == 0:
         torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
     _barrier()
@@ -239,6 +240,7 @@ def _prune_old(root: str, keep_last: int) -> None:
 class LoadedCheckpoint:
     folder: str
     trainer_state: dict
+    local_state: dict | None = None  # this rank's callbacks' state (same layout only)
 
 
 def read_trainer_state(folder: str) -> dict:
@@ -316,10 +318,14 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
         _unalias_adam_steps(optimizer)
     rng_path = os.path.join(folder, "rng", f"rank_{_rank():05d}.pt")
     same_layout = trainer_state.get("layout") == _current_layout()
-    if load_rng and same_layout and os.path.isfile(rng_path):
-        _set_rng_state(torch.load(rng_path, weights_only=False))
+    local_state = None
+    if same_layout and os.path.isfile(rng_path):
+        rank_file = torch.load(rng_path, weights_only=False)
+        local_state = rank_file.get("local")
+        if load_rng:
+            _set_rng_state(rank_file["rng"])
     _barrier()
-    return LoadedCheckpoint(folder=folder, trainer_state=trainer_state)
+    return LoadedCheckpoint(folder=folder, trainer_state=trainer_state, local_state=local_state)
 
 
 def _current_layout() -> dict:

@@ -289,6 +289,56 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class PruneConfig:
+    """Pruning-aware pretraining (off unless a target is given)."""
+
+    target_params: int | None = None
+    target_ratio: float | None = None
+    start_tokens: int = 0
+    end_tokens: int | None = None
+    interval: int = 10  # steps between pruning events
+    ramp: str = "linear"
+    saliency: str = "taylor"
+    taylor_form: str = "vector"
+    saliency_ema: float = 0.9
+    obs_exact: bool = False
+    types: tuple = ("heads", "ffn", "hidden")
+    granularity: str = "per-layer"
+    align: int | None = None  # None: 8 on CPU, 64 on GPU
+    min_heads: int = 1  # query groups per layer
+    min_ffn: int = 0
+    min_hidden: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_params is not None or self.target_ratio is not None
+
+    def validate(self, total_tokens: int) -> None:
+        if not self.enabled:
+            return
+        _require(self.target_params is None or self.target_ratio is None,
+                 "give --prune-target-params or --prune-target-ratio, not both")
+        if self.target_ratio is not None:
+            _require(0 < self.target_ratio < 1, "--prune-target-ratio must be in (0, 1)")
+        if self.target_params is not None:
+            _require(self.target_params > 0, "--prune-target-params must be positive")
+        end = self.end_tokens if self.end_tokens is not None else total_tokens
+        _require(0 <= self.start_tokens < end,
+                 f"--prune-start-tokens ({self.start_tokens}) must be below --prune-end-tokens ({end})")
+        _require(self.interval >= 1, "--prune-interval must be >= 1")
+        _require(self.ramp in ("linear", "cubic"), f"--prune-ramp {self.ramp!r}: linear or cubic")
+        _require(self.saliency in ("taylor", "fisher", "obs", "activation"),
+                 f"--saliency {self.saliency!r}: taylor, fisher, obs or activation")
+        _require(self.taylor_form in ("vector", "element"), "--saliency-taylor-form: vector or element")
+        _require(0 <= self.saliency_ema < 1, "--saliency-ema must be in [0, 1)")
+        bad = [t for t in self.types if t not in ("heads", "ffn", "hidden")]
+        _require(not bad and len(self.types) > 0,
+                 f"--prune-types: {','.join(bad) or 'empty'}; use heads, ffn, hidden")
+        _require(self.granularity in ("uniform", "per-layer"), "--prune-granularity: uniform or per-layer")
+        _require(self.align is None or self.align >= 1, "--prune-align must be >= 1")
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     tensorboard_dir: str | None = None
 
@@ -302,6 +352,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def validate(self, world_size: int) -> None:
         self.model.validate()
@@ -310,6 +361,8 @@ class PretrainConfig:
         self.optim.validate()
         self.train.validate(self.parallel.data_parallel_size(world_size), self.model.seq_length)
         self.checkpoint.validate()
+        total_tokens = self.train.total_iters(self.model.seq_length) * self.train.global_batch_size * self.model.seq_length
+        self.prune.validate(total_tokens)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -321,4 +374,5 @@ class PretrainConfig:
             data=DataConfig(**d["data"]), optim=OptimConfig(**d["optim"]),
             train=TrainConfig(**d["train"]), checkpoint=CheckpointConfig(**d["checkpoint"]),
             logging=LoggingConfig(**d["logging"]),
+            prune=PruneConfig(**{**d.get("prune", {}), "types": tuple(d.get("prune", {}).get("types", ("heads", "ffn", "hidden")))}),
         )

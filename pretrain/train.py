@@ -56,6 +56,22 @@ def run(cfg: PretrainConfig, extra_callbacks: list = ()) -> dict:
     logger = LoggingCallback(cfg.train.log_interval, cfg.logging.tensorboard_dir)
     callbacks = [logger, EvalCallback(cfg.train.eval_interval, cfg.train.eval_iters, logger),
                  *extra_callbacks]
+    if cfg.prune.enabled:
+        from pretrain.pruning.callback import PruningCallback
+        from pretrain.pruning.masks import ModelShape
+
+        m = cfg.model
+        shape = ModelShape(num_layers=m.num_layers, hidden=m.hidden_size, num_heads=m.num_attention_heads,
+                           num_groups=m.query_groups, head_dim=m.head_dim, ffn=m.ffn_hidden_size,
+                           vocab=vocab_size, tied=not m.untie_embeddings_and_output_weights)
+        total_tokens = total_iters * cfg.train.global_batch_size * m.seq_length
+        pruner = PruningCallback(cfg.prune, shape, tp, m.seq_length, cfg.train.global_batch_size,
+                                 total_tokens, log_dir=cfg.logging.tensorboard_dir)
+        print_rank0(f"pruning: {pruner.initial_params / 1e6:.3f} M -> {pruner.final_params / 1e6:.3f} M "
+                    f"parameters between {pruner.start_tokens:,} and {pruner.end_tokens:,} tokens "
+                    f"({cfg.prune.ramp}), every {cfg.prune.interval} steps; saliency {cfg.prune.saliency}; "
+                    f"types {','.join(cfg.prune.types)}; {cfg.prune.granularity}; align {pruner.constraints.align}")
+        callbacks.insert(0, pruner)  # first: its step-end numbers feed the log line
     trainer_holder: dict = {}
     checkpointer = CheckpointCallback(
         cfg.checkpoint.save, cfg.checkpoint.save_interval, cfg.checkpoint.keep_last,
@@ -107,6 +123,8 @@ def run(cfg: PretrainConfig, extra_callbacks: list = ()) -> dict:
     trainer_holder["t"] = trainer
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
+        if loaded.local_state:
+            trainer.load_local_state_dict(loaded.local_state)
         checkpointer.last_saved_iteration = trainer.state.iteration
     state = trainer.fit()
     if state.stop_reason:

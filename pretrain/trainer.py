@@ -41,6 +41,11 @@ class Callback:
 
     def on_train_begin(self, trainer: "Trainer") -> None: ...
 
+    def on_step_begin(self, trainer: "Trainer") -> None: ...
+
+    def on_before_optimizer_step(self, trainer: "Trainer") -> None:
+        """Gradients are reduced (megatron-core's finalize ran); the optimizer has not stepped."""
+
     def on_step_end(self, trainer: "Trainer", metrics: StepMetrics) -> None: ...
 
     def on_train_end(self, trainer: "Trainer") -> None: ...
@@ -49,6 +54,12 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    def local_state_dict(self) -> dict:
+        """State that differs between ranks (saved per rank, restored under the same layout)."""
+        return {}
+
+    def load_local_state_dict(self, state: dict) -> None: ...
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -108,6 +119,8 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         start = time.time()
+        for cb in self.callbacks:
+            cb.on_step_begin(self)
         for chunk in self.model_chunks:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -121,6 +134,8 @@ class Trainer:
             micro_batch_size=self.config.train.micro_batch_size,
             forward_only=False,
         )
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self)
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=1)
@@ -192,6 +207,14 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
         }
+
+    def local_state_dict(self) -> dict:
+        return {cb.name: cb.local_state_dict() for cb in self.callbacks}
+
+    def load_local_state_dict(self, state: dict) -> None:
+        for cb in self.callbacks:
+            if state.get(cb.name):
+                cb.load_local_state_dict(state[cb.name])
 
     def load_state_dict(self, state: dict, load_scheduler: bool = True) -> None:
         self.state.iteration = state["iteration"]

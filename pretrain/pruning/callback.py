@@ -1,0 +1,237 @@
+"""The pruning callback: score, reduce, solve and mask while the model trains.
+
+Per step (inside the trainer's step): layer inputs are captured on scoring steps (obs/activation);
+after the gradients are reduced, dropped groups' gradients are zeroed (so their weights and Adam
+moments stay exactly zero) and this step's saliency is reduced over all ranks and folded into an
+EMA. Every ``--prune-interval`` steps inside the pruning window, the schedule gives a parameter
+target; rank 0 runs the budget solver on the global table, the result is broadcast and checked
+against every rank's own, and the newly dropped weights and their optimizer state are zeroed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
+from pretrain.pruning.optim_state import zero_masked_state
+from pretrain.pruning.saliency import SaliencyEstimator, Table, reduce_table
+from pretrain.pruning.schedule import target_params
+from pretrain.pruning.solver import GroupScores, SolverConstraints, check_constraints, solve
+from pretrain.trainer import Callback, StepMetrics
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _digest(masks: GroupMasks) -> int:
+    h = hashlib.sha256()
+    for t in (masks.heads, masks.ffn, masks.hidden):
+        h.update(t.numpy().tobytes())
+    return int.from_bytes(h.digest()[:7], "little")
+
+
+class PruningCallback(Callback):
+    name = "pruning"
+
+    def __init__(self, prune_cfg, shape: ModelShape, tensor_parallel: int, seq_length: int,
+                 global_batch_size: int, total_tokens: int, log_dir: str | None = None):
+        self.cfg = prune_cfg
+        self.shape = shape
+        self.seq_length, self.global_batch_size = seq_length, global_batch_size
+        align = prune_cfg.align or (64 if torch.cuda.is_available() else 8)
+        self.constraints = SolverConstraints(
+            tensor_parallel=tensor_parallel, align=align, min_groups=prune_cfg.min_heads,
+            min_ffn=prune_cfg.min_ffn, min_hidden=prune_cfg.min_hidden,
+            granularity=prune_cfg.granularity, prune_types=tuple(prune_cfg.types))
+        self.masks = GroupMasks.full(shape.num_layers, shape.num_groups, shape.ffn, shape.hidden)
+        self.initial_params = shape.parameter_count(self.masks)
+        if prune_cfg.target_params is not None:
+            self.final_params = int(prune_cfg.target_params)
+        else:
+            self.final_params = int(round(self.initial_params * prune_cfg.target_ratio))
+        self.start_tokens = prune_cfg.start_tokens
+        self.end_tokens = prune_cfg.end_tokens if prune_cfg.end_tokens is not None else total_tokens
+        self.ema: Table | None = None
+        self.ema_steps = 0
+        self.history: list[dict] = []
+        self.log_dir = log_dir
+        self.estimator: SaliencyEstimator | None = None
+        self.local = None
+        self._scoring = False
+        self._pending_local_state: dict | None = None
+
+    # ------------------------------------------------------------------ schedule helpers
+    def tokens_after(self, iteration: int) -> int:
+        return iteration * self.global_batch_size * self.seq_length
+
+    def _in_window(self, tokens_before: int) -> bool:
+        return self.start_tokens <= tokens_before < self.end_tokens
+
+    def current_params(self) -> int:
+        return self.shape.parameter_count(self.masks)
+
+    def kept_ratios(self) -> dict:
+        return {"heads": float(self.masks.heads.float().mean()), "ffn": float(self.masks.ffn.float().mean()),
+                "hidden": float(self.masks.hidden.float().mean())}
+
+    # ------------------------------------------------------------------ trainer hooks
+    def on_train_begin(self, trainer) -> None:
+        self.estimator = SaliencyEstimator(self.cfg.saliency, self.shape, trainer.model_chunks,
+                                           trainer.optimizer, self.cfg.taylor_form, self.cfg.obs_exact)
+        if self._pending_local_state is not None:
+            self._load_local_state(self._pending_local_state)
+            self._pending_local_state = None
+        self._refresh_local(trainer)
+
+    def _refresh_local(self, trainer) -> None:
+        self.local = build_local_masks(trainer.model_chunks, self.masks, self.shape)
+        if not bool(self.masks.hidden.all() and self.masks.heads.all() and self.masks.ffn.all()):
+            self.local.apply_to_weights()
+            zero_masked_state(trainer.optimizer, self.local.param_masks)
+
+    def on_step_begin(self, trainer) -> None:
+        tokens_before = self.tokens_after(trainer.state.iteration)
+        self._scoring = self._in_window(tokens_before)
+        if self._scoring:
+            self.estimator.begin_capture()
+
+    def on_before_optimizer_step(self, trainer) -> None:
+        self.estimator.end_capture()
+        if self._scoring:
+            table = reduce_table(self.estimator.partial_table(), self.shape, self.estimator.signed)
+            beta = self.cfg.saliency_ema
+            if self.ema is None:
+                self.ema = table
+            else:
+                self.ema = Table(beta * self.ema.heads + (1 - beta) * table.heads,
+                                 beta * self.ema.ffn + (1 - beta) * table.ffn,
+                                 beta * self.ema.hidden + (1 - beta) * table.hidden)
+            self.ema_steps += 1
+        if self.local is not None and self.current_params() < self.initial_params:
+            self.local.apply_to_grads()
+
+    def on_step_end(self, trainer, metrics: StepMetrics) -> None:
+        it = trainer.state.iteration
+        tokens = self.tokens_after(it)
+        tokens_before = self.tokens_after(it - 1)
+        event = (self._in_window(tokens_before) and self.ema is not None
+                 and (it % self.cfg.interval == 0 or tokens >= self.end_tokens))
+        if event:
+            self.prune_event(trainer, it, tokens)
+        params = self.current_params()
+        ratios = self.kept_ratios()
+        metrics.extra.update({"params": params, "kept_heads": ratios["heads"],
+                              "kept_ffn": ratios["ffn"], "kept_hidden": ratios["hidden"]})
+        logger = next((c for c in trainer.callbacks if c.name == "logging"), None)
+        if logger is not None:
+            logger.log_scalar("pruning/params", params, it)
+            for k, v in ratios.items():
+                logger.log_scalar(f"pruning/kept_{k}", v, it)
+
+    def prune_event(self, trainer, iteration: int, tokens: int) -> None:
+        target = target_params(tokens, self.initial_params, self.final_params, self.start_tokens,
+                               self.end_tokens, self.cfg.ramp)
+        if self.current_params() <= target:
+            return
+        scores = GroupScores(self.ema.heads, self.ema.ffn, self.ema.hidden)
+        local_masks, moves = solve(self.shape, self.masks, scores, target, self.constraints)
+        decided = [local_masks.state_dict(), moves]
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast_object_list(decided, src=0)
+            # verify: every rank's own solution must equal rank 0's (determinism check)
+            mine = torch.tensor([_digest(local_masks)], dtype=torch.int64)
+            low, high = mine.clone(), mine.clone()
+            torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+            if int(low) != int(high) and _rank0():
+                print("WARNING: pruning decisions differed between ranks; rank 0's is used", flush=True)
+        new_masks = GroupMasks.from_state_dict(decided[0])
+        moves = decided[1]
+        # masks only shrink
+        assert not bool((new_masks.heads & ~self.masks.heads).any() | (new_masks.ffn & ~self.masks.ffn).any()
+                        | (new_masks.hidden & ~self.masks.hidden).any()), "a pruned group would regrow"
+        problems = check_constraints(self.shape, new_masks, self.constraints)
+        if problems:
+            raise RuntimeError("pruning produced an unshrinkable model: " + "; ".join(problems[:5]))
+        self.masks = new_masks
+        self._refresh_local(trainer)
+        record = {"iteration": iteration, "tokens": tokens, "target": target,
+                  "params": self.current_params(), **{f"kept_{k}": v for k, v in self.kept_ratios().items()},
+                  "kept_per_layer": {"heads": self.masks.heads.sum(1).tolist(),
+                                     "ffn": self.masks.ffn.sum(1).tolist(),
+                                     "hidden": int(self.masks.hidden.sum())},
+                  "mean_saliency": self._mean_saliency(),
+                  "moves": [{k: m[k] for k in ("type", "layers", "count", "saliency_per_param")} for m in moves]}
+        self.history.append(record)
+        if _rank0():
+            print(f"pruning at iteration {iteration}: {record['params'] / 1e6:.3f} M params "
+                  f"(target {target / 1e6:.3f} M); kept heads {record['kept_heads']:.1%}, "
+                  f"FFN {record['kept_ffn']:.1%}, hidden {record['kept_hidden']:.1%}", flush=True)
+            if self.log_dir:
+                os.makedirs(self.log_dir, exist_ok=True)
+                with open(os.path.join(self.log_dir, "pruning_history.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        logger = next((c for c in trainer.callbacks if c.name == "logging"), None)
+        if logger is not None:
+            for k, v in record["mean_saliency"].items():
+                logger.log_scalar(f"pruning/mean_saliency_{k}", v, iteration)
+
+    def _mean_saliency(self) -> dict:
+        """Mean saliency per parameter of the kept groups of each type (for plots)."""
+        s = self.shape
+        h_kept = int(self.masks.hidden.sum())
+        out = {}
+        if self.ema is None:
+            return out
+        group_cost = (2 * s.heads_per_group + 2) * s.head_dim * max(h_kept, 1)
+        kept = self.masks.heads
+        out["heads"] = float(self.ema.heads[kept].mean() / group_cost) if kept.any() else 0.0
+        kept = self.masks.ffn
+        out["ffn"] = float(self.ema.ffn[kept].mean() / (3 * max(h_kept, 1))) if kept.any() else 0.0
+        per_channel = s.vocab + 1 + int((self.masks.heads.sum(1) * (2 * s.heads_per_group + 2) * s.head_dim
+                                        + 3 * self.masks.ffn.sum(1) + 2).sum())
+        out["hidden"] = float(self.ema.hidden[self.masks.hidden].mean() / per_channel) if self.masks.hidden.any() else 0.0
+        return out
+
+    def on_train_end(self, trainer) -> None:
+        if self.estimator is not None:
+            self.estimator.remove_hooks()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"masks": self.masks.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "ema_steps": self.ema_steps, "history": self.history,
+                "initial_params": self.initial_params, "final_params": self.final_params}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks = GroupMasks.from_state_dict(state["masks"])
+        self.ema = Table.from_state_dict(state["ema"]) if state.get("ema") is not None else None
+        self.ema_steps = state.get("ema_steps", 0)
+        self.history = list(state.get("history", []))
+
+    def local_state_dict(self) -> dict:
+        """Per-rank state (the fisher running means over this rank's owned elements)."""
+        if self.estimator is None or not self.estimator.fisher:
+            return {}
+        names = {p: i for i, p in enumerate(self.local.param_masks)} if self.local else {}
+        return {"fisher_count": self.estimator.fisher_count,
+                "fisher": {names[p]: v.clone() for p, v in self.estimator.fisher.items() if p in names}}
+
+    def load_local_state_dict(self, state: dict) -> None:
+        if self.estimator is None:
+            self._pending_local_state = state
+        else:
+            self._load_local_state(state)
+
+    def _load_local_state(self, state: dict) -> None:
+        if not state:
+            return
+        params = list(build_local_masks(self.estimator._model_chunks, self.masks, self.shape).param_masks)
+        self.estimator.fisher_count = state.get("fisher_count", 0)
+        self.estimator.fisher = {params[i]: v for i, v in state.get("fisher", {}).items() if i < len(params)}

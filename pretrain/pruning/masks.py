@@ -1,0 +1,163 @@
+"""Global group masks and where each group's weights live on this rank.
+
+The masks are global (every layer, every group), identical on every rank and independent of the
+TP/PP layout, so they are checkpointed once with the pruning state and survive resharding.
+``LocalModelMasks`` turns them into per-parameter masks for the weights this rank holds, using the
+megatron-core layouts documented in FACTS.md:
+
+* ``linear_qkv`` rows: per query group g, ``[q_{g,0..hpg-1}, k_g, v_g]``, each ``head_dim`` rows;
+  TP rank r holds groups ``[r*G/TP, (r+1)*G/TP)``.
+* ``linear_proj`` columns: this rank's heads in global head order.
+* ``linear_fc1`` rows: ``[gate_r; up_r]`` (SwiGLU), channels ``[r*F/TP, (r+1)*F/TP)``.
+* ``linear_fc2`` columns: the same channels.
+* the hidden dimension is replicated across TP: embedding dim 1, qkv/fc1 input columns,
+  proj/fc2 output rows, every norm, output layer dim 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+PRUNE_TYPES = ("heads", "ffn", "hidden")
+
+
+@dataclass
+class GroupMasks:
+    """Kept (True) / dropped (False) per group. ``heads`` is per query group ([layers, groups]);
+    with MHA (groups == heads) that is per head."""
+
+    heads: torch.Tensor  # bool [L, G]
+    ffn: torch.Tensor  # bool [L, F]
+    hidden: torch.Tensor  # bool [H]
+
+    @classmethod
+    def full(cls, num_layers: int, num_groups: int, ffn: int, hidden: int) -> "GroupMasks":
+        return cls(torch.ones(num_layers, num_groups, dtype=torch.bool),
+                   torch.ones(num_layers, ffn, dtype=torch.bool),
+                   torch.ones(hidden, dtype=torch.bool))
+
+    def clone(self) -> "GroupMasks":
+        return GroupMasks(self.heads.clone(), self.ffn.clone(), self.hidden.clone())
+
+    def state_dict(self) -> dict:
+        return {"heads": self.heads.clone(), "ffn": self.ffn.clone(), "hidden": self.hidden.clone()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "GroupMasks":
+        return cls(d["heads"].bool().clone(), d["ffn"].bool().clone(), d["hidden"].bool().clone())
+
+    def equal(self, other: "GroupMasks") -> bool:
+        return all(torch.equal(getattr(self, t), getattr(other, t)) for t in PRUNE_TYPES)
+
+    def kept_counts(self) -> dict:
+        return {"heads": self.heads.sum(1).tolist(), "ffn": self.ffn.sum(1).tolist(),
+                "hidden": int(self.hidden.sum())}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The unpruned shape the masks index into."""
+
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_groups: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied: bool
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_groups
+
+    def parameter_count(self, masks: GroupMasks) -> int:
+        """Parameters of the model these masks describe once shrunk (no biases)."""
+        h = int(masks.hidden.sum())
+        total = self.vocab * h * (1 if self.tied else 2) + h  # embeddings (+ output), final norm
+        groups = masks.heads.sum(1)
+        ffn = masks.ffn.sum(1)
+        hpg, hd = self.heads_per_group, self.head_dim
+        per_layer = (groups * (hpg + 2) * hd * h + groups * hpg * hd * h + 3 * ffn * h + 2 * h)
+        return int(total + per_layer.sum())
+
+
+@dataclass
+class LocalModelMasks:
+    """Per-parameter masks (bool, the local shape) for the weights this rank holds."""
+
+    param_masks: dict = field(default_factory=dict)  # param -> bool tensor
+    norms: list = field(default_factory=list)  # our RMSNorm modules (hidden-mask aware)
+
+    @torch.no_grad()
+    def apply_to_weights(self) -> None:
+        for param, mask in self.param_masks.items():
+            param.data.mul_(mask)
+
+    @torch.no_grad()
+    def apply_to_grads(self) -> None:
+        for param, mask in self.param_masks.items():
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            if grad is not None:
+                grad.mul_(mask)
+
+
+def _qkv_row_mask(group_mask_local: torch.Tensor, hpg: int, head_dim: int) -> torch.Tensor:
+    # each local group owns (hpg + 2) * head_dim consecutive rows
+    return group_mask_local.repeat_interleave((hpg + 2) * head_dim)
+
+
+def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) -> LocalModelMasks:
+    """Per-parameter masks for this rank's model chunks (call again after the masks change)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_patches.norms import RMSNorm
+    from pretrain.model import unwrap
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    groups_local = shape.num_groups // tp
+    ffn_local = shape.ffn // tp
+    hidden = masks.hidden
+    out = LocalModelMasks()
+
+    def add(param, mask):
+        if param is None:
+            return
+        assert mask.shape == param.shape, (mask.shape, param.shape)
+        out.param_masks[param] = mask.to(param.device)
+
+    for chunk in model_chunks:
+        model = unwrap(chunk)
+        if getattr(model, "pre_process", False):
+            emb = model.embedding.word_embeddings.weight
+            add(emb, hidden.expand_as(emb).clone())
+        for layer in model.decoder.layers:
+            index = layer.layer_number - 1
+            g_mask = masks.heads[index, tp_rank * groups_local:(tp_rank + 1) * groups_local]
+            f_mask = masks.ffn[index, tp_rank * ffn_local:(tp_rank + 1) * ffn_local]
+            attn, mlp = layer.self_attention, layer.mlp
+            rows = _qkv_row_mask(g_mask, shape.heads_per_group, shape.head_dim)
+            add(attn.linear_qkv.weight, rows[:, None] & hidden[None, :])
+            cols = g_mask.repeat_interleave(shape.heads_per_group * shape.head_dim)
+            add(attn.linear_proj.weight, hidden[:, None] & cols[None, :])
+            add(mlp.linear_fc1.weight, torch.cat([f_mask, f_mask])[:, None] & hidden[None, :])
+            add(mlp.linear_fc2.weight, hidden[:, None] & f_mask[None, :])
+            for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
+                if isinstance(norm, RMSNorm):
+                    add(norm.weight, hidden.clone())
+                    out.norms.append(norm)
+        final = getattr(model.decoder, "final_layernorm", None)
+        if isinstance(final, RMSNorm):
+            add(final.weight, hidden.clone())
+            out.norms.append(final)
+        if getattr(model, "post_process", False):
+            w = model.output_layer.weight
+            if w is not None:
+                add(w, hidden.expand_as(w).clone())
+    for norm in out.norms:
+        norm.set_hidden_mask(hidden)
+    return out

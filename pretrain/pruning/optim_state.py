@@ -1,0 +1,73 @@
+"""Where each model parameter's master copy and Adam moments live in megatron-core's optimizers,
+so pruning can zero them, and which elements' reduced gradients this rank owns.
+
+* ``DistributedOptimizer`` (ZeRO-1 over data-parallel ranks): each DP rank owns a contiguous range
+  of every flattened parameter (possibly empty); after the gradient reduce-scatter only that
+  range of ``main_grad`` holds the data-parallel mean.
+* ``FP32Optimizer`` / ``Float16OptimizerWithFloat16Params``: every rank holds everything, and the
+  gradients are all-reduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ParamSlot:
+    param: torch.nn.Parameter  # the model parameter
+    start: int  # owned range in the flattened parameter
+    end: int
+    main_param: torch.Tensor | None  # flat fp32 master values for [start, end) (may alias param)
+    state: dict  # optimizer state tensors for [start, end) (exp_avg, exp_avg_sq, step)
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def iter_param_slots(optimizer) -> Iterator[ParamSlot]:
+    """Every model parameter this rank owns (part of), with its master values and Adam state."""
+    for opt in _inner_optimizers(optimizer):
+        if hasattr(opt, "model_param_gbuf_map"):  # DistributedOptimizer
+            for param in opt.model_param_gbuf_map:
+                r = opt._get_model_param_range_map(param)["param"]
+                tensors = opt._get_main_param_and_optimizer_states(param)
+                main = tensors.pop("param", None)
+                yield ParamSlot(param, r.start, r.end, main, tensors)
+        elif hasattr(opt, "float16_groups"):  # Float16OptimizerWithFloat16Params
+            for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+                for param, main in zip(model_group, main_group):
+                    yield ParamSlot(param, 0, param.numel(), main.view(-1), opt.optimizer.state.get(main, {}))
+            for group in getattr(opt, "fp32_from_fp32_groups", []):
+                for param in group:
+                    yield ParamSlot(param, 0, param.numel(), param.view(-1), opt.optimizer.state.get(param, {}))
+        else:  # FP32Optimizer
+            for group in opt.optimizer.param_groups:
+                for param in group["params"]:
+                    yield ParamSlot(param, 0, param.numel(), param.view(-1), opt.optimizer.state.get(param, {}))
+
+
+def is_distributed(optimizer) -> bool:
+    return any(hasattr(o, "model_param_gbuf_map") for o in _inner_optimizers(optimizer))
+
+
+@torch.no_grad()
+def zero_masked_state(optimizer, param_masks: dict) -> int:
+    """Zero master weights and Adam moments of masked elements; returns elements touched."""
+    touched = 0
+    for slot in iter_param_slots(optimizer):
+        mask = param_masks.get(slot.param)
+        if mask is None or slot.end <= slot.start:
+            continue
+        flat = mask.reshape(-1)[slot.start:slot.end]
+        if slot.main_param is not None:
+            slot.main_param.mul_(flat.to(slot.main_param.dtype))
+        for key, value in slot.state.items():
+            if key != "step" and isinstance(value, torch.Tensor) and value.numel() == flat.numel():
+                value.mul_(flat.to(value.dtype))
+        touched += int((~flat).sum())
+    return touched

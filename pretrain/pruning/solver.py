@@ -1,0 +1,154 @@
+"""The global budget solver: which groups to drop so the model meets this step's parameter target.
+
+Greedy on one scale for all three group types: at every move it drops the candidate unit with
+the lowest saliency per parameter (the sum of its groups' scores over the parameters it removes),
+so the data, not a hand-set ratio, decides whether heads, FFN channels or hidden channels go.
+A unit is the smallest removal that keeps the model shrinkable and fast:
+
+* attention: TP query groups of one layer (``per-layer``) or of every layer (``uniform``), so
+  each layer's kept groups stay a multiple of TP (whole groups keep heads-per-group uniform);
+* FFN: TP x align channels of one layer (or of every layer);
+* hidden: ``align`` channels (shared by the whole model).
+
+A unit never takes a type below its minimum. Masks only shrink. Ties break by type order, then
+layer, then channel index, so the result is a pure function of its inputs (every rank computes
+the same answer; the callback still broadcasts rank 0's and checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.pruning.masks import GroupMasks, ModelShape
+
+
+@dataclass(frozen=True)
+class SolverConstraints:
+    tensor_parallel: int = 1
+    align: int = 8
+    min_groups: int = 1
+    min_ffn: int = 0
+    min_hidden: int = 0
+    granularity: str = "per-layer"  # or "uniform"
+    prune_types: tuple = ("heads", "ffn", "hidden")
+
+    def group_unit(self) -> int:
+        return self.tensor_parallel
+
+    def ffn_unit(self) -> int:
+        return self.tensor_parallel * self.align
+
+    def hidden_unit(self) -> int:
+        return self.align
+
+
+@dataclass
+class GroupScores:
+    heads: torch.Tensor  # [L, G]
+    ffn: torch.Tensor  # [L, F]
+    hidden: torch.Tensor  # [H]
+
+
+def _unit_size(kept: int, unit: int, minimum: int) -> int:
+    """Groups to remove next: back to a multiple of ``unit`` first, else one unit; 0 if at minimum."""
+    size = kept % unit or unit
+    return size if kept - size >= max(minimum, unit) else 0
+
+
+def _lowest(scores: torch.Tensor, kept: torch.Tensor, count: int) -> torch.Tensor:
+    idx = torch.nonzero(kept).flatten()
+    # stable sort on (score, index): deterministic under ties
+    order = torch.sort(scores[idx].double(), stable=True).indices
+    return idx[order[:count]]
+
+
+def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_params: int,
+          constraints: SolverConstraints) -> tuple[GroupMasks, list[dict]]:
+    """Return (new masks, moves); each move says what was dropped, its cost and saliency."""
+    c = constraints
+    if c.granularity not in ("per-layer", "uniform"):
+        raise ValueError(f"unknown granularity {c.granularity!r}")
+    new = masks.clone()
+    moves: list[dict] = []
+    hpg, hd = shape.heads_per_group, shape.head_dim
+    tie_mult = 1 if shape.tied else 2
+    min_groups = max(c.min_groups, c.group_unit())
+    params = shape.parameter_count(new)
+    L = shape.num_layers
+    while params > target_params:
+        h_kept = int(new.hidden.sum())
+        groups_kept = new.heads.sum(1)
+        ffn_kept = new.ffn.sum(1)
+        candidates = []  # (saliency, type order, layer, kind, layer list, index lists, cost)
+        layer_sets = [list(range(L))] if c.granularity == "uniform" else [[l] for l in range(L)]
+        if "heads" in c.prune_types:
+            for layers in layer_sets:
+                size = _unit_size(int(groups_kept[layers[0]]), c.group_unit(), min_groups)
+                if size == 0 or any(int(groups_kept[l]) != int(groups_kept[layers[0]]) for l in layers):
+                    continue
+                picks = [_lowest(scores.heads[l], new.heads[l], size) for l in layers]
+                cost = len(layers) * size * (2 * hpg + 2) * hd * h_kept
+                score = float(sum(scores.heads[l][p].double().sum() for l, p in zip(layers, picks)))
+                candidates.append((score / max(cost, 1), 0, layers[0], "heads", layers, picks, cost))
+        if "ffn" in c.prune_types:
+            for layers in layer_sets:
+                size = _unit_size(int(ffn_kept[layers[0]]), c.ffn_unit(), c.min_ffn)
+                if size == 0 or any(int(ffn_kept[l]) != int(ffn_kept[layers[0]]) for l in layers):
+                    continue
+                picks = [_lowest(scores.ffn[l], new.ffn[l], size) for l in layers]
+                cost = len(layers) * size * 3 * h_kept
+                score = float(sum(scores.ffn[l][p].double().sum() for l, p in zip(layers, picks)))
+                candidates.append((score / max(cost, 1), 1, layers[0], "ffn", layers, picks, cost))
+        if "hidden" in c.prune_types:
+            size = _unit_size(h_kept, c.hidden_unit(), c.min_hidden)
+            if size:
+                pick = _lowest(scores.hidden, new.hidden, size)
+                per_channel = (shape.vocab * tie_mult + 1
+                               + int((groups_kept * (2 * hpg + 2) * hd + 3 * ffn_kept + 2).sum()))
+                cost = size * per_channel
+                score = float(scores.hidden[pick].double().sum())
+                candidates.append((score / max(cost, 1), 2, 0, "hidden", [], [pick], cost))
+        if not candidates:
+            break  # every type is at its minimum: the target cannot be met
+        best = min(candidates, key=lambda t: (t[0], t[1], t[2]))
+        saliency, _, _, kind, layers, picks, cost = best
+        if kind == "heads":
+            for l, p in zip(layers, picks):
+                new.heads[l, p] = False
+        elif kind == "ffn":
+            for l, p in zip(layers, picks):
+                new.ffn[l, p] = False
+        else:
+            new.hidden[picks[0]] = False
+        params = shape.parameter_count(new)
+        moves.append({"type": kind, "layers": layers, "count": int(sum(len(p) for p in picks)),
+                      "params_removed": cost, "saliency_per_param": saliency, "params_after": params})
+    return new, moves
+
+
+def check_constraints(shape: ModelShape, masks: GroupMasks, constraints: SolverConstraints) -> list[str]:
+    """Violations of the shrinkability constraints (empty when the masks are valid)."""
+    c = constraints
+    problems = []
+    groups = masks.heads.sum(1)
+    ffn = masks.ffn.sum(1)
+    hidden = int(masks.hidden.sum())
+    for l in range(shape.num_layers):
+        if int(groups[l]) % c.tensor_parallel:
+            problems.append(f"layer {l}: {int(groups[l])} query groups kept, not a multiple of TP {c.tensor_parallel}")
+        if int(groups[l]) < max(c.min_groups, 1):
+            problems.append(f"layer {l}: {int(groups[l])} query groups kept, below the minimum")
+        if int(ffn[l]) % c.ffn_unit() and int(ffn[l]) != shape.ffn:
+            problems.append(f"layer {l}: FFN width {int(ffn[l])} not a multiple of TP x align {c.ffn_unit()}")
+        if int(ffn[l]) < c.min_ffn:
+            problems.append(f"layer {l}: FFN width {int(ffn[l])} below the minimum {c.min_ffn}")
+    if hidden % c.hidden_unit() and hidden != shape.hidden:
+        problems.append(f"hidden width {hidden} not a multiple of align {c.hidden_unit()}")
+    if hidden < c.min_hidden:
+        problems.append(f"hidden width {hidden} below the minimum {c.min_hidden}")
+    if c.granularity == "uniform":
+        if len(set(groups.tolist())) > 1 or len(set(ffn.tolist())) > 1:
+            problems.append("uniform granularity but layers differ")
+    return problems
