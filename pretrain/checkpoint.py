@@ -317,7 +317,7 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
         optimizer.load_state_dict(state["optimizer"])
         _unalias_adam_steps(optimizer)
     rng_path = os.path.join(folder, "rng", f"rank_{_rank():05d}.pt")
-    same_layout = trainer_state.get("layout") == _current_layout()
+    same_layout = _layout_sizes(trainer_state.get("layout") or {}) == _layout_sizes(_current_layout())
     local_state = None
     if same_layout and os.path.isfile(rng_path):
         rank_file = torch.load(rng_path, weights_only=False)
@@ -326,6 +326,10 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
             _set_rng_state(rank_file["rng"])
     _barrier()
     return LoadedCheckpoint(folder=folder, trainer_state=trainer_state, local_state=local_state)
+
+
+def _layout_sizes(layout: dict) -> tuple:
+    return tuple(layout.get(k) for k in ("world_size", "tp_size", "pp_size", "dp_size"))
 
 
 def _current_layout() -> dict:

@@ -77,6 +77,7 @@ class _Entry:
     role: str  # qkv | proj | fc1 | fc2 | norm | embedding | output
     layer: int  # global layer index (-1 for model-level params)
     module: torch.nn.Module | None = None
+    input_weight: torch.Tensor | None = None  # the weight applied to the module's input (obs)
 
 
 def _model_entries(model_chunks: list) -> list[_Entry]:
@@ -107,9 +108,8 @@ def _model_entries(model_chunks: list) -> list[_Entry]:
             # (tied, PP > 1: its gradient is synced with the embedding's, counted there), or the
             # embedding itself (tied, PP = 1: counted as the embedding)
             weight = model.output_layer.weight
-            if tied:
-                weight = None
-            entries.append(_Entry(weight, "output", -1, model.output_layer))
+            applied = weight if weight is not None else model.shared_embedding_or_output_weight()
+            entries.append(_Entry(None if tied else weight, "output", -1, model.output_layer, applied))
     return entries
 
 
@@ -255,13 +255,7 @@ class SaliencyEstimator:
             self._add_by_role(table, entry, full.view_as(param).cpu(), tp, tp_rank)
 
     def _weight_of(self, entry: _Entry) -> torch.Tensor | None:
-        if entry.param is not None:
-            return entry.param
-        if entry.role == "output":  # tied output layer: the embedding's weight on this stage
-            for e in self.entries:
-                if e.role == "embedding":
-                    return e.param
-        return None
+        return entry.input_weight if entry.input_weight is not None else entry.param
 
     def _activation_scores(self, table: Table, tp: int, tp_rank: int, dp: int) -> None:
         s = self.shape

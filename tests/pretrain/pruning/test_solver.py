@@ -1,0 +1,88 @@
+"""Budget solver properties on random tables: target met within one aligned unit, constraints
+hold, masks never regrow, deterministic."""
+
+import random
+
+import pytest
+import torch
+
+from pretrain.pruning.masks import GroupMasks, ModelShape
+from pretrain.pruning.schedule import ramp_fraction, target_params
+from pretrain.pruning.solver import GroupScores, SolverConstraints, check_constraints, solve
+
+SHAPES = [
+    ModelShape(num_layers=4, hidden=128, num_heads=4, num_groups=2, head_dim=32, ffn=384, vocab=1024, tied=True),
+    ModelShape(num_layers=3, hidden=96, num_heads=6, num_groups=6, head_dim=16, ffn=256, vocab=512, tied=False),
+]
+
+
+def _random_scores(shape, gen):
+    return GroupScores(torch.rand(shape.num_layers, shape.num_groups, generator=gen, dtype=torch.float64),
+                       torch.rand(shape.num_layers, shape.ffn, generator=gen, dtype=torch.float64),
+                       torch.rand(shape.hidden, generator=gen, dtype=torch.float64))
+
+
+def _max_unit_cost(shape, masks, c):
+    h = int(masks.hidden.sum())
+    head = c.group_unit() * (2 * shape.heads_per_group + 2) * shape.head_dim * shape.hidden
+    ffn = c.ffn_unit() * 3 * shape.hidden
+    hidden = c.hidden_unit() * (shape.vocab * (1 if shape.tied else 2) + 1 + shape.num_layers * (
+        shape.num_groups * (2 * shape.heads_per_group + 2) * shape.head_dim + 3 * shape.ffn + 2))
+    if c.granularity == "uniform":
+        head, ffn = head * shape.num_layers, ffn * shape.num_layers
+    return max(head, ffn, hidden) + h * 0
+
+
+@pytest.mark.parametrize("granularity", ["per-layer", "uniform"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_random_tables(shape, granularity):
+    rng = random.Random(0)
+    for trial in range(12):
+        gen = torch.Generator().manual_seed(trial)
+        tp = rng.choice([1, 2])
+        c = SolverConstraints(tensor_parallel=tp, align=8, min_groups=rng.choice([tp, min(2 * tp, shape.num_groups)]),
+                              min_ffn=rng.choice([0, 64]), min_hidden=rng.choice([0, 32]),
+                              granularity=granularity)
+        masks = GroupMasks.full(shape.num_layers, shape.num_groups, shape.ffn, shape.hidden)
+        initial = shape.parameter_count(masks)
+        for step_ratio in (0.85, 0.7, 0.55):
+            target = int(initial * step_ratio)
+            new, moves = solve(shape, masks, _random_scores(shape, gen), target, c)
+            # never unprunes
+            for t in ("heads", "ffn", "hidden"):
+                assert not bool((getattr(new, t) & ~getattr(masks, t)).any())
+            assert check_constraints(shape, new, c) == []
+            params = shape.parameter_count(new)
+            if params > target:  # only when every type is at its minimum
+                assert not moves or solve(shape, new, _random_scores(shape, gen), target, c)[1] == []
+            else:
+                assert target - params < _max_unit_cost(shape, masks, c), (target, params)
+            # deterministic
+            again, _ = solve(shape, masks, GroupScores(*(x.clone() for x in (
+                _random_scores(shape, torch.Generator().manual_seed(99)).heads,
+                _random_scores(shape, torch.Generator().manual_seed(99)).ffn,
+                _random_scores(shape, torch.Generator().manual_seed(99)).hidden))), target, c)
+            again2, _ = solve(shape, masks, _random_scores(shape, torch.Generator().manual_seed(99)), target, c)
+            assert again.equal(again2)
+            masks = new
+
+
+def test_lowest_saliency_per_parameter_goes_first():
+    shape = SHAPES[0]
+    c = SolverConstraints(tensor_parallel=1, align=8)
+    masks = GroupMasks.full(shape.num_layers, shape.num_groups, shape.ffn, shape.hidden)
+    scores = GroupScores(torch.full((4, 2), 1e3, dtype=torch.float64), torch.full((4, 384), 1e3, dtype=torch.float64),
+                         torch.full((128,), 1e3, dtype=torch.float64))
+    scores.ffn[2, 10:18] = 0.0  # eight nearly free FFN channels in layer 2
+    new, moves = solve(shape, masks, scores, shape.parameter_count(masks) - 1, c)
+    assert moves[0]["type"] == "ffn" and moves[0]["layers"] == [2]
+    assert not bool(new.ffn[2, 10:18].any()) and int(new.ffn.sum()) == 4 * 384 - 8
+
+
+def test_schedule_ramps():
+    assert ramp_fraction(0, 10, 110) == 0.0 and ramp_fraction(60, 10, 110) == 0.5
+    assert ramp_fraction(200, 10, 110) == 1.0
+    assert ramp_fraction(60, 10, 110, "cubic") == pytest.approx(1 - 0.5 ** 3)
+    assert target_params(60, 1000, 400, 10, 110) == 700
+    with pytest.raises(ValueError):
+        ramp_fraction(1, 0, 2, "exp")
