@@ -51,7 +51,8 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
 
 
 def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
-                vocab_size: int, use_te: bool | None = None, wrap_ddp: bool = True) -> list:
+                vocab_size: int, use_te: bool | None = None, wrap_ddp: bool = True,
+                plain_megatron_spec: bool = False) -> list:
     """The model chunks of this rank (one chunk: no virtual pipeline), wrapped in megatron DDP."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -66,7 +67,8 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainCo
     torch.manual_seed(train.seed)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_block_spec(config, use_te=use_te),
+        # plain_megatron_spec: megatron-core's own local spec, for benchmarks against ours
+        transformer_layer_spec=_plain_spec() if plain_megatron_spec else gpt_block_spec(config, use_te=use_te),
         vocab_size=vocab_size,
         max_sequence_length=model_cfg.max_position_embeddings or model_cfg.seq_length,
         pre_process=ps.is_pipeline_first_stage(),
@@ -85,6 +87,12 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainCo
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)]
+
+
+def _plain_spec():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
 def unwrap(model_chunk):

@@ -40,6 +40,17 @@ def main(argv=None) -> int:
     print(f"trained {s['iterations']} iterations ({s['tokens']:,} tokens)")
     print(f"loss: {s['first_loss']:.3f} (mean of first {s['window']}) -> {s['last_loss']:.3f} "
           f"(mean of last {s['window']})")
+    pruning = os.path.join(os.path.dirname(args.metrics), "pruning_history.jsonl")
+    if os.path.isfile(pruning):
+        events = [json.loads(line) for line in open(pruning) if line.strip()]
+        if events:
+            first, last = events[0], events[-1]
+            per_layer = last["kept_per_layer"]
+            print(f"pruning: {len(events)} events; parameters -> {last['params'] / 1e6:.3f} M "
+                  f"(target {last['target'] / 1e6:.3f} M); kept heads {last['kept_heads']:.0%}, "
+                  f"FFN {last['kept_ffn']:.0%}, hidden {last['kept_hidden']:.0%}")
+            print(f"  found architecture: query groups per layer {per_layer['heads']}, "
+                  f"FFN per layer {per_layer['ffn']}, hidden {per_layer['hidden']}")
     if args.checkpoints and os.path.isdir(args.checkpoints):
         ckpts = sorted(n for n in os.listdir(args.checkpoints) if n.startswith("iter_"))
         print(f"checkpoints in {args.checkpoints}: {', '.join(ckpts)}")

@@ -14,7 +14,7 @@ import torch
 from pretrain.config import ConfigError, PretrainConfig
 
 
-def run(cfg: PretrainConfig, extra_callbacks: list = ()) -> dict:
+def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
     """Train per ``cfg`` in this process (one rank of the launched world). Returns a summary."""
     from megatron.core import parallel_state as ps
 
@@ -44,7 +44,8 @@ def run(cfg: PretrainConfig, extra_callbacks: list = ()) -> dict:
     if cfg.train.dry_run:
         return {"dry_run": True, "parameters": counts, "layout": layout}
 
-    model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size)
+    model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size,
+                               plain_megatron_spec=plain_megatron_spec)
     for chunk in model_chunks:
         deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
     optimizer = build_optimizer(model_chunks, cfg.optim, cfg.parallel, cfg.train)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# End-to-end CPU demo: corpus -> tokenizer -> indexed dataset -> TP=2 pretraining on 2 gloo
-# processes -> checkpoint -> stop -> resume from the checkpoint -> report.
+# End-to-end CPU demo: corpus -> tokenizer -> indexed dataset -> pruning-aware pretraining of the
+# debug model with TP=2 on 2 gloo processes (pruned to ~50% of its parameters while it trains)
+# -> checkpoint -> stop -> resume from the checkpoint -> report and plots.
 # Sizes can be overridden: DEMO_ITERS=300 DEMO_OUT=demo_out bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,9 @@ OUT=${DEMO_OUT:-demo_out}
 ITERS=${DEMO_ITERS:-300}
 STOP_AT=${DEMO_STOP_AT:-$((ITERS * 2 / 3))}
 VOCAB=${DEMO_VOCAB:-4000}
+TOKENS_PER_STEP=$((8 * 128))
+PRUNE_START=$((ITERS / 10 * TOKENS_PER_STEP))
+PRUNE_END=$((ITERS * 6 / 10 * TOKENS_PER_STEP))
 export OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 mkdir -p "$OUT"
 rm -rf "$OUT/ckpt" "$OUT/tensorboard"
@@ -28,12 +32,16 @@ TRAIN=(-m pretrain --model debug --tensor-model-parallel-size 2
        --micro-batch-size 4 --global-batch-size 8 --train-iters "$ITERS"
        --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 20 --lr-decay-style cosine
        --log-interval 20 --eval-interval "$((ITERS / 3))" --eval-iters 4
-       --save "$OUT/ckpt" --save-interval "$((ITERS / 3))" --tensorboard-dir "$OUT/tensorboard")
+       --save "$OUT/ckpt" --save-interval "$((ITERS / 3))" --tensorboard-dir "$OUT/tensorboard"
+       --prune-target-ratio 0.5 --prune-start-tokens "$PRUNE_START" --prune-end-tokens "$PRUNE_END"
+       --prune-interval 5 --saliency taylor --prune-granularity per-layer)
 LAUNCH=($PY -m torch.distributed.run --standalone --nproc-per-node 2)
 
-echo "== 4/5 pretraining the debug model with TP=2 on 2 gloo processes; stopping at $STOP_AT"
+echo "== 4/5 pruning-aware pretraining of the debug model (TP=2, 2 gloo processes) to 50% of its"
+echo "        parameters between $PRUNE_START and $PRUNE_END tokens; stopping at iteration $STOP_AT"
 "${LAUNCH[@]}" "${TRAIN[@]}" --exit-interval "$STOP_AT" 2>&1 | grep --line-buffered -v -i "warn"
 echo "== 5/5 resuming from the checkpoint in $OUT/ckpt and training to $ITERS"
 "${LAUNCH[@]}" "${TRAIN[@]}" --load "$OUT/ckpt" 2>&1 | grep --line-buffered -v -i "warn"
 
+$PY tools/plot_pruning.py "$OUT/tensorboard"
 $PY -m pretrain.report "$OUT/tensorboard/metrics.jsonl" --checkpoints "$OUT/ckpt" --tensorboard-dir "$OUT/tensorboard"

@@ -1,5 +1,6 @@
 """The demo (`make demo`) end to end, at a smaller size: corpus, tokenizer, preprocessing, TP=2
-training on 2 gloo processes, stop, resume from the checkpoint, report."""
+pruning-aware training on 2 gloo processes, stop mid-pruning, resume from the checkpoint, report
+and plots."""
 
 import os
 import subprocess
@@ -23,6 +24,9 @@ def test_demo_end_to_end(tmp_path):
     assert "stopped at iteration 40" in out
     assert "loaded checkpoint" in out and "(iteration 40)" in out
     assert "loss went down: yes" in out
+    assert "pruning at iteration" in out and "found architecture" in out
+    for png in ("saliency.png", "kept_ratio.png", "layers.png"):
+        assert (tmp_path / "demo" / "tensorboard" / "plots" / png).stat().st_size > 1000
     assert (tmp_path / "demo" / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "60"
     events = [n for n in os.listdir(tmp_path / "demo" / "tensorboard") if n.startswith("events.out")]
     assert events, "tensorboard event files expected"
