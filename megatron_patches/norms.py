@@ -21,7 +21,8 @@ class RMSNorm(torch.nn.Module):
             raise ValueError(f"RMSNorm needs a positive hidden_size, got {hidden_size}")
         self.hidden_size = hidden_size
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        dtype = getattr(config, "params_dtype", None) or torch.float32
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         if config is not None:
             # megatron-core marks replicated (non-TP-split) params this way for grad all-reduce.
             setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))

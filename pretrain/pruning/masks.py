@@ -106,17 +106,13 @@ class LocalModelMasks:
                 grad.mul_(mask)
 
 
-def _qkv_row_mask(group_mask_local: torch.Tensor, hpg: int, head_dim: int) -> torch.Tensor:
-    # each local group owns (hpg + 2) * head_dim consecutive rows
-    return group_mask_local.repeat_interleave((hpg + 2) * head_dim)
-
-
 def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) -> LocalModelMasks:
     """Per-parameter masks for this rank's model chunks (call again after the masks change)."""
     from megatron.core import parallel_state as ps
 
     from megatron_patches.norms import RMSNorm
     from pretrain.model import unwrap
+    from pretrain.state_adapter import fc1_rows, proj_columns, qkv_rows
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     groups_local = shape.num_groups // tp
@@ -140,11 +136,11 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) 
             g_mask = masks.heads[index, tp_rank * groups_local:(tp_rank + 1) * groups_local]
             f_mask = masks.ffn[index, tp_rank * ffn_local:(tp_rank + 1) * ffn_local]
             attn, mlp = layer.self_attention, layer.mlp
-            rows = _qkv_row_mask(g_mask, shape.heads_per_group, shape.head_dim)
+            rows = qkv_rows(g_mask, shape.heads_per_group, shape.head_dim)
             add(attn.linear_qkv.weight, rows[:, None] & hidden[None, :])
-            cols = g_mask.repeat_interleave(shape.heads_per_group * shape.head_dim)
+            cols = proj_columns(g_mask, shape.heads_per_group, shape.head_dim)
             add(attn.linear_proj.weight, hidden[:, None] & cols[None, :])
-            add(mlp.linear_fc1.weight, torch.cat([f_mask, f_mask])[:, None] & hidden[None, :])
+            add(mlp.linear_fc1.weight, fc1_rows(f_mask)[:, None] & hidden[None, :])
             add(mlp.linear_fc2.weight, hidden[:, None] & f_mask[None, :])
             for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
                 if isinstance(norm, RMSNorm):

@@ -40,14 +40,11 @@ def tables_worker(data, layouts):
     return out
 
 
-def zero_and_resume_worker(data, root):
+def _zero_violations(summary):
+    """(names of state kinds with non-zero masked entries, number of masked entries checked)."""
     from pretrain.pruning.optim_state import iter_param_slots
-    from pretrain.train import run
 
-    # many steps with several pruning events under TP=2, then inspect weights and Adam moments
-    summary = run(_prune_config(data, tp=2, iters=14, interval=2, end_tokens=8 * 64 * 8, ratio=0.5))
-    pruner = _pruner(summary)
-    masks = pruner.local.param_masks
+    masks = _pruner(summary).local.param_masks
     bad = []
     checked = 0
     for slot in iter_param_slots(summary["trainer"].optimizer):
@@ -64,6 +61,16 @@ def zero_and_resume_worker(data, root):
     for param, mask in masks.items():
         if bool((param.detach()[~mask] != 0).any()):
             bad.append("param")
+    return bad, checked
+
+
+def zero_and_resume_worker(data, root):
+    from pretrain.train import run
+
+    # many steps with several pruning events under TP=2, then inspect weights and Adam moments
+    summary = run(_prune_config(data, tp=2, iters=14, interval=2, end_tokens=8 * 64 * 8, ratio=0.5))
+    pruner = _pruner(summary)
+    bad, checked = _zero_violations(summary)
     params_now = pruner.current_params()
 
     # resume in the middle of pruning (fisher: per-rank running means are restored too)
@@ -109,3 +116,22 @@ def test_masked_state_stays_zero_and_resume_mid_pruning(tiny_dataset, tmp_path):
     assert res["resumed"] == res["straight"][5:]
     for k in ("heads", "ffn", "hidden"):
         assert torch.equal(res["straight_masks"][k], res["resumed_masks"][k])
+
+
+def bf16_worker(data):
+    import dataclasses as dc
+
+    from pretrain.train import run
+
+    cfg = _prune_config(data, iters=8, interval=2, end_tokens=6 * 64 * 8, ratio=0.6, saliency="fisher")
+    cfg.train = dc.replace(cfg.train, bf16=True)
+    summary = run(cfg)
+    bad, checked = _zero_violations(summary)
+    return {"bad": bad, "checked": checked, "events": len(_pruner(summary).history),
+            "dtype": str(next(summary["trainer"].model_chunks[0].parameters()).dtype)}
+
+
+def test_bf16_masked_master_weights_and_moments_stay_zero(tiny_dataset):
+    res = run_distributed(bf16_worker, 1, tiny_dataset)[0]
+    assert res["dtype"] == "torch.bfloat16"
+    assert res["events"] >= 2 and res["checked"] > 0 and res["bad"] == [], res
