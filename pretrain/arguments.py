@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load")
     g.add_argument("--save-interval", type=int)
     g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model shape from the --load checkpoint (e.g. after a shrink)")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true",
@@ -159,7 +161,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval,
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, finetune=args.finetune,
-            keep_last=args.keep_last,
+            keep_last=args.keep_last, use_checkpoint_args=args.use_checkpoint_args,
         ),
         logging=LoggingConfig(tensorboard_dir=args.tensorboard_dir),
         prune=PruneConfig(

@@ -161,7 +161,7 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    if "tracker" in state:
+    if state.get("tracker"):
         from megatron.core import tensor_parallel
 
         tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
@@ -310,7 +310,8 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
     except Exception as err:
         raise CheckpointError(
             f"{folder}: the weights do not fit this model ({type(err).__name__}: {str(err)[:500]}). "
-            "Check that the model flags match the checkpoint's config"
+            "Check that the model flags match the checkpoint's config, or pass --use-checkpoint-args "
+            "(a shrunk checkpoint has a smaller shape than the flags that started the run)"
         ) from None
     _load_model_state(model_chunks, state["model"])
     if "optimizer" in sharded:

@@ -278,6 +278,7 @@ class CheckpointConfig:
     no_load_rng: bool = False
     finetune: bool = False  # load weights only; iteration and data position start at 0
     keep_last: int | None = None  # keep only this many newest checkpoints
+    use_checkpoint_args: bool = False  # take the model shape from the checkpoint (e.g. shrunk)
     exit_signal_handler: bool = True
 
     def validate(self) -> None:

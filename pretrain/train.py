@@ -28,11 +28,13 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     from pretrain.trainer import Trainer
 
     _, world_size, _ = launch_environment()
+    if cfg.checkpoint.use_checkpoint_args:
+        cfg = _with_checkpoint_model(cfg)
     cfg.validate(world_size)
     tokenizer = load_tokenizer(cfg.data) if not cfg.data.mock_data or cfg.data.tokenizer_model else None
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
-    vocab_size = cfg.model.padded_vocab_size(tokenizer_vocab, tp)
+    vocab_size = _checkpoint_vocab(cfg, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
     layout = init_distributed(tp, pp)
     set_random_seed(cfg.train.seed)
     dp = layout["dp_size"]
@@ -136,6 +138,43 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     return {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
             "history": logger.history, "stop_reason": state.stop_reason, "layout": layout,
             "trainer": trainer}
+
+
+def _with_checkpoint_model(cfg: PretrainConfig) -> PretrainConfig:
+    import dataclasses
+
+    from pretrain import checkpoint as ckpt
+
+    folder = ckpt.find_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    if folder is None:
+        raise ConfigError("--use-checkpoint-args needs a valid checkpoint under --load")
+    saved = PretrainConfig.from_dict(ckpt.read_trainer_state(folder)["config"])
+    return dataclasses.replace(cfg, model=saved.model)
+
+
+def _checkpoint_vocab(cfg: PretrainConfig, tokenizer_vocab: int, tp: int) -> int | None:
+    """The padded vocabulary of the checkpoint to load, when it fits this TP size.
+
+    Padding depends on TP (a multiple of make_vocab_size_divisible_by x TP); a checkpoint padded
+    for another TP keeps its own size when that divides the new TP, so it loads unchanged.
+    """
+    from pretrain import checkpoint as ckpt
+
+    if not cfg.checkpoint.load:
+        return None
+    folder = ckpt.find_checkpoint(cfg.checkpoint.load)
+    if folder is None:
+        return None
+    vocab = ckpt.read_trainer_state(folder).get("vocab_size")
+    if vocab is None:
+        return None
+    if vocab < tokenizer_vocab:
+        raise ConfigError(f"--load {folder}: its vocabulary ({vocab}) is smaller than the tokenizer's "
+                          f"({tokenizer_vocab}); use the tokenizer the checkpoint was trained with")
+    if vocab % tp:
+        raise ConfigError(f"--load {folder}: its padded vocabulary ({vocab}) is not divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+    return int(vocab)
 
 
 class _NullVocab:

@@ -214,6 +214,10 @@ class PruningCallback(Callback):
         self.ema = Table.from_state_dict(state["ema"]) if state.get("ema") is not None else None
         self.ema_steps = state.get("ema_steps", 0)
         self.history = list(state.get("history", []))
+        # after a shrink the model is smaller but the schedule still runs between the original
+        # sizes: keep them from the state, not from the (new) model shape
+        self.initial_params = state.get("initial_params", self.initial_params)
+        self.final_params = state.get("final_params", self.final_params)
 
     def local_state_dict(self) -> dict:
         """Per-rank state (the fisher running means over this rank's owned elements)."""
