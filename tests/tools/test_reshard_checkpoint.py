@@ -1,0 +1,130 @@
+"""tools/reshard_checkpoint.py: the shrunk model continues the masked run's loss curve; Adam
+moments of kept weights are carried exactly; layouts change; bad inputs are refused."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.dist_helper import run_distributed
+from tests.pretrain.common import debug_config, losses_of
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOKENS_PER_STEP = 8 * 64
+
+
+def _cfg(data, granularity="uniform", **kw):
+    cfg = debug_config(data, **kw)
+    cfg.prune = dataclasses.replace(cfg.prune, target_ratio=0.55, interval=2, start_tokens=0,
+                                    end_tokens=6 * TOKENS_PER_STEP, granularity=granularity)
+    return cfg
+
+
+def masked_worker(data, root, tp, pp):
+    from pretrain.train import run
+
+    # pruning ends at step 6; save at 8 and keep going to 12 on the masked model
+    full = run(_cfg(data, tp=tp, pp=pp, iters=12, save=f"{root}/masked", save_interval=8))
+    return {"losses": losses_of(full)}
+
+
+def shrink_worker(root, target_tp):
+    from pretrain.shrink import reshard_checkpoint
+
+    r = reshard_checkpoint(f"{root}/masked/iter_0000008", f"{root}/small", shrink=True,
+                           target_tp=target_tp, progress=False)
+    return {"params_before": r["params_before"], "params_after": r["params_after"],
+            "model": dataclasses.asdict(r["config"].model)}
+
+
+def resume_worker(data, root, tp, pp):
+    from pretrain.train import run
+
+    cfg = _cfg(data, tp=tp, pp=pp, iters=12, load=f"{root}/small")
+    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, use_checkpoint_args=True)
+    small = run(cfg)
+    return {"losses": losses_of(small), "params": sum(p.numel() for p in small["trainer"].model_chunks[0].parameters())}
+
+
+def moments_worker(root):
+    """Adam moments of the small model equal the kept entries of the masked model's moments."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.config import PretrainConfig
+    from pretrain.distributed import init_distributed
+    from pretrain.model import unwrap
+    from pretrain.pruning.masks import GroupMasks
+    from pretrain.pruning.optim_state import iter_param_slots
+    from pretrain.shrink import _build, _shape_of
+    from pretrain.state_adapter import shrink_parameter
+
+    init_distributed(1, 1)
+    out = []
+    states = {}
+    for name in ("masked/iter_0000008", "small/iter_0000008"):
+        folder = f"{root}/{name}"
+        ts = ckpt.read_trainer_state(folder)
+        cfg = PretrainConfig.from_dict(ts["config"])
+        chunks, opt = _build(cfg, ts["vocab_size"])
+        ckpt.load_checkpoint(folder, chunks, opt)
+        names = {p: n for n, p in unwrap(chunks[0]).named_parameters()}
+        states[name] = ({names[s.param]: (s.param.shape, dict(s.state)) for s in iter_param_slots(opt)},
+                        ts, cfg)
+    big, ts_big, cfg_big = states["masked/iter_0000008"]
+    small, _, _ = states["small/iter_0000008"]
+    masks = GroupMasks.from_state_dict(ts_big["callbacks"]["pruning"]["masks"])
+    shape = _shape_of(cfg_big, ts_big["vocab_size"])
+    for name, (shape_small, st_small) in small.items():
+        shape_big, st_big = big[name]
+        for key in ("exp_avg", "exp_avg_sq"):
+            expected = shrink_parameter(name, st_big[key].view(shape_big), masks, shape).reshape(-1)
+            out.append(bool(torch.equal(expected, st_small[key])))
+        out.append(float(st_big["step"]) == float(st_small["step"]))
+    return out
+
+
+def test_shrink_continues_the_masked_run(tiny_dataset, tmp_path):
+    root = str(tmp_path)
+    masked = run_distributed(masked_worker, 4, tiny_dataset, root, 2, 2)[0]
+    info = run_distributed(shrink_worker, 1, root, 2)[0]
+    assert info["params_after"] < 0.6 * info["params_before"]
+    # continue on the small model with another layout: TP=2 x PP=1 on 2 ranks
+    small = run_distributed(resume_worker, 2, tiny_dataset, root, 2, 1)[0]
+    assert len(small["losses"]) == 4
+    for a, b in zip(small["losses"], masked["losses"][8:]):
+        assert abs(a - b) < 2e-4 * abs(b), (small["losses"], masked["losses"][8:])
+    assert all(run_distributed(moments_worker, 1, root)[0])
+
+
+def refuse_worker(data, root):
+    from pretrain.shrink import ShrinkError, reshard_checkpoint
+    from pretrain.train import run
+
+    run(_cfg(data, iters=6, save=f"{root}/perlayer", granularity="per-layer"))
+    cfg = debug_config(data, iters=2, save=f"{root}/plain")
+    run(cfg)
+    messages = []
+    for args in [(f"{root}/perlayer", f"{root}/x", True, None), (f"{root}/plain", f"{root}/y", True, None),
+                 (f"{root}/plain", f"{root}/z", False, 3), (f"{root}/nothing", f"{root}/w", True, None)]:
+        try:
+            reshard_checkpoint(*args, progress=False)
+            messages.append("no error")
+        except ShrinkError as err:
+            messages.append(str(err))
+    return messages
+
+
+def test_bad_inputs_are_refused(tiny_dataset, tmp_path):
+    msgs = run_distributed(refuse_worker, 1, tiny_dataset, str(tmp_path))[0]
+    assert "differ between layers" in msgs[0]
+    assert "no pruning state" in msgs[1]
+    assert "does not fit TP=3" in msgs[2]
+    assert "no valid checkpoint" in msgs[3]
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+    cli = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "reshard_checkpoint.py"), "--load",
+                          str(tmp_path / "perlayer"), "--save", str(tmp_path / "q"), "--shrink"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and "error:" in cli.stderr and "Traceback" not in cli.stderr
