@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune-min-heads", type=int, default=1, help="minimum query groups per layer")
     g.add_argument("--prune-min-ffn", type=int, default=0)
     g.add_argument("--prune-min-hidden", type=int, default=0)
+    g.add_argument("--shrink-at", default=None,
+                   help="shrink the model in-run at these token counts (comma-separated), or 'auto': "
+                        "at the end of pruning (and see --shrink-every-fraction); needs --save")
+    g.add_argument("--shrink-every-fraction", type=float,
+                   help="with --shrink-at auto: also shrink whenever the kept parameter fraction "
+                        "has fallen by this much since the last shrink")
     return p
 
 
@@ -174,5 +180,9 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
             types=tuple(t.strip() for t in args.prune_types.split(",") if t.strip()),
             granularity=args.prune_granularity, align=args.prune_align,
             min_heads=args.prune_min_heads, min_ffn=args.prune_min_ffn, min_hidden=args.prune_min_hidden,
+            shrink_auto=(args.shrink_at or "").strip() == "auto",
+            shrink_at=tuple(int(float(t)) for t in (args.shrink_at or "").split(",")
+                            if t.strip() and t.strip() != "auto"),
+            shrink_every_fraction=args.shrink_every_fraction,
         ),
     )

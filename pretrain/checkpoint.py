@@ -111,7 +111,7 @@ def find_checkpoint(root: str) -> str | None:
 
     Prefers the ``latest`` pointer; a broken newest checkpoint is reported and skipped.
     """
-    if os.path.isfile(os.path.join(root, MANIFEST)) or re.search(r"iter_\d+/?$", root):
+    if os.path.isfile(os.path.join(root, MANIFEST)) or re.fullmatch(r"iter_\d+", os.path.basename(root.rstrip("/"))):
         verify_checkpoint(root)
         return root
     if not os.path.isdir(root):

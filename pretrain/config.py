@@ -309,6 +309,11 @@ class PruneConfig:
     min_heads: int = 1  # query groups per layer
     min_ffn: int = 0
     min_hidden: int = 0
+    # in-run shrink: token counts, or "auto" (end of pruning, and each time the kept parameter
+    # fraction has fallen by shrink_every_fraction since the last shrink)
+    shrink_at: tuple = ()
+    shrink_auto: bool = False
+    shrink_every_fraction: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -337,6 +342,12 @@ class PruneConfig:
                  f"--prune-types: {','.join(bad) or 'empty'}; use heads, ffn, hidden")
         _require(self.granularity in ("uniform", "per-layer"), "--prune-granularity: uniform or per-layer")
         _require(self.align is None or self.align >= 1, "--prune-align must be >= 1")
+        if self.shrink_at or self.shrink_auto:
+            _require(self.granularity == "uniform",
+                     "--shrink-at needs --prune-granularity uniform (per-layer shapes cannot be built yet)")
+        if self.shrink_every_fraction is not None:
+            _require(0 < self.shrink_every_fraction < 1, "--shrink-every-fraction must be in (0, 1)")
+            _require(self.shrink_auto, "--shrink-every-fraction needs --shrink-at auto")
 
 
 @dataclass(kw_only=True)
@@ -364,6 +375,8 @@ class PretrainConfig:
         self.checkpoint.validate()
         total_tokens = self.train.total_iters(self.model.seq_length) * self.train.global_batch_size * self.model.seq_length
         self.prune.validate(total_tokens)
+        if self.prune.shrink_at or self.prune.shrink_auto:
+            _require(self.checkpoint.save is not None, "--shrink-at needs --save (the shrink goes through a checkpoint)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -375,5 +388,7 @@ class PretrainConfig:
             data=DataConfig(**d["data"]), optim=OptimConfig(**d["optim"]),
             train=TrainConfig(**d["train"]), checkpoint=CheckpointConfig(**d["checkpoint"]),
             logging=LoggingConfig(**d["logging"]),
-            prune=PruneConfig(**{**d.get("prune", {}), "types": tuple(d.get("prune", {}).get("types", ("heads", "ffn", "hidden")))}),
+            prune=PruneConfig(**{**d.get("prune", {}),
+                                 "types": tuple(d.get("prune", {}).get("types", ("heads", "ffn", "hidden"))),
+                                 "shrink_at": tuple(d.get("prune", {}).get("shrink_at", ()))}),
         )

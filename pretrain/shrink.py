@@ -144,7 +144,7 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
     new_state["layout"] = {"resharded_from": state.get("layout")}
     if shrink:
         new_state["callbacks"] = dict(state.get("callbacks", {}))
-        new_state["callbacks"]["pruning"] = _shrunk_pruning_state(pruning, masks)
+        new_state["callbacks"]["pruning"] = _shrunk_pruning_state(pruning, masks, shape.parameter_count(masks))
         history = list(state.get("shrink_history", []))
         history.append({"iteration": state["iteration"], "from": dataclasses.asdict(cfg.model),
                         "to": dataclasses.asdict(new_model_cfg)})
@@ -157,7 +157,7 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
             "params_after": new_params, "seconds": time.time() - start, "config": new_cfg}
 
 
-def _shrunk_pruning_state(pruning: dict, masks) -> dict:
+def _shrunk_pruning_state(pruning: dict, masks, params_after: int) -> dict:
     """The pruning state re-expressed at the smaller shape: everything kept is now 'all'."""
     from pretrain.pruning.masks import GroupMasks
 
@@ -169,4 +169,4 @@ def _shrunk_pruning_state(pruning: dict, masks) -> dict:
         ema = {"heads": torch.stack([ema["heads"][l][masks.heads[l]] for l in range(masks.heads.shape[0])]),
                "ffn": torch.stack([ema["ffn"][l][masks.ffn[l]] for l in range(masks.ffn.shape[0])]),
                "hidden": ema["hidden"][masks.hidden]}
-    return {**pruning, "masks": new_masks.state_dict(), "ema": ema}
+    return {**pruning, "masks": new_masks.state_dict(), "ema": ema, "shrunk_at_params": params_after}

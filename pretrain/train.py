@@ -15,7 +15,83 @@ from pretrain.config import ConfigError, PretrainConfig
 
 
 def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
-    """Train per ``cfg`` in this process (one rank of the launched world). Returns a summary."""
+    """Train per ``cfg`` in this process (one rank of the launched world). Returns a summary.
+
+    With in-run shrinking (``--shrink-at``) training runs in segments: a segment stops when the
+    pruning callback asks for a shrink, the checkpoint is rewritten into the smaller model, and
+    the next segment continues from it (same step, data position and LR schedule).
+    """
+    segments = []
+    while True:
+        summary = _run_segment(cfg, extra_callbacks, plain_megatron_spec)
+        segments.append(summary)
+        if summary["stop_reason"] != "shrink":
+            break
+        cfg = _shrink_in_run(cfg, summary)
+    if len(segments) > 1:
+        summary = dict(segments[-1])
+        summary["history"] = [h for seg in segments for h in seg["history"]]
+        summary["segments"] = [{"iteration": s["iteration"], "params": s["params"],
+                                "tokens_per_second": s["tokens_per_second"]} for s in segments]
+        _print_shrink_speedup(segments)
+    return summary
+
+
+def _tokens_per_second(history: list, last: bool) -> float:
+    steps = history[-10:] if last else history[2:12]
+    seconds = sum(h["step_seconds"] for h in steps)
+    return sum(1 for _ in steps) / max(seconds, 1e-9)
+
+
+def _print_shrink_speedup(segments: list) -> None:
+    from pretrain.distributed import print_rank0
+
+    base = segments[0]["tokens_per_second"]["end"]
+    for i, seg in enumerate(segments[1:], 1):
+        now = seg["tokens_per_second"]["start"]
+        print_rank0(f"segment {i}: {seg['params'] / 1e6:.3f} M parameters, "
+                    f"{now:,.0f} tokens/s vs {base:,.0f} before shrinking: speed-up {now / max(base, 1e-9):.2f}x")
+
+
+def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
+    """Save, rewrite the checkpoint into the smaller model (rank 0), continue from it."""
+    import dataclasses
+    import subprocess
+
+    from pretrain.checkpoint import iteration_dir
+    from pretrain.distributed import print_rank0
+
+    trainer = summary["trainer"]
+    checkpointer = next(c for c in trainer.callbacks if c.name == "checkpoint")
+    checkpointer.save_now(trainer)
+    it = trainer.state.iteration
+    source = iteration_dir(cfg.checkpoint.save, it)
+    target = os.path.join(cfg.checkpoint.save, f"shrunk_iter_{it:07d}")
+    ok = torch.tensor([1.0])
+    output = ""
+    if torch.distributed.get_rank() == 0:
+        # a fresh process: the shrink runs in its own world of one
+        env = {k: v for k, v in os.environ.items() if k not in (
+            "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+            "MASTER_PORT", "ROLE_RANK", "ROLE_WORLD_SIZE") and not k.startswith("TORCHELASTIC")}
+        tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                            "reshard_checkpoint.py")
+        proc = subprocess.run([sys.executable, tool, "--load", source, "--save", target, "--shrink"],
+                              env=env, capture_output=True, text=True)
+        output = proc.stdout + proc.stderr
+        ok[0] = 1.0 if proc.returncode == 0 else 0.0
+        print(next((line for line in proc.stdout.splitlines() if line.startswith("wrote")), output[-2000:]),
+              flush=True)
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if ok.item() < 1:
+        raise RuntimeError(f"in-run shrink of {source} failed:\n{output[-3000:]}")
+    del summary["trainer"], trainer
+    print_rank0(f"continuing on the shrunk model from {target}")
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(
+        cfg.checkpoint, load=target, use_checkpoint_args=True, finetune=False))
+
+
+def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
     from megatron.core import parallel_state as ps
 
     from pretrain import checkpoint as ckpt
@@ -28,7 +104,7 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     from pretrain.trainer import Trainer
 
     _, world_size, _ = launch_environment()
-    if cfg.checkpoint.use_checkpoint_args:
+    if cfg.checkpoint.use_checkpoint_args or _is_shrunk_checkpoint(cfg):
         cfg = _with_checkpoint_model(cfg)
     cfg.validate(world_size)
     tokenizer = load_tokenizer(cfg.data) if not cfg.data.mock_data or cfg.data.tokenizer_model else None
@@ -135,9 +211,25 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     if cfg.logging.tensorboard_dir:
         print_rank0(f"tensorboard logs: {os.path.abspath(cfg.logging.tensorboard_dir)} "
                     f"(view with: tensorboard --logdir {cfg.logging.tensorboard_dir})")
+    params = sum(p.numel() for c in model_chunks for p in unwrap(c).parameters())
+    if torch.distributed.is_initialized():
+        t = torch.tensor([float(params)])
+        torch.distributed.all_reduce(t)  # summed over all ranks; divide out the DP replicas
+        params = int(t.item()) // max(layout["dp_size"], 1)
+    tps = cfg.train.global_batch_size * cfg.model.seq_length
     return {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
             "history": logger.history, "stop_reason": state.stop_reason, "layout": layout,
-            "trainer": trainer}
+            "trainer": trainer, "params": params,
+            "tokens_per_second": {"start": tps * _tokens_per_second(logger.history, last=False),
+                                  "end": tps * _tokens_per_second(logger.history, last=True)}}
+
+
+def _is_shrunk_checkpoint(cfg: PretrainConfig) -> bool:
+    """A checkpoint written after an in-run shrink carries its (smaller) shape: use it."""
+    from pretrain import checkpoint as ckpt
+
+    folder = ckpt.find_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    return folder is not None and bool(ckpt.read_trainer_state(folder).get("shrink_history"))
 
 
 def _with_checkpoint_model(cfg: PretrainConfig) -> PretrainConfig:

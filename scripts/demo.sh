@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end CPU demo: corpus -> tokenizer -> indexed dataset -> pruning-aware pretraining of the
-# debug model with TP=2 on 2 gloo processes (pruned to ~50% of its parameters while it trains)
-# -> checkpoint -> stop -> resume from the checkpoint -> report and plots.
+# debug model with TP=2 on 2 gloo processes (pruned to ~50% of its parameters while it trains,
+# then shrunk in-run into the smaller architecture, training going on faster) -> checkpoint ->
+# stop -> resume from the checkpoint -> report and plots.
 # Sizes can be overridden: DEMO_ITERS=300 DEMO_OUT=demo_out bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,11 +35,12 @@ TRAIN=(-m pretrain --model debug --tensor-model-parallel-size 2
        --log-interval 20 --eval-interval "$((ITERS / 3))" --eval-iters 4
        --save "$OUT/ckpt" --save-interval "$((ITERS / 3))" --tensorboard-dir "$OUT/tensorboard"
        --prune-target-ratio 0.5 --prune-start-tokens "$PRUNE_START" --prune-end-tokens "$PRUNE_END"
-       --prune-interval 5 --saliency taylor --prune-granularity per-layer)
+       --prune-interval 5 --saliency taylor --prune-granularity uniform --shrink-at auto)
 LAUNCH=($PY -m torch.distributed.run --standalone --nproc-per-node 2)
 
 echo "== 4/5 pruning-aware pretraining of the debug model (TP=2, 2 gloo processes) to 50% of its"
-echo "        parameters between $PRUNE_START and $PRUNE_END tokens; stopping at iteration $STOP_AT"
+echo "        parameters between $PRUNE_START and $PRUNE_END tokens, then shrink it and go on;"
+echo "        stopping at iteration $STOP_AT"
 "${LAUNCH[@]}" "${TRAIN[@]}" --exit-interval "$STOP_AT" 2>&1 | grep --line-buffered -v -i "warn"
 echo "== 5/5 resuming from the checkpoint in $OUT/ckpt and training to $ITERS"
 "${LAUNCH[@]}" "${TRAIN[@]}" --load "$OUT/ckpt" 2>&1 | grep --line-buffered -v -i "warn"

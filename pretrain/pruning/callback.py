@@ -49,6 +49,8 @@ class PruningCallback(Callback):
             min_ffn=prune_cfg.min_ffn, min_hidden=prune_cfg.min_hidden,
             granularity=prune_cfg.granularity, prune_types=tuple(prune_cfg.types))
         self.masks = GroupMasks.full(shape.num_layers, shape.num_groups, shape.ffn, shape.hidden)
+        # the shape before any in-run shrink, for kept ratios that mean the same after a shrink
+        self.original = {"groups": shape.num_groups, "ffn": shape.ffn, "hidden": shape.hidden}
         self.initial_params = shape.parameter_count(self.masks)
         if prune_cfg.target_params is not None:
             self.final_params = int(prune_cfg.target_params)
@@ -64,6 +66,8 @@ class PruningCallback(Callback):
         self.local = None
         self._scoring = False
         self._pending_local_state: dict | None = None
+        self.shrunk_at_params: int | None = None  # parameter count at the last in-run shrink
+        self.shrink_points_done: list = []
 
     # ------------------------------------------------------------------ schedule helpers
     def tokens_after(self, iteration: int) -> int:
@@ -76,8 +80,11 @@ class PruningCallback(Callback):
         return self.shape.parameter_count(self.masks)
 
     def kept_ratios(self) -> dict:
-        return {"heads": float(self.masks.heads.float().mean()), "ffn": float(self.masks.ffn.float().mean()),
-                "hidden": float(self.masks.hidden.float().mean())}
+        """Kept fraction of each type relative to the original (pre-shrink) model."""
+        layers = self.shape.num_layers
+        return {"heads": float(self.masks.heads.sum()) / (layers * self.original["groups"]),
+                "ffn": float(self.masks.ffn.sum()) / (layers * self.original["ffn"]),
+                "hidden": float(self.masks.hidden.sum()) / self.original["hidden"]}
 
     # ------------------------------------------------------------------ trainer hooks
     def on_train_begin(self, trainer) -> None:
@@ -123,6 +130,8 @@ class PruningCallback(Callback):
                  and (it % self.cfg.interval == 0 or tokens >= self.end_tokens))
         if event:
             self.prune_event(trainer, it, tokens)
+        if self._shrink_due(tokens):
+            trainer.request_stop("shrink")
         params = self.current_params()
         ratios = self.kept_ratios()
         metrics.extra.update({"params": params, "kept_heads": ratios["heads"],
@@ -132,6 +141,25 @@ class PruningCallback(Callback):
             logger.log_scalar("pruning/params", params, it)
             for k, v in ratios.items():
                 logger.log_scalar(f"pruning/kept_{k}", v, it)
+
+    def _shrink_due(self, tokens: int) -> bool:
+        """Whether to shrink now: only when something is masked (zeros to remove)."""
+        c = self.cfg
+        if not (c.shrink_at or c.shrink_auto) or self.current_params() >= self.shape.parameter_count(
+                GroupMasks.full(self.shape.num_layers, self.shape.num_groups, self.shape.ffn, self.shape.hidden)):
+            return False
+        for point in c.shrink_at:
+            if tokens >= point and point not in self.shrink_points_done:
+                self.shrink_points_done.append(point)
+                return True
+        if c.shrink_auto:
+            if tokens >= self.end_tokens:
+                return True
+            if c.shrink_every_fraction:
+                reference = self.shrunk_at_params or self.initial_params
+                if (reference - self.current_params()) / self.initial_params >= c.shrink_every_fraction:
+                    return True
+        return False
 
     def prune_event(self, trainer, iteration: int, tokens: int) -> None:
         target = target_params(tokens, self.initial_params, self.final_params, self.start_tokens,
@@ -207,7 +235,9 @@ class PruningCallback(Callback):
         return {"masks": self.masks.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "ema_steps": self.ema_steps, "history": self.history,
-                "initial_params": self.initial_params, "final_params": self.final_params}
+                "initial_params": self.initial_params, "final_params": self.final_params,
+                "shrunk_at_params": self.shrunk_at_params, "shrink_points_done": list(self.shrink_points_done),
+                "original": self.original}
 
     def load_state_dict(self, state: dict) -> None:
         self.masks = GroupMasks.from_state_dict(state["masks"])
@@ -218,6 +248,9 @@ class PruningCallback(Callback):
         # sizes: keep them from the state, not from the (new) model shape
         self.initial_params = state.get("initial_params", self.initial_params)
         self.final_params = state.get("final_params", self.final_params)
+        self.shrunk_at_params = state.get("shrunk_at_params")
+        self.shrink_points_done = list(state.get("shrink_points_done", []))
+        self.original = state.get("original", self.original)
 
     def local_state_dict(self) -> dict:
         """Per-rank state (the fisher running means over this rank's owned elements)."""

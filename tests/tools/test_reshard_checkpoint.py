@@ -128,3 +128,27 @@ def test_bad_inputs_are_refused(tiny_dataset, tmp_path):
                           str(tmp_path / "perlayer"), "--save", str(tmp_path / "q"), "--shrink"],
                          capture_output=True, text=True)
     assert cli.returncode == 1 and "error:" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def inrun_worker(data, root):
+    from pretrain.train import run
+
+    def cfg(shrink: bool, save: str):
+        c = _cfg(data, tp=2, iters=10, save=save, save_interval=100)
+        c.prune = dataclasses.replace(c.prune, shrink_auto=shrink)
+        return c
+
+    masked = run(cfg(False, f"{root}/m"))
+    shrunk = run(cfg(True, f"{root}/s"))
+    return {"masked": losses_of(masked), "shrunk": losses_of(shrunk), "segments": shrunk.get("segments"),
+            "final_hidden": shrunk["trainer"].config.model.hidden_size}
+
+
+def test_in_run_shrink_continues_the_curve(tiny_dataset, tmp_path):
+    res = run_distributed(inrun_worker, 2, tiny_dataset, str(tmp_path))[0]
+    assert res["segments"] and len(res["segments"]) == 2, res
+    assert res["segments"][1]["params"] < res["segments"][0]["params"] or res["final_hidden"] < 128
+    assert len(res["shrunk"]) == len(res["masked"]) == 10
+    for a, b in zip(res["shrunk"], res["masked"]):
+        assert abs(a - b) < 2e-4 * abs(b), (res["shrunk"], res["masked"])
+    assert os.path.isdir(tmp_path / "s" / "shrunk_iter_0000006")
