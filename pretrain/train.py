@@ -156,7 +156,9 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
         cfg.checkpoint.save, cfg.checkpoint.save_interval, cfg.checkpoint.keep_last,
         cfg.train.exit_interval, cfg.checkpoint.exit_signal_handler,
         snapshot_fn=lambda: {**trainer_holder["t"].state_dict(), "config": cfg.to_dict(),
-                             "layout": layout, "vocab_size": vocab_size},
+                             "layout": layout, "vocab_size": vocab_size,
+                             **({"shrink_history": trainer_holder["shrink_history"]}
+                                if trainer_holder.get("shrink_history") else {})},
     )
     callbacks.append(checkpointer)  # last: it saves what the others have updated
 
@@ -174,6 +176,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
             print_rank0(f"loaded checkpoint {loaded.folder} (iteration {loaded.trainer_state['iteration']})")
             if not finetune:
                 resume_state = loaded.trainer_state
+            # a shrunk model stays marked as such in every later checkpoint
+            trainer_holder["shrink_history"] = loaded.trainer_state.get("shrink_history")
 
     consumed = resume_state["consumed_samples"] if resume_state else 0
     datasets = None

@@ -140,8 +140,15 @@ def inrun_worker(data, root):
 
     masked = run(cfg(False, f"{root}/m"))
     shrunk = run(cfg(True, f"{root}/s"))
+    # resuming the shrunk run with the flags that started it adopts the checkpoint's smaller shape
+    more = cfg(True, f"{root}/s")
+    more.train = dataclasses.replace(more.train, train_iters=12)
+    more.checkpoint = dataclasses.replace(more.checkpoint, load=f"{root}/s")
+    resumed = run(more)
     return {"masked": losses_of(masked), "shrunk": losses_of(shrunk), "segments": shrunk.get("segments"),
-            "final_hidden": shrunk["trainer"].config.model.hidden_size}
+            "final_hidden": shrunk["trainer"].config.model.hidden_size,
+            "resumed_hidden": resumed["trainer"].config.model.hidden_size,
+            "resumed_iters": [h["iteration"] for h in resumed["history"]]}
 
 
 def test_in_run_shrink_continues_the_curve(tiny_dataset, tmp_path):
@@ -152,3 +159,4 @@ def test_in_run_shrink_continues_the_curve(tiny_dataset, tmp_path):
     for a, b in zip(res["shrunk"], res["masked"]):
         assert abs(a - b) < 2e-4 * abs(b), (res["shrunk"], res["masked"])
     assert os.path.isdir(tmp_path / "s" / "shrunk_iter_0000006")
+    assert res["resumed_hidden"] == res["final_hidden"] < 128 and res["resumed_iters"] == [11, 12]
