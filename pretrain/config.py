@@ -38,6 +38,9 @@ class ModelConfig:
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
+    # a heterogeneous model (after a per-layer shrink): per layer {num_query_groups,
+    # num_attention_heads, ffn_hidden_size}; the fields above then hold the widest layer's
+    layer_shapes: list | None = None
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length"):
@@ -55,6 +58,20 @@ class ModelConfig:
                 f"({self.num_attention_heads}), or set --kv-channels",
             )
         _require(self.head_dim % 2 == 0, f"head size {self.head_dim} must be even for RoPE")
+        if self.layer_shapes is not None:
+            _require(len(self.layer_shapes) == self.num_layers,
+                     f"layer_shapes has {len(self.layer_shapes)} entries for {self.num_layers} layers")
+            hpg = self.num_attention_heads // self.query_groups
+            for i, shape in enumerate(self.layer_shapes):
+                _require(shape["num_query_groups"] >= 1 and shape["ffn_hidden_size"] >= 1
+                         and shape["num_attention_heads"] == shape["num_query_groups"] * hpg,
+                         f"layer {i}: inconsistent per-layer shape {shape}")
+
+    def layer_widths(self) -> list[tuple[int, int, int]]:
+        """(query groups, heads, FFN width) of every layer."""
+        if self.layer_shapes is None:
+            return [(self.query_groups, self.num_attention_heads, self.ffn_hidden_size)] * self.num_layers
+        return [(s["num_query_groups"], s["num_attention_heads"], s["ffn_hidden_size"]) for s in self.layer_shapes]
 
     @property
     def query_groups(self) -> int:
@@ -80,15 +97,16 @@ class ModelConfig:
 
     def num_parameters(self, vocab_size: int) -> dict[str, int]:
         """Parameter counts by part (no biases; tied embeddings counted once)."""
-        h, hd, heads, groups, f = (self.hidden_size, self.head_dim, self.num_attention_heads,
-                                   self.query_groups, self.ffn_hidden_size)
+        h, hd = self.hidden_size, self.head_dim
+        layers = [h * hd * (heads + 2 * groups) + heads * hd * h + 3 * h * f + 2 * h
+                  for groups, heads, f in self.layer_widths()]
+        groups, heads, f = self.layer_widths()[0]
         attention = h * hd * (heads + 2 * groups) + heads * hd * h
         mlp = 3 * h * f
-        norms = 2 * h
-        per_layer = attention + mlp + norms
+        per_layer = layers[0]
         embedding = vocab_size * h
         output = 0 if not self.untie_embeddings_and_output_weights else vocab_size * h
-        total = self.num_layers * per_layer + embedding + output + h
+        total = sum(layers) + embedding + output + h
         return {"per_layer": per_layer, "attention": attention, "mlp": mlp, "embedding": embedding,
                 "output_layer": output, "total": total,
                 "non_embedding": total - embedding - output}
@@ -131,6 +149,10 @@ class ParallelConfig:
             f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
             f"--pipeline-model-parallel-size ({pp}); launch a multiple of {tp * pp} processes",
         )
+        for i, (groups, heads, ffn) in enumerate(model.layer_widths() if model.layer_shapes else []):
+            _require(groups % tp == 0 and ffn % tp == 0,
+                     f"layer {i}: {groups} query groups / FFN {ffn} do not divide over "
+                     f"--tensor-model-parallel-size ({tp})")
         _require(
             model.num_attention_heads % tp == 0,
             f"--num-attention-heads ({model.num_attention_heads}) must be divisible by "
@@ -342,9 +364,6 @@ class PruneConfig:
                  f"--prune-types: {','.join(bad) or 'empty'}; use heads, ffn, hidden")
         _require(self.granularity in ("uniform", "per-layer"), "--prune-granularity: uniform or per-layer")
         _require(self.align is None or self.align >= 1, "--prune-align must be >= 1")
-        if self.shrink_at or self.shrink_auto:
-            _require(self.granularity == "uniform",
-                     "--shrink-at needs --prune-granularity uniform (per-layer shapes cannot be built yet)")
         if self.shrink_every_fraction is not None:
             _require(0 < self.shrink_every_fraction < 1, "--shrink-every-fraction must be in (0, 1)")
             _require(self.shrink_auto, "--shrink-every-fraction needs --shrink-at auto")

@@ -12,7 +12,14 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
 
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if train.bf16 else torch.float32
-    return TransformerConfig(
+    config_cls = TransformerConfig
+    extra = {}
+    if model.layer_shapes:
+        from megatron_patches.per_layer_config import PerLayerTransformerConfig
+
+        config_cls, extra = PerLayerTransformerConfig, {"layer_shapes": list(model.layer_shapes)}
+    return config_cls(
+        **extra,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,

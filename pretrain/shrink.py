@@ -8,9 +8,10 @@ and a config whose shape is the kept one and whose layout is the target TP/PP. A
 written here loads under any layout; the target layout is validated now so that a bad one fails
 here, not on the cluster.
 
-Scope today: uniform masks (a plain Llama shape). Per-layer masks need a heterogeneous model,
-which is not built yet; such checkpoints are refused with a message. Memory: the full model and
-optimizer are held once in this process (not streamed tensor by tensor).
+Uniform masks give a plain Llama shape; per-layer masks give a heterogeneous model (per-layer
+query groups and FFN widths, ``ModelConfig.layer_shapes``, built through
+``megatron_patches.per_layer_config``). Memory: the full model and optimizer are held once in
+this process (not streamed tensor by tensor).
 """
 
 from __future__ import annotations
@@ -31,10 +32,7 @@ class ShrinkError(ValueError):
 def _shape_of(cfg: PretrainConfig, vocab: int):
     from pretrain.pruning.masks import ModelShape
 
-    m = cfg.model
-    return ModelShape(num_layers=m.num_layers, hidden=m.hidden_size, num_heads=m.num_attention_heads,
-                      num_groups=m.query_groups, head_dim=m.head_dim, ffn=m.ffn_hidden_size,
-                      vocab=vocab, tied=not m.untie_embeddings_and_output_weights)
+    return ModelShape.from_config(cfg.model, vocab)
 
 
 def _build(cfg: PretrainConfig, vocab: int):
@@ -57,7 +55,7 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
     from pretrain.model import unwrap
     from pretrain.pruning.masks import GroupMasks
     from pretrain.pruning.optim_state import iter_param_slots
-    from pretrain.state_adapter import is_uniform, shrink_parameter, shrunk_model_config
+    from pretrain.state_adapter import shrink_parameter, shrunk_model_config
 
     start = time.time()
     folder = ckpt.find_checkpoint(load)
@@ -77,11 +75,6 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
         if not pruning:
             raise ShrinkError(f"{folder}: --shrink needs a checkpoint of a pruning run (no pruning state)")
         masks = GroupMasks.from_state_dict(pruning["masks"])
-        if not is_uniform(masks):
-            raise ShrinkError(
-                f"{folder}: the masks differ between layers (--prune-granularity per-layer); shrinking "
-                "them needs a heterogeneous model, which this version cannot build yet. Prune with "
-                "--prune-granularity uniform to shrink.")
 
     # source model + optimizer at TP=1/PP=1, loaded from the checkpoint (any layout)
     src_chunks, src_opt = _build(cfg, vocab)
@@ -157,16 +150,28 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
             "params_after": new_params, "seconds": time.time() - start, "config": new_cfg}
 
 
+def _packed_rows(table: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
+    """Per layer, the kept entries moved to the front (zero-padded to ``width``)."""
+    out = torch.zeros(table.shape[0], width, dtype=table.dtype)
+    for l in range(table.shape[0]):
+        kept = table[l][keep[l]]
+        out[l, :kept.numel()] = kept
+    return out
+
+
 def _shrunk_pruning_state(pruning: dict, masks, params_after: int) -> dict:
-    """The pruning state re-expressed at the smaller shape: everything kept is now 'all'."""
+    """The pruning state re-expressed at the smaller shape: everything kept is now 'all'
+    (per layer, the first kept-count entries; the rest, for narrower layers, do not exist)."""
     from pretrain.pruning.masks import GroupMasks
 
-    new_masks = GroupMasks(torch.ones(masks.heads.shape[0], int(masks.heads[0].sum()), dtype=torch.bool),
-                           torch.ones(masks.ffn.shape[0], int(masks.ffn[0].sum()), dtype=torch.bool),
+    groups, ffn = masks.heads.sum(1), masks.ffn.sum(1)
+    g_max, f_max = int(groups.max()), int(ffn.max())
+    new_masks = GroupMasks(torch.arange(g_max)[None, :] < groups[:, None],
+                           torch.arange(f_max)[None, :] < ffn[:, None],
                            torch.ones(int(masks.hidden.sum()), dtype=torch.bool))
     ema = pruning.get("ema")
     if ema is not None:
-        ema = {"heads": torch.stack([ema["heads"][l][masks.heads[l]] for l in range(masks.heads.shape[0])]),
-               "ffn": torch.stack([ema["ffn"][l][masks.ffn[l]] for l in range(masks.ffn.shape[0])]),
+        ema = {"heads": _packed_rows(ema["heads"], masks.heads, g_max),
+               "ffn": _packed_rows(ema["ffn"], masks.ffn, f_max),
                "hidden": ema["hidden"][masks.hidden]}
     return {**pruning, "masks": new_masks.state_dict(), "ema": ema, "shrunk_at_params": params_after}

@@ -50,7 +50,8 @@ def shrink_parameter(name: str, tensor: torch.Tensor, masks, shape) -> torch.Ten
             return tensor[hidden]
         raise KeyError(f"no shrink rule for parameter {name!r}")
     layer, rest = int(m.group(1)), m.group(2)
-    groups, ffn = masks.heads[layer], masks.ffn[layer]
+    groups = masks.heads[layer, :shape.groups_of(layer)]
+    ffn = masks.ffn[layer, :shape.ffn_of(layer)]
     if rest == "self_attention.linear_qkv.weight":
         return tensor[qkv_rows(groups, hpg, hd)][:, hidden]
     if rest == "self_attention.linear_proj.weight":
@@ -70,16 +71,20 @@ def is_uniform(masks) -> bool:
 
 
 def shrunk_model_config(model_cfg, masks, shape):
-    """The ModelConfig of the physically smaller model (uniform masks: a plain Llama shape)."""
-    if not is_uniform(masks):
-        raise ValueError("per-layer (heterogeneous) masks cannot be expressed as one Llama shape; "
-                         "prune with --prune-granularity uniform to shrink")
-    groups = int(masks.heads[0].sum())
+    """The ModelConfig of the physically smaller model: a plain Llama shape for uniform masks,
+    per-layer widths (``layer_shapes``, a heterogeneous model) otherwise."""
+    hpg = shape.heads_per_group
+    groups = [int(g) for g in masks.heads.sum(1)]
+    ffn = [int(f) for f in masks.ffn.sum(1)]
+    uniform = len(set(groups)) == 1 and len(set(ffn)) == 1
     return dataclasses.replace(
         model_cfg,
         hidden_size=int(masks.hidden.sum()),
-        num_query_groups=groups,
-        num_attention_heads=groups * shape.heads_per_group,
-        ffn_hidden_size=int(masks.ffn[0].sum()),
+        num_query_groups=max(groups),
+        num_attention_heads=max(groups) * hpg,
+        ffn_hidden_size=max(ffn),
         kv_channels=shape.head_dim,
+        layer_shapes=None if uniform else [
+            {"num_query_groups": g, "num_attention_heads": g * hpg, "ffn_hidden_size": f}
+            for g, f in zip(groups, ffn)],
     )

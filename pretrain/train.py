@@ -140,9 +140,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
         from pretrain.pruning.masks import ModelShape
 
         m = cfg.model
-        shape = ModelShape(num_layers=m.num_layers, hidden=m.hidden_size, num_heads=m.num_attention_heads,
-                           num_groups=m.query_groups, head_dim=m.head_dim, ffn=m.ffn_hidden_size,
-                           vocab=vocab_size, tied=not m.untie_embeddings_and_output_weights)
+        shape = ModelShape.from_config(m, vocab_size)
         total_tokens = total_iters * cfg.train.global_batch_size * m.seq_length
         pruner = PruningCallback(cfg.prune, shape, tp, m.seq_length, cfg.train.global_batch_size,
                                  total_tokens, log_dir=cfg.logging.tensorboard_dir)

@@ -50,9 +50,9 @@ def plot(run_dir: str, out_dir: str | None = None) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind in ("heads", "ffn", "hidden"):
         ax.plot(tokens, [r[f"kept_{kind}"] for r in history], marker="o", label=f"kept {kind}")
-    p0 = history[0]["params"] if history else 1
-    ax.plot(tokens, [r["params"] / max(r["target"], 1) * r["target"] / max(p0, 1) for r in history],
-            "k--", label="params (relative to first event)")
+    p0 = history[0].get("initial_params", history[0]["params"])
+    ax.plot(tokens, [r["params"] / max(r.get("initial_params", p0), 1) for r in history],
+            "k--", label="parameters (fraction of the initial model)")
     ax.set_xlabel("tokens (M)"); ax.set_ylabel("kept fraction"); ax.set_ylim(0, 1.05)
     ax.legend(); ax.set_title("pruning ratio by type")
     written.append(os.path.join(out_dir, "kept_ratio.png")); fig.tight_layout(); fig.savefig(written[-1]); plt.close(fig)

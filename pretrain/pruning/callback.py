@@ -48,7 +48,7 @@ class PruningCallback(Callback):
             tensor_parallel=tensor_parallel, align=align, min_groups=prune_cfg.min_heads,
             min_ffn=prune_cfg.min_ffn, min_hidden=prune_cfg.min_hidden,
             granularity=prune_cfg.granularity, prune_types=tuple(prune_cfg.types))
-        self.masks = GroupMasks.full(shape.num_layers, shape.num_groups, shape.ffn, shape.hidden)
+        self.masks = shape.full_masks()
         # the shape before any in-run shrink, for kept ratios that mean the same after a shrink
         self.original = {"groups": shape.num_groups, "ffn": shape.ffn, "hidden": shape.hidden}
         self.initial_params = shape.parameter_count(self.masks)
@@ -97,7 +97,7 @@ class PruningCallback(Callback):
 
     def _refresh_local(self, trainer) -> None:
         self.local = build_local_masks(trainer.model_chunks, self.masks, self.shape)
-        if not bool(self.masks.hidden.all() and self.masks.heads.all() and self.masks.ffn.all()):
+        if not self.masks.equal(self.shape.full_masks()):
             self.local.apply_to_weights()
             zero_masked_state(trainer.optimizer, self.local.param_masks)
 
@@ -146,7 +146,7 @@ class PruningCallback(Callback):
         """Whether to shrink now: only when something is masked (zeros to remove)."""
         c = self.cfg
         if not (c.shrink_at or c.shrink_auto) or self.current_params() >= self.shape.parameter_count(
-                GroupMasks.full(self.shape.num_layers, self.shape.num_groups, self.shape.ffn, self.shape.hidden)):
+                self.shape.full_masks()):
             return False
         for point in c.shrink_at:
             if tokens >= point and point not in self.shrink_points_done:
@@ -189,6 +189,7 @@ class PruningCallback(Callback):
         self.masks = new_masks
         self._refresh_local(trainer)
         record = {"iteration": iteration, "tokens": tokens, "target": target,
+                  "initial_params": self.initial_params,
                   "params": self.current_params(), **{f"kept_{k}": v for k, v in self.kept_ratios().items()},
                   "kept_per_layer": {"heads": self.masks.heads.sum(1).tolist(),
                                      "ffn": self.masks.ffn.sum(1).tolist(),

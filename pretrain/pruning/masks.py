@@ -68,10 +68,39 @@ class ModelShape:
     ffn: int
     vocab: int
     tied: bool
+    # per-layer widths of a heterogeneous (per-layer shrunk) model; None: every layer is full width.
+    # num_groups / ffn are then the widest layer's, and mask entries past a layer's width are
+    # permanently False (they do not exist).
+    layer_groups: tuple | None = None
+    layer_ffn: tuple | None = None
+    heads_per_group_override: int | None = None
 
     @property
     def heads_per_group(self) -> int:
-        return self.num_heads // self.num_groups
+        return self.heads_per_group_override or self.num_heads // self.num_groups
+
+    @classmethod
+    def from_config(cls, model_cfg, vocab: int) -> "ModelShape":
+        widths = model_cfg.layer_widths()
+        return cls(num_layers=model_cfg.num_layers, hidden=model_cfg.hidden_size,
+                   num_heads=model_cfg.num_attention_heads, num_groups=model_cfg.query_groups,
+                   head_dim=model_cfg.head_dim, ffn=model_cfg.ffn_hidden_size, vocab=vocab,
+                   tied=not model_cfg.untie_embeddings_and_output_weights,
+                   layer_groups=tuple(w[0] for w in widths) if model_cfg.layer_shapes else None,
+                   layer_ffn=tuple(w[2] for w in widths) if model_cfg.layer_shapes else None)
+
+    def groups_of(self, layer: int) -> int:
+        return self.layer_groups[layer] if self.layer_groups else self.num_groups
+
+    def ffn_of(self, layer: int) -> int:
+        return self.layer_ffn[layer] if self.layer_ffn else self.ffn
+
+    def full_masks(self) -> "GroupMasks":
+        masks = GroupMasks.full(self.num_layers, self.num_groups, self.ffn, self.hidden)
+        for layer in range(self.num_layers):
+            masks.heads[layer, self.groups_of(layer):] = False
+            masks.ffn[layer, self.ffn_of(layer):] = False
+        return masks
 
     def parameter_count(self, masks: GroupMasks) -> int:
         """Parameters of the model these masks describe once shrunk (no biases)."""
@@ -115,8 +144,6 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) 
     from pretrain.state_adapter import fc1_rows, proj_columns, qkv_rows
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    groups_local = shape.num_groups // tp
-    ffn_local = shape.ffn // tp
     hidden = masks.hidden
     out = LocalModelMasks()
 
@@ -133,6 +160,8 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) 
             add(emb, hidden.expand_as(emb).clone())
         for layer in model.decoder.layers:
             index = layer.layer_number - 1
+            groups_local = shape.groups_of(index) // tp
+            ffn_local = shape.ffn_of(index) // tp
             g_mask = masks.heads[index, tp_rank * groups_local:(tp_rank + 1) * groups_local]
             f_mask = masks.ffn[index, tp_rank * ffn_local:(tp_rank + 1) * ffn_local]
             attn, mlp = layer.self_attention, layer.mlp

@@ -190,10 +190,10 @@ class SaliencyEstimator:
         """Add an element-score tensor E (the local weight's shape) into the table."""
         E = rows_cols
         s = self.shape
-        g_loc, f_loc = s.num_groups // tp, s.ffn // tp
+        l = entry.layer
+        g_loc, f_loc = s.groups_of(max(l, 0)) // tp, s.ffn_of(max(l, 0)) // tp
         gs = slice(tp_rank * g_loc, (tp_rank + 1) * g_loc)
         fs = slice(tp_rank * f_loc, (tp_rank + 1) * f_loc)
-        l = entry.layer
         if entry.role == "qkv":
             table.heads[l, gs] += E.sum(1).view(g_loc, -1).sum(1).double()
             table.hidden += E.sum(0).double()
@@ -259,10 +259,10 @@ class SaliencyEstimator:
 
     def _activation_scores(self, table: Table, tp: int, tp_rank: int, dp: int) -> None:
         s = self.shape
-        g_loc, f_loc = s.num_groups // tp, s.ffn // tp
-        gs = slice(tp_rank * g_loc, (tp_rank + 1) * g_loc)
-        fs = slice(tp_rank * f_loc, (tp_rank + 1) * f_loc)
         for entry in self.entries:
+            g_loc, f_loc = s.groups_of(max(entry.layer, 0)) // tp, s.ffn_of(max(entry.layer, 0)) // tp
+            gs = slice(tp_rank * g_loc, (tp_rank + 1) * g_loc)
+            fs = slice(tp_rank * f_loc, (tp_rank + 1) * f_loc)
             stats = self._stats.get(entry.module) if entry.module is not None else None
             if stats is None or stats[2] == 0:
                 continue

@@ -138,11 +138,11 @@ def check_constraints(shape: ModelShape, masks: GroupMasks, constraints: SolverC
     for l in range(shape.num_layers):
         if int(groups[l]) % c.tensor_parallel:
             problems.append(f"layer {l}: {int(groups[l])} query groups kept, not a multiple of TP {c.tensor_parallel}")
-        if int(groups[l]) < max(c.min_groups, 1) and int(groups[l]) != shape.num_groups:
+        if int(groups[l]) < max(c.min_groups, 1) and int(groups[l]) != shape.groups_of(l):
             problems.append(f"layer {l}: {int(groups[l])} query groups kept, below the minimum")
-        if int(ffn[l]) % c.ffn_unit() and int(ffn[l]) != shape.ffn:
+        if int(ffn[l]) % c.ffn_unit() and int(ffn[l]) != shape.ffn_of(l):
             problems.append(f"layer {l}: FFN width {int(ffn[l])} not a multiple of TP x align {c.ffn_unit()}")
-        if int(ffn[l]) < c.min_ffn and int(ffn[l]) != shape.ffn:
+        if int(ffn[l]) < c.min_ffn and int(ffn[l]) != shape.ffn_of(l):
             problems.append(f"layer {l}: FFN width {int(ffn[l])} below the minimum {c.min_ffn}")
     if hidden % c.hidden_unit() and hidden != shape.hidden:
         problems.append(f"hidden width {hidden} not a multiple of align {c.hidden_unit()}")

@@ -103,11 +103,11 @@ def refuse_worker(data, root):
     from pretrain.shrink import ShrinkError, reshard_checkpoint
     from pretrain.train import run
 
-    run(_cfg(data, iters=6, save=f"{root}/perlayer", granularity="per-layer"))
+    run(_cfg(data, iters=6, save=f"{root}/pruned"))
     cfg = debug_config(data, iters=2, save=f"{root}/plain")
     run(cfg)
     messages = []
-    for args in [(f"{root}/perlayer", f"{root}/x", True, None), (f"{root}/plain", f"{root}/y", True, None),
+    for args in [(f"{root}/pruned", f"{root}/pruned", True, None), (f"{root}/plain", f"{root}/y", True, None),
                  (f"{root}/plain", f"{root}/z", False, 3), (f"{root}/nothing", f"{root}/w", True, None)]:
         try:
             reshard_checkpoint(*args, progress=False)
@@ -119,13 +119,13 @@ def refuse_worker(data, root):
 
 def test_bad_inputs_are_refused(tiny_dataset, tmp_path):
     msgs = run_distributed(refuse_worker, 1, tiny_dataset, str(tmp_path))[0]
-    assert "differ between layers" in msgs[0]
+    assert "--save must differ from --load" in msgs[0]
     assert "no pruning state" in msgs[1]
     assert "does not fit TP=3" in msgs[2]
     assert "no valid checkpoint" in msgs[3]
-    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+    assert not os.path.exists(tmp_path / "y") and not os.path.exists(tmp_path / "z")
     cli = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "reshard_checkpoint.py"), "--load",
-                          str(tmp_path / "perlayer"), "--save", str(tmp_path / "q"), "--shrink"],
+                          str(tmp_path / "plain"), "--save", str(tmp_path / "q"), "--shrink"],
                          capture_output=True, text=True)
     assert cli.returncode == 1 and "error:" in cli.stderr and "Traceback" not in cli.stderr
 
@@ -160,3 +160,34 @@ def test_in_run_shrink_continues_the_curve(tiny_dataset, tmp_path):
         assert abs(a - b) < 2e-4 * abs(b), (res["shrunk"], res["masked"])
     assert os.path.isdir(tmp_path / "s" / "shrunk_iter_0000006")
     assert res["resumed_hidden"] == res["final_hidden"] < 128 and res["resumed_iters"] == [11, 12]
+
+
+def per_layer_worker(data, root):
+    """Per-layer pruning, shrunk in-run several times into heterogeneous models (TP=2)."""
+    from pretrain.train import run
+
+    def cfg(shrink: bool, save: str, iters: int = 10):
+        c = _cfg(data, tp=2, iters=iters, save=save, save_interval=100, granularity="per-layer")
+        c.prune = dataclasses.replace(c.prune, shrink_auto=shrink,
+                                      shrink_every_fraction=0.2 if shrink else None)
+        return c
+
+    masked = run(cfg(False, f"{root}/m"))
+    shrunk = run(cfg(True, f"{root}/s"))
+    more = cfg(True, f"{root}/s", iters=12)
+    more.checkpoint = dataclasses.replace(more.checkpoint, load=f"{root}/s")
+    resumed = run(more)
+    model = shrunk["trainer"].config.model
+    return {"masked": losses_of(masked), "shrunk": losses_of(shrunk), "segments": shrunk.get("segments"),
+            "layer_shapes": model.layer_shapes, "resumed_iters": [h["iteration"] for h in resumed["history"]],
+            "resumed_shapes": resumed["trainer"].config.model.layer_shapes}
+
+
+def test_per_layer_shrinks_into_heterogeneous_models(tiny_dataset, tmp_path):
+    res = run_distributed(per_layer_worker, 2, tiny_dataset, str(tmp_path))[0]
+    assert res["segments"] and len(res["segments"]) >= 3, res["segments"]  # shrunk at least twice
+    widths = {(s["num_query_groups"], s["ffn_hidden_size"]) for s in res["layer_shapes"]}
+    assert len(widths) > 1, res["layer_shapes"]  # really heterogeneous
+    for a, b in zip(res["shrunk"], res["masked"]):
+        assert abs(a - b) < 3e-4 * abs(b), (res["shrunk"], res["masked"])
+    assert res["resumed_iters"] == [11, 12] and res["resumed_shapes"] == res["layer_shapes"]

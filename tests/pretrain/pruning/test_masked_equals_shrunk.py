@@ -1,6 +1,7 @@
 """Invariant 1: a masked model computes what the physically smaller model computes.
 
-Uniform masks (every group type alone and all together) are applied to the debug model; the
+Uniform masks (every group type alone and all together) and per-layer masks (a heterogeneous
+result) are applied to the debug model; the
 model is then rebuilt at the smaller shape with its weights sliced by ``pretrain.state_adapter``.
 Logits agree at TP=1, and the masked loss under TP=2 and TP=2 x PP=2 equals the small model's.
 Removing groups whose weights are zero therefore changes no output.
@@ -15,7 +16,7 @@ from tests.dist_helper import run_distributed
 from tests.pretrain.common import debug_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-CASES = ["heads", "ffn", "hidden", "all"]
+CASES = ["heads", "ffn", "hidden", "all", "per-layer"]
 
 
 def _masks(shape, case):
@@ -31,6 +32,12 @@ def _masks(shape, case):
             m.ffn[l, torch.randperm(shape.ffn, generator=g)[:96]] = False
     if case in ("hidden", "all"):
         m.hidden[torch.randperm(shape.hidden, generator=g)[:40]] = False
+    if case == "per-layer":  # a heterogeneous result: widths differ between layers
+        m.heads[0, 1] = False
+        m.heads[2, 0] = False
+        for l, n in enumerate([16, 128, 64, 200]):
+            m.ffn[l, torch.randperm(shape.ffn, generator=g)[:n]] = False
+        m.hidden[torch.randperm(shape.hidden, generator=g)[:24]] = False
     return m
 
 
