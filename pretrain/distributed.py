@@ -43,16 +43,19 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
         apply_cpu_shims()
     rank, world_size, local_rank = launch_environment()
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world_size > 1:
-                raise RuntimeError("MASTER_PORT is not set: launch with torchrun (or set MASTER_ADDR/PORT)")
-            os.environ["MASTER_PORT"] = str(_free_port())
         if on_gpu:
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        if world_size == 1:
+            # a plain `python` run: a private store on a fresh port (an inherited MASTER_PORT may be
+            # another job's), without touching the environment that child processes inherit
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+                raise RuntimeError("MASTER_ADDR/MASTER_PORT are not set: launch with torchrun")
+            init_method = "env://"
         torch.distributed.init_process_group(
-            backend="nccl" if on_gpu else "gloo", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            backend="nccl" if on_gpu else "gloo", init_method=init_method, rank=rank,
+            world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

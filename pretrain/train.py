@@ -25,7 +25,7 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     while True:
         summary = _run_segment(cfg, extra_callbacks, plain_megatron_spec)
         segments.append(summary)
-        if summary["stop_reason"] != "shrink":
+        if summary.get("stop_reason") != "shrink":
             break
         cfg = _shrink_in_run(cfg, summary)
     if len(segments) > 1:

@@ -1,0 +1,101 @@
+"""Shrink benchmark: tool throughput vs a plain copy of the checkpoint, and step time of the shrunk
+model vs the same shape built directly (target <= 1.02) and vs the masked model before shrinking.
+
+    python bench/shrink.py [--hidden 256 --ffn 1024 --layers 4] [--iters 8] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: int) -> dict:
+    from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig,
+                                 ParallelConfig, PretrainConfig, PruneConfig, TrainConfig)
+    from pretrain.distributed import destroy_distributed  # noqa: F401
+    from pretrain.shrink import reshard_checkpoint
+    from pretrain.train import run
+
+    seq, gbs = 128, 8
+    model = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=8, num_query_groups=4,
+                        ffn_hidden_size=ffn, seq_length=seq, vocab_size=8192)
+
+    def cfg(model_cfg, iters_total, save=None, load=None, prune=False, use_ckpt=False):
+        c = PretrainConfig(
+            model=model_cfg, parallel=ParallelConfig(), data=DataConfig(mock_data=True, split="100,0,0"),
+            optim=OptimConfig(lr=1e-4, min_lr=1e-5),
+            train=TrainConfig(micro_batch_size=4, global_batch_size=gbs, train_iters=iters_total,
+                              log_interval=10**6),
+            checkpoint=CheckpointConfig(save=save, load=load, use_checkpoint_args=use_ckpt))
+        if prune:
+            c.prune = PruneConfig(target_ratio=0.5, interval=1, start_tokens=0, end_tokens=3 * gbs * seq,
+                                  granularity="uniform")
+        return c
+
+    # a masked checkpoint: pruned to 50% over 3 steps, saved at 4
+    masked_dir = f"{root}/masked"
+    run(cfg(model, 4, save=masked_dir, prune=True))
+    src = f"{masked_dir}/iter_0000004"
+    size = _folder_bytes(src)
+    t = time.time()
+    shutil.copytree(src, f"{root}/copy")
+    copy_s = time.time() - t
+    t = time.time()
+    r = reshard_checkpoint(src, f"{root}/small", shrink=True, progress=False)
+    shrink_s = time.time() - t
+    small_model = r["config"].model
+
+    masked, shrunk, direct = [], [], []
+    for _ in range(rounds):
+        h = run(cfg(model, 4 + iters, load=masked_dir, prune=True))["history"][2:]
+        masked += [x["step_seconds"] for x in h]
+        h = run(cfg(small_model, 4 + iters, load=f"{root}/small", use_ckpt=True))["history"][2:]
+        shrunk += [x["step_seconds"] for x in h]
+        h = run(cfg(dataclasses.replace(small_model), iters))["history"][2:]
+        direct += [x["step_seconds"] for x in h]
+    return {"bytes": size, "copy_s": copy_s, "shrink_s": shrink_s, "params_before": r["params_before"],
+            "params_after": r["params_after"], "masked": statistics.median(masked),
+            "shrunk": statistics.median(shrunk), "direct": statistics.median(direct)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from tests.dist_helper import run_distributed
+
+    with tempfile.TemporaryDirectory() as root:
+        r = run_distributed(_worker, 1, root, args.hidden, args.ffn, args.layers, args.iters, args.rounds)[0]
+    gb = r["bytes"] / 1e9
+    print(f"checkpoint {gb * 1000:.1f} MB; plain copy {gb / r['copy_s']:.3f} GB/s; shrink tool "
+          f"{gb / r['shrink_s']:.3f} GB/s (ratio {r['copy_s'] / r['shrink_s']:.3f}; includes building "
+          f"both models and loading)")
+    print(f"parameters {r['params_before'] / 1e6:.2f} M -> {r['params_after'] / 1e6:.2f} M "
+          f"(ratio {r['params_after'] / r['params_before']:.3f})")
+    print(f"step time: masked {r['masked'] * 1000:.0f} ms, shrunk {r['shrunk'] * 1000:.0f} ms, same shape "
+          f"built directly {r['direct'] * 1000:.0f} ms; shrunk/direct {r['shrunk'] / r['direct']:.3f} "
+          f"(target <= 1.02); shrunk/masked {r['shrunk'] / r['masked']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
