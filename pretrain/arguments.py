@@ -111,12 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--saliency-ema", type=float, default=0.9, help="EMA factor across scoring steps")
     g.add_argument("--saliency-obs-exact", action="store_true",
                    help="obs: exact inverse of the layer-input Hessian (small layers)")
-    g.add_argument("--prune-types", default="heads,ffn,hidden")
+    g.add_argument("--prune-types", default="heads,ffn,hidden",
+                   help="comma-separated: heads, ffn, hidden, and optionally layers (whole layers)")
     g.add_argument("--prune-granularity", choices=["uniform", "per-layer"], default="per-layer")
     g.add_argument("--prune-align", type=int, help="channel alignment (default 8 on CPU, 64 on GPU)")
     g.add_argument("--prune-min-heads", type=int, default=1, help="minimum query groups per layer")
     g.add_argument("--prune-min-ffn", type=int, default=0)
     g.add_argument("--prune-min-hidden", type=int, default=0)
+    g.add_argument("--prune-min-layers", type=int, default=1)
     g.add_argument("--shrink-at", default=None,
                    help="shrink the model in-run at these token counts (comma-separated), or 'auto': "
                         "at the end of pruning (and see --shrink-every-fraction); needs --save")
@@ -180,6 +182,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
             types=tuple(t.strip() for t in args.prune_types.split(",") if t.strip()),
             granularity=args.prune_granularity, align=args.prune_align,
             min_heads=args.prune_min_heads, min_ffn=args.prune_min_ffn, min_hidden=args.prune_min_hidden,
+            min_layers=args.prune_min_layers,
             shrink_auto=(args.shrink_at or "").strip() == "auto",
             shrink_at=tuple(int(float(t)) for t in (args.shrink_at or "").split(",")
                             if t.strip() and t.strip() != "auto"),

@@ -68,7 +68,9 @@ class LoggingCallback(Callback):
                     f"tokens/s {toks / max(seconds, 1e-9):,.0f} | "
                     f"elapsed {time.time() - self._start:,.1f}s"
                     + (f" | params {m.extra['params'] / 1e6:.3f} M (kept heads {m.extra['kept_heads']:.0%}, "
-                       f"ffn {m.extra['kept_ffn']:.0%}, hidden {m.extra['kept_hidden']:.0%})"
+                       f"ffn {m.extra['kept_ffn']:.0%}, hidden {m.extra['kept_hidden']:.0%}"
+                       + (f", layers {m.extra['kept_layers']:.0%}" if m.extra.get("kept_layers", 1) < 1 else "")
+                       + ")"
                        if "params" in m.extra else "")
                     + (f" | skipped {skipped}" if skipped else ""),
                     flush=True,

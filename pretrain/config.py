@@ -331,6 +331,7 @@ class PruneConfig:
     min_heads: int = 1  # query groups per layer
     min_ffn: int = 0
     min_hidden: int = 0
+    min_layers: int = 1
     # in-run shrink: token counts, or "auto" (end of pruning, and each time the kept parameter
     # fraction has fallen by shrink_every_fraction since the last shrink)
     shrink_at: tuple = ()
@@ -359,9 +360,9 @@ class PruneConfig:
                  f"--saliency {self.saliency!r}: taylor, fisher, obs or activation")
         _require(self.taylor_form in ("vector", "element"), "--saliency-taylor-form: vector or element")
         _require(0 <= self.saliency_ema < 1, "--saliency-ema must be in [0, 1)")
-        bad = [t for t in self.types if t not in ("heads", "ffn", "hidden")]
+        bad = [t for t in self.types if t not in ("heads", "ffn", "hidden", "layers")]
         _require(not bad and len(self.types) > 0,
-                 f"--prune-types: {','.join(bad) or 'empty'}; use heads, ffn, hidden")
+                 f"--prune-types: {','.join(bad) or 'empty'}; use heads, ffn, hidden, layers")
         _require(self.granularity in ("uniform", "per-layer"), "--prune-granularity: uniform or per-layer")
         _require(self.align is None or self.align >= 1, "--prune-align must be >= 1")
         if self.shrink_every_fraction is not None:

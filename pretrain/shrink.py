@@ -55,7 +55,7 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
     from pretrain.model import unwrap
     from pretrain.pruning.masks import GroupMasks
     from pretrain.pruning.optim_state import iter_param_slots
-    from pretrain.state_adapter import shrink_parameter, shrunk_model_config
+    from pretrain.state_adapter import shrink_parameter, shrunk_model_config, source_name
 
     start = time.time()
     folder = ckpt.find_checkpoint(load)
@@ -110,7 +110,7 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
         total = len(dst_slots)
         with torch.no_grad():
             for i, slot in enumerate(dst_slots, 1):
-                name = names[slot.param]
+                name = source_name(names[slot.param], masks)
                 src_param = src_params[name]
                 src_slot = src_slots[src_param]
                 slot.param.copy_(shrink_parameter(name, src_param.detach(), masks, shape))
@@ -164,14 +164,15 @@ def _shrunk_pruning_state(pruning: dict, masks, params_after: int) -> dict:
     (per layer, the first kept-count entries; the rest, for narrower layers, do not exist)."""
     from pretrain.pruning.masks import GroupMasks
 
-    groups, ffn = masks.heads.sum(1), masks.ffn.sum(1)
+    alive = masks.layers
+    groups, ffn = masks.heads[alive].sum(1), masks.ffn[alive].sum(1)
     g_max, f_max = int(groups.max()), int(ffn.max())
     new_masks = GroupMasks(torch.arange(g_max)[None, :] < groups[:, None],
                            torch.arange(f_max)[None, :] < ffn[:, None],
                            torch.ones(int(masks.hidden.sum()), dtype=torch.bool))
     ema = pruning.get("ema")
     if ema is not None:
-        ema = {"heads": _packed_rows(ema["heads"], masks.heads, g_max),
-               "ffn": _packed_rows(ema["ffn"], masks.ffn, f_max),
+        ema = {"heads": _packed_rows(ema["heads"][alive], masks.heads[alive], g_max),
+               "ffn": _packed_rows(ema["ffn"][alive], masks.ffn[alive], f_max),
                "hidden": ema["hidden"][masks.hidden]}
     return {**pruning, "masks": new_masks.state_dict(), "ema": ema, "shrunk_at_params": params_after}

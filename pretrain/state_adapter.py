@@ -65,6 +65,19 @@ def shrink_parameter(name: str, tensor: torch.Tensor, masks, shape) -> torch.Ten
     raise KeyError(f"no shrink rule for parameter {name!r}")
 
 
+def kept_layers(masks) -> list[int]:
+    """Indices of the layers that survive (dropped layers are removed by the shrink)."""
+    return [l for l in range(masks.heads.shape[0]) if bool(masks.layers[l])]
+
+
+def source_name(name: str, masks) -> str:
+    """The name in the unshrunk model of a parameter of the shrunk model (layers renumbered)."""
+    m = _LAYER.match(name)
+    if m is None:
+        return name
+    return f"decoder.layers.{kept_layers(masks)[int(m.group(1))]}.{m.group(2)}"
+
+
 def is_uniform(masks) -> bool:
     groups, ffn = masks.heads.sum(1), masks.ffn.sum(1)
     return bool((groups == groups[0]).all() and (ffn == ffn[0]).all())
@@ -74,11 +87,13 @@ def shrunk_model_config(model_cfg, masks, shape):
     """The ModelConfig of the physically smaller model: a plain Llama shape for uniform masks,
     per-layer widths (``layer_shapes``, a heterogeneous model) otherwise."""
     hpg = shape.heads_per_group
-    groups = [int(g) for g in masks.heads.sum(1)]
-    ffn = [int(f) for f in masks.ffn.sum(1)]
+    kept = kept_layers(masks)
+    groups = [int(masks.heads[l].sum()) for l in kept]
+    ffn = [int(masks.ffn[l].sum()) for l in kept]
     uniform = len(set(groups)) == 1 and len(set(ffn)) == 1
     return dataclasses.replace(
         model_cfg,
+        num_layers=len(kept),
         hidden_size=int(masks.hidden.sum()),
         num_query_groups=max(groups),
         num_attention_heads=max(groups) * hpg,

@@ -143,7 +143,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
         shape = ModelShape.from_config(m, vocab_size)
         total_tokens = total_iters * cfg.train.global_batch_size * m.seq_length
         pruner = PruningCallback(cfg.prune, shape, tp, m.seq_length, cfg.train.global_batch_size,
-                                 total_tokens, log_dir=cfg.logging.tensorboard_dir)
+                                 total_tokens, log_dir=cfg.logging.tensorboard_dir, pipeline_parallel=pp)
         print_rank0(f"pruning: {pruner.initial_params / 1e6:.3f} M -> {pruner.final_params / 1e6:.3f} M "
                     f"parameters between {pruner.start_tokens:,} and {pruner.end_tokens:,} tokens "
                     f"({cfg.prune.ramp}), every {cfg.prune.interval} steps; saliency {cfg.prune.saliency}; "

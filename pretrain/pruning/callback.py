@@ -39,7 +39,8 @@ class PruningCallback(Callback):
     name = "pruning"
 
     def __init__(self, prune_cfg, shape: ModelShape, tensor_parallel: int, seq_length: int,
-                 global_batch_size: int, total_tokens: int, log_dir: str | None = None):
+                 global_batch_size: int, total_tokens: int, log_dir: str | None = None,
+                 pipeline_parallel: int = 1):
         self.cfg = prune_cfg
         self.shape = shape
         self.seq_length, self.global_batch_size = seq_length, global_batch_size
@@ -47,10 +48,12 @@ class PruningCallback(Callback):
         self.constraints = SolverConstraints(
             tensor_parallel=tensor_parallel, align=align, min_groups=prune_cfg.min_heads,
             min_ffn=prune_cfg.min_ffn, min_hidden=prune_cfg.min_hidden,
-            granularity=prune_cfg.granularity, prune_types=tuple(prune_cfg.types))
+            granularity=prune_cfg.granularity, prune_types=tuple(prune_cfg.types),
+            pipeline_parallel=pipeline_parallel, min_layers=prune_cfg.min_layers)
         self.masks = shape.full_masks()
         # the shape before any in-run shrink, for kept ratios that mean the same after a shrink
-        self.original = {"groups": shape.num_groups, "ffn": shape.ffn, "hidden": shape.hidden}
+        self.original = {"groups": shape.num_groups, "ffn": shape.ffn, "hidden": shape.hidden,
+                         "layers": shape.num_layers}
         self.initial_params = shape.parameter_count(self.masks)
         if prune_cfg.target_params is not None:
             self.final_params = int(prune_cfg.target_params)
@@ -81,10 +84,11 @@ class PruningCallback(Callback):
 
     def kept_ratios(self) -> dict:
         """Kept fraction of each type relative to the original (pre-shrink) model."""
-        layers = self.shape.num_layers
+        layers = self.original.get("layers", self.shape.num_layers)
         return {"heads": float(self.masks.heads.sum()) / (layers * self.original["groups"]),
                 "ffn": float(self.masks.ffn.sum()) / (layers * self.original["ffn"]),
-                "hidden": float(self.masks.hidden.sum()) / self.original["hidden"]}
+                "hidden": float(self.masks.hidden.sum()) / self.original["hidden"],
+                "layers": float(self.masks.layers.sum()) / layers}
 
     # ------------------------------------------------------------------ trainer hooks
     def on_train_begin(self, trainer) -> None:
@@ -135,7 +139,8 @@ class PruningCallback(Callback):
         params = self.current_params()
         ratios = self.kept_ratios()
         metrics.extra.update({"params": params, "kept_heads": ratios["heads"],
-                              "kept_ffn": ratios["ffn"], "kept_hidden": ratios["hidden"]})
+                              "kept_ffn": ratios["ffn"], "kept_hidden": ratios["hidden"],
+                              "kept_layers": ratios["layers"]})
         logger = next((c for c in trainer.callbacks if c.name == "logging"), None)
         if logger is not None:
             logger.log_scalar("pruning/params", params, it)
@@ -182,7 +187,8 @@ class PruningCallback(Callback):
         moves = decided[1]
         # masks only shrink
         assert not bool((new_masks.heads & ~self.masks.heads).any() | (new_masks.ffn & ~self.masks.ffn).any()
-                        | (new_masks.hidden & ~self.masks.hidden).any()), "a pruned group would regrow"
+                        | (new_masks.hidden & ~self.masks.hidden).any()
+                        | (new_masks.layers & ~self.masks.layers).any()), "a pruned group would regrow"
         problems = check_constraints(self.shape, new_masks, self.constraints)
         if problems:
             raise RuntimeError("pruning produced an unshrinkable model: " + "; ".join(problems[:5]))
@@ -191,7 +197,8 @@ class PruningCallback(Callback):
         record = {"iteration": iteration, "tokens": tokens, "target": target,
                   "initial_params": self.initial_params,
                   "params": self.current_params(), **{f"kept_{k}": v for k, v in self.kept_ratios().items()},
-                  "kept_per_layer": {"heads": self.masks.heads.sum(1).tolist(),
+                  "kept_per_layer": {"layers": self.masks.layers.tolist(),
+                                     "heads": self.masks.heads.sum(1).tolist(),
                                      "ffn": self.masks.ffn.sum(1).tolist(),
                                      "hidden": int(self.masks.hidden.sum())},
                   "mean_saliency": self._mean_saliency(),

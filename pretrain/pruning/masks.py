@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 PRUNE_TYPES = ("heads", "ffn", "hidden")
+ALL_PRUNE_TYPES = PRUNE_TYPES + ("layers",)
 
 
 @dataclass
@@ -31,6 +32,11 @@ class GroupMasks:
     heads: torch.Tensor  # bool [L, G]
     ffn: torch.Tensor  # bool [L, F]
     hidden: torch.Tensor  # bool [H]
+    layers: torch.Tensor | None = None  # bool [L]; a dropped layer has no heads and no FFN left
+
+    def __post_init__(self) -> None:
+        if self.layers is None:
+            self.layers = torch.ones(self.heads.shape[0], dtype=torch.bool)
 
     @classmethod
     def full(cls, num_layers: int, num_groups: int, ffn: int, hidden: int) -> "GroupMasks":
@@ -39,17 +45,25 @@ class GroupMasks:
                    torch.ones(hidden, dtype=torch.bool))
 
     def clone(self) -> "GroupMasks":
-        return GroupMasks(self.heads.clone(), self.ffn.clone(), self.hidden.clone())
+        return GroupMasks(self.heads.clone(), self.ffn.clone(), self.hidden.clone(), self.layers.clone())
 
     def state_dict(self) -> dict:
-        return {"heads": self.heads.clone(), "ffn": self.ffn.clone(), "hidden": self.hidden.clone()}
+        return {"heads": self.heads.clone(), "ffn": self.ffn.clone(), "hidden": self.hidden.clone(),
+                "layers": self.layers.clone()}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "GroupMasks":
-        return cls(d["heads"].bool().clone(), d["ffn"].bool().clone(), d["hidden"].bool().clone())
+        layers = d.get("layers")
+        return cls(d["heads"].bool().clone(), d["ffn"].bool().clone(), d["hidden"].bool().clone(),
+                   layers.bool().clone() if layers is not None else None)
+
+    def drop_layer(self, layer: int) -> None:
+        self.layers[layer] = False
+        self.heads[layer] = False
+        self.ffn[layer] = False
 
     def equal(self, other: "GroupMasks") -> bool:
-        return all(torch.equal(getattr(self, t), getattr(other, t)) for t in PRUNE_TYPES)
+        return all(torch.equal(getattr(self, t), getattr(other, t)) for t in ALL_PRUNE_TYPES)
 
     def kept_counts(self) -> dict:
         return {"heads": self.heads.sum(1).tolist(), "ffn": self.ffn.sum(1).tolist(),
@@ -109,7 +123,8 @@ class ModelShape:
         groups = masks.heads.sum(1)
         ffn = masks.ffn.sum(1)
         hpg, hd = self.heads_per_group, self.head_dim
-        per_layer = (groups * (hpg + 2) * hd * h + groups * hpg * hd * h + 3 * ffn * h + 2 * h)
+        per_layer = (groups * (hpg + 2) * hd * h + groups * hpg * hd * h + 3 * ffn * h
+                     + 2 * h * masks.layers.long())  # a dropped layer loses its two norms too
         return int(total + per_layer.sum())
 
 
@@ -173,7 +188,7 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) 
             add(mlp.linear_fc2.weight, hidden[:, None] & f_mask[None, :])
             for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
                 if isinstance(norm, RMSNorm):
-                    add(norm.weight, hidden.clone())
+                    add(norm.weight, hidden.clone() & bool(masks.layers[index]))
                     out.norms.append(norm)
         final = getattr(model.decoder, "final_layernorm", None)
         if isinstance(final, RMSNorm):

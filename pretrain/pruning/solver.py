@@ -33,6 +33,8 @@ class SolverConstraints:
     min_hidden: int = 0
     granularity: str = "per-layer"  # or "uniform"
     prune_types: tuple = ("heads", "ffn", "hidden")
+    pipeline_parallel: int = 1  # dropped layers come in units of PP, so the rest still splits
+    min_layers: int = 1
 
     def group_unit(self) -> int:
         return self.tensor_parallel
@@ -82,7 +84,8 @@ def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_para
         groups_kept = new.heads.sum(1)
         ffn_kept = new.ffn.sum(1)
         candidates = []  # (saliency, type order, layer, kind, layer list, index lists, cost)
-        layer_sets = [list(range(L))] if c.granularity == "uniform" else [[l] for l in range(L)]
+        alive = [l for l in range(L) if bool(new.layers[l])]
+        layer_sets = [alive] if c.granularity == "uniform" else [[l] for l in alive]
         if "heads" in c.prune_types:
             for layers in layer_sets:
                 size = _unit_size(int(groups_kept[layers[0]]), c.group_unit(), min_groups)
@@ -101,12 +104,23 @@ def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_para
                 cost = len(layers) * size * 3 * h_kept
                 score = float(sum(scores.ffn[l][p].double().sum() for l, p in zip(layers, picks)))
                 candidates.append((score / max(cost, 1), 1, layers[0], "ffn", layers, picks, cost))
+        if "layers" in c.prune_types:
+            kept_layers = torch.nonzero(new.layers).flatten()
+            size = _unit_size(len(kept_layers), c.pipeline_parallel, c.min_layers)
+            if size:
+                layer_scores = scores.heads.double().mul(new.heads).sum(1) + scores.ffn.double().mul(new.ffn).sum(1)
+                order = torch.sort(layer_scores[kept_layers], stable=True).indices[:size]
+                picks_l = [int(kept_layers[i]) for i in order]
+                cost = sum(int(groups_kept[l]) * (2 * hpg + 2) * hd * h_kept + 3 * int(ffn_kept[l]) * h_kept
+                           + 2 * h_kept for l in picks_l)
+                score = float(sum(layer_scores[l] for l in picks_l))
+                candidates.append((score / max(cost, 1), 3, picks_l[0], "layers", picks_l, [], cost))
         if "hidden" in c.prune_types:
             size = _unit_size(h_kept, c.hidden_unit(), c.min_hidden)
             if size:
                 pick = _lowest(scores.hidden, new.hidden, size)
                 per_channel = (shape.vocab * tie_mult + 1
-                               + int((groups_kept * (2 * hpg + 2) * hd + 3 * ffn_kept + 2).sum()))
+                               + int((groups_kept * (2 * hpg + 2) * hd + 3 * ffn_kept + 2 * new.layers.long()).sum()))
                 cost = size * per_channel
                 score = float(scores.hidden[pick].double().sum())
                 candidates.append((score / max(cost, 1), 2, 0, "hidden", [], [pick], cost))
@@ -120,10 +134,14 @@ def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_para
         elif kind == "ffn":
             for l, p in zip(layers, picks):
                 new.ffn[l, p] = False
+        elif kind == "layers":
+            for l in layers:
+                new.drop_layer(l)
         else:
             new.hidden[picks[0]] = False
         params = shape.parameter_count(new)
-        moves.append({"type": kind, "layers": layers, "count": int(sum(len(p) for p in picks)),
+        moves.append({"type": kind, "layers": layers,
+                      "count": len(layers) if kind == "layers" else int(sum(len(p) for p in picks)),
                       "params_removed": cost, "saliency_per_param": saliency, "params_after": params})
     return new, moves
 
@@ -135,7 +153,16 @@ def check_constraints(shape: ModelShape, masks: GroupMasks, constraints: SolverC
     groups = masks.heads.sum(1)
     ffn = masks.ffn.sum(1)
     hidden = int(masks.hidden.sum())
+    kept_layers = int(masks.layers.sum())
+    if kept_layers % c.pipeline_parallel:
+        problems.append(f"{kept_layers} layers kept, not a multiple of PP {c.pipeline_parallel}")
+    if kept_layers < max(c.min_layers, 1):
+        problems.append(f"{kept_layers} layers kept, below the minimum")
     for l in range(shape.num_layers):
+        if not bool(masks.layers[l]):
+            if bool(masks.heads[l].any() or masks.ffn[l].any()):
+                problems.append(f"layer {l} is dropped but still has groups")
+            continue
         if int(groups[l]) % c.tensor_parallel:
             problems.append(f"layer {l}: {int(groups[l])} query groups kept, not a multiple of TP {c.tensor_parallel}")
         if int(groups[l]) < max(c.min_groups, 1) and int(groups[l]) != shape.groups_of(l):
@@ -149,6 +176,7 @@ def check_constraints(shape: ModelShape, masks: GroupMasks, constraints: SolverC
     if hidden < c.min_hidden and hidden != shape.hidden:
         problems.append(f"hidden width {hidden} below the minimum {c.min_hidden}")
     if c.granularity == "uniform":
-        if len(set(groups.tolist())) > 1 or len(set(ffn.tolist())) > 1:
+        alive = masks.layers
+        if len(set(groups[alive].tolist())) > 1 or len(set(ffn[alive].tolist())) > 1:
             problems.append("uniform granularity but layers differ")
     return problems

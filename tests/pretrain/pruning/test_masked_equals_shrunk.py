@@ -16,7 +16,7 @@ from tests.dist_helper import run_distributed
 from tests.pretrain.common import debug_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-CASES = ["heads", "ffn", "hidden", "all", "per-layer"]
+CASES = ["heads", "ffn", "hidden", "all", "per-layer", "layers"]
 
 
 def _masks(shape, case):
@@ -38,6 +38,9 @@ def _masks(shape, case):
         for l, n in enumerate([16, 128, 64, 200]):
             m.ffn[l, torch.randperm(shape.ffn, generator=g)[:n]] = False
         m.hidden[torch.randperm(shape.hidden, generator=g)[:24]] = False
+    if case == "layers":  # a whole layer dropped (and some FFN channels elsewhere)
+        m.drop_layer(1)
+        m.ffn[3, torch.randperm(shape.ffn, generator=g)[:64]] = False
     return m
 
 
@@ -89,7 +92,7 @@ def _loss(chunks, batch, seq):
 
 def reference_worker(data):
     from pretrain.pruning.masks import build_local_masks
-    from pretrain.state_adapter import shrink_parameter, shrunk_model_config
+    from pretrain.state_adapter import shrink_parameter, shrunk_model_config, source_name
 
     cfg, vocab, shape = _setup(data, 1, 1)
     seq = cfg.model.seq_length
@@ -107,7 +110,8 @@ def reference_worker(data):
         full = dict(model.named_parameters())
         with torch.no_grad():
             for name, p in small.named_parameters():
-                p.copy_(shrink_parameter(name, full[name], masks, shape))
+                source = source_name(name, masks)
+                p.copy_(shrink_parameter(source, full[source], masks, shape))
             small_logits = small(batch["tokens"], batch["position_ids"], None)
         out[case] = {"max_diff": float((masked_logits - small_logits).abs().max()),
                      "scale": float(small_logits.abs().max()),

@@ -40,16 +40,18 @@ def test_random_tables(shape, granularity):
     for trial in range(12):
         gen = torch.Generator().manual_seed(trial)
         tp = rng.choice([1, 2])
+        types = ("heads", "ffn", "hidden") + (("layers",) if trial % 2 else ())
         c = SolverConstraints(tensor_parallel=tp, align=8, min_groups=rng.choice([tp, min(2 * tp, shape.num_groups)]),
                               min_ffn=rng.choice([0, 64]), min_hidden=rng.choice([0, 32]),
-                              granularity=granularity)
+                              granularity=granularity, prune_types=types,
+                              pipeline_parallel=rng.choice([1, 1, 3 if shape.num_layers % 3 == 0 else 1]))
         masks = GroupMasks.full(shape.num_layers, shape.num_groups, shape.ffn, shape.hidden)
         initial = shape.parameter_count(masks)
         for step_ratio in (0.85, 0.7, 0.55):
             target = int(initial * step_ratio)
             new, moves = solve(shape, masks, _random_scores(shape, gen), target, c)
             # never unprunes
-            for t in ("heads", "ffn", "hidden"):
+            for t in ("heads", "ffn", "hidden", "layers"):
                 assert not bool((getattr(new, t) & ~getattr(masks, t)).any())
             assert check_constraints(shape, new, c) == []
             params = shape.parameter_count(new)
@@ -86,3 +88,23 @@ def test_schedule_ramps():
     assert target_params(60, 1000, 400, 10, 110) == 700
     with pytest.raises(ValueError):
         ramp_fraction(1, 0, 2, "exp")
+
+
+def test_whole_layers_go_when_they_matter_least():
+    shape = SHAPES[0]
+    # a layer's saliency per parameter is an average of its groups', so whole layers go when the
+    # per-layer minimums stop the groups themselves from going (here: every group is at its minimum)
+    c = SolverConstraints(tensor_parallel=1, align=8, min_groups=2, min_ffn=384,
+                          prune_types=("heads", "ffn", "hidden", "layers"))
+    masks = GroupMasks.full(shape.num_layers, shape.num_groups, shape.ffn, shape.hidden)
+    scores = GroupScores(torch.full((4, 2), 1e3, dtype=torch.float64), torch.full((4, 384), 1e3, dtype=torch.float64),
+                         torch.full((128,), 1e3, dtype=torch.float64))
+    scores.heads[1] = 0.0
+    scores.ffn[1] = 0.0  # layer 1 contributes nothing
+    new, moves = solve(shape, masks, scores, shape.parameter_count(masks) - 1000, c)
+    assert moves[0]["type"] == "layers" and moves[0]["layers"] == [1]
+    assert not bool(new.layers[1]) and not bool(new.heads[1].any()) and not bool(new.ffn[1].any())
+    assert check_constraints(shape, new, c) == []
+    # the removed layer's parameters and norms are gone from the count
+    per_layer = 2 * 4 * 32 * 128 + 2 * 32 * 128 * 2 + 3 * 384 * 128 + 2 * 128
+    assert shape.parameter_count(masks) - shape.parameter_count(new) == per_layer
