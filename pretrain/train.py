@@ -37,7 +37,7 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     return summary
 
 
-def _tokens_per_second(history: list, last: bool) -> float:
+def _steps_per_second(history: list, last: bool) -> float:
     steps = history[-10:] if last else history[2:12]
     seconds = sum(h["step_seconds"] for h in steps)
     return sum(1 for _ in steps) / max(seconds, 1e-9)
@@ -180,7 +180,6 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     consumed = resume_state["consumed_samples"] if resume_state else 0
     datasets = None
     if tokenizer is not None or cfg.data.mock_data:
-        from pretrain.data import TextTokenizer  # noqa: F401
         train_samples = total_iters * cfg.train.global_batch_size
         eval_runs = (total_iters // cfg.train.eval_interval + 1) if cfg.train.eval_interval else 0
         valid_samples = eval_runs * cfg.train.eval_iters * cfg.train.global_batch_size
@@ -222,8 +221,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     return {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
             "history": logger.history, "stop_reason": state.stop_reason, "layout": layout,
             "trainer": trainer, "params": params,
-            "tokens_per_second": {"start": tps * _tokens_per_second(logger.history, last=False),
-                                  "end": tps * _tokens_per_second(logger.history, last=True)}}
+            "tokens_per_second": {"start": tps * _steps_per_second(logger.history, last=False),
+                                  "end": tps * _steps_per_second(logger.history, last=True)}}
 
 
 def _is_shrunk_checkpoint(cfg: PretrainConfig) -> bool:

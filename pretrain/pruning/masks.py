@@ -87,11 +87,10 @@ class ModelShape:
     # permanently False (they do not exist).
     layer_groups: tuple | None = None
     layer_ffn: tuple | None = None
-    heads_per_group_override: int | None = None
 
     @property
     def heads_per_group(self) -> int:
-        return self.heads_per_group_override or self.num_heads // self.num_groups
+        return self.num_heads // self.num_groups
 
     @classmethod
     def from_config(cls, model_cfg, vocab: int) -> "ModelShape":
