@@ -27,7 +27,6 @@ def _folder_bytes(path: str) -> int:
 def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: int) -> dict:
     from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig,
                                  ParallelConfig, PretrainConfig, PruneConfig, TrainConfig)
-    from pretrain.distributed import destroy_distributed  # noqa: F401
     from pretrain.shrink import reshard_checkpoint
     from pretrain.train import run
 

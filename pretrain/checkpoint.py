@@ -259,11 +259,9 @@ def _ensure_optimizer_state(optimizer) -> None:
     state dict to load into fails with a bare assertion. Zero moments at step 0 are exactly what
     the first ``step()`` would create, so training is unchanged.
     """
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    for opt in inner:
-        torch_opt = getattr(opt, "optimizer", None)
-        if not isinstance(torch_opt, torch.optim.Optimizer):
-            continue
+    from pretrain.pruning.optim_state import torch_optimizers
+
+    for torch_opt in torch_optimizers(optimizer):
         for group in torch_opt.param_groups:
             for p in group["params"]:
                 state = torch_opt.state[p]
@@ -280,11 +278,9 @@ def _unalias_adam_steps(optimizer) -> None:
     into every parameter's torch-Adam state; torch Adam increments it in place once per parameter,
     so the bias correction after a resume would be wrong (losses drift from the unbroken run).
     """
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    for opt in inner:
-        torch_opt = getattr(opt, "optimizer", None)
-        if not isinstance(torch_opt, torch.optim.Optimizer):
-            continue
+    from pretrain.pruning.optim_state import torch_optimizers
+
+    for torch_opt in torch_optimizers(optimizer):
         for state in torch_opt.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].detach().clone()

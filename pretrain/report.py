@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     if os.path.isfile(pruning):
         events = [json.loads(line) for line in open(pruning) if line.strip()]
         if events:
-            first, last = events[0], events[-1]
+            last = events[-1]
             per_layer = last["kept_per_layer"]
             print(f"pruning: {len(events)} events; parameters -> {last['params'] / 1e6:.3f} M "
                   f"(target {last['target'] / 1e6:.3f} M); kept heads {last['kept_heads']:.0%}, "

@@ -48,8 +48,6 @@ def _build(cfg: PretrainConfig, vocab: int):
 def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: int | None = None,
                        target_pp: int | None = None, progress: bool = True) -> dict:
     """Importable entry point (one process). Returns a summary of what was written."""
-    from megatron.core import parallel_state as ps
-
     from pretrain import checkpoint as ckpt
     from pretrain.distributed import init_distributed
     from pretrain.model import unwrap
@@ -104,7 +102,7 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
         dst_model = unwrap(dst_chunks[0])
         src_params = dict(src_model.named_parameters())
         names = {p: n for n, p in dst_model.named_parameters()}
-        ckpt._ensure_optimizer_state(src_opt)
+        # load_checkpoint gave the source optimizer its state (``_ensure_optimizer_state`` + load)
         src_slots = {slot.param: slot for slot in iter_param_slots(src_opt)}
         dst_slots = list(iter_param_slots(dst_opt))
         total = len(dst_slots)
@@ -113,18 +111,17 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
                 name = source_name(names[slot.param], masks)
                 src_param = src_params[name]
                 src_slot = src_slots[src_param]
+
+                def sliced_flat(flat: torch.Tensor) -> torch.Tensor:
+                    return shrink_parameter(name, flat.view(src_param.shape), masks, shape).reshape(-1)
+
                 slot.param.copy_(shrink_parameter(name, src_param.detach(), masks, shape))
                 if slot.main_param is not None and src_slot.main_param is not None:
-                    slot.main_param.copy_(
-                        shrink_parameter(name, src_slot.main_param.view(src_param.shape), masks, shape).reshape(-1))
+                    slot.main_param.copy_(sliced_flat(src_slot.main_param))
                 for key, value in slot.state.items():
                     src_value = src_slot.state.get(key)
-                    if src_value is None:
-                        continue
-                    if key == "step":
-                        value.copy_(src_value)
-                    else:
-                        value.copy_(shrink_parameter(name, src_value.view(src_param.shape), masks, shape).reshape(-1))
+                    if src_value is not None:
+                        value.copy_(src_value if key == "step" else sliced_flat(src_value))
                 if progress and (i == total or i % 10 == 0):
                     print(f"  shrink: {i}/{total} tensors", flush=True)
         out_chunks, out_opt = dst_chunks, dst_opt

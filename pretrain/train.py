@@ -104,13 +104,13 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     from pretrain.trainer import Trainer
 
     _, world_size, _ = launch_environment()
-    if cfg.checkpoint.use_checkpoint_args or _is_shrunk_checkpoint(cfg):
-        cfg = _with_checkpoint_model(cfg)
+    peeked = _peek_checkpoint(cfg)
+    cfg = _with_checkpoint_model(cfg, peeked)
     cfg.validate(world_size)
     tokenizer = load_tokenizer(cfg.data) if not cfg.data.mock_data or cfg.data.tokenizer_model else None
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
-    vocab_size = _checkpoint_vocab(cfg, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
+    vocab_size = _checkpoint_vocab(peeked, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
     layout = init_distributed(tp, pp)
     set_random_seed(cfg.train.seed)
     dp = layout["dp_size"]
@@ -164,7 +164,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     if cfg.checkpoint.load:
         finetune = cfg.checkpoint.finetune
         loaded = ckpt.load_checkpoint(
-            cfg.checkpoint.load, model_chunks, optimizer,
+            peeked[0] if peeked else cfg.checkpoint.load, model_chunks, optimizer,
             load_optim=not (cfg.checkpoint.no_load_optim or finetune),
             load_rng=not (cfg.checkpoint.no_load_rng or finetune),
         )
@@ -225,42 +225,37 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
                                   "end": tps * _steps_per_second(logger.history, last=True)}}
 
 
-def _is_shrunk_checkpoint(cfg: PretrainConfig) -> bool:
-    """A checkpoint written after an in-run shrink carries its (smaller) shape: use it."""
+def _peek_checkpoint(cfg: PretrainConfig) -> tuple[str, dict] | None:
+    """(folder, trainer state) of the checkpoint ``--load`` will use, found once per segment."""
     from pretrain import checkpoint as ckpt
 
     folder = ckpt.find_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load else None
-    return folder is not None and bool(ckpt.read_trainer_state(folder).get("shrink_history"))
+    return None if folder is None else (folder, ckpt.read_trainer_state(folder))
 
 
-def _with_checkpoint_model(cfg: PretrainConfig) -> PretrainConfig:
+def _with_checkpoint_model(cfg: PretrainConfig, peeked: tuple[str, dict] | None) -> PretrainConfig:
+    """The model shape saved in the checkpoint: with --use-checkpoint-args, or always for a shrunk
+    checkpoint (it carries its smaller shape; the run's flags describe the original model)."""
     import dataclasses
 
-    from pretrain import checkpoint as ckpt
-
-    folder = ckpt.find_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load else None
-    if folder is None:
+    use = cfg.checkpoint.use_checkpoint_args or (peeked is not None and bool(peeked[1].get("shrink_history")))
+    if not use:
+        return cfg
+    if peeked is None:
         raise ConfigError("--use-checkpoint-args needs a valid checkpoint under --load")
-    saved = PretrainConfig.from_dict(ckpt.read_trainer_state(folder)["config"])
+    saved = PretrainConfig.from_dict(peeked[1]["config"])
     return dataclasses.replace(cfg, model=saved.model)
 
 
-def _checkpoint_vocab(cfg: PretrainConfig, tokenizer_vocab: int, tp: int) -> int | None:
+def _checkpoint_vocab(peeked: tuple[str, dict] | None, tokenizer_vocab: int, tp: int) -> int | None:
     """The padded vocabulary of the checkpoint to load, when it fits this TP size.
 
     Padding depends on TP (a multiple of make_vocab_size_divisible_by x TP); a checkpoint padded
     for another TP keeps its own size when that divides the new TP, so it loads unchanged.
     """
-    from pretrain import checkpoint as ckpt
-
-    if not cfg.checkpoint.load:
+    if peeked is None or peeked[1].get("vocab_size") is None:
         return None
-    folder = ckpt.find_checkpoint(cfg.checkpoint.load)
-    if folder is None:
-        return None
-    vocab = ckpt.read_trainer_state(folder).get("vocab_size")
-    if vocab is None:
-        return None
+    folder, vocab = peeked[0], peeked[1]["vocab_size"]
     if vocab < tokenizer_vocab:
         raise ConfigError(f"--load {folder}: its vocabulary ({vocab}) is smaller than the tokenizer's "
                           f"({tokenizer_vocab}); use the tokenizer the checkpoint was trained with")

@@ -224,14 +224,12 @@ class PruningCallback(Callback):
         out = {}
         if self.ema is None:
             return out
-        group_cost = (2 * s.heads_per_group + 2) * s.head_dim * max(h_kept, 1)
         kept = self.masks.heads
-        out["heads"] = float(self.ema.heads[kept].mean() / group_cost) if kept.any() else 0.0
+        out["heads"] = float(self.ema.heads[kept].mean() / s.group_cost(max(h_kept, 1))) if kept.any() else 0.0
         kept = self.masks.ffn
-        out["ffn"] = float(self.ema.ffn[kept].mean() / (3 * max(h_kept, 1))) if kept.any() else 0.0
-        per_channel = s.vocab + 1 + int((self.masks.heads.sum(1) * (2 * s.heads_per_group + 2) * s.head_dim
-                                        + 3 * self.masks.ffn.sum(1) + 2).sum())
-        out["hidden"] = float(self.ema.hidden[self.masks.hidden].mean() / per_channel) if self.masks.hidden.any() else 0.0
+        out["ffn"] = float(self.ema.ffn[kept].mean() / s.ffn_channel_cost(max(h_kept, 1))) if kept.any() else 0.0
+        kept = self.masks.hidden
+        out["hidden"] = float(self.ema.hidden[kept].mean() / s.hidden_channel_cost(self.masks)) if kept.any() else 0.0
         return out
 
     def on_train_end(self, trainer) -> None:

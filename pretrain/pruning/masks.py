@@ -115,6 +115,21 @@ class ModelShape:
             masks.ffn[layer, self.ffn_of(layer):] = False
         return masks
 
+    def group_cost(self, hidden_kept: int) -> int:
+        """Parameters of one query group: its q/k/v rows and its heads' output-projection columns."""
+        return (2 * self.heads_per_group + 2) * self.head_dim * hidden_kept
+
+    def ffn_channel_cost(self, hidden_kept: int) -> int:
+        """Parameters of one FFN channel: a gate row, an up row, a down column."""
+        return 3 * hidden_kept
+
+    def hidden_channel_cost(self, masks: GroupMasks) -> int:
+        """Parameters of one hidden channel under ``masks``: embedding (and untied output) column,
+        final norm, and in every kept layer its q/k/v/gate/up column, proj/down row and two norms."""
+        per_layer = (masks.heads.sum(1) * self.group_cost(1) + masks.ffn.sum(1) * self.ffn_channel_cost(1)
+                     + 2 * masks.layers.long())
+        return self.vocab * (1 if self.tied else 2) + 1 + int(per_layer.sum())
+
     def parameter_count(self, masks: GroupMasks) -> int:
         """Parameters of the model these masks describe once shrunk (no biases)."""
         h = int(masks.hidden.sum())

@@ -29,6 +29,12 @@ def _inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
+def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a megatron-core (possibly chained) optimizer."""
+    inner = (getattr(opt, "optimizer", None) for opt in _inner_optimizers(optimizer))
+    return [opt for opt in inner if isinstance(opt, torch.optim.Optimizer)]
+
+
 def iter_param_slots(optimizer) -> Iterator[ParamSlot]:
     """Every model parameter this rank owns (part of), with its master values and Adam state."""
     for opt in _inner_optimizers(optimizer):

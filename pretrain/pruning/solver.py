@@ -74,8 +74,6 @@ def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_para
         raise ValueError(f"unknown granularity {c.granularity!r}")
     new = masks.clone()
     moves: list[dict] = []
-    hpg, hd = shape.heads_per_group, shape.head_dim
-    tie_mult = 1 if shape.tied else 2
     min_groups = max(c.min_groups, c.group_unit())
     params = shape.parameter_count(new)
     L = shape.num_layers
@@ -92,7 +90,7 @@ def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_para
                 if size == 0 or any(int(groups_kept[l]) != int(groups_kept[layers[0]]) for l in layers):
                     continue
                 picks = [_lowest(scores.heads[l], new.heads[l], size) for l in layers]
-                cost = len(layers) * size * (2 * hpg + 2) * hd * h_kept
+                cost = len(layers) * size * shape.group_cost(h_kept)
                 score = float(sum(scores.heads[l][p].double().sum() for l, p in zip(layers, picks)))
                 candidates.append((score / max(cost, 1), 0, layers[0], "heads", layers, picks, cost))
         if "ffn" in c.prune_types:
@@ -101,7 +99,7 @@ def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_para
                 if size == 0 or any(int(ffn_kept[l]) != int(ffn_kept[layers[0]]) for l in layers):
                     continue
                 picks = [_lowest(scores.ffn[l], new.ffn[l], size) for l in layers]
-                cost = len(layers) * size * 3 * h_kept
+                cost = len(layers) * size * shape.ffn_channel_cost(h_kept)
                 score = float(sum(scores.ffn[l][p].double().sum() for l, p in zip(layers, picks)))
                 candidates.append((score / max(cost, 1), 1, layers[0], "ffn", layers, picks, cost))
         if "layers" in c.prune_types:
@@ -111,17 +109,15 @@ def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_para
                 layer_scores = scores.heads.double().mul(new.heads).sum(1) + scores.ffn.double().mul(new.ffn).sum(1)
                 order = torch.sort(layer_scores[kept_layers], stable=True).indices[:size]
                 picks_l = [int(kept_layers[i]) for i in order]
-                cost = sum(int(groups_kept[l]) * (2 * hpg + 2) * hd * h_kept + 3 * int(ffn_kept[l]) * h_kept
-                           + 2 * h_kept for l in picks_l)
+                cost = sum(int(groups_kept[l]) * shape.group_cost(h_kept)
+                           + int(ffn_kept[l]) * shape.ffn_channel_cost(h_kept) + 2 * h_kept for l in picks_l)
                 score = float(sum(layer_scores[l] for l in picks_l))
                 candidates.append((score / max(cost, 1), 3, picks_l[0], "layers", picks_l, [], cost))
         if "hidden" in c.prune_types:
             size = _unit_size(h_kept, c.hidden_unit(), c.min_hidden)
             if size:
                 pick = _lowest(scores.hidden, new.hidden, size)
-                per_channel = (shape.vocab * tie_mult + 1
-                               + int((groups_kept * (2 * hpg + 2) * hd + 3 * ffn_kept + 2 * new.layers.long()).sum()))
-                cost = size * per_channel
+                cost = size * shape.hidden_channel_cost(new)
                 score = float(scores.hidden[pick].double().sum())
                 candidates.append((score / max(cost, 1), 2, 0, "hidden", [], [pick], cost))
         if not candidates:

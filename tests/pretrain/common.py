@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from pretrain.config import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, OptimConfig,
                              ParallelConfig, PretrainConfig, TrainConfig, MODEL_PRESETS)
