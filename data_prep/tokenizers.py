@@ -83,6 +83,7 @@ class SentencePieceTokenizer(TextTokenizer):
         self.eod = eos
         self.bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
+        self.unk = self._sp.unk_id()
 
     def tokenize_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         # One call for the whole batch: sentencepiece encodes it in C++. One thread by default, so

@@ -59,7 +59,12 @@ def _noop(*args, **kwargs):
 
 
 class _NoopStream:
-    """Patch 6: 0.19's DDP grad sync records/waits on ``torch.cuda.current_stream()`` events."""
+    """Patch 6: 0.19's DDP grad sync records/waits on ``torch.cuda.current_stream()`` events.
+    A class (not a factory function): other libraries use ``torch.cuda.Stream`` in type hints
+    (``torch.cuda.Stream | None`` in transformers' generation code)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
 
     def wait_stream(self, *a, **k):
         pass
@@ -81,6 +86,9 @@ class _NoopStream:
 
 
 class _NoopEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
     def record(self, *a, **k):
         pass
 
@@ -159,8 +167,8 @@ def apply_cpu_shims(force: bool = False) -> bool:
     # Patch 6: streams and events (0.19 DDP grad sync, dist_checkpointing async paths).
     torch.cuda.current_stream = lambda device=None: _NoopStream()  # type: ignore[assignment]
     torch.cuda.default_stream = lambda device=None: _NoopStream()  # type: ignore[assignment]
-    torch.cuda.Stream = lambda *a, **k: _NoopStream()  # type: ignore[assignment]
-    torch.cuda.Event = lambda *a, **k: _NoopEvent()  # type: ignore[assignment]
+    torch.cuda.Stream = _NoopStream  # type: ignore[assignment]
+    torch.cuda.Event = _NoopEvent  # type: ignore[assignment]
     torch.cuda.stream = lambda s=None: contextlib.nullcontext()  # type: ignore[assignment]
     # memory statistics used in logging
     torch.cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--no-use-distributed-optimizer", dest="use_distributed_optimizer",
                    action="store_false", help="plain DDP optimizer instead of the distributed one")
+    g.add_argument("--launcher", choices=["auto", "torchrun", "slurm", "mpi"], default="auto",
+                   help="how ranks are found: torchrun's variables, an srun step with one task per "
+                        "device, or MPI (mpirun; mpi4py gives ranks and the master address). auto "
+                        "tries them in that order")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=[], help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")

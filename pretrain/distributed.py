@@ -1,8 +1,8 @@
 """Process groups: torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's parallel_state.
 
 Every process group in this project comes from ``megatron.core.parallel_state``; nothing builds
-another world. Launch with ``torchrun`` (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
-a plain ``python`` launch is a world of one.
+another world. Launch with ``torchrun`` (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
+``srun`` with one task per device, or ``mpirun``; a plain ``python`` launch is a world of one.
 """
 
 from __future__ import annotations
@@ -22,15 +22,90 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCHERS = ("auto", "torchrun", "slurm", "mpi")
+# variables through which a launcher tells a process its place; a child that must run as a world
+# of its own (the in-run shrink tool) gets an environment without them
+_LAUNCH_PREFIXES = ("SLURM_STEP_", "OMPI_COMM_WORLD_", "PMIX_", "PMI_", "TORCHELASTIC")
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                "MASTER_PORT", "ROLE_RANK", "ROLE_WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID",
+                "PRETRAIN_LAUNCHER")
+
+
 def launch_environment() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's variables (or Open MPI's), else a world of 1."""
+    """(rank, world_size, local_rank) of this process, else a world of 1.
+
+    torchrun's variables come first (under ``srun ... torchrun`` every task sees SLURM_PROCID=0);
+    then an ``srun`` step with one task per device (SLURM_PROCID / SLURM_STEP_NUM_TASKS); then
+    ``mpirun`` (Open MPI's variables, or any MPI through mpi4py with ``--launcher mpi``). For the
+    last two MASTER_ADDR/MASTER_PORT are filled in when the launcher did not set them.
+    ``PRETRAIN_LAUNCHER`` (``--launcher``) restricts the detection to one of them.
+    """
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    launcher = env.get("PRETRAIN_LAUNCHER", "auto")
+    if "RANK" in env and "WORLD_SIZE" in env and launcher in ("auto", "torchrun"):
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "OMPI_COMM_WORLD_RANK" in env:
-        return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+    if launcher in ("auto", "slurm") and "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        world = int(env["SLURM_STEP_NUM_TASKS"])
+        if world > 1:
+            env.setdefault("MASTER_ADDR", _first_slurm_host())
+            env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0))
+    if launcher == "mpi" or (launcher == "auto" and "OMPI_COMM_WORLD_RANK" in env):
+        return _mpi_environment()
+    if launcher != "auto":
+        raise RuntimeError(f"--launcher {launcher}: this process was not started by {launcher}")
     return 0, 1, 0
+
+
+def _first_slurm_host() -> str:
+    """The first node of the step (rank 0 runs there with srun's default block distribution)."""
+    import subprocess
+
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                             check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"cannot expand SLURM node list {nodes!r} with scontrol ({err}); "
+                           "set MASTER_ADDR") from None
+    return out[0]
+
+
+_mpi_cache: tuple[int, int, int] | None = None
+
+
+def _mpi_environment() -> tuple[int, int, int]:
+    """Rank, size and local rank from MPI (mpi4py); rank 0 publishes its address and a free port.
+    Computed once: it involves collectives that ranks must not repeat unevenly."""
+    global _mpi_cache
+    if _mpi_cache is not None:
+        return _mpi_cache
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise RuntimeError(f"--launcher mpi needs mpi4py ({err})") from None
+    world = MPI.COMM_WORLD
+    local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    rank, size, local_rank = world.Get_rank(), world.Get_size(), local.Get_rank()
+    local.Free()
+    if size > 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        address = None
+        if rank == 0:
+            host = socket.gethostname()
+            with socket.socket() as s:
+                s.bind(("", 0))
+                address = (socket.gethostbyname(host), s.getsockname()[1])
+        address = world.bcast(address, root=0)
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address[0], str(address[1])
+    _mpi_cache = (rank, size, local_rank)
+    return _mpi_cache
+
+
+def single_process_environment() -> dict:
+    """This process's environment without the launcher's variables, for a child that must be a
+    world of its own (otherwise it would wait for ranks that never come)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
 
 
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,

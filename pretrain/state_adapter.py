@@ -5,8 +5,8 @@
 * ``linear_fc1`` rows: ``[gate; up]`` (SwiGLU);
 * the hidden dimension: embedding/output columns, qkv/fc1 columns, proj/fc2 rows, norms.
 
-Masks (``pretrain.pruning.masks``), the shrink (``shrink_parameter``) and, later, HF conversion
-use these functions rather than their own copies of the layout.
+Masks (``pretrain.pruning.masks``), the shrink (``shrink_parameter``) and HF conversion (``to_hf``,
+``from_hf``) use these functions rather than their own copies of the layout.
 """
 
 from __future__ import annotations
@@ -103,3 +103,79 @@ def shrunk_model_config(model_cfg, masks, shape):
             {"num_query_groups": g, "num_attention_heads": g * hpg, "ffn_hidden_size": f}
             for g, f in zip(groups, ffn)],
     )
+
+
+# --- HuggingFace Llama names (import and export use these; FACTS.md "HF interop") -----------------
+
+_HF_LAYER = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_HF_GLOBAL = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+
+
+def split_qkv(weight: torch.Tensor, groups: int, heads_per_group: int, head_dim: int):
+    """``linear_qkv`` (rows per group ``[q.., k, v]``) -> HF ``q_proj, k_proj, v_proj``."""
+    per_group = weight.view(groups, heads_per_group + 2, head_dim, -1)
+    q = per_group[:, :heads_per_group].reshape(groups * heads_per_group * head_dim, -1)
+    return q, per_group[:, -2].reshape(groups * head_dim, -1), per_group[:, -1].reshape(groups * head_dim, -1)
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
+    """HF ``q_proj, k_proj, v_proj`` -> megatron-core's per-group interleaved ``linear_qkv``."""
+    columns = q.shape[-1]
+    heads_per_group = q.shape[0] // (groups * head_dim)
+    return torch.cat([q.reshape(groups, heads_per_group * head_dim, columns),
+                      k.reshape(groups, head_dim, columns),
+                      v.reshape(groups, head_dim, columns)], dim=1).reshape(-1, columns)
+
+
+def to_hf(name: str, tensor: torch.Tensor, groups: int, heads_per_group: int, head_dim: int) -> dict:
+    """One megatron-core parameter (full, TP=1) -> its HF Llama tensor(s); ``groups`` is the
+    layer's query-group count (unused outside attention)."""
+    if name in _HF_GLOBAL:
+        return {_HF_GLOBAL[name]: tensor}
+    m = _LAYER.match(name)
+    if m is None:
+        raise KeyError(f"no HF name for parameter {name!r}")
+    prefix, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if rest in _HF_LAYER:
+        return {prefix + _HF_LAYER[rest]: tensor}
+    if rest == "self_attention.linear_qkv.weight":
+        q, k, v = split_qkv(tensor, groups, heads_per_group, head_dim)
+        return {prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
+                prefix + "self_attn.v_proj.weight": v}
+    if rest == "mlp.linear_fc1.weight":
+        gate, up = tensor.chunk(2)
+        return {prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up}
+    raise KeyError(f"no HF name for parameter {name!r}")
+
+
+def from_hf(name: str, get, groups: int, head_dim: int) -> torch.Tensor:
+    """The megatron-core parameter ``name`` (full, TP=1) built from HF tensors; ``get(hf_name)``
+    returns one HF tensor. Exactly inverts ``to_hf``."""
+    if name in _HF_GLOBAL:
+        return get(_HF_GLOBAL[name])
+    m = _LAYER.match(name)
+    if m is None:
+        raise KeyError(f"no HF source for parameter {name!r}")
+    prefix, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if rest in _HF_LAYER:
+        return get(prefix + _HF_LAYER[rest])
+    if rest == "self_attention.linear_qkv.weight":
+        return merge_qkv(get(prefix + "self_attn.q_proj.weight"), get(prefix + "self_attn.k_proj.weight"),
+                         get(prefix + "self_attn.v_proj.weight"), groups, head_dim)
+    if rest == "mlp.linear_fc1.weight":
+        return torch.cat([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")])
+    raise KeyError(f"no HF source for parameter {name!r}")
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.match(name)
+    return None if m is None else int(m.group(1))

@@ -59,7 +59,7 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     import subprocess
 
     from pretrain.checkpoint import iteration_dir
-    from pretrain.distributed import print_rank0
+    from pretrain.distributed import print_rank0, single_process_environment
 
     trainer = summary["trainer"]
     checkpointer = next(c for c in trainer.callbacks if c.name == "checkpoint")
@@ -71,9 +71,7 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     output = ""
     if torch.distributed.get_rank() == 0:
         # a fresh process: the shrink runs in its own world of one
-        env = {k: v for k, v in os.environ.items() if k not in (
-            "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-            "MASTER_PORT", "ROLE_RANK", "ROLE_WORLD_SIZE") and not k.startswith("TORCHELASTIC")}
+        env = single_process_environment()
         tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
                             "reshard_checkpoint.py")
         proc = subprocess.run([sys.executable, tool, "--load", source, "--save", target, "--shrink"],
@@ -155,14 +153,14 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
         cfg.train.exit_interval, cfg.checkpoint.exit_signal_handler,
         snapshot_fn=lambda: {**trainer_holder["t"].state_dict(), "config": cfg.to_dict(),
                              "layout": layout, "vocab_size": vocab_size,
-                             **({"shrink_history": trainer_holder["shrink_history"]}
-                                if trainer_holder.get("shrink_history") else {})},
+                             **trainer_holder.get("lineage", {})},
     )
     callbacks.append(checkpointer)  # last: it saves what the others have updated
 
     resume_state = None
     if cfg.checkpoint.load:
-        finetune = cfg.checkpoint.finetune
+        # an imported (convert_from_hf) checkpoint holds weights only: start from them, fresh
+        finetune = cfg.checkpoint.finetune or bool(peeked and peeked[1].get("weights_only"))
         loaded = ckpt.load_checkpoint(
             peeked[0] if peeked else cfg.checkpoint.load, model_chunks, optimizer,
             load_optim=not (cfg.checkpoint.no_load_optim or finetune),
@@ -174,8 +172,9 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
             print_rank0(f"loaded checkpoint {loaded.folder} (iteration {loaded.trainer_state['iteration']})")
             if not finetune:
                 resume_state = loaded.trainer_state
-            # a shrunk model stays marked as such in every later checkpoint
-            trainer_holder["shrink_history"] = loaded.trainer_state.get("shrink_history")
+            # a shrunk or imported model stays marked as such in every later checkpoint
+            trainer_holder["lineage"] = {k: loaded.trainer_state[k] for k in _LINEAGE_KEYS
+                                         if loaded.trainer_state.get(k)}
 
     consumed = resume_state["consumed_samples"] if resume_state else 0
     datasets = None
@@ -225,6 +224,10 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
                                   "end": tps * _steps_per_second(logger.history, last=True)}}
 
 
+# trainer-state keys that say where the model came from; carried into every later checkpoint
+_LINEAGE_KEYS = ("shrink_history", "imported_from")
+
+
 def _peek_checkpoint(cfg: PretrainConfig) -> tuple[str, dict] | None:
     """(folder, trainer state) of the checkpoint ``--load`` will use, found once per segment."""
     from pretrain import checkpoint as ckpt
@@ -235,10 +238,12 @@ def _peek_checkpoint(cfg: PretrainConfig) -> tuple[str, dict] | None:
 
 def _with_checkpoint_model(cfg: PretrainConfig, peeked: tuple[str, dict] | None) -> PretrainConfig:
     """The model shape saved in the checkpoint: with --use-checkpoint-args, or always for a shrunk
-    checkpoint (it carries its smaller shape; the run's flags describe the original model)."""
+    checkpoint (it carries its smaller shape; the run's flags describe the original model) and an
+    imported one (its shape is the HF model's)."""
     import dataclasses
 
-    use = cfg.checkpoint.use_checkpoint_args or (peeked is not None and bool(peeked[1].get("shrink_history")))
+    use = cfg.checkpoint.use_checkpoint_args or (
+        peeked is not None and any(peeked[1].get(k) for k in _LINEAGE_KEYS))
     if not use:
         return cfg
     if peeked is None:
@@ -313,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     args = build_parser().parse_args(argv)
+    os.environ["PRETRAIN_LAUNCHER"] = args.launcher  # read by launch_environment
     try:
         cfg = config_from_args(args)
         run(cfg)

@@ -139,24 +139,13 @@ class Trainer:
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=1)
-        loss = self._global_mean_loss(losses)
+        loss = global_mean_loss(losses)
         return StepMetrics(
             loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=self.optimizer.param_groups[0]["lr"], skipped=not update_successful,
             seconds=time.time() - start, tokens=self.tokens_per_step,
         )
 
-    def _global_mean_loss(self, losses: list) -> float:
-        """Mean loss over the global batch, on every rank (only the last PP stage computes it)."""
-        from megatron.core import parallel_state as ps
-
-        local = torch.zeros(2, dtype=torch.float64)
-        if ps.is_pipeline_last_stage() and losses:
-            local[0] = sum(float(x["lm loss"]) for x in losses) / len(losses)
-            local[1] = 1.0
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(local)
-        return float(local[0] / local[1]) if local[1] > 0 else float("nan")
 
     @torch.no_grad()
     def evaluate(self, num_iters: int) -> float:
@@ -174,7 +163,7 @@ class Trainer:
                 num_microbatches=self.num_microbatches, seq_length=self.config.model.seq_length,
                 micro_batch_size=self.config.train.micro_batch_size, forward_only=True,
             )
-            total += self._global_mean_loss(losses)
+            total += global_mean_loss(losses)
             count += 1
         self.state.consumed_valid_samples += num_iters * self.config.train.global_batch_size
         for chunk in self.model_chunks:
@@ -225,3 +214,16 @@ class Trainer:
         for cb in self.callbacks:
             if cb.name in state.get("callbacks", {}):
                 cb.load_state_dict(state["callbacks"][cb.name])
+
+
+def global_mean_loss(losses: list) -> float:
+    """Mean loss over the global batch, on every rank (only the last PP stage computes it)."""
+    from megatron.core import parallel_state as ps
+
+    local = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage() and losses:
+        local[0] = sum(float(x["lm loss"]) for x in losses) / len(losses)
+        local[1] = 1.0
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(local)
+    return float(local[0] / local[1]) if local[1] > 0 else float("nan")

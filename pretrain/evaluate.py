@@ -1,0 +1,82 @@
+"""Held-out perplexity of a checkpoint on an indexed dataset, under any TP/PP layout.
+
+The checkpoint's model (a masked one with its masks, a shrunk or imported one with its own shape)
+runs megatron-core's forward-only schedule over one epoch of the dataset's sequences (or the first
+``max_samples``), split over the data-parallel ranks; the result is the mean next-token loss and
+its exponential. Launch with ``torchrun`` for more than one rank (``tools/evaluate.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from pretrain.config import ConfigError, DataConfig, ParallelConfig, PretrainConfig, TrainConfig
+
+
+def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | None = None,
+                        tokenizer_model: str | None = None, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                        micro_batch_size: int = 1, seq_length: int | None = None,
+                        max_samples: int | None = None) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.data import MicroBatchIterator, build_datasets, load_tokenizer
+    from pretrain.distributed import init_distributed, launch_environment, set_random_seed
+    from pretrain.model import build_model
+    from pretrain.train import _checkpoint_vocab
+    from pretrain.trainer import forward_step, global_mean_loss
+
+    folder = ckpt.find_checkpoint(load)
+    if folder is None:
+        raise ConfigError(f"--load {load}: no valid checkpoint there")
+    state = ckpt.read_trainer_state(folder)
+    saved = PretrainConfig.from_dict(state["config"])
+    data = DataConfig(data_path=list(data_path), split="0,0,100",
+                      tokenizer_type=tokenizer_type or saved.data.tokenizer_type,
+                      tokenizer_model=tokenizer_model or saved.data.tokenizer_model)
+    data.validate()
+    model_cfg = dataclasses.replace(saved.model, seq_length=seq_length or saved.model.seq_length)
+    parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
+    _, world_size, _ = launch_environment()
+    parallel.validate(model_cfg, world_size)
+    tokenizer = load_tokenizer(data)
+    vocab = _checkpoint_vocab((folder, state), tokenizer.vocab_size, tensor_parallel)
+
+    layout = init_distributed(tensor_parallel, pipeline_parallel)
+    set_random_seed(saved.train.seed)
+    chunks = build_model(model_cfg, parallel, TrainConfig(bf16=saved.train.bf16), vocab, wrap_ddp=False)
+    ckpt.load_checkpoint(folder, chunks, None, load_optim=False, load_rng=False)
+    pruning = state.get("callbacks", {}).get("pruning")
+    if pruning:  # a masked checkpoint computes as its masks say (the hidden mask lives in the norms)
+        from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
+
+        masks = GroupMasks.from_state_dict(pruning["masks"])
+        build_local_masks(chunks, masks, ModelShape.from_config(model_cfg, vocab)).apply_to_weights()
+    for chunk in chunks:
+        chunk.eval()
+
+    dp = layout["dp_size"]
+    test = build_datasets(data, tokenizer, model_cfg.seq_length, saved.train.seed, (0, 0, None))[2]
+    if test is None or len(test) == 0:
+        raise ConfigError(f"--data-path {' '.join(data_path)}: no sequence of {model_cfg.seq_length} tokens")
+    global_batch = micro_batch_size * dp
+    available = min(len(test), max_samples or len(test))
+    steps = available // global_batch
+    if steps == 0:
+        raise ConfigError(f"--data-path holds {available} sequences, fewer than one batch of {global_batch} "
+                          f"(micro batch x data-parallel ranks); lower --micro-batch-size or --seq-length")
+    iterator = MicroBatchIterator(test, 0, micro_batch_size, ps.get_data_parallel_rank(), dp)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(steps):
+            losses = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iterator, model=chunks, num_microbatches=1,
+                seq_length=model_cfg.seq_length, micro_batch_size=micro_batch_size, forward_only=True)
+            total += global_mean_loss(losses)
+    loss = total / steps
+    return {"loss": loss, "perplexity": math.exp(loss), "samples": steps * global_batch,
+            "tokens": steps * global_batch * model_cfg.seq_length, "checkpoint": folder, "layout": layout}

@@ -1,0 +1,403 @@
+"""HuggingFace interop: our checkpoints <-> Llama-family HF folders, in one process.
+
+Export (``export_hf``): the checkpoint (any TP/PP; ``dist_checkpointing`` reshards on load) is read
+into a TP=1/PP=1 model; a checkpoint with pruning masks is shrunk first (the weights only, with
+``pretrain.state_adapter``); names and the qkv/fc1 layouts are mapped by ``state_adapter.to_hf``.
+Uniform shapes give a stock ``LlamaForCausalLM`` folder; per-layer shapes give a
+``PrunedLlamaForCausalLM`` (``pretrain/hf_remote_code``, built on transformers' Llama modules)
+loaded with ``trust_remote_code=True``. The tokenizer goes along (``data_prep.hf_tokenizer``).
+
+Import (``import_hf``): a Llama (or our per-layer export) folder becomes a weights-only checkpoint
+at iteration 0 that ``python -m pretrain --load`` starts from with a fresh optimizer.
+
+Both write into a temporary folder next to ``--save`` and rename it at the end: an interrupted or
+refused conversion leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.config import ConfigError, ModelConfig, ParallelConfig, PretrainConfig
+
+SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
+_REMOTE_CODE = os.path.join(os.path.dirname(__file__), "hf_remote_code")
+_SUPPORTED_TYPES = ("llama", "pruned_llama")
+
+
+class ConversionError(ValueError):
+    """The conversion cannot be done as asked; the message says why and what to do."""
+
+
+@dataclass
+class FullWeights:
+    """A checkpoint's parameters as full (TP=1, PP=1) tensors keyed by megatron-core names."""
+
+    config: PretrainConfig
+    vocab_size: int  # padded, as stored
+    tensors: dict
+    trainer_state: dict
+    folder: str
+    shrunk: bool
+
+
+def _build_single(model_cfg: ModelConfig, vocab: int, dtype: torch.dtype = torch.float32):
+    from pretrain.config import TrainConfig
+    from pretrain.distributed import init_distributed, set_random_seed
+    from pretrain.model import build_model
+
+    init_distributed(1, 1)
+    set_random_seed(0)  # megatron's RNG tracker must exist before a forward pass
+    train = TrainConfig(bf16=dtype == torch.bfloat16)
+    return build_model(model_cfg, ParallelConfig(), train, vocab, use_te=False, wrap_ddp=False)[0]
+
+
+def load_full_weights(load: str) -> FullWeights:
+    """Read a checkpoint's weights; a checkpoint with pruning masks comes back shrunk."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.pruning.masks import GroupMasks, ModelShape
+    from pretrain.state_adapter import kept_layers, layer_of, shrink_parameter, shrunk_model_config
+
+    folder = ckpt.find_checkpoint(load)
+    if folder is None:
+        raise ConversionError(f"--load {load}: no valid checkpoint there")
+    state = ckpt.read_trainer_state(folder)
+    cfg = PretrainConfig.from_dict(state["config"])
+    vocab = int(state["vocab_size"])
+    model = _build_single(cfg.model, vocab)
+    ckpt.load_checkpoint(folder, [model], None, load_optim=False, load_rng=False)
+    tensors = {name: p.detach() for name, p in model.named_parameters()}
+    pruning = state.get("callbacks", {}).get("pruning")
+    if not pruning:
+        return FullWeights(cfg, vocab, tensors, state, folder, shrunk=False)
+    masks = GroupMasks.from_state_dict(pruning["masks"])
+    shape = ModelShape.from_config(cfg.model, vocab)
+    if shape.parameter_count(masks) == shape.parameter_count(shape.full_masks()):
+        return FullWeights(cfg, vocab, tensors, state, folder, shrunk=False)
+    renumber = {old: new for new, old in enumerate(kept_layers(masks))}
+    small = {}
+    for name, tensor in tensors.items():
+        layer = layer_of(name)
+        if layer is not None and layer not in renumber:
+            continue
+        new_name = name if layer is None else name.replace(f"layers.{layer}.", f"layers.{renumber[layer]}.", 1)
+        small[new_name] = shrink_parameter(name, tensor, masks, shape)
+    new_cfg = dataclasses.replace(cfg, model=shrunk_model_config(cfg.model, masks, shape))
+    return FullWeights(new_cfg, vocab, small, state, folder, shrunk=True)
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def _check_new_folder(save: str) -> None:
+    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
+        raise ConversionError(f"--save {save} already exists; choose a new folder or remove it")
+
+
+def _publish(tmp: str, save: str) -> None:
+    if os.path.isdir(save):  # an empty folder made by the user
+        os.rmdir(save)
+    os.replace(tmp, save)
+
+
+def _tmp_folder(save: str) -> str:
+    tmp = os.path.abspath(save).rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _export_tokenizer(cfg: PretrainConfig, tokenizer_model: str | None, tmp: str):
+    from data_prep.tokenizers import TokenizerError, build_tokenizer
+
+    data = cfg.data
+    if data.tokenizer_type == "NullTokenizer" or not (tokenizer_model or data.tokenizer_model):
+        return None, {}
+    path = tokenizer_model or data.tokenizer_model
+    try:
+        tokenizer = build_tokenizer(data.tokenizer_type, path)
+    except TokenizerError as err:
+        raise ConversionError(f"{err} (the checkpoint's tokenizer; pass --tokenizer-model to point at it, "
+                              "or --no-tokenizer)") from None
+    from data_prep.hf_tokenizer import export_hf_tokenizer
+
+    try:
+        ids = export_hf_tokenizer(tokenizer, tmp, cfg.model.seq_length)
+    except TokenizerError as err:
+        raise ConversionError(str(err)) from None
+    return tokenizer, ids
+
+
+def hf_config_dict(model: ModelConfig, vocab: int, special_ids: dict, dtype: torch.dtype) -> dict:
+    """config.json of the export: stock Llama for uniform shapes, our per-layer class otherwise."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab, hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
+        num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.query_groups, head_dim=model.head_dim, hidden_act="silu",
+        max_position_embeddings=model.max_position_embeddings or model.seq_length,
+        rms_norm_eps=model.norm_epsilon, rope_theta=model.rotary_base,
+        tie_word_embeddings=not model.untie_embeddings_and_output_weights,
+        attention_bias=False, mlp_bias=False, torch_dtype=dtype, **special_ids,
+    )
+    config = LlamaConfig(**kwargs).to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["rope_theta"] = model.rotary_base  # also for readers older than transformers 5 (rope_parameters)
+    if model.layer_shapes:
+        config["model_type"] = "pruned_llama"
+        config["architectures"] = ["PrunedLlamaForCausalLM"]
+        config["layer_shapes"] = [
+            {"num_attention_heads": s["num_attention_heads"], "num_key_value_heads": s["num_query_groups"],
+             "intermediate_size": s["ffn_hidden_size"]} for s in model.layer_shapes]
+        config["auto_map"] = {"AutoConfig": "configuration_pruned_llama.PrunedLlamaConfig",
+                              "AutoModelForCausalLM": "modeling_pruned_llama.PrunedLlamaForCausalLM"}
+    return config
+
+
+def hf_state_dict(weights: FullWeights, vocab: int) -> dict:
+    """HF-named tensors of ``weights``, the vocabulary cut to ``vocab`` rows."""
+    from pretrain.state_adapter import layer_of, to_hf
+
+    model = weights.config.model
+    widths = model.layer_widths()
+    hpg = model.num_attention_heads // model.query_groups
+    out = {}
+    for name, tensor in weights.tensors.items():
+        layer = layer_of(name)
+        groups = widths[layer][0] if layer is not None else 0
+        for hf_name, value in to_hf(name, tensor, groups, hpg, model.head_dim).items():
+            if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+                value = value[:vocab]
+            out[hf_name] = value
+    return out
+
+
+def save_safetensors(tensors: dict, folder: str, dtype: torch.dtype, shard_bytes: int = SHARD_BYTES) -> list:
+    """``model.safetensors``, or shards plus ``model.safetensors.index.json`` past ``shard_bytes``."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        t = tensors[name].to(dtype).contiguous().clone()
+        if current and size + t.numel() * t.element_size() > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.numel() * t.element_size()
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, file), metadata={"format": "pt"})
+        names.append(file)
+        for key, t in shard.items():
+            weight_map[key] = file
+            total += t.numel() * t.element_size()
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | None = None,
+              export_tokenizer: bool = True, shard_bytes: int = SHARD_BYTES) -> dict:
+    """Write a HuggingFace folder for the checkpoint under ``load``. Returns a summary."""
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ConversionError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16")
+    _check_new_folder(save)
+    weights = load_full_weights(load)
+    cfg, model = weights.config, weights.config.model
+    tmp = _tmp_folder(save)
+    try:
+        tokenizer, special_ids = _export_tokenizer(cfg, tokenizer_model, tmp) if export_tokenizer else (None, {})
+        imported = weights.trainer_state.get("imported_from") or {}
+        # the real vocabulary: the padding rows megatron adds for TP are not part of the model
+        vocab = tokenizer.vocab_size if tokenizer else imported.get("vocab_size", weights.vocab_size)
+        if vocab > weights.vocab_size:
+            raise ConversionError(f"the tokenizer has {vocab} tokens but the checkpoint's vocabulary is "
+                                  f"{weights.vocab_size}: pass the tokenizer the model was trained with")
+        config = hf_config_dict(model, vocab, special_ids, torch_dtype)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if model.layer_shapes:
+            for file in ("configuration_pruned_llama.py", "modeling_pruned_llama.py"):
+                shutil.copyfile(os.path.join(_REMOTE_CODE, file), os.path.join(tmp, file))
+        generation = {k: v for k, v in special_ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({**generation, "_from_model_config": True}, f, indent=2)
+        files = save_safetensors(hf_state_dict(weights, vocab), tmp, torch_dtype, shard_bytes)
+        _publish(tmp, save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"folder": save, "architecture": config["architectures"][0], "vocab_size": vocab,
+            "shrunk": weights.shrunk, "files": files, "source": weights.folder,
+            "parameters": sum(t.numel() for t in weights.tensors.values()), "tokenizer": tokenizer is not None}
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+def _read_hf_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise ConversionError(f"--load {folder}: no such folder")
+    if not os.path.isfile(path):
+        raise ConversionError(f"--load {folder}: no config.json (is it a HuggingFace model folder?)")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ConversionError(f"{path}: not valid JSON ({err})") from None
+
+
+def model_config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
+    """Our ModelConfig for a Llama-family HF config; refuses what our model cannot compute."""
+    model_type = hf.get("model_type")
+    if model_type not in _SUPPORTED_TYPES:
+        raise ConversionError(f"{path}: model_type {model_type!r} is not supported (supported: Llama-family "
+                              f"models with model_type {', '.join(_SUPPORTED_TYPES)}, e.g. Llama, SmolLM)")
+    problems = []
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {hf['hidden_act']!r} (needs silu / SwiGLU)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        problems.append("attention_bias / mlp_bias (linear biases are not supported)")
+    rope = hf.get("rope_scaling") or {}
+    rope_params = hf.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or rope_params.get("rope_type") or "default"
+    if rope_type != "default":
+        problems.append(f"RoPE scaling {rope_type!r} (only plain RoPE)")
+    if problems:
+        raise ConversionError(f"{path}: cannot import this model: {'; '.join(problems)}")
+    heads, hidden = int(hf["num_attention_heads"]), int(hf["hidden_size"])
+    layer_shapes = None
+    if hf.get("layer_shapes"):
+        layer_shapes = [{"num_query_groups": s["num_key_value_heads"], "num_attention_heads": s["num_attention_heads"],
+                         "ffn_hidden_size": s["intermediate_size"]} for s in hf["layer_shapes"]]
+    positions = int(hf.get("max_position_embeddings", 2048))
+    model = ModelConfig(
+        num_layers=int(hf["num_hidden_layers"]), hidden_size=hidden, num_attention_heads=heads,
+        num_query_groups=int(hf.get("num_key_value_heads") or heads),
+        ffn_hidden_size=int(hf["intermediate_size"]),
+        kv_channels=int(hf.get("head_dim") or hidden // heads),
+        seq_length=min(positions, 2048), max_position_embeddings=positions,
+        vocab_size=int(hf["vocab_size"]),
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+        rotary_base=float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        layer_shapes=layer_shapes,
+    )
+    try:
+        model.validate()
+    except ConfigError as err:
+        raise ConversionError(f"{path}: {err}") from None
+    return model
+
+
+class _HFTensors:
+    """Lazy access to a HF folder's tensors (safetensors, sharded or not; or pytorch_model.bin)."""
+
+    def __init__(self, folder: str):
+        from safetensors import safe_open
+
+        self._files: dict[str, str] = {}
+        index = os.path.join(folder, "model.safetensors.index.json")
+        single = os.path.join(folder, "model.safetensors")
+        self._handles: dict = {}
+        self._bin = None
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            self._files = {k: os.path.join(folder, v) for k, v in weight_map.items()}
+        elif os.path.isfile(single):
+            with safe_open(single, "pt") as h:
+                self._files = {k: single for k in h.keys()}
+        elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+            self._bin = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+            self._files = {k: "pytorch_model.bin" for k in self._bin}
+        else:
+            raise ConversionError(f"--load {folder}: no model.safetensors(.index.json) or pytorch_model.bin")
+        for file in set(self._files.values()):
+            if self._bin is None and not os.path.isfile(file):
+                raise ConversionError(f"{index}: names {file}, which is missing")
+        self.used: set[str] = set()
+        self._safe_open = safe_open
+
+    def names(self) -> set[str]:
+        return set(self._files)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._files:
+            raise ConversionError(f"the HF weights have no tensor {name!r}")
+        self.used.add(name)
+        if self._bin is not None:
+            return self._bin[name]
+        file = self._files[name]
+        if file not in self._handles:
+            self._handles[file] = self._safe_open(file, "pt")
+        return self._handles[file].get_tensor(name)
+
+
+def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+              make_vocab_size_divisible_by: int = 128) -> dict:
+    """Write a weights-only checkpoint (iteration 0) of the HF model in ``load``."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.state_adapter import from_hf, layer_of
+
+    hf = _read_hf_config(load)
+    model_cfg = model_config_from_hf(hf, os.path.join(load, "config.json"))
+    model_cfg = dataclasses.replace(model_cfg, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
+    try:
+        parallel.validate(model_cfg, tensor_parallel * pipeline_parallel)
+    except ConfigError as err:
+        raise ConversionError(f"the model does not fit --tensor-model-parallel-size {tensor_parallel} x "
+                              f"--pipeline-model-parallel-size {pipeline_parallel}: {err}") from None
+    _check_new_folder(save)
+    tensors = _HFTensors(load)
+    hf_vocab = int(hf["vocab_size"])
+    vocab = model_cfg.padded_vocab_size(hf_vocab, tensor_parallel)
+    model = _build_single(model_cfg, vocab)
+    widths = model_cfg.layer_widths()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            layer = layer_of(name)
+            value = from_hf(name, tensors.get, widths[layer][0] if layer is not None else 0, model_cfg.head_dim)
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                if value.shape[0] != hf_vocab:
+                    raise ConversionError(f"{load}: {name} has {value.shape[0]} rows, config.json says "
+                                          f"vocab_size {hf_vocab}")
+                param.zero_()  # the padding rows megatron adds for TP stay zero
+                param[:hf_vocab].copy_(value)
+                continue
+            if tuple(value.shape) != tuple(param.shape):
+                raise ConversionError(f"{load}: {name} has shape {tuple(value.shape)}, the config implies "
+                                      f"{tuple(param.shape)}")
+            param.copy_(value)
+    unused = sorted(n for n in tensors.names() - tensors.used if not n.endswith("rotary_emb.inv_freq"))
+    if model_cfg.untie_embeddings_and_output_weights is False:
+        unused = [n for n in unused if n != "lm_head.weight"]  # a tied copy some exports write
+    if unused:
+        raise ConversionError(f"{load}: tensors the Llama architecture does not use: {unused[:5]}"
+                              f"{' ...' if len(unused) > 5 else ''} (an unsupported variant?)")
+    cfg = PretrainConfig(model=model_cfg, parallel=parallel)
+    state = {"iteration": 0, "consumed_samples": 0, "config": cfg.to_dict(), "vocab_size": vocab,
+             "layout": {}, "weights_only": True, "imported_from": {"path": os.path.abspath(load), "vocab_size": hf_vocab,
+                                              "architecture": (hf.get("architectures") or ["?"])[0]}}
+    tmp = _tmp_folder(save)
+    try:
+        folder = ckpt.save_checkpoint(tmp, 0, [model], None, state)
+        _publish(tmp, save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"folder": os.path.join(save, os.path.basename(folder)), "vocab_size": vocab, "hf_vocab_size": hf_vocab,
+            "parameters": sum(p.numel() for p in model.parameters()), "config": cfg}

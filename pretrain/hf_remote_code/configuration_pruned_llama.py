@@ -1,0 +1,19 @@
+"""Config of a Llama whose layers have their own widths (a per-layer pruned model).
+
+Written by the pruning-aware pretraining system's ``tools/convert_to_hf.py``. ``layer_shapes`` has
+one entry per layer: ``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``; the
+top-level fields hold the widest layer's values. Everything else is a stock ``LlamaConfig``.
+"""
+
+from transformers import LlamaConfig
+
+
+class PrunedLlamaConfig(LlamaConfig):
+    model_type = "pruned_llama"
+
+    def __init__(self, layer_shapes=None, **kwargs):
+        self.layer_shapes = layer_shapes
+        super().__init__(**kwargs)
+        if self.layer_shapes is not None and len(self.layer_shapes) != self.num_hidden_layers:
+            raise ValueError(f"layer_shapes has {len(self.layer_shapes)} entries for "
+                             f"{self.num_hidden_layers} layers")
