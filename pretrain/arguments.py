@@ -24,6 +24,17 @@ _MODEL_FIELDS = ["num_layers", "hidden_size", "num_attention_heads", "num_query_
                  "init_method_std"]
 
 
+def _token_count(text: str) -> int:
+    """A count written as an integer or in scientific notation (5e10)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pretrain",
                                 description="Pruning-aware pretraining on megatron-core.")
@@ -81,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=8)
     g.add_argument("--train-iters", type=int)
-    g.add_argument("--train-tokens", type=int)
+    g.add_argument("--train-tokens", type=_token_count, help="e.g. 5e10 (instead of --train-iters)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--eval-interval", type=int, default=0)
