@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shrink-at", default=None,
                    help="shrink the model in-run at these token counts (comma-separated), or 'auto': "
                         "at the end of pruning (and see --shrink-every-fraction); needs --save")
+    g.add_argument("--shrink-tensor-model-parallel-size", type=int,
+                   help="continue on this TP size after an in-run shrink (default: unchanged)")
+    g.add_argument("--shrink-pipeline-model-parallel-size", type=int,
+                   help="continue on this PP size after an in-run shrink (default: unchanged)")
     g.add_argument("--shrink-every-fraction", type=float,
                    help="with --shrink-at auto: also shrink whenever the kept parameter fraction "
                         "has fallen by this much since the last shrink")
@@ -202,5 +206,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
             shrink_at=tuple(int(float(t)) for t in (args.shrink_at or "").split(",")
                             if t.strip() and t.strip() != "auto"),
             shrink_every_fraction=args.shrink_every_fraction,
+            shrink_tensor_parallel_size=args.shrink_tensor_model_parallel_size,
+            shrink_pipeline_parallel_size=args.shrink_pipeline_model_parallel_size,
         ),
     )

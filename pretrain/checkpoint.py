@@ -33,7 +33,15 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
 MODEL_OPTIM_DIR = "model_optim"
-_SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+_SHARDING_TYPE = "fully_reshardable"
+
+
+def _sharding_metadata() -> dict:
+    """A fresh dict per call: megatron-core stores the current data-parallel group into the
+    metadata dict it is given (``ensure_metadata_has_dp_cp_group``); a shared dict would keep the
+    group of the first layout, and a later layout in the same process (an in-run shrink onto
+    another TP/PP) would then give every DP rank replica id 0 and fail to load."""
+    return {"distrib_optim_sharding_type": _SHARDING_TYPE}
 
 
 class CheckpointError(RuntimeError):
@@ -171,8 +179,8 @@ def _model_sharded_state_dict(model_chunks: list) -> dict:
     from pretrain.model import unwrap
 
     if len(model_chunks) == 1:
-        return unwrap(model_chunks[0]).sharded_state_dict(metadata=_SHARDING_METADATA)
-    return {f"model{i}": unwrap(c).sharded_state_dict(metadata=_SHARDING_METADATA)
+        return unwrap(model_chunks[0]).sharded_state_dict(metadata=_sharding_metadata())
+    return {f"model{i}": unwrap(c).sharded_state_dict(metadata=_sharding_metadata())
             for i, c in enumerate(model_chunks)}
 
 
@@ -206,7 +214,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, tr
     sharded = {"model": model_sd}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False,
-                                                            metadata=_SHARDING_METADATA)
+                                                            metadata=_sharding_metadata())
     dist_checkpointing.save(sharded, os.path.join(tmp, MODEL_OPTIM_DIR))
     torch.save({"rng": _rng_state(), "local": local_state or {}},
                os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
@@ -300,7 +308,7 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
     if load_optim and optimizer is not None:
         _ensure_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                            metadata=_SHARDING_METADATA)
+                                                            metadata=_sharding_metadata())
     try:
         state = dist_checkpointing.load(sharded, os.path.join(folder, MODEL_OPTIM_DIR))
     except Exception as err:

@@ -337,6 +337,9 @@ class PruneConfig:
     shrink_at: tuple = ()
     shrink_auto: bool = False
     shrink_every_fraction: float | None = None
+    # the layout to continue on after an in-run shrink (None: keep the current one)
+    shrink_tensor_parallel_size: int | None = None
+    shrink_pipeline_parallel_size: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -395,8 +398,23 @@ class PretrainConfig:
         self.checkpoint.validate()
         total_tokens = self.train.total_iters(self.model.seq_length) * self.train.global_batch_size * self.model.seq_length
         self.prune.validate(total_tokens)
-        if self.prune.shrink_at or self.prune.shrink_auto:
+        shrinks = bool(self.prune.shrink_at or self.prune.shrink_auto)
+        if shrinks:
             _require(self.checkpoint.save is not None, "--shrink-at needs --save (the shrink goes through a checkpoint)")
+        new_tp, new_pp = self.prune.shrink_tensor_parallel_size, self.prune.shrink_pipeline_parallel_size
+        if new_tp or new_pp:
+            _require(shrinks, "--shrink-tensor/pipeline-model-parallel-size need --shrink-at")
+            after = dataclasses.replace(
+                self.parallel, tensor_model_parallel_size=new_tp or self.parallel.tensor_model_parallel_size,
+                pipeline_model_parallel_size=new_pp or self.parallel.pipeline_model_parallel_size)
+            sizes = after.tensor_model_parallel_size * after.pipeline_model_parallel_size
+            _require(world_size % sizes == 0,
+                     f"--shrink-tensor-model-parallel-size x --shrink-pipeline-model-parallel-size ({sizes}) "
+                     f"must divide the world size ({world_size})")
+            try:
+                self.train.validate(after.data_parallel_size(world_size), self.model.seq_length)
+            except ConfigError as err:
+                raise ConfigError(f"after the shrink's layout change: {err}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,6 +6,7 @@ model, optimizer and schedule, resume if asked, then ``Trainer.fit`` with its ca
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -67,6 +68,12 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     it = trainer.state.iteration
     source = iteration_dir(cfg.checkpoint.save, it)
     target = os.path.join(cfg.checkpoint.save, f"shrunk_iter_{it:07d}")
+    # the layout to continue on: the same, or the one --shrink-*-model-parallel-size asks for
+    prune, parallel = cfg.prune, cfg.parallel
+    new_parallel = dataclasses.replace(
+        parallel,
+        tensor_model_parallel_size=prune.shrink_tensor_parallel_size or parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=prune.shrink_pipeline_parallel_size or parallel.pipeline_model_parallel_size)
     ok = torch.tensor([1.0])
     output = ""
     if torch.distributed.get_rank() == 0:
@@ -74,7 +81,9 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
         env = single_process_environment()
         tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
                             "reshard_checkpoint.py")
-        proc = subprocess.run([sys.executable, tool, "--load", source, "--save", target, "--shrink"],
+        layout = ["--target-tensor-parallel-size", str(new_parallel.tensor_model_parallel_size),
+                  "--target-pipeline-parallel-size", str(new_parallel.pipeline_model_parallel_size)]
+        proc = subprocess.run([sys.executable, tool, "--load", source, "--save", target, "--shrink", *layout],
                               env=env, capture_output=True, text=True)
         output = proc.stdout + proc.stderr
         ok[0] = 1.0 if proc.returncode == 0 else 0.0
@@ -84,8 +93,12 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     if ok.item() < 1:
         raise RuntimeError(f"in-run shrink of {source} failed:\n{output[-3000:]}")
     del summary["trainer"], trainer
+    if new_parallel != parallel:
+        print_rank0(f"continuing on TP {new_parallel.tensor_model_parallel_size} x PP "
+                    f"{new_parallel.pipeline_model_parallel_size} (was TP {parallel.tensor_model_parallel_size} x "
+                    f"PP {parallel.pipeline_model_parallel_size})")
     print_rank0(f"continuing on the shrunk model from {target}")
-    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(
+    return dataclasses.replace(cfg, parallel=new_parallel, checkpoint=dataclasses.replace(
         cfg.checkpoint, load=target, use_checkpoint_args=True, finetune=False))
 
 
@@ -140,8 +153,11 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
         m = cfg.model
         shape = ModelShape.from_config(m, vocab_size)
         total_tokens = total_iters * cfg.train.global_batch_size * m.seq_length
-        pruner = PruningCallback(cfg.prune, shape, tp, m.seq_length, cfg.train.global_batch_size,
-                                 total_tokens, log_dir=cfg.logging.tensorboard_dir, pipeline_parallel=pp)
+        # kept widths (and layers) must divide over every layout the run will use
+        pruner = PruningCallback(cfg.prune, shape, math.lcm(tp, cfg.prune.shrink_tensor_parallel_size or tp),
+                                 m.seq_length, cfg.train.global_batch_size, total_tokens,
+                                 log_dir=cfg.logging.tensorboard_dir,
+                                 pipeline_parallel=math.lcm(pp, cfg.prune.shrink_pipeline_parallel_size or pp))
         print_rank0(f"pruning: {pruner.initial_params / 1e6:.3f} M -> {pruner.final_params / 1e6:.3f} M "
                     f"parameters between {pruner.start_tokens:,} and {pruner.end_tokens:,} tokens "
                     f"({cfg.prune.ramp}), every {cfg.prune.interval} steps; saliency {cfg.prune.saliency}; "

@@ -162,6 +162,30 @@ def test_in_run_shrink_continues_the_curve(tiny_dataset, tmp_path):
     assert res["resumed_hidden"] == res["final_hidden"] < 128 and res["resumed_iters"] == [11, 12]
 
 
+def layout_change_worker(data, root):
+    """In-run shrink that continues on another layout in the same processes (TP=2 -> TP=1, DP=2)."""
+    from pretrain.train import run
+
+    def cfg(shrink: bool, save: str):
+        c = _cfg(data, tp=2, iters=10, save=save, save_interval=100)
+        c.prune = dataclasses.replace(c.prune, shrink_auto=shrink, shrink_tensor_parallel_size=1 if shrink else None)
+        return c
+
+    masked = run(cfg(False, f"{root}/m"))
+    shrunk = run(cfg(True, f"{root}/s"))
+    return {"masked": losses_of(masked), "shrunk": losses_of(shrunk), "segments": shrunk.get("segments"),
+            "layout": shrunk["layout"]}
+
+
+def test_in_run_shrink_can_continue_on_another_layout(tiny_dataset, tmp_path):
+    res = run_distributed(layout_change_worker, 2, tiny_dataset, str(tmp_path))[0]
+    assert res["segments"] and len(res["segments"]) == 2, res
+    assert res["layout"]["tp_size"] == 1 and res["layout"]["dp_size"] == 2, res["layout"]
+    assert len(res["shrunk"]) == len(res["masked"]) == 10
+    for a, b in zip(res["shrunk"], res["masked"]):
+        assert abs(a - b) < 2e-4 * abs(b), (res["shrunk"], res["masked"])
+
+
 def per_layer_worker(data, root):
     """Per-layer pruning, shrunk in-run several times into heterogeneous models (TP=2)."""
     from pretrain.train import run
