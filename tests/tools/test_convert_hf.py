@@ -5,6 +5,7 @@ exports load with ``from_pretrained`` and generate, the tokenizer goes along, ba
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -99,6 +100,27 @@ def export_worker(data, root):
                      "back_equal": same, "back_names": set(back.tensors) == set(exported.tensors),
                      "back_shape": dataclasses.asdict(back.config.model),
                      "exported_shape": dataclasses.asdict(exported.config.model)}
+    # large models are written in shards (an index names them); bf16 on request
+    export_hf(f"{root}/mha", f"{root}/hf_sharded", dtype="bf16", shard_bytes=150_000)
+    sharded = AutoModelForCausalLM.from_pretrained(f"{root}/hf_sharded", dtype=torch.float32).eval()
+    with torch.no_grad():
+        bf16_logits = sharded(ids).logits
+    files = sorted(os.listdir(f"{root}/hf_sharded"))
+    with open(f"{root}/hf_sharded/model.safetensors.index.json") as f:
+        index = json.load(f)
+    out["sharded"] = {"files": files, "mapped": sorted(set(index["weight_map"].values())),
+                      "dtype": str(next(iter(sharded_tensors(f"{root}/hf_sharded").values())).dtype),
+                      "max_diff": float((bf16_logits - _our_logits(f"{root}/mha", ids)[..., :1000]).abs().max())}
+    return out
+
+
+def sharded_tensors(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(os.listdir(folder)):
+        if file.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, file)))
     return out
 
 
@@ -109,9 +131,22 @@ def exported(tiny_dataset, tmp_path_factory):
     return root, run_distributed(export_worker, 1, tiny_dataset, root)[0]
 
 
+def test_large_exports_are_sharded_and_bf16_on_request(exported):
+    _, res = exported
+    sharded = res["sharded"]
+    shards = [f for f in sharded["files"] if f.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in sharded["files"], sharded["files"]
+    assert sharded["mapped"] == shards and sharded["dtype"] == "torch.bfloat16"
+    assert sharded["max_diff"] < 0.1, sharded  # bf16 rounding of the weights only
+
+
+def _cases(res):
+    return {k: v for k, v in res.items() if k != "sharded"}
+
+
 def test_exports_compute_what_our_model_computes(exported):
     _, res = exported
-    for case, r in res.items():
+    for case, r in _cases(res).items():
         assert r["max_diff"] < 2e-4 * r["scale"], (case, r["max_diff"], r["scale"])
         assert r["generated"] == 9, case
 
@@ -133,13 +168,13 @@ def test_uniform_export_is_stock_llama_and_per_layer_uses_remote_code(exported):
 
 def test_tokenizer_goes_along_and_encodes_like_ours(exported):
     _, res = exported
-    for case, r in res.items():
+    for case, r in _cases(res).items():
         assert r["encodings_equal"] and r["decodes"], case
 
 
 def test_ours_to_hf_to_ours_is_exact(exported):
     _, res = exported
-    for case, r in res.items():
+    for case, r in _cases(res).items():
         assert r["back_names"] and all(r["back_equal"].values()), (case, r["back_equal"])
         shape = {k: r["back_shape"][k] for k in ("num_layers", "hidden_size", "num_attention_heads",
                                                   "num_query_groups", "ffn_hidden_size", "layer_shapes")}
@@ -230,6 +265,11 @@ def test_bad_inputs_are_refused(exported, tiny_dataset, tmp_path):
         r = _tool("convert_from_hf.py", "--load", str(bad), "--save", str(tmp_path / "out"))
         assert r.returncode == 1 and message in r.stderr, (change, r.stderr)
         assert not (tmp_path / "out").exists()
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(f"{hf}/config.json", no_weights / "config.json")
+    r = _tool("convert_from_hf.py", "--load", str(no_weights), "--save", str(tmp_path / "out"))
+    assert r.returncode == 1 and "no model.safetensors" in r.stderr, r.stderr
     r = _tool("convert_from_hf.py", "--load", f"{root}/hf_mha", "--save", str(tmp_path / "out"),
               "--tensor-model-parallel-size", "3")
     assert r.returncode == 1 and "--tensor-model-parallel-size 3" in r.stderr, r.stderr
