@@ -12,12 +12,13 @@ are checked against the model now (the checkpoint itself loads under any layout)
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools._single_process import quiet_start, run_reporting_errors  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,21 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     args = p.parse_args(argv)
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from pretrain.distributed import destroy_distributed
+    quiet_start()
     from pretrain.hf import ConversionError, import_hf
 
-    try:
-        r = import_hf(args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                      args.make_vocab_size_divisible_by)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        destroy_distributed()
+    r, status = run_reporting_errors(lambda: import_hf(
+        args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+        args.make_vocab_size_divisible_by), (ConversionError,))
+    if status:
+        return status
     m = r["config"].model
     print(f"wrote {r['folder']}: {r['parameters'] / 1e6:.3f} M parameters, {m.num_layers} layers, hidden "
           f"{m.hidden_size}, heads {m.num_attention_heads} (groups {m.query_groups}), FFN {m.ffn_hidden_size}, "

@@ -10,12 +10,13 @@ checkpoint goes along (``--tokenizer-model`` if it has moved). Runs in one proce
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools._single_process import quiet_start, run_reporting_errors  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,22 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tokenizer", action="store_true", help="export the model without a tokenizer")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0)
     args = p.parse_args(argv)
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    quiet_start()
     from pretrain.checkpoint import CheckpointError
-    from pretrain.distributed import destroy_distributed
     from pretrain.hf import ConversionError, export_hf
 
-    try:
-        r = export_hf(args.load, args.save, args.dtype, args.tokenizer_model, not args.no_tokenizer,
-                      int(args.max_shard_size_gb * 1024**3))
-    except (ConversionError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        destroy_distributed()
+    r, status = run_reporting_errors(lambda: export_hf(
+        args.load, args.save, args.dtype, args.tokenizer_model, not args.no_tokenizer,
+        int(args.max_shard_size_gb * 1024**3)), (ConversionError, CheckpointError))
+    if status:
+        return status
     remote = " (load with trust_remote_code=True)" if r["architecture"] != "LlamaForCausalLM" else ""
     print(f"wrote {r['folder']}: {r['architecture']}{remote}, {r['parameters'] / 1e6:.3f} M parameters"
           f"{', shrunk from the pruning masks' if r['shrunk'] else ''}, vocabulary {r['vocab_size']}, "

@@ -11,12 +11,13 @@ ckpt_small`` continues the run on the small model. Runs in one process.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools._single_process import quiet_start, run_reporting_errors  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,22 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-tensor-parallel-size", type=int)
     p.add_argument("--target-pipeline-parallel-size", type=int)
     args = p.parse_args(argv)
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    quiet_start()
     from pretrain.checkpoint import CheckpointError
-    from pretrain.distributed import destroy_distributed
     from pretrain.shrink import ShrinkError, reshard_checkpoint
 
-    try:
-        r = reshard_checkpoint(args.load, args.save, args.shrink, args.target_tensor_parallel_size,
-                               args.target_pipeline_parallel_size)
-    except (ShrinkError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        destroy_distributed()
+    r, status = run_reporting_errors(lambda: reshard_checkpoint(
+        args.load, args.save, args.shrink, args.target_tensor_parallel_size,
+        args.target_pipeline_parallel_size), (ShrinkError, CheckpointError))
+    if status:
+        return status
     m = r["config"].model
     print(f"wrote {r['folder']} (iteration {r['iteration']}): {r['params_before'] / 1e6:.3f} M -> "
           f"{r['params_after'] / 1e6:.3f} M parameters; hidden {m.hidden_size}, heads "
