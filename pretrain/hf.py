@@ -234,14 +234,15 @@ def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | 
         generation = {k: v for k, v in special_ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({**generation, "_from_model_config": True}, f, indent=2)
-        files = save_safetensors(hf_state_dict(weights, vocab), tmp, torch_dtype, shard_bytes)
+        tensors = hf_state_dict(weights, vocab)
+        files = save_safetensors(tensors, tmp, torch_dtype, shard_bytes)
         _publish(tmp, save)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"folder": save, "architecture": config["architectures"][0], "vocab_size": vocab,
             "shrunk": weights.shrunk, "files": files, "source": weights.folder,
-            "parameters": sum(t.numel() for t in weights.tensors.values()), "tokenizer": tokenizer is not None}
+            "parameters": sum(t.numel() for t in tensors.values()), "tokenizer": tokenizer is not None}
 
 
 # --- import ---------------------------------------------------------------------------------------

@@ -16,13 +16,13 @@ PRUNE_START=$((ITERS / 10 * TOKENS_PER_STEP))
 PRUNE_END=$((ITERS * 6 / 10 * TOKENS_PER_STEP))
 export OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 mkdir -p "$OUT"
-rm -rf "$OUT/ckpt" "$OUT/tensorboard"
+rm -rf "$OUT/ckpt" "$OUT/tensorboard" "$OUT/hf"
 
-echo "== 1/5 building the built-in corpus (Python standard library documentation)"
+echo "== 1/6 building the built-in corpus (Python standard library documentation)"
 $PY -m data_prep.build_corpus --output "$OUT/corpus.jsonl"
-echo "== 2/5 training a sentencepiece tokenizer (vocab $VOCAB)"
+echo "== 2/6 training a sentencepiece tokenizer (vocab $VOCAB)"
 $PY -m data_prep.train_tokenizer --input "$OUT/corpus.jsonl" --vocab-size "$VOCAB" --output "$OUT/tokenizer"
-echo "== 3/5 preprocessing to a Megatron indexed dataset"
+echo "== 3/6 preprocessing to a Megatron indexed dataset"
 $PY tools/preprocess_data.py --input "$OUT/corpus.jsonl" --output-prefix "$OUT/corpus" \
     --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" \
     --append-eod --workers 2 --no-progress
@@ -38,12 +38,28 @@ TRAIN=(-m pretrain --model debug --tensor-model-parallel-size 2
        --prune-interval 5 --saliency taylor --prune-granularity uniform --shrink-at auto)
 LAUNCH=($PY -m torch.distributed.run --standalone --nproc-per-node 2)
 
-echo "== 4/5 pruning-aware pretraining of the debug model (TP=2, 2 gloo processes) to 50% of its"
+echo "== 4/6 pruning-aware pretraining of the debug model (TP=2, 2 gloo processes) to 50% of its"
 echo "        parameters between $PRUNE_START and $PRUNE_END tokens, then shrink it and go on;"
 echo "        stopping at iteration $STOP_AT"
 "${LAUNCH[@]}" "${TRAIN[@]}" --exit-interval "$STOP_AT" 2>&1 | grep --line-buffered -v -i "warn"
-echo "== 5/5 resuming from the checkpoint in $OUT/ckpt and training to $ITERS"
+echo "== 5/6 resuming from the checkpoint in $OUT/ckpt and training to $ITERS"
 "${LAUNCH[@]}" "${TRAIN[@]}" --load "$OUT/ckpt" 2>&1 | grep --line-buffered -v -i "warn"
 
 $PY tools/plot_pruning.py "$OUT/tensorboard"
 $PY -m pretrain.report "$OUT/tensorboard/metrics.jsonl" --checkpoints "$OUT/ckpt" --tensorboard-dir "$OUT/tensorboard"
+
+echo "== 6/6 exporting the shrunk model to HuggingFace, loading it with transformers, generating"
+$PY tools/convert_to_hf.py --load "$OUT/ckpt" --save "$OUT/hf" 2>&1 | grep -v -i "warn"
+$PY - "$OUT/hf" <<'EOF' 2>&1 | grep -v -i "warn"
+import sys
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder).eval()
+ids = tokenizer("Return the number of", return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+print(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) "
+      f"generated: {tokenizer.decode(out[0])!r}")
+EOF

@@ -26,6 +26,7 @@ def test_demo_end_to_end(tmp_path):
     assert "loss went down: yes" in out
     assert "pruning at iteration" in out and "found architecture" in out
     assert "continuing on the shrunk model" in out and "speed-up" in out
+    assert "LlamaForCausalLM" in out and "generated: 'Return the number of" in out
     for png in ("saliency.png", "kept_ratio.png", "layers.png"):
         assert (tmp_path / "demo" / "tensorboard" / "plots" / png).stat().st_size > 1000
     assert (tmp_path / "demo" / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "60"
