@@ -6,7 +6,8 @@
 # the requeued job resumes from the newest checkpoint under $SAVE (pruning state included). Safe
 # to resubmit: --load $SAVE always picks up where the last run stopped.
 # Run with bash instead (bash slurm/pretrain_1b.sbatch [sbatch options]): checks the inputs before
-# asking for any GPU, then submits itself with those options.
+# asking for any GPU, then submits itself with those options (DRY_RUN=1: instead validates the
+# recipe's flags with python -m pretrain --dry-run and prints the plan; needs a world of 1, TP=PP=1).
 #
 # Every setting is a variable with a default; override from the environment or with
 # sbatch --export=ALL,NAME=value,...
@@ -83,23 +84,12 @@ check_inputs() {
     [ "$LAUNCHER" = srun ] || [ "$LAUNCHER" = torchrun ] || fail "LAUNCHER=$LAUNCHER: srun or torchrun"
 }
 
-if [ -z "${SLURM_JOB_ID:-}" ]; then  # run with bash: check, then submit this script
-    check_inputs
-    echo "inputs ok; submitting $SCRIPT $*"
-    exec sbatch "$@" "$SCRIPT"
-fi
-
 check_inputs
 # resume from $SAVE when it holds a checkpoint, else start from INIT_CHECKPOINT (or from scratch)
 LOAD=$SAVE
 if [ -n "$INIT_CHECKPOINT" ] && [ ! -f "$SAVE/latest_checkpointed_iteration.txt" ]; then
     LOAD=$INIT_CHECKPOINT
 fi
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-export MASTER_ADDR MASTER_PORT
-echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES nodes x $RANKS_PER_NODE ranks," \
-     "TP $TP PP $PP, master $MASTER_ADDR:$MASTER_PORT, load $LOAD, save $SAVE"
 
 # shellcheck disable=SC2206
 ARGS=($MODEL_ARGS $PRUNE_ARGS
@@ -109,6 +99,20 @@ ARGS=($MODEL_ARGS $PRUNE_ARGS
       --data-path $DATA_PATH --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL"
       --save "$SAVE" --load "$LOAD" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$TENSORBOARD_DIR"
       --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" $PRECISION $EXTRA_ARGS)
+
+if [ -z "${SLURM_JOB_ID:-}" ]; then  # run with bash: checked above; submit this script
+    if [ -n "${DRY_RUN:-}" ]; then  # or only validate the recipe's flags (one process, no model)
+        exec "$PYTHON" -m pretrain "${ARGS[@]}" --dry-run
+    fi
+    echo "inputs ok; submitting $SCRIPT $*"
+    exec sbatch "$@" "$SCRIPT"
+fi
+
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export MASTER_ADDR MASTER_PORT
+echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES nodes x $RANKS_PER_NODE ranks," \
+     "TP $TP PP $PP, master $MASTER_ADDR:$MASTER_PORT, load $LOAD, save $SAVE"
 
 if [ "$LAUNCHER" = srun ]; then
     CMD=(srun --kill-on-bad-exit=1 --ntasks-per-node="$RANKS_PER_NODE" --ntasks="$WORLD"

@@ -168,3 +168,16 @@ def test_bad_inputs_fail_before_submission(tiny_dataset, override, message):
                        env=env, timeout=60)
     assert r.returncode == 1 and message in r.stderr, (r.stdout, r.stderr)
     assert "submitting" not in r.stdout
+
+
+@pytest.mark.parametrize("recipe", ["pretrain_1b", "pretrain_469m", "pretrain_134m"])
+def test_recipe_flags_validate(tiny_dataset, recipe):
+    """Each recipe's own model and pruning flags parse and validate (DRY_RUN=1: no job, no model)."""
+    env = {**os.environ, "REPO": ROOT, "PYTHON": sys.executable, "DATA_PATH": tiny_dataset["prefix"],
+           "TOKENIZER_TYPE": "GPTSentencePieceTokenizer", "TOKENIZER_MODEL": tiny_dataset["tokenizer"],
+           "NNODES": "1", "GPUS_PER_NODE": "1", "TP": "1", "PP": "1", "DRY_RUN": "1", "SAVE": "/tmp/unused"}
+    env.pop("SLURM_JOB_ID", None)
+    r = subprocess.run(["bash", f"{ROOT}/slurm/{recipe}.sbatch"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "model: 24 layers, hidden 2048" in r.stdout and "plan:" in r.stdout, r.stdout
