@@ -114,6 +114,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(uninterrupted, t
     _sh("scancel", "--signal=USR1", "--batch", job)
     _wait(job, ("PENDING", "REQUEUED", "REQUEUE_HOLD"), timeout=300)
     _wait(job, ("PENDING",), timeout=60)
+    # slurmd revokes the previous run's credential; one issued in the same second counts as revoked
+    # too ("Killing non-startable batch job: Job credential revoked"), so let a few seconds pass
+    time.sleep(3)
     _sh("scontrol", "update", f"JobId={job}", "StartTime=now")  # requeued jobs wait ~2 minutes
     assert _wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) == "COMPLETED", _log(job)[-3000:]
     log = _log(job)
