@@ -27,7 +27,7 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     from pretrain.data import MicroBatchIterator, build_datasets, load_tokenizer
     from pretrain.distributed import init_distributed, launch_environment, set_random_seed
     from pretrain.model import build_model
-    from pretrain.train import _checkpoint_vocab
+    from pretrain.train import checkpoint_vocab
     from pretrain.trainer import forward_step, global_mean_loss
 
     folder = ckpt.find_checkpoint(load)
@@ -44,7 +44,7 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     _, world_size, _ = launch_environment()
     parallel.validate(model_cfg, world_size)
     tokenizer = load_tokenizer(data)
-    vocab = _checkpoint_vocab((folder, state), tokenizer.vocab_size, tensor_parallel)
+    vocab = checkpoint_vocab((folder, state), tokenizer.vocab_size, tensor_parallel)
 
     layout = init_distributed(tensor_parallel, pipeline_parallel)
     set_random_seed(saved.train.seed)

@@ -309,15 +309,19 @@ class _HFTensors:
     def __init__(self, folder: str):
         from safetensors import safe_open
 
-        self._files: dict[str, str] = {}
-        index = os.path.join(folder, "model.safetensors.index.json")
-        single = os.path.join(folder, "model.safetensors")
+        self._open = safe_open
         self._handles: dict = {}
         self._bin = None
+        self.used: set[str] = set()
+        index = os.path.join(folder, "model.safetensors.index.json")
+        single = os.path.join(folder, "model.safetensors")
         if os.path.isfile(index):
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
             self._files = {k: os.path.join(folder, v) for k, v in weight_map.items()}
+            missing = sorted({f for f in self._files.values() if not os.path.isfile(f)})
+            if missing:
+                raise ConversionError(f"{index} names {missing[0]}, which is missing")
         elif os.path.isfile(single):
             with safe_open(single, "pt") as h:
                 self._files = {k: single for k in h.keys()}
@@ -326,11 +330,6 @@ class _HFTensors:
             self._files = {k: "pytorch_model.bin" for k in self._bin}
         else:
             raise ConversionError(f"--load {folder}: no model.safetensors(.index.json) or pytorch_model.bin")
-        for file in set(self._files.values()):
-            if self._bin is None and not os.path.isfile(file):
-                raise ConversionError(f"{index}: names {file}, which is missing")
-        self.used: set[str] = set()
-        self._safe_open = safe_open
 
     def names(self) -> set[str]:
         return set(self._files)
@@ -343,7 +342,7 @@ class _HFTensors:
             return self._bin[name]
         file = self._files[name]
         if file not in self._handles:
-            self._handles[file] = self._safe_open(file, "pt")
+            self._handles[file] = self._open(file, "pt")
         return self._handles[file].get_tensor(name)
 
 

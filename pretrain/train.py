@@ -121,7 +121,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     tokenizer = load_tokenizer(cfg.data) if not cfg.data.mock_data or cfg.data.tokenizer_model else None
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
-    vocab_size = _checkpoint_vocab(peeked, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
+    vocab_size = checkpoint_vocab(peeked, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
     layout = init_distributed(tp, pp)
     set_random_seed(cfg.train.seed)
     dp = layout["dp_size"]
@@ -265,10 +265,13 @@ def _with_checkpoint_model(cfg: PretrainConfig, peeked: tuple[str, dict] | None)
     if peeked is None:
         raise ConfigError("--use-checkpoint-args needs a valid checkpoint under --load")
     saved = PretrainConfig.from_dict(peeked[1]["config"])
-    return dataclasses.replace(cfg, model=saved.model)
+    if cfg.checkpoint.use_checkpoint_args:
+        return dataclasses.replace(cfg, model=saved.model)
+    # the shape is the checkpoint's; the sequence length (no weights depend on it) stays the run's
+    return dataclasses.replace(cfg, model=dataclasses.replace(saved.model, seq_length=cfg.model.seq_length))
 
 
-def _checkpoint_vocab(peeked: tuple[str, dict] | None, tokenizer_vocab: int, tp: int) -> int | None:
+def checkpoint_vocab(peeked: tuple[str, dict] | None, tokenizer_vocab: int, tp: int) -> int | None:
     """The padded vocabulary of the checkpoint to load, when it fits this TP size.
 
     Padding depends on TP (a multiple of make_vocab_size_divisible_by x TP); a checkpoint padded
