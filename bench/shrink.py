@@ -24,6 +24,17 @@ def _folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+def _peak_rss_of(code: str) -> int:
+    """Peak resident memory (bytes) of a fresh interpreter running ``code``."""
+    import subprocess
+
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) forking process
+    out = subprocess.run([sys.executable, "-c", code + "\nprint('PEAK', [l.split()[1] for l in "
+                          "open('/proc/self/status') if l.startswith('VmHWM')][0])"],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.split("PEAK")[-1]) * 1024
+
+
 def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: int) -> dict:
     from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig,
                                  ParallelConfig, PretrainConfig, PruneConfig, TrainConfig)
@@ -57,6 +68,17 @@ def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: i
     t = time.time()
     r = reshard_checkpoint(src, f"{root}/small", shrink=True, progress=False)
     shrink_s = time.time() - t
+    # the command-line tool in its own process: wall time with start-up, and its peak memory
+    tool = str(ROOT / "tools" / "reshard_checkpoint.py")
+    t = time.time()
+    cli_peak = _peak_rss_of(f"import sys, runpy; sys.argv = [{tool!r}, '--load', {src!r}, '--save', "
+                            f"{root + '/small_cli'!r}, '--shrink']; sys.path.insert(0, {str(ROOT)!r})\n"
+                            f"try:\n    runpy.run_path({tool!r}, run_name='__main__')\nexcept SystemExit as e:\n"
+                            f"    assert not e.code, e.code")
+    cli_s = time.time() - t
+    import_peak = _peak_rss_of(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import tools._single_process; "
+                               "import pretrain.shrink, pretrain.dcp_stream, pretrain.pruning.masks, "
+                               "pretrain.checkpoint")
     small_model = r["config"].model
 
     masked, shrunk, direct = [], [], []
@@ -67,7 +89,8 @@ def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: i
         shrunk += [x["step_seconds"] for x in h]
         h = run(cfg(dataclasses.replace(small_model), iters))["history"][2:]
         direct += [x["step_seconds"] for x in h]
-    return {"bytes": size, "copy_s": copy_s, "shrink_s": shrink_s, "params_before": r["params_before"],
+    return {"bytes": size, "copy_s": copy_s, "shrink_s": shrink_s, "cli_s": cli_s, "cli_peak": cli_peak,
+            "import_peak": import_peak, "params_before": r["params_before"],
             "params_after": r["params_after"], "masked": statistics.median(masked),
             "shrunk": statistics.median(shrunk), "direct": statistics.median(direct)}
 
@@ -87,8 +110,10 @@ def main() -> None:
         r = run_distributed(_worker, 1, root, args.hidden, args.ffn, args.layers, args.iters, args.rounds)[0]
     gb = r["bytes"] / 1e9
     print(f"checkpoint {gb * 1000:.1f} MB; plain copy {gb / r['copy_s']:.3f} GB/s; shrink tool "
-          f"{gb / r['shrink_s']:.3f} GB/s (ratio {r['copy_s'] / r['shrink_s']:.3f}; includes building "
-          f"both models and loading)")
+          f"{gb / r['shrink_s']:.3f} GB/s (ratio {r['copy_s'] / r['shrink_s']:.3f}; streaming, in process); "
+          f"command line {r['cli_s']:.1f}s with start-up")
+    print(f"tool peak memory {r['cli_peak'] / 1e6:.0f} MB (of which {r['import_peak'] / 1e6:.0f} MB is the "
+          f"interpreter and imports) for a {gb * 1000:.0f} MB checkpoint")
     print(f"parameters {r['params_before'] / 1e6:.2f} M -> {r['params_after'] / 1e6:.2f} M "
           f"(ratio {r['params_after'] / r['params_before']:.3f})")
     print(f"step time: masked {r['masked'] * 1000:.0f} ms, shrunk {r['shrunk'] * 1000:.0f} ms, same shape "

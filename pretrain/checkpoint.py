@@ -223,18 +223,26 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, tr
     _barrier()
 
     if _rank() == 0:
-        manifest = {"iteration": iteration, "files": _list_files(tmp),
-                    "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
-        _atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
-        if os.path.exists(final):  # re-saving an iteration (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _atomic_write_text(os.path.join(root, LATEST_FILE), str(iteration))
+        publish_checkpoint(root, iteration, tmp,
+                           torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
         if keep_last:
             _prune_old(root, keep_last)
         print(f"saved checkpoint {final} in {time.time() - start:.1f}s", flush=True)
     _barrier()
+    return final
+
+
+def publish_checkpoint(root: str, iteration: int, tmp: str, world_size: int = 1) -> str:
+    """Make the complete folder ``tmp`` the checkpoint of ``iteration`` under ``root``: write its
+    manifest, rename it into place, then point ``latest`` at it (one process calls this)."""
+    final = iteration_dir(root, iteration)
+    manifest = {"iteration": iteration, "files": _list_files(tmp), "world_size": world_size}
+    _atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+    if os.path.exists(final):  # re-saving an iteration (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _atomic_write_text(os.path.join(root, LATEST_FILE), str(iteration))
     return final
 
 

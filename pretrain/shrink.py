@@ -1,23 +1,28 @@
 """Rewrite a checkpoint into the physically smaller architecture (and/or another TP/PP layout).
 
-The source checkpoint (any TP/PP/DP: ``dist_checkpointing`` reshards on load) is loaded into a
-TP=1/PP=1 model and optimizer in this process; every weight, its fp32 master copy and both Adam
-moments are sliced to the kept groups with ``pretrain.state_adapter``; the smaller model and
-optimizer are saved with the same iteration, consumed samples, LR schedule and pruning history,
-and a config whose shape is the kept one and whose layout is the target TP/PP. A checkpoint
-written here loads under any layout; the target layout is validated now so that a bad one fails
-here, not on the cluster.
+Streaming: no model is built. The source checkpoint's DCP folder is read key by key, region by
+region (``pretrain.dcp_stream``): every weight, its fp32 master copy and both Adam moments
+(``optimizer.state.{param,exp_avg,exp_avg_sq}.<key>``) are cut to the kept groups one layer at a
+time with ``pretrain.state_adapter.kept_indices``, dropped layers are left out and the rest
+renumbered, and the result is written chunk by chunk. Memory stays at about one layer of one
+tensor (plus one output file's buffer, ``max_file_bytes``), whatever the checkpoint's size.
 
-Uniform masks give a plain Llama shape; per-layer masks give a heterogeneous model (per-layer
-query groups and FFN widths, ``ModelConfig.layer_shapes``, built through
-``megatron_patches.per_layer_config``). Memory: the full model and optimizer are held once in
-this process (not streamed tensor by tensor).
+The keys written are the ones the smaller model asks for: a uniform shrink gives a plain Llama
+shape whose decoder tensors are stacked ``[layers, ...]``; per-layer masks give a heterogeneous
+model (per-layer query groups and FFN widths, ``ModelConfig.layer_shapes``) whose layers have
+their own keys (``decoder.layers.{i}....``; ``megatron_patches.per_layer_config``). Iteration,
+consumed samples, LR schedule (``common.pt`` holds the optimizer's param groups and step: copied
+as is) and pruning history are carried over. A checkpoint loads under any TP/PP, so a layout
+change rewrites only the config (the target layout is validated here so that a bad one fails
+here, not on the cluster). The new checkpoint is written to ``iter_N.tmp`` and renamed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shutil
 import time
 
 import torch
@@ -35,25 +40,13 @@ def _shape_of(cfg: PretrainConfig, vocab: int):
     return ModelShape.from_config(cfg.model, vocab)
 
 
-def _build(cfg: PretrainConfig, vocab: int):
-    from pretrain.model import build_model
-    from pretrain.optim import build_optimizer
-
-    single = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    chunks = build_model(cfg.model, single, cfg.train, vocab)
-    optimizer = build_optimizer(chunks, cfg.optim, single, cfg.train)
-    return chunks, optimizer
-
-
 def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: int | None = None,
-                       target_pp: int | None = None, progress: bool = True) -> dict:
-    """Importable entry point (one process). Returns a summary of what was written."""
+                       target_pp: int | None = None, progress: bool = True,
+                       max_file_bytes: int = 512 * 2**20) -> dict:
+    """Importable entry point (one process, no torch.distributed needed). Returns a summary."""
     from pretrain import checkpoint as ckpt
-    from pretrain.distributed import init_distributed
-    from pretrain.model import unwrap
     from pretrain.pruning.masks import GroupMasks
-    from pretrain.pruning.optim_state import iter_param_slots
-    from pretrain.state_adapter import shrink_parameter, shrunk_model_config, source_name
+    from pretrain.state_adapter import shrunk_model_config
 
     start = time.time()
     folder = ckpt.find_checkpoint(load)
@@ -61,28 +54,27 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
         raise ShrinkError(f"--load {load}: no valid checkpoint there")
     if os.path.abspath(save) == os.path.abspath(load):
         raise ShrinkError("--save must differ from --load (the source checkpoint is kept)")
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
+        raise ShrinkError("reshard/shrink runs in a single process (launch it with python, not torchrun)")
     state = ckpt.read_trainer_state(folder)
     cfg = PretrainConfig.from_dict(state["config"])
     vocab = int(state["vocab_size"])
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
-        raise ShrinkError("reshard/shrink runs in a single process (launch it with python, not torchrun)")
-    init_distributed(1, 1)
+    shape = _shape_of(cfg, vocab)
     pruning = state.get("callbacks", {}).get("pruning")
     masks = None
     if shrink:
         if not pruning:
             raise ShrinkError(f"{folder}: --shrink needs a checkpoint of a pruning run (no pruning state)")
         masks = GroupMasks.from_state_dict(pruning["masks"])
+        expected = (shape.num_layers, shape.num_groups, shape.ffn, shape.hidden)
+        found = (masks.heads.shape[0], masks.heads.shape[1], masks.ffn.shape[1], masks.hidden.numel())
+        if found != expected:
+            raise ShrinkError(f"{folder}: the pruning masks (layers, groups, FFN, hidden = {found}) do not "
+                              f"match the checkpoint's model {expected}; the trainer state is inconsistent")
+        if not bool(masks.layers.any()) or not bool(masks.hidden.any()):
+            raise ShrinkError(f"{folder}: the masks keep no layer or no hidden channel; nothing to shrink into")
 
-    # source model + optimizer at TP=1/PP=1, loaded from the checkpoint (any layout)
-    src_chunks, src_opt = _build(cfg, vocab)
-    ckpt.load_checkpoint(folder, src_chunks, src_opt, load_optim=True, load_rng=False)
-    src_model = unwrap(src_chunks[0])
-
-    new_model_cfg = cfg.model
-    if shrink:
-        shape = _shape_of(cfg, vocab)
-        new_model_cfg = shrunk_model_config(cfg.model, masks, shape)
+    new_model_cfg = shrunk_model_config(cfg.model, masks, shape) if shrink else cfg.model
     tp = target_tp or cfg.parallel.tensor_model_parallel_size
     pp = target_pp or cfg.parallel.pipeline_model_parallel_size
     new_cfg = dataclasses.replace(
@@ -96,38 +88,6 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
     if vocab % tp:
         raise ShrinkError(f"the vocabulary ({vocab}, padded) is not divisible by TP={tp}")
 
-    if shrink:
-        dst_chunks, dst_opt = _build(new_cfg, vocab)
-        ckpt._ensure_optimizer_state(dst_opt)
-        dst_model = unwrap(dst_chunks[0])
-        src_params = dict(src_model.named_parameters())
-        names = {p: n for n, p in dst_model.named_parameters()}
-        # load_checkpoint gave the source optimizer its state (``_ensure_optimizer_state`` + load)
-        src_slots = {slot.param: slot for slot in iter_param_slots(src_opt)}
-        dst_slots = list(iter_param_slots(dst_opt))
-        total = len(dst_slots)
-        with torch.no_grad():
-            for i, slot in enumerate(dst_slots, 1):
-                name = source_name(names[slot.param], masks)
-                src_param = src_params[name]
-                src_slot = src_slots[src_param]
-
-                def sliced_flat(flat: torch.Tensor) -> torch.Tensor:
-                    return shrink_parameter(name, flat.view(src_param.shape), masks, shape).reshape(-1)
-
-                slot.param.copy_(shrink_parameter(name, src_param.detach(), masks, shape))
-                if slot.main_param is not None and src_slot.main_param is not None:
-                    slot.main_param.copy_(sliced_flat(src_slot.main_param))
-                for key, value in slot.state.items():
-                    src_value = src_slot.state.get(key)
-                    if src_value is not None:
-                        value.copy_(src_value if key == "step" else sliced_flat(src_value))
-                if progress and (i == total or i % 10 == 0):
-                    print(f"  shrink: {i}/{total} tensors", flush=True)
-        out_chunks, out_opt = dst_chunks, dst_opt
-    else:
-        out_chunks, out_opt = src_chunks, src_opt
-
     new_state = dict(state)
     new_state["config"] = new_cfg.to_dict()
     # no per-rank state (RNG, fisher means) carries over a reshard: mark the layout as unknown
@@ -139,12 +99,210 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
         history.append({"iteration": state["iteration"], "from": dataclasses.asdict(cfg.model),
                         "to": dataclasses.asdict(new_model_cfg)})
         new_state["shrink_history"] = history
-    # the scheduler state, iteration and consumed samples are carried as saved
-    path = ckpt.save_checkpoint(save, state["iteration"], out_chunks, out_opt, new_state)
-    old_params = sum(p.numel() for p in src_model.parameters())
-    new_params = sum(p.numel() for c in out_chunks for p in unwrap(c).parameters())
-    return {"folder": path, "iteration": state["iteration"], "params_before": old_params,
-            "params_after": new_params, "seconds": time.time() - start, "config": new_cfg}
+
+    iteration = state["iteration"]
+    tmp = ckpt.iteration_dir(save, iteration) + ".tmp"
+    source_dir = os.path.join(folder, ckpt.MODEL_OPTIM_DIR)
+    target_dir = os.path.join(tmp, ckpt.MODEL_OPTIM_DIR)
+    os.makedirs(save, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        if shrink:
+            counts = _stream_shrink(source_dir, target_dir, masks, shape,
+                                    stacked=new_model_cfg.layer_shapes is None, progress=progress,
+                                    max_file_bytes=max_file_bytes)
+        else:
+            shutil.copytree(source_dir, target_dir)
+            counts = (_model_numel(source_dir),) * 2
+        torch.save(new_state, os.path.join(tmp, ckpt.TRAINER_STATE))
+        path = ckpt.publish_checkpoint(save, iteration, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"folder": path, "iteration": iteration, "params_before": counts[0], "params_after": counts[1],
+            "seconds": time.time() - start, "config": new_cfg}
+
+
+# --- the streaming rewrite ---------------------------------------------------------------------
+
+_OPTIMIZER_KEY = re.compile(r"(optimizer\.state\.[^.]+\.)(.+)")
+_LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_STACKED = "decoder.layers."
+_OBJECT_KEY = re.compile(r"(.+)/shard_([\d.]+)_([\d.]+)")
+_ROW_BLOCK_BYTES = 64 * 2**20  # embedding/output rows are rewritten in blocks of this size
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """``optimizer.state.exp_avg.<model key>`` -> (``optimizer.state.exp_avg.``, model key)."""
+    m = _OPTIMIZER_KEY.fullmatch(key)
+    return (m.group(1), m.group(2)) if m else ("", key)
+
+
+def _model_numel(dcp_dir: str) -> int:
+    from pretrain.dcp_stream import CheckpointReader
+
+    reader = CheckpointReader(dcp_dir)
+    return sum(_numel(md.size) for k in reader.keys() if (md := reader.tensor_meta(k)) and not _split_key(k)[0])
+
+
+def _numel(size) -> int:
+    n = 1
+    for s in size:
+        n *= s
+    return n
+
+
+class _Progress:
+    def __init__(self, total_bytes: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total_bytes, 0, enabled
+        self.start = self.last = time.time()
+
+    def __call__(self, tensor, data: torch.Tensor) -> None:
+        self.done += data.numel() * data.element_size()
+        now = time.time()
+        if self.enabled and (now - self.last > 5 or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9) / 1e9
+            print(f"  shrink: {self.done / 1e9:.3f} of {self.total / 1e9:.3f} GB written "
+                  f"({100 * self.done / max(self.total, 1):.0f}%, {rate:.2f} GB/s)", flush=True)
+
+
+def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool, progress: bool,
+                   max_file_bytes: int) -> tuple[int, int]:
+    """Write the shrunk DCP folder; returns (model parameters before, after)."""
+    from pretrain.dcp_stream import CheckpointReader, OutTensor, write_lazily
+    from pretrain.state_adapter import kept_indices, kept_layers, slice_to
+
+    reader = CheckpointReader(source_dir)
+    kept = kept_layers(masks)
+    new_layers = len(kept)
+    layer_sources: dict[tuple[str, str], dict[int, tuple[str, bool]]] = {}
+    outputs: list[OutTensor] = []
+    before = 0
+
+    def indices_of(key: str, name: str) -> tuple:
+        try:
+            return kept_indices(name, masks, shape)
+        except KeyError:
+            raise ShrinkError(f"{source_dir}: tensor {key!r} has no shrink rule (biases and other extra "
+                              "parameters are not supported by the shrink)") from None
+
+    for key in reader.keys():
+        md = reader.tensor_meta(key)
+        if md is None:
+            continue
+        prefix, model_key = _split_key(key)
+        if not prefix:
+            before += _numel(md.size)
+        m = _LAYER_KEY.fullmatch(model_key)
+        if m:
+            layer_sources.setdefault((prefix, m.group(2)), {})[int(m.group(1))] = (key, False)
+        elif model_key.startswith(_STACKED):
+            if md.size[0] != shape.num_layers:
+                raise ShrinkError(f"{source_dir}: {key!r} stacks {md.size[0]} layers, the config says "
+                                  f"{shape.num_layers}")
+            for layer in range(md.size[0]):
+                layer_sources.setdefault((prefix, model_key[len(_STACKED):]), {})[layer] = (key, True)
+        else:
+            outputs.append(_global_output(reader, key, md, indices_of(key, model_key), slice_to))
+
+    for (prefix, rest), sources in layer_sources.items():
+        missing = sorted(set(range(shape.num_layers)) - set(sources))
+        if missing:
+            raise ShrinkError(f"{source_dir}: layers {missing} of {prefix}decoder.layers.*.{rest} are missing")
+        per_layer = []  # (shape, produce) of each kept layer, in the new order
+        for source_layer in kept:
+            key, is_stacked = sources[source_layer]
+            md = reader.tensor_meta(key)
+            layer_size = tuple(md.size[1:]) if is_stacked else tuple(md.size)
+            index = indices_of(key, f"decoder.layers.{source_layer}.{rest}")
+            out_size = tuple(len(ix) if ix is not None else n for ix, n in zip(index, layer_size))
+
+            def produce(key=key, is_stacked=is_stacked, layer=source_layer, size=layer_size, index=index):
+                if is_stacked:
+                    data = reader.read(key, (layer,) + (0,) * len(size), (1,) + size)[0]
+                else:
+                    data = reader.read(key)
+                return slice_to(data, index)
+
+            per_layer.append((out_size, produce, md.properties.dtype))
+        if stacked:
+            sizes = {size for size, _, _ in per_layer}
+            if len(sizes) != 1:
+                raise ShrinkError(f"{prefix}decoder.layers.{rest}: kept layers differ in shape {sorted(sizes)} "
+                                  "but the shrunk config is uniform")
+            size = per_layer[0][0]
+            outputs.append(OutTensor(
+                f"{prefix}{_STACKED}{rest}", (new_layers,) + size, per_layer[0][2],
+                [((i,) + (0,) * len(size), (1,) + size) for i in range(new_layers)],
+                lambda i, per_layer=per_layer: per_layer[i][1]().unsqueeze(0)))
+        else:
+            for i, (size, produce, dtype) in enumerate(per_layer):
+                outputs.append(OutTensor(f"{prefix}decoder.layers.{i}.{rest}", size, dtype,
+                                         [((0,) * len(size), size)], lambda _, produce=produce: produce()))
+
+    objects = {}
+    for key in reader.keys():
+        if reader.tensor_meta(key) is None:
+            new_key = _renamed_object(key, kept, stacked)
+            if new_key is not None:
+                objects[new_key] = reader.read_bytes(key)
+
+    after = sum(_numel(t.size) for t in outputs if not _split_key(t.key)[0])
+    write_lazily(target_dir, outputs, objects, on_chunk=_Progress(sum(t.nbytes for t in outputs), progress),
+                 max_file_bytes=max_file_bytes)
+    for name in os.listdir(source_dir):  # metadata.json (format), common.pt (optimizer param groups)
+        if not name.startswith(".") and not name.endswith(".distcp"):
+            shutil.copy2(os.path.join(source_dir, name), os.path.join(target_dir, name))
+    return before, after
+
+
+def _global_output(reader, key: str, md, index: tuple, slice_to):
+    """A tensor outside the decoder layers (embedding, output layer, final norm); 2-D ones whose
+    rows are all kept are rewritten in row blocks to bound memory."""
+    from pretrain.dcp_stream import OutTensor
+
+    size = tuple(md.size)
+    out_size = tuple(len(ix) if ix is not None else n for ix, n in zip(index, size))
+    if len(size) == 2 and index[0] is None:
+        row_bytes = max(1, size[1] * md.properties.dtype.itemsize)
+        block = max(1, _ROW_BLOCK_BYTES // row_bytes)
+        starts = list(range(0, size[0], block))
+        chunks = [((r, 0), (min(block, size[0] - r), out_size[1])) for r in starts]
+
+        def produce(i):
+            rows = chunks[i][1][0]
+            return slice_to(reader.read(key, (starts[i], 0), (rows, size[1])), index)
+
+        return OutTensor(key, out_size, md.properties.dtype, chunks, produce)
+    return OutTensor(key, out_size, md.properties.dtype, [((0,) * len(size), out_size)],
+                     lambda _: slice_to(reader.read(key), index))
+
+
+def _renamed_object(key: str, kept: list[int], stacked: bool) -> str | None:
+    """The key of a byte object (``..._extra_state/shard_<offsets>_<shape>``) in the shrunk
+    checkpoint; None for objects of dropped layers. Stacked keys carry the layer as the first
+    offset (``shard_{l}_{L}``); per-layer keys do not (``decoder.layers.{l}.x/shard_0_1``)."""
+    prefix, model_key = _split_key(key)
+    m = _OBJECT_KEY.fullmatch(model_key)
+    if m is None or not m.group(1).startswith(_STACKED):
+        return key
+    base, offsets, sizes = m.group(1), m.group(2).split("."), m.group(3).split(".")
+    per_layer = _LAYER_KEY.fullmatch(base)
+    if per_layer:
+        layer, rest = int(per_layer.group(1)), per_layer.group(2)
+        if offsets == ["0"] and sizes == ["1"]:
+            offsets, sizes = [], []
+    else:
+        layer, rest = int(offsets[0]), base[len(_STACKED):]
+        offsets, sizes = offsets[1:], sizes[1:]
+    if layer not in kept:
+        return None
+    i = kept.index(layer)
+    if stacked:
+        return f"{prefix}{_STACKED}{rest}/shard_{'.'.join([str(i)] + offsets)}_{'.'.join([str(len(kept))] + sizes)}"
+    return f"{prefix}{_STACKED}{i}.{rest}/shard_{'.'.join(offsets or ['0'])}_{'.'.join(sizes or ['1'])}"
 
 
 def _packed_rows(table: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:

@@ -35,34 +35,56 @@ def fc1_rows(ffn_mask: torch.Tensor) -> torch.Tensor:
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
-def shrink_parameter(name: str, tensor: torch.Tensor, masks, shape) -> torch.Tensor:
-    """Slice one full (TP=1, PP=1) parameter, or a state tensor of its shape, to the kept groups.
+_HIDDEN_VECTORS = ("input_layernorm.weight", "pre_mlp_layernorm.weight",
+                   # the checkpoint keys of norms fused into the next linear (TE names, FACTS.md)
+                   "self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight")
 
-    ``name`` is the parameter's name in an unwrapped GPTModel; layer indices are global.
+
+def kept_indices(name: str, masks, shape) -> tuple:
+    """Per dimension of parameter ``name`` (full, TP=1), the indices the shrink keeps (None: all).
+
+    ``name`` is the parameter's name in an unwrapped GPTModel, or its checkpoint key for a
+    single layer (``decoder.layers.{l}.<rest>``); layer indices are global.
     """
-    hidden = masks.hidden
+    def where(mask: torch.Tensor) -> torch.Tensor:
+        return mask.nonzero().flatten()
+
+    hidden = where(masks.hidden)
     hpg, hd = shape.heads_per_group, shape.head_dim
     m = _LAYER.match(name)
     if m is None:
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            return tensor[:, hidden]
+            return (None, hidden)
         if name.endswith("final_layernorm.weight"):
-            return tensor[hidden]
+            return (hidden,)
         raise KeyError(f"no shrink rule for parameter {name!r}")
     layer, rest = int(m.group(1)), m.group(2)
     groups = masks.heads[layer, :shape.groups_of(layer)]
     ffn = masks.ffn[layer, :shape.ffn_of(layer)]
     if rest == "self_attention.linear_qkv.weight":
-        return tensor[qkv_rows(groups, hpg, hd)][:, hidden]
+        return (where(qkv_rows(groups, hpg, hd)), hidden)
     if rest == "self_attention.linear_proj.weight":
-        return tensor[hidden][:, proj_columns(groups, hpg, hd)]
+        return (hidden, where(proj_columns(groups, hpg, hd)))
     if rest == "mlp.linear_fc1.weight":
-        return tensor[fc1_rows(ffn)][:, hidden]
+        return (where(fc1_rows(ffn)), hidden)
     if rest == "mlp.linear_fc2.weight":
-        return tensor[hidden][:, ffn]
-    if rest in ("input_layernorm.weight", "pre_mlp_layernorm.weight"):
-        return tensor[hidden]
+        return (hidden, where(ffn))
+    if rest in _HIDDEN_VECTORS:
+        return (hidden,)
     raise KeyError(f"no shrink rule for parameter {name!r}")
+
+
+def slice_to(tensor: torch.Tensor, indices: tuple, first_dim: int = 0) -> torch.Tensor:
+    """``tensor`` with dimension ``first_dim + d`` cut to ``indices[d]`` (None keeps it whole)."""
+    for d, index in enumerate(indices):
+        if index is not None:
+            tensor = tensor.index_select(first_dim + d, index)
+    return tensor
+
+
+def shrink_parameter(name: str, tensor: torch.Tensor, masks, shape) -> torch.Tensor:
+    """Slice one full (TP=1, PP=1) parameter, or a state tensor of its shape, to the kept groups."""
+    return slice_to(tensor, kept_indices(name, masks, shape))
 
 
 def kept_layers(masks) -> list[int]:

@@ -1,0 +1,218 @@
+"""Tensor-by-tensor access to a ``torch_dist`` checkpoint folder, without building a model.
+
+megatron-core's ``torch_dist`` format is a PyTorch Distributed Checkpoint (DCP): every key is a
+*global* tensor (the full TP=1 parameter; decoder layers of a homogeneous model stacked on a
+leading layer dimension) stored as the chunks the saving ranks held, plus byte objects
+(``..._extra_state/shard_i_n``), ``common.pt`` and ``metadata.json``. ``CheckpointReader`` reads
+any region of a key (only the chunks it overlaps are touched); ``write_lazily`` writes a new DCP
+folder whose tensors are produced one chunk at a time by a callback, so rewriting a checkpoint
+never holds more than one chunk (plus one output file's buffer) in memory.
+
+Only public DCP planner/storage interfaces are used, except that ``_LazyWriter`` groups the
+write items into files itself: torch's ``FileSystemWriter`` keeps every tensor of a file alive
+until the file is closed, so one file per rank would hold the whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex,
+                                                   TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan,
+                                                  TensorWriteData, WriteItem, WriteItemType)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+
+class _CachedReader(FileSystemReader):
+    """Reads ``.metadata`` once (every ``dcp.load`` call asks for it again)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+class _RegionLoadPlanner(LoadPlanner):
+    """Loads one region of one tensor key (or one byte object) into a given destination."""
+
+    def __init__(self, key: str, offsets: tuple = (), out: torch.Tensor | None = None) -> None:
+        self.key, self.offsets, self.out = key, tuple(offsets), out
+        self.raw: bytes | None = None
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        md = self.metadata.state_dict_metadata[self.key]
+        if isinstance(md, BytesStorageMetadata):
+            index = MetadataIndex(self.key)
+            zero = torch.Size([0])
+            return LoadPlan([ReadItem(type=LoadItemType.BYTE_IO, dest_index=index, dest_offsets=zero,
+                                      storage_index=index, storage_offsets=zero, lengths=zero)])
+        chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=self.out.shape)
+        return LoadPlan(create_read_items_for_chunk_list(self.key, md, [chunk]))
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        self.raw = value.read()
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        out = self.out
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            out = out.narrow(dim, start, length)
+        return out
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass  # resolve_tensor handed out a view of ``out``: the data is already in place
+
+
+class CheckpointReader:
+    """Random access to the tensors and objects of one DCP folder (``model_optim``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._storage = _CachedReader(path)
+        self.metadata = self._storage.read_metadata()
+        self._storage.set_up_storage_reader(self.metadata, True)
+        self.bytes_read = 0
+
+    def keys(self) -> list[str]:
+        return list(self.metadata.state_dict_metadata)
+
+    def tensor_meta(self, key: str) -> TensorStorageMetadata | None:
+        md = self.metadata.state_dict_metadata[key]
+        return md if isinstance(md, TensorStorageMetadata) else None
+
+    def read(self, key: str, offsets: tuple | None = None, sizes: tuple | None = None) -> torch.Tensor:
+        """The region ``[offsets, offsets + sizes)`` of tensor ``key`` (the whole tensor by default)."""
+        md = self.tensor_meta(key)
+        offsets = tuple(offsets) if offsets is not None else (0,) * len(md.size)
+        sizes = tuple(sizes) if sizes is not None else tuple(md.size)
+        out = torch.empty(sizes, dtype=md.properties.dtype)
+        self._load(_RegionLoadPlanner(key, offsets, out))
+        self.bytes_read += out.numel() * out.element_size()
+        return out
+
+    def read_bytes(self, key: str) -> bytes:
+        planner = _RegionLoadPlanner(key)
+        self._load(planner)
+        return planner.raw
+
+    def _load(self, planner: _RegionLoadPlanner) -> None:
+        # what ``dcp.load`` does for one process, minus its per-call metadata read, planning
+        # round and logging (a shrink issues one load per layer and tensor)
+        planner.set_up_planner({}, self.metadata, True)
+        plan = planner.create_local_plan()
+        self._storage.read_data(self._storage.prepare_local_plan(plan), planner).wait()
+
+
+@dataclass
+class OutTensor:
+    """One tensor key of the checkpoint to write: global size, dtype, and its chunks' offsets and
+    sizes; ``produce(chunk_index)`` returns the data of one chunk when the writer needs it."""
+
+    key: str
+    size: tuple
+    dtype: torch.dtype
+    chunks: list  # [(offsets, sizes)]
+    produce: Callable[[int], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.size:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    def __init__(self, tensors: list[OutTensor], objects: dict[str, bytes],
+                 on_chunk: Callable[[OutTensor, torch.Tensor], None] | None) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._tensors = {t.key: t for t in tensors}
+        self._objects = objects
+        self._on_chunk = on_chunk
+
+    def create_local_plan(self) -> SavePlan:
+        items = [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self._objects]
+        for t in self._tensors.values():
+            properties = TensorProperties(dtype=t.dtype)
+            for i, (offsets, sizes) in enumerate(t.chunks):
+                items.append(WriteItem(
+                    index=MetadataIndex(t.key, torch.Size(offsets), i), type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
+                        properties=properties, size=torch.Size(t.size))))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        key = write_item.index.fqn
+        if write_item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(self._objects[key])
+        t = self._tensors[key]
+        data = t.produce(write_item.index.index).contiguous()
+        expected = tuple(write_item.tensor_data.chunk.sizes)
+        if tuple(data.shape) != expected or data.dtype != t.dtype:
+            raise AssertionError(f"{key} chunk {write_item.index.index}: produced {tuple(data.shape)} "
+                                 f"{data.dtype}, planned {expected} {t.dtype}")
+        if self._on_chunk is not None:
+            self._on_chunk(t, data)
+        return data
+
+
+class _LazyWriter(FileSystemWriter):
+    """One output file per ``max_file_bytes`` of data, filled and closed in order."""
+
+    def __init__(self, path: str, max_file_bytes: int) -> None:
+        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
+        self.max_file_bytes = max_file_bytes
+
+    def write_data(self, plan: SavePlan, planner):
+        buckets, current, size = [], [], 0
+        for item in plan.items:
+            n = 0
+            if item.type != WriteItemType.BYTE_IO:
+                n = item.tensor_data.properties.dtype.itemsize
+                for s in item.tensor_data.chunk.sizes:
+                    n *= s
+            if current and size + n > self.max_file_bytes:
+                buckets.append(current)
+                current, size = [], 0
+            current.append(item)
+            size += n
+        if current:
+            buckets.append(current)
+        file_queue: queue.Queue = queue.Queue()
+        for i, bucket in enumerate(buckets):
+            name = f"{plan.storage_data.prefix}{i}.distcp"
+            file_queue.put((self.fs.concat_path(self.path, name), name, bucket))
+        return self._write_data(planner, file_queue)
+
+
+def write_lazily(path: str, tensors: list[OutTensor], objects: dict[str, bytes],
+                 on_chunk: Callable[[OutTensor, torch.Tensor], None] | None = None,
+                 max_file_bytes: int = 512 * 2**20) -> None:
+    """Write a DCP folder at ``path`` (created) from lazily produced tensor chunks and raw objects
+    (``objects`` hold bytes exactly as stored in another DCP folder, e.g. torch-saved objects)."""
+    os.makedirs(path, exist_ok=True)
+    dcp_save({}, storage_writer=_LazyWriter(path, max_file_bytes),
+             planner=_LazySavePlanner(tensors, objects, on_chunk), no_dist=True)
