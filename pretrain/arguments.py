@@ -20,8 +20,8 @@ from pretrain.config import (
 
 _MODEL_FIELDS = ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                  "ffn_hidden_size", "kv_channels", "seq_length", "max_position_embeddings",
-                 "vocab_size", "make_vocab_size_divisible_by", "rotary_base", "norm_epsilon",
-                 "init_method_std"]
+                 "vocab_size", "make_vocab_size_divisible_by", "rotary_base", "rope_scaling_factor",
+                 "norm_epsilon", "init_method_std"]
 
 
 def _token_count(text: str) -> int:
@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, help="model vocabulary (default: tokenizer's, padded)")
     g.add_argument("--make-vocab-size-divisible-by", type=int)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--add-qkv-bias", action="store_true", help="biases on q, k and v (Qwen2)")
     g.add_argument("--rotary-base", type=float)
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.x RoPE scaling (low/high frequency factors 1 and 4, original context 8192)")
+    g.add_argument("--rope-scaling-factor", type=float, help="with --use-rope-scaling (default 8)")
     g.add_argument("--norm-epsilon", type=float)
     g.add_argument("--init-method-std", type=float)
 
@@ -155,6 +159,10 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
             model_values[name] = value
     if args.untie_embeddings_and_output_weights:
         model_values["untie_embeddings_and_output_weights"] = True
+    if args.add_qkv_bias:
+        model_values["add_qkv_bias"] = True
+    if args.use_rope_scaling:
+        model_values["use_rope_scaling"] = True
     missing = [n for n in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
                if n not in model_values]
     if missing:

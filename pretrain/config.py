@@ -22,7 +22,7 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, GQA, no biases."""
+    """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, GQA; no biases, or Qwen2's q/k/v biases."""
 
     num_layers: int
     hidden_size: int
@@ -35,7 +35,12 @@ class ModelConfig:
     vocab_size: int | None = None  # None: the tokenizer's, padded
     make_vocab_size_divisible_by: int = 128
     untie_embeddings_and_output_weights: bool = False
+    add_qkv_bias: bool = False  # biases on q, k and v only (Qwen2); no other linear has one
     rotary_base: float = 10000.0
+    # Llama 3.x RoPE scaling (megatron-core's: low/high frequency factors 1 and 4, original
+    # context 8192; Megatron-LM's --use-rope-scaling / --rope-scaling-factor)
+    use_rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     # a heterogeneous model (after a per-layer shrink): per layer {num_query_groups,
@@ -58,6 +63,7 @@ class ModelConfig:
                 f"({self.num_attention_heads}), or set --kv-channels",
             )
         _require(self.head_dim % 2 == 0, f"head size {self.head_dim} must be even for RoPE")
+        _require(self.rope_scaling_factor >= 1, f"--rope-scaling-factor {self.rope_scaling_factor} must be >= 1")
         if self.layer_shapes is not None:
             _require(len(self.layer_shapes) == self.num_layers,
                      f"layer_shapes has {len(self.layer_shapes)} entries for {self.num_layers} layers")
@@ -96,12 +102,13 @@ class ModelConfig:
         return int(math.ceil(base / multiple) * multiple)
 
     def num_parameters(self, vocab_size: int) -> dict[str, int]:
-        """Parameter counts by part (no biases; tied embeddings counted once)."""
+        """Parameter counts by part (tied embeddings counted once)."""
         h, hd = self.hidden_size, self.head_dim
-        layers = [h * hd * (heads + 2 * groups) + heads * hd * h + 3 * h * f + 2 * h
+        bias = 1 if self.add_qkv_bias else 0
+        layers = [(h + bias) * hd * (heads + 2 * groups) + heads * hd * h + 3 * h * f + 2 * h
                   for groups, heads, f in self.layer_widths()]
         groups, heads, f = self.layer_widths()[0]
-        attention = h * hd * (heads + 2 * groups) + heads * hd * h
+        attention = (h + bias) * hd * (heads + 2 * groups) + heads * hd * h
         mlp = 3 * h * f
         per_layer = layers[0]
         embedding = vocab_size * h
@@ -128,10 +135,15 @@ MODEL_PRESETS: dict[str, dict] = {
     "smollm-1.7b": dict(num_layers=24, hidden_size=2048, num_attention_heads=32, num_query_groups=32,
                         ffn_hidden_size=8192, seq_length=2048, vocab_size=49152,
                         rotary_base=10000.0),
-    # meta-llama/Llama-3.2-1B shape (GQA 32/8, tied)
+    # meta-llama/Llama-3.2-1B shape (GQA 32/8, tied, Llama 3 RoPE scaling x32)
     "llama-3.2-1b": dict(num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8,
                          ffn_hidden_size=8192, seq_length=2048, vocab_size=128256,
-                         rotary_base=500000.0, kv_channels=64),
+                         rotary_base=500000.0, kv_channels=64, use_rope_scaling=True,
+                         rope_scaling_factor=32.0),
+    # Qwen/Qwen2.5-0.5B shape (GQA 14/2, tied, q/k/v biases)
+    "qwen2.5-0.5b": dict(num_layers=24, hidden_size=896, num_attention_heads=14, num_query_groups=2,
+                         ffn_hidden_size=4864, seq_length=2048, vocab_size=151936, rotary_base=1000000.0,
+                         norm_epsilon=1e-6, add_qkv_bias=True),
 }
 
 

@@ -28,7 +28,7 @@ from pretrain.config import ConfigError, ModelConfig, ParallelConfig, PretrainCo
 
 SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 _REMOTE_CODE = os.path.join(os.path.dirname(__file__), "hf_remote_code")
-_SUPPORTED_TYPES = ("llama", "pruned_llama")
+_SUPPORTED_TYPES = ("llama", "qwen2", "pruned_llama")
 
 
 class ConversionError(ValueError):
@@ -133,9 +133,14 @@ def _export_tokenizer(cfg: PretrainConfig, tokenizer_model: str | None, tmp: str
     return tokenizer, ids
 
 
+# the fixed parts of megatron-core's Llama 3 RoPE scaling (RotaryEmbedding._apply_scaling)
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 def hf_config_dict(model: ModelConfig, vocab: int, special_ids: dict, dtype: torch.dtype) -> dict:
-    """config.json of the export: stock Llama for uniform shapes, our per-layer class otherwise."""
-    from transformers import LlamaConfig
+    """config.json of the export: stock Llama (Qwen2 with q/k/v biases) for uniform shapes, our
+    per-layer class otherwise."""
+    from transformers import LlamaConfig, Qwen2Config
 
     kwargs = dict(
         vocab_size=vocab, hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
@@ -146,10 +151,31 @@ def hf_config_dict(model: ModelConfig, vocab: int, special_ids: dict, dtype: tor
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
         attention_bias=False, mlp_bias=False, torch_dtype=dtype, **special_ids,
     )
-    config = LlamaConfig(**kwargs).to_dict()
-    config["architectures"] = ["LlamaForCausalLM"]
-    config["rope_theta"] = model.rotary_base  # also for readers older than transformers 5 (rope_parameters)
+    rope_scaling = None
+    if model.use_rope_scaling:
+        rope_scaling = {"rope_type": "llama3", "factor": float(model.rope_scaling_factor), **_LLAMA3_ROPE}
+        kwargs["rope_scaling"] = rope_scaling
+    if model.add_qkv_bias and not model.layer_shapes and model.head_dim * model.num_attention_heads == model.hidden_size:
+        # Qwen2 (q/k/v biases; its readers take the head size as hidden / heads)
+        for key in ("head_dim", "attention_bias", "mlp_bias"):
+            kwargs.pop(key)
+        config = Qwen2Config(**kwargs, use_sliding_window=False).to_dict()
+        config["architectures"] = ["Qwen2ForCausalLM"]
+    elif model.add_qkv_bias and not model.layer_shapes:
+        # pruned heads: another head size. A stock Llama with attention_bias (q/k/v and o_proj
+        # biases; the o_proj biases are written as zeros) computes exactly this model
+        kwargs["attention_bias"] = True
+        config = LlamaConfig(**kwargs).to_dict()
+        config["architectures"] = ["LlamaForCausalLM"]
+    else:
+        config = LlamaConfig(**kwargs).to_dict()
+        config["architectures"] = ["LlamaForCausalLM"]
+    # also for readers older than transformers 5 (which reads rope_parameters)
+    config["rope_theta"] = model.rotary_base
+    if rope_scaling:
+        config["rope_scaling"] = rope_scaling
     if model.layer_shapes:
+        config["qkv_bias"] = model.add_qkv_bias
         config["model_type"] = "pruned_llama"
         config["architectures"] = ["PrunedLlamaForCausalLM"]
         config["layer_shapes"] = [
@@ -160,8 +186,9 @@ def hf_config_dict(model: ModelConfig, vocab: int, special_ids: dict, dtype: tor
     return config
 
 
-def hf_state_dict(weights: FullWeights, vocab: int) -> dict:
-    """HF-named tensors of ``weights``, the vocabulary cut to ``vocab`` rows."""
+def hf_state_dict(weights: FullWeights, vocab: int, zero_o_proj_bias: bool = False) -> dict:
+    """HF-named tensors of ``weights``, the vocabulary cut to ``vocab`` rows (and zero
+    ``o_proj.bias`` tensors for a Llama config with ``attention_bias``)."""
     from pretrain.state_adapter import layer_of, to_hf
 
     model = weights.config.model
@@ -175,6 +202,9 @@ def hf_state_dict(weights: FullWeights, vocab: int) -> dict:
             if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
                 value = value[:vocab]
             out[hf_name] = value
+    if zero_o_proj_bias:
+        for i in range(model.num_layers):
+            out[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(model.hidden_size)
     return out
 
 
@@ -234,7 +264,8 @@ def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | 
         generation = {k: v for k, v in special_ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({**generation, "_from_model_config": True}, f, indent=2)
-        tensors = hf_state_dict(weights, vocab)
+        tensors = hf_state_dict(weights, vocab, zero_o_proj_bias=config["model_type"] == "llama"
+                                and bool(config.get("attention_bias")))
         files = save_safetensors(tensors, tmp, torch_dtype, shard_bytes)
         _publish(tmp, save)
     except BaseException:
@@ -269,13 +300,19 @@ def model_config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
     problems = []
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {hf['hidden_act']!r} (needs silu / SwiGLU)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        problems.append("attention_bias / mlp_bias (linear biases are not supported)")
-    rope = hf.get("rope_scaling") or {}
+    if hf.get("mlp_bias"):
+        problems.append("mlp_bias (linear biases other than on q/k/v are not supported)")
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        problems.append("use_sliding_window (sliding-window attention is not supported)")
     rope_params = hf.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type") or rope.get("type") or rope_params.get("rope_type") or "default"
-    if rope_type != "default":
-        problems.append(f"RoPE scaling {rope_type!r} (only plain RoPE)")
+    rope = hf.get("rope_scaling") or rope_params
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type == "llama3":
+        found = {k: rope.get(k) for k in _LLAMA3_ROPE}
+        if any(found[k] is None or float(found[k]) != v for k, v in _LLAMA3_ROPE.items()):
+            problems.append(f"Llama 3 RoPE scaling with {found} (megatron-core computes it with {_LLAMA3_ROPE})")
+    elif rope_type != "default":
+        problems.append(f"RoPE scaling {rope_type!r} (plain RoPE and Llama 3 scaling only)")
     if problems:
         raise ConversionError(f"{path}: cannot import this model: {'; '.join(problems)}")
     heads, hidden = int(hf["num_attention_heads"]), int(hf["hidden_size"])
@@ -294,6 +331,9 @@ def model_config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         rotary_base=float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        add_qkv_bias=model_type == "qwen2" or bool(hf.get("qkv_bias")) or bool(hf.get("attention_bias")),
+        use_rope_scaling=rope_type == "llama3",
+        rope_scaling_factor=float(rope.get("factor", 8.0)) if rope_type == "llama3" else 8.0,
         layer_shapes=layer_shapes,
     )
     try:
@@ -383,6 +423,12 @@ def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel:
                                       f"{tuple(param.shape)}")
             param.copy_(value)
     unused = sorted(n for n in tensors.names() - tensors.used if not n.endswith("rotary_emb.inv_freq"))
+    for name in [n for n in unused if n.endswith("self_attn.o_proj.bias")]:
+        # Llama's attention_bias also biases o_proj; our model has none, so only zeros import
+        if bool(tensors.get(name).any()):
+            raise ConversionError(f"{load}: {name} is not zero; biases on the attention output projection "
+                                  "are not supported (q/k/v biases are)")
+        unused.remove(name)
     if model_cfg.untie_embeddings_and_output_weights is False:
         unused = [n for n in unused if n != "lm_head.weight"]  # a tied copy some exports write
     if unused:

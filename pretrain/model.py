@@ -37,7 +37,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -83,6 +83,8 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainCo
         share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=int(model_cfg.rotary_base),
+        rope_scaling=model_cfg.use_rope_scaling,
+        rope_scaling_factor=model_cfg.rope_scaling_factor,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

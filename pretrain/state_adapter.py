@@ -63,6 +63,8 @@ def kept_indices(name: str, masks, shape) -> tuple:
     ffn = masks.ffn[layer, :shape.ffn_of(layer)]
     if rest == "self_attention.linear_qkv.weight":
         return (where(qkv_rows(groups, hpg, hd)), hidden)
+    if rest == "self_attention.linear_qkv.bias":
+        return (where(qkv_rows(groups, hpg, hd)),)
     if rest == "self_attention.linear_proj.weight":
         return (hidden, where(proj_columns(groups, hpg, hd)))
     if rest == "mlp.linear_fc1.weight":
@@ -169,10 +171,11 @@ def to_hf(name: str, tensor: torch.Tensor, groups: int, heads_per_group: int, he
     prefix, rest = f"model.layers.{m.group(1)}.", m.group(2)
     if rest in _HF_LAYER:
         return {prefix + _HF_LAYER[rest]: tensor}
-    if rest == "self_attention.linear_qkv.weight":
-        q, k, v = split_qkv(tensor, groups, heads_per_group, head_dim)
-        return {prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
-                prefix + "self_attn.v_proj.weight": v}
+    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        q, k, v = split_qkv(tensor.reshape(tensor.shape[0], -1), groups, heads_per_group, head_dim)
+        return {f"{prefix}self_attn.{p}_proj.{kind}": t.reshape((-1,) + tuple(tensor.shape[1:]))
+                for p, t in zip("qkv", (q, k, v))}
     if rest == "mlp.linear_fc1.weight":
         gate, up = tensor.chunk(2)
         return {prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up}
@@ -190,9 +193,11 @@ def from_hf(name: str, get, groups: int, head_dim: int) -> torch.Tensor:
     prefix, rest = f"model.layers.{m.group(1)}.", m.group(2)
     if rest in _HF_LAYER:
         return get(prefix + _HF_LAYER[rest])
-    if rest == "self_attention.linear_qkv.weight":
-        return merge_qkv(get(prefix + "self_attn.q_proj.weight"), get(prefix + "self_attn.k_proj.weight"),
-                         get(prefix + "self_attn.v_proj.weight"), groups, head_dim)
+    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        q, k, v = (get(f"{prefix}self_attn.{p}_proj.{kind}") for p in "qkv")
+        merged = merge_qkv(*(t.reshape(t.shape[0], -1) for t in (q, k, v)), groups, head_dim)
+        return merged.reshape((-1,) + tuple(q.shape[1:]))
     if rest == "mlp.linear_fc1.weight":
         return torch.cat([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")])
     raise KeyError(f"no HF source for parameter {name!r}")

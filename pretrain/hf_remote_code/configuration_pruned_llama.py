@@ -2,7 +2,8 @@
 
 Written by the pruning-aware pretraining system's ``tools/convert_to_hf.py``. ``layer_shapes`` has
 one entry per layer: ``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``; the
-top-level fields hold the widest layer's values. Everything else is a stock ``LlamaConfig``.
+top-level fields hold the widest layer's values; ``qkv_bias`` adds Qwen2's q/k/v biases.
+Everything else is a stock ``LlamaConfig``.
 """
 
 from transformers import LlamaConfig
@@ -11,8 +12,9 @@ from transformers import LlamaConfig
 class PrunedLlamaConfig(LlamaConfig):
     model_type = "pruned_llama"
 
-    def __init__(self, layer_shapes=None, **kwargs):
+    def __init__(self, layer_shapes=None, qkv_bias=False, **kwargs):
         self.layer_shapes = layer_shapes
+        self.qkv_bias = qkv_bias  # biases on q, k and v only (a pruned Qwen2)
         super().__init__(**kwargs)
         if self.layer_shapes is not None and len(self.layer_shapes) != self.num_hidden_layers:
             raise ValueError(f"layer_shapes has {len(self.layer_shapes)} entries for "

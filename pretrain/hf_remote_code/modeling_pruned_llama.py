@@ -2,8 +2,9 @@
 
 Written by the pruning-aware pretraining system's ``tools/convert_to_hf.py``. It is transformers'
 own Llama: each decoder layer is a stock ``LlamaDecoderLayer`` built from a copy of the config that
-carries that layer's head count, key/value head count and FFN width. Weights keep the stock Llama
-names, so tools that read Llama checkpoints read these tensors too.
+carries that layer's head count, key/value head count and FFN width (and, with ``qkv_bias``,
+Qwen2's biases on q, k and v). Weights keep the stock Llama names, so tools that read Llama
+checkpoints read these tensors too.
 """
 
 import copy
@@ -36,6 +37,12 @@ class PrunedLlamaModel(LlamaModel):
         if config.layer_shapes is not None:
             self.layers = nn.ModuleList(
                 [LlamaDecoderLayer(layer_config(config, i), i) for i in range(config.num_hidden_layers)])
+        if getattr(config, "qkv_bias", False):  # Qwen2-style: biases on q, k and v only
+            for layer in self.layers:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    old = getattr(layer.self_attn, name)
+                    setattr(layer.self_attn, name, nn.Linear(old.in_features, old.out_features, bias=True))
+        if config.layer_shapes is not None or getattr(config, "qkv_bias", False):
             self.post_init()
 
 

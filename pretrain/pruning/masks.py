@@ -87,6 +87,7 @@ class ModelShape:
     # permanently False (they do not exist).
     layer_groups: tuple | None = None
     layer_ffn: tuple | None = None
+    qkv_bias: bool = False  # linear_qkv has a bias (Qwen2): (heads_per_group + 2) * head_dim per group
 
     @property
     def heads_per_group(self) -> int:
@@ -100,7 +101,8 @@ class ModelShape:
                    head_dim=model_cfg.head_dim, ffn=model_cfg.ffn_hidden_size, vocab=vocab,
                    tied=not model_cfg.untie_embeddings_and_output_weights,
                    layer_groups=tuple(w[0] for w in widths) if model_cfg.layer_shapes else None,
-                   layer_ffn=tuple(w[2] for w in widths) if model_cfg.layer_shapes else None)
+                   layer_ffn=tuple(w[2] for w in widths) if model_cfg.layer_shapes else None,
+                   qkv_bias=model_cfg.add_qkv_bias)
 
     def groups_of(self, layer: int) -> int:
         return self.layer_groups[layer] if self.layer_groups else self.num_groups
@@ -116,8 +118,15 @@ class ModelShape:
         return masks
 
     def group_cost(self, hidden_kept: int) -> int:
-        """Parameters of one query group: its q/k/v rows and its heads' output-projection columns."""
-        return (2 * self.heads_per_group + 2) * self.head_dim * hidden_kept
+        """Parameters of one query group: its q/k/v rows (and their biases) and its heads'
+        output-projection columns."""
+        return self._group_cost_per_hidden() * hidden_kept + self._group_bias()
+
+    def _group_cost_per_hidden(self) -> int:
+        return (2 * self.heads_per_group + 2) * self.head_dim
+
+    def _group_bias(self) -> int:
+        return (self.heads_per_group + 2) * self.head_dim if self.qkv_bias else 0
 
     def ffn_channel_cost(self, hidden_kept: int) -> int:
         """Parameters of one FFN channel: a gate row, an up row, a down column."""
@@ -126,18 +135,19 @@ class ModelShape:
     def hidden_channel_cost(self, masks: GroupMasks) -> int:
         """Parameters of one hidden channel under ``masks``: embedding (and untied output) column,
         final norm, and in every kept layer its q/k/v/gate/up column, proj/down row and two norms."""
-        per_layer = (masks.heads.sum(1) * self.group_cost(1) + masks.ffn.sum(1) * self.ffn_channel_cost(1)
+        per_layer = (masks.heads.sum(1) * self._group_cost_per_hidden() + masks.ffn.sum(1) * self.ffn_channel_cost(1)
                      + 2 * masks.layers.long())
         return self.vocab * (1 if self.tied else 2) + 1 + int(per_layer.sum())
 
     def parameter_count(self, masks: GroupMasks) -> int:
-        """Parameters of the model these masks describe once shrunk (no biases)."""
+        """Parameters of the model these masks describe once shrunk."""
         h = int(masks.hidden.sum())
         total = self.vocab * h * (1 if self.tied else 2) + h  # embeddings (+ output), final norm
         groups = masks.heads.sum(1)
         ffn = masks.ffn.sum(1)
         hpg, hd = self.heads_per_group, self.head_dim
         per_layer = (groups * (hpg + 2) * hd * h + groups * hpg * hd * h + 3 * ffn * h
+                     + groups * self._group_bias()
                      + 2 * h * masks.layers.long())  # a dropped layer loses its two norms too
         return int(total + per_layer.sum())
 
@@ -196,6 +206,8 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) 
             attn, mlp = layer.self_attention, layer.mlp
             rows = qkv_rows(g_mask, shape.heads_per_group, shape.head_dim)
             add(attn.linear_qkv.weight, rows[:, None] & hidden[None, :])
+            if shape.qkv_bias:
+                add(attn.linear_qkv.bias, rows.clone())
             cols = proj_columns(g_mask, shape.heads_per_group, shape.head_dim)
             add(attn.linear_proj.weight, hidden[:, None] & cols[None, :])
             add(mlp.linear_fc1.weight, fc1_rows(f_mask)[:, None] & hidden[None, :])

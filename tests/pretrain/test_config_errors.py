@@ -18,6 +18,7 @@ BASE = ["--model", "debug", "--train-iters", "2", "--mock-data"]
     (["--num-attention-heads", "4", "--num-query-groups", "3"], 1, "must be a multiple of --num-query-groups (3)"),
     (["--lr", "0"], 1, "--lr must be positive"),
     (["--train-tokens", "100"], 1, "exactly one of --train-iters and --train-tokens"),
+    (["--use-rope-scaling", "--rope-scaling-factor", "0.5"], 1, "--rope-scaling-factor 0.5 must be >= 1"),
 ])
 def test_bad_config_messages(flags, world, message, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", str(world))

@@ -37,6 +37,8 @@ def train_worker(data, root):
     run(_pruned(data, "per-layer", pp=2, save=f"{root}/per_layer", seq_length=128))
     run(debug_config(data, tp=2, iters=2, save=f"{root}/mha", save_interval=2, num_query_groups=4,
                      untie_embeddings_and_output_weights=True))
+    # Qwen2-style q/k/v biases, pruned per layer at TP=2 (exports through the remote code)
+    run(_pruned(data, "per-layer", tp=2, save=f"{root}/qkv_bias", add_qkv_bias=True))
     return True
 
 
@@ -76,14 +78,15 @@ def export_worker(data, root):
     with open(data["corpus"]) as f:
         texts = [json.loads(line)["text"] for line in f][:50] + ["  two  spaces\tand ünïcödé 漢字 🙂", "x </s> y"]
     out = {}
-    for case in ("uniform", "per_layer", "mha"):
+    for case in ("uniform", "per_layer", "mha", "qkv_bias"):
+        remote = case in ("per_layer", "qkv_bias")
         summary = export_hf(f"{root}/{case}", f"{root}/hf_{case}")
-        hf = AutoModelForCausalLM.from_pretrained(f"{root}/hf_{case}", trust_remote_code=case == "per_layer").eval()
+        hf = AutoModelForCausalLM.from_pretrained(f"{root}/hf_{case}", trust_remote_code=remote).eval()
         with torch.no_grad():
             theirs = hf(ids).logits
             generated = hf.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
         ours = _our_logits(f"{root}/{case}", ids)[..., :1000]
-        tok = AutoTokenizer.from_pretrained(f"{root}/hf_{case}", trust_remote_code=case == "per_layer")
+        tok = AutoTokenizer.from_pretrained(f"{root}/hf_{case}", trust_remote_code=remote)
         encodings_equal = all(tok(t)["input_ids"] == ours_tok.tokenize(t) for t in texts)
         decodes = all(tok.decode(tok(t)["input_ids"]) == t for t in texts)
         with open(f"{root}/hf_{case}/config.json") as f:
@@ -95,6 +98,8 @@ def export_worker(data, root):
                                if "embed" in n or "output" in n else back.tensors[n])
                 for n, t in exported.tensors.items()}
         out[case] = {"max_diff": float((ours - theirs).abs().max()), "scale": float(theirs.abs().max()),
+                     "max_bias": max((float(t.abs().max()) for n, t in exported.tensors.items() if n.endswith("bias")),
+                                     default=0.0),
                      "generated": generated.shape[1], "encodings_equal": encodings_equal, "decodes": decodes,
                      "config": config, "summary": {k: v for k, v in summary.items() if k != "files"},
                      "back_equal": same, "back_names": set(back.tensors) == set(exported.tensors),
@@ -163,6 +168,9 @@ def test_uniform_export_is_stock_llama_and_per_layer_uses_remote_code(exported):
     widths = {(s["num_key_value_heads"], s["intermediate_size"]) for s in per_layer["layer_shapes"]}
     assert len(widths) > 1, per_layer["layer_shapes"]
     assert mha["num_key_value_heads"] == mha["num_attention_heads"] == 4 and not mha["tie_word_embeddings"]
+    bias = res["qkv_bias"]
+    assert bias["config"]["architectures"] == ["PrunedLlamaForCausalLM"] and bias["config"]["qkv_bias"]
+    assert bias["max_bias"] > 1e-3  # trained biases, not the zeros they start from
     assert not res["mha"]["summary"]["shrunk"]
 
 
@@ -182,20 +190,39 @@ def test_ours_to_hf_to_ours_is_exact(exported):
 
 
 def hf_import_worker(root):
-    """HF -> ours (TP=2 config) gives HF's logits; HF -> ours -> HF returns the same tensors."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    """HF -> ours (TP=2 config) gives HF's logits; HF -> ours -> HF returns the same tensors.
+    Llama (MHA/GQA, tied/untied, Llama 3 RoPE scaling), Qwen2 (q/k/v biases) and a Llama with
+    attention_bias whose o_proj biases are zero."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from pretrain.hf import _build_single, export_hf, import_hf, load_full_weights
+    from pretrain.hf import ConversionError, _build_single, export_hf, import_hf, load_full_weights
 
     out = {}
-    ids = _batch()
-    for name, tied, groups in (("mha_tied", True, 4), ("gqa_untied", False, 2)):
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    base = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-5)
+    cases = {
+        "mha_tied": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=4, head_dim=24, tie_word_embeddings=True)),
+        "gqa_untied": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2, head_dim=24,
+                                                           tie_word_embeddings=False)),
+        "gqa_llama3_rope": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2, head_dim=24,
+                                                                tie_word_embeddings=True, rope_scaling=llama3,
+                                                                max_position_embeddings=16384)),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2, tie_word_embeddings=True)),
+        "llama_qkv_bias": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2, head_dim=24,
+                                                               tie_word_embeddings=False, attention_bias=True)),
+    }
+    for name, (config_cls, model_cls, extra) in cases.items():
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=groups, head_dim=24,
-                             max_position_embeddings=64, tie_word_embeddings=tied, rope_theta=5000.0,
-                             rms_norm_eps=1e-5)
-        hf = LlamaForCausalLM(config).eval()
+        config = config_cls(**{**base, **extra})
+        hf = model_cls(config).eval()
+        with torch.no_grad():
+            for n, p in hf.named_parameters():
+                if n.endswith("bias"):  # HF initialises biases to zero: give them values to carry
+                    p.normal_(0, 0.0 if "o_proj" in n else 0.5)
+        rope = extra.get("rope_scaling")
+        ids = _batch(seq=256) if rope else _batch()  # long enough for the scaled frequencies to matter
         hf.save_pretrained(f"{root}/{name}")
         summary = import_hf(f"{root}/{name}", f"{root}/{name}_ckpt", tensor_parallel=2)
         weights = load_full_weights(f"{root}/{name}_ckpt")
@@ -210,16 +237,39 @@ def hf_import_worker(root):
         a, b = hf.state_dict(), back.state_dict()
         out[name] = {"max_diff": float((ours - theirs).abs().max()), "scale": float(theirs.abs().max()),
                      "same_names": set(a) == set(b), "same": all(torch.equal(a[k], b[k]) for k in a),
-                     "padded_vocab": summary["vocab_size"]}
+                     "padded_vocab": summary["vocab_size"], "architecture": back.config.architectures[0],
+                     "biases": sum(1 for k in a if k.endswith("bias")),
+                     "rope_back": back.config.to_dict().get("rope_parameters", {}).get("rope_type", "default")}
+        if rope:  # the scaling matters at these positions: HF without it disagrees with HF with it
+            plain = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "rope_parameters": None,
+                                                    "rope_scaling": None, "rope_theta": 5000.0})).eval()
+            plain.load_state_dict(hf.state_dict())
+            with torch.no_grad():
+                out[name]["unscaled_diff"] = float((plain(ids).logits - theirs).abs().max())
+        if name == "llama_qkv_bias":  # a non-zero o_proj bias cannot be computed by our model
+            with torch.no_grad():
+                hf.model.layers[1].self_attn.o_proj.bias.fill_(0.1)
+            hf.save_pretrained(f"{root}/o_proj_bias")
+            try:
+                import_hf(f"{root}/o_proj_bias", f"{root}/o_proj_bias_ckpt")
+                out["o_proj_refused"] = "imported"
+            except ConversionError as err:
+                out["o_proj_refused"] = str(err)
     return out
 
 
 def test_import_computes_what_hf_computes_and_round_trips(tmp_path):
     res = run_distributed(hf_import_worker, 1, str(tmp_path))[0]
+    assert "o_proj.bias is not zero" in res.pop("o_proj_refused")
+    assert res["qwen2"]["architecture"] == "Qwen2ForCausalLM" and res["qwen2"]["biases"] == 6
+    assert res["llama_qkv_bias"]["architecture"] == "LlamaForCausalLM" and res["llama_qkv_bias"]["biases"] == 8
     for name, r in res.items():
         assert r["max_diff"] < 1e-5 * max(r["scale"], 1.0), (name, r)
         assert r["same_names"] and r["same"], name
         assert r["padded_vocab"] == 1024  # 1000 padded to a multiple of 128 x TP
+        assert r["rope_back"] == ("llama3" if "llama3" in name else "default"), (name, r)
+        if "unscaled_diff" in r:
+            assert r["unscaled_diff"] > 100 * max(r["max_diff"], 1e-7), (name, r)
 
 
 def start_from_import_worker(data, root, imported):
@@ -254,10 +304,14 @@ def test_bad_inputs_are_refused(exported, tiny_dataset, tmp_path):
     assert r.returncode == 1 and "already exists" in r.stderr, r.stderr
     r = _tool("convert_from_hf.py", "--load", str(tmp_path / "nowhere"), "--save", str(tmp_path / "x"))
     assert r.returncode == 1 and "no such folder" in r.stderr, r.stderr
-    for change, message in (({"model_type": "gpt2"}, "not supported"),
-                            ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling"),
-                            ({"attention_bias": True}, "bias")):
-        bad = tmp_path / f"bad_{len(message)}"
+    for i, (change, message) in enumerate((({"model_type": "gpt2"}, "not supported"),
+                            ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
+                                               "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 8192}}, "RoPE scaling"),
+                            ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling"),
+                            ({"mlp_bias": True}, "mlp_bias"),
+                            ({"model_type": "qwen2", "use_sliding_window": True}, "sliding-window"))):
+        bad = tmp_path / f"bad_{i}"
         bad.mkdir()
         config = json.load(open(f"{hf}/config.json"))
         config.update(change)

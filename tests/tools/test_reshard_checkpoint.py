@@ -113,14 +113,15 @@ def test_shrink_continues_the_masked_run(tiny_dataset, tmp_path):
 
 
 def drop_layer_worker(data, root):
-    """A masked checkpoint whose layer 1 is dropped (layers renumbered, stacked keys rewritten)."""
+    """A masked checkpoint whose layer 1 is dropped (layers renumbered, stacked keys rewritten),
+    of a model with q/k/v biases (their rows are cut with the weights')."""
     import shutil
 
     from pretrain import checkpoint as ckpt
     from pretrain.pruning.masks import GroupMasks
     from pretrain.train import run
 
-    run(_cfg(data, iters=4, save=f"{root}/run", save_interval=4, num_layers=3))
+    run(_cfg(data, iters=4, save=f"{root}/run", save_interval=4, num_layers=3, add_qkv_bias=True))
     source = f"{root}/run/iter_0000004"
     tmp = f"{root}/edited/iter_0000004.tmp"
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("manifest.json"))

@@ -13,6 +13,8 @@ from pretrain.pruning.solver import GroupScores, SolverConstraints, check_constr
 SHAPES = [
     ModelShape(num_layers=4, hidden=128, num_heads=4, num_groups=2, head_dim=32, ffn=384, vocab=1024, tied=True),
     ModelShape(num_layers=3, hidden=96, num_heads=6, num_groups=6, head_dim=16, ffn=256, vocab=512, tied=False),
+    ModelShape(num_layers=4, hidden=96, num_heads=4, num_groups=2, head_dim=16, ffn=256, vocab=512, tied=True,
+               qkv_bias=True),
 ]
 
 
@@ -23,14 +25,16 @@ def _random_scores(shape, gen):
 
 
 def _max_unit_cost(shape, c):
-    head = c.group_unit() * (2 * shape.heads_per_group + 2) * shape.head_dim * shape.hidden
+    bias = (shape.heads_per_group + 2) * shape.head_dim if shape.qkv_bias else 0
+    head = c.group_unit() * ((2 * shape.heads_per_group + 2) * shape.head_dim * shape.hidden + bias)
     ffn = c.ffn_unit() * 3 * shape.hidden
     hidden = c.hidden_unit() * (shape.vocab * (1 if shape.tied else 2) + 1 + shape.num_layers * (
         shape.num_groups * (2 * shape.heads_per_group + 2) * shape.head_dim + 3 * shape.ffn + 2))
     if c.granularity == "uniform":
         head, ffn = head * shape.num_layers, ffn * shape.num_layers
-    layer = c.pipeline_parallel * (shape.num_groups * (2 * shape.heads_per_group + 2) * shape.head_dim
-                                   * shape.hidden + 3 * shape.ffn * shape.hidden + 2 * shape.hidden)
+    layer = c.pipeline_parallel * (shape.num_groups * ((2 * shape.heads_per_group + 2) * shape.head_dim
+                                                       * shape.hidden + bias) + 3 * shape.ffn * shape.hidden
+                                   + 2 * shape.hidden)
     return max(head, ffn, hidden, layer if "layers" in c.prune_types else 0)
 
 
@@ -56,6 +60,8 @@ def test_random_tables(shape, granularity):
                 assert not bool((getattr(new, t) & ~getattr(masks, t)).any())
             assert check_constraints(shape, new, c) == []
             params = shape.parameter_count(new)
+            # every move's cost is exactly what it removes from the count
+            assert shape.parameter_count(masks) - params == sum(m["params_removed"] for m in moves)
             if params > target:  # only when every type is at its minimum
                 assert not moves or solve(shape, new, _random_scores(shape, gen), target, c)[1] == []
             else:
