@@ -97,6 +97,9 @@ def _model_entries(model_chunks: list) -> list[_Entry]:
                         _Entry(attn.linear_proj.weight, "proj", i, attn.linear_proj),
                         _Entry(mlp.linear_fc1.weight, "fc1", i, mlp.linear_fc1),
                         _Entry(mlp.linear_fc2.weight, "fc2", i, mlp.linear_fc2)]
+            qkv_bias = getattr(attn.linear_qkv, "bias", None)
+            if isinstance(qkv_bias, torch.nn.Parameter):  # Qwen2: part of its query group
+                entries.append(_Entry(qkv_bias, "qkv_bias", i))
             for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
                 if isinstance(norm, RMSNorm):
                     entries.append(_Entry(norm.weight, "norm", i))
@@ -200,6 +203,8 @@ class SaliencyEstimator:
         elif entry.role == "proj":
             table.heads[l, gs] += E.sum(0).view(g_loc, -1).sum(1).double()
             table.hidden += E.sum(1).double()
+        elif entry.role == "qkv_bias":
+            table.heads[l, gs] += E.view(g_loc, -1).sum(1).double()
         elif entry.role == "fc1":
             table.ffn[l, fs] += E.sum(1).view(2, f_loc).sum(0).double()
             table.hidden += E.sum(0).double()

@@ -37,6 +37,9 @@ def tables_worker(data, layouts):
         for est in ESTIMATORS:
             pruner = _pruner(run(_prune_config(data, tp=tp, pp=pp, saliency=est)))
             out[(tp, pp, est)] = pruner.ema.pack()
+        # q/k/v biases (Qwen2) count towards their query groups' saliency on every layout
+        pruner = _pruner(run(_prune_config(data, tp=tp, pp=pp, saliency="taylor", add_qkv_bias=True)))
+        out[(tp, pp, "taylor+qkv_bias")] = pruner.ema.pack()
     return out
 
 
@@ -68,7 +71,8 @@ def zero_and_resume_worker(data, root):
     from pretrain.train import run
 
     # many steps with several pruning events under TP=2, then inspect weights and Adam moments
-    summary = run(_prune_config(data, tp=2, iters=14, interval=2, end_tokens=8 * 64 * 8, ratio=0.5))
+    summary = run(_prune_config(data, tp=2, iters=14, interval=2, end_tokens=8 * 64 * 8, ratio=0.5,
+                                add_qkv_bias=True))
     pruner = _pruner(summary)
     bad, checked = _zero_violations(summary)
     params_now = pruner.current_params()
