@@ -1,7 +1,7 @@
 """Shrink benchmark: tool throughput vs a plain copy of the checkpoint, and step time of the shrunk
 model vs the same shape built directly (target <= 1.02) and vs the masked model before shrinking.
 
-    python bench/shrink.py [--hidden 256 --ffn 1024 --layers 4] [--iters 8] [--rounds 2]
+    python bench/shrink.py [--hidden 256 --ffn 1024 --layers 4] [--iters 16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--iters", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--iters", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from tests.dist_helper import run_distributed
