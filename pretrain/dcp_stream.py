@@ -180,7 +180,8 @@ class _LazySavePlanner(DefaultSavePlanner):
 
 
 class _LazyWriter(FileSystemWriter):
-    """One output file per ``max_file_bytes`` of data, filled and closed in order."""
+    """One output file per ``max_file_bytes`` of data, filled and closed in order (through
+    ``FileSystemWriter._write_data``, torch 2.13's per-file writer loop)."""
 
     def __init__(self, path: str, max_file_bytes: int) -> None:
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)

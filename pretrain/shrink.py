@@ -185,8 +185,8 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
         try:
             return kept_indices(name, masks, shape)
         except KeyError:
-            raise ShrinkError(f"{source_dir}: tensor {key!r} has no shrink rule (biases and other extra "
-                              "parameters are not supported by the shrink)") from None
+            raise ShrinkError(f"{source_dir}: tensor {key!r} has no shrink rule (the shrink knows the Llama "
+                              "weights, norms and q/k/v biases)") from None
 
     for key in reader.keys():
         md = reader.tensor_meta(key)
@@ -211,7 +211,7 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
         missing = sorted(set(range(shape.num_layers)) - set(sources))
         if missing:
             raise ShrinkError(f"{source_dir}: layers {missing} of {prefix}decoder.layers.*.{rest} are missing")
-        per_layer = []  # (shape, produce) of each kept layer, in the new order
+        per_layer = []  # (size, produce, dtype) of each kept layer, in the new order
         for source_layer in kept:
             key, is_stacked = sources[source_layer]
             md = reader.tensor_meta(key)
