@@ -14,7 +14,7 @@ demo: setup
 	@bash scripts/demo.sh
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
