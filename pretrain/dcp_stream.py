@@ -16,6 +16,7 @@ until the file is closed, so one file per rank would hold the whole checkpoint.
 from __future__ import annotations
 
 import io
+import math
 import os
 import queue
 from dataclasses import dataclass
@@ -30,19 +31,6 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
 from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan,
                                                   TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-
-class _CachedReader(FileSystemReader):
-    """Reads ``.metadata`` once (every ``dcp.load`` call asks for it again)."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self._metadata = None
-
-    def read_metadata(self, *args, **kwargs):
-        if self._metadata is None:
-            self._metadata = super().read_metadata(*args, **kwargs)
-        return self._metadata
 
 
 class _RegionLoadPlanner(LoadPlanner):
@@ -89,10 +77,9 @@ class CheckpointReader:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._storage = _CachedReader(path)
-        self.metadata = self._storage.read_metadata()
+        self._storage = FileSystemReader(path)
+        self.metadata = self._storage.read_metadata()  # once: ``_load`` does not ask again
         self._storage.set_up_storage_reader(self.metadata, True)
-        self.bytes_read = 0
 
     def keys(self) -> list[str]:
         return list(self.metadata.state_dict_metadata)
@@ -108,7 +95,6 @@ class CheckpointReader:
         sizes = tuple(sizes) if sizes is not None else tuple(md.size)
         out = torch.empty(sizes, dtype=md.properties.dtype)
         self._load(_RegionLoadPlanner(key, offsets, out))
-        self.bytes_read += out.numel() * out.element_size()
         return out
 
     def read_bytes(self, key: str) -> bytes:
@@ -137,10 +123,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.size:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.size) * self.dtype.itemsize
 
 
 class _LazySavePlanner(DefaultSavePlanner):
@@ -192,9 +175,7 @@ class _LazyWriter(FileSystemWriter):
         for item in plan.items:
             n = 0
             if item.type != WriteItemType.BYTE_IO:
-                n = item.tensor_data.properties.dtype.itemsize
-                for s in item.tensor_data.chunk.sizes:
-                    n *= s
+                n = math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
             if current and size + n > self.max_file_bytes:
                 buckets.append(current)
                 current, size = [], 0

@@ -20,6 +20,7 @@ here, not on the cluster). The new checkpoint is written to ``iter_N.tmp`` and r
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -114,7 +115,9 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
                                     max_file_bytes=max_file_bytes)
         else:
             shutil.copytree(source_dir, target_dir)
-            counts = (_model_numel(source_dir),) * 2
+            from pretrain.dcp_stream import CheckpointReader
+
+            counts = (_model_numel(CheckpointReader(source_dir)),) * 2
         torch.save(new_state, os.path.join(tmp, ckpt.TRAINER_STATE))
         path = ckpt.publish_checkpoint(save, iteration, tmp)
     except BaseException:
@@ -139,18 +142,9 @@ def _split_key(key: str) -> tuple[str, str]:
     return (m.group(1), m.group(2)) if m else ("", key)
 
 
-def _model_numel(dcp_dir: str) -> int:
-    from pretrain.dcp_stream import CheckpointReader
-
-    reader = CheckpointReader(dcp_dir)
-    return sum(_numel(md.size) for k in reader.keys() if (md := reader.tensor_meta(k)) and not _split_key(k)[0])
-
-
-def _numel(size) -> int:
-    n = 1
-    for s in size:
-        n *= s
-    return n
+def _model_numel(reader) -> int:
+    """Model parameters in a DCP folder (its tensor keys that are not optimizer state)."""
+    return sum(math.prod(md.size) for k in reader.keys() if (md := reader.tensor_meta(k)) and not _split_key(k)[0])
 
 
 class _Progress:
@@ -179,7 +173,6 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
     new_layers = len(kept)
     layer_sources: dict[tuple[str, str], dict[int, tuple[str, bool]]] = {}
     outputs: list[OutTensor] = []
-    before = 0
 
     def indices_of(key: str, name: str) -> tuple:
         try:
@@ -193,8 +186,6 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
         if md is None:
             continue
         prefix, model_key = _split_key(key)
-        if not prefix:
-            before += _numel(md.size)
         m = _LAYER_KEY.fullmatch(model_key)
         if m:
             layer_sources.setdefault((prefix, m.group(2)), {})[int(m.group(1))] = (key, False)
@@ -205,7 +196,7 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
             for layer in range(md.size[0]):
                 layer_sources.setdefault((prefix, model_key[len(_STACKED):]), {})[layer] = (key, True)
         else:
-            outputs.append(_global_output(reader, key, md, indices_of(key, model_key), slice_to))
+            outputs.append(_global_output(reader, key, md, indices_of(key, model_key)))
 
     for (prefix, rest), sources in layer_sources.items():
         missing = sorted(set(range(shape.num_layers)) - set(sources))
@@ -249,7 +240,8 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
             if new_key is not None:
                 objects[new_key] = reader.read_bytes(key)
 
-    after = sum(_numel(t.size) for t in outputs if not _split_key(t.key)[0])
+    before = _model_numel(reader)
+    after = sum(math.prod(t.size) for t in outputs if not _split_key(t.key)[0])
     write_lazily(target_dir, outputs, objects, on_chunk=_Progress(sum(t.nbytes for t in outputs), progress),
                  max_file_bytes=max_file_bytes)
     for name in os.listdir(source_dir):  # metadata.json (format), common.pt (optimizer param groups)
@@ -258,10 +250,11 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
     return before, after
 
 
-def _global_output(reader, key: str, md, index: tuple, slice_to):
+def _global_output(reader, key: str, md, index: tuple):
     """A tensor outside the decoder layers (embedding, output layer, final norm); 2-D ones whose
     rows are all kept are rewritten in row blocks to bound memory."""
     from pretrain.dcp_stream import OutTensor
+    from pretrain.state_adapter import slice_to
 
     size = tuple(md.size)
     out_size = tuple(len(ix) if ix is not None else n for ix, n in zip(index, size))
