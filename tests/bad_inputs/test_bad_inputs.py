@@ -1,0 +1,59 @@
+"""Walk the bad-input corpus: every case must fail with its message, no traceback, nothing left."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.bad_inputs.harness import ROOT, BadInput, Fixtures, python, subprocess_env
+
+
+def _all_cases() -> list[BadInput]:
+    cases = []
+    package = Path(__file__).parent
+    for info in sorted(pkgutil.iter_modules([str(package)]), key=lambda m: m.name):
+        if info.name.startswith("cases_"):
+            cases.extend(importlib.import_module(f"tests.bad_inputs.{info.name}").CASES)
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names)), f"duplicate case names: {names}"
+    return cases
+
+
+CASES = _all_cases()
+
+
+@pytest.fixture(scope="session")
+def bad_input_fixtures(tiny_dataset, tmp_path_factory) -> Fixtures:
+    """A small valid pruned checkpoint beside the tiny dataset, made once by the real CLI."""
+    save = tmp_path_factory.mktemp("bad_inputs_ckpt") / "ckpt"
+    argv = python("-m", "pretrain", "--model", "debug", "--seq-length", "32",
+                  "--data-path", tiny_dataset["prefix"], "--tokenizer-model", tiny_dataset["tokenizer"],
+                  "--split", "98,2,0", "--micro-batch-size", "2", "--global-batch-size", "2",
+                  "--train-iters", "3", "--lr", "1e-3", "--save", str(save), "--save-interval", "3",
+                  "--prune-target-ratio", "0.7", "--prune-start-tokens", "0",
+                  "--prune-end-tokens", "128", "--prune-interval", "1")
+    done = subprocess.run(argv, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return Fixtures(dataset=tiny_dataset["prefix"], tokenizer=tiny_dataset["tokenizer"],
+                    corpus=tiny_dataset["corpus"], checkpoint=str(save))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_refused_clearly(case: BadInput, bad_input_fixtures: Fixtures, tmp_path: Path):
+    argv = case.build(tmp_path, bad_input_fixtures)
+    done = subprocess.run(argv, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=case.timeout)
+    output = done.stdout + done.stderr
+    shown = f"$ {' '.join(map(str, argv))}\nrc={done.returncode}\n{output[-4000:]}"
+    assert done.returncode != 0, f"{case.name}: exit code 0 where an error was due\n{shown}"
+    assert "Traceback (most recent call last)" not in output, f"{case.name}: traceback\n{shown}"
+    assert re.search(case.message, output), f"{case.name}: message /{case.message}/ missing\n{shown}"
+    for rel in case.leftovers:
+        assert not (tmp_path / rel).exists(), f"{case.name}: {rel} left behind\n{shown}"
