@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--exit-interval", type=int, help="save and exit at this iteration")
     g.add_argument("--dry-run", action="store_true", help="build everything, print the plan, exit")
+    g.add_argument("--max-skipped-nonfinite-steps", type=int, default=3,
+                   help="skip a step whose loss or gradients are NaN/inf (no update); after this many "
+                        "in one run, stop with an error (the last checkpoint stays the newest)")
 
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save")
@@ -121,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("pruning-aware pretraining (off unless a target is given)")
     g.add_argument("--prune-target-params", type=float, help="final parameter count (e.g. 4e8)")
     g.add_argument("--prune-target-ratio", type=float, help="final parameters / initial parameters")
+    g.add_argument("--end-pruning", action="store_true",
+                   help="with --load of a pruning checkpoint: keep its masks, remove no further groups")
+    g.add_argument("--drop-pruning-state", action="store_true",
+                   help="with --load of a pruning checkpoint: discard its masks (pruned groups train again)")
     g.add_argument("--prune-start-tokens", type=float, default=0)
     g.add_argument("--prune-end-tokens", type=float, help="default: the end of training")
     g.add_argument("--prune-interval", type=int, default=10, help="steps between pruning events")
@@ -192,6 +199,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
             train_iters=args.train_iters, train_tokens=args.train_tokens, seed=args.seed,
             bf16=args.bf16, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
             log_interval=args.log_interval, exit_interval=args.exit_interval, dry_run=args.dry_run,
+            max_skipped_nonfinite_steps=args.max_skipped_nonfinite_steps,
         ),
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval,
@@ -202,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         prune=PruneConfig(
             target_params=int(args.prune_target_params) if args.prune_target_params else None,
             target_ratio=args.prune_target_ratio, start_tokens=int(args.prune_start_tokens),
+            end_pruning=args.end_pruning, drop_state=args.drop_pruning_state,
             end_tokens=int(args.prune_end_tokens) if args.prune_end_tokens is not None else None,
             interval=args.prune_interval, ramp=args.prune_ramp, saliency=args.saliency,
             taylor_form=args.saliency_taylor_form, saliency_ema=args.saliency_ema,

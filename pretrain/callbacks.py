@@ -110,7 +110,7 @@ class EvalCallback(Callback):
 
 
 class CheckpointCallback(Callback):
-    """Saves every ``save_interval`` steps, at the end, and when SIGTERM/SIGUSR1 arrive.
+    """Saves every ``save_interval`` steps, at the end, and when SIGTERM/SIGUSR1/SIGINT arrive.
 
     A signal only sets a flag; at the end of the current step all ranks agree (all-reduce) on
     stopping, save together and leave the loop, so the process exits cleanly with a checkpoint.
@@ -132,11 +132,17 @@ class CheckpointCallback(Callback):
         self.last_saved_iteration: int | None = None
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self._signal_received is not None:  # a second Ctrl-C: quit now, without saving
+                raise KeyboardInterrupt
+            if _is_rank0():
+                print(f"interrupted: stopping after this step{' and saving a checkpoint' if self.save else ''} "
+                      "(Ctrl-C again to quit at once)", flush=True)
         self._signal_received = signum
 
     def on_train_begin(self, trainer: Trainer) -> None:
         if self.handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 try:
                     self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
                 except ValueError:  # not the main thread
@@ -162,7 +168,8 @@ class CheckpointCallback(Callback):
         it = trainer.state.iteration
         if self.handle_signals and self._agreed_signal():
             if _is_rank0():
-                print(f"signal received: saving a checkpoint at iteration {it} and exiting", flush=True)
+                print(f"signal received: saving a checkpoint at iteration {it} and exiting" if self.save else
+                      f"signal received: stopping at iteration {it}; nothing is saved (no --save)", flush=True)
             self.save_now(trainer)
             trainer.request_stop("signal")
             return
@@ -173,7 +180,7 @@ class CheckpointCallback(Callback):
             trainer.request_stop(f"--exit-interval {self.exit_interval}")
 
     def on_train_end(self, trainer: Trainer) -> None:
-        if trainer.state.iteration >= trainer.total_iters:
+        if trainer.state.iteration >= trainer.total_iters and not trainer.state.failed:
             self.save_now(trainer)
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)

@@ -281,6 +281,9 @@ class TrainConfig:
     log_interval: int = 10
     exit_interval: int | None = None  # stop (after saving) at this iteration
     dry_run: bool = False
+    # a step whose loss or gradients are not finite is skipped (no update); after this many such
+    # steps in one run, training stops with an error and the last checkpoint stays the newest
+    max_skipped_nonfinite_steps: int = 3
 
     def validate(self, data_parallel_size: int, seq_length: int) -> None:
         _require(self.micro_batch_size > 0, "--micro-batch-size must be positive")
@@ -296,6 +299,7 @@ class TrainConfig:
         _require(self.total_iters(seq_length) > 0, "training length must be at least one iteration")
         _require(self.log_interval > 0, "--log-interval must be positive")
         _require(self.eval_interval >= 0 and self.eval_iters >= 0, "--eval-interval/--eval-iters must be >= 0")
+        _require(self.max_skipped_nonfinite_steps >= 0, "--max-skipped-nonfinite-steps must be >= 0")
 
     def total_iters(self, seq_length: int) -> int:
         if self.train_iters is not None:
@@ -329,6 +333,10 @@ class PruneConfig:
 
     target_params: int | None = None
     target_ratio: float | None = None
+    # resuming a checkpoint that carries pruning state: it is kept and applied (and, without
+    # --prune-* flags, its own pruning settings continue) unless one of these says otherwise
+    end_pruning: bool = False  # keep the masks so far, remove no further groups
+    drop_state: bool = False  # discard the masks: pruned groups train again
     start_tokens: int = 0
     end_tokens: int | None = None
     interval: int = 10  # steps between pruning events
@@ -413,6 +421,8 @@ class PretrainConfig:
         shrinks = bool(self.prune.shrink_at or self.prune.shrink_auto)
         if shrinks:
             _require(self.checkpoint.save is not None, "--shrink-at needs --save (the shrink goes through a checkpoint)")
+            _require(self.prune.enabled, "--shrink-at needs pruning: give --prune-target-ratio or "
+                     "--prune-target-params, or --load a checkpoint that carries pruning state")
         new_tp, new_pp = self.prune.shrink_tensor_parallel_size, self.prune.shrink_pipeline_parallel_size
         if new_tp or new_pp:
             _require(shrinks, "--shrink-tensor/pipeline-model-parallel-size need --shrink-at")

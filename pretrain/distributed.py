@@ -16,12 +16,6 @@ import torch
 from megatron_patches import apply_cpu_shims
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 LAUNCHERS = ("auto", "torchrun", "slurm", "mpi")
 # variables through which a launcher tells a process its place; a child that must run as a world
 # of its own (the in-run shrink tool) gets an environment without them
@@ -120,17 +114,20 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     if not torch.distributed.is_initialized():
         if on_gpu:
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        rendezvous: dict
         if world_size == 1:
-            # a plain `python` run: a private store on a fresh port (an inherited MASTER_PORT may be
-            # another job's), without touching the environment that child processes inherit
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            # a world of one needs no rendezvous: an in-process store. Not a tcp:// store on a
+            # port: an inherited MASTER_PORT may be another job's, and under `torchrun
+            # --nproc-per-node 1` (TORCHELASTIC_USE_AGENT_STORE) a tcp:// store would be a client
+            # of a server that does not exist, and wait until the timeout.
+            rendezvous = {"store": torch.distributed.HashStore()}
         else:
             if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
                 raise RuntimeError("MASTER_ADDR/MASTER_PORT are not set: launch with torchrun")
-            init_method = "env://"
+            rendezvous = {"init_method": "env://"}
         torch.distributed.init_process_group(
-            backend="nccl" if on_gpu else "gloo", init_method=init_method, rank=rank,
-            world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
+            backend="nccl" if on_gpu else "gloo", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes), **rendezvous,
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -117,6 +117,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     _, world_size, _ = launch_environment()
     peeked = _peek_checkpoint(cfg)
     cfg = _with_checkpoint_model(cfg, peeked)
+    cfg, pruning_note = _with_checkpoint_pruning(cfg, peeked)
     cfg.validate(world_size)
     tokenizer = load_tokenizer(cfg.data) if not cfg.data.mock_data or cfg.data.tokenizer_model else None
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
@@ -130,6 +131,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
 
     counts = cfg.model.num_parameters(vocab_size)
     print_rank0(_plan(cfg, layout, vocab_size, counts, total_iters, num_microbatches))
+    for note in ([pruning_note] if pruning_note else []) + _pruning_warnings(cfg, counts, total_iters, peeked):
+        print_rank0(note)
     if cfg.train.dry_run:
         return {"dry_run": True, "parameters": counts, "layout": layout}
 
@@ -221,6 +224,9 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
         if loaded.local_state:
             trainer.load_local_state_dict(loaded.local_state)
         checkpointer.last_saved_iteration = trainer.state.iteration
+    elif cfg.prune.enabled and _checkpoint_pruning_state(peeked) is not None:
+        # --finetune starts a fresh run, but the weights it loaded are pruned: keep their masks
+        next(c for c in callbacks if c.name == "pruning").load_state_dict(_checkpoint_pruning_state(peeked))
     state = trainer.fit()
     if state.stop_reason:
         print_rank0(f"stopped at iteration {state.iteration}: {state.stop_reason}")
@@ -238,6 +244,76 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
             "trainer": trainer, "params": params,
             "tokens_per_second": {"start": tps * _steps_per_second(logger.history, last=False),
                                   "end": tps * _steps_per_second(logger.history, last=True)}}
+
+
+def _checkpoint_pruning_state(peeked: tuple[str, dict] | None) -> dict | None:
+    return ((peeked[1].get("callbacks") or {}).get("pruning") or None) if peeked else None
+
+
+def _with_checkpoint_pruning(cfg: PretrainConfig, peeked: tuple[str, dict] | None) -> tuple[PretrainConfig, str]:
+    """A checkpoint's pruning state is never dropped silently (DESIGN invariant 9).
+
+    Resumed without --prune-* flags, the checkpoint's own pruning settings continue; with them,
+    the flags' settings continue from the checkpoint's masks. --end-pruning keeps the masks but
+    removes nothing more; --drop-pruning-state discards them. Returns the config and a note for
+    the log saying which of these happened.
+    """
+    import dataclasses
+
+    prune = cfg.prune
+    state = _checkpoint_pruning_state(peeked)
+    if prune.end_pruning and prune.drop_state:
+        raise ConfigError("--end-pruning and --drop-pruning-state exclude each other: pick one")
+    if state is None:
+        if prune.end_pruning or prune.drop_state:
+            flag = "--end-pruning" if prune.end_pruning else "--drop-pruning-state"
+            where = f"the checkpoint {peeked[0]}" if peeked else "no checkpoint (--load)"
+            raise ConfigError(f"{flag} applies to a checkpoint with pruning state, and {where} has none")
+        return cfg, ""
+    folder = peeked[0]
+    if prune.drop_state:
+        off = dataclasses.replace(prune, target_params=None, target_ratio=None, drop_state=True)
+        return dataclasses.replace(cfg, prune=off), (
+            f"--drop-pruning-state: the pruning state of {folder} is discarded; its pruned groups "
+            "(zero weights) train again")
+    if not prune.enabled:
+        saved = PretrainConfig.from_dict(peeked[1]["config"]).prune
+        adopted = dataclasses.replace(saved, end_pruning=prune.end_pruning, drop_state=False)
+        if prune.end_pruning or prune.shrink_at or prune.shrink_auto:
+            # the shrink is this command's decision when it says anything about it
+            adopted = dataclasses.replace(
+                adopted, shrink_at=prune.shrink_at, shrink_auto=prune.shrink_auto,
+                shrink_every_fraction=prune.shrink_every_fraction,
+                shrink_tensor_parallel_size=prune.shrink_tensor_parallel_size,
+                shrink_pipeline_parallel_size=prune.shrink_pipeline_parallel_size)
+        cfg = dataclasses.replace(cfg, prune=adopted)
+        source = "its own pruning settings (no --prune-* flags given)"
+    else:
+        source = "the --prune-* settings of this command"
+    if cfg.prune.end_pruning:
+        return cfg, (f"--end-pruning: the masks of {folder} stay applied; no further groups are removed"
+                     + ("" if cfg.prune.shrink_at or cfg.prune.shrink_auto else
+                        " (shrink them with --shrink-at or tools/reshard_checkpoint.py --shrink)"))
+    return cfg, (f"resuming the pruning state of {folder} with {source}; --end-pruning stops removing "
+                 "groups, --drop-pruning-state discards the masks")
+
+
+def _pruning_warnings(cfg: PretrainConfig, counts: dict, total_iters: int,
+                      peeked: tuple[str, dict] | None) -> list[str]:
+    """Pruning settings that would silently do nothing in this run."""
+    prune = cfg.prune
+    if not prune.enabled or prune.end_pruning:
+        return []
+    notes = []
+    run_tokens = total_iters * cfg.train.global_batch_size * cfg.model.seq_length
+    if prune.start_tokens >= run_tokens:
+        notes.append(f"WARNING: the pruning window starts at {prune.start_tokens:,} tokens "
+                     f"(--prune-start-tokens), after this run's last token ({run_tokens:,}): this run prunes nothing")
+    resumed = _checkpoint_pruning_state(peeked) is not None
+    if prune.target_params is not None and not resumed and prune.target_params >= counts["total"]:
+        notes.append(f"WARNING: --prune-target-params {prune.target_params:,} is not below the model's "
+                     f"{counts['total']:,} parameters: nothing will be pruned")
+    return notes
 
 
 # trainer-state keys that say where the model came from; carried into every later checkpoint
@@ -330,10 +406,17 @@ def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, tota
     return "\n".join(lines)
 
 
+def _is_out_of_memory(err: BaseException) -> bool:
+    text = str(err)
+    return (isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+            or "out of memory" in text.lower())
+
+
 def main(argv: list[str] | None = None) -> int:
     from data_prep.tokenizers import TokenizerError
     from pretrain.arguments import build_parser, config_from_args
     from pretrain.checkpoint import CheckpointError
+    from pretrain.trainer import NonFiniteError
 
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     args = build_parser().parse_args(argv)
@@ -341,8 +424,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         run(cfg)
-    except (ConfigError, TokenizerError, CheckpointError) as err:
+    except (ConfigError, TokenizerError, CheckpointError, NonFiniteError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (a second Ctrl-C, or one outside training): nothing saved since the last "
+              "checkpoint", file=sys.stderr, flush=True)
+        return 130
+    except (RuntimeError, MemoryError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"error: out of memory ({first_line}). Lower --micro-batch-size or --seq-length, or spread "
+              "the model over more ranks (--tensor/pipeline-model-parallel-size)", file=sys.stderr, flush=True)
         return 2
     finally:
         from pretrain.distributed import destroy_distributed

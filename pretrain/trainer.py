@@ -7,6 +7,7 @@ optimizer and the LR schedule, advance the data position, and let the callbacks 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,6 +22,15 @@ class TrainerState:
     consumed_valid_samples: int = 0
     should_stop: bool = False
     stop_reason: str = ""
+    skipped_nonfinite_steps: int = 0
+    # set when training stops on an error: the checkpoint callback then saves nothing more
+    failed: bool = False
+    # this step's loss or gradients are not finite: callbacks must not learn from it
+    nonfinite_step: bool = False
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps with a NaN/inf loss or gradient: training stopped (nothing saved after)."""
 
 
 @dataclass
@@ -134,18 +144,56 @@ class Trainer:
             micro_batch_size=self.config.train.micro_batch_size,
             forward_only=False,
         )
+        loss = global_mean_loss(losses)
+        self.state.nonfinite_step = not (math.isfinite(loss) and self._gradients_finite())
         for cb in self.callbacks:
             cb.on_before_optimizer_step(self)
-        update_successful, grad_norm, _ = self.optimizer.step()
+        if self.state.nonfinite_step:
+            # no update from this batch: the weights, moments and LR schedule stay as they were
+            update_successful, grad_norm = False, float("nan")
+        else:
+            update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=1)
-        loss = global_mean_loss(losses)
         return StepMetrics(
             loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=self.optimizer.param_groups[0]["lr"], skipped=not update_successful,
             seconds=time.time() - start, tokens=self.tokens_per_step,
         )
 
+
+    def _gradients_finite(self) -> bool:
+        """Whether every rank's reduced gradients are finite (one flag all-reduced over the world)."""
+        finite = True
+        for chunk in self.model_chunks:
+            for param in chunk.parameters():
+                grad = getattr(param, "main_grad", None)
+                grad = param.grad if grad is None else grad
+                if grad is not None and not bool(torch.isfinite(grad).all()):
+                    finite = False
+                    break
+        flag = torch.tensor([1.0 if finite else 0.0])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def _count_nonfinite_step(self, metrics: StepMetrics) -> None:
+        """Skip-and-count policy for a step whose loss or gradients were not finite."""
+        from pretrain.distributed import print_rank0
+
+        self.state.skipped_nonfinite_steps += 1
+        limit = self.config.train.max_skipped_nonfinite_steps
+        print_rank0(f"WARNING: iteration {self.state.iteration}: loss {metrics.loss} / gradients not finite; "
+                    f"the step was skipped ({self.state.skipped_nonfinite_steps} of at most {limit} "
+                    "allowed by --max-skipped-nonfinite-steps)")
+        if self.state.skipped_nonfinite_steps > limit:
+            self.state.failed = True
+            self.request_stop(
+                f"{self.state.skipped_nonfinite_steps} steps had a NaN/inf loss or gradients (the last at "
+                f"iteration {self.state.iteration}), more than --max-skipped-nonfinite-steps {limit}. "
+                "Nothing was saved after the last good step; the newest checkpoint under --save (if any) "
+                "is the state to go back to. Lower --lr, keep --clip-grad > 0, or check the data read "
+                f"around sample {self.state.consumed_samples}")
 
     @torch.no_grad()
     def evaluate(self, num_iters: int) -> float:
@@ -181,10 +229,16 @@ class Trainer:
             metrics = self.train_step()
             self.state.iteration += 1
             self.state.consumed_samples += self.config.train.global_batch_size
+            if self.state.nonfinite_step:
+                self._count_nonfinite_step(metrics)
+                if self.state.failed:
+                    break
             for cb in self.callbacks:
                 cb.on_step_end(self, metrics)
         for cb in self.callbacks:
             cb.on_train_end(self)
+        if self.state.failed:
+            raise NonFiniteError(self.state.stop_reason)
         return self.state
 
     # -- checkpointable state of the trainer and its callbacks
@@ -193,6 +247,7 @@ class Trainer:
             "iteration": self.state.iteration,
             "consumed_samples": self.state.consumed_samples,
             "consumed_valid_samples": self.state.consumed_valid_samples,
+            "skipped_nonfinite_steps": self.state.skipped_nonfinite_steps,
             "scheduler": self.scheduler.state_dict(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
         }
@@ -209,6 +264,7 @@ class Trainer:
         self.state.iteration = state["iteration"]
         self.state.consumed_samples = state["consumed_samples"]
         self.state.consumed_valid_samples = state.get("consumed_valid_samples", 0)
+        self.state.skipped_nonfinite_steps = state.get("skipped_nonfinite_steps", 0)
         if load_scheduler:
             self.scheduler.load_state_dict(state["scheduler"])
         for cb in self.callbacks:

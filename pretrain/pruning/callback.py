@@ -77,6 +77,8 @@ class PruningCallback(Callback):
         return iteration * self.global_batch_size * self.seq_length
 
     def _in_window(self, tokens_before: int) -> bool:
+        if self.cfg.end_pruning:  # the masks stay as loaded; nothing is scored or removed
+            return False
         return self.start_tokens <= tokens_before < self.end_tokens
 
     def current_params(self) -> int:
@@ -113,7 +115,7 @@ class PruningCallback(Callback):
 
     def on_before_optimizer_step(self, trainer) -> None:
         self.estimator.end_capture()
-        if self._scoring:
+        if self._scoring and not trainer.state.nonfinite_step:  # a NaN step would poison the EMA
             table = reduce_table(self.estimator.partial_table(), self.shape, self.estimator.signed)
             beta = self.cfg.saliency_ema
             if self.ema is None:
