@@ -35,6 +35,15 @@ def _token_count(text: str) -> int:
     return int(value)
 
 
+def _shrink_points(text: str) -> str:
+    """'auto', or comma-separated token counts (checked here so a typo is a usage error)."""
+    if text.strip() != "auto":
+        for item in text.split(","):
+            if item.strip():
+                _token_count(item.strip())
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pretrain",
                                 description="Pruning-aware pretraining on megatron-core.")
@@ -145,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune-min-ffn", type=int, default=0)
     g.add_argument("--prune-min-hidden", type=int, default=0)
     g.add_argument("--prune-min-layers", type=int, default=1)
-    g.add_argument("--shrink-at", default=None,
+    g.add_argument("--shrink-at", default=None, type=_shrink_points,
                    help="shrink the model in-run at these token counts (comma-separated), or 'auto': "
                         "at the end of pruning (and see --shrink-every-fraction); needs --save")
     g.add_argument("--shrink-tensor-model-parallel-size", type=int,

@@ -112,3 +112,48 @@ def unwrap(model_chunk):
 
 def count_local_parameters(model_chunks: list) -> int:
     return sum(p.numel() for chunk in model_chunks for p in chunk.parameters())
+
+
+def activation_memory_lower_bound(model_cfg: ModelConfig, micro_batch_size: int, vocab_size: int,
+                                  tensor_parallel: int, fused_attention: bool) -> int:
+    """Bytes one rank surely needs for one micro-batch's forward: the fp32 logits and their
+    softmax, and (without a fused attention kernel) one layer's attention scores and probabilities.
+    A lower bound, so a refusal based on it is never wrong; the real need is larger."""
+    tokens = micro_batch_size * model_cfg.seq_length
+    logits = 2 * tokens * (vocab_size // tensor_parallel) * 4
+    scores = 0
+    if not fused_attention:
+        heads = max(model_cfg.num_attention_heads // tensor_parallel, 1)
+        scores = 2 * micro_batch_size * heads * model_cfg.seq_length ** 2 * 4
+    return logits + scores
+
+
+def available_memory_per_rank(local_world_size: int) -> int | None:
+    """Bytes this rank may use: the GPU's total, or this node's available RAM shared by its ranks."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[1])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024 // max(local_world_size, 1)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_activation_memory(model_cfg: ModelConfig, train: TrainConfig, vocab_size: int,
+                            tensor_parallel: int, local_world_size: int) -> None:
+    """Refuse, before anything is built, a micro-batch that cannot fit: otherwise the first step
+    dies deep inside torch, or the kernel's out-of-memory killer ends the run without a word."""
+    from megatron_patches.layer_specs import transformer_engine_available
+
+    from pretrain.config import ConfigError
+
+    fused = torch.cuda.is_available() and transformer_engine_available()
+    need = activation_memory_lower_bound(model_cfg, train.micro_batch_size, vocab_size, tensor_parallel, fused)
+    have = available_memory_per_rank(local_world_size)
+    if have is not None and need > have:
+        raise ConfigError(
+            f"--seq-length {model_cfg.seq_length} with --micro-batch-size {train.micro_batch_size} needs at "
+            f"least {need / 2**30:,.1f} GiB per rank for one micro-batch's logits"
+            + ("" if fused else " and attention scores") + f", more than the {have / 2**30:,.1f} GiB "
+            "available to it: lower --micro-batch-size or --seq-length, or raise --tensor-model-parallel-size")

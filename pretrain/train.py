@@ -110,7 +110,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     from pretrain.data import MicroBatchIterator, build_datasets, load_tokenizer
     from pretrain.distributed import init_distributed, launch_environment, print_rank0, set_random_seed
     from pretrain.init import deterministic_init
-    from pretrain.model import build_model, unwrap
+    from pretrain.model import build_model, check_activation_memory, unwrap
     from pretrain.optim import build_optimizer, build_scheduler
     from pretrain.trainer import Trainer
 
@@ -136,6 +136,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     if cfg.train.dry_run:
         return {"dry_run": True, "parameters": counts, "layout": layout}
 
+    check_activation_memory(cfg.model, cfg.train, vocab_size, tp, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size,
                                plain_megatron_spec=plain_megatron_spec)
     for chunk in model_chunks:

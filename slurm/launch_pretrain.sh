@@ -52,6 +52,13 @@ EVAL_INTERVAL=${EVAL_INTERVAL:-1000}
 LAUNCHER=${LAUNCHER:-srun}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 
+# numbers are checked before any arithmetic uses them (bash would read TP=abc as 0)
+for name in TP PP MICRO_BATCH GLOBAL_BATCH SEQ_LENGTH SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL WARMUP_ITERS; do
+    value=${!name}
+    [[ "$value" =~ ^[0-9]+$ ]] || fail "$name=$value: must be a whole number"
+    case $name in EVAL_INTERVAL|WARMUP_ITERS) ;; *) [ "$value" -gt 0 ] || fail "$name=$value: must be at least 1";; esac
+done
+
 NNODES=${SLURM_NNODES:-${NNODES:-1}}
 GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-${GPUS_PER_NODE:-8}}
 GPUS_PER_NODE=${GPUS_PER_NODE##*:}  # "h100:8" -> 8

@@ -12,6 +12,25 @@ def _train(f, *extra: str) -> list[str]:
 
 
 CASES = [
-    BadInput("train-target-tp-zero", lambda d, f: _train(f, "--tensor-model-parallel-size", "0"),
-             message=r"--tensor-model-parallel-size"),
+    BadInput("train-tensor-parallel-zero", lambda d, f: _train(f, "--tensor-model-parallel-size", "0"),
+             message=r"--tensor/pipeline-model-parallel-size must be >= 1"),
+    BadInput("train-shrink-at-not-a-number", lambda d, f: _train(f, "--shrink-at", "1e6,soon"),
+             message=r"argument --shrink-at: 'soon' is not a number"),
+    BadInput("train-shrink-without-pruning",
+             lambda d, f: _train(f, "--shrink-at", "auto", "--save", str(d / "ckpt")),
+             message=r"--shrink-at needs pruning", leftovers=("ckpt",)),
+    BadInput("train-end-pruning-without-state", lambda d, f: _train(f, "--end-pruning"),
+             message=r"--end-pruning applies to a checkpoint with pruning state"),
+    BadInput("train-end-and-drop-pruning",
+             lambda d, f: _train(f, "--load", f.checkpoint, "--end-pruning", "--drop-pruning-state"),
+             message=r"--end-pruning and --drop-pruning-state exclude each other"),
+    BadInput("train-sequence-too-long-for-memory",
+             lambda d, f: _train(f, "--seq-length", "2000000", "--micro-batch-size", "8",
+                                 "--global-batch-size", "8", "--max-position-embeddings", "2000000"),
+             message=r"--seq-length 2000000 with --micro-batch-size 8 needs at least .* GiB per rank"),
+    BadInput("train-diverges-to-nan",
+             lambda d, f: _train(f, "--lr", "1e8", "--clip-grad", "0", "--train-iters", "30",
+                                 "--max-skipped-nonfinite-steps", "1", "--save", str(d / "ckpt"),
+                                 "--save-interval", "100"),
+             message=r"more than --max-skipped-nonfinite-steps 1", leftovers=("ckpt/iter_0000030",)),
 ]

@@ -154,6 +154,8 @@ def test_mpirun_trains(tiny_dataset, tmp_path):
     ({"DATA_PATH": "/nonexistent/corpus"}, "DATA_PATH: /nonexistent/corpus.bin"),
     ({"TOKENIZER_MODEL": "/nonexistent/tok.model"}, "TOKENIZER_MODEL=/nonexistent/tok.model does not exist"),
     ({"TP": "4", "PP": "1"}, "TP=4 x PP=1 does not divide the 2 ranks"),
+    ({"TP": "abc"}, "TP=abc: must be a whole number"),
+    ({"TP": "0"}, "TP=0: must be at least 1"),
 ])
 def test_bad_inputs_fail_before_submission(tiny_dataset, override, message):
     """bash slurm/pretrain_1b.sbatch checks its inputs and submits nothing when they are wrong."""
