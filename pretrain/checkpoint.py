@@ -529,7 +529,7 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
         state = dist_checkpointing.load(sharded, os.path.join(folder, MODEL_OPTIM_DIR))
     except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
         raise CheckpointError(
-            f"{folder}: the weights do not fit this model ({type(err).__name__}: {str(err)[:500]}). "
+            f"{folder}: the weights do not fit this model ({_first_failure(err)}). "
             "Check that the model flags match the checkpoint's config, or pass --use-checkpoint-args "
             "(a shrunk checkpoint has a smaller shape than the flags that started the run)"
         ) from None
@@ -547,6 +547,16 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
             _set_rng_state(rank_file["rng"])
     _barrier()
     return LoadedCheckpoint(folder=folder, trainer_state=trainer_state, local_state=local_state)
+
+
+def _first_failure(err: BaseException) -> str:
+    """One line for a load error: DCP's CheckpointException carries each rank's error (and its
+    traceback in its text); show the first rank's error only."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        rank, failure = sorted(failures.items(), key=lambda kv: kv[0])[0]
+        err = failure[0] if isinstance(failure, tuple) else failure
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:400] if str(err).strip() else ''}"
 
 
 def check_dcp_pickles(dcp_dir: str) -> None:
