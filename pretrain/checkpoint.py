@@ -131,14 +131,15 @@ def _describe_files_collectively(folder: str) -> dict[str, dict]:
     return {rel: entry for share in shares for rel, entry in share.items()}
 
 
-# folders whose checksums were verified in this process, by manifest identity: a run reads its
-# checkpoint once to choose it and once to load it, and hashes it only the first time
-_verified_manifests: set[tuple] = set()
+# checkpoints whose checksums were verified in this process, by the identity of the manifest and
+# of every file (size, mtime): a run reads its checkpoint once to choose it and once to load it,
+# and hashes it only the first time; a file rewritten since then is hashed again
+_verified: set[tuple] = set()
 
 
-def _manifest_identity(manifest_path: str) -> tuple:
-    st = os.stat(manifest_path)
-    return os.path.realpath(manifest_path), st.st_ino, st.st_mtime_ns, st.st_size
+def _identity(folder: str, names: list[str]) -> tuple:
+    stats = [os.stat(os.path.join(folder, rel)) for rel in [MANIFEST, *names]]
+    return (os.path.realpath(folder),) + tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
 
 
 def verify_checkpoint(folder: str, checksums: bool = True) -> None:
@@ -164,14 +165,14 @@ def verify_checkpoint(folder: str, checksums: bool = True) -> None:
         if actual != entry.get("size"):
             raise CheckpointError(f"{folder}: file {rel} has {actual} bytes, expected {entry.get('size')} "
                                   "(truncated?)")
-    identity = _manifest_identity(manifest_path)
-    if not checksums or identity in _verified_manifests:
+    identity = _identity(folder, sorted(expected))
+    if not checksums or identity in _verified:
         return
     for rel, entry in expected.items():
         if "crc32" in entry and file_crc32(os.path.join(folder, rel)) != entry["crc32"]:
             raise CheckpointError(f"{folder}: file {rel} is corrupt (its CRC-32 differs from the one "
                                   "saved with it; same size, different bytes)")
-    _verified_manifests.add(identity)
+    _verified.add(identity)
 
 
 def find_checkpoint(root: str, skipped: list[str] | None = None) -> str | None:

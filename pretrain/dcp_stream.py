@@ -46,6 +46,10 @@ class DCPFormatError(ValueError):
     """A DCP folder is corrupt or holds a pickle that would run code; the message names the file."""
 
 
+class _NotAllowed(pickle.UnpicklingError):
+    """The metadata pickle names a global outside the allowlist."""
+
+
 # modules whose dataclasses and enums a DCP ``.metadata`` pickle is made of
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
                      "torch.distributed.checkpoint.filesystem")
@@ -64,7 +68,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         elif module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        raise _NotAllowed(f"{module}.{name} is not allowed in checkpoint metadata")
 
 
 def read_dcp_metadata(path: str) -> Metadata:
@@ -75,7 +79,7 @@ def read_dcp_metadata(path: str) -> Metadata:
             metadata = _MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise DCPFormatError(f"{file}: missing; the checkpoint is incomplete") from None
-    except pickle.UnpicklingError as err:
+    except _NotAllowed as err:
         raise DCPFormatError(f"{file}: refused, not plain checkpoint metadata ({err}); the file is corrupt, "
                              "or was made to run code when loaded: use only checkpoints you trust") from None
     except Exception as err:  # a corrupt pickle fails in many ways (EOFError, ValueError, ...)
