@@ -121,13 +121,21 @@ def _describe_files(folder: str, names: list[str]) -> dict[str, dict]:
 
 def _describe_files_collectively(folder: str) -> dict[str, dict]:
     """Sizes and checksums of every file in ``folder``: each rank reads its share of the files
-    (they are still in the page cache), rank 0 gets the whole table. Collective."""
+    (they are still in the page cache), rank 0 gets the whole table. Collective; a read error on
+    any rank raises CheckpointError on every rank."""
     names = _files_of(folder)
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return _describe_files(folder, names)
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    shares: list = [None] * world
-    torch.distributed.all_gather_object(shares, _describe_files(folder, names[rank::world]))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    try:
+        mine: dict | str = _describe_files(folder, names[_rank()::world])
+    except OSError as err:
+        mine = f"rank {_rank()}: cannot read back {folder} to checksum it ({err})"
+    shares = [mine]
+    if world > 1:
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+    failed = [share for share in shares if isinstance(share, str)]
+    if failed:
+        raise CheckpointError(failed[0])
     return {rel: entry for share in shares for rel, entry in share.items()}
 
 
@@ -266,9 +274,15 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, tr
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     _on_all_ranks_or_clean_up(lambda: _make_tmp_folder(root, tmp), tmp)
+    # DCP's save is collective and raises on every rank when any fails; the rest is rank-local
     _on_all_ranks_or_clean_up(
         lambda: _write_checkpoint_files(tmp, model_chunks, optimizer, trainer_state, local_state), tmp)
-    files = _describe_files_collectively(tmp)
+    try:
+        files = _describe_files_collectively(tmp)
+    except CheckpointError:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
     def publish() -> None:
@@ -283,6 +297,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, tr
 
 
 def _make_tmp_folder(root: str, tmp: str) -> None:
+    _make_save_helpers_die_with_us()  # rank-local, so before the collective DCP save
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):
@@ -295,7 +310,6 @@ def _write_checkpoint_files(tmp: str, model_chunks: list, optimizer, trainer_sta
                             local_state: dict | None) -> None:
     from megatron.core import dist_checkpointing
 
-    _make_save_helpers_die_with_us()
     model_sd = _model_sharded_state_dict(model_chunks)
     sharded = {"model": model_sd}
     if optimizer is not None:
