@@ -9,7 +9,7 @@ folder whose tensors are produced one chunk at a time by a callback, so rewritin
 never holds more than one chunk (plus one output file's buffer) in memory.
 
 ``.metadata`` is a plain pickle that DCP reads with ``pickle.load``: ``read_dcp_metadata`` reads it
-through an allowlist (DCP's own metadata dataclasses and enums, ``torch.Size``, dtypes, layouts),
+through an allowlist (DCP's own metadata dataclasses and enums, ``torch.Size``, dtypes, layouts, paths),
 so a folder whose metadata would run code, or is corrupt, is refused with ``DCPFormatError``
 instead of executing or failing deep inside torch.
 
@@ -64,7 +64,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
                 return obj
         elif (module, name) in (("torch", "Size"), ("torch.serialization", "_get_layout"),
-                                ("collections", "OrderedDict")):
+                                ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+                                ("pathlib", "PurePosixPath")):  # a path: StorageMeta.checkpoint_id
             return super().find_class(module, name)
         elif module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
             return getattr(torch, name)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint as ckpt
-from pretrain.dcp_stream import DCPFormatError, read_dcp_metadata
+from pretrain.dcp_stream import DCPFormatError, OutTensor, read_dcp_metadata, write_lazily
 from pretrain.shrink import ShrinkError, _check_target_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,6 +119,10 @@ def test_pickles_that_would_run_code_are_refused(tmp_path):
     with pytest.raises(DCPFormatError, match="corrupt checkpoint metadata"):
         read_dcp_metadata(str(tmp_path / "dcp"))
     assert not marker.exists()
+    # what DCP itself writes is read (a no-process-group save stores its path as a PosixPath)
+    write_lazily(str(tmp_path / "ok"), [OutTensor("w", (2, 3), torch.float32, [((0, 0), (2, 3))],
+                                                  lambda _: torch.ones(2, 3))], {})
+    assert "w" in read_dcp_metadata(str(tmp_path / "ok")).state_dict_metadata
 
 
 def test_target_layout_sizes_below_one_are_refused():
