@@ -19,7 +19,7 @@ import torch
 
 from pretrain import checkpoint as ckpt
 from pretrain.dcp_stream import DCPFormatError, OutTensor, read_dcp_metadata, write_lazily
-from pretrain.shrink import ShrinkError, _check_target_sizes
+from pretrain.shrink import ShrinkError, _check_save_folder, _check_target_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,6 +131,22 @@ def test_target_layout_sizes_below_one_are_refused():
         with pytest.raises(ShrinkError, match=flag):
             _check_target_sizes(tp, pp)
     _check_target_sizes(None, 2)
+
+
+def test_reshard_into_a_non_empty_folder_needs_overwrite(tmp_path):
+    """--save of an existing run is refused (its iter_N and latest would be replaced) unless
+    --overwrite; the replacement is atomic (rename aside, rename in, then latest)."""
+    (tmp_path / "iter_0000010.tmp").mkdir(parents=True)  # an interrupted reshard's leftover
+    _check_save_folder(str(tmp_path), overwrite=False)
+    first = _publish_fake(tmp_path, 10)
+    with pytest.raises(ShrinkError, match=r"already exists and is not empty \(iter_0000010, latest_"):
+        _check_save_folder(str(tmp_path), overwrite=False)
+    _check_save_folder(str(tmp_path), overwrite=True)
+    (first / "old_only").write_text("x")
+    again = _publish_fake(tmp_path, 10)
+    assert again == first and not (again / "old_only").exists()
+    assert [p.name for p in tmp_path.iterdir() if "replaced" in p.name] == []
+    ckpt.verify_checkpoint(str(again))
 
 
 def _train_command(data: dict, save: Path, *extra: str) -> list[str]:
