@@ -8,22 +8,34 @@ Layout of ``--save DIR``::
                         loads under any TP/PP/DP)
         trainer_state.pt    iteration, consumed samples, LR scheduler, config, callbacks' states
         rng/rank_00000.pt   each rank's RNG states (restored when the layout is unchanged)
-        manifest.json       every file above with its size; written just before the rename
+        manifest.json       every file above with its size and CRC-32; written just before the rename
 
 A save writes into ``iter_XXXXXXX.tmp``, writes the manifest, renames the folder into place and
 only then updates the ``latest`` file, so a crash at any point leaves the previous checkpoint as
-the newest valid one. On load, a folder whose manifest is missing or does not match the files on
-disk is refused with a message, and the newest older valid checkpoint is used instead.
+the newest valid one; a save that fails (e.g. a full disk) removes its ``.tmp`` folder. On load, a
+folder whose manifest is missing or does not match the files on disk (missing, truncated, or
+corrupted at the same size: the CRC-32 differs) is refused with a message, and the newest older
+valid checkpoint is used instead. Retention (``keep_last``) only ever deletes checkpoints older
+than the one just written, and counts only valid ones towards the number kept.
+
+Every pickle a checkpoint holds is read without running code: our own files with
+``torch.load(weights_only=True)``, DCP's ``.metadata`` through an allowlist
+(``pretrain.dcp_stream.read_dcp_metadata``), DCP's byte objects and ``common.pt`` checked with
+``weights_only=True`` before megatron-core (which unpickles them freely) reads them.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +46,7 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
 MODEL_OPTIM_DIR = "model_optim"
 _SHARDING_TYPE = "fully_reshardable"
+_HASH_CHUNK_BYTES = 8 * 2**20
 
 
 def _sharding_metadata() -> dict:
@@ -81,19 +94,65 @@ def _fsync_dir(path: str) -> None:
         pass
 
 
-def _list_files(folder: str) -> dict[str, int]:
-    files = {}
+def _files_of(folder: str) -> list[str]:
+    """Every file under ``folder`` but the manifest, as sorted relative paths."""
+    files = []
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, folder)
+            rel = os.path.relpath(os.path.join(dirpath, name), folder)
             if rel != MANIFEST:
-                files[rel] = os.path.getsize(path)
-    return files
+                files.append(rel)
+    return sorted(files)
 
 
-def verify_checkpoint(folder: str) -> None:
-    """Raise CheckpointError unless ``folder`` is a complete checkpoint (manifest matches disk)."""
+def file_crc32(path: str) -> str:
+    """CRC-32 of a file, read in 8 MB chunks (about 3.5 GB/s on one core)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _describe_files(folder: str, names: list[str]) -> dict[str, dict]:
+    return {rel: {"size": os.path.getsize(os.path.join(folder, rel)),
+                  "crc32": file_crc32(os.path.join(folder, rel))} for rel in names}
+
+
+def _describe_files_collectively(folder: str) -> dict[str, dict]:
+    """Sizes and checksums of every file in ``folder``: each rank reads its share of the files
+    (they are still in the page cache), rank 0 gets the whole table. Collective; a read error on
+    any rank raises CheckpointError on every rank."""
+    names = _files_of(folder)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    try:
+        mine: dict | str = _describe_files(folder, names[_rank()::world])
+    except OSError as err:
+        mine = f"rank {_rank()}: cannot read back {folder} to checksum it ({err})"
+    shares = [mine]
+    if world > 1:
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+    failed = [share for share in shares if isinstance(share, str)]
+    if failed:
+        raise CheckpointError(failed[0])
+    return {rel: entry for share in shares for rel, entry in share.items()}
+
+
+# checkpoints whose checksums were verified in this process, by the identity of the manifest and
+# of every file (size, mtime): a run reads its checkpoint once to choose it and once to load it,
+# and hashes it only the first time; a file rewritten since then is hashed again
+_verified: set[tuple] = set()
+
+
+def _identity(folder: str, names: list[str]) -> tuple:
+    stats = [os.stat(os.path.join(folder, rel)) for rel in [MANIFEST, *names]]
+    return (os.path.realpath(folder),) + tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
+
+
+def verify_checkpoint(folder: str, checksums: bool = True) -> None:
+    """Raise CheckpointError unless ``folder`` is a complete checkpoint: every file the manifest
+    names exists with its size and (when ``checksums`` and the manifest has them) its CRC-32."""
     manifest_path = os.path.join(folder, MANIFEST)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such checkpoint folder")
@@ -102,22 +161,33 @@ def verify_checkpoint(folder: str) -> None:
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
-        expected = manifest["files"]
-    except (json.JSONDecodeError, KeyError, OSError) as err:
+        expected = {rel: entry if isinstance(entry, dict) else {"size": entry}
+                    for rel, entry in manifest["files"].items()}
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError, OSError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
-    for rel, size in expected.items():
+    for rel, entry in expected.items():
         path = os.path.join(folder, rel)
         if not os.path.isfile(path):
             raise CheckpointError(f"{folder}: file {rel} is missing")
         actual = os.path.getsize(path)
-        if actual != size:
-            raise CheckpointError(f"{folder}: file {rel} has {actual} bytes, expected {size} (truncated?)")
+        if actual != entry.get("size"):
+            raise CheckpointError(f"{folder}: file {rel} has {actual} bytes, expected {entry.get('size')} "
+                                  "(truncated?)")
+    identity = _identity(folder, sorted(expected))
+    if not checksums or identity in _verified:
+        return
+    for rel, entry in expected.items():
+        if "crc32" in entry and file_crc32(os.path.join(folder, rel)) != entry["crc32"]:
+            raise CheckpointError(f"{folder}: file {rel} is corrupt (its CRC-32 differs from the one "
+                                  "saved with it; same size, different bytes)")
+    _verified.add(identity)
 
 
-def find_checkpoint(root: str) -> str | None:
+def find_checkpoint(root: str, skipped: list[str] | None = None) -> str | None:
     """The newest valid checkpoint folder under ``root`` (or ``root`` itself if it is one).
 
-    Prefers the ``latest`` pointer; a broken newest checkpoint is reported and skipped.
+    Prefers the ``latest`` pointer; a broken newest checkpoint is reported and skipped (and its
+    reason appended to ``skipped``, for a caller that finds no valid one to explain why).
     """
     if os.path.isfile(os.path.join(root, MANIFEST)) or re.fullmatch(r"iter_\d+", os.path.basename(root.rstrip("/"))):
         verify_checkpoint(root)
@@ -142,6 +212,8 @@ def find_checkpoint(root: str) -> str | None:
             return folder
         except CheckpointError as err:
             _warn(f"skipping invalid checkpoint: {err}")
+            if skipped is not None:
+                skipped.append(str(err))
     return None
 
 
@@ -196,19 +268,47 @@ def _load_model_state(model_chunks: list, state: dict) -> None:
 
 def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, trainer_state: dict,
                     keep_last: int | None = None, local_state: dict | None = None) -> str:
-    """Collective: every rank calls it. Returns the final folder."""
-    from megatron.core import dist_checkpointing
-
+    """Collective: every rank calls it. Returns the final folder. A failure on any rank (a full
+    disk, say) raises CheckpointError on every rank, with the ``.tmp`` folder removed."""
     start = time.time()
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
+    _on_all_ranks_or_clean_up(lambda: _make_tmp_folder(root, tmp), tmp)
+    # DCP's save is collective and raises on every rank when any fails; the rest is rank-local
+    _on_all_ranks_or_clean_up(
+        lambda: _write_checkpoint_files(tmp, model_chunks, optimizer, trainer_state, local_state), tmp)
+    try:
+        files = _describe_files_collectively(tmp)
+    except CheckpointError:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    def publish() -> None:
+        if _rank() == 0:
+            publish_checkpoint(root, iteration, tmp, world_size, files)
+            if keep_last:
+                prune_old_checkpoints(root, keep_last, iteration)
+            print(f"saved checkpoint {final} in {time.time() - start:.1f}s", flush=True)
+
+    _on_all_ranks_or_clean_up(publish, tmp)
+    return final
+
+
+def _make_tmp_folder(root: str, tmp: str) -> None:
+    _make_save_helpers_die_with_us()  # rank-local, so before the collective DCP save
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(os.path.join(tmp, MODEL_OPTIM_DIR))
         os.makedirs(os.path.join(tmp, "rng"))
-    _barrier()
+
+
+def _write_checkpoint_files(tmp: str, model_chunks: list, optimizer, trainer_state: dict,
+                            local_state: dict | None) -> None:
+    from megatron.core import dist_checkpointing
 
     model_sd = _model_sharded_state_dict(model_chunks)
     sharded = {"model": model_sd}
@@ -220,36 +320,136 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, tr
                os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
     if _rank() == 0:
         torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
-    _barrier()
 
+
+def _on_all_ranks_or_clean_up(step, tmp: str) -> None:
+    """Run ``step`` on every rank; if it fails on any, every rank raises the same CheckpointError
+    (no rank is left waiting in a barrier) and rank 0 removes ``tmp``. Collective."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    error = None
+    try:
+        step()
+    except (Exception, CheckpointException) as err:
+        error = f"rank {_rank()}: {save_failure_message(err, tmp)}"
+    errors = [error]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        errors = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if not failed:
+        return
     if _rank() == 0:
-        publish_checkpoint(root, iteration, tmp,
-                           torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
-        if keep_last:
-            _prune_old(root, keep_last)
-        print(f"saved checkpoint {final} in {time.time() - start:.1f}s", flush=True)
-    _barrier()
-    return final
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(f"{failed[0]}. The incomplete {tmp} was removed; the previous checkpoint is kept")
 
 
-def publish_checkpoint(root: str, iteration: int, tmp: str, world_size: int = 1) -> str:
+def save_failure_message(err: BaseException, tmp: str) -> str:
+    if is_disk_full(err, tmp):
+        return (f"no space left on device while saving {tmp} (free space on that disk, or --save to "
+                "another one, then resume with --load)")
+    return f"cannot save {tmp}: {type(err).__name__}: {str(err)[:500]}"
+
+
+def is_disk_full(err: BaseException, tmp: str) -> bool:
+    """ENOSPC anywhere in the error's chain (DCP wraps the writer's error per rank; torch.save
+    reports only 'file write failed'), or a disk left with (almost) no free space."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__]
+        for failure in getattr(e, "failures", {}).values():  # CheckpointException: rank -> error
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    try:
+        return shutil.disk_usage(os.path.dirname(tmp) or ".").free < _HASH_CHUNK_BYTES
+    except OSError:
+        return False
+
+
+def _make_save_helpers_die_with_us() -> None:
+    """megatron-core's torch_dist writer starts a ``multiprocessing.Manager`` server (for its
+    results queue) on the first save and keeps it for the life of the process; a rank killed with
+    SIGKILL would leave that server running forever (outside Slurm's cgroups). Start the server
+    ourselves, with the parent-death signal set, so it dies with this process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    from multiprocessing.managers import SyncManager
+
+    from torch import multiprocessing as mp
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the manager process: ask Linux for SIGKILL when the parent dies; exit if it already did."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the manager outlives a killed parent, as before
+        return
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def publish_checkpoint(root: str, iteration: int, tmp: str, world_size: int = 1,
+                       files: dict[str, dict] | None = None) -> str:
     """Make the complete folder ``tmp`` the checkpoint of ``iteration`` under ``root``: write its
-    manifest, rename it into place, then point ``latest`` at it (one process calls this)."""
+    manifest (``files``: size and CRC-32 of each file, computed here if not given), rename it into
+    place, then point ``latest`` at it (one process calls this)."""
     final = iteration_dir(root, iteration)
-    manifest = {"iteration": iteration, "files": _list_files(tmp), "world_size": world_size}
+    if files is None:
+        files = _describe_files(tmp, _files_of(tmp))
+    manifest = {"iteration": iteration, "files": files, "world_size": world_size, "checksum": "crc32"}
     _atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+    replaced = None
     if os.path.exists(final):  # re-saving an iteration (e.g. after a resume): replace it
-        shutil.rmtree(final)
+        replaced = f"{final}.replaced-{os.getpid()}"
+        os.replace(final, replaced)
     os.replace(tmp, final)
     _fsync_dir(root)
     _atomic_write_text(os.path.join(root, LATEST_FILE), str(iteration))
+    if replaced:
+        shutil.rmtree(replaced, ignore_errors=True)
     return final
 
 
-def _prune_old(root: str, keep_last: int) -> None:
-    iters = sorted(int(m.group(1)) for m in (re.fullmatch(r"iter_(\d+)", n) for n in os.listdir(root)) if m)
-    for it in iters[:-keep_last]:
-        shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+def prune_old_checkpoints(root: str, keep_last: int, current: int) -> list[str]:
+    """Retention after saving iteration ``current``: keep it and the ``keep_last - 1`` newest
+    *valid* checkpoints older than it; delete the other older ones. Checkpoints newer than
+    ``current`` (left from a run resumed from an older checkpoint) are not touched, and an invalid
+    checkpoint never counts towards ``keep_last``. Returns the deleted folders."""
+    iterations = sorted((int(m.group(1)) for m in (re.fullmatch(r"iter_(\d+)", n) for n in os.listdir(root)) if m),
+                        reverse=True)
+    kept, deleted = 1, []
+    for it in (i for i in iterations if i < current):
+        folder = iteration_dir(root, it)
+        if kept < keep_last and _is_valid(folder):
+            kept += 1
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        deleted.append(folder)
+    return deleted
+
+
+def _is_valid(folder: str) -> bool:
+    try:
+        verify_checkpoint(folder)
+        return True
+    except CheckpointError as err:
+        _warn(f"retention: {err}; not counted among the checkpoints kept")
+        return False
 
 
 @dataclass
@@ -259,12 +459,33 @@ class LoadedCheckpoint:
     local_state: dict | None = None  # this rank's callbacks' state (same layout only)
 
 
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array (the numpy RNG state in ``rng/*.pt``) needs: data only."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_without_code(source, what: str):
+    """``torch.load`` that never runs code from the file (``weights_only=True``, numpy arrays
+    allowed); a file that would is refused with CheckpointError naming ``what``."""
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{what}: refused: it holds Python objects other than tensors and plain data "
+                              f"(a pickle that could run code: {str(err).splitlines()[-1][:300]}). "
+                              "Only load checkpoints from a source you trust") from None
+    except Exception as err:
+        raise CheckpointError(f"{what}: unreadable ({type(err).__name__}: {str(err)[:300]}); "
+                              "the file is corrupt or not a checkpoint file") from None
+
+
 def read_trainer_state(folder: str) -> dict:
     path = os.path.join(folder, TRAINER_STATE)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot read trainer state ({err})") from None
+    state = load_without_code(path, path)
+    if not isinstance(state, dict) or "iteration" not in state:
+        raise CheckpointError(f"{path}: not a trainer state (no iteration); the checkpoint is corrupt")
+    return state
 
 
 def _ensure_optimizer_state(optimizer) -> None:
@@ -306,6 +527,7 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
                     load_rng: bool = True) -> LoadedCheckpoint | None:
     """Collective. Loads the newest valid checkpoint under ``load``; None if there is none."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     folder = find_checkpoint(load)
     if folder is None:
@@ -317,11 +539,12 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
         _ensure_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                             metadata=_sharding_metadata())
+    check_dcp_pickles(os.path.join(folder, MODEL_OPTIM_DIR))
     try:
         state = dist_checkpointing.load(sharded, os.path.join(folder, MODEL_OPTIM_DIR))
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
         raise CheckpointError(
-            f"{folder}: the weights do not fit this model ({type(err).__name__}: {str(err)[:500]}). "
+            f"{folder}: the weights do not fit this model ({_first_failure(err)}). "
             "Check that the model flags match the checkpoint's config, or pass --use-checkpoint-args "
             "(a shrunk checkpoint has a smaller shape than the flags that started the run)"
         ) from None
@@ -333,12 +556,40 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
     same_layout = _layout_sizes(trainer_state.get("layout") or {}) == _layout_sizes(_current_layout())
     local_state = None
     if same_layout and os.path.isfile(rng_path):
-        rank_file = torch.load(rng_path, weights_only=False)
+        rank_file = load_without_code(rng_path, rng_path)
         local_state = rank_file.get("local")
         if load_rng:
             _set_rng_state(rank_file["rng"])
     _barrier()
     return LoadedCheckpoint(folder=folder, trainer_state=trainer_state, local_state=local_state)
+
+
+def _first_failure(err: BaseException) -> str:
+    """One line for a load error: DCP's CheckpointException carries each rank's error (and its
+    traceback in its text); show the first rank's error only."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        rank, failure = sorted(failures.items(), key=lambda kv: kv[0])[0]
+        err = failure[0] if isinstance(failure, tuple) else failure
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:400] if str(err).strip() else ''}"
+
+
+def check_dcp_pickles(dcp_dir: str) -> None:
+    """Refuse a DCP folder whose pickles would run code when megatron-core/torch read them:
+    ``.metadata`` (read by DCP with plain ``pickle.load``), its byte objects (read by DCP with
+    ``weights_only=False``) and ``*.pt`` files (``common.pt``, sharded objects)."""
+    from pretrain.dcp_stream import CheckpointReader, DCPFormatError
+
+    try:
+        reader = CheckpointReader(dcp_dir)  # reads .metadata through an allowlist
+        objects = {key: reader.read_bytes(key) for key in reader.keys() if reader.tensor_meta(key) is None}
+    except DCPFormatError as err:
+        raise CheckpointError(str(err)) from None
+    for key, raw in objects.items():
+        load_without_code(io.BytesIO(raw), f"{dcp_dir}: object {key}")
+    for name in sorted(os.listdir(dcp_dir)):
+        if name.endswith(".pt"):
+            load_without_code(os.path.join(dcp_dir, name), os.path.join(dcp_dir, name))
 
 
 def _layout_sizes(layout: dict) -> tuple:

@@ -8,6 +8,11 @@ any region of a key (only the chunks it overlaps are touched); ``write_lazily`` 
 folder whose tensors are produced one chunk at a time by a callback, so rewriting a checkpoint
 never holds more than one chunk (plus one output file's buffer) in memory.
 
+``.metadata`` is a plain pickle that DCP reads with ``pickle.load``: ``read_dcp_metadata`` reads it
+through an allowlist (DCP's own metadata dataclasses and enums, ``torch.Size``, dtypes, layouts, paths),
+so a folder whose metadata would run code, or is corrupt, is refused with ``DCPFormatError``
+instead of executing or failing deep inside torch.
+
 Only public DCP planner/storage interfaces are used, except that ``_LazyWriter`` groups the
 write items into files itself: torch's ``FileSystemWriter`` keeps every tensor of a file alive
 until the file is closed, so one file per rank would hold the whole checkpoint.
@@ -15,9 +20,12 @@ until the file is closed, so one file per rank would hold the whole checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import io
 import math
 import os
+import pickle
 import queue
 from dataclasses import dataclass
 from typing import Callable
@@ -26,11 +34,62 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex,
-                                                   TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                   MetadataIndex, StorageMeta, TensorProperties,
+                                                   TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan,
                                                   TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+
+class DCPFormatError(ValueError):
+    """A DCP folder is corrupt or holds a pickle that would run code; the message names the file."""
+
+
+class _NotAllowed(pickle.UnpicklingError):
+    """The metadata pickle names a global outside the allowlist."""
+
+
+# modules whose dataclasses and enums a DCP ``.metadata`` pickle is made of
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                     "torch.distributed.checkpoint.filesystem")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only data: DCP metadata dataclasses/enums and torch sizes, dtypes and layouts."""
+
+    def find_class(self, module: str, name: str):
+        if module in _METADATA_MODULES:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        elif (module, name) in (("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+                                ("pathlib", "PurePosixPath")):  # a path: StorageMeta.checkpoint_id
+            return super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
+            return getattr(torch, name)
+        raise _NotAllowed(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def read_dcp_metadata(path: str) -> Metadata:
+    """The ``.metadata`` of the DCP folder ``path``, read without running code from it."""
+    file = os.path.join(path, ".metadata")
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise DCPFormatError(f"{file}: missing; the checkpoint is incomplete") from None
+    except _NotAllowed as err:
+        raise DCPFormatError(f"{file}: refused, not plain checkpoint metadata ({err}); the file is corrupt, "
+                             "or was made to run code when loaded: use only checkpoints you trust") from None
+    except Exception as err:  # a corrupt pickle fails in many ways (EOFError, ValueError, ...)
+        raise DCPFormatError(f"{file}: corrupt checkpoint metadata ({type(err).__name__}: {err})") from None
+    if not isinstance(metadata, Metadata) or metadata.storage_data is None:
+        raise DCPFormatError(f"{file}: corrupt checkpoint metadata (not a DCP Metadata object)")
+    if metadata.storage_meta is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
 
 
 class _RegionLoadPlanner(LoadPlanner):
@@ -78,7 +137,7 @@ class CheckpointReader:
     def __init__(self, path: str) -> None:
         self.path = path
         self._storage = FileSystemReader(path)
-        self.metadata = self._storage.read_metadata()  # once: ``_load`` does not ask again
+        self.metadata = read_dcp_metadata(path)  # once, safely: ``_load`` does not ask again
         self._storage.set_up_storage_reader(self.metadata, True)
 
     def keys(self) -> list[str]:
@@ -105,9 +164,13 @@ class CheckpointReader:
     def _load(self, planner: _RegionLoadPlanner) -> None:
         # what ``dcp.load`` does for one process, minus its per-call metadata read, planning
         # round and logging (a shrink issues one load per layer and tensor)
-        planner.set_up_planner({}, self.metadata, True)
-        plan = planner.create_local_plan()
-        self._storage.read_data(self._storage.prepare_local_plan(plan), planner).wait()
+        try:
+            planner.set_up_planner({}, self.metadata, True)
+            plan = planner.create_local_plan()
+            self._storage.read_data(self._storage.prepare_local_plan(plan), planner).wait()
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
+            raise DCPFormatError(f"{self.path}: cannot read {planner.key!r} ({type(err).__name__}: "
+                                 f"{str(err)[:300]}); the checkpoint is corrupt") from None
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 
@@ -356,34 +357,66 @@ class _HFTensors:
         index = os.path.join(folder, "model.safetensors.index.json")
         single = os.path.join(folder, "model.safetensors")
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+                raise ConversionError(f"{index}: not a safetensors index ({type(err).__name__}: {err})") from None
             self._files = {k: os.path.join(folder, v) for k, v in weight_map.items()}
             missing = sorted({f for f in self._files.values() if not os.path.isfile(f)})
             if missing:
                 raise ConversionError(f"{index} names {missing[0]}, which is missing")
         elif os.path.isfile(single):
-            with safe_open(single, "pt") as h:
-                self._files = {k: single for k in h.keys()}
+            self._files = {k: single for k in self._handle(single).keys()}
         elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-            self._bin = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+            self._bin = self._load_bin(os.path.join(folder, "pytorch_model.bin"))
             self._files = {k: "pytorch_model.bin" for k in self._bin}
         else:
             raise ConversionError(f"--load {folder}: no model.safetensors(.index.json) or pytorch_model.bin")
+
+    @staticmethod
+    def _load_bin(path: str) -> dict:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ConversionError(f"{path}: refused: it holds Python objects other than tensors (a pickle that "
+                                  f"could run code: {str(err).splitlines()[-1][:300]})") from None
+        except Exception as err:
+            raise ConversionError(f"{path}: unreadable ({type(err).__name__}: {str(err)[:300]}); the file is "
+                                  "truncated or corrupt: download it again") from None
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            try:
+                self._handles[file] = self._open(file, "pt")
+            except Exception as err:  # safetensors' own error type (a truncated or corrupt file)
+                raise ConversionError(f"{file}: not a readable safetensors file ({err}); it is truncated or "
+                                      "corrupt: download it again") from None
+        return self._handles[file]
 
     def names(self) -> set[str]:
         return set(self._files)
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``; refused if it cannot be read or holds NaN/inf."""
         if name not in self._files:
             raise ConversionError(f"the HF weights have no tensor {name!r}")
         self.used.add(name)
-        if self._bin is not None:
-            return self._bin[name]
         file = self._files[name]
-        if file not in self._handles:
-            self._handles[file] = self._open(file, "pt")
-        return self._handles[file].get_tensor(name)
+        if self._bin is not None:
+            value = self._bin[name]
+        else:
+            try:
+                value = self._handle(file).get_tensor(name)
+            except Exception as err:
+                raise ConversionError(f"{file}: cannot read tensor {name!r} ({err}); the file is truncated or "
+                                      "corrupt: download it again") from None
+        if value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise ConversionError(f"{file}: tensor {name!r} holds {bad} NaN/inf values of {value.numel()}; "
+                                      "the model file is corrupt (or was saved after a diverged run)")
+        return value
 
 
 def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,

@@ -29,6 +29,7 @@ import time
 import torch
 
 from pretrain.config import ConfigError, PretrainConfig
+from pretrain.dcp_stream import DCPFormatError
 
 
 class ShrinkError(ValueError):
@@ -41,20 +42,46 @@ def _shape_of(cfg: PretrainConfig, vocab: int):
     return ModelShape.from_config(cfg.model, vocab)
 
 
+def _check_target_sizes(target_tp: int | None, target_pp: int | None) -> None:
+    for flag, value in (("--target-tensor-parallel-size", target_tp), ("--target-pipeline-parallel-size", target_pp)):
+        if value is not None and value < 1:
+            raise ShrinkError(f"{flag} {value}: must be at least 1 (or left out to keep the checkpoint's)")
+
+
+def _check_save_folder(save: str, overwrite: bool) -> None:
+    """Refuse to write into an existing non-empty folder (another run's checkpoints would be
+    replaced and its ``latest`` rewound) unless asked to; ``.tmp`` leftovers of an interrupted
+    reshard do not count."""
+    if not os.path.exists(save):
+        return
+    if not os.path.isdir(save):
+        raise ShrinkError(f"--save {save} exists and is not a folder; choose a new folder")
+    entries = sorted(n for n in os.listdir(save) if not n.endswith(".tmp"))
+    if entries and not overwrite:
+        raise ShrinkError(f"--save {save} already exists and is not empty ({', '.join(entries[:3])}"
+                          f"{', ...' if len(entries) > 3 else ''}): choose a new folder, or pass --overwrite "
+                          "to replace the checkpoint of the same iteration there and point its latest file "
+                          "at the new one")
+
+
 def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: int | None = None,
                        target_pp: int | None = None, progress: bool = True,
-                       max_file_bytes: int = 512 * 2**20) -> dict:
+                       max_file_bytes: int = 512 * 2**20, overwrite: bool = False) -> dict:
     """Importable entry point (one process, no torch.distributed needed). Returns a summary."""
     from pretrain import checkpoint as ckpt
     from pretrain.pruning.masks import GroupMasks
     from pretrain.state_adapter import shrunk_model_config
 
     start = time.time()
-    folder = ckpt.find_checkpoint(load)
+    _check_target_sizes(target_tp, target_pp)
+    skipped: list[str] = []
+    folder = ckpt.find_checkpoint(load, skipped)
     if folder is None:
-        raise ShrinkError(f"--load {load}: no valid checkpoint there")
+        reasons = f" ({'; '.join(skipped)})" if skipped else ""
+        raise ShrinkError(f"--load {load}: no valid checkpoint there{reasons}")
     if os.path.abspath(save) == os.path.abspath(load):
         raise ShrinkError("--save must differ from --load (the source checkpoint is kept)")
+    _check_save_folder(save, overwrite)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
         raise ShrinkError("reshard/shrink runs in a single process (launch it with python, not torchrun)")
     state = ckpt.read_trainer_state(folder)
@@ -76,8 +103,8 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
             raise ShrinkError(f"{folder}: the masks keep no layer or no hidden channel; nothing to shrink into")
 
     new_model_cfg = shrunk_model_config(cfg.model, masks, shape) if shrink else cfg.model
-    tp = target_tp or cfg.parallel.tensor_model_parallel_size
-    pp = target_pp or cfg.parallel.pipeline_model_parallel_size
+    tp = target_tp if target_tp is not None else cfg.parallel.tensor_model_parallel_size
+    pp = target_pp if target_pp is not None else cfg.parallel.pipeline_model_parallel_size
     new_cfg = dataclasses.replace(
         cfg, model=new_model_cfg,
         parallel=dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
@@ -105,6 +132,7 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
     tmp = ckpt.iteration_dir(save, iteration) + ".tmp"
     source_dir = os.path.join(folder, ckpt.MODEL_OPTIM_DIR)
     target_dir = os.path.join(tmp, ckpt.MODEL_OPTIM_DIR)
+    created_save = not os.path.exists(save)
     os.makedirs(save, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -120,11 +148,27 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
             counts = (_model_numel(CheckpointReader(source_dir)),) * 2
         torch.save(new_state, os.path.join(tmp, ckpt.TRAINER_STATE))
         path = ckpt.publish_checkpoint(save, iteration, tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if created_save and not os.listdir(save):
+            os.rmdir(save)
+        raise _as_shrink_error(err, tmp) from None
     return {"folder": path, "iteration": iteration, "params_before": counts[0], "params_after": counts[1],
             "seconds": time.time() - start, "config": new_cfg}
+
+
+def _as_shrink_error(err: BaseException, tmp: str) -> BaseException:
+    """A failure while writing ``tmp`` as a ShrinkError the user can act on (a corrupt source, a
+    full disk, an unwritable folder); anything else (a bug) is returned unchanged."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from pretrain import checkpoint as ckpt
+
+    if isinstance(err, DCPFormatError):
+        return ShrinkError(str(err))
+    if isinstance(err, (OSError, CheckpointException)) or (isinstance(err, RuntimeError) and ckpt.is_disk_full(err, tmp)):
+        return ShrinkError(f"{ckpt.save_failure_message(err, tmp)}; the incomplete folder was removed")
+    return err
 
 
 # --- the streaming rewrite ---------------------------------------------------------------------

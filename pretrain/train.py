@@ -83,7 +83,9 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
                             "reshard_checkpoint.py")
         layout = ["--target-tensor-parallel-size", str(new_parallel.tensor_model_parallel_size),
                   "--target-pipeline-parallel-size", str(new_parallel.pipeline_model_parallel_size)]
-        proc = subprocess.run([sys.executable, tool, "--load", source, "--save", target, "--shrink", *layout],
+        # --overwrite: a resumed run that shrinks at the same step again rewrites its own target
+        proc = subprocess.run([sys.executable, tool, "--load", source, "--save", target, "--shrink", "--overwrite",
+                               *layout],
                               env=env, capture_output=True, text=True)
         output = proc.stdout + proc.stderr
         ok[0] = 1.0 if proc.returncode == 0 else 0.0

@@ -1,7 +1,7 @@
 """Shrink a pruned checkpoint into the smaller architecture and/or change its TP/PP layout.
 
     python tools/reshard_checkpoint.py --load ckpt --save ckpt_small --shrink \\
-        [--target-tensor-parallel-size 2] [--target-pipeline-parallel-size 1]
+        [--target-tensor-parallel-size 2] [--target-pipeline-parallel-size 1] [--overwrite]
 
 Weights, fp32 master weights and Adam moments are sliced to the kept groups; iteration, consumed
 samples, LR schedule and pruning history are carried over, so ``python -m pretrain --load
@@ -25,8 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", required=True, help="checkpoint folder (or its parent with latest_...)")
     p.add_argument("--save", required=True, help="where to write the new checkpoint")
     p.add_argument("--shrink", action="store_true", help="remove masked groups (pruning runs)")
-    p.add_argument("--target-tensor-parallel-size", type=int)
-    p.add_argument("--target-pipeline-parallel-size", type=int)
+    p.add_argument("--target-tensor-parallel-size", type=int, help="TP size to run on (default: unchanged)")
+    p.add_argument("--target-pipeline-parallel-size", type=int, help="PP size to run on (default: unchanged)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow --save to be an existing non-empty folder: its checkpoint of the same iteration is "
+                        "replaced (atomically) and its latest file points at the new one")
     args = p.parse_args(argv)
     quiet_start()
     from pretrain.checkpoint import CheckpointError
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     r, status = run_reporting_errors(lambda: reshard_checkpoint(
         args.load, args.save, args.shrink, args.target_tensor_parallel_size,
-        args.target_pipeline_parallel_size), (ShrinkError, CheckpointError))
+        args.target_pipeline_parallel_size, overwrite=args.overwrite), (ShrinkError, CheckpointError))
     if status:
         return status
     m = r["config"].model

@@ -1,0 +1,216 @@
+"""Checkpoint faults (issue 12): retention never loses the checkpoint just written or the newest
+valid one; same-size corruption is caught by checksums; pickles that would run code are refused;
+a full disk gives a message and removes the .tmp folder; a killed rank leaves no process."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain import checkpoint as ckpt
+from pretrain.dcp_stream import DCPFormatError, OutTensor, read_dcp_metadata, write_lazily
+from pretrain.shrink import ShrinkError, _check_save_folder, _check_target_sizes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _publish_fake(root: Path, iteration: int) -> Path:
+    """A checkpoint folder published by the real code (manifest with sizes and CRC-32)."""
+    tmp = root / f"iter_{iteration:07d}.tmp"
+    (tmp / "model_optim").mkdir(parents=True)
+    (tmp / "model_optim" / "a.distcp").write_bytes(bytes(range(256)) * 4)
+    (tmp / "trainer_state.pt").write_bytes(b"y" * 10)
+    return Path(ckpt.publish_checkpoint(str(root), iteration, str(tmp)))
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _latest(root: Path) -> int:
+    return int((root / ckpt.LATEST_FILE).read_text())
+
+
+def test_retention_after_falling_back_from_a_corrupt_newest(tmp_path, capsys):
+    """iter 10 valid, iter 20 corrupt (same size); the run fell back to 10 and saves 12 with
+    keep_last=1: 12 is kept and is `latest`, the corrupt 20 is not counted (and, being newer than
+    the save, not touched), 10 goes. Before the fix 12 and 10 were deleted and 20 kept."""
+    _publish_fake(tmp_path, 10)
+    _flip_byte(_publish_fake(tmp_path, 20) / "model_optim" / "a.distcp")
+    assert ckpt.find_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000010")
+    _publish_fake(tmp_path, 12)
+    deleted = ckpt.prune_old_checkpoints(str(tmp_path), keep_last=1, current=12)
+    assert deleted == [str(tmp_path / "iter_0000010")]
+    assert _latest(tmp_path) == 12 and (tmp_path / "iter_0000012").is_dir()
+    assert ckpt.find_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000012")
+
+
+def test_retention_counts_only_valid_checkpoints(tmp_path, capsys):
+    """keep_last=2 after saving 8, with 4 valid and 6 corrupt: 8 and 4 are kept, 6 goes."""
+    _publish_fake(tmp_path, 4)
+    _flip_byte(_publish_fake(tmp_path, 6) / "trainer_state.pt")
+    _publish_fake(tmp_path, 8)
+    assert ckpt.prune_old_checkpoints(str(tmp_path), keep_last=2, current=8) == [str(tmp_path / "iter_0000006")]
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000004", "iter_0000008"]
+    assert "not counted among the checkpoints kept" in capsys.readouterr().out
+
+
+def test_same_size_corruption_falls_back_and_names_the_file(tmp_path, capsys):
+    older = _publish_fake(tmp_path, 10)
+    newer = _publish_fake(tmp_path, 20)
+    _flip_byte(newer / "model_optim" / "a.distcp")
+    with pytest.raises(ckpt.CheckpointError, match=r"model_optim/a.distcp is corrupt \(its CRC-32 differs"):
+        ckpt.verify_checkpoint(str(newer))
+    assert ckpt.find_checkpoint(str(tmp_path)) == str(older)
+    assert "skipping invalid checkpoint" in capsys.readouterr().out
+    skipped: list[str] = []
+    _flip_byte(older / "trainer_state.pt")
+    assert ckpt.find_checkpoint(str(tmp_path), skipped) is None
+    assert len(skipped) == 2 and "trainer_state.pt is corrupt" in skipped[1]
+
+
+def test_failed_save_removes_tmp_and_keeps_the_previous(tmp_path, monkeypatch):
+    """A disk that fills during a save: one clear message, no .tmp left, latest unchanged."""
+    _publish_fake(tmp_path, 10)
+
+    def fill_the_disk(tmp, *args):
+        (Path(tmp) / "model_optim" / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt, "_write_checkpoint_files", fill_the_disk)
+    with pytest.raises(ckpt.CheckpointError, match=r"no space left on device while saving .*iter_0000020\.tmp"):
+        ckpt.save_checkpoint(str(tmp_path), 20, [], None, {"iteration": 20})
+    assert not (tmp_path / "iter_0000020.tmp").exists() and not (tmp_path / "iter_0000020").exists()
+    assert _latest(tmp_path) == 10
+
+
+class _WritesMarker:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickles_that_would_run_code_are_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    folder = tmp_path / "iter_0000001"
+    folder.mkdir()
+    torch.save({"iteration": 1, "x": _WritesMarker(str(marker))}, folder / ckpt.TRAINER_STATE)
+    with pytest.raises(ckpt.CheckpointError, match="refused: it holds Python objects"):
+        ckpt.read_trainer_state(str(folder))
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(_WritesMarker(str(marker))))
+    with pytest.raises(DCPFormatError, match=r"io.open is not allowed in checkpoint metadata"):
+        read_dcp_metadata(str(tmp_path / "dcp"))
+    (tmp_path / "dcp" / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DCPFormatError, match="corrupt checkpoint metadata"):
+        read_dcp_metadata(str(tmp_path / "dcp"))
+    assert not marker.exists()
+    # what DCP itself writes is read (a no-process-group save stores its path as a PosixPath)
+    write_lazily(str(tmp_path / "ok"), [OutTensor("w", (2, 3), torch.float32, [((0, 0), (2, 3))],
+                                                  lambda _: torch.ones(2, 3))], {})
+    assert "w" in read_dcp_metadata(str(tmp_path / "ok")).state_dict_metadata
+
+
+def test_target_layout_sizes_below_one_are_refused():
+    for tp, pp, flag in ((0, None, "--target-tensor-parallel-size 0"), (-2, None, "--target-tensor-parallel-size -2"),
+                         (None, 0, "--target-pipeline-parallel-size 0")):
+        with pytest.raises(ShrinkError, match=flag):
+            _check_target_sizes(tp, pp)
+    _check_target_sizes(None, 2)
+
+
+def test_reshard_into_a_non_empty_folder_needs_overwrite(tmp_path):
+    """--save of an existing run is refused (its iter_N and latest would be replaced) unless
+    --overwrite; the replacement is atomic (rename aside, rename in, then latest)."""
+    (tmp_path / "iter_0000010.tmp").mkdir(parents=True)  # an interrupted reshard's leftover
+    _check_save_folder(str(tmp_path), overwrite=False)
+    first = _publish_fake(tmp_path, 10)
+    with pytest.raises(ShrinkError, match=r"already exists and is not empty \(iter_0000010, latest_"):
+        _check_save_folder(str(tmp_path), overwrite=False)
+    _check_save_folder(str(tmp_path), overwrite=True)
+    (first / "old_only").write_text("x")
+    again = _publish_fake(tmp_path, 10)
+    assert again == first and not (again / "old_only").exists()
+    assert [p.name for p in tmp_path.iterdir() if "replaced" in p.name] == []
+    ckpt.verify_checkpoint(str(again))
+
+
+def _train_command(data: dict, save: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pretrain", "--model", "debug", "--seq-length", "32",
+            "--data-path", data["prefix"], "--tokenizer-model", data["tokenizer"], "--split", "98,2,0",
+            "--micro-batch-size", "2", "--global-batch-size", "2", "--save", str(save), *extra]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.slow
+def test_killed_rank_leaves_no_process_and_retention_keeps_the_save(tiny_dataset, tmp_path):
+    """A real run saving every step with --keep-last 1 into a folder that holds a corrupt
+    iter_50 (newer than the run): each save is kept and is `latest`; then kill -9 the rank: the
+    megatron-core save helper (a multiprocessing Manager server) must die with it."""
+    import psutil
+
+    save = tmp_path / "ckpt"
+    _flip_byte(_publish_fake(save, 50) / "model_optim" / "a.distcp")
+    proc = subprocess.Popen(_train_command(tiny_dataset, save, "--train-iters", "100000", "--save-interval", "1",
+                                           "--keep-last", "1"),
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines, saves = [], 0
+    deadline = time.time() + 180
+    for line in proc.stdout:
+        lines.append(line)
+        saves += line.startswith("saved checkpoint")
+        if saves >= 2 or time.time() > deadline:
+            break
+    helpers = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert saves >= 2, "".join(lines[-40:])
+    assert helpers, "expected megatron-core's save helper process"
+    _, alive = psutil.wait_procs(helpers, timeout=10)
+    try:
+        assert not alive, f"left running after kill -9 of their rank: {alive}"
+    finally:
+        for p in alive:
+            p.kill()
+    latest = _latest(save)
+    assert latest >= 2 and ckpt.find_checkpoint(str(save)) == str(save / f"iter_{latest:07d}")
+    assert (save / "iter_0000050").is_dir()  # newer than the run: not retention's to delete
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_real_save(tiny_dataset, tmp_path):
+    """A 1 MB tmpfs as --save: the run stops with one clear line and leaves no .tmp folder."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        done = subprocess.run(_train_command(tiny_dataset, mount / "ckpt", "--train-iters", "2"),
+                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+        out = done.stdout + done.stderr
+        assert done.returncode != 0 and "Traceback" not in out, out[-3000:]
+        assert "no space left on device while saving" in out, out[-3000:]
+        assert not list((mount / "ckpt").glob("*.tmp")), list((mount / "ckpt").iterdir())
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
