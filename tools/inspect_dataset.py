@@ -24,10 +24,9 @@ from data_prep.tokenizers import TOKENIZER_TYPES, TokenizerError, build_tokenize
 
 def inspect(prefix: str, tokenizer=None, num_docs: int = 3, max_chars: int = 500,
             top_tokens: int = 10) -> str:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     read_index_header(prefix)  # an empty or truncated file is named here, before megatron-core reads it
     largest, largest_source = max_token_id(prefix)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # slow import: after the checks
     ds = IndexedDataset(prefix)
     lengths = ds.sequence_lengths.astype(np.int64)
     total = int(lengths.sum())
