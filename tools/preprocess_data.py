@@ -2,7 +2,10 @@
 
 The command-line interface is Megatron-LM's ``tools/preprocess_data.py``; the output is
 byte-identical to what megatron-core's ``IndexedDatasetBuilder`` writes (one sequence per
-document), and the same whatever ``--workers`` is.
+document), and the same whatever ``--workers`` is. Beside it goes a manifest
+``{prefix}_{key}_document.json`` (``data_prep.indexed_dataset.DatasetManifest``: largest token
+id, tokenizer and its sha256, counts), which training and evaluation read to check the data
+against the model's vocabulary without scanning the ``.bin``.
 
 Faster than Megatron-LM's script, which encodes one document per pool task: the input is streamed
 in chunks of about ``--chunk-bytes``; each worker parses and batch-encodes a whole chunk (with
@@ -13,7 +16,9 @@ chunks in input order. At most
 
 Bad input (malformed JSON, a missing key, a non-string value, invalid UTF-8, an empty document)
 stops the run with ``file:line`` and the reason; ``--skip-bad-lines`` counts and reports them
-instead. Outputs are written under temporary names and renamed only when complete.
+instead; an input without any document is an error. Outputs are written under temporary names
+(``.tmp-PID``) and renamed only when complete; a later run with the same prefix removes the
+temporaries of a run that was killed (its process is gone), never those of a live one.
 
 Usage::
 

@@ -52,7 +52,7 @@ def test_manifest_gives_the_largest_id_without_a_scan(tiny_dataset, tmp_path, mo
     prefix = _copy(tiny_dataset, tmp_path)
     manifest = json.load(open(prefix + ".json"))
     json.dump(dict(manifest, max_token_id=1200), open(prefix + ".json", "w"))
-    monkeypatch.setattr("data_prep.indexed_dataset.scan_max_token_id", _no_scan)
+    monkeypatch.setattr("data_prep.indexed_dataset.scan_max_token_id", _must_not_read_the_largest_id)
     assert max_token_id(prefix) == (1200, prefix + ".json")
 
 
@@ -64,8 +64,8 @@ def test_manifest_of_another_bin_is_not_trusted(tiny_dataset, tmp_path):
     assert largest == OUT_OF_VOCAB_ID and "manifest describes another .bin" in source
 
 
-def _no_scan(*args, **kwargs):
-    raise AssertionError("the manifest should have answered")
+def _must_not_read_the_largest_id(*args, **kwargs):
+    raise AssertionError("the largest id was to come from elsewhere (the manifest, or rank 0)")
 
 
 def test_chunked_scan_finds_the_largest_id(tiny_dataset):
@@ -126,7 +126,7 @@ def _build_at_tp2(prefix: str, tokenizer_model: str) -> str:
 
     init_distributed(2, 1)
     if torch.distributed.get_rank() != 0:
-        pretrain.data.max_token_id = _no_scan
+        pretrain.data.max_token_id = _must_not_read_the_largest_id
     cfg = DataConfig(data_path=[prefix], tokenizer_model=tokenizer_model, split="98,2,0")
     try:
         build_datasets(cfg, load_tokenizer(cfg), seq_length=32, seed=1, num_samples=(10, 2, 0))
