@@ -343,13 +343,15 @@ def preprocess(
     prefixes = {k: output_prefix_for(output_prefix, k) for k in json_keys}
     remove_stale_outputs(list(prefixes.values()))
     fields = tokenizer_manifest_fields(tokenizer, tokenizer_type)
-    writers = {k: IndexedDatasetWriter(prefixes[k], dtype, fields) for k in json_keys}
+    writers: dict[str, IndexedDatasetWriter] = {}
     summary = Summary()
     total_bytes = sum(os.path.getsize(f) for f in files if not f.endswith(".gz")) or None
     start = time.time()
     bar = _progress_bar(total_bytes, progress)
     pool = None
     try:
+        for key in json_keys:
+            writers[key] = IndexedDatasetWriter(prefixes[key], dtype, fields)
         if threads_per_worker is None:
             # The main process only reads and writes; the encoders get the machine's cores.
             threads_per_worker = max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -391,11 +393,14 @@ def preprocess(
         for key in json_keys:
             writers[key].finalize()
             summary.outputs.append(output_prefix_for(output_prefix, key))
-    except BaseException:
+    except BaseException as err:
         for writer in writers.values():
             writer.abort()
         if pool is not None:
             pool.terminate()
+        if isinstance(err, OSError):  # input errors are PreprocessErrors already: this is the output
+            raise PreprocessError(f"--output-prefix {output_prefix!r}: cannot write the dataset "
+                                  f"({err.strerror or err}); nothing was written") from None
         raise
     finally:
         if bar is not None:

@@ -72,3 +72,13 @@ def test_build_corpus_into_a_full_or_read_only_folder(tmp_path, capsys, options,
         with pytest.raises(SystemExit, match=f"--output {disk / 'corpus.jsonl'}: cannot write it \\({reason}\\)"):
             build_corpus_main(["--text-dir", str(folder), "--output", str(disk / "corpus.jsonl")])
         assert list(disk.iterdir()) == [], "nothing may be left on the disk"
+
+
+def test_preprocessing_into_a_full_folder(tiny_dataset, tmp_path):
+    from tools.preprocess_data import PreprocessError, preprocess
+
+    with _small_tmpfs(tmp_path / "disk", "size=64k") as disk:
+        with pytest.raises(PreprocessError, match=r"cannot write the dataset \(No space left on device\)"):
+            preprocess([tiny_dataset["corpus"]], str(disk / "out"), "GPTSentencePieceTokenizer",
+                       tiny_dataset["tokenizer"], workers=0, progress=False)
+        assert list(disk.iterdir()) == [], "nothing may be left on the disk"
