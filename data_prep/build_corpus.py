@@ -141,18 +141,26 @@ def text_dir_documents(
 
 
 def write_jsonl(documents: Iterator[dict], output: str) -> tuple[int, int]:
-    """Write documents atomically (temporary name, then rename). Returns (docs, chars)."""
+    """Write documents atomically (temporary name, then rename). Returns (docs, chars); with no
+    documents nothing is written (an existing ``output`` stays as it was)."""
     out = Path(output)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     n_docs = n_chars = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in documents:
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-            n_docs += 1
-            n_chars += len(doc["text"])
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc in documents:
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                n_docs += 1
+                n_chars += len(doc["text"])
+        if n_docs:
+            os.replace(tmp, out)
+    except OSError as err:  # a read-only or full disk, a file where the folder should be
+        raise SystemExit(f"error: --output {output}: cannot write it ({err.strerror or err}); "
+                         "nothing was written. Choose a writable folder with free space") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()  # an error or no documents: leave nothing under the output's names
     return n_docs, n_chars
 
 
@@ -188,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
 
     n_docs, n_chars = write_jsonl(documents(), args.output)
     if n_docs == 0:
-        print(f"error: no documents found for {args.output}", file=sys.stderr)
+        source = (f"--text-dir {args.text_dir}: no document found (no {args.suffixes} file there with at "
+                  f"least {args.min_chars or 1} character(s) of text)" if args.text_dir
+                  else "the built-in corpus is empty")
+        print(f"error: {source}; nothing was written to {args.output}", file=sys.stderr)
         sys.exit(1)
     print(f"wrote {n_docs} documents ({n_chars / 1e6:.1f} M characters) to {args.output}")
 

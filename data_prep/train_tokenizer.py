@@ -17,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -78,12 +79,17 @@ def train_tokenizer(
     for path in inputs:
         if not os.path.isfile(path):
             raise SystemExit(f"error: --input {path!r} does not exist")
+    lines = iter_training_lines(inputs, json_key)
+    first = next(lines, None)
+    if first is None:  # sentencepiece would only say "!sentences_.empty()"
+        raise SystemExit(f"error: --input {' '.join(inputs)}: no text to train on (no non-empty "
+                         f"{json_key!r} value); give JSONL with one {{\"{json_key}\": ...}} object per line")
     out = Path(output_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
     tmp_prefix = str(out) + ".tmp"
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter_training_lines(inputs, json_key),
+        sentence_iterator=itertools.chain([first], lines),
         model_prefix=tmp_prefix,
         model_type="bpe",
         vocab_size=vocab_size,

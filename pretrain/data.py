@@ -3,11 +3,13 @@ order from a consumed-samples position (so a resumed run sees exactly the sample
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
+from data_prep.indexed_dataset import DatasetError, max_token_id
 from data_prep.tokenizers import TextTokenizer, build_tokenizer
 from pretrain.config import ConfigError, DataConfig
 
@@ -61,11 +63,80 @@ def megatron_tokenizer(tokenizer: TextTokenizer):
     return _Adapter(tokenizer)
 
 
+def check_datasets(data: DataConfig, tokenizer: TextTokenizer) -> None:
+    """Refuse a dataset that megatron-core cannot read (an empty or truncated ``.bin``/``.idx``)
+    or whose token ids the model cannot embed (ids at or above the tokenizer's vocabulary, which
+    the model's padded vocabulary is built from: TP=1 would fail inside the embedding, TP>1 would
+    train on masked ids in silence).
+
+    Rank 0 reads each dataset's largest id (its manifest, else a scan of the ``.bin``) and every
+    rank gets its verdict, so all ranks stop together with the same message."""
+    if data.mock_data:
+        return
+    path = getattr(tokenizer, "path", None)
+    vocab_source = f"tokenizer {path}" if path else None
+    prefixes, _ = data.blend()
+    problem = _decided_on_rank0(lambda: _dataset_problem(prefixes, tokenizer.vocab_size, vocab_source))
+    if problem:
+        raise ConfigError(problem)
+
+
+def _dataset_problem(prefixes: list[str], vocab_size: int, vocab_source: str | None) -> str | None:
+    for prefix in prefixes:
+        try:
+            largest, source = _cached_max_token_id(prefix)
+        except (DatasetError, OSError) as err:
+            return f"--data-path: {err}"
+        if largest >= vocab_size:
+            vocabulary = f"{vocab_size} ids" + (f", {vocab_source}" if vocab_source else "")
+            return (f"--data-path {prefix}: its largest token id is {largest} (from {source}), outside "
+                    f"the model's vocabulary ({vocabulary}): the data was made with another "
+                    "tokenizer. Preprocess it with the tokenizer the model uses (--tokenizer-model)")
+    return None
+
+
+# (prefix, .bin and .idx size and mtime) -> (largest id, source): the check costs one scan per run
+_MAX_TOKEN_IDS: dict[tuple, tuple[int, str]] = {}
+
+
+def _cached_max_token_id(prefix: str) -> tuple[int, str]:
+    try:
+        stats = tuple((st.st_size, st.st_mtime_ns) for st in map(os.stat, (prefix + ".bin", prefix + ".idx")))
+    except FileNotFoundError:
+        return max_token_id(prefix)  # raises DatasetError naming the missing file
+    key = (os.path.abspath(prefix), stats)
+    if key not in _MAX_TOKEN_IDS:
+        _MAX_TOKEN_IDS[key] = max_token_id(prefix)
+    return _MAX_TOKEN_IDS[key]
+
+
+def _decided_on_rank0(decide: Callable[[], str | None]) -> str | None:
+    """``decide()`` on rank 0, its result on every rank (the process needs no group when alone)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return decide()
+    verdict = [decide() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(verdict, src=0)
+    return verdict[0]
+
+
+def _check_split_has_training_data(data: DataConfig, num_samples: tuple[int, int, int]) -> None:
+    if data.mock_data or not num_samples[0]:
+        return
+    shares = data.split.replace("/", ",").split(",")
+    if float(shares[0]) == 0:
+        raise ConfigError(f"--split {data.split}: the training share (the first number) is 0, so there "
+                          "is no training data; give training a share, e.g. --split 98,2,0")
+
+
 def build_datasets(data: DataConfig, tokenizer: TextTokenizer, seq_length: int, seed: int,
                    num_samples: tuple[int, int, int]):
-    """(train, valid, test) megatron-core datasets; valid/test may be None when their split is 0."""
+    """(train, valid, test) megatron-core datasets; valid/test may be None when their split is 0.
+    The datasets are checked first (``check_datasets``): a bad one stops with a message."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    _check_split_has_training_data(data, num_samples)
+    check_datasets(data, tokenizer)
 
     blend = None if data.mock_data else data.blend()
     config = GPTDatasetConfig(

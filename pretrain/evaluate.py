@@ -24,7 +24,7 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from pretrain import checkpoint as ckpt
-    from pretrain.data import MicroBatchIterator, build_datasets, load_tokenizer
+    from pretrain.data import MicroBatchIterator, build_datasets, check_datasets, load_tokenizer
     from pretrain.distributed import init_distributed, launch_environment, set_random_seed
     from pretrain.model import build_model
     from pretrain.train import checkpoint_vocab
@@ -47,6 +47,9 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     vocab = checkpoint_vocab((folder, state), tokenizer.vocab_size, tensor_parallel)
 
     layout = init_distributed(tensor_parallel, pipeline_parallel)
+    # before the model is built and loaded: unreadable data, or ids the model cannot embed
+    # (which TP>1 would mask in silence, reporting a perplexity of other data), stop here
+    check_datasets(data, tokenizer)
     set_random_seed(saved.train.seed)
     chunks = build_model(model_cfg, parallel, TrainConfig(bf16=saved.train.bf16), vocab, wrap_ddp=False)
     ckpt.load_checkpoint(folder, chunks, None, load_optim=False, load_rng=False)

@@ -18,16 +18,15 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.indexed_dataset import DatasetError, max_token_id, read_index_header  # noqa: E402
 from data_prep.tokenizers import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
 
 
 def inspect(prefix: str, tokenizer=None, num_docs: int = 3, max_chars: int = 500,
             top_tokens: int = 10) -> str:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    for ext in (".bin", ".idx"):
-        if not os.path.isfile(prefix + ext):
-            raise FileNotFoundError(f"{prefix + ext} does not exist (give the prefix without .bin/.idx)")
+    read_index_header(prefix)  # an empty or truncated file is named here, before megatron-core reads it
+    largest, largest_source = max_token_id(prefix)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # slow import: after the checks
     ds = IndexedDataset(prefix)
     lengths = ds.sequence_lengths.astype(np.int64)
     total = int(lengths.sum())
@@ -35,7 +34,12 @@ def inspect(prefix: str, tokenizer=None, num_docs: int = 3, max_chars: int = 500
         f"dataset: {prefix}",
         f"  sequences: {len(ds):,}   documents: {len(ds.document_indices) - 1:,}   tokens: {total:,}",
         f"  token dtype: {np.dtype(ds.index.dtype).name}   .bin size: {os.path.getsize(prefix + '.bin'):,} bytes",
+        f"  largest token id: {largest} (from {largest_source})",
     ]
+    if tokenizer is not None and largest >= tokenizer.vocab_size:
+        lines.append(f"  WARNING: ids up to {largest} exceed the tokenizer's vocabulary "
+                     f"({tokenizer.vocab_size}): wrong tokenizer? Showing ids, not text.")
+        tokenizer = None  # it cannot name or decode ids outside its vocabulary
     if len(lengths):
         q = np.percentile(lengths, [0, 50, 90, 99, 100]).astype(int)
         lines.append(f"  document length: mean {lengths.mean():.1f}; min {q[0]} / median {q[1]} / "
@@ -52,9 +56,6 @@ def inspect(prefix: str, tokenizer=None, num_docs: int = 3, max_chars: int = 500
             desc.append(f"{int(ids[i])}{'=' + name if name else ''}: {counts[i] / counts.sum():.2%}")
         lines.append(f"  distinct tokens (first {len(sample):,} tokens): {len(ids):,}; max id {int(sample.max())}")
         lines.append("  most frequent: " + ", ".join(desc))
-        if tokenizer is not None and int(sample.max()) >= tokenizer.vocab_size:
-            lines.append(f"  WARNING: ids up to {int(sample.max())} exceed the tokenizer's vocabulary "
-                         f"({tokenizer.vocab_size}): wrong tokenizer?")
     for i in range(min(num_docs, len(ds))):
         ids = ds[i]
         lines.append(f"--- document {i} ({len(ids)} tokens)")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = build_tokenizer(args.tokenizer_type or "GPTSentencePieceTokenizer",
                                         args.tokenizer_model, vocab_size=args.vocab_size)
         print(inspect(args.prefix, tokenizer, args.num_docs, args.max_chars))
-    except (TokenizerError, FileNotFoundError) as err:
+    except (TokenizerError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

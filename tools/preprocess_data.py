@@ -2,7 +2,10 @@
 
 The command-line interface is Megatron-LM's ``tools/preprocess_data.py``; the output is
 byte-identical to what megatron-core's ``IndexedDatasetBuilder`` writes (one sequence per
-document), and the same whatever ``--workers`` is.
+document), and the same whatever ``--workers`` is. Beside it goes a manifest
+``{prefix}_{key}_document.json`` (``data_prep.indexed_dataset.DatasetManifest``: largest token
+id, tokenizer and its sha256, counts), which training and evaluation read to check the data
+against the model's vocabulary without scanning the ``.bin``.
 
 Faster than Megatron-LM's script, which encodes one document per pool task: the input is streamed
 in chunks of about ``--chunk-bytes``; each worker parses and batch-encodes a whole chunk (with
@@ -13,7 +16,9 @@ chunks in input order. At most
 
 Bad input (malformed JSON, a missing key, a non-string value, invalid UTF-8, an empty document)
 stops the run with ``file:line`` and the reason; ``--skip-bad-lines`` counts and reports them
-instead. Outputs are written under temporary names and renamed only when complete.
+instead; an input without any document is an error. Outputs are written under temporary names
+(``.tmp-PID``) and renamed only when complete; a later run with the same prefix removes the
+temporaries of a run that was killed (its process is gone), never those of a live one.
 
 Usage::
 
@@ -42,10 +47,11 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.indexed_dataset import (  # noqa: E402
+    DTYPE_CODES, INDEX_HEADER, DatasetManifest, file_sha256, manifest_path, remove_stale_temporaries,
+    write_manifest,
+)
 from data_prep.tokenizers import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
-
-_INDEX_HEADER = b"MMIDIDX\x00\x00"
-_DTYPE_CODES = {np.uint16: 8, np.int32: 4}
 
 
 class PreprocessError(Exception):
@@ -212,19 +218,26 @@ def iter_chunks(files: list[str], chunk_bytes: int) -> Iterator[Chunk]:
 
 class IndexedDatasetWriter:
     """Writes ``.bin``/``.idx`` exactly as megatron-core's ``IndexedDatasetBuilder`` does for
-    one-sequence documents, streaming tokens; temporary names until ``finalize``."""
+    one-sequence documents, streaming tokens, and the manifest ``.json`` beside them; temporary
+    names until ``finalize``."""
 
-    def __init__(self, prefix: str, dtype: type):
+    def __init__(self, prefix: str, dtype: type, tokenizer_fields: dict):
         self.bin_path, self.idx_path = prefix + ".bin", prefix + ".idx"
+        self.json_path = manifest_path(prefix)
         suffix = f".tmp-{os.getpid()}"
-        self._tmp_bin, self._tmp_idx = self.bin_path + suffix, self.idx_path + suffix
+        self._tmp_bin, self._tmp_idx, self._tmp_json = (
+            self.bin_path + suffix, self.idx_path + suffix, self.json_path + suffix)
         self.dtype = dtype
+        self._tokenizer_fields = tokenizer_fields
+        self._max_token_id = -1
         self._bin = open(self._tmp_bin, "wb")
         self._lengths: list[np.ndarray] = []
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         self._bin.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(lengths)
+        if tokens.size:
+            self._max_token_id = max(self._max_token_id, int(tokens.max()))
 
     def finalize(self) -> None:
         self._bin.close()
@@ -235,28 +248,49 @@ class IndexedDatasetWriter:
             np.cumsum(lengths[:-1] * itemsize, out=pointers[1:])
         document_indices = np.arange(len(lengths) + 1, dtype=np.int64)
         with open(self._tmp_idx, "wb") as f:
-            f.write(_INDEX_HEADER)
+            f.write(INDEX_HEADER)
             f.write(np.array([1], "<u8").tobytes())
-            f.write(np.array([_DTYPE_CODES[self.dtype]], "<u1").tobytes())
+            f.write(np.array([DTYPE_CODES[self.dtype]], "<u1").tobytes())
             f.write(np.array([len(lengths)], "<u8").tobytes())
             f.write(np.array([len(document_indices)], "<u8").tobytes())
             f.write(lengths.astype(np.int32).tobytes(order="C"))
             f.write(pointers.tobytes(order="C"))
             f.write(document_indices.tobytes(order="C"))
-        # .bin first, .idx last: a reader that finds the .idx finds a complete .bin beside it.
+        write_manifest(self._tmp_json, DatasetManifest(
+            max_token_id=self._max_token_id, documents=len(lengths), tokens=int(lengths.sum()),
+            dtype=np.dtype(self.dtype).name, **self._tokenizer_fields))
+        # .idx last: a reader that finds the .idx finds the complete .bin and manifest beside it.
         os.replace(self._tmp_bin, self.bin_path)
+        os.replace(self._tmp_json, self.json_path)
         os.replace(self._tmp_idx, self.idx_path)
 
     def abort(self) -> None:
         if not self._bin.closed:
             self._bin.close()
-        for path in (self._tmp_bin, self._tmp_idx):
+        for path in (self._tmp_bin, self._tmp_idx, self._tmp_json):
             if os.path.exists(path):
                 os.remove(path)
 
 
 def output_prefix_for(output_prefix: str, key: str) -> str:
     return f"{output_prefix}_{key}_document"
+
+
+def remove_stale_outputs(prefixes: list[str]) -> list[str]:
+    """Remove the temporaries that a killed run left under these prefixes (one-line note)."""
+    removed = [path for prefix in prefixes for final in (prefix + ".bin", prefix + ".idx", manifest_path(prefix))
+               for path in remove_stale_temporaries(final)]
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) of an earlier run that is no longer running: "
+              f"{', '.join(removed)}", file=sys.stderr)
+    return removed
+
+
+def tokenizer_manifest_fields(tokenizer, tokenizer_type: str) -> dict:
+    """What the manifest records about the tokenizer that made the dataset."""
+    path = getattr(tokenizer, "path", None)
+    return {"vocab_size": tokenizer.vocab_size, "tokenizer_type": tokenizer_type,
+            "tokenizer_model_sha256": file_sha256(path) if path else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,13 +340,18 @@ def preprocess(
     if workers < 0:
         raise PreprocessError("--workers must be >= 0 (0 encodes in the main process)")
 
-    writers = {k: IndexedDatasetWriter(output_prefix_for(output_prefix, k), dtype) for k in json_keys}
+    prefixes = {k: output_prefix_for(output_prefix, k) for k in json_keys}
+    remove_stale_outputs(list(prefixes.values()))
+    fields = tokenizer_manifest_fields(tokenizer, tokenizer_type)
+    writers: dict[str, IndexedDatasetWriter] = {}
     summary = Summary()
     total_bytes = sum(os.path.getsize(f) for f in files if not f.endswith(".gz")) or None
     start = time.time()
     bar = _progress_bar(total_bytes, progress)
     pool = None
     try:
+        for key in json_keys:
+            writers[key] = IndexedDatasetWriter(prefixes[key], dtype, fields)
         if threads_per_worker is None:
             # The main process only reads and writes; the encoders get the machine's cores.
             threads_per_worker = max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -349,14 +388,19 @@ def preprocess(
                 print(f"processed {summary.documents} documents ({_rates(summary, elapsed)})",
                       file=sys.stderr, flush=True)
                 next_log = summary.documents + log_interval
+        if summary.documents == 0:
+            raise PreprocessError(_no_documents_message(files, json_keys, summary))
         for key in json_keys:
             writers[key].finalize()
             summary.outputs.append(output_prefix_for(output_prefix, key))
-    except BaseException:
+    except BaseException as err:
         for writer in writers.values():
             writer.abort()
         if pool is not None:
             pool.terminate()
+        if isinstance(err, OSError):  # input errors are PreprocessErrors already: this is the output
+            raise PreprocessError(f"--output-prefix {output_prefix!r}: cannot write the dataset "
+                                  f"({err.strerror or err}); nothing was written") from None
         raise
     finally:
         if bar is not None:
@@ -366,6 +410,14 @@ def preprocess(
         pool.join()
     summary.seconds = time.time() - start
     return summary
+
+
+def _no_documents_message(files: list[str], json_keys: tuple[str, ...], summary: Summary) -> str:
+    what = (f"all {sum(summary.skipped.values())} non-blank lines were skipped as bad"
+            if summary.skipped else "it holds no documents" + (
+                f" ({summary.blank_lines} blank lines)" if summary.blank_lines else ""))
+    return (f"--input {' '.join(files)}: {what}; nothing written. Give JSONL with one object "
+            f"per line holding the key(s) {', '.join(map(repr, json_keys))}")
 
 
 def _ordered_bounded(pool, chunks: Iterator[Chunk], max_in_flight: int) -> Iterator[ChunkResult]:
@@ -452,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         for example in summary.first_skipped:
             print(f"  e.g. {example}")
     for prefix in summary.outputs:
-        print(f"wrote {prefix}.bin and {prefix}.idx")
+        print(f"wrote {prefix}.bin, {prefix}.idx and {prefix}.json")
     return 0
 
 

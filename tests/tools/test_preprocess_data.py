@@ -195,3 +195,48 @@ def test_inspect_dataset(tiny_dataset):
     assert "documents: 600" in out and "token dtype: uint16" in out
     assert first_doc[:60] in out
     assert inspect_main(["/nonexistent/prefix"]) == 1
+
+
+def test_manifest_records_largest_id_and_tokenizer(tiny_dataset):
+    from data_prep.indexed_dataset import file_sha256, read_manifest
+
+    manifest = read_manifest(tiny_dataset["prefix"])
+    tokens = np.fromfile(tiny_dataset["prefix"] + ".bin", dtype=np.uint16)
+    assert manifest.max_token_id == int(tokens.max()) and manifest.tokens == len(tokens)
+    assert manifest.documents == 600 and manifest.vocab_size == 1000 and manifest.dtype == "uint16"
+    assert manifest.tokenizer_model_sha256 == file_sha256(tiny_dataset["tokenizer"])
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n"], ids=["empty", "blank-lines"])
+def test_input_without_documents_is_an_error_and_writes_nothing(tiny_dataset, tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(PreprocessError, match=f"--input {path}: it holds no documents"):
+        preprocess([str(path)], str(tmp_path / "out"), "GPTSentencePieceTokenizer",
+                   tiny_dataset["tokenizer"], workers=0, progress=False)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("out")], "no output may remain"
+
+
+def test_only_bad_lines_skipped_is_an_error(tiny_dataset, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(BAD_LINES["malformed JSON"] * 2)
+    with pytest.raises(PreprocessError, match="all 2 non-blank lines were skipped"):
+        preprocess([str(path)], str(tmp_path / "out"), "GPTSentencePieceTokenizer",
+                   tiny_dataset["tokenizer"], workers=0, skip_bad_lines=True, progress=False)
+
+
+def test_stale_temporaries_of_dead_runs_are_removed_live_ones_kept(tiny_dataset, tmp_path, capsys):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True)
+    dead_pid, live_pid = int(finished.stdout), os.getppid()
+    prefix = tmp_path / "out_text_document"
+    dead = [tmp_path / f"out_text_document{ext}.tmp-{dead_pid}" for ext in (".bin", ".idx", ".json")]
+    live = tmp_path / f"out_text_document.bin.tmp-{live_pid}"
+    for path in (*dead, live):
+        path.write_bytes(b"partial")
+    preprocess([tiny_dataset["corpus"]], str(tmp_path / "out"), "GPTSentencePieceTokenizer",
+               tiny_dataset["tokenizer"], workers=0, progress=False)
+    assert not any(p.exists() for p in dead) and live.read_bytes() == b"partial"
+    note = capsys.readouterr().err
+    assert "removed 3 temporary file(s)" in note and str(live) not in note
+    assert os.path.getsize(str(prefix) + ".bin") > 0

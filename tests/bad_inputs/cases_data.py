@@ -1,0 +1,89 @@
+"""Bad data: datasets of another vocabulary, empty or truncated ``.bin``/``.idx``, a split without
+training data, inputs without documents (training, evaluation, inspection and data preparation)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from tests.bad_inputs.harness import BadInput, Fixtures, python, tool
+
+OUT_OF_VOCAB_ID = 1500  # the fixtures' tokenizer has 1000 ids
+
+
+def _dataset_copy(case_dir: Path, f: Fixtures) -> str:
+    """The fixture dataset's .bin/.idx (no manifest) under the case's folder."""
+    prefix = str(case_dir / "data_text_document")
+    for ext in (".bin", ".idx"):
+        shutil.copy(f.dataset + ext, prefix + ext)
+    return prefix
+
+
+def _other_vocabulary(case_dir: Path, f: Fixtures) -> str:
+    prefix = _dataset_copy(case_dir, f)
+    tokens = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r+")
+    tokens[len(tokens) // 2] = OUT_OF_VOCAB_ID
+    tokens.flush()
+    return prefix
+
+
+def _truncated(case_dir: Path, f: Fixtures, ext: str, size: int) -> str:
+    prefix = _dataset_copy(case_dir, f)
+    with open(prefix + ext, "r+b") as file:
+        file.truncate(size)
+    return prefix
+
+
+def _train(f: Fixtures, data: str, split: str = "98,2,0") -> list[str]:
+    return python("-m", "pretrain", "--model", "debug", "--seq-length", "32", "--data-path", data,
+                  "--tokenizer-model", f.tokenizer, "--split", split, "--micro-batch-size", "2",
+                  "--global-batch-size", "2", "--train-iters", "2")
+
+
+def _evaluate(f: Fixtures, data: str) -> list[str]:
+    return tool("evaluate.py", "--load", f.checkpoint, "--data-path", data, "--seq-length", "32",
+                "--max-samples", "4")
+
+
+def _write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+CASES = [
+    BadInput("data-train-ids-outside-vocabulary",
+             lambda d, f: _train(f, _other_vocabulary(d, f)),
+             message=rf"data_text_document: its largest token id is {OUT_OF_VOCAB_ID} .*\(1000 ids"),
+    BadInput("data-train-split-without-training-data",
+             lambda d, f: _train(f, f.dataset, split="0,100,0"),
+             message=r"--split 0,100,0: the training share \(the first number\) is 0"),
+    BadInput("data-train-truncated-bin",
+             lambda d, f: _train(f, _truncated(d, f, ".bin", 4096)),
+             message=r"data_text_document\.bin is truncated: 4096 bytes"),
+    BadInput("data-evaluate-ids-outside-vocabulary",
+             lambda d, f: _evaluate(f, _other_vocabulary(d, f)),
+             message=rf"data_text_document: its largest token id is {OUT_OF_VOCAB_ID} "),
+    BadInput("data-evaluate-empty-idx",
+             lambda d, f: _evaluate(f, _truncated(d, f, ".idx", 0)),
+             message=r"data_text_document\.idx is empty"),
+    BadInput("data-inspect-truncated-idx",
+             lambda d, f: tool("inspect_dataset.py", _truncated(d, f, ".idx", 100)),
+             message=r"data_text_document\.idx is truncated or damaged"),
+    BadInput("data-preprocess-empty-jsonl",
+             lambda d, f: tool("preprocess_data.py", "--input", _write(d / "empty.jsonl", ""),
+                               "--output-prefix", str(d / "out"), "--tokenizer-type",
+                               "GPTSentencePieceTokenizer", "--tokenizer-model", f.tokenizer),
+             message=r"--input .*empty\.jsonl: it holds no documents",
+             leftovers=("out_text_document.bin", "out_text_document.idx", "out_text_document.json")),
+    BadInput("data-tokenizer-input-without-text",
+             lambda d, f: python("-m", "data_prep.train_tokenizer", "--input",
+                                 _write(d / "blank.jsonl", "\n\n"), "--output", str(d / "tok")),
+             message=r"--input .*blank\.jsonl: no text to train on", leftovers=("tok.model", "tok.vocab")),
+    BadInput("data-corpus-empty-text-dir",
+             lambda d, f: python("-m", "data_prep.build_corpus", "--text-dir", str(d),
+                                 "--output", str(d / "out" / "corpus.jsonl")),
+             message=r"--text-dir .*: no document found", leftovers=("out/corpus.jsonl",)),
+]
