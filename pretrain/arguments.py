@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune-interval", type=int, default=10, help="steps between pruning events")
     g.add_argument("--prune-ramp", choices=["linear", "cubic"], default="linear")
     g.add_argument("--saliency", choices=["taylor", "fisher", "obs", "activation"], default="taylor")
-    g.add_argument("--saliency-taylor-form", choices=["vector", "element"], default="vector")
+    g.add_argument("--saliency-taylor-form", choices=["vector", "element"], default="element")
     g.add_argument("--saliency-ema", type=float, default=0.9, help="EMA factor across scoring steps")
     g.add_argument("--saliency-obs-exact", action="store_true",
                    help="obs: exact inverse of the layer-input Hessian (small layers)")

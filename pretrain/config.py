@@ -334,7 +334,7 @@ class PruneConfig:
     interval: int = 10  # steps between pruning events
     ramp: str = "linear"
     saliency: str = "taylor"
-    taylor_form: str = "vector"
+    taylor_form: str = "element"  # vector-form sums cancel like sqrt(group size): README, issue 21
     saliency_ema: float = 0.9
     obs_exact: bool = False
     types: tuple = ("heads", "ffn", "hidden")

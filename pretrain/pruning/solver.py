@@ -83,23 +83,11 @@ def _kept_fractions(shape: ModelShape, masks: GroupMasks) -> dict:
             "layers": float(masks.layers.sum()) / shape.num_layers}
 
 
-def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: SolverConstraints,
-                start: GroupMasks) -> list[tuple]:
-    """Every unit that may go next: (saliency per parameter, type order, layer, kind, layers, picks, cost).
-
-    The scores were measured on the model as it was when this event began (``start``); they are
-    per-group and blind to what the other groups removed in the same event. Removing a large
-    share of one type at once makes its survivors carry what the removed ones did, so a unit's
-    saliency is scaled by (kept at the start / kept now) of its type (per layer for heads and
-    FFN): 1 for the first unit, 2 once this event has halved the type. Small events (pruning
-    while training, re-scored between events) are unaffected; a one-shot prune no longer drives
-    one type to its floor unless its scores are that much lower.
-    """
+def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: SolverConstraints) -> list[tuple]:
+    """Every unit that may go next: (saliency per parameter, type order, layer, kind, layers, picks, cost)."""
     h_kept = int(new.hidden.sum())
     groups_kept = new.heads.sum(1)
     ffn_kept = new.ffn.sum(1)
-    groups_start, ffn_start = start.heads.sum(1), start.ffn.sum(1)
-    hidden_factor = int(start.hidden.sum()) / max(h_kept, 1)
     min_groups = max(c.min_groups, c.group_unit())
     candidates = []
     alive = [l for l in range(shape.num_layers) if bool(new.layers[l])]
@@ -112,7 +100,6 @@ def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: Solv
             picks = [_lowest(scores.heads[l], new.heads[l], size) for l in layers]
             cost = len(layers) * size * shape.group_cost(h_kept)
             score = float(sum(scores.heads[l][p].double().sum() for l, p in zip(layers, picks)))
-            score *= float(groups_start[layers[0]]) / float(groups_kept[layers[0]])
             candidates.append((score / max(cost, 1), 0, layers[0], "heads", layers, picks, cost))
     if "ffn" in c.prune_types:
         for layers in layer_sets:
@@ -122,7 +109,6 @@ def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: Solv
             picks = [_lowest(scores.ffn[l], new.ffn[l], size) for l in layers]
             cost = len(layers) * size * shape.ffn_channel_cost(h_kept)
             score = float(sum(scores.ffn[l][p].double().sum() for l, p in zip(layers, picks)))
-            score *= float(ffn_start[layers[0]]) / float(ffn_kept[layers[0]])
             candidates.append((score / max(cost, 1), 1, layers[0], "ffn", layers, picks, cost))
     if "layers" in c.prune_types:
         kept_layers = torch.nonzero(new.layers).flatten()
@@ -140,7 +126,7 @@ def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: Solv
         if size:
             pick = _lowest(scores.hidden, new.hidden, size)
             cost = size * shape.hidden_channel_cost(new)
-            score = float(scores.hidden[pick].double().sum()) * hidden_factor
+            score = float(scores.hidden[pick].double().sum())
             candidates.append((score / max(cost, 1), 2, 0, "hidden", [], [pick], cost))
     return candidates
 
@@ -185,7 +171,7 @@ def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_para
     budget = int(c.max_step_fraction * params)  # parameters this event may remove at most
     while params > target_params:
         removed = shape.parameter_count(masks) - params
-        admissible = _admissible(_candidates(shape, new, scores, c, masks), params - target_params, budget - removed,
+        admissible = _admissible(_candidates(shape, new, scores, c), params - target_params, budget - removed,
                                  c.allocation, _kept_fractions(shape, new))
         if not admissible:
             break  # every type is at its minimum, or the cap is reached: the target is not met
