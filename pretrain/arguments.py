@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune-interval", type=int, default=10, help="steps between pruning events")
     g.add_argument("--prune-ramp", choices=["linear", "cubic"], default="linear")
     g.add_argument("--saliency", choices=["taylor", "fisher", "obs", "activation"], default="taylor")
-    g.add_argument("--saliency-taylor-form", choices=["vector", "element"], default="vector")
+    g.add_argument("--saliency-taylor-form", choices=["vector", "element"], default="element")
     g.add_argument("--saliency-ema", type=float, default=0.9, help="EMA factor across scoring steps")
     g.add_argument("--saliency-obs-exact", action="store_true",
                    help="obs: exact inverse of the layer-input Hessian (small layers)")
@@ -164,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shrink-every-fraction", type=float,
                    help="with --shrink-at auto: also shrink whenever the kept parameter fraction "
                         "has fallen by this much since the last shrink")
+    # issue 21: allocation across types and safety on real pretrained models
+    g.add_argument("--prune-allocation", choices=["global", "proportional"], default="global",
+                   help="global: one saliency-per-parameter ranking over all types; proportional: "
+                        "every type pruned by the same fraction (a baseline)")
+    g.add_argument("--prune-max-step-fraction", type=float, default=0.25,
+                   help="one pruning event removes at most this fraction of the model's parameters")
+    g.add_argument("--prune-loss-jump-warn", type=float, default=0.5,
+                   help="warn (log, tensorboard, history) when the loss rises by more than this many "
+                        "nats from the step before a pruning event to the step after it")
     return p
 
 
@@ -234,5 +243,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
             shrink_every_fraction=args.shrink_every_fraction,
             shrink_tensor_parallel_size=args.shrink_tensor_model_parallel_size,
             shrink_pipeline_parallel_size=args.shrink_pipeline_model_parallel_size,
+            allocation=args.prune_allocation, max_step_fraction=args.prune_max_step_fraction,
+            loss_jump_warn=args.prune_loss_jump_warn,
         ),
     )

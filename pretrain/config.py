@@ -342,7 +342,7 @@ class PruneConfig:
     interval: int = 10  # steps between pruning events
     ramp: str = "linear"
     saliency: str = "taylor"
-    taylor_form: str = "vector"
+    taylor_form: str = "element"  # vector-form sums cancel like sqrt(group size): README, issue 21
     saliency_ema: float = 0.9
     obs_exact: bool = False
     types: tuple = ("heads", "ffn", "hidden")
@@ -391,6 +391,17 @@ class PruneConfig:
         if self.shrink_every_fraction is not None:
             _require(0 < self.shrink_every_fraction < 1, "--shrink-every-fraction must be in (0, 1)")
             _require(self.shrink_auto, "--shrink-every-fraction needs --shrink-at auto")
+        self.validate_safety()
+
+    # -- issue 21: allocation across types and safety on real pretrained models
+    allocation: str = "global"  # "proportional": every type pruned by the same fraction (a baseline)
+    max_step_fraction: float = 0.25  # one event removes at most this fraction of the model
+    loss_jump_warn: float = 0.5  # warn when the loss after an event rises by more than this (nats)
+
+    def validate_safety(self) -> None:
+        _require(self.allocation in ("global", "proportional"), "--prune-allocation: global or proportional")
+        _require(0 < self.max_step_fraction <= 1, "--prune-max-step-fraction must be in (0, 1]")
+        _require(self.loss_jump_warn > 0, "--prune-loss-jump-warn must be positive (nats)")
 
 
 @dataclass(kw_only=True)

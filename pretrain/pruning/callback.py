@@ -49,7 +49,8 @@ class PruningCallback(Callback):
             tensor_parallel=tensor_parallel, align=align, min_groups=prune_cfg.min_heads,
             min_ffn=prune_cfg.min_ffn, min_hidden=prune_cfg.min_hidden,
             granularity=prune_cfg.granularity, prune_types=tuple(prune_cfg.types),
-            pipeline_parallel=pipeline_parallel, min_layers=prune_cfg.min_layers)
+            pipeline_parallel=pipeline_parallel, min_layers=prune_cfg.min_layers,
+            allocation=prune_cfg.allocation, max_step_fraction=prune_cfg.max_step_fraction)
         self.masks = shape.full_masks()
         # the shape before any in-run shrink, for kept ratios that mean the same after a shrink
         self.original = {"groups": shape.num_groups, "ffn": shape.ffn, "hidden": shape.hidden,
@@ -134,8 +135,12 @@ class PruningCallback(Callback):
         tokens_before = self.tokens_after(it - 1)
         event = (self._in_window(tokens_before) and self.ema is not None
                  and (it % self.cfg.interval == 0 or tokens >= self.end_tokens))
+        self._check_loss_jump(trainer, it, metrics.loss)
         if event:
+            params_before = self.current_params()
             self.prune_event(trainer, it, tokens)
+            if self.current_params() < params_before:
+                self._loss_before_event = (it, metrics.loss)
         if self._shrink_due(tokens):
             trainer.request_stop("shrink")
         params = self.current_params()
@@ -148,6 +153,28 @@ class PruningCallback(Callback):
             logger.log_scalar("pruning/params", params, it)
             for k, v in ratios.items():
                 logger.log_scalar(f"pruning/kept_{k}", v, it)
+
+    # ------------------------------------------------------------------ loss jump after an event (issue 21)
+    _loss_before_event: tuple | None = None  # (event iteration, loss of the step that ended there)
+
+    def _check_loss_jump(self, trainer, iteration: int, loss: float) -> None:
+        """The step after an event: record how much the loss rose; warn past --prune-loss-jump-warn."""
+        if self._loss_before_event is None:
+            return
+        event_iteration, before = self._loss_before_event
+        self._loss_before_event = None
+        jump = loss - before
+        if self.history and self.history[-1]["iteration"] == event_iteration:
+            self.history[-1].update({"loss_before": before, "loss_after": loss, "loss_jump": jump,
+                                     "loss_jump_warning": bool(jump > self.cfg.loss_jump_warn)})
+        logger = next((c for c in trainer.callbacks if c.name == "logging"), None)
+        if logger is not None:
+            logger.log_scalar("pruning/loss_jump", jump, event_iteration)
+        if jump > self.cfg.loss_jump_warn and _rank0():
+            print(f"WARNING: the loss rose by {jump:.3f} ({before:.3f} -> {loss:.3f}) after the pruning event at "
+                  f"iteration {event_iteration}, more than --prune-loss-jump-warn {self.cfg.loss_jump_warn}: "
+                  "prune more slowly (--prune-max-step-fraction, a later --prune-end-tokens) or check "
+                  "the saliency (--saliency)", flush=True)
 
     def _shrink_due(self, tokens: int) -> bool:
         """Whether to shrink now: only when something is masked (zeros to remove)."""

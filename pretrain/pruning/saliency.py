@@ -46,22 +46,31 @@ class Table:
     heads: torch.Tensor  # float64 [L, G]
     ffn: torch.Tensor  # float64 [L, F]
     hidden: torch.Tensor  # float64 [H]
+    # partial tables only (``reduce_table`` folds them into ``hidden``): the input embedding's
+    # share of each hidden channel's score, and how many of the channel's embedding entries
+    # received any signal (a non-zero score)
+    embedding: torch.Tensor | None = None  # float64 [H]
+    embedding_signal: torch.Tensor | None = None  # float64 [H]
 
     @classmethod
-    def zeros(cls, shape: ModelShape) -> "Table":
+    def zeros(cls, shape: ModelShape, with_embedding: bool = False) -> "Table":
+        extra = [torch.zeros(shape.hidden, dtype=torch.float64) for _ in range(2)] if with_embedding else []
         return cls(torch.zeros(shape.num_layers, shape.num_groups, dtype=torch.float64),
                    torch.zeros(shape.num_layers, shape.ffn, dtype=torch.float64),
-                   torch.zeros(shape.hidden, dtype=torch.float64))
+                   torch.zeros(shape.hidden, dtype=torch.float64), *extra)
 
     def pack(self) -> torch.Tensor:
-        return torch.cat([self.heads.flatten(), self.ffn.flatten(), self.hidden])
+        extra = [self.embedding, self.embedding_signal] if self.embedding is not None else []
+        return torch.cat([self.heads.flatten(), self.ffn.flatten(), self.hidden, *extra])
 
     @classmethod
     def unpack(cls, flat: torch.Tensor, shape: ModelShape) -> "Table":
         a = shape.num_layers * shape.num_groups
         b = a + shape.num_layers * shape.ffn
+        h = shape.hidden
+        extra = [flat[b + h:b + 2 * h].clone(), flat[b + 2 * h:b + 3 * h].clone()] if len(flat) > b + h else []
         return cls(flat[:a].view(shape.num_layers, shape.num_groups).clone(),
-                   flat[a:b].view(shape.num_layers, shape.ffn).clone(), flat[b:].clone())
+                   flat[a:b].view(shape.num_layers, shape.ffn).clone(), flat[b:b + h].clone(), *extra)
 
     def state_dict(self) -> dict:
         return {"heads": self.heads, "ffn": self.ffn, "hidden": self.hidden}
@@ -69,6 +78,22 @@ class Table:
     @classmethod
     def from_state_dict(cls, d: dict) -> "Table":
         return cls(d["heads"].double(), d["ffn"].double(), d["hidden"].double())
+
+
+def fold_embedding(table: Table, vocab_rows: int) -> torch.Tensor:
+    """A hidden channel's score with its embedding share counted as if every row had been seen.
+
+    In one batch only the rows of the tokens it holds get a gradient through the input
+    embedding; the other rows score exactly zero, not because they do not matter but because
+    there is no evidence. Summing those zeros made a hidden channel of a large-vocabulary model
+    (SmolLM2: 49,152 rows, about a fifth of the channel's parameters) look cheap per parameter.
+    The channel's cost stays every parameter it holds (saliency per parameter, one global
+    ranking, as in the paper); its unseen rows are scored at the mean of its seen rows.
+    """
+    if table.embedding is None:
+        return table.hidden
+    seen = table.embedding_signal.clamp(min=1.0)
+    return table.hidden + table.embedding * (vocab_rows / seen)
 
 
 @dataclass
@@ -134,6 +159,7 @@ class SaliencyEstimator:
         self._hooks = []
         self._capturing = False
         self._model_chunks = model_chunks
+        self._count_weight = 1.0
         if kind in ("obs", "activation"):
             self._install_hooks()
 
@@ -214,14 +240,18 @@ class SaliencyEstimator:
         elif entry.role == "norm":
             if tp_rank == 0:  # replicated across TP
                 table.hidden += E.double()
-        elif entry.role in ("embedding", "output"):
+        elif entry.role == "embedding":
+            table.embedding += E.sum(0).double()
+            # each element counts once over all ranks (owned by one DP rank, or 1/DP on each)
+            table.embedding_signal += (E != 0).sum(0).double() * self._count_weight
+        elif entry.role == "output":
             table.hidden += E.sum(0).double()
 
     @torch.no_grad()
     def partial_table(self) -> Table:
         """This rank's partial table for the step that just ran backward (grads reduced)."""
         tp, tp_rank, dp = self._layout()
-        table = Table.zeros(self.shape)
+        table = Table.zeros(self.shape, with_embedding=True)
         if self.kind in ("taylor", "fisher"):
             self._gradient_scores(table, tp, tp_rank, dp)
         else:
@@ -231,6 +261,7 @@ class SaliencyEstimator:
     def _gradient_scores(self, table: Table, tp: int, tp_rank: int, dp: int) -> None:
         distributed = is_distributed(self.optimizer)
         scale = 1.0 if distributed else 1.0 / dp
+        self._count_weight = scale
         by_param = {e.param: e for e in self.entries if e.param is not None}
         seen = set()
         self.fisher_count += 1
@@ -308,6 +339,7 @@ def reduce_table(partial: Table, shape: ModelShape, signed: bool) -> Table:
         torch.distributed.all_reduce(flat)
         flat = flat.cpu()
     table = Table.unpack(flat, shape)
+    table = Table(table.heads, table.ffn, fold_embedding(table, shape.vocab))
     if signed:
         table = Table(table.heads.abs(), table.ffn.abs(), table.hidden.abs())
     return table

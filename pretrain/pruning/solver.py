@@ -10,7 +10,12 @@ A unit is the smallest removal that keeps the model shrinkable and fast:
 * FFN: TP x align channels of one layer (or of every layer);
 * hidden: ``align`` channels (shared by the whole model).
 
-A unit never takes a type below its minimum. Masks only shrink. Ties break by type order, then
+A unit never takes a type below its minimum. Near the target a unit may overshoot it by at most
+the cost of the cheapest unit that can still move (so a 64-channel hidden unit of a large-vocabulary
+model waits while heads or FFN units close the gap), and one event removes at most
+``max_step_fraction`` of the parameters it starts from (a safety cap on real models). With
+``allocation="proportional"`` every type shrinks by the same fraction (LLM-Pruner's fixed-ratio
+practice, the baseline the global ranking must beat). Masks only shrink. Ties break by type order, then
 layer, then channel index, so the result is a pure function of its inputs (every rank computes
 the same answer; the callback still broadcasts rank 0's and checks).
 """
@@ -22,6 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.pruning.masks import GroupMasks, ModelShape
+
+ALLOCATIONS = ("global", "proportional")
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,8 @@ class SolverConstraints:
     prune_types: tuple = ("heads", "ffn", "hidden")
     pipeline_parallel: int = 1  # dropped layers come in units of PP, so the rest still splits
     min_layers: int = 1
+    allocation: str = "global"  # or "proportional": every type by the same fraction
+    max_step_fraction: float = 1.0  # one event removes at most this fraction of its parameters
 
     def group_unit(self) -> int:
         return self.tensor_parallel
@@ -66,80 +75,127 @@ def _lowest(scores: torch.Tensor, kept: torch.Tensor, count: int) -> torch.Tenso
     return idx[order[:count]]
 
 
+def _kept_fractions(shape: ModelShape, masks: GroupMasks) -> dict:
+    full = shape.full_masks()
+    return {"heads": float(masks.heads.sum()) / max(int(full.heads.sum()), 1),
+            "ffn": float(masks.ffn.sum()) / max(int(full.ffn.sum()), 1),
+            "hidden": float(masks.hidden.sum()) / shape.hidden,
+            "layers": float(masks.layers.sum()) / shape.num_layers}
+
+
+def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: SolverConstraints) -> list[tuple]:
+    """Every unit that may go next: (saliency per parameter, type order, layer, kind, layers, picks, cost)."""
+    h_kept = int(new.hidden.sum())
+    groups_kept = new.heads.sum(1)
+    ffn_kept = new.ffn.sum(1)
+    min_groups = max(c.min_groups, c.group_unit())
+    candidates = []
+    alive = [l for l in range(shape.num_layers) if bool(new.layers[l])]
+    layer_sets = [alive] if c.granularity == "uniform" else [[l] for l in alive]
+    if "heads" in c.prune_types:
+        for layers in layer_sets:
+            size = _unit_size(int(groups_kept[layers[0]]), c.group_unit(), min_groups)
+            if size == 0 or any(int(groups_kept[l]) != int(groups_kept[layers[0]]) for l in layers):
+                continue
+            picks = [_lowest(scores.heads[l], new.heads[l], size) for l in layers]
+            cost = len(layers) * size * shape.group_cost(h_kept)
+            score = float(sum(scores.heads[l][p].double().sum() for l, p in zip(layers, picks)))
+            candidates.append((score / max(cost, 1), 0, layers[0], "heads", layers, picks, cost))
+    if "ffn" in c.prune_types:
+        for layers in layer_sets:
+            size = _unit_size(int(ffn_kept[layers[0]]), c.ffn_unit(), c.min_ffn)
+            if size == 0 or any(int(ffn_kept[l]) != int(ffn_kept[layers[0]]) for l in layers):
+                continue
+            picks = [_lowest(scores.ffn[l], new.ffn[l], size) for l in layers]
+            cost = len(layers) * size * shape.ffn_channel_cost(h_kept)
+            score = float(sum(scores.ffn[l][p].double().sum() for l, p in zip(layers, picks)))
+            candidates.append((score / max(cost, 1), 1, layers[0], "ffn", layers, picks, cost))
+    if "layers" in c.prune_types:
+        kept_layers = torch.nonzero(new.layers).flatten()
+        size = _unit_size(len(kept_layers), c.pipeline_parallel, c.min_layers)
+        if size:
+            layer_scores = scores.heads.double().mul(new.heads).sum(1) + scores.ffn.double().mul(new.ffn).sum(1)
+            order = torch.sort(layer_scores[kept_layers], stable=True).indices[:size]
+            picks_l = [int(kept_layers[i]) for i in order]
+            cost = sum(int(groups_kept[l]) * shape.group_cost(h_kept)
+                       + int(ffn_kept[l]) * shape.ffn_channel_cost(h_kept) + 2 * h_kept for l in picks_l)
+            score = float(sum(layer_scores[l] for l in picks_l))
+            candidates.append((score / max(cost, 1), 3, picks_l[0], "layers", picks_l, [], cost))
+    if "hidden" in c.prune_types:
+        size = _unit_size(h_kept, c.hidden_unit(), c.min_hidden)
+        if size:
+            pick = _lowest(scores.hidden, new.hidden, size)
+            cost = size * shape.hidden_channel_cost(new)
+            score = float(scores.hidden[pick].double().sum())
+            candidates.append((score / max(cost, 1), 2, 0, "hidden", [], [pick], cost))
+    return candidates
+
+
+def _admissible(candidates: list[tuple], deficit: int, budget: int, allocation: str,
+                kept: dict) -> list[tuple]:
+    """The candidates this move may choose from.
+
+    * the cap: a unit that would take the event past ``budget`` removed parameters is out;
+    * the overshoot bound: a unit may overshoot the target by at most the cost of the cheapest
+      unit that can still move, so near the target a big hidden unit waits while smaller heads or
+      FFN units close the gap (the cheapest unit itself always qualifies);
+    * ``proportional``: only the types kept the most (as a fraction of their full size) may move,
+      so every type shrinks by the same fraction (LLM-Pruner's fixed ratio), saliency choosing
+      only *which* groups of that type go.
+    """
+    fitting = [t for t in candidates if t[6] <= budget]
+    if not fitting:
+        return []
+    smallest = min(t[6] for t in fitting)
+    fitting = [t for t in fitting if t[6] - deficit <= smallest]
+    if allocation == "proportional":
+        most = max(kept[t[3]] for t in fitting)
+        fitting = [t for t in fitting if kept[t[3]] >= most - 1e-12]
+    return fitting
+
+
 def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_params: int,
           constraints: SolverConstraints) -> tuple[GroupMasks, list[dict]]:
-    """Return (new masks, moves); each move says what was dropped, its cost and saliency."""
+    """Return (new masks, moves); each move says what was dropped, its cost and saliency.
+
+    The event stops short of the target when the next unit would exceed the cap
+    (``constraints.max_step_fraction`` of the parameters before the event)."""
     c = constraints
     if c.granularity not in ("per-layer", "uniform"):
         raise ValueError(f"unknown granularity {c.granularity!r}")
+    if c.allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {c.allocation!r}: choose {' or '.join(ALLOCATIONS)}")
     new = masks.clone()
     moves: list[dict] = []
-    min_groups = max(c.min_groups, c.group_unit())
     params = shape.parameter_count(new)
-    L = shape.num_layers
+    budget = int(c.max_step_fraction * params)  # parameters this event may remove at most
     while params > target_params:
-        h_kept = int(new.hidden.sum())
-        groups_kept = new.heads.sum(1)
-        ffn_kept = new.ffn.sum(1)
-        candidates = []  # (saliency, type order, layer, kind, layer list, index lists, cost)
-        alive = [l for l in range(L) if bool(new.layers[l])]
-        layer_sets = [alive] if c.granularity == "uniform" else [[l] for l in alive]
-        if "heads" in c.prune_types:
-            for layers in layer_sets:
-                size = _unit_size(int(groups_kept[layers[0]]), c.group_unit(), min_groups)
-                if size == 0 or any(int(groups_kept[l]) != int(groups_kept[layers[0]]) for l in layers):
-                    continue
-                picks = [_lowest(scores.heads[l], new.heads[l], size) for l in layers]
-                cost = len(layers) * size * shape.group_cost(h_kept)
-                score = float(sum(scores.heads[l][p].double().sum() for l, p in zip(layers, picks)))
-                candidates.append((score / max(cost, 1), 0, layers[0], "heads", layers, picks, cost))
-        if "ffn" in c.prune_types:
-            for layers in layer_sets:
-                size = _unit_size(int(ffn_kept[layers[0]]), c.ffn_unit(), c.min_ffn)
-                if size == 0 or any(int(ffn_kept[l]) != int(ffn_kept[layers[0]]) for l in layers):
-                    continue
-                picks = [_lowest(scores.ffn[l], new.ffn[l], size) for l in layers]
-                cost = len(layers) * size * shape.ffn_channel_cost(h_kept)
-                score = float(sum(scores.ffn[l][p].double().sum() for l, p in zip(layers, picks)))
-                candidates.append((score / max(cost, 1), 1, layers[0], "ffn", layers, picks, cost))
-        if "layers" in c.prune_types:
-            kept_layers = torch.nonzero(new.layers).flatten()
-            size = _unit_size(len(kept_layers), c.pipeline_parallel, c.min_layers)
-            if size:
-                layer_scores = scores.heads.double().mul(new.heads).sum(1) + scores.ffn.double().mul(new.ffn).sum(1)
-                order = torch.sort(layer_scores[kept_layers], stable=True).indices[:size]
-                picks_l = [int(kept_layers[i]) for i in order]
-                cost = sum(int(groups_kept[l]) * shape.group_cost(h_kept)
-                           + int(ffn_kept[l]) * shape.ffn_channel_cost(h_kept) + 2 * h_kept for l in picks_l)
-                score = float(sum(layer_scores[l] for l in picks_l))
-                candidates.append((score / max(cost, 1), 3, picks_l[0], "layers", picks_l, [], cost))
-        if "hidden" in c.prune_types:
-            size = _unit_size(h_kept, c.hidden_unit(), c.min_hidden)
-            if size:
-                pick = _lowest(scores.hidden, new.hidden, size)
-                cost = size * shape.hidden_channel_cost(new)
-                score = float(scores.hidden[pick].double().sum())
-                candidates.append((score / max(cost, 1), 2, 0, "hidden", [], [pick], cost))
-        if not candidates:
-            break  # every type is at its minimum: the target cannot be met
-        best = min(candidates, key=lambda t: (t[0], t[1], t[2]))
-        saliency, _, _, kind, layers, picks, cost = best
-        if kind == "heads":
-            for l, p in zip(layers, picks):
-                new.heads[l, p] = False
-        elif kind == "ffn":
-            for l, p in zip(layers, picks):
-                new.ffn[l, p] = False
-        elif kind == "layers":
-            for l in layers:
-                new.drop_layer(l)
-        else:
-            new.hidden[picks[0]] = False
+        removed = shape.parameter_count(masks) - params
+        admissible = _admissible(_candidates(shape, new, scores, c), params - target_params, budget - removed,
+                                 c.allocation, _kept_fractions(shape, new))
+        if not admissible:
+            break  # every type is at its minimum, or the cap is reached: the target is not met
+        saliency, _, _, kind, layers, picks, cost = min(admissible, key=lambda t: (t[0], t[1], t[2]))
+        _drop(new, kind, layers, picks)
         params = shape.parameter_count(new)
         moves.append({"type": kind, "layers": layers,
                       "count": len(layers) if kind == "layers" else int(sum(len(p) for p in picks)),
                       "params_removed": cost, "saliency_per_param": saliency, "params_after": params})
     return new, moves
+
+
+def _drop(masks: GroupMasks, kind: str, layers: list, picks: list) -> None:
+    if kind == "heads":
+        for l, p in zip(layers, picks):
+            masks.heads[l, p] = False
+    elif kind == "ffn":
+        for l, p in zip(layers, picks):
+            masks.ffn[l, p] = False
+    elif kind == "layers":
+        for l in layers:
+            masks.drop_layer(l)
+    else:
+        masks.hidden[picks[0]] = False
 
 
 def check_constraints(shape: ModelShape, masks: GroupMasks, constraints: SolverConstraints) -> list[str]:

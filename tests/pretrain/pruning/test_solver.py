@@ -108,10 +108,11 @@ def test_whole_layers_go_when_they_matter_least():
                          torch.full((128,), 1e3, dtype=torch.float64))
     scores.heads[1] = 0.0
     scores.ffn[1] = 0.0  # layer 1 contributes nothing
-    new, moves = solve(shape, masks, scores, shape.parameter_count(masks) - 1000, c)
+    per_layer = 2 * 4 * 32 * 128 + 2 * 32 * 128 * 2 + 3 * 384 * 128 + 2 * 128
+    # a target one layer below: a smaller one would make the layer overshoot by more than a hidden unit
+    new, moves = solve(shape, masks, scores, shape.parameter_count(masks) - per_layer, c)
     assert moves[0]["type"] == "layers" and moves[0]["layers"] == [1]
     assert not bool(new.layers[1]) and not bool(new.heads[1].any()) and not bool(new.ffn[1].any())
     assert check_constraints(shape, new, c) == []
     # the removed layer's parameters and norms are gone from the count
-    per_layer = 2 * 4 * 32 * 128 + 2 * 32 * 128 * 2 + 3 * 384 * 128 + 2 * 128
     assert shape.parameter_count(masks) - shape.parameter_count(new) == per_layer

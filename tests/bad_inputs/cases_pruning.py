@@ -1,0 +1,22 @@
+"""Bad pruning flags to training (`python -m pretrain --prune-...`): refused before any model is built."""
+
+from __future__ import annotations
+
+from tests.bad_inputs.harness import BadInput, python
+
+
+def _prune(f, *extra: str) -> list[str]:
+    return python("-m", "pretrain", "--model", "debug", "--seq-length", "32",
+                  "--data-path", f.dataset, "--tokenizer-model", f.tokenizer, "--split", "98,2,0",
+                  "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2",
+                  "--prune-target-ratio", "0.7", *extra)
+
+
+CASES = [
+    BadInput("pruning-max-step-fraction-zero", lambda d, f: _prune(f, "--prune-max-step-fraction", "0"),
+             message=r"--prune-max-step-fraction must be in \(0, 1\]"),
+    BadInput("pruning-loss-jump-warn-negative", lambda d, f: _prune(f, "--prune-loss-jump-warn", "-1"),
+             message=r"--prune-loss-jump-warn must be positive"),
+    BadInput("pruning-allocation-unknown", lambda d, f: _prune(f, "--prune-allocation", "greedy"),
+             message=r"--prune-allocation.*invalid choice"),
+]

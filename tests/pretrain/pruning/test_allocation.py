@@ -1,0 +1,215 @@
+"""Issue 21: saliency that holds on real pretrained models.
+
+* a hidden channel whose embedding signal sits on a few rows (the tokens one batch holds) is not
+  ranked as cheap;
+* one event never removes more than the cap, and overshoots the target by at most the cheapest
+  unit that can still move;
+* ``proportional`` allocation prunes every type by the same fraction.
+"""
+
+import pytest
+import torch
+
+from pretrain.pruning.masks import GroupMasks, ModelShape
+from pretrain.pruning.saliency import Table, reduce_table
+from pretrain.pruning.solver import GroupScores, SolverConstraints, check_constraints, solve
+
+# a large-vocabulary model in miniature: the embedding holds most of a hidden channel's parameters
+BIG_VOCAB = ModelShape(num_layers=2, hidden=64, num_heads=4, num_groups=2, head_dim=16, ffn=128, vocab=4096,
+                       tied=True)
+
+
+def _uniform_partial_table(shape: ModelShape, per_param: float, seen_rows: int) -> Table:
+    """A partial table whose every group scores ``per_param`` per parameter that got a signal; a
+    hidden channel's embedding got one only on ``seen_rows`` of its rows."""
+    full = shape.full_masks()
+    h = shape.hidden
+    table = Table.zeros(shape, with_embedding=True)
+    table.heads[:] = per_param * shape.group_cost(h)
+    table.ffn[:] = per_param * shape.ffn_channel_cost(h)
+    table.hidden[:] = per_param * (shape.hidden_channel_cost(full) - shape.vocab)  # layers and norms
+    table.embedding[:] = per_param * seen_rows
+    table.embedding_signal[:] = seen_rows
+    return table
+
+
+def test_hidden_channel_with_signal_on_few_embedding_rows_is_not_ranked_cheap():
+    shape = BIG_VOCAB
+    table = reduce_table(_uniform_partial_table(shape, 1.0, seen_rows=20), shape, signed=False)
+    full = shape.full_masks()
+    # the unseen 4,076 rows are scored at the seen rows' mean: one per parameter, like every group
+    assert torch.allclose(table.hidden / shape.hidden_channel_cost(full), torch.ones(shape.hidden, dtype=torch.float64))
+    # heads and FFN slightly cheaper per parameter: they go, not the hidden channels
+    scores = GroupScores(table.heads * 0.9, table.ffn * 0.9, table.hidden)
+    target = int(shape.parameter_count(full) * 0.7)
+    _, moves = solve(shape, full, scores, target, SolverConstraints(align=8))
+    assert moves[0]["type"] != "hidden"
+    # the unfolded sum (what the table held before) made every hidden channel look 4x cheaper
+    raw = _uniform_partial_table(shape, 1.0, seen_rows=20)
+    raw_per_param = float((raw.hidden + raw.embedding)[0]) / shape.hidden_channel_cost(full)
+    assert raw_per_param < 0.3
+    _, raw_moves = solve(shape, full, GroupScores(scores.heads, scores.ffn, raw.hidden + raw.embedding),
+                         target, SolverConstraints(align=8))
+    assert raw_moves[0]["type"] == "hidden"
+
+
+def test_embedding_rows_without_signal_do_not_change_a_fully_seen_table():
+    shape = BIG_VOCAB
+    table = reduce_table(_uniform_partial_table(shape, 2.0, seen_rows=shape.vocab), shape, signed=False)
+    assert torch.allclose(table.hidden / shape.hidden_channel_cost(shape.full_masks()),
+                          torch.full((shape.hidden,), 2.0, dtype=torch.float64))
+
+
+def _random_scores(shape, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return GroupScores(torch.rand(shape.num_layers, shape.num_groups, generator=gen, dtype=torch.float64),
+                       torch.rand(shape.num_layers, shape.ffn, generator=gen, dtype=torch.float64),
+                       torch.rand(shape.hidden, generator=gen, dtype=torch.float64))
+
+
+def test_one_event_never_removes_more_than_the_cap():
+    shape = ModelShape(num_layers=4, hidden=128, num_heads=4, num_groups=2, head_dim=32, ffn=384, vocab=1024,
+                       tied=True)
+    full = shape.full_masks()
+    # the largest unit: one query group in every layer (uniform)
+    largest_unit = shape.num_layers * shape.group_cost(shape.hidden)
+    for seed, cap in enumerate((0.02, 0.05, 0.1, 0.3)):
+        for granularity in ("per-layer", "uniform"):
+            c = SolverConstraints(align=8, granularity=granularity, max_step_fraction=cap)
+            masks = full
+            target = int(shape.parameter_count(masks) * 0.4)
+            for _ in range(6):  # successive events towards a far target
+                before = shape.parameter_count(masks)
+                new, moves = solve(shape, masks, _random_scores(shape, seed), target, c)
+                removed = before - shape.parameter_count(new)
+                assert removed <= cap * before, (cap, granularity, removed, before)
+                if cap * before >= largest_unit and before > target:  # any unit fits: progress
+                    assert removed > 0
+                assert check_constraints(shape, new, c) == []
+                masks = new
+
+
+def test_overshoot_is_bounded_by_the_cheapest_unit_that_can_move():
+    shape = BIG_VOCAB
+    full = shape.full_masks()
+    c = SolverConstraints(align=8)
+    ffn_unit = c.ffn_unit() * shape.ffn_channel_cost(shape.hidden)  # the cheapest unit here
+    hidden_unit = c.hidden_unit() * shape.hidden_channel_cost(full)
+    assert hidden_unit > 10 * ffn_unit
+    # hidden channels score lowest per parameter, but the target is one FFN unit away: a hidden
+    # unit would overshoot by ~30,000 parameters, so FFN units close the gap instead
+    scores = GroupScores(torch.ones(2, 2, dtype=torch.float64), torch.ones(2, 128, dtype=torch.float64),
+                         torch.full((64,), 1e-9, dtype=torch.float64))
+    target = shape.parameter_count(full) - ffn_unit // 2
+    new, moves = solve(shape, full, scores, target, c)
+    params = shape.parameter_count(new)
+    assert [m["type"] for m in moves] == ["ffn"]
+    assert target - ffn_unit <= params <= target
+    # far from the target the cheap hidden channels go first, and the last unit still lands within
+    # one cheapest unit of the target
+    target = shape.parameter_count(full) - 2 * hidden_unit - ffn_unit // 2
+    new, moves = solve(shape, full, scores, target, c)
+    assert moves[0]["type"] == "hidden"
+    assert target - ffn_unit <= shape.parameter_count(new) <= target
+
+
+def test_proportional_allocation_prunes_every_type_by_the_same_fraction():
+    shape = ModelShape(num_layers=4, hidden=128, num_heads=8, num_groups=8, head_dim=16, ffn=512, vocab=256,
+                       tied=True)
+    full = shape.full_masks()
+    # scores that would make the global ranking take only FFN channels
+    scores = GroupScores(torch.ones(4, 8, dtype=torch.float64), torch.full((4, 512), 1e-6, dtype=torch.float64),
+                         torch.ones(128, dtype=torch.float64))
+    target = int(shape.parameter_count(full) * 0.6)
+    glob, _ = solve(shape, full, scores, target, SolverConstraints(align=8))
+    assert bool(glob.heads.all()) and bool(glob.hidden.all())
+    prop, _ = solve(shape, full, scores, target, SolverConstraints(align=8, allocation="proportional"))
+    kept = [float(prop.heads.float().mean()), float(prop.ffn.float().mean()), float(prop.hidden.float().mean())]
+    # each type within one unit of the others: heads 1/8, FFN 8/512, hidden 8/128
+    assert max(kept) - min(kept) <= 1 / 8 + 1e-9, kept
+    assert min(kept) < 1.0
+
+
+def embedding_heavy_worker(data, ratio):
+    """Train a tiny model whose (untied) embeddings are most of its parameters, score its last two
+    steps (element-form Taylor), then prune it one-shot with each allocation."""
+    import dataclasses
+
+    from pretrain.model import unwrap
+    from pretrain.pruning.masks import build_local_masks
+    from pretrain.train import run
+    from tests.pretrain.common import debug_config
+
+    iters, tokens_per_step = 150, 8 * 64
+    cfg = debug_config(data, iters=iters, num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                       ffn_hidden_size=128, untie_embeddings_and_output_weights=True)
+    cfg.train = dataclasses.replace(cfg.train, log_interval=10**6)
+    # the last two steps score; no event fires inside the run
+    cfg.prune = dataclasses.replace(cfg.prune, target_ratio=ratio, start_tokens=(iters - 2) * tokens_per_step,
+                                    end_tokens=10**12, interval=10**9, taylor_form="element")
+    summary = run(cfg)
+    pruner = next(c for c in summary["trainer"].callbacks if c.name == "pruning")
+    chunks = summary["trainer"].model_chunks
+    model = unwrap(chunks[0])
+    model.eval()
+    batch = _last_sequences(data["prefix"], count=16, length=65)
+    parent = {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None}
+    shape, table = pruner.shape, pruner.ema
+    out = {"embedding_share": shape.vocab * shape.hidden * 2 / shape.parameter_count(shape.full_masks())}
+    for allocation in ("global", "proportional"):
+        full = shape.full_masks()
+        masks, _ = solve(shape, full, GroupScores(table.heads, table.ffn, table.hidden),
+                         int(shape.parameter_count(full) * ratio), SolverConstraints(align=8, allocation=allocation))
+        model.load_state_dict(parent, strict=False)
+        build_local_masks(chunks, masks, shape).apply_to_weights()
+        with torch.no_grad():
+            tokens, labels = batch[:, :-1], batch[:, 1:]
+            out[allocation] = float(model(tokens, torch.arange(64).expand_as(tokens), None, labels=labels).mean())
+        out[f"{allocation}_kept"] = [float(getattr(masks, k).float().mean()) for k in ("heads", "ffn", "hidden")]
+    return out
+
+
+def _last_sequences(prefix: str, count: int, length: int) -> torch.Tensor:
+    """The corpus's last tokens (its validation split's end) as ``count`` sequences."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    tokens = np.concatenate([ds[i] for i in range(max(0, len(ds) - 60), len(ds))]).astype(np.int64)
+    return torch.from_numpy(tokens[-count * length:]).view(count, length)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 21, open: on this barely trained model (150 steps, loss 5.26) every estimator ranks the "
+    "FFN channels cheapest and a one-shot global prune to 50% keeps 6% of them: 6.10-6.13 against "
+    "proportional's 5.79-5.81. A within-event correction (saliency x kept-at-start / kept-now) made "
+    "it pass but cost 2.7 nats on SmolLM2 at 70% (bench/saliency_real.py), so it is not in"))
+def test_global_allocation_is_no_worse_than_proportional_on_an_embedding_heavy_model(tiny_dataset):
+    from tests.dist_helper import run_distributed
+
+    res = run_distributed(embedding_heavy_worker, 1, tiny_dataset, 0.5)[0]
+    assert res["embedding_share"] > 0.5, res
+    # seed 7, one data order; 0.02 nats covers float summation order, not a real difference
+    assert res["global"] <= res["proportional"] + 0.02, res
+
+
+def test_a_loss_jump_after_an_event_is_recorded_logged_and_warned(capsys):
+    from types import SimpleNamespace
+
+    from pretrain.config import PruneConfig
+    from pretrain.pruning.callback import PruningCallback
+
+    logged = []
+    logger = SimpleNamespace(name="logging", log_scalar=lambda tag, value, step: logged.append((tag, value, step)))
+    trainer = SimpleNamespace(callbacks=[logger])
+    pruner = PruningCallback(PruneConfig(target_ratio=0.5, loss_jump_warn=0.5), BIG_VOCAB, 1, 64, 8, 10**6)
+    for event, before, after, warned in ((10, 3.81, 4.98, True), (20, 4.0, 4.2, False)):
+        pruner.history.append({"iteration": event})
+        pruner._loss_before_event = (event, before)
+        pruner._check_loss_jump(trainer, event + 1, after)
+        record = pruner.history[-1]
+        assert abs(record["loss_jump"] - (after - before)) < 1e-9 and record["loss_jump_warning"] is warned
+        assert logged[-1][0] == "pruning/loss_jump" and logged[-1][2] == event
+        assert ("WARNING: the loss rose by" in capsys.readouterr().out) is warned
+    pruner._check_loss_jump(trainer, 30, 9.0)  # no event just before: nothing to compare
+    assert len(logged) == 2
