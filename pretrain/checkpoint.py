@@ -385,22 +385,10 @@ def _make_save_helpers_die_with_us() -> None:
     from torch import multiprocessing as mp
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    from pretrain.distributed import die_with_parent
+
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """In the manager process: ask Linux for SIGKILL when the parent dies; exit if it already did."""
-    import ctypes
-    import signal
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the manager outlives a killed parent, as before
-        return
-    if os.getppid() != parent_pid:
-        os._exit(0)
 
 
 def publish_checkpoint(root: str, iteration: int, tmp: str, world_size: int = 1,

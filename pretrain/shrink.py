@@ -367,4 +367,5 @@ def _shrunk_pruning_state(pruning: dict, masks, params_after: int) -> dict:
         ema = {"heads": _packed_rows(ema["heads"][alive], masks.heads[alive], g_max),
                "ffn": _packed_rows(ema["ffn"][alive], masks.ffn[alive], f_max),
                "hidden": ema["hidden"][masks.hidden]}
-    return {**pruning, "masks": new_masks.state_dict(), "ema": ema, "shrunk_at_params": params_after}
+    return {**pruning, "masks": new_masks.state_dict(), "ema": ema, "shrunk_at_params": params_after,
+            "shrink_requested_at": None}  # done: a run resumed from here must not shrink again

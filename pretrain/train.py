@@ -47,6 +47,9 @@ def _steps_per_second(history: list, last: bool) -> float:
 def _print_shrink_speedup(segments: list) -> None:
     from pretrain.distributed import print_rank0
 
+    segments = [s for s in segments if s["tokens_per_second"]["end"] > 0]  # a resumed shrink trains no step first
+    if len(segments) < 2:
+        return
     base = segments[0]["tokens_per_second"]["end"]
     for i, seg in enumerate(segments[1:], 1):
         now = seg["tokens_per_second"]["start"]
@@ -57,10 +60,11 @@ def _print_shrink_speedup(segments: list) -> None:
 def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     """Save, rewrite the checkpoint into the smaller model (rank 0), continue from it."""
     import dataclasses
+    import functools
     import subprocess
 
     from pretrain.checkpoint import iteration_dir
-    from pretrain.distributed import print_rank0, single_process_environment
+    from pretrain.distributed import die_with_parent, print_rank0, single_process_environment
 
     trainer = summary["trainer"]
     checkpointer = next(c for c in trainer.callbacks if c.name == "checkpoint")
@@ -86,7 +90,9 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
         # --overwrite: a resumed run that shrinks at the same step again rewrites its own target
         proc = subprocess.run([sys.executable, tool, "--load", source, "--save", target, "--shrink", "--overwrite",
                                *layout],
-                              env=env, capture_output=True, text=True)
+                              env=env, capture_output=True, text=True,
+                              # killed with this rank, or a restarted run would race it for `target`
+                              preexec_fn=functools.partial(die_with_parent, os.getpid()))
         output = proc.stdout + proc.stderr
         ok[0] = 1.0 if proc.returncode == 0 else 0.0
         print(next((line for line in proc.stdout.splitlines() if line.startswith("wrote")), output[-2000:]),
@@ -109,7 +115,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
 
     from pretrain import checkpoint as ckpt
     from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
-    from pretrain.data import MicroBatchIterator, build_datasets, load_tokenizer
+    from pretrain.data import MicroBatchIterator, build_datasets, check_datasets, load_tokenizer
     from pretrain.distributed import init_distributed, launch_environment, print_rank0, set_random_seed
     from pretrain.init import deterministic_init
     from pretrain.model import build_model, check_activation_memory, unwrap
@@ -126,6 +132,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
     vocab_size = checkpoint_vocab(peeked, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
     layout = init_distributed(tp, pp)
+    if tokenizer is not None and not cfg.data.mock_data:
+        check_datasets(cfg.data, tokenizer)  # before anything heavy is built
     set_random_seed(cfg.train.seed)
     dp = layout["dp_size"]
     total_iters = cfg.train.total_iters(cfg.model.seq_length)

@@ -72,6 +72,9 @@ class PruningCallback(Callback):
         self._pending_local_state: dict | None = None
         self.shrunk_at_params: int | None = None  # parameter count at the last in-run shrink
         self.shrink_points_done: list = []
+        # the iteration whose checkpoint was saved for an in-run shrink; the shrink tool clears it
+        # in the shrunk checkpoint, so a run resumed from the unshrunk one knows to shrink first
+        self.shrink_requested_at: int | None = None
 
     # ------------------------------------------------------------------ schedule helpers
     def tokens_after(self, iteration: int) -> int:
@@ -101,6 +104,9 @@ class PruningCallback(Callback):
             self._load_local_state(self._pending_local_state)
             self._pending_local_state = None
         self._refresh_local(trainer)
+        if self.shrink_requested_at is not None and self.shrink_requested_at == trainer.state.iteration:
+            # resumed from the save made for a shrink that was interrupted: do that shrink first
+            trainer.request_stop("shrink")
 
     def _refresh_local(self, trainer) -> None:
         self.local = build_local_masks(trainer.model_chunks, self.masks, self.shape)
@@ -142,6 +148,7 @@ class PruningCallback(Callback):
             if self.current_params() < params_before:
                 self._loss_before_event = (it, metrics.loss)
         if self._shrink_due(tokens):
+            self.shrink_requested_at = it
             trainer.request_stop("shrink")
         params = self.current_params()
         ratios = self.kept_ratios()
@@ -272,6 +279,7 @@ class PruningCallback(Callback):
                 "ema_steps": self.ema_steps, "history": self.history,
                 "initial_params": self.initial_params, "final_params": self.final_params,
                 "shrunk_at_params": self.shrunk_at_params, "shrink_points_done": list(self.shrink_points_done),
+                "shrink_requested_at": self.shrink_requested_at,
                 "original": self.original}
 
     def load_state_dict(self, state: dict) -> None:
@@ -285,6 +293,7 @@ class PruningCallback(Callback):
         self.final_params = state.get("final_params", self.final_params)
         self.shrunk_at_params = state.get("shrunk_at_params")
         self.shrink_points_done = list(state.get("shrink_points_done", []))
+        self.shrink_requested_at = state.get("shrink_requested_at")
         self.original = state.get("original", self.original)
 
     def local_state_dict(self) -> dict:
