@@ -89,3 +89,14 @@ def test_nonfinite_steps_are_skipped_then_stop(tiny_dataset, tmp_path):
     # the step that broke the limit saved nothing
     state = read_trainer_state(find_checkpoint(str(tmp_path / "nan")))
     assert state["skipped_nonfinite_steps"] == 2
+
+
+def test_pruning_that_would_do_nothing_is_warned_about(tiny_dataset):
+    from pretrain.train import _pruning_warnings
+
+    cfg = _config(tiny_dataset, {**WINDOW, "start_tokens": 10**9, "end_tokens": 2 * 10**9})
+    counts = {"total": 919_000}
+    assert any("prunes nothing" in w for w in _pruning_warnings(cfg, counts, 10, None))
+    cfg = _config(tiny_dataset, {"target_params": 2_000_000, "start_tokens": 0, "end_tokens": 4096})
+    assert any("not below the model's" in w for w in _pruning_warnings(cfg, counts, 10, None))
+    assert _pruning_warnings(_config(tiny_dataset, WINDOW), counts, 10, None) == []
