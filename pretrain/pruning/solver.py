@@ -92,24 +92,25 @@ def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: Solv
     candidates = []
     alive = [l for l in range(shape.num_layers) if bool(new.layers[l])]
     layer_sets = [alive] if c.granularity == "uniform" else [[l] for l in alive]
+
+    def per_layer_units(kind: str, tie_break: int, kept, unit: int, minimum: int, type_scores, type_mask,
+                        unit_cost: int) -> None:
+        """One candidate per layer set: its ``unit`` least salient kept groups of ``kind``."""
+        for layers in layer_sets:
+            size = _unit_size(int(kept[layers[0]]), unit, minimum)
+            if size == 0 or any(int(kept[l]) != int(kept[layers[0]]) for l in layers):
+                continue
+            picks = [_lowest(type_scores[l], type_mask[l], size) for l in layers]
+            cost = len(layers) * size * unit_cost
+            score = float(sum(type_scores[l][p].double().sum() for l, p in zip(layers, picks)))
+            candidates.append((score / max(cost, 1), tie_break, layers[0], kind, layers, picks, cost))
+
     if "heads" in c.prune_types:
-        for layers in layer_sets:
-            size = _unit_size(int(groups_kept[layers[0]]), c.group_unit(), min_groups)
-            if size == 0 or any(int(groups_kept[l]) != int(groups_kept[layers[0]]) for l in layers):
-                continue
-            picks = [_lowest(scores.heads[l], new.heads[l], size) for l in layers]
-            cost = len(layers) * size * shape.group_cost(h_kept)
-            score = float(sum(scores.heads[l][p].double().sum() for l, p in zip(layers, picks)))
-            candidates.append((score / max(cost, 1), 0, layers[0], "heads", layers, picks, cost))
+        per_layer_units("heads", 0, groups_kept, c.group_unit(), min_groups, scores.heads, new.heads,
+                        shape.group_cost(h_kept))
     if "ffn" in c.prune_types:
-        for layers in layer_sets:
-            size = _unit_size(int(ffn_kept[layers[0]]), c.ffn_unit(), c.min_ffn)
-            if size == 0 or any(int(ffn_kept[l]) != int(ffn_kept[layers[0]]) for l in layers):
-                continue
-            picks = [_lowest(scores.ffn[l], new.ffn[l], size) for l in layers]
-            cost = len(layers) * size * shape.ffn_channel_cost(h_kept)
-            score = float(sum(scores.ffn[l][p].double().sum() for l, p in zip(layers, picks)))
-            candidates.append((score / max(cost, 1), 1, layers[0], "ffn", layers, picks, cost))
+        per_layer_units("ffn", 1, ffn_kept, c.ffn_unit(), c.min_ffn, scores.ffn, new.ffn,
+                        shape.ffn_channel_cost(h_kept))
     if "layers" in c.prune_types:
         kept_layers = torch.nonzero(new.layers).flatten()
         size = _unit_size(len(kept_layers), c.pipeline_parallel, c.min_layers)
