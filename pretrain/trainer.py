@@ -164,15 +164,17 @@ class Trainer:
 
     def _gradients_finite(self) -> bool:
         """Whether every rank's reduced gradients are finite (one flag all-reduced over the world)."""
-        finite = True
+        from pretrain.distributed import device
+
+        checks = []
         for chunk in self.model_chunks:
             for param in chunk.parameters():
                 grad = getattr(param, "main_grad", None)
                 grad = param.grad if grad is None else grad
-                if grad is not None and not bool(torch.isfinite(grad).all()):
-                    finite = False
-                    break
-        flag = torch.tensor([1.0 if finite else 0.0])
+                if grad is not None:
+                    checks.append(torch.isfinite(grad).all())
+        # one device-to-host sync for all parameters, not one each
+        flag = (torch.stack(checks).all() if checks else torch.tensor(True)).float().reshape(1).to(device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item() > 0)
