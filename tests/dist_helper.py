@@ -78,3 +78,17 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 900) -> list:
         if errors:
             raise AssertionError("\n".join(errors))
         return results
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a CLI run in a subprocess, as a user's shell would give it: this
+    repository importable, one thread per process, unbuffered output, and no launcher variables
+    inherited from the test process (a child would otherwise wait for ranks that never come)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1", **extra)
+    return env

@@ -13,7 +13,6 @@ case cheap: it should fail in seconds, before any training step where possible.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -48,13 +47,3 @@ def python(*args: str) -> list[str]:
 
 def tool(name: str, *args: str) -> list[str]:
     return [PYTHON, str(ROOT / "tools" / name), *args]
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["TORCHDYNAMO_DISABLE"] = "1"
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bad_inputs.harness import ROOT, BadInput, Fixtures, python, subprocess_env
+from tests.bad_inputs.harness import ROOT, BadInput, Fixtures, python
+from tests.dist_helper import subprocess_env
 
 
 def _all_cases() -> list[BadInput]:

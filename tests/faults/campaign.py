@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.dist_helper import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("step", "pruning", "save", "shrink")
 ITERS, SAVE_INTERVAL, PRUNE_INTERVAL = 14, 2, 2
@@ -67,14 +69,6 @@ class TrialResult:
     @property
     def ok(self) -> bool:
         return not self.differences and not self.leftovers and self.killed_rank is not None
-
-
-def _env(run_id: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(ROOT), **{MARKER: run_id})
-    return env
 
 
 def marked_processes(run_id: str) -> list[tuple[int, str]]:
@@ -156,7 +150,7 @@ def _attempt(cmd: list[str], env: dict, log, kill: tuple[str, float, random.Rand
 
 def run_to_completion(cmd: list[str], run_id: str, log_path: Path, kill=None, max_attempts: int = 6):
     """Attempts until one exits 0; the first may be killed. Returns (attempts, kill info, leftovers)."""
-    env, leftovers, killed = _env(run_id), [], (None, "")
+    env, leftovers, killed = subprocess_env(**{MARKER: run_id}), [], (None, "")
     with open(log_path, "a") as log:
         for attempt in range(1, max_attempts + 1):
             rc, rank, line = _attempt(cmd, env, log, kill if attempt == 1 else None)

@@ -20,6 +20,7 @@ import torch
 from pretrain import checkpoint as ckpt
 from pretrain.dcp_stream import DCPFormatError, OutTensor, read_dcp_metadata, write_lazily
 from pretrain.shrink import ShrinkError, _check_save_folder, _check_target_sizes
+from tests.dist_helper import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,12 +156,6 @@ def _train_command(data: dict, save: Path, *extra: str) -> list[str]:
             "--micro-batch-size", "2", "--global-batch-size", "2", "--save", str(save), *extra]
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @pytest.mark.slow
 def test_killed_rank_leaves_no_process_and_retention_keeps_the_save(tiny_dataset, tmp_path):
     """A real run saving every step with --keep-last 1 into a folder that holds a corrupt
@@ -172,7 +167,7 @@ def test_killed_rank_leaves_no_process_and_retention_keeps_the_save(tiny_dataset
     _flip_byte(_publish_fake(save, 50) / "model_optim" / "a.distcp")
     proc = subprocess.Popen(_train_command(tiny_dataset, save, "--train-iters", "100000", "--save-interval", "1",
                                            "--keep-last", "1"),
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines, saves = [], 0
     deadline = time.time() + 180
@@ -207,7 +202,7 @@ def test_full_disk_during_a_real_save(tiny_dataset, tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         done = subprocess.run(_train_command(tiny_dataset, mount / "ckpt", "--train-iters", "2"),
-                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+                              cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=180)
         out = done.stdout + done.stderr
         assert done.returncode != 0 and "Traceback" not in out, out[-3000:]
         assert "no space left on device while saving" in out, out[-3000:]

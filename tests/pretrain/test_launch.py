@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.dist_helper import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -15,8 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_torchrun_with_one_process_starts():
     """`torchrun --nproc-per-node 1` (a single-GPU user's first command) used to wait in
     init_process_group until the 30-minute timeout: its agent store had no server."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONPATH=ROOT)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "pretrain",
            "--model", "debug", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2",
            "--global-batch-size", "2", "--train-iters", "2", "--log-interval", "1"]
@@ -26,8 +27,7 @@ def test_torchrun_with_one_process_starts():
 
 
 def _start_training(tmp_path, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "pretrain", "--model", "debug", "--mock-data", "--seq-length", "32",
            "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "100000",
            "--log-interval", "1", *extra]
