@@ -75,6 +75,9 @@ class PruningCallback(Callback):
         # the iteration whose checkpoint was saved for an in-run shrink; the shrink tool clears it
         # in the shrunk checkpoint, so a run resumed from the unshrunk one knows to shrink first
         self.shrink_requested_at: int | None = None
+        # (event iteration, loss of the step that ended there): the next step's loss gives the
+        # jump; that event's line in pruning_history.jsonl is written once the jump is known
+        self._loss_before_event: tuple | None = None
 
     # ------------------------------------------------------------------ schedule helpers
     def tokens_after(self, iteration: int) -> int:
@@ -143,10 +146,14 @@ class PruningCallback(Callback):
                  and (it % self.cfg.interval == 0 or tokens >= self.end_tokens))
         self._check_loss_jump(trainer, it, metrics.loss)
         if event:
-            params_before = self.current_params()
+            params_before, records_before = self.current_params(), len(self.history)
             self.prune_event(trainer, it, tokens)
             if self.current_params() < params_before:
                 self._loss_before_event = (it, metrics.loss)
+            elif len(self.history) > records_before:
+                self._write_history_line(self.history[-1])  # nothing removed: no jump to wait for
+            if tokens >= self.end_tokens:
+                self._warn_if_target_missed()
         if self._shrink_due(tokens):
             self.shrink_requested_at = it
             trainer.request_stop("shrink")
@@ -162,8 +169,6 @@ class PruningCallback(Callback):
                 logger.log_scalar(f"pruning/kept_{k}", v, it)
 
     # ------------------------------------------------------------------ loss jump after an event (issue 21)
-    _loss_before_event: tuple | None = None  # (event iteration, loss of the step that ended there)
-
     def _check_loss_jump(self, trainer, iteration: int, loss: float) -> None:
         """The step after an event: record how much the loss rose; warn past --prune-loss-jump-warn."""
         if self._loss_before_event is None:
@@ -174,6 +179,7 @@ class PruningCallback(Callback):
         if self.history and self.history[-1]["iteration"] == event_iteration:
             self.history[-1].update({"loss_before": before, "loss_after": loss, "loss_jump": jump,
                                      "loss_jump_warning": bool(jump > self.cfg.loss_jump_warn)})
+            self._write_history_line(self.history[-1])
         logger = next((c for c in trainer.callbacks if c.name == "logging"), None)
         if logger is not None:
             logger.log_scalar("pruning/loss_jump", jump, event_iteration)
@@ -244,10 +250,6 @@ class PruningCallback(Callback):
             print(f"pruning at iteration {iteration}: {record['params'] / 1e6:.3f} M params "
                   f"(target {target / 1e6:.3f} M); kept heads {record['kept_heads']:.1%}, "
                   f"FFN {record['kept_ffn']:.1%}, hidden {record['kept_hidden']:.1%}", flush=True)
-            if self.log_dir:
-                os.makedirs(self.log_dir, exist_ok=True)
-                with open(os.path.join(self.log_dir, "pruning_history.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
         logger = next((c for c in trainer.callbacks if c.name == "logging"), None)
         if logger is not None:
             for k, v in record["mean_saliency"].items():
@@ -268,9 +270,30 @@ class PruningCallback(Callback):
         out["hidden"] = float(self.ema.hidden[kept].mean() / s.hidden_channel_cost(self.masks)) if kept.any() else 0.0
         return out
 
+    def _write_history_line(self, record: dict) -> None:
+        if self.log_dir and _rank0():
+            os.makedirs(self.log_dir, exist_ok=True)
+            with open(os.path.join(self.log_dir, "pruning_history.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _warn_if_target_missed(self) -> None:
+        """The window's last event: the solver reaches the target (overshooting by at most one
+        unit) unless the per-event cap or the floors stopped it; say so rather than end above it."""
+        if self.current_params() > self.final_params and _rank0():
+            print(f"WARNING: the pruning window ends at {self.current_params():,} parameters, above the target "
+                  f"{self.final_params:,}: the per-event cap (--prune-max-step-fraction "
+                  f"{self.cfg.max_step_fraction}) or the floors (--prune-min-*) stopped the last events. "
+                  "Prune over more events (a later --prune-end-tokens, a smaller --prune-interval), "
+                  "raise the cap or lower the floors", flush=True)
+
     def on_train_end(self, trainer) -> None:
         if self.estimator is not None:
             self.estimator.remove_hooks()
+        if self._loss_before_event is not None and trainer.state.iteration >= trainer.total_iters:
+            # the run ends right after an event: no step will give its jump (a run that stopped
+            # early keeps it pending in the checkpoint, and the resumed run writes the line)
+            self._loss_before_event = None
+            self._write_history_line(self.history[-1])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -280,6 +303,7 @@ class PruningCallback(Callback):
                 "initial_params": self.initial_params, "final_params": self.final_params,
                 "shrunk_at_params": self.shrunk_at_params, "shrink_points_done": list(self.shrink_points_done),
                 "shrink_requested_at": self.shrink_requested_at,
+                "loss_before_event": self._loss_before_event,
                 "original": self.original}
 
     def load_state_dict(self, state: dict) -> None:
@@ -294,6 +318,8 @@ class PruningCallback(Callback):
         self.shrunk_at_params = state.get("shrunk_at_params")
         self.shrink_points_done = list(state.get("shrink_points_done", []))
         self.shrink_requested_at = state.get("shrink_requested_at")
+        pending = state.get("loss_before_event")
+        self._loss_before_event = tuple(pending) if pending is not None else None
         self.original = state.get("original", self.original)
 
     def local_state_dict(self) -> dict:
