@@ -221,8 +221,9 @@ def checkpoint_model_values(saved: ModelConfig, given: dict, sources: dict, fold
     for name, value in given.items():
         if name in _SHAPE_FIELDS:
             if check_agreement and value != _effective(saved, name):
+                label = name.replace("_", "-")
                 raise ConfigError(
-                    f"{sources[name]} gives {name.replace('_', '-')} {value}, but the checkpoint {folder} has "
+                    f"{sources[name]} says {label} {value}, but the checkpoint {folder} (--load) has {label} "
                     f"{_effective(saved, name)}: drop the shape flags to take the checkpoint's shape, or "
                     "--load another checkpoint")
         elif not sources[name].startswith("--model "):
