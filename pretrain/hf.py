@@ -113,15 +113,16 @@ def _tmp_folder(save: str) -> str:
     return tmp
 
 
-def _export_tokenizer(cfg: PretrainConfig, tokenizer_model: str | None, tmp: str):
-    from data_prep.tokenizers import TokenizerError, build_tokenizer
+def _export_tokenizer(weights: FullWeights, tokenizer_model: str | None, tmp: str):
+    from data_prep.tokenizers import TokenizerError, build_tokenizer, infer_tokenizer_type
 
-    data = cfg.data
-    if data.tokenizer_type == "NullTokenizer" or not (tokenizer_model or data.tokenizer_model):
+    cfg = weights.config
+    recorded = checkpoint_tokenizer(weights.folder, weights.trainer_state)
+    if cfg.data.tokenizer_type == "NullTokenizer" or not (tokenizer_model or recorded):
         return None, {}
-    path = tokenizer_model or data.tokenizer_model
+    tokenizer_type, path = (infer_tokenizer_type(tokenizer_model), tokenizer_model) if tokenizer_model else recorded
     try:
-        tokenizer = build_tokenizer(data.tokenizer_type, path)
+        tokenizer = build_tokenizer(tokenizer_type, path)
     except TokenizerError as err:
         raise ConversionError(f"{err} (the checkpoint's tokenizer; pass --tokenizer-model to point at it, "
                               "or --no-tokenizer)") from None
@@ -249,7 +250,7 @@ def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | 
     cfg, model = weights.config, weights.config.model
     tmp = _tmp_folder(save)
     try:
-        tokenizer, special_ids = _export_tokenizer(cfg, tokenizer_model, tmp) if export_tokenizer else (None, {})
+        tokenizer, special_ids = _export_tokenizer(weights, tokenizer_model, tmp) if export_tokenizer else (None, {})
         imported = weights.trainer_state.get("imported_from") or {}
         # the real vocabulary: the padding rows megatron adds for TP are not part of the model
         # (an imported model keeps its own vocabulary, which may have rows its tokenizer never uses)
