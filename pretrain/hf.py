@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import shutil
@@ -153,17 +154,23 @@ def hf_config_dict(model: ModelConfig, vocab: int, special_ids: dict, dtype: tor
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
         attention_bias=False, mlp_bias=False, torch_dtype=dtype, **special_ids,
     )
+    # transformers 5 refuses a Llama config whose hidden size is not a multiple of its heads, even
+    # with head_dim given; a hidden-pruned model's often is not: it goes out as our remote-code
+    # class, whose config accepts it (the stock config is built with a stand-in width)
+    remote = bool(model.layer_shapes) or model.hidden_size % model.num_attention_heads != 0
+    if remote:
+        kwargs["hidden_size"] = model.num_attention_heads * math.ceil(model.hidden_size / model.num_attention_heads)
     rope_scaling = None
     if model.use_rope_scaling:
         rope_scaling = {"rope_type": "llama3", "factor": float(model.rope_scaling_factor), **_LLAMA3_ROPE}
         kwargs["rope_scaling"] = rope_scaling
-    if model.add_qkv_bias and not model.layer_shapes and model.head_dim * model.num_attention_heads == model.hidden_size:
+    if model.add_qkv_bias and not remote and model.head_dim * model.num_attention_heads == model.hidden_size:
         # Qwen2 (q/k/v biases; its readers take the head size as hidden / heads)
         for key in ("head_dim", "attention_bias", "mlp_bias"):
             kwargs.pop(key)
         config = Qwen2Config(**kwargs, use_sliding_window=False).to_dict()
         config["architectures"] = ["Qwen2ForCausalLM"]
-    elif model.add_qkv_bias and not model.layer_shapes:
+    elif model.add_qkv_bias and not remote:
         # pruned heads: another head size. A stock Llama with attention_bias (q/k/v and o_proj
         # biases; the o_proj biases are written as zeros) computes exactly this model
         kwargs["attention_bias"] = True
@@ -176,13 +183,14 @@ def hf_config_dict(model: ModelConfig, vocab: int, special_ids: dict, dtype: tor
     config["rope_theta"] = model.rotary_base
     if rope_scaling:
         config["rope_scaling"] = rope_scaling
-    if model.layer_shapes:
+    if remote:
+        config["hidden_size"] = model.hidden_size
         config["qkv_bias"] = model.add_qkv_bias
         config["model_type"] = "pruned_llama"
         config["architectures"] = ["PrunedLlamaForCausalLM"]
         config["layer_shapes"] = [
             {"num_attention_heads": s["num_attention_heads"], "num_key_value_heads": s["num_query_groups"],
-             "intermediate_size": s["ffn_hidden_size"]} for s in model.layer_shapes]
+             "intermediate_size": s["ffn_hidden_size"]} for s in model.layer_shapes] if model.layer_shapes else None
         config["auto_map"] = {"AutoConfig": "configuration_pruned_llama.PrunedLlamaConfig",
                               "AutoModelForCausalLM": "modeling_pruned_llama.PrunedLlamaForCausalLM"}
     return config
@@ -262,7 +270,7 @@ def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | 
         config = hf_config_dict(model, vocab, special_ids, torch_dtype)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        if model.layer_shapes:
+        if config["model_type"] == "pruned_llama":
             for file in ("configuration_pruned_llama.py", "modeling_pruned_llama.py"):
                 shutil.copyfile(os.path.join(_REMOTE_CODE, file), os.path.join(tmp, file))
         generation = {k: v for k, v in special_ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
