@@ -191,10 +191,9 @@ def _given_model_values(args: argparse.Namespace) -> tuple[dict, dict]:
     for name in _MODEL_FIELDS:
         if getattr(args, name) is not None:
             values[name], sources[name] = getattr(args, name), "--" + name.replace("_", "-")
-    for name, flag in (("untie_embeddings_and_output_weights", "untie_embeddings_and_output_weights"),
-                       ("add_qkv_bias", "add_qkv_bias"), ("use_rope_scaling", "use_rope_scaling")):
-        if getattr(args, flag):
-            values[name], sources[name] = True, "--" + flag.replace("_", "-")
+    for name in ("untie_embeddings_and_output_weights", "add_qkv_bias", "use_rope_scaling"):  # store_true flags
+        if getattr(args, name):
+            values[name], sources[name] = True, "--" + name.replace("_", "-")
     return values, sources
 
 
