@@ -155,15 +155,44 @@ class NullTokenizer(TextTokenizer):
         return " ".join(str(int(i)) for i in ids)
 
 
+_SENTENCEPIECE_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer")
+
+
+def is_hf_tokenizer_path(path: str | None) -> bool:
+    """A HuggingFace tokenizer: a folder holding ``tokenizer.json``, or a ``.json`` file."""
+    if not path:
+        return False
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "tokenizer.json"))
+    return path.endswith(".json")
+
+
+def infer_tokenizer_type(tokenizer_model: str | None) -> str:
+    """The --tokenizer-type a --tokenizer-model path implies when no type is given."""
+    return "HuggingFaceTokenizer" if is_hf_tokenizer_path(tokenizer_model) else "GPTSentencePieceTokenizer"
+
+
+def _sentencepiece_file(path: str | None) -> str | None:
+    """A folder holding a Llama-2-style ``tokenizer.model`` stands for that file."""
+    if path and os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.model")):
+        return os.path.join(path, "tokenizer.model")
+    return path
+
+
 def build_tokenizer(
     tokenizer_type: str,
     tokenizer_model: str | None = None,
     vocab_size: int | None = None,
     eod_id: int | None = None,
 ) -> TextTokenizer:
-    """Build a tokenizer by Megatron-LM type name; raises TokenizerError with a clear message."""
-    if tokenizer_type in ("GPTSentencePieceTokenizer", "SentencePieceTokenizer"):
-        tok: TextTokenizer = SentencePieceTokenizer(tokenizer_model, name=tokenizer_type)
+    """Build a tokenizer by Megatron-LM type name; raises TokenizerError with a clear message.
+
+    A sentencepiece type given a HuggingFace tokenizer (folder or ``tokenizer.json``) reads it as
+    ``HuggingFaceTokenizer``: the path says what it is, and one flag then works for both kinds."""
+    if tokenizer_type in _SENTENCEPIECE_TYPES and is_hf_tokenizer_path(tokenizer_model):
+        tokenizer_type = "HuggingFaceTokenizer"
+    if tokenizer_type in _SENTENCEPIECE_TYPES:
+        tok: TextTokenizer = SentencePieceTokenizer(_sentencepiece_file(tokenizer_model), name=tokenizer_type)
     elif tokenizer_type == "HuggingFaceTokenizer":
         tok = HuggingFaceTokenizer(tokenizer_model, eod_id=eod_id)
     elif tokenizer_type == "NullTokenizer":

@@ -83,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=[], help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
     g.add_argument("--split", default="969,30,1")
-    g.add_argument("--tokenizer-type", default="GPTSentencePieceTokenizer")
-    g.add_argument("--tokenizer-model")
+    g.add_argument("--tokenizer-type", help="default: the --load checkpoint's, else HuggingFaceTokenizer for a "
+                   "HF folder or tokenizer.json, else GPTSentencePieceTokenizer")
+    g.add_argument("--tokenizer-model", help="a sentencepiece model, a HF tokenizer folder or a tokenizer.json; "
+                   "default: the tokenizer recorded in the --load checkpoint")
     g.add_argument("--null-vocab-size", type=int, help="vocabulary of NullTokenizer")
     g.add_argument("--mock-data", action="store_true", help="synthetic data (no --data-path)")
     g.add_argument("--data-cache-path")
@@ -176,24 +178,92 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    model_values = dict(MODEL_PRESETS[args.model]) if args.model else {}
+# what the weights' shapes depend on: a --load checkpoint's values win, and flags must agree
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                 "kv_channels", "untie_embeddings_and_output_weights", "add_qkv_bias")
+_REQUIRED_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
+
+
+def _given_model_values(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(values, where each came from: '--model P' or the flag) from the preset and explicit flags."""
+    values = dict(MODEL_PRESETS[args.model]) if args.model else {}
+    sources = {name: f"--model {args.model}" for name in values}
     for name in _MODEL_FIELDS:
-        value = getattr(args, name)
-        if value is not None:
-            model_values[name] = value
-    if args.untie_embeddings_and_output_weights:
-        model_values["untie_embeddings_and_output_weights"] = True
-    if args.add_qkv_bias:
-        model_values["add_qkv_bias"] = True
-    if args.use_rope_scaling:
-        model_values["use_rope_scaling"] = True
-    missing = [n for n in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
-               if n not in model_values]
+        if getattr(args, name) is not None:
+            values[name], sources[name] = getattr(args, name), "--" + name.replace("_", "-")
+    for name in ("untie_embeddings_and_output_weights", "add_qkv_bias", "use_rope_scaling"):  # store_true flags
+        if getattr(args, name):
+            values[name], sources[name] = True, "--" + name.replace("_", "-")
+    return values, sources
+
+
+def peek_checkpoint(load: str | None) -> tuple[str, dict] | None:
+    """(folder, trainer state) of the checkpoint under ``load``, or None when there is none yet."""
+    from pretrain import checkpoint as ckpt
+
+    folder = ckpt.find_checkpoint(load) if load else None
+    return None if folder is None else (folder, ckpt.read_trainer_state(folder))
+
+
+def _effective(model: ModelConfig, name: str):
+    return {"num_query_groups": model.query_groups, "kv_channels": model.head_dim}.get(name, getattr(model, name))
+
+
+def checkpoint_model_values(saved: ModelConfig, given: dict, sources: dict, folder: str,
+                            check_agreement: bool) -> dict:
+    """The model of a --load checkpoint, with the given non-shape values (sequence length, RoPE
+    base, ...) on top. A given shape value that differs from the checkpoint's is refused: the
+    weights could not load into it (a preset's non-shape values are the checkpoint's business)."""
+    import dataclasses
+
+    values = dataclasses.asdict(saved)
+    for name, value in given.items():
+        if name in _SHAPE_FIELDS:
+            if check_agreement and value != _effective(saved, name):
+                label = name.replace("_", "-")
+                raise ConfigError(
+                    f"{sources[name]} says {label} {value}, but the checkpoint {folder} (--load) has {label} "
+                    f"{_effective(saved, name)}: drop the shape flags to take the checkpoint's shape, or "
+                    "--load another checkpoint")
+        elif not sources[name].startswith("--model "):
+            values[name] = value
+    return values
+
+
+def _model_values(args: argparse.Namespace, peeked: tuple[str, dict] | None) -> dict:
+    given, sources = _given_model_values(args)
+    if peeked is not None:
+        folder, state = peeked
+        # a shrunk checkpoint is smaller than the flags of the run that made it, which describe its parent;
+        # --use-checkpoint-args takes the checkpoint's shape whatever the flags say
+        check = not (args.use_checkpoint_args or state.get("shrink_history"))
+        return checkpoint_model_values(PretrainConfig.from_dict(state["config"]).model, given, sources, folder, check)
+    missing = [n for n in _REQUIRED_SHAPE if n not in given]
     if missing:
         raise ConfigError(
             "the model shape is incomplete: give --model PRESET or "
-            + ", ".join("--" + n.replace("_", "-") for n in missing))
+            + ", ".join("--" + n.replace("_", "-") for n in missing)
+            + (f" (--load {args.load} holds no checkpoint to take it from)" if args.load else ""))
+    return given
+
+
+def _tokenizer_values(args: argparse.Namespace, peeked: tuple[str, dict] | None) -> tuple[str, str | None]:
+    """(--tokenizer-type, --tokenizer-model): the flags, else the --load checkpoint's recorded tokenizer."""
+    from data_prep.tokenizers import infer_tokenizer_type
+    from pretrain.hf import checkpoint_tokenizer
+
+    model = args.tokenizer_model
+    if model is None and peeked is not None and not args.mock_data and args.tokenizer_type != "NullTokenizer":
+        recorded = checkpoint_tokenizer(*peeked)
+        if recorded is not None:
+            return args.tokenizer_type or recorded[0], recorded[1]
+    return args.tokenizer_type or infer_tokenizer_type(model), model
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    peeked = peek_checkpoint(args.load)
+    model_values = _model_values(args, peeked)
+    tokenizer_type, tokenizer_model = _tokenizer_values(args, peeked)
     return PretrainConfig(
         model=ModelConfig(**model_values),
         parallel=ParallelConfig(
@@ -202,8 +272,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
             use_distributed_optimizer=args.use_distributed_optimizer,
         ),
         data=DataConfig(
-            data_path=args.data_path, split=args.split, tokenizer_type=args.tokenizer_type,
-            tokenizer_model=args.tokenizer_model, vocab_size_for_null_tokenizer=args.null_vocab_size,
+            data_path=args.data_path, split=args.split, tokenizer_type=tokenizer_type,
+            tokenizer_model=tokenizer_model, vocab_size_for_null_tokenizer=args.null_vocab_size,
             mock_data=args.mock_data, data_cache_path=args.data_cache_path,
         ),
         optim=OptimConfig(

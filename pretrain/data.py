@@ -76,9 +76,39 @@ def check_datasets(data: DataConfig, tokenizer: TextTokenizer) -> None:
     path = getattr(tokenizer, "path", None)
     vocab_source = f"tokenizer {path}" if path else None
     prefixes, _ = data.blend()
-    problem = _decided_on_rank0(lambda: _dataset_problem(prefixes, tokenizer.vocab_size, vocab_source))
+    problem = _decided_on_rank0(lambda: _tokenizer_mismatch(prefixes, tokenizer)
+                                or _dataset_problem(prefixes, tokenizer.vocab_size, vocab_source))
     if problem:
         raise ConfigError(problem)
+
+
+def _tokenizer_mismatch(prefixes: list[str], tokenizer: TextTokenizer) -> str | None:
+    """The data's manifest names the tokenizer that made it (sha256, vocabulary): another one
+    would train on ids that mean other tokens, in silence (DESIGN invariant 9)."""
+    from data_prep.indexed_dataset import file_sha256, manifest_path, read_manifest
+
+    path = getattr(tokenizer, "path", None)
+    digest = None
+    for prefix in prefixes:
+        try:
+            manifest = read_manifest(prefix)
+        except DatasetError as err:
+            return f"--data-path: {err}"
+        if manifest is None:
+            continue
+        if manifest.vocab_size != tokenizer.vocab_size:
+            found = f"{manifest.vocab_size} tokens"
+        elif manifest.tokenizer_model_sha256 and path:
+            digest = digest or file_sha256(path)
+            if digest == manifest.tokenizer_model_sha256:
+                continue
+            found = f"another tokenizer file (sha256 {manifest.tokenizer_model_sha256[:12]}...)"
+        else:
+            continue
+        return (f"--data-path {prefix}: the data was made with {found} ({manifest_path(prefix)}), not with "
+                f"the tokenizer {path or tokenizer.name} ({tokenizer.vocab_size} tokens): give the tokenizer that "
+                "made the data (--tokenizer-model), or preprocess the data with this one")
+    return None
 
 
 def _dataset_problem(prefixes: list[str], vocab_size: int, vocab_source: str | None) -> str | None:

@@ -23,6 +23,7 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from data_prep.tokenizers import infer_tokenizer_type
     from pretrain import checkpoint as ckpt
     from pretrain.data import MicroBatchIterator, build_datasets, check_datasets, load_tokenizer
     from pretrain.distributed import init_distributed, launch_environment, set_random_seed
@@ -35,9 +36,13 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
         raise ConfigError(f"--load {load}: no valid checkpoint there")
     state = ckpt.read_trainer_state(folder)
     saved = PretrainConfig.from_dict(state["config"])
+    from pretrain.hf import checkpoint_tokenizer
+
+    recorded_type, recorded_model = checkpoint_tokenizer(folder, state) or (saved.data.tokenizer_type, None)
     data = DataConfig(data_path=list(data_path), split="0,0,100",
-                      tokenizer_type=tokenizer_type or saved.data.tokenizer_type,
-                      tokenizer_model=tokenizer_model or saved.data.tokenizer_model)
+                      tokenizer_type=tokenizer_type or (recorded_type if not tokenizer_model else
+                                                        infer_tokenizer_type(tokenizer_model)),
+                      tokenizer_model=tokenizer_model or recorded_model)
     data.validate()
     model_cfg = dataclasses.replace(saved.model, seq_length=seq_length or saved.model.seq_length)
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)

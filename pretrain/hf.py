@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import shutil
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.config import ConfigError, ModelConfig, ParallelConfig, PretrainConfig
+from pretrain.config import ConfigError, DataConfig, ModelConfig, ParallelConfig, PretrainConfig
 
 SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 _REMOTE_CODE = os.path.join(os.path.dirname(__file__), "hf_remote_code")
@@ -113,15 +114,16 @@ def _tmp_folder(save: str) -> str:
     return tmp
 
 
-def _export_tokenizer(cfg: PretrainConfig, tokenizer_model: str | None, tmp: str):
-    from data_prep.tokenizers import TokenizerError, build_tokenizer
+def _export_tokenizer(weights: FullWeights, tokenizer_model: str | None, tmp: str):
+    from data_prep.tokenizers import TokenizerError, build_tokenizer, infer_tokenizer_type
 
-    data = cfg.data
-    if data.tokenizer_type == "NullTokenizer" or not (tokenizer_model or data.tokenizer_model):
+    cfg = weights.config
+    recorded = checkpoint_tokenizer(weights.folder, weights.trainer_state)
+    if cfg.data.tokenizer_type == "NullTokenizer" or not (tokenizer_model or recorded):
         return None, {}
-    path = tokenizer_model or data.tokenizer_model
+    tokenizer_type, path = (infer_tokenizer_type(tokenizer_model), tokenizer_model) if tokenizer_model else recorded
     try:
-        tokenizer = build_tokenizer(data.tokenizer_type, path)
+        tokenizer = build_tokenizer(tokenizer_type, path)
     except TokenizerError as err:
         raise ConversionError(f"{err} (the checkpoint's tokenizer; pass --tokenizer-model to point at it, "
                               "or --no-tokenizer)") from None
@@ -152,17 +154,23 @@ def hf_config_dict(model: ModelConfig, vocab: int, special_ids: dict, dtype: tor
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
         attention_bias=False, mlp_bias=False, torch_dtype=dtype, **special_ids,
     )
+    # transformers 5 refuses a Llama config whose hidden size is not a multiple of its heads, even
+    # with head_dim given; a hidden-pruned model's often is not: it goes out as our remote-code
+    # class, whose config accepts it (the stock config is built with a stand-in width)
+    remote = bool(model.layer_shapes) or model.hidden_size % model.num_attention_heads != 0
+    if remote:
+        kwargs["hidden_size"] = model.num_attention_heads * math.ceil(model.hidden_size / model.num_attention_heads)
     rope_scaling = None
     if model.use_rope_scaling:
         rope_scaling = {"rope_type": "llama3", "factor": float(model.rope_scaling_factor), **_LLAMA3_ROPE}
         kwargs["rope_scaling"] = rope_scaling
-    if model.add_qkv_bias and not model.layer_shapes and model.head_dim * model.num_attention_heads == model.hidden_size:
+    if model.add_qkv_bias and not remote and model.head_dim * model.num_attention_heads == model.hidden_size:
         # Qwen2 (q/k/v biases; its readers take the head size as hidden / heads)
         for key in ("head_dim", "attention_bias", "mlp_bias"):
             kwargs.pop(key)
         config = Qwen2Config(**kwargs, use_sliding_window=False).to_dict()
         config["architectures"] = ["Qwen2ForCausalLM"]
-    elif model.add_qkv_bias and not model.layer_shapes:
+    elif model.add_qkv_bias and not remote:
         # pruned heads: another head size. A stock Llama with attention_bias (q/k/v and o_proj
         # biases; the o_proj biases are written as zeros) computes exactly this model
         kwargs["attention_bias"] = True
@@ -175,13 +183,14 @@ def hf_config_dict(model: ModelConfig, vocab: int, special_ids: dict, dtype: tor
     config["rope_theta"] = model.rotary_base
     if rope_scaling:
         config["rope_scaling"] = rope_scaling
-    if model.layer_shapes:
+    if remote:
+        config["hidden_size"] = model.hidden_size
         config["qkv_bias"] = model.add_qkv_bias
         config["model_type"] = "pruned_llama"
         config["architectures"] = ["PrunedLlamaForCausalLM"]
         config["layer_shapes"] = [
             {"num_attention_heads": s["num_attention_heads"], "num_key_value_heads": s["num_query_groups"],
-             "intermediate_size": s["ffn_hidden_size"]} for s in model.layer_shapes]
+             "intermediate_size": s["ffn_hidden_size"]} for s in model.layer_shapes] if model.layer_shapes else None
         config["auto_map"] = {"AutoConfig": "configuration_pruned_llama.PrunedLlamaConfig",
                               "AutoModelForCausalLM": "modeling_pruned_llama.PrunedLlamaForCausalLM"}
     return config
@@ -249,17 +258,19 @@ def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | 
     cfg, model = weights.config, weights.config.model
     tmp = _tmp_folder(save)
     try:
-        tokenizer, special_ids = _export_tokenizer(cfg, tokenizer_model, tmp) if export_tokenizer else (None, {})
+        tokenizer, special_ids = _export_tokenizer(weights, tokenizer_model, tmp) if export_tokenizer else (None, {})
         imported = weights.trainer_state.get("imported_from") or {}
         # the real vocabulary: the padding rows megatron adds for TP are not part of the model
-        vocab = tokenizer.vocab_size if tokenizer else imported.get("vocab_size", weights.vocab_size)
+        # (an imported model keeps its own vocabulary, which may have rows its tokenizer never uses)
+        vocab = imported.get("vocab_size") or (tokenizer.vocab_size if tokenizer else weights.vocab_size)
+        vocab = max(vocab, tokenizer.vocab_size) if tokenizer else vocab
         if vocab > weights.vocab_size:
             raise ConversionError(f"the tokenizer has {vocab} tokens but the checkpoint's vocabulary is "
                                   f"{weights.vocab_size}: pass the tokenizer the model was trained with")
         config = hf_config_dict(model, vocab, special_ids, torch_dtype)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        if model.layer_shapes:
+        if config["model_type"] == "pruned_llama":
             for file in ("configuration_pruned_llama.py", "modeling_pruned_llama.py"):
                 shutil.copyfile(os.path.join(_REMOTE_CODE, file), os.path.join(tmp, file))
         generation = {k: v for k, v in special_ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -347,13 +358,16 @@ def model_config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
 class _HFTensors:
     """Lazy access to a HF folder's tensors (safetensors, sharded or not; or pytorch_model.bin)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, loaded: dict | None = None):
         from safetensors import safe_open
 
         self._open = safe_open
         self._handles: dict = {}
         self._bin = None
         self.used: set[str] = set()
+        if loaded is not None:  # tensors already in memory (a dequantized GGUF), named after ``folder``
+            self._bin, self._files = loaded, {k: folder for k in loaded}
+            return
         index = os.path.join(folder, "model.safetensors.index.json")
         single = os.path.join(folder, "model.safetensors")
         if os.path.isfile(index):
@@ -419,14 +433,80 @@ class _HFTensors:
         return value
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "chat_template.jinja")
+
+
+def copy_tokenizer(source: str, target: str) -> tuple[str, str] | None:
+    """Copy the tokenizer files of the HF folder ``source`` into ``target``; returns the
+    (--tokenizer-type, --tokenizer-model) that read the copy, or None when ``source`` has none."""
+    from data_prep.tokenizers import infer_tokenizer_type
+
+    files = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(source, f))]
+    if not any(f in files for f in ("tokenizer.json", "tokenizer.model")):
+        return None
+    os.makedirs(target, exist_ok=True)
+    for file in files:
+        shutil.copyfile(os.path.join(source, file), os.path.join(target, file))
+    return infer_tokenizer_type(target), target
+
+
+def checkpoint_tokenizer(folder: str, state: dict) -> tuple[str, str] | None:
+    """(--tokenizer-type, --tokenizer-model) recorded in a checkpoint; a recorded copy that moved
+    with its checkpoint folder (``ROOT/tokenizer``) is found beside it."""
+    data = PretrainConfig.from_dict(state["config"]).data
+    if not data.tokenizer_model or data.tokenizer_type == "NullTokenizer":
+        return None
+    if not os.path.exists(data.tokenizer_model) and os.path.basename(data.tokenizer_model.rstrip("/")) == "tokenizer":
+        moved = os.path.join(os.path.dirname(os.path.abspath(folder)), "tokenizer")
+        if os.path.isdir(moved):
+            return data.tokenizer_type, moved
+    return data.tokenizer_type, data.tokenizer_model
+
+
+def _checked_tokenizer(recorded: tuple[str, str] | None, hf_vocab: int, load: str):
+    if recorded is None:
+        return
+    from data_prep.tokenizers import TokenizerError, build_tokenizer
+
+    try:
+        vocab = build_tokenizer(*recorded).vocab_size
+    except TokenizerError as err:
+        raise ConversionError(f"{load}: its tokenizer cannot be read ({err})") from None
+    if vocab > hf_vocab:
+        raise ConversionError(f"{load}: the tokenizer has {vocab} tokens, more than the model's vocabulary "
+                              f"({hf_vocab}): it is not this model's tokenizer")
+
+
 def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
               make_vocab_size_divisible_by: int = 128) -> dict:
-    """Write a weights-only checkpoint (iteration 0) of the HF model in ``load``."""
+    """Write a weights-only checkpoint (iteration 0) of the HF model in ``load`` (a folder, or a
+    ``.gguf`` file / a folder holding one), with a copy of its tokenizer in ``save/tokenizer``."""
+    from pretrain.gguf import find_gguf, read_gguf
+
+    gguf_file = find_gguf(load)
+    if gguf_file is not None:
+        _check_new_folder(save)
+        hf, loaded, tokenizer_dir, quantization = read_gguf(gguf_file)
+        try:
+            summary = _import(hf, _HFTensors(gguf_file, loaded), gguf_file, tokenizer_dir, save,
+                              tensor_parallel, pipeline_parallel, make_vocab_size_divisible_by)
+        finally:
+            shutil.rmtree(tokenizer_dir, ignore_errors=True)
+        return {**summary, "quantization": quantization}
+    hf = _read_hf_config(load)
+    model_config_from_hf(hf, os.path.join(load, "config.json"))  # refused before any weight is read
+    _check_new_folder(save)
+    return _import(hf, None, load, load, save, tensor_parallel, pipeline_parallel, make_vocab_size_divisible_by)
+
+
+def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tensor_parallel: int,
+            pipeline_parallel: int, make_vocab_size_divisible_by: int) -> dict:
     from pretrain import checkpoint as ckpt
     from pretrain.state_adapter import from_hf, layer_of
 
-    hf = _read_hf_config(load)
-    model_cfg = model_config_from_hf(hf, os.path.join(load, "config.json"))
+    config_path = load if tensors is not None else os.path.join(load, "config.json")
+    model_cfg = model_config_from_hf(hf, config_path)
     model_cfg = dataclasses.replace(model_cfg, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
     try:
@@ -434,8 +514,7 @@ def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel:
     except ConfigError as err:
         raise ConversionError(f"the model does not fit --tensor-model-parallel-size {tensor_parallel} x "
                               f"--pipeline-model-parallel-size {pipeline_parallel}: {err}") from None
-    _check_new_folder(save)
-    tensors = _HFTensors(load)
+    tensors = tensors or _HFTensors(load)
     hf_vocab = int(hf["vocab_size"])
     vocab = model_cfg.padded_vocab_size(hf_vocab, tensor_parallel)
     model = _build_single(model_cfg, vocab)
@@ -467,16 +546,23 @@ def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel:
     if unused:
         raise ConversionError(f"{load}: tensors the Llama architecture does not use: {unused[:5]}"
                               f"{' ...' if len(unused) > 5 else ''} (an unsupported variant?)")
-    cfg = PretrainConfig(model=model_cfg, parallel=parallel)
-    state = {"iteration": 0, "consumed_samples": 0, "config": cfg.to_dict(), "vocab_size": vocab,
-             "layout": {}, "weights_only": True, "imported_from": {"path": os.path.abspath(load), "vocab_size": hf_vocab,
-                                              "architecture": (hf.get("architectures") or ["?"])[0]}}
     tmp = _tmp_folder(save)
     try:
+        # the tokenizer goes inside the checkpoint: training, evaluation and export find it there
+        recorded = copy_tokenizer(tokenizer_source, os.path.join(tmp, "tokenizer"))
+        _checked_tokenizer(recorded, hf_vocab, load)
+        final_tokenizer = os.path.join(os.path.abspath(save), "tokenizer")
+        data = DataConfig(tokenizer_type=recorded[0], tokenizer_model=final_tokenizer) if recorded else DataConfig()
+        cfg = PretrainConfig(model=model_cfg, parallel=parallel, data=data)
+        state = {"iteration": 0, "consumed_samples": 0, "config": cfg.to_dict(), "vocab_size": vocab,
+                 "layout": {}, "weights_only": True,
+                 "imported_from": {"path": os.path.abspath(load), "vocab_size": hf_vocab,
+                                   "architecture": (hf.get("architectures") or ["?"])[0]}}
         folder = ckpt.save_checkpoint(tmp, 0, [model], None, state)
         _publish(tmp, save)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"folder": os.path.join(save, os.path.basename(folder)), "vocab_size": vocab, "hf_vocab_size": hf_vocab,
-            "parameters": sum(p.numel() for p in model.parameters()), "config": cfg}
+            "parameters": sum(p.numel() for p in model.parameters()), "config": cfg,
+            "tokenizer": final_tokenizer if recorded else None}

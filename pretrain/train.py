@@ -333,10 +333,9 @@ _LINEAGE_KEYS = ("shrink_history", "imported_from")
 
 def _peek_checkpoint(cfg: PretrainConfig) -> tuple[str, dict] | None:
     """(folder, trainer state) of the checkpoint ``--load`` will use, found once per segment."""
-    from pretrain import checkpoint as ckpt
+    from pretrain.arguments import peek_checkpoint
 
-    folder = ckpt.find_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load else None
-    return None if folder is None else (folder, ckpt.read_trainer_state(folder))
+    return peek_checkpoint(cfg.checkpoint.load)
 
 
 def _with_checkpoint_model(cfg: PretrainConfig, peeked: tuple[str, dict] | None) -> PretrainConfig:

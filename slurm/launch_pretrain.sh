@@ -14,7 +14,7 @@
 #   REPO             repository root (default: the submit directory)
 #   PYTHON           interpreter with the project installed ($REPO/.venv/bin/python)
 #   DATA_PATH        "PREFIX" or "W1 PREFIX1 W2 PREFIX2 ..." (indexed datasets from preprocess_data.py)
-#   TOKENIZER_TYPE / TOKENIZER_MODEL
+#   TOKENIZER_TYPE / TOKENIZER_MODEL  (TOKENIZER_MODEL set empty: the --load checkpoint's own tokenizer)
 #   INIT_CHECKPOINT  a checkpoint to start from when $SAVE has none (convert_from_hf.py output);
 #                    empty: random initialisation
 #   SAVE             checkpoints (also resumed from); TENSORBOARD_DIR (default $SAVE/tensorboard)
@@ -32,8 +32,8 @@ REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 cd "$REPO"
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 DATA_PATH=${DATA_PATH:-data/corpus_text_document}
-TOKENIZER_TYPE=${TOKENIZER_TYPE:-HuggingFaceTokenizer}
-TOKENIZER_MODEL=${TOKENIZER_MODEL:-models/SmolLM-1.7B}
+TOKENIZER_TYPE=${TOKENIZER_TYPE-HuggingFaceTokenizer}
+TOKENIZER_MODEL=${TOKENIZER_MODEL-models/SmolLM-1.7B}
 INIT_CHECKPOINT=${INIT_CHECKPOINT:-}
 SAVE=${SAVE:-checkpoints/$RECIPE}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$SAVE/tensorboard}
@@ -80,7 +80,7 @@ check_inputs() {
         [ -f "$item.bin" ] && [ -f "$item.idx" ] \
             || fail "DATA_PATH: $item.bin / $item.idx not found (make them with tools/preprocess_data.py)"
     done
-    if [ "$TOKENIZER_TYPE" != "NullTokenizer" ]; then
+    if [ "$TOKENIZER_TYPE" != "NullTokenizer" ] && [ -n "$TOKENIZER_MODEL" ]; then
         [ -e "$TOKENIZER_MODEL" ] || fail "TOKENIZER_MODEL=$TOKENIZER_MODEL does not exist"
     fi
     if [ -n "$INIT_CHECKPOINT" ] && [ ! -d "$INIT_CHECKPOINT" ]; then
@@ -98,12 +98,18 @@ if [ -n "$INIT_CHECKPOINT" ] && [ ! -f "$SAVE/latest_checkpointed_iteration.txt"
     LOAD=$INIT_CHECKPOINT
 fi
 
+TOKENIZER_ARGS=()  # none: the checkpoint's recorded tokenizer
+if [ -n "$TOKENIZER_MODEL" ]; then
+    TOKENIZER_ARGS=(--tokenizer-model "$TOKENIZER_MODEL")
+    [ -z "$TOKENIZER_TYPE" ] || TOKENIZER_ARGS+=(--tokenizer-type "$TOKENIZER_TYPE")
+fi
+
 # shellcheck disable=SC2206
 ARGS=($MODEL_ARGS $PRUNE_ARGS
       --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
       --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LENGTH"
       --train-tokens "$TRAIN_TOKENS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP_ITERS"
-      --data-path $DATA_PATH --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL"
+      --data-path $DATA_PATH "${TOKENIZER_ARGS[@]}"
       --save "$SAVE" --load "$LOAD" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$TENSORBOARD_DIR"
       --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" $PRECISION $EXTRA_ARGS)
 
@@ -157,5 +163,7 @@ echo "[$(date -Is)] training exited with status $STATUS"
 if [ "$SIGNALLED" = 1 ] && [ "$STATUS" = 0 ]; then
     echo "[$(date -Is)] checkpoint saved; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
+elif [ "$STATUS" = 0 ] && declare -F after_training >/dev/null; then
+    after_training || STATUS=$?  # the recipe's last steps (evaluation, export), once training is done
 fi
 exit "$STATUS"

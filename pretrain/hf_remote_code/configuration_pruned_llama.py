@@ -15,7 +15,14 @@ class PrunedLlamaConfig(LlamaConfig):
     def __init__(self, layer_shapes=None, qkv_bias=False, **kwargs):
         self.layer_shapes = layer_shapes
         self.qkv_bias = qkv_bias  # biases on q, k and v only (a pruned Qwen2)
+        # transformers 5 refuses a hidden size that is not a multiple of the heads, even with
+        # head_dim given; a pruned hidden width need not be one: validate with a stand-in width
+        hidden, heads = kwargs.get("hidden_size"), kwargs.get("num_attention_heads")
+        if hidden and heads and hidden % heads:
+            kwargs["hidden_size"] = heads * -(-hidden // heads)
         super().__init__(**kwargs)
+        if hidden and heads and hidden % heads:
+            self.hidden_size = hidden
         if self.layer_shapes is not None and len(self.layer_shapes) != self.num_hidden_layers:
             raise ValueError(f"layer_shapes has {len(self.layer_shapes)} entries for "
                              f"{self.num_hidden_layers} layers")

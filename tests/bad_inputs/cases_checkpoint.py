@@ -136,7 +136,7 @@ CASES = [
     BadInput("ckpt-malicious-metadata", malicious_metadata,
              message=r"\.metadata: refused, not plain checkpoint metadata", leftovers=(MARKER, "out")),
     BadInput("ckpt-other-shape", lambda d, f: _train_from(f, Path(f.checkpoint), "--num-layers", "3"),
-             message=r"the weights do not fit this model"),
+             message=r"--num-layers says num-layers 3, but the checkpoint .* \(--load\) has num-layers 4"),
     BadInput("ckpt-reshard-into-existing-run", reshard_into_existing_run,
              message=r"--save .* already exists and is not empty .* pass --overwrite",
              leftovers=("ckpt/iter_0000003.tmp",)),
