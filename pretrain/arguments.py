@@ -35,6 +35,26 @@ def _token_count(text: str) -> int:
     return int(value)
 
 
+def _layer_shapes(path: str) -> list:
+    """A JSON file: one {num_query_groups, num_attention_heads, ffn_hidden_size} per layer."""
+    import json
+
+    try:
+        with open(path) as f:
+            shapes = json.load(f)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{path} line {err.lineno}: not JSON ({err.msg})") from None
+    keys = {"num_query_groups", "num_attention_heads", "ffn_hidden_size"}
+    if not isinstance(shapes, list) or not shapes or not all(
+            isinstance(s, dict) and set(s) == keys and all(isinstance(v, int) and v > 0 for v in s.values())
+            for s in shapes):
+        raise argparse.ArgumentTypeError(f"{path}: expected a list with one object per layer, each exactly "
+                                         f"{sorted(keys)} as positive integers")
+    return shapes
+
+
 def _shrink_points(text: str) -> str:
     """'auto', or comma-separated token counts (checked here so a typo is a usage error)."""
     if text.strip() != "auto":
@@ -67,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-rope-scaling", action="store_true",
                    help="Llama 3.x RoPE scaling (low/high frequency factors 1 and 4, original context 8192)")
     g.add_argument("--rope-scaling-factor", type=float, help="with --use-rope-scaling (default 8)")
+    g.add_argument("--layer-shapes", type=_layer_shapes, metavar="FILE.json",
+                   help="a per-layer model (what a per-layer shrink makes), trained from scratch: a JSON list with "
+                        "one {num_query_groups, num_attention_heads, ffn_hidden_size} per layer; the flags above "
+                        "then give the widest layer")
     g.add_argument("--norm-epsilon", type=float)
     g.add_argument("--init-method-std", type=float)
 
@@ -83,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=[], help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
     g.add_argument("--split", default="969,30,1")
+    g.add_argument("--test-data-path", nargs="+", default=[],
+                   help="a held-out test set (PREFIX, or weight/prefix pairs), evaluated with validation and at "
+                        "the end on the same sequences every time; the test share of --split is then unused")
     g.add_argument("--tokenizer-type", help="default: the --load checkpoint's, else HuggingFaceTokenizer for a "
                    "HF folder or tokenizer.json, else GPTSentencePieceTokenizer")
     g.add_argument("--tokenizer-model", help="a sentencepiece model, a HF tokenizer folder or a tokenizer.json; "
@@ -180,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # what the weights' shapes depend on: a --load checkpoint's values win, and flags must agree
 _SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                 "kv_channels", "untie_embeddings_and_output_weights", "add_qkv_bias")
+                 "kv_channels", "untie_embeddings_and_output_weights", "add_qkv_bias", "layer_shapes")
 _REQUIRED_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
 
 
@@ -191,6 +218,8 @@ def _given_model_values(args: argparse.Namespace) -> tuple[dict, dict]:
     for name in _MODEL_FIELDS:
         if getattr(args, name) is not None:
             values[name], sources[name] = getattr(args, name), "--" + name.replace("_", "-")
+    if args.layer_shapes is not None:
+        values["layer_shapes"], sources["layer_shapes"] = args.layer_shapes, "--layer-shapes"
     for name in ("untie_embeddings_and_output_weights", "add_qkv_bias", "use_rope_scaling"):  # store_true flags
         if getattr(args, name):
             values[name], sources[name] = True, "--" + name.replace("_", "-")
@@ -274,7 +303,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         data=DataConfig(
             data_path=args.data_path, split=args.split, tokenizer_type=tokenizer_type,
             tokenizer_model=tokenizer_model, vocab_size_for_null_tokenizer=args.null_vocab_size,
-            mock_data=args.mock_data, data_cache_path=args.data_cache_path,
+            mock_data=args.mock_data, data_cache_path=args.data_cache_path, test_data_path=args.test_data_path,
         ),
         optim=OptimConfig(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,

@@ -25,8 +25,9 @@ class LoggingCallback(Callback):
 
     name = "logging"
 
-    def __init__(self, log_interval: int, tensorboard_dir: str | None):
+    def __init__(self, log_interval: int, tensorboard_dir: str | None, flops_per_token: int = 0):
         self.log_interval = log_interval
+        self.flops_per_token = flops_per_token
         self.tensorboard_dir = tensorboard_dir
         self.writer = None
         self._window: list[StepMetrics] = []
@@ -45,7 +46,8 @@ class LoggingCallback(Callback):
         it = trainer.state.iteration
         tokens_seen = trainer.state.consumed_samples * trainer.config.model.seq_length
         record = {"iteration": it, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
-                  "tokens": tokens_seen, "step_seconds": m.seconds, **m.extra}
+                  "tokens": tokens_seen, "step_seconds": m.seconds, "flops_per_token": self.flops_per_token,
+                  **m.extra}
         self.history.append(record)
         self._window.append(m)
         if self.writer is not None:
@@ -89,6 +91,10 @@ class LoggingCallback(Callback):
 
 
 class EvalCallback(Callback):
+    """Validation every ``--eval-interval`` steps and at the end; the ``--test-data-path`` set
+    alongside (and at the end even without an interval). Each evaluation is also a line of
+    ``evals.jsonl`` beside the tensorboard events."""
+
     name = "eval"
 
     def __init__(self, eval_interval: int, eval_iters: int, logger: LoggingCallback | None = None):
@@ -96,17 +102,32 @@ class EvalCallback(Callback):
         self.eval_iters = eval_iters
         self.logger = logger
         self.last_loss: float | None = None
+        self.last_test_loss: float | None = None
 
     def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
         it = trainer.state.iteration
-        if self.eval_interval and (it % self.eval_interval == 0 or it == trainer.total_iters):
+        at_end = it == trainer.total_iters
+        record = {}
+        if self.eval_interval and (it % self.eval_interval == 0 or at_end):
             loss = trainer.evaluate(self.eval_iters)
-            self.last_loss = loss
+            self.last_loss = record["valid_loss"] = loss
             if _is_rank0():
                 ppl = float(torch.exp(torch.tensor(min(loss, 50.0))))
                 print(f"validation at iteration {it} | loss {loss:.4f} | perplexity {ppl:.2f}", flush=True)
             if self.logger is not None:
                 self.logger.log_scalar("valid/loss", loss, it)
+        if trainer.has_test_set and (record or at_end):
+            loss = trainer.evaluate_test(self.eval_iters)
+            self.last_test_loss = record["test_loss"] = loss
+            if _is_rank0():
+                print(f"test at iteration {it} | loss {loss:.4f}", flush=True)
+            if self.logger is not None:
+                self.logger.log_scalar("test/loss", loss, it)
+        if record and self.logger is not None and self.logger.tensorboard_dir and _is_rank0():
+            record = {"iteration": it, "tokens": trainer.state.consumed_samples * trainer.config.model.seq_length,
+                      **record}
+            with open(os.path.join(self.logger.tensorboard_dir, "evals.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 class CheckpointCallback(Callback):

@@ -200,6 +200,9 @@ class DataConfig:
     mock_data: bool = False
     data_cache_path: str | None = None
     num_workers: int = 0
+    # Megatron-LM's --test-data-path: a separate held-out set (the --split test share is then
+    # unused); evaluated on the same sequences at every evaluation, whatever the run's seed
+    test_data_path: list[str] = field(default_factory=list)
 
     def blend(self) -> tuple[list[str], list[float] | None]:
         """Megatron-LM's ``--data-path`` forms: ``PREFIX`` or ``W1 PREFIX1 W2 PREFIX2 ...``."""
@@ -220,18 +223,27 @@ class DataConfig:
             prefixes.append(prefix)
         return prefixes, weights
 
+    def test_data(self) -> "DataConfig":
+        """The --test-data-path set as a dataset config of its own (all of it is test data)."""
+        return dataclasses.replace(self, data_path=list(self.test_data_path), split="0,0,100", test_data_path=[])
+
     def validate(self) -> None:
         if self.mock_data:
             return
         _require(bool(self.data_path), "--data-path is required (or --mock-data for synthetic data)")
         prefixes, _ = self.blend()
-        for prefix in prefixes:
-            for ext in (".bin", ".idx"):
-                _require(
-                    os.path.isfile(prefix + ext),
-                    f"--data-path: {prefix + ext} does not exist; build it with "
-                    "tools/preprocess_data.py (give the prefix without .bin/.idx)",
-                )
+        test_prefixes = self.test_data().blend()[0] if self.test_data_path else []
+        for flag, group in (("--data-path", prefixes), ("--test-data-path", test_prefixes)):
+            for prefix in group:
+                for ext in (".bin", ".idx"):
+                    _require(
+                        os.path.isfile(prefix + ext),
+                        f"{flag}: {prefix + ext} does not exist; build it with "
+                        "tools/preprocess_data.py (give the prefix without .bin/.idx)",
+                    )
+        shared = {os.path.realpath(p) for p in prefixes} & {os.path.realpath(p) for p in test_prefixes}
+        _require(not shared, f"--test-data-path {' '.join(sorted(shared))} is also in --data-path: a test set "
+                 "must be data that training never reads")
         parts = self.split.replace("/", ",").split(",")
         try:
             values = [float(p) for p in parts]

@@ -186,6 +186,22 @@ def build_datasets(data: DataConfig, tokenizer: TextTokenizer, seq_length: int, 
     return BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config).build()
 
 
+# the test set's sequences do not depend on the run's --seed: every run (and every arm of a
+# comparison) is scored on the same sequences
+TEST_SET_SEED = 1234
+
+
+def build_test_dataset(data: DataConfig, tokenizer: TextTokenizer, seq_length: int):
+    """The ``--test-data-path`` set (all of it), or None without one."""
+    if not data.test_data_path or data.mock_data:
+        return None
+    test_data = data.test_data()
+    test = build_datasets(test_data, tokenizer, seq_length, TEST_SET_SEED, (0, 0, None))[2]
+    if test is None or len(test) == 0:
+        raise ConfigError(f"--test-data-path {' '.join(data.test_data_path)}: no sequence of {seq_length} tokens")
+    return test
+
+
 class MicroBatchIterator:
     """Micro-batches for this data-parallel rank, in Megatron-LM's ``MegatronPretrainingSampler``
     order: global batch ``i`` is samples ``[i*G, (i+1)*G)``; DP rank ``r`` takes its contiguous

@@ -115,8 +115,10 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
 
     from pretrain import checkpoint as ckpt
     from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
-    from pretrain.data import MicroBatchIterator, build_datasets, check_datasets, load_tokenizer
+    from pretrain.data import (MicroBatchIterator, build_datasets, build_test_dataset, check_datasets,
+                               load_tokenizer)
     from pretrain.distributed import init_distributed, launch_environment, print_rank0, set_random_seed
+    from pretrain.flops import training_flops_per_token
     from pretrain.init import deterministic_init
     from pretrain.model import build_model, check_activation_memory, unwrap
     from pretrain.optim import build_optimizer, build_scheduler
@@ -134,6 +136,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     layout = init_distributed(tp, pp)
     if tokenizer is not None and not cfg.data.mock_data:
         check_datasets(cfg.data, tokenizer)  # before anything heavy is built
+        if cfg.data.test_data_path:
+            check_datasets(cfg.data.test_data(), tokenizer)
     set_random_seed(cfg.train.seed)
     dp = layout["dp_size"]
     total_iters = cfg.train.total_iters(cfg.model.seq_length)
@@ -157,7 +161,9 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
         optimizer.reload_model_params()
     scheduler = build_scheduler(optimizer, cfg.optim, total_iters)
 
-    logger = LoggingCallback(cfg.train.log_interval, cfg.logging.tensorboard_dir)
+    # what this model computes per token (a masked model computes at its full size)
+    logger = LoggingCallback(cfg.train.log_interval, cfg.logging.tensorboard_dir,
+                             flops_per_token=training_flops_per_token(cfg.model, vocab_size))
     callbacks = [logger, EvalCallback(cfg.train.eval_interval, cfg.train.eval_iters, logger),
                  *extra_callbacks]
     if cfg.prune.enabled:
@@ -215,6 +221,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
         datasets = build_datasets(cfg.data, tokenizer or _NullVocab(vocab_size), cfg.model.seq_length,
                                   cfg.train.seed, (train_samples, valid_samples, 0))
     train_ds, valid_ds = datasets[0], datasets[1]
+    test_ds = build_test_dataset(cfg.data, tokenizer, cfg.model.seq_length) if tokenizer is not None else None
     dp_rank = ps.get_data_parallel_rank()
     train_iter = MicroBatchIterator(train_ds, consumed, cfg.train.micro_batch_size, dp_rank, dp)
 
@@ -223,10 +230,15 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
             return None
         return MicroBatchIterator(valid_ds, consumed_valid, cfg.train.micro_batch_size, dp_rank, dp)
 
+    def test_factory():  # always from the first test sequence: every evaluation scores the same ones
+        return MicroBatchIterator(test_ds, 0, cfg.train.micro_batch_size, dp_rank, dp)
+
     trainer = Trainer(
         config=cfg, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
         train_iterator=train_iter,
         valid_dataset_iterator_factory=valid_factory if valid_ds is not None else None,
+        test_iterator_factory=test_factory if test_ds is not None else None,
+        test_batches=(len(test_ds) // cfg.train.global_batch_size) if test_ds is not None else 0,
         callbacks=callbacks, num_microbatches=num_microbatches, total_iters=total_iters,
     )
     trainer_holder["t"] = trainer

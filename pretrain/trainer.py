@@ -94,14 +94,16 @@ def forward_step(data_iterator, model):
 
 class Trainer:
     def __init__(self, *, config, model_chunks: list, optimizer, scheduler, train_iterator,
-                 valid_dataset_iterator_factory=None, callbacks: list[Callback] = (),
-                 num_microbatches: int, total_iters: int):
+                 valid_dataset_iterator_factory=None, test_iterator_factory=None, test_batches: int = 0,
+                 callbacks: list[Callback] = (), num_microbatches: int, total_iters: int):
         self.config = config
         self.model_chunks = model_chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.train_iterator = train_iterator
         self.valid_iterator_factory = valid_dataset_iterator_factory
+        self.test_iterator_factory = test_iterator_factory
+        self.test_batches = test_batches  # whole global batches the test set holds
         self.callbacks = list(callbacks)
         self.num_microbatches = num_microbatches
         self.total_iters = total_iters
@@ -197,13 +199,30 @@ class Trainer:
                 "is the state to go back to. Lower --lr, keep --clip-grad > 0, or check the data read "
                 f"around sample {self.state.consumed_samples}")
 
-    @torch.no_grad()
-    def evaluate(self, num_iters: int) -> float:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+    @property
+    def has_test_set(self) -> bool:
+        return self.test_iterator_factory is not None and self.test_batches > 0
 
+    def evaluate(self, num_iters: int) -> float:
+        """Mean loss over ``num_iters`` global batches of the validation split (each evaluation
+        reads the next ones, as Megatron-LM does)."""
         if self.valid_iterator_factory is None or num_iters <= 0:
             return float("nan")
-        iterator = self.valid_iterator_factory(self.state.consumed_valid_samples)
+        loss = self._mean_loss(self.valid_iterator_factory(self.state.consumed_valid_samples), num_iters)
+        self.state.consumed_valid_samples += num_iters * self.config.train.global_batch_size
+        return loss
+
+    def evaluate_test(self, num_iters: int) -> float:
+        """Mean loss over the first ``num_iters`` global batches of ``--test-data-path`` (the
+        same sequences at every call, so losses along a run and across runs compare)."""
+        if not self.has_test_set or num_iters <= 0:
+            return float("nan")
+        return self._mean_loss(self.test_iterator_factory(), min(num_iters, self.test_batches))
+
+    @torch.no_grad()
+    def _mean_loss(self, iterator, num_iters: int) -> float:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
         for chunk in self.model_chunks:
             chunk.eval()
         total, count = 0.0, 0
@@ -215,7 +234,6 @@ class Trainer:
             )
             total += global_mean_loss(losses)
             count += 1
-        self.state.consumed_valid_samples += num_iters * self.config.train.global_batch_size
         for chunk in self.model_chunks:
             chunk.train()
         return total / max(count, 1)

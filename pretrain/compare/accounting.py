@@ -1,0 +1,72 @@
+"""What one finished run cost and reached, read from the files every run writes.
+
+* ``metrics.jsonl`` (one line per step): tokens and the FLOPs per token of the model in memory;
+* ``evals.jsonl``: validation and test loss along the run;
+* ``pruning_history.jsonl``: the kept shape after each pruning event;
+* the newest checkpoint: the final shape.
+
+Two FLOP counts: *actual*, what was computed (a masked model computes at its full size until the
+in-run shrink), and *ideal*, what the kept shape alone would have cost (a perfect sparse kernel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from bisect import bisect_left
+
+from pretrain.flops import flops_per_token_of
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSONL log, one per iteration (a resumed run rewrites later iterations:
+    the last line of an iteration wins)."""
+    if not os.path.isfile(path):
+        return []
+    by_iteration = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                by_iteration[record["iteration"]] = record
+    return [by_iteration[i] for i in sorted(by_iteration)]
+
+
+def kept_flops_per_token(kept: dict, model: dict, vocab_size: int) -> int:
+    """FLOPs per token of the shape a pruning event kept (``kept_per_layer`` of its history line).
+
+    ``model`` is the parent's ModelConfig fields: head size and heads per query group do not change."""
+    heads = model["num_attention_heads"]
+    groups = model.get("num_query_groups") or heads
+    head_dim = model.get("kv_channels") or model["hidden_size"] // heads
+    per_group = heads // groups
+    widths = [(g, g * per_group, f) for alive, g, f in zip(kept["layers"], kept["heads"], kept["ffn"]) if alive]
+    return flops_per_token_of(widths, kept["hidden"], head_dim, vocab_size, model["seq_length"])
+
+
+def run_flops(metrics: list[dict], tokens_per_step: int, pruning: list[dict] = (), parent_model: dict | None = None,
+              vocab_size: int | None = None) -> dict:
+    """Actual and ideal training FLOPs of the steps in ``metrics``.
+
+    A step computes with the masks of the last event *before* it (an event happens at the end of
+    its step), so the ideal count switches one step after each event."""
+    actual = sum(tokens_per_step * r["flops_per_token"] for r in metrics)
+    if not pruning:
+        return {"actual": actual, "ideal": actual}
+    event_iters = [e["iteration"] for e in pruning]
+    kept = [kept_flops_per_token(e["kept_per_layer"], parent_model, vocab_size) for e in pruning]
+    ideal = 0
+    for r in metrics:
+        last_event = bisect_left(event_iters, r["iteration"]) - 1  # events strictly before this step
+        per_token = r["flops_per_token"] if last_event < 0 else min(kept[last_event], r["flops_per_token"])
+        ideal += tokens_per_step * per_token
+    return {"actual": actual, "ideal": ideal}
+
+
+def cumulative_flops_at(metrics: list[dict], tokens_per_step: int) -> dict[int, int]:
+    """Iteration -> actual FLOPs spent up to and including it."""
+    out, total = {}, 0
+    for r in metrics:
+        total += tokens_per_step * r["flops_per_token"]
+        out[r["iteration"]] = total
+    return out

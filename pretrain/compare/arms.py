@@ -1,0 +1,317 @@
+"""The arms of a comparison, each an ordinary ``python -m pretrain`` run.
+
+Run names (an arm of the issue's list may be two runs: B at matched tokens (i) and FLOPs (ii)):
+
+=============  ==========================================================================
+``parent``     the parent shape, the first P tokens of a P + T-token schedule
+``A``          continues ``parent``; pruned over the recipe's window, shrunk in-run, to P + T
+``A0``         the same pruning from random init: the window at the same offsets from step 0
+``C``          continues ``parent`` unpruned to the end of A's window, prunes once (same
+               saliency and solver, scored over the steps just before), shrinks, goes on to P + T
+``B-found-i``  A's final shape from scratch for P + T tokens
+``B-found-ii`` the same for the FLOPs that ``parent`` + A actually computed
+``B-hand-i``   a uniform hand shape with A's parameter count (``hand_shape``), P + T tokens
+``B-hand-ii``  the same for the FLOPs of ``parent`` + A
+=============  ==========================================================================
+
+Every run of a seed uses the same ``--seed``, so all read the same data in the same order (the
+corpus must hold the longest run without a second epoch: ``check_corpus``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import sys
+
+from pretrain.compare.recipes import Recipe
+from pretrain.config import ConfigError, ModelConfig
+
+RUNS = ("parent", "A", "A0", "C", "B-found-i", "B-found-ii", "B-hand-i", "B-hand-ii")
+ARMS = {"parent": ("parent",), "A": ("A",), "A0": ("A0",), "C": ("C",),
+        "B-found": ("B-found-i", "B-found-ii"), "B-hand": ("B-hand-i", "B-hand-ii")}
+NEEDS = {"parent": (), "A": ("parent",), "A0": (), "C": ("parent",), "B-found-i": ("A",), "B-found-ii": ("A",),
+         "B-hand-i": ("A",), "B-hand-ii": ("A",)}
+# which learning-rate sweep a run takes its rate from (A and C continue the parent's schedule)
+SWEEP_OF = {"parent": "parent", "A": "parent", "C": "parent", "A0": "A0", "B-found-i": "B-found",
+            "B-found-ii": "B-found", "B-hand-i": "B-hand", "B-hand-ii": "B-hand"}
+SWEEPS = ("parent", "A0", "B-found", "B-hand")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def runs_for(arms: list[str]) -> tuple[list[str], list[str]]:
+    """(the runs to do, in order, with what they need; notes on what was added)."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ConfigError(f"--arms {','.join(unknown)}: no such arm; choose from {', '.join(ARMS)}")
+    wanted = {run for arm in arms for run in ARMS[arm]}
+    notes = []
+    changed = True
+    while changed:
+        changed = False
+        for run in sorted(wanted):
+            for need in NEEDS[run]:
+                if need not in wanted:
+                    wanted.add(need)
+                    notes.append(f"{need} added: {run} needs it")
+                    changed = True
+    return [r for r in RUNS if r in wanted], notes
+
+
+_record = dataclasses.dataclass(frozen=True, kw_only=True)
+
+
+@_record
+class Data:
+    """The data every arm reads, and the test set none trains on."""
+
+    data_path: list[str]
+    tokenizer_model: str
+    test_data_path: list[str]
+    tokenizer_type: str | None = None
+
+
+@_record
+class Context:
+    """What a run's command depends on beyond the recipe: where things are and what is known."""
+
+    out: str
+    data: Data
+    launcher: str = "local"
+    python: str = sys.executable
+    results: dict = dataclasses.field(default_factory=dict)  # (run, seed) -> result of a finished run
+    lrs: dict = dataclasses.field(default_factory=dict)  # sweep name -> chosen learning rate
+
+    def run_dir(self, run: str, seed: int) -> str:
+        return os.path.join(self.out, run, f"seed{seed}")
+
+    def sweep_dir(self, sweep: str, lr: float) -> str:
+        return os.path.join(self.out, "sweep", sweep, f"lr{lr:g}")
+
+
+def shape_flags(model: dict) -> list[str]:
+    flags = ["--num-layers", model["num_layers"], "--hidden-size", model["hidden_size"],
+             "--num-attention-heads", model["num_attention_heads"], "--ffn-hidden-size", model["ffn_hidden_size"],
+             "--seq-length", model["seq_length"]]
+    for name in ("num_query_groups", "kv_channels", "make_vocab_size_divisible_by", "rotary_base"):
+        if model.get(name) is not None:
+            flags += ["--" + name.replace("_", "-"), model[name]]
+    for name in ("untie_embeddings_and_output_weights", "add_qkv_bias"):
+        if model.get(name):
+            flags.append("--" + name.replace("_", "-"))
+    return [str(f) for f in flags]
+
+
+def _common_flags(recipe: Recipe, ctx: Context, seed: int, lr: float, run_dir: str) -> list[str]:
+    data = ctx.data
+    flags = ["--data-path", *data.data_path, "--split", recipe.split, "--tokenizer-model", data.tokenizer_model,
+             "--test-data-path", *data.test_data_path,
+             "--micro-batch-size", recipe.micro_batch_size, "--global-batch-size", recipe.global_batch_size,
+             "--lr", lr, "--min-lr", lr * recipe.min_lr_ratio, "--lr-warmup-iters", recipe.warmup_iters,
+             "--lr-decay-style", "cosine", "--seed", seed,
+             "--eval-interval", recipe.eval_interval, "--eval-iters", recipe.eval_iters,
+             "--log-interval", recipe.eval_interval,
+             "--tensor-model-parallel-size", recipe.tensor_parallel,
+             "--pipeline-model-parallel-size", recipe.pipeline_parallel,
+             "--save", os.path.join(run_dir, "ckpt"), "--keep-last", 1,
+             "--tensorboard-dir", os.path.join(run_dir, "tb")]
+    if data.tokenizer_type:
+        flags += ["--tokenizer-type", data.tokenizer_type]
+    if recipe.save_interval:
+        flags += ["--save-interval", recipe.save_interval]
+    if recipe.bf16:
+        flags.append("--bf16")
+    return [str(f) for f in flags]
+
+
+def _prune_flags(recipe: Recipe, start: int, end: int, oneshot: bool = False) -> list[str]:
+    flags = ["--prune-target-ratio", recipe.target_ratio, "--prune-start-tokens", start, "--prune-end-tokens", end,
+             "--saliency", recipe.saliency, "--prune-granularity", recipe.granularity, "--shrink-at", "auto"]
+    if oneshot:  # scored over the window, one event at its end that may remove everything at once
+        flags += ["--prune-interval", 10**9, "--prune-max-step-fraction", 1.0]
+    else:
+        flags += ["--prune-interval", recipe.prune_interval]
+    if recipe.prune_align:
+        flags += ["--prune-align", recipe.prune_align]
+    return [str(f) for f in flags]
+
+
+def total_tokens(recipe: Recipe) -> int:
+    return recipe.parent_tokens + recipe.continue_tokens
+
+
+def matched_flops_tokens(recipe: Recipe, flops_budget: int, flops_per_token: int) -> int:
+    """The whole steps of a model costing ``flops_per_token`` that fit in ``flops_budget``."""
+    return flops_budget // (flops_per_token * recipe.tokens_per_step) * recipe.tokens_per_step
+
+
+@_record
+class RunPlan:
+    """One run: its folder, its command line, and where it first loads from (A, C: the parent)."""
+
+    name: str
+    seed: int
+    folder: str
+    flags: list
+    train_tokens: int
+    lr: float
+    first_load: str | None = None  # loaded while the run has no checkpoint of its own
+    shape_file: dict | None = None  # per-layer shapes written beside the command (--layer-shapes)
+
+
+def plan_run(recipe: Recipe, ctx: Context, run: str, seed: int, lr: float | None = None,
+             sweep: bool = False) -> RunPlan:
+    """The command of ``run`` for ``seed``; ``sweep``: a shorter learning-rate trial on its own folder.
+
+    B runs need A's result (the shape it found, the FLOPs it spent) in ``ctx.results``."""
+    lr = lr if lr is not None else ctx.lrs.get(SWEEP_OF[run], recipe.lrs[0])
+    folder = ctx.sweep_dir(SWEEP_OF[run], lr) if sweep else ctx.run_dir(run, seed)
+    full = total_tokens(recipe)
+    scale = recipe.sweep_fraction if sweep else 1.0
+
+    def steps(tokens: float) -> int:  # whole steps, at least one
+        return max(1, int(tokens * scale) // recipe.tokens_per_step) * recipe.tokens_per_step
+
+    flags = _common_flags(recipe, ctx, seed, lr, folder)
+    first_load, shape_file, train = None, None, steps(full)
+    start, end = recipe.window_tokens
+    if run == "parent":
+        flags += shape_flags(recipe.model)
+        if not sweep:  # the first P tokens of the P + T schedule
+            flags += ["--exit-interval", str(recipe.iters(recipe.parent_tokens))]
+    elif run == "A":
+        first_load = ctx.run_dir("parent", seed) + "/ckpt"
+        flags += _prune_flags(recipe, recipe.parent_tokens + start, recipe.parent_tokens + end)
+    elif run == "C":
+        first_load = ctx.run_dir("parent", seed) + "/ckpt"
+        event = recipe.parent_tokens + end
+        flags += _prune_flags(recipe, event - recipe.oneshot_scoring_steps * recipe.tokens_per_step, event,
+                              oneshot=True)
+    elif run == "A0":
+        flags += shape_flags(recipe.model)
+        flags += _prune_flags(recipe, steps(start) if start else 0, steps(end))
+    else:  # the B runs: a small shape from scratch
+        a = ctx.results.get(("A", seed))
+        if not a or a.get("status") != "ok":
+            raise ConfigError(f"{run} seed {seed} needs A's result for seed {seed}, which is missing or failed")
+        model = a["final_model"] if run.startswith("B-found") else hand_shape(
+            recipe.model, a["params"], a["vocab_size"], recipe.tensor_parallel)
+        layer_shapes = model.get("layer_shapes")
+        flags += shape_flags(model)
+        if layer_shapes:
+            shape_file = layer_shapes
+            flags += ["--layer-shapes", os.path.join(folder, "layer_shapes.json")]
+        if run.endswith("-ii"):
+            parent = ctx.results.get(("parent", seed))
+            budget = a["flops"]["actual"] + (parent["flops"]["actual"] if parent else 0)
+            per_token = training_flops(model, a["vocab_size"])
+            train = steps(matched_flops_tokens(recipe, budget, per_token))
+    flags += ["--train-tokens", str(train)]
+    return RunPlan(name=run, seed=seed, folder=folder, flags=flags, train_tokens=train, lr=lr,
+                   first_load=first_load, shape_file=shape_file)
+
+
+def training_flops(model: dict, vocab_size: int) -> int:
+    from pretrain.flops import training_flops_per_token
+
+    return training_flops_per_token(ModelConfig(**model), vocab_size)
+
+
+def parameters(model: dict, vocab_size: int) -> int:
+    return ModelConfig(**model).num_parameters(vocab_size)["total"]
+
+
+def hand_shape(parent: dict, target_params: int, vocab_size: int, tensor_parallel: int = 1) -> dict:
+    """The hand-designed baseline, by one rule: keep the parent's depth, heads and query groups and
+    its FFN-to-hidden ratio; take the hidden size (a multiple of 2 x heads, so heads stay even-sized
+    for RoPE, and of 8) whose model is nearest ``target_params``; then move the FFN width in steps of
+    8 to come nearest. Must land within 2% of the target (embeddings included), else an error."""
+    heads = parent["num_attention_heads"]
+    ratio = parent["ffn_hidden_size"] / parent["hidden_size"]
+    step = _lcm(2 * heads, 8)
+
+    def model(hidden: int, ffn: int) -> dict:
+        return {**{k: v for k, v in parent.items() if k not in ("kv_channels", "layer_shapes")},
+                "hidden_size": hidden, "ffn_hidden_size": ffn}
+
+    def round8(x: float) -> int:
+        return max(8, int(round(x / 8)) * 8)
+
+    best = min((abs(parameters(model(h, round8(ratio * h)), vocab_size) - target_params), h)
+               for h in range(step, parent["hidden_size"] + step, step))[1]
+    ffn = round8(ratio * best)
+    while True:
+        here = abs(parameters(model(best, ffn), vocab_size) - target_params)
+        moves = [f for f in (ffn - 8, ffn + 8) if f >= 8 and abs(parameters(model(best, f), vocab_size) -
+                                                                     target_params) < here]
+        if not moves:
+            break
+        ffn = moves[0]
+    shape = model(best, ffn)
+    error = abs(parameters(shape, vocab_size) - target_params) / target_params
+    if error > 0.02:
+        raise ConfigError(f"no uniform shape by the hand rule comes within 2% of {target_params:,} parameters "
+                          f"(nearest: hidden {best}, FFN {ffn}, {error:.1%} off)")
+    return shape
+
+
+def _lcm(a: int, b: int) -> int:
+    import math
+
+    return a * b // math.gcd(a, b)
+
+
+def write_command(plan: RunPlan, recipe: Recipe, ctx: Context) -> str:
+    """``FOLDER/command.sh``: the run, rerunnable by hand (it resumes from its own checkpoint)."""
+    os.makedirs(plan.folder, exist_ok=True)
+    if plan.shape_file:
+        _atomic_write(os.path.join(plan.folder, "layer_shapes.json"), json.dumps(plan.shape_file, indent=1))
+    own = os.path.join(plan.folder, "ckpt")
+    lines = ["#!/usr/bin/env bash",
+             f"# tools/compare_baselines.py, recipe {recipe.name}: run {plan.name}, seed {plan.seed}, lr {plan.lr:g}.",
+             "# Rerun by hand with `bash command.sh`: it resumes from its own checkpoint when it has one.",
+             "set -euo pipefail", f"cd {shlex.quote(REPO)}",
+             "export TORCHDYNAMO_DISABLE=1 PYTHONUNBUFFERED=1"]
+    if recipe.threads:
+        lines.append(f"export OMP_NUM_THREADS={recipe.threads}")
+    lines.append(f"LOAD={shlex.quote(own)}")
+    if plan.first_load:
+        lines.append(f'[ -f "$LOAD/latest_checkpointed_iteration.txt" ] || LOAD={shlex.quote(plan.first_load)}')
+    launch = _launch_prefix(recipe, ctx)
+    body = " \\\n    ".join(" ".join(shlex.quote(f) for f in group) for group in _flag_groups(plan.flags))
+    lines.append(f'exec {launch} \\\n    {body} \\\n    --load "$LOAD"')
+    path = os.path.join(plan.folder, "command.sh")
+    _atomic_write(path, "\n".join(lines) + "\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+def _flag_groups(flags: list[str]) -> list[list[str]]:
+    """Each flag with its values, one per line of the script."""
+    groups: list[list[str]] = []
+    for f in flags:
+        if f.startswith("--") or not groups:
+            groups.append([f])
+        else:
+            groups[-1].append(f)
+    return groups
+
+
+def _launch_prefix(recipe: Recipe, ctx: Context) -> str:
+    python = shlex.quote(ctx.python)
+    if ctx.launcher == "slurm":
+        return f"srun --ntasks-per-node {recipe.nproc_per_node} {python} -m pretrain --launcher slurm"
+    if recipe.nproc_per_node * recipe.nodes > 1:
+        return f"{python} -m torch.distributed.run --standalone --nproc-per-node {recipe.nproc_per_node} -m pretrain"
+    return f"{python} -m pretrain"
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,277 @@
+"""Running a comparison: the learning-rate sweeps, every arm for every seed, resumable.
+
+Each run's folder holds ``command.sh`` (the run, by hand), ``log.txt``, ``ckpt/``, ``tb/`` and,
+once it has finished, ``result.json`` (``accounting``'s numbers). ``--resume`` skips the runs
+whose result is there and reruns the others (a run that was killed resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Callable
+
+from pretrain.compare import arms
+from pretrain.compare.accounting import cumulative_flops_at, read_jsonl, run_flops
+from pretrain.compare.arms import RUNS, SWEEPS, Context, RunPlan, plan_run
+from pretrain.compare.recipes import Recipe
+from pretrain.config import ConfigError
+
+
+def _log(message: str) -> None:
+    print(f"[compare] {message}", flush=True)
+
+
+def run_local(command: str, log_path: str) -> int:
+    """Runs one ``command.sh``; its output goes to ``log_path`` (appended: attempts stay readable)."""
+    with open(log_path, "a") as log:
+        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} bash {command}\n")
+        log.flush()
+        return subprocess.run(["bash", command], stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def expected_final_iteration(recipe: Recipe, plan: RunPlan) -> int:
+    if plan.name == "parent" and "--exit-interval" in plan.flags:
+        return recipe.iters(recipe.parent_tokens)
+    return plan.train_tokens // recipe.tokens_per_step
+
+
+def collect(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
+    """The result of a finished run from its files (see ``accounting``)."""
+    from pretrain import checkpoint as ckpt
+
+    folder = ckpt.find_checkpoint(os.path.join(plan.folder, "ckpt"))
+    if folder is None:
+        return {"status": "failed", "reason": "no checkpoint was written"}
+    state = ckpt.read_trainer_state(folder)
+    expected = expected_final_iteration(recipe, plan)
+    if state["iteration"] != expected:
+        return {"status": "failed", "reason": f"stopped at iteration {state['iteration']} of {expected}"}
+    tb = os.path.join(plan.folder, "tb")
+    metrics = read_jsonl(os.path.join(tb, "metrics.jsonl"))
+    evals = read_jsonl(os.path.join(tb, "evals.jsonl"))
+    pruning = read_jsonl(os.path.join(tb, "pruning_history.jsonl"))
+    model, vocab = state["config"]["model"], state["vocab_size"]
+    step = recipe.tokens_per_step
+    flops = run_flops(metrics, step, pruning, recipe.model, vocab)
+    spent = cumulative_flops_at(metrics, step)
+    final = [e for e in evals if e["iteration"] == expected and e.get("test_loss") is not None]
+    if not final:
+        return {"status": "failed", "reason": f"no test evaluation at iteration {expected} (tb/evals.jsonl)"}
+    return {
+        "status": "ok", "run": plan.name, "seed": plan.seed, "lr": plan.lr,
+        "final_model": model, "vocab_size": vocab, "params": arms.parameters(model, vocab),
+        "first_iteration": metrics[0]["iteration"] if metrics else 0, "final_iteration": expected,
+        "tokens_trained": len(metrics) * step, "end_tokens": expected * step,
+        "flops": flops, "flops_per_token_final": arms.training_flops(model, vocab),
+        "test_loss": final[-1]["test_loss"], "valid_loss": final[-1].get("valid_loss"),
+        "wall_seconds": wall_seconds,
+        "curve": [{"iteration": e["iteration"], "tokens": e["tokens"], "flops": spent.get(e["iteration"], 0),
+                   "test_loss": e.get("test_loss"), "valid_loss": e.get("valid_loss")} for e in evals],
+        "pruning": [{"iteration": e["iteration"], "tokens": e["tokens"], "params": e["params"],
+                     **{k: e[f"kept_{k}"] for k in ("heads", "ffn", "hidden", "layers") if f"kept_{k}" in e},
+                     "kept_per_layer": e["kept_per_layer"]} for e in pruning],
+    }
+
+
+class Campaign:
+    """The sweeps, then every run of every seed, in dependency order; results kept on disk."""
+
+    def __init__(self, recipe: Recipe, ctx: Context, seeds: list[int], runs: list[str],
+                 execute: Callable[[str, str], int] = run_local):
+        self.recipe, self.ctx, self.seeds, self.runs = recipe, ctx, seeds, runs
+        self.execute = execute
+
+    # ------------------------------------------------------------------ results on disk
+    def result_path(self, plan: RunPlan) -> str:
+        return os.path.join(plan.folder, "result.json")
+
+    def load_results(self) -> None:
+        """Every finished run's result into ``ctx.results``, and the sweeps' choices into ``ctx.lrs``."""
+        for run in RUNS:
+            for seed in self.seeds:
+                path = os.path.join(self.ctx.run_dir(run, seed), "result.json")
+                if os.path.isfile(path):
+                    self.ctx.results[(run, seed)] = json.load(open(path))
+        for sweep in SWEEPS:
+            chosen = self._chosen_lr(sweep)
+            if chosen is not None:
+                self.ctx.lrs[sweep] = chosen
+
+    def _sweep_results(self, sweep: str) -> dict[float, dict]:
+        out = {}
+        for lr in self.recipe.lrs:
+            path = os.path.join(self.ctx.sweep_dir(sweep, lr), "result.json")
+            if os.path.isfile(path):
+                out[lr] = json.load(open(path))
+        return out
+
+    def _chosen_lr(self, sweep: str) -> float | None:
+        """The rate with the lowest validation loss (the training data's split; never the test set)."""
+        if len(self.recipe.lrs) == 1:
+            return self.recipe.lrs[0]
+        done = {lr: r for lr, r in self._sweep_results(sweep).items() if r.get("status") == "ok"}
+        if len(done) < len(self.recipe.lrs):
+            return None
+        return min(done, key=lambda lr: done[lr]["valid_loss"])
+
+    # ------------------------------------------------------------------ one run
+    def run_one(self, plan: RunPlan) -> dict:
+        path = self.result_path(plan)
+        if os.path.isfile(path):
+            result = json.load(open(path))
+            if result.get("status") == "ok":
+                return result
+        command = arms.write_command(plan, self.recipe, self.ctx)
+        wall_path = os.path.join(plan.folder, "wall_seconds.json")
+        wall = json.load(open(wall_path))["seconds"] if os.path.isfile(wall_path) else 0.0
+        already = collect(self.recipe, plan, wall)
+        if already.get("status") != "ok":  # not finished by an earlier attempt: run (or resume) it
+            _log(f"{plan.name} seed {plan.seed} (lr {plan.lr:g}, {plan.train_tokens:,} tokens): bash {command}")
+            start = time.time()
+            code = self.execute(command, os.path.join(plan.folder, "log.txt"))
+            wall += time.time() - start
+            arms._atomic_write(wall_path, json.dumps({"seconds": wall}))
+            result = collect(self.recipe, plan, wall) if code == 0 else {
+                "status": "failed", "reason": f"exit code {code}; see {os.path.join(plan.folder, 'log.txt')}"}
+        else:
+            result = already
+        result.update(run=plan.name, seed=plan.seed, lr=plan.lr, command=command)
+        arms._atomic_write(path, json.dumps(result, indent=1))
+        _log(f"{plan.name} seed {plan.seed}: {result['status']}"
+             + (f", test loss {result['test_loss']:.4f}, {result['wall_seconds']:.0f} s" if result["status"] == "ok"
+                else f" ({result['reason']})"))
+        return result
+
+    def _run_if_possible(self, run: str, seed: int, sweep: bool = False, lr: float | None = None) -> dict | None:
+        missing = [need for need in arms.NEEDS[run]
+                   if self.ctx.results.get((need, seed), {}).get("status") != "ok"]
+        if missing:
+            reason = f"needs {', '.join(missing)} (seed {seed}), which did not finish"
+            if not sweep:
+                self._record_missing(run, seed, reason)
+            return None
+        plan = plan_run(self.recipe, self.ctx, run, seed, lr=lr, sweep=sweep)
+        result = self.run_one(plan)
+        if not sweep:
+            self.ctx.results[(run, seed)] = result
+        return result
+
+    def _record_missing(self, run: str, seed: int, reason: str) -> None:
+        folder = self.ctx.run_dir(run, seed)
+        os.makedirs(folder, exist_ok=True)
+        result = {"status": "missing", "run": run, "seed": seed, "reason": reason}
+        arms._atomic_write(os.path.join(folder, "result.json"), json.dumps(result, indent=1))
+        self.ctx.results[(run, seed)] = result
+        _log(f"{run} seed {seed}: not run ({reason})")
+
+    def _sweep(self, sweep: str) -> None:
+        """Every rate of the recipe at the sweep's shorter horizon, seed 0; the choice goes to ``ctx.lrs``."""
+        if len(self.recipe.lrs) == 1 or sweep in self.ctx.lrs:
+            return
+        run = {"parent": "parent", "A0": "A0", "B-found": "B-found-i", "B-hand": "B-hand-i"}[sweep]
+        for lr in self.recipe.lrs:
+            self._run_if_possible(run, self.seeds[0], sweep=True, lr=lr)
+        chosen = self._chosen_lr(sweep)
+        if chosen is None:
+            _log(f"sweep {sweep}: not every rate finished; using the recipe's first, {self.recipe.lrs[0]:g}")
+            chosen = self.recipe.lrs[0]
+        else:
+            losses = {lr: r["valid_loss"] for lr, r in self._sweep_results(sweep).items()}
+            _log(f"sweep {sweep}: validation loss " + ", ".join(f"lr {lr:g}: {v:.4f}" for lr, v in losses.items())
+                 + f" -> lr {chosen:g}")
+        self.ctx.lrs[sweep] = chosen
+
+    # ------------------------------------------------------------------ all of it
+    def run_all(self) -> None:
+        self.load_results()
+        first = self.seeds[0]
+        wanted = set(self.runs)
+        for sweep in ("parent", "A0"):
+            if any(arms.SWEEP_OF[r] == sweep for r in wanted):
+                self._sweep(sweep)
+        for seed in self.seeds:
+            for run in [r for r in RUNS if r in wanted and not r.startswith("B-")]:
+                self._run_if_possible(run, seed)
+            if seed == first:  # B's sweeps need A's shape on the first seed
+                for sweep in ("B-found", "B-hand"):
+                    if any(arms.SWEEP_OF[r] == sweep for r in wanted) and \
+                            self.ctx.results.get(("A", first), {}).get("status") == "ok":
+                        self._sweep(sweep)
+            for run in [r for r in RUNS if r in wanted and r.startswith("B-")]:
+                self._run_if_possible(run, seed)
+
+
+# ---------------------------------------------------------------------- checks before any training
+def check_test_set(data_path: list[str], test_data_path: list[str]) -> None:
+    """The test set must be data no arm trains on: not a --data-path prefix, not the same bytes,
+    and not made from the same source files (when the manifests name them)."""
+    from pretrain.config import DataConfig
+
+    train = DataConfig(data_path=data_path).blend()[0]
+    test = DataConfig(data_path=test_data_path).blend()[0]
+    for t in test:
+        for d in train:
+            if os.path.realpath(t) == os.path.realpath(d) or _same_bytes(t + ".bin", d + ".bin"):
+                raise ConfigError(f"--test-data-path {t} is the training data {d} (--data-path): a test set must be "
+                                  "held out, e.g. python -m data_prep.build_corpus ... --holdout-fraction")
+            shared = _manifest_sources(t) & _manifest_sources(d)
+            if shared:
+                raise ConfigError(f"--test-data-path {t} and --data-path {d} were made from the same source files "
+                                  f"({', '.join(sorted(shared)[:3])}): the test set would overlap the training data")
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    import filecmp
+
+    return os.path.isfile(a) and os.path.isfile(b) and os.path.getsize(a) == os.path.getsize(b) and \
+        filecmp.cmp(a, b, shallow=False)
+
+
+def _manifest_sources(prefix: str) -> set[str]:
+    """sha256 of each source file the manifest lists (older manifests list none)."""
+    path = prefix + ".json"
+    if not os.path.isfile(path):
+        return set()
+    try:
+        manifest = json.load(open(path))
+    except (OSError, json.JSONDecodeError):
+        return set()
+    sources = manifest.get("sources") or manifest.get("source_files") or []
+    return {s["sha256"] for s in sources if isinstance(s, dict) and s.get("sha256")}
+
+
+def training_tokens_available(data_path: list[str], split: str) -> int:
+    """Tokens in the training share of --data-path's documents (megatron-core splits by document)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from pretrain.config import DataConfig
+
+    prefixes, weights = DataConfig(data_path=data_path).blend()
+    shares = [float(x) for x in split.replace("/", ",").split(",")]
+    train_share = shares[0] / sum(shares)
+    total = 0.0
+    for i, prefix in enumerate(prefixes):
+        dataset = IndexedDataset(prefix, mmap=True)  # kept alive: its lengths are a view of its mmap
+        lengths = dataset.sequence_lengths
+        documents = int(round(train_share * len(lengths)))
+        tokens = int(lengths[:documents].sum())
+        del lengths, dataset
+        # a blend reads each prefix in proportion to its weight: the scarcest one bounds the whole
+        share = (weights[i] / sum(weights)) if weights else 1.0
+        total = tokens / share if i == 0 else min(total, tokens / share)
+    return int(total)
+
+
+def check_corpus(recipe: Recipe, needed_tokens: int, available: int, what: str) -> None:
+    if needed_tokens > available:
+        raise ConfigError(f"{what} reads {needed_tokens:,} training tokens, but the training share of --data-path "
+                          f"(--split {recipe.split}) holds {available:,}: no arm may repeat data. Build a bigger "
+                          "corpus (python -m data_prep.build_corpus --source debian-docs) or pick a smaller recipe")
+
+
+def format_command(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)

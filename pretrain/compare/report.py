@@ -1,0 +1,214 @@
+"""``report.md``, ``report.json`` and the plots of a comparison, from its runs' ``result.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+from pretrain.compare.arms import RUNS
+
+DESCRIPTIONS = {
+    "parent": "the parent shape, first P tokens (its cost is charged to A and C)",
+    "A": "pruning-aware: from parent, pruned in the window, shrunk, to P+T",
+    "A0": "pruning-aware from random init, P+T tokens",
+    "C": "prune once after training (parent to the window's end, one event, shrink), to P+T",
+    "B-found-i": "A's found shape from scratch, P+T tokens",
+    "B-found-ii": "A's found shape from scratch, parent+A's actual FLOPs",
+    "B-hand-i": "uniform hand shape, A's parameters, P+T tokens",
+    "B-hand-ii": "uniform hand shape, A's parameters, parent+A's actual FLOPs",
+}
+
+
+def _shape_text(model: dict) -> str:
+    text = f"L{model['num_layers']} h{model['hidden_size']} "
+    shapes = model.get("layer_shapes")
+    if shapes:
+        groups = sorted({s["num_query_groups"] for s in shapes})
+        ffn = [s["ffn_hidden_size"] for s in shapes]
+        return text + f"groups {groups[0]}-{groups[-1]} ffn {min(ffn)}-{max(ffn)} (per layer)"
+    return text + f"groups {model.get('num_query_groups') or model['num_attention_heads']} ffn {model['ffn_hidden_size']}"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(results: dict, seeds: list[int]) -> dict:
+    """Per run: what it cost and reached, over seeds, and its paired difference to A."""
+    parent = {s: results.get(("parent", s)) for s in seeds}
+    out = {}
+    for run in RUNS:
+        per_seed = {s: results.get((run, s)) for s in seeds}
+        ok = {s: r for s, r in per_seed.items() if r and r.get("status") == "ok"}
+        if not any(per_seed.values()):
+            continue
+        row = {"run": run, "description": DESCRIPTIONS[run], "seeds_ok": sorted(ok),
+               "not_ok": {s: (r or {}).get("reason", "not run") for s, r in per_seed.items() if s not in ok}}
+        if ok:
+            any_ok = next(iter(ok.values()))
+            charged = {s: r["flops"]["actual"] + ((parent[s] or {}).get("flops", {}).get("actual", 0)
+                                                  if run in ("A", "C") else 0) for s, r in ok.items()}
+            row.update({
+                "shape": {s: _shape_text(r["final_model"]) for s, r in ok.items()},
+                "params": statistics.mean(r["params"] for r in ok.values()),
+                "tokens": statistics.mean(r["tokens_trained"] for r in ok.values()),
+                "flops_actual": statistics.mean(r["flops"]["actual"] for r in ok.values()),
+                "flops_ideal": statistics.mean(r["flops"]["ideal"] for r in ok.values()),
+                "flops_with_parent": statistics.mean(charged.values()),
+                "wall_seconds": statistics.mean(r["wall_seconds"] for r in ok.values()),
+                "lr": any_ok["lr"],
+                "test_loss": dict(zip(("mean", "std"), _mean_std([r["test_loss"] for r in ok.values()]))),
+                "test_loss_per_seed": {s: r["test_loss"] for s, r in ok.items()},
+            })
+            a = {s: results.get(("A", s)) for s in ok}
+            paired = {s: r["test_loss"] - a[s]["test_loss"] for s, r in ok.items()
+                      if run != "A" and a[s] and a[s].get("status") == "ok"}
+            if paired:
+                row["minus_A"] = {"mean": statistics.mean(paired.values()), "per_seed": paired,
+                                  "A_better_in": sum(1 for d in paired.values() if d > 0), "seeds": len(paired)}
+        out[run] = row
+    return out
+
+
+def _fmt_count(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, notes: list[str],
+                 command: str) -> dict:
+    summary = summarise(results, seeds)
+    report = {"recipe": recipe.name, "seeds": seeds, "command": command, "learning_rates": lrs, "runs": summary,
+              "notes": notes}
+    _write(os.path.join(out, "report.json"), json.dumps(report, indent=1, default=str))
+    plots = _plots(out, results, seeds)
+    lines = [f"# Baseline comparison: recipe `{recipe.name}`", "", recipe.summary, "",
+             f"Command: `{command}`", "",
+             f"Seeds {seeds}; P = {recipe.parent_tokens:,} parent tokens, T = {recipe.continue_tokens:,} after it; "
+             f"target {recipe.target_ratio:.0%} of the parent's parameters; saliency {recipe.saliency}, "
+             f"{recipe.granularity}; test loss on --test-data-path (no run trains or selects on it).", "",
+             "Learning rates (chosen on the training data's validation split, seed 0): "
+             + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), "",
+             "| run | shape (seed 0) | params | tokens | FLOPs actual | FLOPs ideal | FLOPs + parent | wall s | "
+             "test loss | minus A (paired) | A better |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run, row in summary.items():
+        if "test_loss" not in row:
+            lines.append(f"| {run} | not finished: {'; '.join(f'seed {s}: {r}' for s, r in row['not_ok'].items())} "
+                         "| | | | | | | | | |")
+            continue
+        shape = next(iter(row["shape"].values()))
+        diff = row.get("minus_A")
+        loss = row["test_loss"]
+        lines.append(
+            f"| {run} | {shape} | {_fmt_count(row['params'])} | {_fmt_count(row['tokens'])} | "
+            f"{_fmt_count(row['flops_actual'])} | {_fmt_count(row['flops_ideal'])} | "
+            f"{_fmt_count(row['flops_with_parent'])} | {row['wall_seconds']:.0f} | "
+            f"{loss['mean']:.4f} ± {loss['std']:.4f} | "
+            + (f"{diff['mean']:+.4f} | {diff['A_better_in']}/{diff['seeds']} |" if diff else " | |"))
+        if row["not_ok"]:
+            lines.append(f"| | missing seeds: {row['not_ok']} | | | | | | | | | |")
+    lines += ["", "Runs: " + "; ".join(f"**{k}** {v}" for k, v in DESCRIPTIONS.items()), "",
+              "*minus A*: the run's test loss minus A's, per seed, averaged (positive: A is better); "
+              "*A better*: seeds where A's loss is lower. *FLOPs actual*: what the run computed (a masked "
+              "model at full size until the in-run shrink); *ideal*: the kept shape alone; *+ parent*: A and C "
+              "charged with the parent's FLOPs (the matched-compute B runs spend exactly that).", ""]
+    lines += _stability_lines(results, seeds)
+    lines += [f"![{name}]({os.path.basename(path)})" for name, path in plots.items()]
+    if notes:
+        lines += ["", "Notes:", *[f"- {n}" for n in notes]]
+    _write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+    return report
+
+
+def _stability_lines(results: dict, seeds: list[int]) -> list[str]:
+    """The shape A found per seed, and how much it varies (bench/seed_stability.py's measures).
+    Each seed has its own parent, so which groups survive cannot be compared across seeds; their
+    numbers per layer can."""
+    found = [(s, results[("A", s)]) for s in seeds if results.get(("A", s), {}).get("status") == "ok"
+             and results[("A", s)].get("pruning")]
+    if not found:
+        return []
+    lines = ["Found shape per seed (last pruning event: kept query groups / FFN channels per layer, hidden):", ""]
+    per_layer_ffn = []
+    for s, r in found:
+        kept = r["pruning"][-1]["kept_per_layer"]
+        alive = [i for i, a in enumerate(kept["layers"]) if a]
+        lines.append(f"- seed {s}: " + " ".join(f"{kept['heads'][i]}/{kept['ffn'][i]}" for i in alive)
+                     + f", hidden {kept['hidden']}; kept heads {r['pruning'][-1].get('heads', 0):.0%}, "
+                       f"FFN {r['pruning'][-1].get('ffn', 0):.0%}, hidden {r['pruning'][-1].get('hidden', 0):.0%}")
+        per_layer_ffn.append([kept["ffn"][i] for i in alive])
+    if len(found) > 1 and len({len(x) for x in per_layer_ffn}) == 1:
+        spread = [statistics.pstdev(col) for col in zip(*per_layer_ffn)]
+        lines.append(f"- per-layer FFN width std across seeds: {' '.join(f'{x:.1f}' for x in spread)}")
+        for kind in ("heads", "ffn", "hidden"):
+            values = [r["pruning"][-1].get(kind, 0) for _, r in found]
+            lines.append(f"- kept {kind}: mean {statistics.mean(values):.3f}, std {statistics.pstdev(values):.3f}")
+    return lines + [""]
+
+
+def _plots(out: str, results: dict, seeds: list[int]) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    parent_flops = {s: (results.get(("parent", s)) or {}).get("flops", {}).get("actual", 0) for s in seeds}
+    for axis in ("tokens", "flops"):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, run in enumerate(RUNS):
+            for s in seeds:
+                r = results.get((run, s))
+                if not r or r.get("status") != "ok":
+                    continue
+                points = [c for c in r["curve"] if c.get("test_loss") is not None]
+                offset = parent_flops[s] if axis == "flops" and run in ("A", "C") else 0
+                xs = [c[axis] + offset for c in points]
+                ax.plot(xs, [c["test_loss"] for c in points], color=f"C{i}", alpha=0.8,
+                        label=run if s == seeds[0] else None, marker="." if run == "parent" else None)
+        ax.set_xlabel("training tokens (position in the data)" if axis == "tokens" else
+                      "training FLOPs (actual; A and C include the parent's)")
+        ax.set_ylabel("test loss")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = os.path.join(out, f"test_loss_vs_{axis}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths[f"test loss vs {axis}"] = path
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for run, style in (("A", "-"), ("A0", ":"), ("C", "--")):
+        for s in seeds:
+            r = results.get((run, s))
+            if not r or r.get("status") != "ok" or not r.get("pruning"):
+                continue
+            for j, kind in enumerate(("heads", "ffn", "hidden")):
+                ax.step([p["tokens"] for p in r["pruning"]], [p.get(kind, 1.0) for p in r["pruning"]], where="post",
+                        color=f"C{j}", linestyle=style, alpha=0.8,
+                        label=f"{run} {kind}" if s == seeds[0] else None)
+                drawn = True
+    if drawn:
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("kept fraction")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = os.path.join(out, "pruning_trajectory.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        paths["pruning trajectory"] = path
+    plt.close(fig)
+    return paths
+
+
+def _write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

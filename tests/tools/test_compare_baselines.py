@@ -1,0 +1,208 @@
+"""tools/compare_baselines.py: the plan, the accounting (against hand counts), bad input, and the
+cpu-tiny recipe end to end (every arm trains; tokens, FLOPs and the report check out)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.compare import arms
+from pretrain.compare.accounting import kept_flops_per_token, run_flops
+from pretrain.compare.recipes import RECIPES, get_recipe
+from pretrain.config import ConfigError, ModelConfig
+from pretrain.flops import flops_per_token_of, training_flops_per_token
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(ROOT, "tools", "compare_baselines.py")
+
+
+def test_flops_per_token_matches_a_hand_count():
+    # L2, hidden 64, 4 heads in 2 groups of head size 16, FFN 192, vocab 1024, sequence 64:
+    # q/k/v 64*16*(4+2*2) = 8192, output 4*16*64 = 4096, SwiGLU 3*64*192 = 36864 -> 49152 weights;
+    # attention 2 matmuls x 2*4*16 FLOPs x 32 keys = 8192; forward per layer 2*49152 + 8192 = 106496;
+    # output layer 2*1024*64 = 131072; forward 2*106496 + 131072 = 344064; training 3x = 1032192
+    assert flops_per_token_of([(2, 4, 192)] * 2, 64, 16, 1024, 64) == 1032192
+    model = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                        ffn_hidden_size=192, seq_length=64)
+    assert training_flops_per_token(model, 1024) == 1032192
+    per_layer = ModelConfig(**{**model.__dict__, "layer_shapes": [
+        {"num_query_groups": 2, "num_attention_heads": 4, "ffn_hidden_size": 192},
+        {"num_query_groups": 1, "num_attention_heads": 2, "ffn_hidden_size": 64}]})
+    # the narrow layer: 64*16*(2+2) + 2*16*64 + 3*64*64 = 4096 + 2048 + 12288 = 18432; attention 2*2*32*32 = 4096
+    assert training_flops_per_token(per_layer, 1024) == 3 * (106496 + 2 * 18432 + 4096 + 131072)
+
+
+def test_ideal_flops_switch_one_step_after_each_event():
+    parent = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
+              "ffn_hidden_size": 192, "seq_length": 64}
+    full = flops_per_token_of([(2, 4, 192)] * 2, 64, 16, 1024, 64)
+    metrics = [{"iteration": i, "flops_per_token": full} for i in range(1, 5)]
+    kept = {"layers": [True, True], "heads": [1, 2], "ffn": [64, 192], "hidden": 64}
+    small = kept_flops_per_token(kept, parent, 1024)
+    assert small == flops_per_token_of([(1, 2, 64), (2, 4, 192)], 64, 16, 1024, 64)
+    out = run_flops(metrics, 10, [{"iteration": 2, "kept_per_layer": kept}], parent, 1024)
+    # steps 1 and 2 compute with the full model; 3 and 4 with what the event at 2 kept
+    assert out == {"actual": 40 * full, "ideal": 20 * full + 20 * small}
+    dropped = {"layers": [True, False], "heads": [2, 0], "ffn": [192, 0], "hidden": 32}
+    assert kept_flops_per_token(dropped, parent, 1024) == flops_per_token_of([(2, 4, 192)], 32, 16, 1024, 64)
+
+
+def test_runs_for_adds_what_an_arm_needs_and_refuses_unknown_arms():
+    runs, notes = arms.runs_for(["B-found"])
+    assert runs == ["parent", "A", "B-found-i", "B-found-ii"]
+    assert any("A added" in n for n in notes) and any("parent added" in n for n in notes)
+    with pytest.raises(ConfigError, match="no such arm"):
+        arms.runs_for(["A", "D"])
+
+
+def test_hand_shape_is_uniform_within_two_percent_by_its_rule():
+    parent = dict(RECIPES["cpu-small"].model)
+    vocab = 4032
+    target = arms.parameters(parent, vocab) // 2
+    shape = arms.hand_shape(parent, target, vocab)
+    assert shape["num_layers"] == parent["num_layers"]
+    assert shape["num_attention_heads"] == parent["num_attention_heads"]
+    assert shape["hidden_size"] % 8 == 0 and shape["ffn_hidden_size"] % 8 == 0
+    assert abs(arms.parameters(shape, vocab) - target) <= 0.02 * target
+    with pytest.raises(ConfigError, match="within 2%"):
+        arms.hand_shape(parent, 1000, vocab)  # smaller than the embedding alone
+
+
+def test_recipes_validate_and_refuse_a_window_too_small():
+    for name in RECIPES:
+        get_recipe(name)
+    with pytest.raises(ConfigError, match="shorter than one --prune-interval"):
+        get_recipe("cpu-tiny", window=(0.0, 0.05))
+    with pytest.raises(ConfigError, match="does not exist"):
+        get_recipe("cpu-huge")
+
+
+@pytest.fixture(scope="module")
+def split_data(tmp_path_factory) -> dict:
+    """Training and held-out test data from disjoint documents of the built-in corpus."""
+    from data_prep.build_corpus import builtin_documents
+    from data_prep.train_tokenizer import train_tokenizer
+    from tools.preprocess_data import preprocess
+
+    root = tmp_path_factory.mktemp("cmp")
+    docs = list(itertools.islice(builtin_documents(), 1000))
+    for name, part in (("train", docs[:850]), ("test", docs[850:])):
+        with open(root / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(d) + "\n" for d in part)
+    tok = train_tokenizer([str(root / "train.jsonl")], str(root / "tok"), vocab_size=1000, num_threads=1)
+    out = {"tok": tok, "root": str(root)}
+    for name in ("train", "test"):
+        out[name] = preprocess([str(root / f"{name}.jsonl")], str(root / name), "GPTSentencePieceTokenizer", tok,
+                               append_eod=True, workers=0, progress=False).outputs[0]
+    return out
+
+
+def _tool(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env)
+
+
+def _args(data: dict, out: str, *extra: str, test: str | None = None) -> list[str]:
+    return ["--recipe", "cpu-tiny", "--data-path", data["train"], "--tokenizer-model", data["tok"],
+            "--test-data-path", test or data["test"], "--seeds", "1", "--out", out, *extra]
+
+
+def test_bad_input_is_refused_before_any_training(split_data, tmp_path):
+    import shutil
+
+    copy = os.path.join(split_data["root"], "copy_of_train")
+    for ext in (".bin", ".idx"):
+        shutil.copy(split_data["train"] + ext, copy + ext)
+    cases = [
+        (_args(split_data, str(tmp_path / "a"), test=split_data["train"]), "is also in --data-path"),
+        (_args(split_data, str(tmp_path / "a2"), test=copy), "is the training data"),
+        (_args(split_data, str(tmp_path / "b"), "--arms", "A,Z"), "no such arm"),
+        (["--recipe", "cpu-big", *_args(split_data, str(tmp_path / "c"))[2:]], "--recipe 'cpu-big' does not exist"),
+        (["--recipe", "cpu-small", *_args(split_data, str(tmp_path / "d"))[2:]], "no arm may repeat data"),
+    ]
+    for args, message in cases:
+        proc = _tool(*args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    assert not any(os.listdir(tmp_path))  # nothing was started or written
+
+
+def test_slurm_dry_run_chains_the_runs_by_dependency(split_data, tmp_path):
+    proc = _tool(*_args(split_data, str(tmp_path / "s"), "--launcher", "slurm", "--dry-run"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("sbatch")]
+    names = [line.split("--job-name=")[1].split()[0] for line in lines]
+    assert names == ["cmp-parent:0", "cmp-A:0", "cmp-A0:0", "cmp-C:0", "cmp-B-found-i:0", "cmp-B-found-ii:0",
+                     "cmp-B-hand-i:0", "cmp-B-hand-ii:0", "cmp-report"]
+    jobs = {name: f"DRYRUN{i + 1}" for i, name in enumerate(names)}
+    assert f"--dependency=afterany:{jobs['cmp-parent:0']}" in lines[names.index("cmp-A:0")]
+    assert f"--dependency=afterany:{jobs['cmp-A:0']}" in lines[names.index("cmp-B-hand-ii:0")]
+    assert "--dependency" not in lines[names.index("cmp-A0:0")]
+    assert "--only B-found-i:0" in lines[names.index("cmp-B-found-i:0")]
+    assert not os.path.exists(tmp_path / "s")
+
+
+@pytest.mark.slow
+def test_cpu_tiny_runs_every_arm_with_exact_accounting(split_data, tmp_path):
+    out = str(tmp_path / "cmp")
+    proc = _tool(*_args(split_data, out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recipe = get_recipe("cpu-tiny")
+    results = {run: json.load(open(os.path.join(out, run, "seed0", "result.json"))) for run in arms.RUNS}
+    assert {run: r["status"] for run, r in results.items()} == {run: "ok" for run in arms.RUNS}
+    for run in arms.RUNS:
+        assert os.path.isfile(os.path.join(out, run, "seed0", "command.sh"))
+    step = recipe.tokens_per_step
+    parent, a = results["parent"], results["A"]
+    vocab = parent["vocab_size"]
+    full = arms.total_tokens(recipe)
+    # tokens: the parent is the first P, A and C continue it to P + T, the from-scratch runs do P + T
+    assert parent["tokens_trained"] == recipe.parent_tokens and parent["end_tokens"] == recipe.parent_tokens
+    assert a["tokens_trained"] == results["C"]["tokens_trained"] == recipe.continue_tokens
+    assert a["end_tokens"] == results["A0"]["tokens_trained"] == results["B-found-i"]["tokens_trained"] == full
+    # FLOPs: the parent computes at its full size all along (hand count in test_flops_per_token...)
+    m = recipe.model
+    head_dim = m["hidden_size"] // m["num_attention_heads"]
+    per_layer = 2 * (m["hidden_size"] * head_dim * (m["num_attention_heads"] + 2 * m["num_query_groups"])
+                     + m["num_attention_heads"] * head_dim * m["hidden_size"] + 3 * m["hidden_size"] * m["ffn_hidden_size"]) \
+        + 2 * 2 * m["num_attention_heads"] * head_dim * (m["seq_length"] // 2)
+    parent_per_token = 3 * (m["num_layers"] * per_layer + 2 * vocab * m["hidden_size"])
+    assert parent["flops"]["actual"] == parent["flops"]["ideal"] == parent_per_token * recipe.parent_tokens
+    # A: full size until its in-run shrink, the shrunk size after; ideal below actual while masked
+    assert a["flops"]["ideal"] < a["flops"]["actual"] < parent_per_token * recipe.continue_tokens
+    assert a["params"] <= recipe.target_ratio * parent["params"] * 1.02
+    assert a["final_model"] != parent["final_model"]  # shrunk
+    # matched FLOPs: the most whole steps of the small model within parent + A's actual FLOPs
+    budget = parent["flops"]["actual"] + a["flops"]["actual"]
+    for run in ("B-found-ii", "B-hand-ii"):
+        spent = results[run]["flops"]["actual"]
+        assert spent <= budget < spent + results[run]["flops_per_token_final"] * step
+    assert results["B-found-i"]["final_model"]["hidden_size"] == a["final_model"]["hidden_size"]
+    assert abs(results["B-hand-i"]["params"] - a["params"]) <= 0.02 * a["params"]
+    assert results["B-hand-i"]["final_model"].get("layer_shapes") is None
+    # C: one pruning event at the end of A's window
+    assert len(results["C"]["pruning"]) == 1
+    assert results["C"]["pruning"][0]["tokens"] == recipe.parent_tokens + recipe.window_tokens[1]
+    # every run was tested on the same sequences at its end
+    assert all(r["curve"][-1]["test_loss"] == r["test_loss"] for r in results.values())
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert set(report["runs"]) == set(arms.RUNS)
+    assert report["runs"]["B-found-i"]["minus_A"]["per_seed"]["0"] == pytest.approx(
+        results["B-found-i"]["test_loss"] - a["test_loss"])
+    text = open(os.path.join(out, "report.md")).read()
+    for run in arms.RUNS:
+        assert f"| {run} |" in text
+    for png in ("test_loss_vs_tokens.png", "test_loss_vs_flops.png", "pruning_trajectory.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+    # resuming a finished comparison runs nothing again; a fresh start in the same folder is refused
+    proc = _tool(*_args(split_data, out, "--resume"))
+    assert proc.returncode == 0 and "bash " not in proc.stdout, proc.stdout[-2000:]
+    proc = _tool(*_args(split_data, out))
+    assert proc.returncode == 2 and "--resume" in proc.stderr
