@@ -91,7 +91,12 @@ def _validate(args: argparse.Namespace):
     check_test_set(args.data_path, args.test_data_path)
     available = training_tokens_available(args.data_path, recipe.split)
     full = arms.total_tokens(recipe)
-    check_corpus(recipe, full, available, f"a from-scratch run (P + T = {full:,} tokens)")
+    try:
+        check_corpus(recipe, full, available, f"a from-scratch run (P + T = {full:,} tokens)")
+    except ConfigError as err:
+        if not args.dry_run:
+            raise
+        notes.append(f"WARNING (a real run stops here): {err}")
     if any(r.endswith("-ii") for r in runs):
         # a matched-FLOPs run trains the small model longer: at most (P + T) / target ratio tokens
         estimate = int(full / recipe.target_ratio)
@@ -100,6 +105,30 @@ def _validate(args: argparse.Namespace):
                          f"{available:,}; they are checked exactly once A has run")
     _check_out(args)
     return recipe, runs, notes, available
+
+
+def _validate_flags(recipe, ctx: Context, runs: list[str], seed: int) -> list[str]:
+    """Each planned run's flags through ``python -m pretrain``'s own parser and config checks, at
+    the recipe's world size (what a dry run can check before any job starts). B runs are planned
+    once A has run; they are checked then."""
+    from pretrain.arguments import build_parser as pretrain_parser, config_from_args
+
+    lines = []
+    for run in runs:
+        if run.startswith("B-"):
+            continue
+        plan = arms.plan_run(recipe, ctx, run, seed)
+        flags = list(plan.flags)
+        if plan.first_load:  # the shape comes from the parent's checkpoint, not there yet
+            flags += arms.shape_flags(recipe.model)
+        try:
+            cfg = config_from_args(pretrain_parser().parse_args(flags))
+            cfg.validate(recipe.nodes * recipe.nproc_per_node)
+        except ConfigError as err:
+            raise ConfigError(f"run {run}: {err}") from None
+        lines.append(f"{run}: flags valid for {recipe.nodes * recipe.nproc_per_node} ranks "
+                     f"({plan.train_tokens:,} tokens, lr {plan.lr:g})")
+    return lines
 
 
 def _submit_slurm(args, recipe, runs: list[str], seeds: list[int], dry_run: bool) -> None:
@@ -133,19 +162,32 @@ def _submit_slurm(args, recipe, runs: list[str], seeds: list[int], dry_run: bool
         job_ids[name] = job
         return job
 
-    sweeps = {s: [] for s in arms.SWEEPS}
-    if len(recipe.lrs) > 1:
-        for sweep, first_run in (("parent", "parent"), ("A0", "A0"), ("B-found", "B-found-i"), ("B-hand", "B-hand-i")):
-            if any(arms.SWEEP_OF[r] == sweep for r in runs):
-                needs = [f"{n}:{seeds[0]}" for n in arms.NEEDS[first_run]]
-                for lr in recipe.lrs:
-                    name = f"sweep-{sweep}-lr{lr:g}"
-                    submit(name, needs, f"sweep:{sweep}:{lr!r}", recipe.nodes)
-                    sweeps[sweep].append(name)
+    sweeps: dict[str, list[str]] = {s: [] for s in arms.SWEEPS}
+    first_runs = {"parent": "parent", "A0": "A0", "B-found": "B-found-i", "B-hand": "B-hand-i"}
+
+    def submit_sweep(sweep: str) -> None:
+        if len(recipe.lrs) > 1 and any(arms.SWEEP_OF[r] == sweep for r in runs):
+            needs = [f"{n}:{seeds[0]}" for n in arms.NEEDS[first_runs[sweep]]]
+            for lr in recipe.lrs:
+                name = f"sweep-{sweep}-lr{lr:g}"
+                submit(name, needs, f"sweep:{sweep}:{lr!r}", recipe.nodes)
+                sweeps[sweep].append(name)
+
+    def submit_run(run: str, seed: int) -> None:
+        needs = [f"{n}:{seed}" for n in arms.NEEDS[run]] + sweeps[arms.SWEEP_OF[run]]
+        submit(f"{run}:{seed}", needs, f"{run}:{seed}", recipe.nodes)
+
+    # the order of Campaign.run_all: B's sweeps need A's shape on the first seed
+    submit_sweep("parent")
+    submit_sweep("A0")
     for seed in seeds:
-        for run in runs:
-            needs = [f"{n}:{seed}" for n in arms.NEEDS[run]] + sweeps[arms.SWEEP_OF[run]]
-            submit(f"{run}:{seed}", needs, f"{run}:{seed}", recipe.nodes)
+        for run in [r for r in runs if not r.startswith("B-")]:
+            submit_run(run, seed)
+        if seed == seeds[0]:
+            submit_sweep("B-found")
+            submit_sweep("B-hand")
+        for run in [r for r in runs if r.startswith("B-")]:
+            submit_run(run, seed)
     submit("report", list(job_ids), None, 1)
 
 
@@ -184,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     command = format_command(["python", "tools/compare_baselines.py", *(argv if argv is not None else sys.argv[1:])])
     for note in notes:
         print(f"note: {note}")
+    if args.dry_run:
+        try:
+            for line in _validate_flags(recipe, ctx, runs, seeds[0]):
+                print(f"checked {line}")
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.dry_run and args.launcher == "local":
         print(f"recipe {recipe.name}: {recipe.summary}")
         print(f"runs {', '.join(runs)} x seeds {seeds}; learning rates {recipe.lrs}; "

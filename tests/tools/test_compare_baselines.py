@@ -206,3 +206,21 @@ def test_cpu_tiny_runs_every_arm_with_exact_accounting(split_data, tmp_path):
     assert proc.returncode == 0 and "bash " not in proc.stdout, proc.stdout[-2000:]
     proc = _tool(*_args(split_data, out))
     assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_gpu_1b_sbatch_dry_run_checks_every_flag_at_the_cluster_size(split_data, tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "DATA_PATH": split_data["train"],
+           "TOKENIZER_MODEL": split_data["tok"], "TEST_DATA_PATH": split_data["test"], "OUT": str(tmp_path / "g"),
+           "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "compare_baselines.sbatch")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for run in ("parent", "A", "A0", "C"):
+        assert f"checked {run}: flags valid for 32 ranks" in proc.stdout
+    assert "WARNING (a real run stops here)" in proc.stdout  # 21 B tokens are not in the tiny corpus
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("sbatch")]
+    job = {line.split("--job-name=")[1].split()[0]: f"DRYRUN{i + 1}" for i, line in enumerate(lines)}
+    sweep = next(line for line in lines if "--job-name=cmp-sweep-B-hand-lr0.0003" in line)
+    assert f"--dependency=afterany:{job['cmp-A:0']}" in sweep and "--gpus-per-node=8" in sweep
+    assert len([n for n in job if n.startswith("cmp-sweep-")]) == 12
+    assert len(lines) == 12 + 8 * 3 + 1
