@@ -1,11 +1,13 @@
 # make demo   - end-to-end pruning-aware pretraining demo on CPU (sets everything up first)
 # make test   - the test suite (sets everything up first)
+# make corpus-debian-docs - the ~30 M-token corpus from Debian's documentation packages (opt-in:
+#                downloads ~300 MB of .deb files with apt-get download; nothing is installed)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 export TORCHDYNAMO_DISABLE := 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean corpus-debian-docs
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +24,11 @@ test-fast: setup
 bench: setup
 	$(PY) bench/preprocess.py
 	$(PY) bench/train_throughput.py
+
+corpus-debian-docs: setup
+	$(PY) -m data_prep.build_corpus --source debian-docs --fetch-packages \
+	    --output data/debian_docs.jsonl --min-total-chars 100000000 \
+	    --holdout-fraction 0.01 --holdout-output data/debian_docs_held_out.jsonl
 
 clean:
 	rm -rf demo_out .pytest_cache

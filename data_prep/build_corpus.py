@@ -1,22 +1,29 @@
 """Build a JSONL corpus of real English text with no download.
 
-Two sources:
+Three sources:
 
-* ``--builtin`` (the default): the documentation that every CPython install carries. We parse
+* ``--source builtin`` (the default): the documentation that every CPython install carries. We parse
   (never import: some stdlib modules have side effects on import) every ``.py`` file of the
   standard library with :mod:`ast` and take the docstrings of modules, classes and functions,
   plus the long help topics in ``pydoc_data.topics``. Documents shorter than ``--min-chars`` are
   dropped and exact duplicates (after whitespace normalisation) are removed, so the corpus is
   deterministic for a given Python version.
+* ``--source debian-docs``: the documentation that Debian packages ship (about 30 M tokens;
+  see :mod:`data_prep.debian_docs`), unpacked from their ``.deb`` files into a cache folder
+  (``--fetch-packages`` downloads them with ``apt-get download``; nothing is installed).
 * ``--text-dir DIR``: a folder of plain-text files, one document per file (or per blank-line
   separated paragraph block with ``--split-paragraphs``), for users who have text but no JSONL.
 
-Each output line is ``{"text": ..., "source": ...}``.
+Each output line is ``{"text": ..., "source": ...}``. ``--holdout-fraction F --holdout-output
+HELD.jsonl`` sends a fixed, hash-chosen fraction of the documents to a second file, so a test set
+never shares a document with the training set.
 
 Usage::
 
     python -m data_prep.build_corpus --output corpus.jsonl
     python -m data_prep.build_corpus --text-dir my_texts/ --output mine.jsonl
+    python -m data_prep.build_corpus --source debian-docs --fetch-packages --output big.jsonl \
+        --holdout-fraction 0.01 --holdout-output held_out.jsonl
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ import os
 import re
 import sys
 import sysconfig
+import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MIN_CHARS = 200
@@ -140,68 +149,176 @@ def text_dir_documents(
                 yield {"text": chunk, "source": source}
 
 
-def write_jsonl(documents: Iterator[dict], output: str) -> tuple[int, int]:
-    """Write documents atomically (temporary name, then rename). Returns (docs, chars); with no
-    documents nothing is written (an existing ``output`` stays as it was)."""
-    out = Path(output)
-    tmp = out.with_name(out.name + ".tmp")
-    n_docs = n_chars = 0
+def is_held_out(source: str, fraction: float) -> bool:
+    """Whether the document named ``source`` belongs to the held-out split: a fixed hash of the
+    name (without a ``#part`` suffix, so the parts of one file stay together) below ``fraction``.
+    The same name always lands on the same side, whatever else the corpus holds."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(source.split("#", 1)[0].encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+@dataclass
+class WriteCounts:
+    documents: int = 0
+    characters: int = 0
+    holdout_documents: int = 0
+    holdout_characters: int = 0
+
+
+def write_jsonl(
+    documents: Iterator[dict],
+    output: str,
+    holdout_output: str | None = None,
+    holdout_fraction: float = 0.0,
+    min_total_chars: int = 0,
+) -> WriteCounts:
+    """Write documents atomically (temporary names, then rename). With ``holdout_output``, the
+    documents that :func:`is_held_out` picks go there instead of ``output``. Nothing is written
+    (existing files stay as they were) when there is no document or fewer than
+    ``min_total_chars`` characters would go to ``output``; the caller reports which."""
+    names = [("--output", Path(output))]
+    if holdout_output:
+        names.append(("--holdout-output", Path(holdout_output)))
+    temporaries = [path.with_name(path.name + ".tmp") for _, path in names]
+    counts = WriteCounts()
+    flag, path = names[0]
+    files = []
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for doc in documents:
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-                n_docs += 1
-                n_chars += len(doc["text"])
-        if n_docs:
-            os.replace(tmp, out)
+        for (flag, path), tmp in zip(names, temporaries):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            files.append(open(tmp, "w", encoding="utf-8"))
+        for doc in documents:
+            held_out = holdout_output is not None and is_held_out(doc["source"], holdout_fraction)
+            flag, path = names[held_out]
+            files[held_out].write(json.dumps(doc, ensure_ascii=False) + "\n")
+            if held_out:
+                counts.holdout_documents += 1
+                counts.holdout_characters += len(doc["text"])
+            else:
+                counts.documents += 1
+                counts.characters += len(doc["text"])
+        for (flag, path), f in zip(names, files):
+            f.close()  # a full disk can show only here, when the last buffer is flushed
+        if counts.documents and counts.characters >= min_total_chars:
+            for (flag, path), tmp in zip(names, temporaries):
+                os.replace(tmp, path)
     except OSError as err:  # a read-only or full disk, a file where the folder should be
-        raise SystemExit(f"error: --output {output}: cannot write it ({err.strerror or err}); "
-                         "nothing was written. Choose a writable folder with free space") from None
+        raise SystemExit(f"error: {flag} {path}: cannot write it ({err.strerror or err}); nothing was "
+                         "written. Choose a writable folder with free space") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()  # an error or no documents: leave nothing under the output's names
-    return n_docs, n_chars
+        for f in files:
+            if not f.closed:
+                try:
+                    f.close()
+                except OSError:
+                    pass  # the error being raised already says why
+        for tmp in temporaries:
+            if tmp.exists():
+                tmp.unlink()  # an error or too little text: leave nothing under the output's names
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="JSONL file to write")
+    parser.add_argument("--source", choices=("builtin", "debian-docs"), default="builtin",
+                        help="builtin (default): the Python standard library's docstrings (~0.5 M "
+                             "tokens); debian-docs: the documentation of Debian packages (~30 M tokens, "
+                             "see data_prep/debian_docs.py)")
     parser.add_argument("--text-dir", help="build from this folder of .txt files instead")
     parser.add_argument("--suffixes", default=".txt", help="with --text-dir: comma-separated")
     parser.add_argument("--split-paragraphs", action="store_true",
                         help="with --text-dir: one document per blank-line separated block")
+    parser.add_argument("--debian-docs-dir", default=None,
+                        help="with --source debian-docs: the folder the packages are unpacked in "
+                             "(default ~/.cache/efficientllm/debian-docs)")
+    parser.add_argument("--fetch-packages", action="store_true",
+                        help="with --source debian-docs: download the missing packages with apt-get "
+                             "download and unpack them into --debian-docs-dir (nothing is installed)")
     parser.add_argument("--min-chars", type=int, default=None,
                         help=f"drop shorter documents (default {DEFAULT_MIN_CHARS} for the "
-                             "built-in corpus, 1 for --text-dir)")
+                             "built-in and debian-docs corpora, 1 for --text-dir)")
+    parser.add_argument("--min-total-chars", type=int, default=0,
+                        help="fail, writing nothing, when --output would get fewer characters")
+    parser.add_argument("--holdout-fraction", type=float, default=0.0,
+                        help="with --holdout-output: this fraction of the documents (picked by a hash "
+                             "of their source name, so always the same ones) goes there, not to --output")
+    parser.add_argument("--holdout-output", help="JSONL file for the held-out documents")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="write the corpus this many times (to make a larger test corpus)")
+                        help="write the corpus this many times (to make a larger test corpus); "
+                             "held-out documents are written once")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    if args.text_dir and args.source != "builtin":
+        parser.error("--text-dir and --source debian-docs are two different sources; give one")
+    if args.source != "debian-docs" and (args.fetch_packages or args.debian_docs_dir):
+        parser.error("--fetch-packages and --debian-docs-dir go with --source debian-docs")
+    if bool(args.holdout_output) != (args.holdout_fraction > 0):
+        parser.error("--holdout-fraction (above 0) and --holdout-output go together")
+    if not 0 <= args.holdout_fraction < 1:
+        parser.error(f"--holdout-fraction must be in [0, 1), not {args.holdout_fraction}")
+    if args.holdout_output and Path(args.holdout_output).resolve() == Path(args.output).resolve():
+        parser.error("--holdout-output must differ from --output")
+
+    def base_documents() -> Iterator[dict]:
+        if args.text_dir:
+            return text_dir_documents(args.text_dir, args.min_chars or 1, args.split_paragraphs,
+                                      tuple(s.strip() for s in args.suffixes.split(",")))
+        if args.source == "debian-docs":
+            return _debian_documents(args.debian_docs_dir, args.fetch_packages,
+                                     args.min_chars or DEFAULT_MIN_CHARS)
+        return builtin_documents(args.min_chars or DEFAULT_MIN_CHARS)
 
     def documents() -> Iterator[dict]:
         for r in range(args.repeat):
-            if args.text_dir:
-                docs = text_dir_documents(
-                    args.text_dir, args.min_chars or 1, args.split_paragraphs,
-                    tuple(s.strip() for s in args.suffixes.split(",")),
-                )
-            else:
-                docs = builtin_documents(args.min_chars or DEFAULT_MIN_CHARS)
-            for doc in docs:
+            for doc in base_documents():
                 if r:
+                    if args.holdout_output and is_held_out(doc["source"], args.holdout_fraction):
+                        continue  # held out: written once, on the first pass
                     doc = dict(doc, source=f"{doc['source']}@{r}")
                 yield doc
 
-    n_docs, n_chars = write_jsonl(documents(), args.output)
-    if n_docs == 0:
-        source = (f"--text-dir {args.text_dir}: no document found (no {args.suffixes} file there with at "
-                  f"least {args.min_chars or 1} character(s) of text)" if args.text_dir
-                  else "the built-in corpus is empty")
+    started = time.perf_counter()
+    counts = write_jsonl(documents(), args.output, args.holdout_output, args.holdout_fraction,
+                         args.min_total_chars)
+    if counts.documents == 0:
+        if args.text_dir:
+            source = (f"--text-dir {args.text_dir}: no document found (no {args.suffixes} file there with "
+                      f"at least {args.min_chars or 1} character(s) of text)")
+        else:
+            source = f"the {args.source} corpus has no document" + (" outside the held-out split"
+                                                                    if args.holdout_output else "")
         print(f"error: {source}; nothing was written to {args.output}", file=sys.stderr)
         sys.exit(1)
-    print(f"wrote {n_docs} documents ({n_chars / 1e6:.1f} M characters) to {args.output}")
+    if counts.characters < args.min_total_chars:
+        print(f"error: --min-total-chars {args.min_total_chars}: the corpus has only {counts.characters} "
+              f"characters in {counts.documents} documents; nothing was written to {args.output}",
+              file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {counts.documents} documents ({counts.characters / 1e6:.1f} M characters) to "
+          f"{args.output} in {time.perf_counter() - started:.0f} s")
+    if args.holdout_output:
+        print(f"wrote {counts.holdout_documents} held-out documents ({counts.holdout_characters / 1e6:.2f} M "
+              f"characters) to {args.holdout_output}")
+
+
+def _debian_documents(cache_dir: str | None, fetch: bool, min_chars: int) -> Iterator[dict]:
+    from data_prep import debian_docs
+
+    cache = Path(cache_dir) if cache_dir else debian_docs.DEFAULT_CACHE_DIR
+    try:
+        missing = debian_docs.missing_packages(cache, list(debian_docs.DEBIAN_DOC_PACKAGES))
+        if missing and not fetch:
+            raise debian_docs.DebianDocsError(debian_docs.missing_packages_message(cache, missing))
+        if missing:
+            debian_docs.fetch_packages(cache, missing)
+        print(f"reading the Debian documentation packages in {cache}:")
+        yield from debian_docs.debian_doc_documents(cache, min_chars)
+    except debian_docs.DebianDocsError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

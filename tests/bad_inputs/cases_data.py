@@ -86,4 +86,10 @@ CASES = [
              lambda d, f: python("-m", "data_prep.build_corpus", "--text-dir", str(d),
                                  "--output", str(d / "out" / "corpus.jsonl")),
              message=r"--text-dir .*: no document found", leftovers=("out/corpus.jsonl",)),
+    BadInput("data-corpus-debian-docs-not-fetched",
+             lambda d, f: python("-m", "data_prep.build_corpus", "--source", "debian-docs",
+                                 "--debian-docs-dir", str(d / "no-cache"),
+                                 "--output", str(d / "out" / "big.jsonl")),
+             message=r"needs 23 Debian package\(s\) not unpacked in .*no-cache: linux-doc-6\.1 [\s\S]*"
+                     r"Add --fetch-packages", leftovers=("out/big.jsonl",)),
 ]
