@@ -204,6 +204,25 @@ def _plots(out: str, results: dict, seeds: list[int]) -> dict:
         fig.savefig(path, dpi=100)
         paths["pruning trajectory"] = path
     plt.close(fig)
+    found = [(s, results[("A", s)]["pruning"][-1]["kept_per_layer"]) for s in seeds
+             if (results.get(("A", s)) or {}).get("status") == "ok" and results[("A", s)].get("pruning")]
+    if found:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for s, kept in found:
+            layers = range(len(kept["ffn"]))
+            axes[0].plot(layers, kept["ffn"], marker="o", label=f"seed {s} (hidden {kept['hidden']})")
+            axes[1].plot(layers, kept["heads"], marker="o", label=f"seed {s}")
+        axes[0].set_title("A's kept FFN channels per layer")
+        axes[1].set_title("A's kept query groups per layer")
+        for ax in axes:
+            ax.set_xlabel("layer")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        path = os.path.join(out, "found_shapes.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths["found shape per seed"] = path
     return paths
 
 

@@ -199,7 +199,7 @@ def test_cpu_tiny_runs_every_arm_with_exact_accounting(split_data, tmp_path):
     text = open(os.path.join(out, "report.md")).read()
     for run in arms.RUNS:
         assert f"| {run} |" in text
-    for png in ("test_loss_vs_tokens.png", "test_loss_vs_flops.png", "pruning_trajectory.png"):
+    for png in ("test_loss_vs_tokens.png", "test_loss_vs_flops.png", "pruning_trajectory.png", "found_shapes.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
     # resuming a finished comparison runs nothing again; a fresh start in the same folder is refused
     proc = _tool(*_args(split_data, out, "--resume"))
