@@ -3,8 +3,10 @@
 * a hidden channel whose embedding signal sits on a few rows (the tokens one batch holds) is not
   ranked as cheap;
 * one event never removes more than the cap, and overshoots the target by at most the cheapest
-  unit that can still move;
-* ``proportional`` allocation prunes every type by the same fraction.
+  unit that can still move; small units taken before a large one that lands far below the target
+  are given back;
+* ``proportional`` allocation prunes every type by the same fraction, and on a pretrained tiny
+  model whose embeddings are most of its parameters the global ranking is no worse.
 """
 
 import pytest
@@ -113,6 +115,32 @@ def test_overshoot_is_bounded_by_the_cheapest_unit_that_can_move():
     assert target - ffn_unit <= shape.parameter_count(new) <= target
 
 
+def test_small_units_taken_before_a_large_one_that_lands_far_below_the_target_are_given_back():
+    shape = BIG_VOCAB
+    full = shape.full_masks()
+    h = shape.hidden
+    # per parameter: FFN channels cheapest (rising with the index), query groups next, hidden dearest
+    ffn = (1 + torch.arange(shape.ffn, dtype=torch.float64) / shape.ffn).expand(2, -1) * 1e-3
+    scores = GroupScores(torch.full((2, 2), 3e-3 * shape.group_cost(h), dtype=torch.float64),
+                         ffn * shape.ffn_channel_cost(h),
+                         torch.full((h,), 1e-2 * shape.hidden_channel_cost(full), dtype=torch.float64))
+    target = int(0.7 * shape.parameter_count(full))
+    # the greedy alone takes every FFN unit and query group it may, then has to take two hidden
+    # units (~35,000 parameters each) and lands ~27,000 (8% of the model) below the target
+    new, moves = solve(shape, full, scores, target, SolverConstraints(align=8))
+    params = shape.parameter_count(new)
+    assert int(new.hidden.sum()) == h - 16 and [m["type"] for m in moves][-2:] == ["hidden", "hidden"]
+    ffn_unit = 8 * shape.ffn_channel_cost(h - 16)
+    assert target - ffn_unit < params <= target, (target, params)  # within one FFN unit again
+    assert new.heads.all()  # the query groups are worth more per parameter than FFN channels: back first
+    for layer in range(2):  # the FFN channels back are the most salient ones
+        kept = int(new.ffn[layer].sum())
+        assert 8 < kept < shape.ffn and bool(new.ffn[layer, shape.ffn - kept:].all())
+    # the moves left say exactly what the event removed
+    assert sum(m["params_removed"] for m in moves) == shape.parameter_count(full) - params
+    assert check_constraints(shape, new, SolverConstraints(align=8)) == []
+
+
 def test_proportional_allocation_prunes_every_type_by_the_same_fraction():
     shape = ModelShape(num_layers=4, hidden=128, num_heads=8, num_groups=8, head_dim=16, ffn=512, vocab=256,
                        tied=True)
@@ -130,9 +158,9 @@ def test_proportional_allocation_prunes_every_type_by_the_same_fraction():
     assert min(kept) < 1.0
 
 
-def embedding_heavy_worker(data, ratio):
-    """Train a tiny model whose (untied) embeddings are most of its parameters, score its last two
-    steps (element-form Taylor), then prune it one-shot with each allocation."""
+def embedding_heavy_worker(data, ratios):
+    """Pretrain a tiny model whose (untied) embeddings are most of its parameters, score its last
+    two steps (element-form Taylor), then prune it one-shot to each ratio with each allocation."""
     import dataclasses
 
     from pretrain.model import unwrap
@@ -140,12 +168,14 @@ def embedding_heavy_worker(data, ratio):
     from pretrain.train import run
     from tests.pretrain.common import debug_config
 
-    iters, tokens_per_step = 150, 8 * 64
+    # 400 steps: held-out loss 4.3, well past the unigram stage (5.3 after 150 steps), so the
+    # scores rank a model that has learned something, as a pretrained parent has
+    iters, tokens_per_step = 400, 8 * 64
     cfg = debug_config(data, iters=iters, num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                        ffn_hidden_size=128, untie_embeddings_and_output_weights=True)
     cfg.train = dataclasses.replace(cfg.train, log_interval=10**6)
     # the last two steps score; no event fires inside the run
-    cfg.prune = dataclasses.replace(cfg.prune, target_ratio=ratio, start_tokens=(iters - 2) * tokens_per_step,
+    cfg.prune = dataclasses.replace(cfg.prune, target_ratio=min(ratios), start_tokens=(iters - 2) * tokens_per_step,
                                     end_tokens=10**12, interval=10**9, taylor_form="element")
     summary = run(cfg)
     pruner = next(c for c in summary["trainer"].callbacks if c.name == "pruning")
@@ -155,17 +185,25 @@ def embedding_heavy_worker(data, ratio):
     batch = _last_sequences(data["prefix"], count=16, length=65)
     parent = {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None}
     shape, table = pruner.shape, pruner.ema
-    out = {"embedding_share": shape.vocab * shape.hidden * 2 / shape.parameter_count(shape.full_masks())}
-    for allocation in ("global", "proportional"):
-        full = shape.full_masks()
-        masks, _ = solve(shape, full, GroupScores(table.heads, table.ffn, table.hidden),
-                         int(shape.parameter_count(full) * ratio), SolverConstraints(align=8, allocation=allocation))
+    full = shape.full_masks()
+    out = {"embedding_share": shape.vocab * shape.hidden * 2 / shape.parameter_count(full)}
+
+    def heldout_loss(masks) -> float:
         model.load_state_dict(parent, strict=False)
         build_local_masks(chunks, masks, shape).apply_to_weights()
         with torch.no_grad():
             tokens, labels = batch[:, :-1], batch[:, 1:]
-            out[allocation] = float(model(tokens, torch.arange(64).expand_as(tokens), None, labels=labels).mean())
-        out[f"{allocation}_kept"] = [float(getattr(masks, k).float().mean()) for k in ("heads", "ffn", "hidden")]
+            return float(model(tokens, torch.arange(64).expand_as(tokens), None, labels=labels).mean())
+
+    out["parent"] = heldout_loss(full)
+    for ratio in ratios:
+        for allocation in ("global", "proportional"):
+            target = int(shape.parameter_count(full) * ratio)
+            masks, _ = solve(shape, full, GroupScores(table.heads, table.ffn, table.hidden), target,
+                             SolverConstraints(align=8, allocation=allocation))
+            out[(ratio, allocation)] = {
+                "loss": heldout_loss(masks), "params": shape.parameter_count(masks) / shape.parameter_count(full),
+                "kept": [float(getattr(masks, k).float().mean()) for k in ("heads", "ffn", "hidden")]}
     return out
 
 
@@ -179,18 +217,28 @@ def _last_sequences(prefix: str, count: int, length: int) -> torch.Tensor:
     return torch.from_numpy(tokens[-count * length:]).view(count, length)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 21, open: on this barely trained model (150 steps, loss 5.26) every estimator ranks the "
-    "FFN channels cheapest and a one-shot global prune to 50% keeps 6% of them: 6.10-6.13 against "
-    "proportional's 5.79-5.81. A within-event correction (saliency x kept-at-start / kept-now) made "
-    "it pass but cost 2.7 nats on SmolLM2 at 70% (bench/saliency_real.py), so it is not in"))
+@pytest.mark.slow
 def test_global_allocation_is_no_worse_than_proportional_on_an_embedding_heavy_model(tiny_dataset):
+    """Issue 21. Until the solver gave back small units (``_give_back``), the global ranking took
+    every FFN unit and query group it could, then a hidden unit (8 channels, ~9% of this model)
+    that landed far below the target: 62.6% kept at a 70% target and 44.7% at 50%, held-out 5.01
+    and 5.38 against proportional's 4.61 and 4.98 (after 150 training steps: 6.13 against 5.79)."""
     from tests.dist_helper import run_distributed
 
-    res = run_distributed(embedding_heavy_worker, 1, tiny_dataset, 0.5)[0]
+    res = run_distributed(embedding_heavy_worker, 1, tiny_dataset, (0.7, 0.5))[0]
     assert res["embedding_share"] > 0.5, res
-    # seed 7, one data order; 0.02 nats covers float summation order, not a real difference
-    assert res["global"] <= res["proportional"] + 0.02, res
+    for ratio in (0.7, 0.5):
+        glob, prop = res[(ratio, "global")], res[(ratio, "proportional")]
+        # the overshoot is at most one FFN unit (8 channels: at most 0.75% of this model)
+        assert ratio - 0.01 < glob["params"] <= ratio, res
+        # Tolerance 0.02 nats. Both losses come from the same trained weights on the same 1,024
+        # held-out tokens, so only the masks differ. Measured with seeds 7, 1, 2: at 70% global
+        # wins by 0.12, 0.14, 0.17 nats (it keeps the hidden width, which this model needs most,
+        # and takes query groups and FFN channels instead); at 50% the target leaves no choice
+        # (both reach query groups at their floor and 40 of 64 hidden channels) and the masks,
+        # hence the losses, are identical. 0.02 covers another CPU's float summation order
+        # flipping a near-tie between two channels; it is far below the margins above.
+        assert glob["loss"] <= prop["loss"] + 0.02, res
 
 
 def test_a_loss_jump_after_an_event_is_recorded_logged_and_warned(capsys):
