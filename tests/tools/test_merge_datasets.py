@@ -194,3 +194,14 @@ def test_split_sentences_refused_and_tokenizer_type_inferred(tiny_dataset, tmp_p
     ok = subprocess.run(base + ["--partitions", "1", "--keep-sequential-samples"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert read_manifest(str(tmp_path / "o_text_document")).tokenizer_type == "GPTSentencePieceTokenizer"
+
+
+def test_inspect_prints_the_manifest(shards, capsys):
+    from tools.inspect_dataset import main as inspect_main
+
+    assert inspect_main([shards["whole"], "--num-docs", "0"]) == 0
+    out = capsys.readouterr().out
+    manifest = read_manifest(shards["whole"])
+    assert f"tokenizer: GPTSentencePieceTokenizer, vocabulary 1,000, sha256 {manifest.tokenizer_model_sha256}" in out
+    assert "sources: 3 file(s)" in out and manifest.sources[2].sha256 in out and "in2.jsonl.gz" in out
+    assert "bad lines skipped: 0" in out and "eod appended: yes" in out and "efficientllm-pretrain" in out
