@@ -82,16 +82,56 @@ def check_datasets(data: DataConfig, tokenizer: TextTokenizer) -> None:
         raise ConfigError(problem)
 
 
+def check_tokenizer_matches_data(data: DataConfig, tokenizer: TextTokenizer) -> None:
+    """The tokenizer against the manifest of every ``--data-path`` dataset, on every rank and
+    before any process group exists: the manifests are small files, every rank reaches the same
+    verdict, and a mismatch stops the run with its message instead of a collective timing out."""
+    if data.mock_data:
+        return
+    problem = _tokenizer_mismatch(data.blend()[0], tokenizer)
+    if problem:
+        raise ConfigError(problem)
+
+
+# (prefix, manifest size and mtime) -> manifest; (tokenizer file, size, mtime) -> sha256: the
+# checks run more than once per run (before the process group, then with the datasets)
+_MANIFESTS: dict[tuple, object] = {}
+_TOKENIZER_DIGESTS: dict[tuple, str] = {}
+
+
+def _cached_manifest(prefix: str):
+    from data_prep.indexed_dataset import manifest_path, read_manifest
+
+    try:
+        st = os.stat(manifest_path(prefix))
+    except FileNotFoundError:
+        return None
+    key = (os.path.abspath(prefix), st.st_size, st.st_mtime_ns)
+    if key not in _MANIFESTS:
+        _MANIFESTS[key] = read_manifest(prefix)
+    return _MANIFESTS[key]
+
+
+def _cached_sha256(path: str) -> str:
+    from data_prep.indexed_dataset import file_sha256
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _TOKENIZER_DIGESTS:
+        _TOKENIZER_DIGESTS[key] = file_sha256(path)
+    return _TOKENIZER_DIGESTS[key]
+
+
 def _tokenizer_mismatch(prefixes: list[str], tokenizer: TextTokenizer) -> str | None:
     """The data's manifest names the tokenizer that made it (sha256, vocabulary): another one
     would train on ids that mean other tokens, in silence (DESIGN invariant 9)."""
-    from data_prep.indexed_dataset import file_sha256, manifest_path, read_manifest
+    from data_prep.indexed_dataset import manifest_path
 
     path = getattr(tokenizer, "path", None)
     digest = None
     for prefix in prefixes:
         try:
-            manifest = read_manifest(prefix)
+            manifest = _cached_manifest(prefix)
         except DatasetError as err:
             return f"--data-path: {err}"
         if manifest is None:
@@ -99,7 +139,7 @@ def _tokenizer_mismatch(prefixes: list[str], tokenizer: TextTokenizer) -> str | 
         if manifest.vocab_size != tokenizer.vocab_size:
             found = f"{manifest.vocab_size} tokens"
         elif manifest.tokenizer_model_sha256 and path:
-            digest = digest or file_sha256(path)
+            digest = digest or _cached_sha256(path)
             if digest == manifest.tokenizer_model_sha256:
                 continue
             found = f"another tokenizer file (sha256 {manifest.tokenizer_model_sha256[:12]}...)"
@@ -147,6 +187,49 @@ def _decided_on_rank0(decide: Callable[[], str | None]) -> str | None:
     verdict = [decide() if torch.distributed.get_rank() == 0 else None]
     torch.distributed.broadcast_object_list(verdict, src=0)
     return verdict[0]
+
+
+def blend_report(data: DataConfig, train_samples: int, seq_length: int, max_lines: int = 8) -> list[str]:
+    """Lines for the log: the tokens of each blend component (its manifest, else its ``.bin``'s
+    size) and about how many times the run will read its training share (weight x tokens the run
+    draws / the component's training tokens), with a warning for each component that repeats."""
+    from data_prep.indexed_dataset import read_index_header
+
+    if data.mock_data or not train_samples:
+        return []
+    prefixes, weights = data.blend()
+    shares = [float(x) for x in data.split.replace("/", ",").split(",")]
+    train_share = shares[0] / sum(shares)
+    tokens = []
+    for prefix in prefixes:
+        manifest = _cached_manifest(prefix)
+        if manifest is not None:
+            tokens.append(manifest.tokens)
+        else:
+            header = read_index_header(prefix)
+            tokens.append(os.path.getsize(prefix + ".bin") // header.itemsize)
+    total = sum(tokens)
+    if weights is None:  # megatron-core: one pass over each dataset, weighted by its size
+        weights = [t / total for t in tokens] if total else [1 / len(tokens)] * len(tokens)
+    weight_sum = sum(weights) or 1.0
+    drawn = train_samples * seq_length
+    epochs = [(w / weight_sum) * drawn / max(t * train_share, 1) for w, t in zip(weights, tokens)]
+    lines = [f"data: {len(prefixes):,} dataset(s), {total:,} tokens ({total * train_share:,.0f} in the training "
+             f"split {data.split}); the run draws {drawn:,} training tokens, ~{drawn / max(total * train_share, 1):.2f} "
+             "epochs of the whole"]
+    order = sorted(range(len(prefixes)), key=lambda i: -epochs[i])
+    for i in order[:max_lines] if len(prefixes) > max_lines else range(len(prefixes)):
+        lines.append(f"  {prefixes[i]}: {tokens[i]:,} tokens, weight {weights[i] / weight_sum:.4f}, "
+                     f"~{epochs[i]:.2f} epochs")
+    if len(prefixes) > max_lines:
+        lines.append(f"  ... {len(prefixes) - max_lines:,} more (most repeated first)")
+    repeated = [i for i in range(len(prefixes)) if epochs[i] > 1.0]
+    if repeated:
+        worst = order[0]
+        lines.append(f"WARNING: {len(repeated):,} blend component(s) will be seen more than once (the most: "
+                     f"{prefixes[worst]}, ~{epochs[worst]:.2f} times): their documents repeat. Add data, "
+                     "lower their weight, or train on fewer tokens")
+    return lines
 
 
 def _check_split_has_training_data(data: DataConfig, num_samples: tuple[int, int, int]) -> None:
