@@ -4,6 +4,7 @@ order from a consumed-samples position (so a resumed run sees exactly the sample
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -232,6 +233,48 @@ def blend_report(data: DataConfig, train_samples: int, seq_length: int, max_line
     return lines
 
 
+def index_cache_folder(data: DataConfig) -> str:
+    """Where megatron-core keeps the dataset indices: --data-cache-path, else beside the first
+    dataset (``PREFIX/cache/GPTDataset_indices``, its default)."""
+    return data.data_cache_path or os.path.join(data.blend()[0][0], "cache", "GPTDataset_indices")
+
+
+def _check_index_cache_is_shared(data: DataConfig) -> None:
+    """megatron-core builds the indices on global rank 0 alone and the other ranks, after a
+    barrier, read them from the cache folder (one build per run, however many ranks and nodes).
+    A folder that other nodes do not see (node-local disk) would fail there deep inside numpy:
+    rank 0 writes a marker, every rank looks for it, and all stop with one message if one cannot."""
+    if data.mock_data or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    folder = index_cache_folder(data)
+    rank = torch.distributed.get_rank()
+    marker = [None]  # its name: each rank looks in its own view of the folder
+    if rank == 0:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            marker[0] = f".visible-from-every-rank-{os.getpid()}-{time.time_ns()}"
+            open(os.path.join(folder, marker[0]), "w").close()
+        except OSError as err:
+            marker[0] = f"error: {err.strerror or err}"
+    torch.distributed.broadcast_object_list(marker, src=0)
+    if marker[0].startswith("error: "):
+        raise ConfigError(f"--data-cache-path: cannot write the dataset index cache {folder} ({marker[0][7:]}); "
+                          "give --data-cache-path a writable folder")
+    seen = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, os.path.exists(os.path.join(folder, marker[0])))
+    torch.distributed.barrier()
+    if rank == 0:
+        os.remove(os.path.join(folder, marker[0]))
+    blind = [r for r, ok in enumerate(seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"the dataset index cache {folder} is not shared: rank(s) {', '.join(map(str, blind[:8]))} do not see "
+            "what rank 0 writes there. megatron-core builds the indices once, on rank 0, and every other rank "
+            "reads them: give --data-cache-path a folder on a filesystem every node mounts")
+
+
 def _check_split_has_training_data(data: DataConfig, num_samples: tuple[int, int, int]) -> None:
     if data.mock_data or not num_samples[0]:
         return
@@ -250,6 +293,7 @@ def build_datasets(data: DataConfig, tokenizer: TextTokenizer, seq_length: int, 
 
     _check_split_has_training_data(data, num_samples)
     check_datasets(data, tokenizer)
+    _check_index_cache_is_shared(data)
 
     blend = None if data.mock_data else data.blend()
     config = GPTDatasetConfig(
