@@ -4,8 +4,11 @@ The command-line interface is Megatron-LM's ``tools/preprocess_data.py``; the ou
 byte-identical to what megatron-core's ``IndexedDatasetBuilder`` writes (one sequence per
 document), and the same whatever ``--workers`` is. Beside it goes a manifest
 ``{prefix}_{key}_document.json`` (``data_prep.indexed_dataset.DatasetManifest``: largest token
-id, tokenizer and its sha256, counts), which training and evaluation read to check the data
-against the model's vocabulary without scanning the ``.bin``.
+id, tokenizer and its sha256, counts, the source files with their sizes and sha256 (hashed as they
+are read), lines skipped, tool version), which training and evaluation read to check the data
+against the model's tokenizer without scanning the ``.bin``. ``--partitions N`` encodes N
+contiguous shares of the input in N processes and merges them (``data_prep.merge``): the same
+files as one process.
 
 Faster than Megatron-LM's script, which encodes one document per pool task: the input is streamed
 in chunks of about ``--chunk-bytes``; each worker parses and batch-encodes a whole chunk (with
@@ -23,8 +26,7 @@ temporaries of a run that was killed (its process is gone), never those of a liv
 Usage::
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
-        --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tok.model \\
-        --append-eod --workers 2
+        --tokenizer-model tok.model --append-eod --workers 2
 """
 
 from __future__ import annotations
