@@ -15,6 +15,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,9 +90,25 @@ def _check_sizes(prefix: str, header: IndexHeader, idx_size: int, remake: str) -
                            f"{expected_bin}; {remake}")
 
 
+MANIFEST_FORMAT_VERSION = 2
+
+
+@dataclass
+class SourceFile:
+    """One input file of a dataset: where it was, how big, and its sha256 (``sha256sum``'s)."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+
 @dataclass
 class DatasetManifest:
-    """``PREFIX.json``, written with the dataset: what made it and what it holds."""
+    """``PREFIX.json``, written with the dataset: what made it and what it holds.
+
+    Format 1 (before the source list) had only the fields up to ``dtype``; reading it gives the
+    defaults for the rest. ``sources`` is in the order the documents are in the ``.bin``, so a
+    merge concatenates its inputs' lists."""
 
     max_token_id: int
     vocab_size: int
@@ -100,7 +117,16 @@ class DatasetManifest:
     documents: int
     tokens: int
     dtype: str
-    format_version: int = 1
+    format_version: int = MANIFEST_FORMAT_VERSION
+    json_key: str | None = None
+    append_eod: bool | None = None
+    bad_lines_skipped: int = 0
+    blank_lines: int = 0
+    sources: list[SourceFile] = dataclasses.field(default_factory=list)
+    tool_version: str | None = None
+
+    def __post_init__(self) -> None:
+        self.sources = [s if isinstance(s, SourceFile) else SourceFile(**s) for s in self.sources]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,6 +140,16 @@ class DatasetManifest:
 
 def manifest_path(prefix: str) -> str:
     return prefix + ".json"
+
+
+def tool_version() -> str:
+    """What wrote a manifest: this package and its version."""
+    from importlib import metadata
+
+    try:
+        return f"efficientllm-pretrain {metadata.version('efficientllm-pretrain')}"
+    except metadata.PackageNotFoundError:  # a checkout used without installing it
+        return "efficientllm-pretrain (not installed)"
 
 
 def write_manifest(path: str, manifest: DatasetManifest) -> None:
@@ -131,7 +167,7 @@ def read_manifest(prefix: str) -> DatasetManifest | None:
     try:
         with open(path) as f:
             return DatasetManifest.from_dict(json.load(f))
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, KeyError) as err:
         raise DatasetError(f"{path}: not a readable dataset manifest ({err}); delete it to have "
                            "the dataset scanned instead, or re-run tools/preprocess_data.py") from None
 
@@ -172,7 +208,10 @@ def remove_stale_temporaries(final_path: str) -> list[str]:
     for path in glob.glob(glob.escape(final_path) + ".tmp-*"):
         pid = path.rsplit(".tmp-", 1)[1]
         if pid.isdigit() and not _process_alive(int(pid)):
-            os.remove(path)
+            if os.path.isdir(path):  # a folder of partial outputs (preprocess_data --partitions)
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
             removed.append(path)
     return removed
 

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=[], help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
+    g.add_argument("--data-args-path", help="a file holding the --data-path list (whitespace-separated, e.g. "
+                   "one 'W PREFIX' a line): for blends of thousands of datasets")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--test-data-path", nargs="+", default=[],
                    help="a held-out test set (PREFIX, or weight/prefix pairs), evaluated with validation and at "
@@ -289,6 +291,16 @@ def _tokenizer_values(args: argparse.Namespace, peeked: tuple[str, dict] | None)
     return args.tokenizer_type or infer_tokenizer_type(model), model
 
 
+def _data_path(args: argparse.Namespace) -> list[str]:
+    from pretrain.config import read_data_args
+
+    if args.data_args_path is None:
+        return args.data_path
+    if args.data_path:
+        raise ConfigError("--data-path and --data-args-path both give the data: give one of them")
+    return read_data_args(args.data_args_path)
+
+
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     peeked = peek_checkpoint(args.load)
     model_values = _model_values(args, peeked)
@@ -301,7 +313,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
             use_distributed_optimizer=args.use_distributed_optimizer,
         ),
         data=DataConfig(
-            data_path=args.data_path, split=args.split, tokenizer_type=tokenizer_type,
+            data_path=_data_path(args), split=args.split, tokenizer_type=tokenizer_type,
             tokenizer_model=tokenizer_model, vocab_size_for_null_tokenizer=args.null_vocab_size,
             mock_data=args.mock_data, data_cache_path=args.data_cache_path, test_data_path=args.test_data_path,
         ),

@@ -205,10 +205,13 @@ class DataConfig:
     test_data_path: list[str] = field(default_factory=list)
 
     def blend(self) -> tuple[list[str], list[float] | None]:
-        """Megatron-LM's ``--data-path`` forms: ``PREFIX`` or ``W1 PREFIX1 W2 PREFIX2 ...``."""
+        """Megatron-LM's ``--data-path`` forms: ``PREFIX``, ``W1 PREFIX1 W2 PREFIX2 ...``, or
+        ``PREFIX1 PREFIX2 ...`` (no weights: each dataset once, weighted by its size)."""
         items = self.data_path
         if len(items) == 1:
             return [items[0]], None
+        if not any(_is_number(item) for item in items):
+            return list(items), None
         _require(
             len(items) % 2 == 0,
             "--data-path takes one prefix, or weight/prefix pairs: W1 PREFIX1 W2 PREFIX2 ...",
@@ -255,6 +258,27 @@ class DataConfig:
             _require(bool(self.tokenizer_model), f"--tokenizer-model is required for {self.tokenizer_type}")
             _require(os.path.exists(self.tokenizer_model or ""),
                      f"--tokenizer-model {self.tokenizer_model!r} does not exist")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_data_args(path: str) -> list[str]:
+    """Megatron-LM's ``--data-args-path``: a file holding what ``--data-path`` would (weights and
+    prefixes separated by any whitespace, e.g. one ``W PREFIX`` a line), for blends too long for a
+    command line."""
+    try:
+        with open(path) as f:
+            items = f.read().split()
+    except OSError as err:
+        raise ConfigError(f"--data-args-path {path}: cannot read it ({err.strerror or err})") from None
+    _require(bool(items), f"--data-args-path {path}: the file is empty; list 'W PREFIX' pairs or prefixes in it")
+    return items
 
 
 @dataclass(kw_only=True)

@@ -4,6 +4,7 @@ order from a consumed-samples position (so a resumed run sees exactly the sample
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -82,16 +83,56 @@ def check_datasets(data: DataConfig, tokenizer: TextTokenizer) -> None:
         raise ConfigError(problem)
 
 
+def check_tokenizer_matches_data(data: DataConfig, tokenizer: TextTokenizer) -> None:
+    """The tokenizer against the manifest of every ``--data-path`` dataset, on every rank and
+    before any process group exists: the manifests are small files, every rank reaches the same
+    verdict, and a mismatch stops the run with its message instead of a collective timing out."""
+    if data.mock_data:
+        return
+    problem = _tokenizer_mismatch(data.blend()[0], tokenizer)
+    if problem:
+        raise ConfigError(problem)
+
+
+# (prefix, manifest size and mtime) -> manifest; (tokenizer file, size, mtime) -> sha256: the
+# checks run more than once per run (before the process group, then with the datasets)
+_MANIFESTS: dict[tuple, object] = {}
+_TOKENIZER_DIGESTS: dict[tuple, str] = {}
+
+
+def _cached_manifest(prefix: str):
+    from data_prep.indexed_dataset import manifest_path, read_manifest
+
+    try:
+        st = os.stat(manifest_path(prefix))
+    except FileNotFoundError:
+        return None
+    key = (os.path.abspath(prefix), st.st_size, st.st_mtime_ns)
+    if key not in _MANIFESTS:
+        _MANIFESTS[key] = read_manifest(prefix)
+    return _MANIFESTS[key]
+
+
+def _cached_sha256(path: str) -> str:
+    from data_prep.indexed_dataset import file_sha256
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _TOKENIZER_DIGESTS:
+        _TOKENIZER_DIGESTS[key] = file_sha256(path)
+    return _TOKENIZER_DIGESTS[key]
+
+
 def _tokenizer_mismatch(prefixes: list[str], tokenizer: TextTokenizer) -> str | None:
     """The data's manifest names the tokenizer that made it (sha256, vocabulary): another one
     would train on ids that mean other tokens, in silence (DESIGN invariant 9)."""
-    from data_prep.indexed_dataset import file_sha256, manifest_path, read_manifest
+    from data_prep.indexed_dataset import manifest_path
 
     path = getattr(tokenizer, "path", None)
     digest = None
     for prefix in prefixes:
         try:
-            manifest = read_manifest(prefix)
+            manifest = _cached_manifest(prefix)
         except DatasetError as err:
             return f"--data-path: {err}"
         if manifest is None:
@@ -99,7 +140,7 @@ def _tokenizer_mismatch(prefixes: list[str], tokenizer: TextTokenizer) -> str | 
         if manifest.vocab_size != tokenizer.vocab_size:
             found = f"{manifest.vocab_size} tokens"
         elif manifest.tokenizer_model_sha256 and path:
-            digest = digest or file_sha256(path)
+            digest = digest or _cached_sha256(path)
             if digest == manifest.tokenizer_model_sha256:
                 continue
             found = f"another tokenizer file (sha256 {manifest.tokenizer_model_sha256[:12]}...)"
@@ -149,6 +190,91 @@ def _decided_on_rank0(decide: Callable[[], str | None]) -> str | None:
     return verdict[0]
 
 
+def blend_report(data: DataConfig, train_samples: int, seq_length: int, max_lines: int = 8) -> list[str]:
+    """Lines for the log: the tokens of each blend component (its manifest, else its ``.bin``'s
+    size) and about how many times the run will read its training share (weight x tokens the run
+    draws / the component's training tokens), with a warning for each component that repeats."""
+    from data_prep.indexed_dataset import read_index_header
+
+    if data.mock_data or not train_samples:
+        return []
+    prefixes, weights = data.blend()
+    shares = [float(x) for x in data.split.replace("/", ",").split(",")]
+    train_share = shares[0] / sum(shares)
+    tokens = []
+    for prefix in prefixes:
+        manifest = _cached_manifest(prefix)
+        if manifest is not None:
+            tokens.append(manifest.tokens)
+        else:
+            header = read_index_header(prefix)
+            tokens.append(os.path.getsize(prefix + ".bin") // header.itemsize)
+    total = sum(tokens)
+    if weights is None:  # megatron-core: one pass over each dataset, weighted by its size
+        weights = [t / total for t in tokens] if total else [1 / len(tokens)] * len(tokens)
+    weight_sum = sum(weights) or 1.0
+    drawn = train_samples * seq_length
+    epochs = [(w / weight_sum) * drawn / max(t * train_share, 1) for w, t in zip(weights, tokens)]
+    lines = [f"data: {len(prefixes):,} dataset(s), {total:,} tokens ({total * train_share:,.0f} in the training "
+             f"split {data.split}); the run draws {drawn:,} training tokens, ~{drawn / max(total * train_share, 1):.2f} "
+             "epochs of the whole"]
+    order = sorted(range(len(prefixes)), key=lambda i: -epochs[i])
+    for i in order[:max_lines] if len(prefixes) > max_lines else range(len(prefixes)):
+        lines.append(f"  {prefixes[i]}: {tokens[i]:,} tokens, weight {weights[i] / weight_sum:.4f}, "
+                     f"~{epochs[i]:.2f} epochs")
+    if len(prefixes) > max_lines:
+        lines.append(f"  ... {len(prefixes) - max_lines:,} more (most repeated first)")
+    repeated = [i for i in range(len(prefixes)) if epochs[i] > 1.0]
+    if repeated:
+        worst = order[0]
+        lines.append(f"WARNING: {len(repeated):,} blend component(s) will be seen more than once (the most: "
+                     f"{prefixes[worst]}, ~{epochs[worst]:.2f} times): their documents repeat. Add data, "
+                     "lower their weight, or train on fewer tokens")
+    return lines
+
+
+def index_cache_folder(data: DataConfig) -> str:
+    """Where megatron-core keeps the dataset indices: --data-cache-path, else beside the first
+    dataset (``PREFIX/cache/GPTDataset_indices``, its default)."""
+    return data.data_cache_path or os.path.join(data.blend()[0][0], "cache", "GPTDataset_indices")
+
+
+def _check_index_cache_is_shared(data: DataConfig) -> None:
+    """megatron-core builds the indices on global rank 0 alone and the other ranks, after a
+    barrier, read them from the cache folder (one build per run, however many ranks and nodes).
+    A folder that other nodes do not see (node-local disk) would fail there deep inside numpy:
+    rank 0 writes a marker, every rank looks for it, and all stop with one message if one cannot."""
+    if data.mock_data or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    folder = index_cache_folder(data)
+    rank = torch.distributed.get_rank()
+    marker = [None]  # its name: each rank looks in its own view of the folder
+    if rank == 0:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            marker[0] = f".visible-from-every-rank-{os.getpid()}-{time.time_ns()}"
+            open(os.path.join(folder, marker[0]), "w").close()
+        except OSError as err:
+            marker[0] = f"error: {err.strerror or err}"
+    torch.distributed.broadcast_object_list(marker, src=0)
+    if marker[0].startswith("error: "):
+        raise ConfigError(f"--data-cache-path: cannot write the dataset index cache {folder} ({marker[0][7:]}); "
+                          "give --data-cache-path a writable folder")
+    seen = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, os.path.exists(os.path.join(folder, marker[0])))
+    torch.distributed.barrier()
+    if rank == 0:
+        os.remove(os.path.join(folder, marker[0]))
+    blind = [r for r, ok in enumerate(seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"the dataset index cache {folder} is not shared: rank(s) {', '.join(map(str, blind[:8]))} do not see "
+            "what rank 0 writes there. megatron-core builds the indices once, on rank 0, and every other rank "
+            "reads them: give --data-cache-path a folder on a filesystem every node mounts")
+
+
 def _check_split_has_training_data(data: DataConfig, num_samples: tuple[int, int, int]) -> None:
     if data.mock_data or not num_samples[0]:
         return
@@ -167,6 +293,7 @@ def build_datasets(data: DataConfig, tokenizer: TextTokenizer, seq_length: int, 
 
     _check_split_has_training_data(data, num_samples)
     check_datasets(data, tokenizer)
+    _check_index_cache_is_shared(data)
 
     blend = None if data.mock_data else data.blend()
     config = GPTDatasetConfig(

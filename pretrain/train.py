@@ -115,8 +115,10 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
 
     from pretrain import checkpoint as ckpt
     from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
-    from pretrain.data import (MicroBatchIterator, build_datasets, build_test_dataset, check_datasets,
-                               load_tokenizer)
+    from pretrain.data import (
+        MicroBatchIterator, blend_report, build_datasets, build_test_dataset, check_datasets,
+        check_tokenizer_matches_data, load_tokenizer,
+    )
     from pretrain.distributed import init_distributed, launch_environment, print_rank0, set_random_seed
     from pretrain.flops import training_flops_per_token
     from pretrain.init import deterministic_init
@@ -133,6 +135,10 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
     vocab_size = checkpoint_vocab(peeked, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
+    if tokenizer is not None and not cfg.data.mock_data:
+        check_tokenizer_matches_data(cfg.data, tokenizer)  # before any process group work
+        if cfg.data.test_data_path:
+            check_tokenizer_matches_data(cfg.data.test_data(), tokenizer)
     layout = init_distributed(tp, pp)
     if tokenizer is not None and not cfg.data.mock_data:
         check_datasets(cfg.data, tokenizer)  # before anything heavy is built
@@ -145,6 +151,9 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
 
     counts = cfg.model.num_parameters(vocab_size)
     print_rank0(_plan(cfg, layout, vocab_size, counts, total_iters, num_microbatches))
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # once, not on every rank
+        for line in blend_report(cfg.data, total_iters * cfg.train.global_batch_size, cfg.model.seq_length):
+            print_rank0(line)
     for note in ([pruning_note] if pruning_note else []) + _pruning_warnings(cfg, counts, total_iters, peeked):
         print_rank0(note)
     if cfg.train.dry_run:
@@ -420,12 +429,19 @@ def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, tota
         f"x {num_microbatches} micro-batches; {t.global_batch_size * m.seq_length:,} tokens/step",
         f"plan: {total_iters} iterations, {tokens / 1e6:,.2f} M tokens; lr {cfg.optim.lr} "
         f"({cfg.optim.lr_decay_style}, warmup {cfg.optim.lr_warmup_iters}, min {cfg.optim.min_lr})",
-        f"data: {'mock' if cfg.data.mock_data else ' '.join(cfg.data.data_path)} split {cfg.data.split}",
+        f"data: {'mock' if cfg.data.mock_data else _data_summary(cfg.data.data_path)} split {cfg.data.split}",
         f"checkpoints: save {cfg.checkpoint.save} every {cfg.checkpoint.save_interval}; "
         f"load {cfg.checkpoint.load}",
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+def _data_summary(data_path: list[str], most: int = 8) -> str:
+    """``--data-path`` for the plan; a long blend (--data-args-path) as its ends and its length."""
+    if len(data_path) <= most:
+        return " ".join(data_path)
+    return f"{' '.join(data_path[:4])} ... {' '.join(data_path[-2:])} ({len(data_path):,} items)"
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

@@ -18,8 +18,35 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.indexed_dataset import DatasetError, max_token_id, read_index_header  # noqa: E402
+from data_prep.indexed_dataset import (  # noqa: E402
+    DatasetError, DatasetManifest, manifest_path, max_token_id, read_index_header, read_manifest,
+)
 from data_prep.tokenizers import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
+
+
+def describe_manifest(prefix: str, manifest: DatasetManifest | None, max_sources: int = 10) -> list[str]:
+    """The manifest (PREFIX.json) in a few lines: what made the dataset, from which files."""
+    if manifest is None:
+        return [f"  manifest: none ({manifest_path(prefix)} is missing: made by another tool?)"]
+    m = manifest
+    eod = {True: "yes", False: "no", None: "not recorded"}[m.append_eod]
+    lines = [
+        f"  manifest: {manifest_path(prefix)} (format {m.format_version}, {m.tool_version or 'tool not recorded'})",
+        f"    tokenizer: {m.tokenizer_type}, vocabulary {m.vocab_size:,}, sha256 {m.tokenizer_model_sha256 or '-'}",
+        f"    documents {m.documents:,}, tokens {m.tokens:,}, dtype {m.dtype}, largest id {m.max_token_id}, "
+        f"json key {m.json_key or '-'}, eod appended: {eod}",
+        f"    bad lines skipped: {m.bad_lines_skipped:,}, blank lines: {m.blank_lines:,}",
+    ]
+    if m.sources:
+        total = sum(s.bytes for s in m.sources)
+        lines.append(f"    sources: {len(m.sources):,} file(s), {total:,} bytes")
+        for source in m.sources[:max_sources]:
+            lines.append(f"      {source.path}  {source.bytes:,} bytes  sha256 {source.sha256}")
+        if len(m.sources) > max_sources:
+            lines.append(f"      ... and {len(m.sources) - max_sources:,} more")
+    else:
+        lines.append("    sources: not recorded")
+    return lines
 
 
 def inspect(prefix: str, tokenizer=None, num_docs: int = 3, max_chars: int = 500,
@@ -35,6 +62,7 @@ def inspect(prefix: str, tokenizer=None, num_docs: int = 3, max_chars: int = 500
         f"  sequences: {len(ds):,}   documents: {len(ds.document_indices) - 1:,}   tokens: {total:,}",
         f"  token dtype: {np.dtype(ds.index.dtype).name}   .bin size: {os.path.getsize(prefix + '.bin'):,} bytes",
         f"  largest token id: {largest} (from {largest_source})",
+        *describe_manifest(prefix, read_manifest(prefix)),
     ]
     if tokenizer is not None and largest >= tokenizer.vocab_size:
         lines.append(f"  WARNING: ids up to {largest} exceed the tokenizer's vocabulary "

@@ -4,8 +4,11 @@ The command-line interface is Megatron-LM's ``tools/preprocess_data.py``; the ou
 byte-identical to what megatron-core's ``IndexedDatasetBuilder`` writes (one sequence per
 document), and the same whatever ``--workers`` is. Beside it goes a manifest
 ``{prefix}_{key}_document.json`` (``data_prep.indexed_dataset.DatasetManifest``: largest token
-id, tokenizer and its sha256, counts), which training and evaluation read to check the data
-against the model's vocabulary without scanning the ``.bin``.
+id, tokenizer and its sha256, counts, the source files with their sizes and sha256 (hashed as they
+are read), lines skipped, tool version), which training and evaluation read to check the data
+against the model's tokenizer without scanning the ``.bin``. ``--partitions N`` encodes N
+contiguous shares of the input in N processes and merges them (``data_prep.merge``): the same
+files as one process.
 
 Faster than Megatron-LM's script, which encodes one document per pool task: the input is streamed
 in chunks of about ``--chunk-bytes``; each worker parses and batch-encodes a whole chunk (with
@@ -23,18 +26,22 @@ temporaries of a run that was killed (its process is gone), never those of a liv
 Usage::
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
-        --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tok.model \\
-        --append-eod --workers 2
+        --tokenizer-model tok.model --append-eod --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import glob
 import gzip
+import hashlib
+import io
 import json
 import os
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,21 +55,34 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.indexed_dataset import (  # noqa: E402
-    DTYPE_CODES, INDEX_HEADER, DatasetManifest, file_sha256, manifest_path, remove_stale_temporaries,
-    write_manifest,
+    DTYPE_CODES, INDEX_HEADER, DatasetManifest, SourceFile, file_sha256, manifest_path, remove_stale_temporaries,
+    tool_version, write_manifest,
 )
-from data_prep.tokenizers import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
+from data_prep.merge import MergeError, merge_datasets  # noqa: E402
+from data_prep.tokenizers import (  # noqa: E402
+    TOKENIZER_TYPES, TokenizerError, build_tokenizer, infer_tokenizer_type,
+)
 
 
 class PreprocessError(Exception):
     """Bad input or environment; the message names the file/line/flag and what to do."""
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A run of whole lines of one input file: bytes ``[start, end)`` (``end`` None: to its end)."""
+
+    path: str
+    start: int = 0
+    end: int | None = None
+
+
 @dataclass
 class Chunk:
     file: str
-    first_line: int  # 1-based number of lines[0]
+    first_line: int  # 1-based number of lines[0], counted from segment_start
     lines: list[bytes]
+    segment_start: int = 0  # byte offset the line numbers count from (a --partitions share)
 
 
 @dataclass
@@ -73,6 +93,7 @@ class ChunkResult:
     n_bytes: int = 0
     blank_lines: int = 0
     bad_lines: list[tuple[str, int, str]] = field(default_factory=list)
+    segment_start: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +144,7 @@ def encode_chunk(chunk: Chunk) -> ChunkResult:
     """Parse, validate and batch-encode one chunk (runs in a worker process)."""
     state = _worker_state
     tokenizer, keys, dtype = state["tokenizer"], state["json_keys"], state["dtype"]
-    result = ChunkResult(tokens={}, lengths={})
+    result = ChunkResult(tokens={}, lengths={}, segment_start=chunk.segment_start)
     rows: list[dict[str, str]] = []
     line_numbers: list[int] = []
     for offset, raw in enumerate(chunk.lines):
@@ -191,29 +212,124 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return files
 
 
-def _open_input(path: str) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+class _HashingReader(io.RawIOBase):
+    """Passes a file's bytes through, adding them to a sha256 on the way (the input is read once)."""
+
+    def __init__(self, raw: IO[bytes], digest):
+        self._raw, self.digest = raw, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._raw.readinto(buffer)
+        if n:
+            self.digest.update(memoryview(buffer)[:n])
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
-def iter_chunks(files: list[str], chunk_bytes: int) -> Iterator[Chunk]:
-    """Stream the inputs as chunks of whole lines, about ``chunk_bytes`` each."""
-    for path in files:
-        with _open_input(path) as f:
+def _open_segment(segment: Segment, digest=None) -> tuple[IO[bytes], IO[bytes]]:
+    """(lines to iterate, the underlying byte stream) for a segment; ``digest`` hashes the file."""
+    raw: IO[bytes] = open(segment.path, "rb", buffering=0)
+    if digest is not None:
+        raw = _HashingReader(raw, digest)
+    buffered = io.BufferedReader(raw, 1 << 20)
+    if segment.path.endswith(".gz"):
+        return gzip.GzipFile(fileobj=buffered, mode="rb"), buffered
+    if segment.start:
+        buffered.seek(segment.start)
+    return buffered, buffered
+
+
+def iter_chunks(segments: list[Segment], chunk_bytes: int, digests: list | None = None) -> Iterator[Chunk]:
+    """Stream the segments as chunks of whole lines, about ``chunk_bytes`` each. With ``digests``,
+    each whole-file segment's bytes go through a sha256 appended to it as ``(path, digest)``."""
+    for segment in segments:
+        digest = None
+        if digests is not None and segment.start == 0 and segment.end is None:
+            digest = hashlib.sha256()
+            digests.append((segment.path, digest))
+        try:
+            lines_io, stream = _open_segment(segment, digest)
+        except OSError as err:
+            raise PreprocessError(f"--input {segment.path}: cannot read it ({err.strerror or err})") from None
+        with lines_io, stream:
             lines: list[bytes] = []
             size = 0
             first = 1
             line_no = 0
+            position = segment.start
             try:
-                for line_no, raw in enumerate(f, 1):
+                for line_no, raw in enumerate(lines_io, 1):
+                    if segment.end is not None and position >= segment.end:
+                        break
+                    position += len(raw)
                     lines.append(raw)
                     size += len(raw)
                     if size >= chunk_bytes:
-                        yield Chunk(path, first, lines)
+                        yield Chunk(segment.path, first, lines, segment.start)
                         lines, size, first = [], 0, line_no + 1
+                if digest is not None:
+                    while stream.read(1 << 20):  # whatever the line reader left: the hash covers the file
+                        pass
             except (OSError, EOFError) as err:  # e.g. a truncated .gz
-                raise PreprocessError(f"{path}:{line_no + 1}: cannot read input ({err})") from None
+                where = _absolute_line(segment.path, segment.start, line_no + 1)
+                raise PreprocessError(f"{segment.path}:{where}: cannot read input ({err})") from None
             if lines:
-                yield Chunk(path, first, lines)
+                yield Chunk(segment.path, first, lines, segment.start)
+
+
+_LINES_BEFORE: dict[tuple[str, int], int] = {}
+
+
+def _absolute_line(path: str, segment_start: int, line: int) -> int:
+    """A line number counted from a segment's start, counted from the file's start instead (the
+    newlines before the segment are counted once, when an error needs them)."""
+    if segment_start == 0:
+        return line
+    key = (os.path.abspath(path), segment_start)
+    if key not in _LINES_BEFORE:
+        count, left = 0, segment_start
+        with open(path, "rb") as f:
+            while left:
+                block = f.read(min(left, 1 << 24))
+                if not block:
+                    break
+                count += block.count(b"\n")
+                left -= len(block)
+        _LINES_BEFORE[key] = count
+    return _LINES_BEFORE[key] + line
+
+
+def plan_partitions(files: list[str], partitions: int) -> list[list[Segment]]:
+    """Split the inputs into ``partitions`` contiguous shares of about equal bytes, in input order
+    (so the documents keep their order): a plain file may be cut at a line boundary, a ``.gz``
+    goes whole to the share its first byte falls in. A share may be empty (few big ``.gz``)."""
+    sizes = [os.path.getsize(f) for f in files]
+    total = sum(sizes)
+    bounds = [total * k // partitions for k in range(1, partitions)]
+    plan: list[list[Segment]] = [[] for _ in range(partitions)]
+    offset = 0
+    for path, size in zip(files, sizes):
+        cuts = [0]
+        if not path.endswith(".gz"):
+            with open(path, "rb") as f:
+                for bound in bounds:
+                    if offset < bound < offset + size:
+                        f.seek(bound - offset - 1)
+                        f.readline()  # to the end of the line holding the byte before the bound
+                        if cuts[-1] < f.tell() < size:
+                            cuts.append(f.tell())
+        cuts.append(size)
+        for start, end in zip(cuts, cuts[1:]):
+            share = bisect.bisect_right(bounds, offset + start)
+            plan[share].append(Segment(path, start, None if end == size else end))
+        offset += size
+    return plan
 
 
 class IndexedDatasetWriter:
@@ -239,7 +355,9 @@ class IndexedDatasetWriter:
         if tokens.size:
             self._max_token_id = max(self._max_token_id, int(tokens.max()))
 
-    def finalize(self) -> None:
+    def finalize(self, manifest_fields: dict) -> None:
+        """Write the index and the manifest (with ``manifest_fields``: sources, counts of skipped
+        lines, ...), then rename all three into place."""
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
         itemsize = np.dtype(self.dtype).itemsize
@@ -258,8 +376,11 @@ class IndexedDatasetWriter:
             f.write(document_indices.tobytes(order="C"))
         write_manifest(self._tmp_json, DatasetManifest(
             max_token_id=self._max_token_id, documents=len(lengths), tokens=int(lengths.sum()),
-            dtype=np.dtype(self.dtype).name, **self._tokenizer_fields))
-        # .idx last: a reader that finds the .idx finds the complete .bin and manifest beside it.
+            dtype=np.dtype(self.dtype).name, **self._tokenizer_fields, **manifest_fields))
+        # .idx last: a reader that finds the .idx finds the complete .bin and manifest beside it;
+        # an earlier run's .idx goes first, so that it is never seen beside the new .bin.
+        if os.path.exists(self.idx_path):
+            os.remove(self.idx_path)
         os.replace(self._tmp_bin, self.bin_path)
         os.replace(self._tmp_json, self.json_path)
         os.replace(self._tmp_idx, self.idx_path)
@@ -306,12 +427,29 @@ class Summary:
     first_skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
+    sources: list[SourceFile] = field(default_factory=list)
+
+
+@dataclass
+class _Settings:
+    """What every encoding run (the whole input, or one --partitions share) is given."""
+
+    tokenizer_args: dict
+    tokenizer_type: str
+    tokenizer_fields: dict
+    dtype: type
+    json_keys: tuple[str, ...]
+    append_eod: bool
+    skip_bad_lines: bool
+    chunk_bytes: int
+    log_interval: int
+    threads_per_worker: int | None
 
 
 def preprocess(
     inputs: list[str],
     output_prefix: str,
-    tokenizer_type: str,
+    tokenizer_type: str | None = None,
     tokenizer_model: str | None = None,
     json_keys: tuple[str, ...] = ("text",),
     append_eod: bool = False,
@@ -323,13 +461,26 @@ def preprocess(
     log_interval: int = 10000,
     progress: bool | None = None,
     threads_per_worker: int | None = None,
+    partitions: int = 1,
 ) -> Summary:
-    """Importable entry point; raises PreprocessError/TokenizerError on bad input."""
+    """Importable entry point; raises PreprocessError/TokenizerError on bad input.
+
+    ``tokenizer_type`` None: HuggingFaceTokenizer for a HF folder or tokenizer.json, else
+    GPTSentencePieceTokenizer (what the trainer infers). ``partitions`` > 1: the input is cut into
+    that many contiguous shares (``plan_partitions``), each encoded by its own process with
+    ``workers // partitions`` workers, and the shares' outputs merged: the same files as one run."""
+    if partitions < 1:
+        raise PreprocessError("--partitions must be >= 1")
+    if workers < 0:
+        raise PreprocessError("--workers must be >= 0 (0 encodes in the main process)")
+    if partitions > 1 and 0 < workers < partitions:
+        raise PreprocessError(f"--workers {workers} is fewer than --partitions {partitions}: each partition "
+                              "gets workers // partitions encoding processes; give at least one each")
     files = expand_inputs(inputs)
+    tokenizer_type = tokenizer_type or infer_tokenizer_type(tokenizer_model)
     tokenizer_args = dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                           vocab_size=vocab_size, eod_id=eod_id)
     tokenizer = build_tokenizer(**tokenizer_args)  # fail here, clearly, before any worker starts
-    dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -337,37 +488,61 @@ def preprocess(
         raise PreprocessError(f"--output-prefix {output_prefix!r}: cannot create {out_dir} ({err.strerror})") from None
     if not os.access(out_dir, os.W_OK):
         raise PreprocessError(f"--output-prefix {output_prefix!r}: folder {out_dir} is not writable")
-    if workers < 0:
-        raise PreprocessError("--workers must be >= 0 (0 encodes in the main process)")
+    settings = _Settings(
+        tokenizer_args=tokenizer_args, tokenizer_type=tokenizer_type,
+        tokenizer_fields=tokenizer_manifest_fields(tokenizer, tokenizer_type),
+        dtype=np.uint16 if tokenizer.vocab_size < 65500 else np.int32, json_keys=tuple(json_keys),
+        append_eod=append_eod, skip_bad_lines=skip_bad_lines, chunk_bytes=chunk_bytes,
+        log_interval=log_interval, threads_per_worker=threads_per_worker)
+    remove_stale_outputs([output_prefix_for(output_prefix, k) for k in json_keys] + [output_prefix + ".partitions"])
+    start = time.time()
+    if partitions == 1:
+        summary = _encode([Segment(f) for f in files], output_prefix, settings, workers, progress,
+                          hash_sources=True)
+    else:
+        summary = _encode_partitioned(files, output_prefix, settings, workers, partitions)
+    if summary.documents == 0:
+        raise PreprocessError(_no_documents_message(files, json_keys, summary))
+    summary.seconds = time.time() - start
+    return summary
 
+
+def _encode(segments: list[Segment], output_prefix: str, settings: _Settings, workers: int,
+            progress: bool | None, hash_sources: bool, log_prefix: str = "") -> Summary:
+    """Encode ``segments`` into ``output_prefix``'s datasets; no output when they hold no document
+    (the caller decides whether that is an error)."""
+    json_keys = settings.json_keys
     prefixes = {k: output_prefix_for(output_prefix, k) for k in json_keys}
-    remove_stale_outputs(list(prefixes.values()))
-    fields = tokenizer_manifest_fields(tokenizer, tokenizer_type)
     writers: dict[str, IndexedDatasetWriter] = {}
     summary = Summary()
-    total_bytes = sum(os.path.getsize(f) for f in files if not f.endswith(".gz")) or None
+    total_bytes = sum((s.end or os.path.getsize(s.path)) - s.start for s in segments
+                      if not s.path.endswith(".gz")) or None
     start = time.time()
     bar = _progress_bar(total_bytes, progress)
     pool = None
+    digests: list | None = [] if hash_sources else None
     try:
         for key in json_keys:
-            writers[key] = IndexedDatasetWriter(prefixes[key], dtype, fields)
+            writers[key] = IndexedDatasetWriter(prefixes[key], settings.dtype, settings.tokenizer_fields)
+        threads_per_worker = settings.threads_per_worker
         if threads_per_worker is None:
             # The main process only reads and writes; the encoders get the machine's cores.
             threads_per_worker = max(1, (os.cpu_count() or 1) // max(workers, 1))
-        init_args = (tokenizer_args, list(json_keys), append_eod, skip_bad_lines, dtype,
-                     threads_per_worker)
+        init_args = (settings.tokenizer_args, list(json_keys), settings.append_eod, settings.skip_bad_lines,
+                     settings.dtype, threads_per_worker)
+        chunks = iter_chunks(segments, settings.chunk_bytes, digests)
         if workers == 0:
             _init_worker(*init_args)
-            results: Iterator[ChunkResult] = map(encode_chunk, iter_chunks(files, chunk_bytes))
+            results: Iterator[ChunkResult] = map(encode_chunk, chunks)
         else:
             pool = get_context("fork" if sys.platform == "linux" else "spawn").Pool(
                 workers, initializer=_init_worker, initargs=init_args)
-            results = _ordered_bounded(pool, iter_chunks(files, chunk_bytes), 2 * workers)
-        next_log = log_interval
+            results = _ordered_bounded(pool, chunks, 2 * workers)
+        next_log = settings.log_interval
         for result in results:
             for file, line, reason in result.bad_lines:
-                if not skip_bad_lines:
+                line = _absolute_line(file, result.segment_start, line)
+                if not settings.skip_bad_lines:
                     raise PreprocessError(
                         f"{file}:{line}: {reason}. Fix the line, or pass --skip-bad-lines to skip "
                         "such lines and have them counted")
@@ -384,15 +559,20 @@ def preprocess(
             if bar is not None:
                 bar.update(result.n_bytes)
                 bar.set_postfix_str(_rates(summary, elapsed), refresh=False)
-            elif log_interval and summary.documents >= next_log:
-                print(f"processed {summary.documents} documents ({_rates(summary, elapsed)})",
+            elif settings.log_interval and summary.documents >= next_log:
+                print(f"{log_prefix}processed {summary.documents} documents ({_rates(summary, elapsed)})",
                       file=sys.stderr, flush=True)
-                next_log = summary.documents + log_interval
+                next_log = summary.documents + settings.log_interval
+        if digests is not None:
+            summary.sources = [SourceFile(os.path.abspath(path), os.path.getsize(path), digest.hexdigest())
+                               for path, digest in digests]
         if summary.documents == 0:
-            raise PreprocessError(_no_documents_message(files, json_keys, summary))
-        for key in json_keys:
-            writers[key].finalize()
-            summary.outputs.append(output_prefix_for(output_prefix, key))
+            for writer in writers.values():
+                writer.abort()
+        else:
+            for key in json_keys:
+                writers[key].finalize(_manifest_fields(summary, settings, key))
+                summary.outputs.append(prefixes[key])
     except BaseException as err:
         for writer in writers.values():
             writer.abort()
@@ -409,6 +589,90 @@ def preprocess(
         pool.close()
         pool.join()
     summary.seconds = time.time() - start
+    return summary
+
+
+def _manifest_fields(summary: Summary, settings: _Settings, key: str) -> dict:
+    return {"json_key": key, "append_eod": settings.append_eod,
+            "bad_lines_skipped": sum(summary.skipped.values()), "blank_lines": summary.blank_lines,
+            "sources": list(summary.sources), "tool_version": tool_version()}
+
+
+def _partition_main(conn, segments: list[Segment], prefix: str, settings: _Settings, workers: int,
+                    index: int) -> None:
+    """One --partitions share, in its own process: its Summary (or its error) goes to ``conn``."""
+    # stopped by the parent (another share failed): unwind, so that the pool and temporaries go too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        summary = _encode(segments, prefix, settings, workers, progress=False, hash_sources=False,
+                          log_prefix=f"partition {index}: ")
+        conn.send(("ok", summary))
+    except (PreprocessError, TokenizerError) as err:
+        conn.send(("error", str(err)))
+    except BaseException as err:  # noqa: BLE001 -- reported by the parent, which stops the others
+        conn.send(("error", f"partition {index} failed: {type(err).__name__}: {err}"))
+    finally:
+        conn.close()
+
+
+def _encode_partitioned(files: list[str], output_prefix: str, settings: _Settings, workers: int,
+                        partitions: int) -> Summary:
+    """Megatron-LM's --partitions without its copies of the input: each share is read in place by
+    its own process into a temporary folder, and the shares' datasets are merged in order."""
+    plan = plan_partitions(files, partitions)
+    workdir = f"{output_prefix}.partitions.tmp-{os.getpid()}"
+    os.makedirs(workdir)
+    context = get_context("fork" if sys.platform == "linux" else "spawn")
+    running = []
+    summary = Summary()
+    try:
+        for index, segments in enumerate(plan):
+            if not segments:
+                continue
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=_partition_main, args=(
+                sender, segments, os.path.join(workdir, f"part{index:04d}"), settings,
+                workers // partitions, index))
+            process.start()
+            sender.close()
+            running.append((index, process, receiver))
+        # while the shares are encoded: the sources' hashes (the shares read only parts of files)
+        summary.sources = [SourceFile(os.path.abspath(f), os.path.getsize(f), file_sha256(f)) for f in files]
+        parts: list[Summary] = []
+        for index, process, receiver in running:
+            try:
+                status, value = receiver.recv()
+            except EOFError:
+                process.join()
+                raise PreprocessError(f"--partitions: the process of partition {index} died (exit code "
+                                      f"{process.exitcode}: out of memory?); nothing was written") from None
+            process.join()
+            if status == "error":
+                raise PreprocessError(value)
+            parts.append(value)
+        for part in parts:
+            summary.documents += part.documents
+            summary.tokens += part.tokens
+            summary.bytes += part.bytes
+            summary.blank_lines += part.blank_lines
+            summary.skipped.update(part.skipped)
+            summary.first_skipped.extend(part.first_skipped[:5 - len(summary.first_skipped)])
+        if summary.documents:
+            for key in settings.json_keys:
+                part_prefixes = [p for part in parts for p in part.outputs if p.endswith(f"_{key}_document")]
+                final = output_prefix_for(output_prefix, key)
+                try:
+                    merge_datasets(part_prefixes, final, overwrite=True,
+                                   manifest_fields=_manifest_fields(summary, settings, key))
+                except MergeError as err:
+                    raise PreprocessError(f"--partitions: merging the partitions failed: {err}") from None
+                summary.outputs.append(final)
+    finally:
+        for _, process, _ in running:
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        shutil.rmtree(workdir, ignore_errors=True)
     return summary
 
 
@@ -456,8 +720,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed/empty/non-UTF-8 lines and report them, instead of stopping")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="refused: sentence-level datasets are for BERT-style training (see the error)")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                   help="default: HuggingFaceTokenizer for a HF folder or tokenizer.json, else "
+                        "GPTSentencePieceTokenizer (as the trainer infers it)")
     g.add_argument("--tokenizer-model", help="sentencepiece .model, or tokenizer.json / its folder")
     g.add_argument("--vocab-size", type=int, default=None, help="for NullTokenizer")
     g.add_argument("--eod-id", type=int, default=None, help="override the end-of-document id")
@@ -466,7 +734,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-prefix", required=True,
                    help="writes {prefix}_{key}_document.bin/.idx")
     g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="encoding processes")
+    g.add_argument("--workers", type=int, default=1,
+                   help="encoding processes (in all: with --partitions N, each partition gets workers // N)")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="cut the input into N contiguous shares of about equal bytes (a .gz stays whole), "
+                        "each read and written by its own process, then merged: for many cores, where "
+                        "one reader/writer process cannot keep up. The output is the same as with 1")
+    g.add_argument("--keep-sequential-samples", action="store_true",
+                   help="keep the input's document order with --partitions > 1 (Megatron-LM's flag). "
+                        "Partitions here are contiguous shares, so the order is always kept; accepted "
+                        "so that Megatron-LM command lines run unchanged")
     g.add_argument("--threads-per-worker", type=int, default=None,
                    help="sentencepiece encoding threads per worker (default: cores // workers)")
     g.add_argument("--chunk-bytes", type=int, default=1 << 20, help="input bytes per worker task")
@@ -478,13 +755,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.split_sentences:
+        print("error: --split-sentences is not supported: Megatron-LM splits with NLTK's punkt model, which "
+              "it downloads at run time (nothing here downloads at run time), and writes sentence-level "
+              "datasets (_sentence.bin/.idx) for BERT-style training; GPT pretraining uses whole documents. "
+              "Drop the flag", file=sys.stderr)
+        return 1
     try:
         summary = preprocess(
             args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
             tuple(args.json_keys), args.append_eod, args.workers, args.vocab_size, args.eod_id,
             args.skip_bad_lines, args.chunk_bytes, args.log_interval,
             progress=False if args.no_progress else None,
-            threads_per_worker=args.threads_per_worker,
+            threads_per_worker=args.threads_per_worker, partitions=args.partitions,
         )
     except (PreprocessError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -53,7 +53,48 @@ def _write(path: Path, text: str) -> str:
     return str(path)
 
 
+def _with_manifest(case_dir: Path, f: Fixtures, name: str, **changes) -> str:
+    """The fixture dataset with its manifest under ``name``, some manifest fields changed."""
+    import json
+
+    prefix = str(case_dir / name)
+    for ext in (".bin", ".idx"):
+        shutil.copy(f.dataset + ext, prefix + ext)
+    with open(f.dataset + ".json") as src:
+        manifest = json.load(src)
+    manifest.update(changes)
+    _write(Path(prefix + ".json"), json.dumps(manifest))
+    return prefix
+
+
+def _merge_other_tokenizer(d: Path, f: Fixtures) -> list[str]:
+    a = _with_manifest(d, f, "a")
+    b = _with_manifest(d, f, "b", tokenizer_model_sha256="0" * 64)
+    return tool("merge_datasets.py", "--input", a, b, "--output-prefix", str(d / "out"))
+
+
+def _merge_into_existing(d: Path, f: Fixtures) -> list[str]:
+    a = _with_manifest(d, f, "a")
+    _write(d / "out.bin", "an earlier dataset")
+    return tool("merge_datasets.py", "--input", a, "--output-prefix", str(d / "out"))
+
+
+def _shard_list_with_missing_file(d: Path, f: Fixtures) -> list[str]:
+    listing = _write(d / "inputs.txt", f"{f.corpus}\n{d / 'missing.jsonl'}\n")
+    return ["env", f"INPUT_LIST={listing}", f"OUTPUT_PREFIX={d / 'out'}", f"TOKENIZER_MODEL={f.tokenizer}",
+            f"PYTHON={python()[0]}", "bash", "slurm/preprocess.sbatch"]
+
+
 CASES = [
+    BadInput("data-merge-different-tokenizers", _merge_other_tokenizer,
+             message=r"b was made with another tokenizer than .*a .*Preprocess them with one tokenizer",
+             leftovers=("out.bin", "out.idx", "out.json")),
+    BadInput("data-merge-output-exists", _merge_into_existing,
+             message=r"--output-prefix .*out: .*out\.bin exists; pass --overwrite to replace it",
+             leftovers=("out.idx", "out.json")),
+    BadInput("data-preprocess-array-missing-input", _shard_list_with_missing_file,
+             message=r"input .*missing\.jsonl: no such file .*\n.*nothing was submitted",
+             leftovers=("out.shards",)),
     BadInput("data-train-ids-outside-vocabulary",
              lambda d, f: _train(f, _other_vocabulary(d, f)),
              message=rf"data_text_document: its largest token id is {OUT_OF_VOCAB_ID} .*\(1000 ids"),

@@ -119,8 +119,15 @@ def test_bad_input_is_refused_before_any_training(split_data, tmp_path):
     copy = os.path.join(split_data["root"], "copy_of_train")
     for ext in (".bin", ".idx"):
         shutil.copy(split_data["train"] + ext, copy + ext)
+    from tools.preprocess_data import preprocess
+
+    # the training documents again, without end-of-document tokens: other bytes, the same source file
+    same_source = preprocess([os.path.join(split_data["root"], "train.jsonl")], os.path.join(split_data["root"], "again"),
+                             "GPTSentencePieceTokenizer", split_data["tok"], append_eod=False, workers=0,
+                             progress=False).outputs[0]
     cases = [
         (_args(split_data, str(tmp_path / "a"), test=split_data["train"]), "is also in --data-path"),
+        (_args(split_data, str(tmp_path / "a1"), test=same_source), "were made from the same source files"),
         (_args(split_data, str(tmp_path / "a2"), test=copy), "is the training data"),
         (_args(split_data, str(tmp_path / "b"), "--arms", "A,Z"), "no such arm"),
         (["--recipe", "cpu-big", *_args(split_data, str(tmp_path / "c"))[2:]], "--recipe 'cpu-big' does not exist"),

@@ -1,0 +1,121 @@
+"""Data at scale on the trainer's side (issue 18): a tokenizer that disagrees with the data's
+manifest stops the run before any process group exists; --data-args-path; the log's token counts
+and epochs per blend component."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.config import ConfigError, DataConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tokenizer_mismatch_stops_before_the_process_group(tiny_dataset, tmp_path):
+    """Rank 0 of a world of 2 whose rank 1 never comes: the group would wait for it; the manifest
+    check must answer first."""
+    import json
+
+    words = {f"w{i}": i for i in range(999)} | {"</s>": 999}
+    folder = tmp_path / "other_tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": words, "unk_token": "w0"}}))
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-m", "pretrain", "--model", "debug", "--seq-length", "64",
+                        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
+                        "--data-path", tiny_dataset["prefix"], "--tokenizer-model", str(folder), "--split", "98,2,0"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode != 0
+    assert "made with another tokenizer file (sha256" in r.stdout + r.stderr, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+
+
+def test_data_args_path_reads_the_blend_from_a_file(tiny_dataset, tmp_path):
+    from pretrain.arguments import build_parser, config_from_args
+
+    listing = tmp_path / "blend.txt"
+    listing.write_text(f"0.3 {tiny_dataset['prefix']}\n0.7 {tiny_dataset['prefix']}\n")
+    base = ["--model", "debug", "--train-iters", "2", "--tokenizer-model", tiny_dataset["tokenizer"]]
+    cfg = config_from_args(build_parser().parse_args(base + ["--data-args-path", str(listing)]))
+    assert cfg.data.blend() == ([tiny_dataset["prefix"]] * 2, [0.3, 0.7])
+    with pytest.raises(ConfigError, match="--data-path and --data-args-path both"):
+        config_from_args(build_parser().parse_args(base + ["--data-args-path", str(listing), "--data-path", "x"]))
+    with pytest.raises(ConfigError, match="--data-args-path .*missing.txt: cannot read it"):
+        config_from_args(build_parser().parse_args(base + ["--data-args-path", str(tmp_path / "missing.txt")]))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ConfigError, match="the file is empty"):
+        config_from_args(build_parser().parse_args(base + ["--data-args-path", str(tmp_path / "empty.txt")]))
+
+
+def test_prefixes_without_weights_are_megatrons_size_weighted_blend(tiny_dataset):
+    assert DataConfig(data_path=["a", "b"]).blend() == (["a", "b"], None)
+    assert DataConfig(data_path=["a", "b", "c"]).blend() == (["a", "b", "c"], None)
+    with pytest.raises(ConfigError, match="not a weight"):
+        DataConfig(data_path=["1", "a", "b", "c"]).blend()
+
+
+def test_blend_report_counts_tokens_and_warns_on_repeats(tiny_dataset, tmp_path):
+    from pretrain.data import blend_report
+
+    other = str(tmp_path / "no_manifest")
+    for ext in (".bin", ".idx"):
+        shutil.copy(tiny_dataset["prefix"] + ext, other + ext)
+    tokens = os.path.getsize(other + ".bin") // 2
+    data = DataConfig(data_path=["0.9", tiny_dataset["prefix"], "0.1", other], split="100,0,0")
+    # draw exactly the dataset's size: the 0.9 component repeats ~1.8 times, the other ~0.2
+    lines = blend_report(data, train_samples=2 * tokens // 64, seq_length=64)
+    text = "\n".join(lines)
+    assert f"2 dataset(s), {2 * tokens:,} tokens" in lines[0]
+    assert f"{tiny_dataset['prefix']}: {tokens:,} tokens, weight 0.9000, ~1.80 epochs" in text
+    assert f"{other}: {tokens:,} tokens, weight 0.1000, ~0.20 epochs" in text
+    assert "WARNING: 1 blend component(s) will be seen more than once" in text
+    assert "WARNING" not in "\n".join(blend_report(data, train_samples=tokens // 64, seq_length=64))
+
+
+def _build_on_two_ranks(prefix: str, tokenizer_model: str, cache: str, per_rank: bool):
+    """(builds of the document index on this rank, error message or None)."""
+    import torch
+
+    from megatron.core.datasets import gpt_dataset
+
+    from pretrain.data import build_datasets, load_tokenizer
+
+    torch.distributed.init_process_group("gloo")
+    builds = []
+    original = gpt_dataset._build_document_index
+    gpt_dataset._build_document_index = lambda *a, **k: builds.append(1) or original(*a, **k)
+    rank = torch.distributed.get_rank()
+    cfg = DataConfig(data_path=[prefix], tokenizer_model=tokenizer_model, split="98,2,0",
+                     data_cache_path=f"{cache}/rank{rank}" if per_rank else cache)
+    try:
+        build_datasets(cfg, load_tokenizer(cfg), seq_length=32, seed=1, num_samples=(10, 2, 0))
+    except ConfigError as err:
+        return len(builds), str(err)
+    return len(builds), None
+
+
+def test_only_rank0_builds_the_indices_and_a_cache_not_shared_is_refused(tiny_dataset, tmp_path):
+    from tests.dist_helper import run_distributed
+
+    args = (tiny_dataset["prefix"], tiny_dataset["tokenizer"], str(tmp_path / "cache"))
+    (rank0_builds, ok0), (rank1_builds, ok1) = run_distributed(_build_on_two_ranks, 2, *args, False, timeout=180)
+    assert ok0 is None and ok1 is None and rank0_builds > 0 and rank1_builds == 0
+    results = run_distributed(_build_on_two_ranks, 2, *args[:2], str(tmp_path / "local"), True, timeout=180)
+    assert all("is not shared: rank(s) 1 do not see what rank 0 writes" in message for _, message in results)
+    assert results[0][0] == results[1][0] == 0
