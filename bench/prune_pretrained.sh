@@ -21,7 +21,7 @@ head -n $((total - 200)) "$OUT/corpus.jsonl" > "$OUT/train.jsonl"   # the last 2
 tail -n 200 "$OUT/corpus.jsonl" > "$OUT/held_out.jsonl"
 for part in train held_out; do
     "$PY" tools/preprocess_data.py --input "$OUT/$part.jsonl" --output-prefix "$OUT/$part" \
-        --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$OUT/smollm2/tokenizer" --append-eod --workers 1
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$OUT/smollm2/tokenizer" --append-eod --workers 1 --overwrite
 done
 evaluate() { "$PY" tools/evaluate.py --load "$1" --data-path "$OUT/held_out_text_document" --seq-length "$SEQ" \
                  --max-samples 64 --micro-batch-size 4 | tail -n 1; }

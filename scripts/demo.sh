@@ -25,7 +25,7 @@ $PY -m data_prep.train_tokenizer --input "$OUT/corpus.jsonl" --vocab-size "$VOCA
 echo "== 3/6 preprocessing to a Megatron indexed dataset"
 $PY tools/preprocess_data.py --input "$OUT/corpus.jsonl" --output-prefix "$OUT/corpus" \
     --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" \
-    --append-eod --workers 2 --no-progress
+    --append-eod --workers 2 --no-progress --overwrite
 
 TRAIN=(-m pretrain --model debug --tensor-model-parallel-size 2
        --data-path "$OUT/corpus_text_document" --split 98,2,0

@@ -733,6 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True,
                    help="writes {prefix}_{key}_document.bin/.idx")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset that exists under --output-prefix (refused otherwise)")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1,
                    help="encoding processes (in all: with --partitions N, each partition gets workers // N)")
@@ -760,6 +762,12 @@ def main(argv: list[str] | None = None) -> int:
               "it downloads at run time (nothing here downloads at run time), and writes sentence-level "
               "datasets (_sentence.bin/.idx) for BERT-style training; GPT pretraining uses whole documents. "
               "Drop the flag", file=sys.stderr)
+        return 1
+    existing = [f"{args.output_prefix}_{key}_document{ext}" for key in args.json_keys for ext in (".bin", ".idx")
+                if os.path.exists(f"{args.output_prefix}_{key}_document{ext}")]
+    if existing and not args.overwrite:
+        print(f"error: --output-prefix {args.output_prefix}: {existing[0]} exists; add --overwrite to replace it "
+              "(the new dataset replaces it only once complete), or give another prefix", file=sys.stderr)
         return 1
     try:
         summary = preprocess(

@@ -138,6 +138,14 @@ def test_cli_reports_summary_and_errors(tiny_dataset, tmp_path):
                          "--workers", "2"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "documents" in ok.stdout and "tokens/s" in ok.stdout
+    # an existing dataset is not replaced unless asked
+    again = [sys.executable, script, "--input", tiny_dataset["corpus"], "--output-prefix", str(tmp_path / "cli"),
+             "--tokenizer-model", tiny_dataset["tokenizer"], "--append-eod"]
+    before = (tmp_path / "cli_text_document.bin").stat().st_mtime_ns
+    refused = subprocess.run(again, capture_output=True, text=True)
+    assert refused.returncode == 1 and "exists; add --overwrite" in refused.stderr, refused.stderr
+    assert (tmp_path / "cli_text_document.bin").stat().st_mtime_ns == before
+    assert subprocess.run(again + ["--overwrite"], capture_output=True, text=True).returncode == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{oops\n')
     fail = subprocess.run([sys.executable, script, "--input", str(bad), "--output-prefix",
