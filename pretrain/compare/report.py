@@ -177,11 +177,8 @@ def _plots(out: str, results: dict, seeds: list[int]) -> dict:
         ax.set_ylabel("test loss")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        path = os.path.join(out, f"test_loss_vs_{axis}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        paths[f"test loss vs {axis}"] = _save(fig, out, f"test_loss_vs_{axis}.png")
         plt.close(fig)
-        paths[f"test loss vs {axis}"] = path
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for run, style in (("A", "-"), ("A0", ":"), ("C", "--")):
@@ -199,10 +196,7 @@ def _plots(out: str, results: dict, seeds: list[int]) -> dict:
         ax.set_ylabel("kept fraction")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        path = os.path.join(out, "pruning_trajectory.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        paths["pruning trajectory"] = path
+        paths["pruning trajectory"] = _save(fig, out, "pruning_trajectory.png")
     plt.close(fig)
     found = [(s, results[("A", s)]["pruning"][-1]["kept_per_layer"]) for s in seeds
              if (results.get(("A", s)) or {}).get("status") == "ok" and results[("A", s)].get("pruning")]
@@ -218,12 +212,16 @@ def _plots(out: str, results: dict, seeds: list[int]) -> dict:
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        path = os.path.join(out, "found_shapes.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        paths["found shape per seed"] = _save(fig, out, "found_shapes.png")
         plt.close(fig)
-        paths["found shape per seed"] = path
     return paths
+
+
+def _save(fig, out: str, name: str) -> str:
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def _write(path: str, text: str) -> None:
