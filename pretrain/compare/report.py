@@ -64,8 +64,9 @@ def summarise(results: dict, seeds: list[int]) -> dict:
                 "test_loss_per_seed": {s: r["test_loss"] for s, r in ok.items()},
             })
             a = {s: results.get(("A", s)) for s in ok}
+            # the parent stops at P: its loss is a starting point, not an alternative to A
             paired = {s: r["test_loss"] - a[s]["test_loss"] for s, r in ok.items()
-                      if run != "A" and a[s] and a[s].get("status") == "ok"}
+                      if run not in ("A", "parent") and a[s] and a[s].get("status") == "ok"}
             if paired:
                 row["minus_A"] = {"mean": statistics.mean(paired.values()), "per_seed": paired,
                                   "A_better_in": sum(1 for d in paired.values() if d > 0), "seeds": len(paired)}
