@@ -1,8 +1,10 @@
 """Make megatron-core run on CPU with the gloo backend.
 
 megatron-core has no CPU path: it assumes CUDA in a handful of places. Each patch below names
-the failure it fixes. They are applied only when CUDA is absent (``apply_cpu_shims`` is a no-op on
-a machine with a GPU), once per process, before megatron-core builds anything. None of them edits
+the failure it fixes. They are applied only when CUDA is absent (``apply_cpu_shims`` refuses to
+activate on a machine with a GPU unless forced), once per process, before megatron-core builds
+anything. Fixes that are not about a missing GPU live elsewhere (the torch-Adam ``step`` fix:
+``megatron_patches/optimizer_compat.py``, applied on every device that needs it). None of them edits
 megatron-core's files or replaces one of its classes; they redirect the CUDA runtime calls that
 megatron-core makes to their CPU equivalents.
 
@@ -110,12 +112,18 @@ _CUDA_TYPE_STRINGS = {
 
 
 def apply_cpu_shims(force: bool = False) -> bool:
-    """Apply the CPU shims if CUDA is absent (or ``force``). Returns whether they are active."""
+    """Apply the CPU shims if CUDA is absent. Returns whether they are active.
+
+    With CUDA present they would redirect real GPU work to the CPU, so they refuse (return False,
+    and change nothing) unless ``force`` is given (tests that fake a CPU-only process)."""
     global _applied, _mode
     if _applied:
         return True
-    if torch.cuda.is_available() and not force:
-        return False
+    if torch.cuda.is_available():
+        if not force:
+            logger.debug("CUDA is available: the CPU shims stay off")
+            return False
+        logger.warning("CPU shims forced on although CUDA is available: GPU calls go to the CPU")
 
     # Patch 1: ``torch.cuda.current_device()`` used as a device (global memory buffer, TP gathers in
     # tensor_parallel/mappings.py, p2p shape tensors, RotaryEmbedding's inv_freq) raises
@@ -174,43 +182,12 @@ def apply_cpu_shims(force: bool = False) -> bool:
     torch.cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
     torch.cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
 
-    # Patch 7: without apex or Transformer Engine, megatron-core's DistributedOptimizer uses torch
-    # Adam, whose per-parameter state holds "step". Loading a "fully_reshardable" checkpoint then
-    # fails with KeyError: 'step' in _set_main_param_and_optimizer_states (the loader drops "step"
-    # from the source tensors, the destination still has it; load_state_dict sets "step" itself).
-    # Feed the destination's own "step" back so that key copies onto itself.
-    _patch_distributed_optimizer_step_state()
-
     # Patch 2 (see _CudaToCpuMode): process-wide, for the rest of the process.
     _mode = _CudaToCpuMode()
     _mode.__enter__()
     _applied = True
     logger.info("megatron-core CPU shims applied (no CUDA)")
     return True
-
-
-def _patch_distributed_optimizer_step_state() -> None:
-    try:
-        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    except ImportError:  # pragma: no cover
-        return
-    original = getattr(DistributedOptimizer, "_set_main_param_and_optimizer_states", None)
-    if original is None or getattr(original, "_cpu_shim", False):
-        return
-
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if "step" not in tensors and not getattr(
-            self.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False
-        ):
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            state = self.optimizer.state[main_param]
-            if "step" in state:
-                tensors = dict(tensors, step=state["step"])
-        return original(self, model_param, tensors)
-
-    _set_main_param_and_optimizer_states._cpu_shim = True  # type: ignore[attr-defined]
-    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
 def cpu_shims_active() -> bool:

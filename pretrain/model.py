@@ -59,23 +59,37 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
 
 def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
                 vocab_size: int, use_te: bool | None = None, wrap_ddp: bool = True,
-                plain_megatron_spec: bool = False) -> list:
-    """The model chunks of this rank (one chunk: no virtual pipeline), wrapped in megatron DDP."""
+                plain_megatron_spec: bool = False, hidden_masking: bool | None = None) -> list:
+    """The model chunks of this rank (one chunk: no virtual pipeline), wrapped in megatron DDP.
+
+    ``use_te``: None picks Transformer Engine whenever it is usable (a GPU and TE importable).
+    ``hidden_masking``: whether this run's hidden mask can change or is already partly False
+    (``pretrain.pruning.invariants.hidden_masking_possible``). None assumes it can: the TE spec then
+    keeps separate mask-aware norms (correct whatever the run does, a little slower than the fused
+    one). When it is true, the model is checked at build (every norm mask-aware, every parameter
+    masked) and a model that could not be masked correctly stops the run here.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_patches.layer_specs import gpt_block_spec, transformer_engine_available
+    from megatron_patches.layer_specs import choose_spec_kind, gpt_block_spec, transformer_engine_available
+    from megatron_patches.optimizer_compat import apply_torch_adam_step_fix
 
+    check_supported_megatron_core()
+    # before any optimizer exists: loading its checkpoint state needs it (torch Adam, any device)
+    apply_torch_adam_step_fix()
     if use_te is None:
         use_te = transformer_engine_available()
+    hidden_masking = True if hidden_masking is None else hidden_masking
+    spec_kind = choose_spec_kind(bool(use_te), hidden_masking)
     config = build_transformer_config(model_cfg, parallel, train)
     # Same seed on every rank: the CPU master weights are identical and each rank keeps its slice.
     torch.manual_seed(train.seed)
     model = GPTModel(
         config=config,
         # plain_megatron_spec: megatron-core's own local spec, for benchmarks against ours
-        transformer_layer_spec=_plain_spec() if plain_megatron_spec else gpt_block_spec(config, use_te=use_te),
+        transformer_layer_spec=_plain_spec() if plain_megatron_spec else gpt_block_spec(config, spec_kind),
         vocab_size=vocab_size,
         max_sequence_length=model_cfg.max_position_embeddings or model_cfg.seq_length,
         pre_process=ps.is_pipeline_first_stage(),
@@ -86,6 +100,12 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainCo
         rope_scaling=model_cfg.use_rope_scaling,
         rope_scaling_factor=model_cfg.rope_scaling_factor,
     )
+    model.spec_kind = "plain-megatron" if plain_megatron_spec else spec_kind.value  # for logs and reports
+    if hidden_masking and not plain_megatron_spec:
+        from pretrain.pruning.invariants import check_hidden_masking_invariants
+        from pretrain.pruning.masks import ModelShape
+
+        check_hidden_masking_invariants([model], ModelShape.from_config(model_cfg, vocab_size))
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if not wrap_ddp:
@@ -96,6 +116,18 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainCo
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)]
+
+
+def check_supported_megatron_core() -> str:
+    """The installed megatron-core version, or a ConfigError saying what to install."""
+    from megatron_patches.versions import UnsupportedVersionError, check_megatron_core_version
+
+    from pretrain.config import ConfigError
+
+    try:
+        return check_megatron_core_version()
+    except UnsupportedVersionError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _plain_spec():

@@ -63,17 +63,22 @@ def is_distributed(optimizer) -> bool:
 
 @torch.no_grad()
 def zero_masked_state(optimizer, param_masks: dict) -> int:
-    """Zero master weights and Adam moments of masked elements; returns elements touched."""
-    touched = 0
+    """Zero master weights and Adam moments of masked elements; returns elements touched.
+
+    Device-agnostic: each mask is moved to the device (and dtype) of the tensor it multiplies
+    (the fp32 master of a bf16 GPU parameter, or an offloaded optimizer state, may live elsewhere),
+    and the count is summed on the device and read once, not once per parameter."""
+    touched = None
     for slot in iter_param_slots(optimizer):
         mask = param_masks.get(slot.param)
         if mask is None or slot.end <= slot.start:
             continue
         flat = mask.reshape(-1)[slot.start:slot.end]
         if slot.main_param is not None:
-            slot.main_param.mul_(flat.to(slot.main_param.dtype))
+            slot.main_param.mul_(flat.to(device=slot.main_param.device, dtype=slot.main_param.dtype))
         for key, value in slot.state.items():
             if key != "step" and isinstance(value, torch.Tensor) and value.numel() == flat.numel():
-                value.mul_(flat.to(value.dtype))
-        touched += int((~flat).sum())
-    return touched
+                value.mul_(flat.to(device=value.device, dtype=value.dtype).view_as(value))
+        dropped = (~flat).sum()
+        touched = dropped if touched is None else touched + dropped.to(touched.device)
+    return 0 if touched is None else int(touched)
