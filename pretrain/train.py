@@ -160,7 +160,11 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
         return {"dry_run": True, "parameters": counts, "layout": layout}
 
     check_activation_memory(cfg.model, cfg.train, vocab_size, tp, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    from pretrain.pruning.invariants import hidden_masking_possible
+
+    # a model whose hidden mask can change needs mask-aware norms (not TE's fused ones)
     model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size,
+                               hidden_masking=hidden_masking_possible(cfg.prune, _checkpoint_pruning_state(peeked)),
                                plain_megatron_spec=plain_megatron_spec)
     for chunk in model_chunks:
         deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
