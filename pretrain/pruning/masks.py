@@ -155,8 +155,8 @@ class ModelShape:
             masks.ffn[layer, self.ffn_of(layer):] = False
         return masks
 
-    # --- the parameter count: the one formula (ModelConfig.num_parameters and the solver use it;
-    # tests/pretrain/pruning/test_layout.py checks it against real megatron-core models) ---------
+    # --- the parameter count: the one formula. ModelConfig.num_parameters and the solver use it;
+    # tests/pretrain/pruning/test_parameter_count.py checks it against real megatron-core models.
 
     def group_cost(self, hidden_kept: int) -> int:
         """Parameters of one query group: its q/k/v rows (and their biases) and its heads'
