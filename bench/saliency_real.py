@@ -163,8 +163,8 @@ def _per_type_saliency(shape, table) -> dict:
 def _worker(ckpt: str, hf_dir: str, data: dict, estimators: list, batches: int, eval_batches: int,
             seq_length: int, align: int) -> list:
     from pretrain.model import unwrap
-    from pretrain.pruning.masks import build_local_masks
-    from pretrain.pruning.solver import GroupScores, SolverConstraints, solve
+    from pretrain.pruning.masks import GroupScores, build_local_masks
+    from pretrain.pruning.solver import SolverConstraints, solve
     from pretrain.train import run
 
     heldout = _heldout_batches(data["heldout"], seq_length, eval_batches)

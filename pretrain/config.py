@@ -102,21 +102,18 @@ class ModelConfig:
         return int(math.ceil(base / multiple) * multiple)
 
     def num_parameters(self, vocab_size: int) -> dict[str, int]:
-        """Parameter counts by part (tied embeddings counted once)."""
-        h, hd = self.hidden_size, self.head_dim
-        bias = 1 if self.add_qkv_bias else 0
-        layers = [(h + bias) * hd * (heads + 2 * groups) + heads * hd * h + 3 * h * f + 2 * h
-                  for groups, heads, f in self.layer_widths()]
-        groups, heads, f = self.layer_widths()[0]
-        attention = (h + bias) * hd * (heads + 2 * groups) + heads * hd * h
-        mlp = 3 * h * f
-        per_layer = layers[0]
-        embedding = vocab_size * h
-        output = 0 if not self.untie_embeddings_and_output_weights else vocab_size * h
-        total = sum(layers) + embedding + output + h
-        return {"per_layer": per_layer, "attention": attention, "mlp": mlp, "embedding": embedding,
-                "output_layer": output, "total": total,
-                "non_embedding": total - embedding - output}
+        """Parameter counts by part (tied embeddings counted once; ``per_layer``, ``attention`` and
+        ``mlp`` are the first layer's). The formula is ``ModelShape``'s, the one the pruning uses."""
+        from pretrain.pruning.masks import ModelShape
+
+        shape = ModelShape.from_config(self, vocab_size)
+        full = shape.full_masks()
+        h = self.hidden_size
+        embedding, output = shape.vocab_cost(h)
+        total = shape.parameter_count(full)
+        return {"per_layer": int(shape.layer_costs(full)[0]), "attention": shape.groups_of(0) * shape.group_cost(h),
+                "mlp": shape.ffn_of(0) * shape.ffn_channel_cost(h), "embedding": embedding,
+                "output_layer": output, "total": total, "non_embedding": total - embedding - output}
 
 
 MODEL_PRESETS: dict[str, dict] = {

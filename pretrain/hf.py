@@ -64,7 +64,7 @@ def load_full_weights(load: str) -> FullWeights:
     """Read a checkpoint's weights; a checkpoint with pruning masks comes back shrunk."""
     from pretrain import checkpoint as ckpt
     from pretrain.pruning.masks import GroupMasks, ModelShape
-    from pretrain.state_adapter import kept_layers, layer_of, shrink_parameter, shrunk_model_config
+    from pretrain.state_adapter import shrink_parameter, shrunk_model_config, shrunk_name
 
     folder = ckpt.find_checkpoint(load)
     if folder is None:
@@ -82,14 +82,11 @@ def load_full_weights(load: str) -> FullWeights:
     shape = ModelShape.from_config(cfg.model, vocab)
     if shape.parameter_count(masks) == shape.parameter_count(shape.full_masks()):
         return FullWeights(cfg, vocab, tensors, state, folder, shrunk=False)
-    renumber = {old: new for new, old in enumerate(kept_layers(masks))}
     small = {}
     for name, tensor in tensors.items():
-        layer = layer_of(name)
-        if layer is not None and layer not in renumber:
-            continue
-        new_name = name if layer is None else name.replace(f"layers.{layer}.", f"layers.{renumber[layer]}.", 1)
-        small[new_name] = shrink_parameter(name, tensor, masks, shape)
+        new_name = shrunk_name(name, masks)
+        if new_name is not None:  # None: a dropped layer's
+            small[new_name] = shrink_parameter(name, tensor, masks, shape)
     new_cfg = dataclasses.replace(cfg, model=shrunk_model_config(cfg.model, masks, shape))
     return FullWeights(new_cfg, vocab, small, state, folder, shrunk=True)
 
@@ -199,16 +196,14 @@ def hf_config_dict(model: ModelConfig, vocab: int, special_ids: dict, dtype: tor
 def hf_state_dict(weights: FullWeights, vocab: int, zero_o_proj_bias: bool = False) -> dict:
     """HF-named tensors of ``weights``, the vocabulary cut to ``vocab`` rows (and zero
     ``o_proj.bias`` tensors for a Llama config with ``attention_bias``)."""
-    from pretrain.state_adapter import layer_of, to_hf
+    from pretrain.pruning.masks import ModelShape
+    from pretrain.state_adapter import to_hf
 
     model = weights.config.model
-    widths = model.layer_widths()
-    hpg = model.num_attention_heads // model.query_groups
+    shape = ModelShape.from_config(model, weights.vocab_size)
     out = {}
     for name, tensor in weights.tensors.items():
-        layer = layer_of(name)
-        groups = widths[layer][0] if layer is not None else 0
-        for hf_name, value in to_hf(name, tensor, groups, hpg, model.head_dim).items():
+        for hf_name, value in to_hf(name, tensor, shape).items():
             if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
                 value = value[:vocab]
             out[hf_name] = value
@@ -503,7 +498,8 @@ def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel:
 def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tensor_parallel: int,
             pipeline_parallel: int, make_vocab_size_divisible_by: int) -> dict:
     from pretrain import checkpoint as ckpt
-    from pretrain.state_adapter import from_hf, layer_of
+    from pretrain.pruning.masks import ModelShape
+    from pretrain.state_adapter import from_hf
 
     config_path = load if tensors is not None else os.path.join(load, "config.json")
     model_cfg = model_config_from_hf(hf, config_path)
@@ -518,11 +514,10 @@ def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tens
     hf_vocab = int(hf["vocab_size"])
     vocab = model_cfg.padded_vocab_size(hf_vocab, tensor_parallel)
     model = _build_single(model_cfg, vocab)
-    widths = model_cfg.layer_widths()
+    shape = ModelShape.from_config(model_cfg, vocab)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            layer = layer_of(name)
-            value = from_hf(name, tensors.get, widths[layer][0] if layer is not None else 0, model_cfg.head_dim)
+            value = from_hf(name, tensors.get, shape)
             if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 if value.shape[0] != hf_vocab:
                     raise ConversionError(f"{load}: {name} has {value.shape[0]} rows, config.json says "

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from pretrain import layout
 from pretrain.config import ConfigError, PretrainConfig
 from pretrain.dcp_stream import DCPFormatError
 
@@ -174,7 +175,6 @@ def _as_shrink_error(err: BaseException, tmp: str) -> BaseException:
 # --- the streaming rewrite ---------------------------------------------------------------------
 
 _OPTIMIZER_KEY = re.compile(r"(optimizer\.state\.[^.]+\.)(.+)")
-_LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _STACKED = "decoder.layers."
 _OBJECT_KEY = re.compile(r"(.+)/shard_([\d.]+)_([\d.]+)")
 _ROW_BLOCK_BYTES = 64 * 2**20  # embedding/output rows are rewritten in blocks of this size
@@ -230,9 +230,9 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
         if md is None:
             continue
         prefix, model_key = _split_key(key)
-        m = _LAYER_KEY.fullmatch(model_key)
-        if m:
-            layer_sources.setdefault((prefix, m.group(2)), {})[int(m.group(1))] = (key, False)
+        split = layout.split_layer_name(model_key)
+        if split:
+            layer_sources.setdefault((prefix, split[1]), {})[split[0]] = (key, False)
         elif model_key.startswith(_STACKED):
             if md.size[0] != shape.num_layers:
                 raise ShrinkError(f"{source_dir}: {key!r} stacks {md.size[0]} layers, the config says "
@@ -251,7 +251,7 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
             key, is_stacked = sources[source_layer]
             md = reader.tensor_meta(key)
             layer_size = tuple(md.size[1:]) if is_stacked else tuple(md.size)
-            index = indices_of(key, f"decoder.layers.{source_layer}.{rest}")
+            index = indices_of(key, layout.layer_name(source_layer, rest))
             out_size = tuple(len(ix) if ix is not None else n for ix, n in zip(index, layer_size))
 
             def produce(key=key, is_stacked=is_stacked, layer=source_layer, size=layer_size, index=index):
@@ -274,7 +274,7 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
                 lambda i, per_layer=per_layer: per_layer[i][1]().unsqueeze(0)))
         else:
             for i, (size, produce, dtype) in enumerate(per_layer):
-                outputs.append(OutTensor(f"{prefix}decoder.layers.{i}.{rest}", size, dtype,
+                outputs.append(OutTensor(prefix + layout.layer_name(i, rest), size, dtype,
                                          [((0,) * len(size), size)], lambda _, produce=produce: produce()))
 
     objects = {}
@@ -326,9 +326,9 @@ def _renamed_object(key: str, kept: list[int], stacked: bool) -> str | None:
     if m is None or not m.group(1).startswith(_STACKED):
         return key
     base, offsets, sizes = m.group(1), m.group(2).split("."), m.group(3).split(".")
-    per_layer = _LAYER_KEY.fullmatch(base)
+    per_layer = layout.split_layer_name(base)
     if per_layer:
-        layer, rest = int(per_layer.group(1)), per_layer.group(2)
+        layer, rest = per_layer
         if offsets == ["0"] and sizes == ["1"]:
             offsets, sizes = [], []
     else:

@@ -16,11 +16,11 @@ import os
 
 import torch
 
-from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
+from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape, build_local_masks
 from pretrain.pruning.optim_state import zero_masked_state
-from pretrain.pruning.saliency import SaliencyEstimator, Table, reduce_table
+from pretrain.pruning.saliency import SaliencyEstimator, reduce_table
 from pretrain.pruning.schedule import target_params
-from pretrain.pruning.solver import GroupScores, SolverConstraints, check_constraints, solve
+from pretrain.pruning.solver import SolverConstraints, check_constraints, solve
 from pretrain.trainer import Callback, StepMetrics
 
 
@@ -62,7 +62,7 @@ class PruningCallback(Callback):
             self.final_params = int(round(self.initial_params * prune_cfg.target_ratio))
         self.start_tokens = prune_cfg.start_tokens
         self.end_tokens = prune_cfg.end_tokens if prune_cfg.end_tokens is not None else total_tokens
-        self.ema: Table | None = None
+        self.ema: GroupScores | None = None
         self.ema_steps = 0
         self.history: list[dict] = []
         self.log_dir = log_dir
@@ -131,9 +131,7 @@ class PruningCallback(Callback):
             if self.ema is None:
                 self.ema = table
             else:
-                self.ema = Table(beta * self.ema.heads + (1 - beta) * table.heads,
-                                 beta * self.ema.ffn + (1 - beta) * table.ffn,
-                                 beta * self.ema.hidden + (1 - beta) * table.hidden)
+                self.ema = self.ema.blend(table, beta)
             self.ema_steps += 1
         if self.local is not None and self.current_params() < self.initial_params:
             self.local.apply_to_grads()
@@ -213,8 +211,7 @@ class PruningCallback(Callback):
                                self.end_tokens, self.cfg.ramp)
         if self.current_params() <= target:
             return
-        scores = GroupScores(self.ema.heads, self.ema.ffn, self.ema.hidden)
-        local_masks, moves = solve(self.shape, self.masks, scores, target, self.constraints)
+        local_masks, moves = solve(self.shape, self.masks, self.ema, target, self.constraints)
         decided = [local_masks.state_dict(), moves]
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.broadcast_object_list(decided, src=0)
@@ -308,7 +305,7 @@ class PruningCallback(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.masks = GroupMasks.from_state_dict(state["masks"])
-        self.ema = Table.from_state_dict(state["ema"]) if state.get("ema") is not None else None
+        self.ema = GroupScores.from_state_dict(state["ema"]) if state.get("ema") is not None else None
         self.ema_steps = state.get("ema_steps", 0)
         self.history = list(state.get("history", []))
         # after a shrink the model is smaller but the schedule still runs between the original

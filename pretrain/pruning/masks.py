@@ -1,17 +1,9 @@
-"""Global group masks and where each group's weights live on this rank.
+"""Global group masks, the model's shape and parameter count, and the masks of this rank's weights.
 
 The masks are global (every layer, every group), identical on every rank and independent of the
 TP/PP layout, so they are checkpointed once with the pruning state and survive resharding.
-``LocalModelMasks`` turns them into per-parameter masks for the weights this rank holds, using the
-megatron-core layouts documented in FACTS.md:
-
-* ``linear_qkv`` rows: per query group g, ``[q_{g,0..hpg-1}, k_g, v_g]``, each ``head_dim`` rows;
-  TP rank r holds groups ``[r*G/TP, (r+1)*G/TP)``.
-* ``linear_proj`` columns: this rank's heads in global head order.
-* ``linear_fc1`` rows: ``[gate_r; up_r]`` (SwiGLU), channels ``[r*F/TP, (r+1)*F/TP)``.
-* ``linear_fc2`` columns: the same channels.
-* the hidden dimension is replicated across TP: embedding dim 1, qkv/fc1 input columns,
-  proj/fc2 output rows, every norm, output layer dim 1.
+``build_local_masks`` turns them into per-parameter masks for the weights this rank holds; which
+elements of which weight belong to which group is ``pretrain.layout``'s to say.
 """
 
 from __future__ import annotations
@@ -65,9 +57,55 @@ class GroupMasks:
     def equal(self, other: "GroupMasks") -> bool:
         return all(torch.equal(getattr(self, t), getattr(other, t)) for t in ALL_PRUNE_TYPES)
 
-    def kept_counts(self) -> dict:
-        return {"heads": self.heads.sum(1).tolist(), "ffn": self.ffn.sum(1).tolist(),
-                "hidden": int(self.hidden.sum())}
+
+@dataclass
+class GroupScores:
+    """A score per group, indexed like ``GroupMasks``: the saliency table the estimators build and
+    the solver ranks (per query group [L, G], per FFN channel [L, F], per hidden channel [H])."""
+
+    heads: torch.Tensor  # float64 [L, G]
+    ffn: torch.Tensor  # float64 [L, F]
+    hidden: torch.Tensor  # float64 [H]
+    # partial tables only (``saliency.reduce_table`` folds them into ``hidden``): the input
+    # embedding's share of each hidden channel's score, and how many of the channel's embedding
+    # entries received any signal (a non-zero score)
+    embedding: torch.Tensor | None = None  # float64 [H]
+    embedding_signal: torch.Tensor | None = None  # float64 [H]
+
+    @classmethod
+    def zeros(cls, shape: "ModelShape", with_embedding: bool = False) -> "GroupScores":
+        extra = [torch.zeros(shape.hidden, dtype=torch.float64) for _ in range(2)] if with_embedding else []
+        return cls(torch.zeros(shape.num_layers, shape.num_groups, dtype=torch.float64),
+                   torch.zeros(shape.num_layers, shape.ffn, dtype=torch.float64),
+                   torch.zeros(shape.hidden, dtype=torch.float64), *extra)
+
+    def pack(self) -> torch.Tensor:
+        """One flat tensor (for a single all-reduce)."""
+        extra = [self.embedding, self.embedding_signal] if self.embedding is not None else []
+        return torch.cat([self.heads.flatten(), self.ffn.flatten(), self.hidden, *extra])
+
+    @classmethod
+    def unpack(cls, flat: torch.Tensor, shape: "ModelShape") -> "GroupScores":
+        a = shape.num_layers * shape.num_groups
+        b = a + shape.num_layers * shape.ffn
+        h = shape.hidden
+        extra = [flat[b + h:b + 2 * h].clone(), flat[b + 2 * h:b + 3 * h].clone()] if len(flat) > b + h else []
+        return cls(flat[:a].view(shape.num_layers, shape.num_groups).clone(),
+                   flat[a:b].view(shape.num_layers, shape.ffn).clone(), flat[b:b + h].clone(), *extra)
+
+    def abs(self) -> "GroupScores":
+        return GroupScores(self.heads.abs(), self.ffn.abs(), self.hidden.abs())
+
+    def blend(self, other: "GroupScores", keep: float) -> "GroupScores":
+        """``keep * self + (1 - keep) * other`` (an exponential moving average's step)."""
+        return GroupScores(*(keep * getattr(self, t) + (1 - keep) * getattr(other, t) for t in PRUNE_TYPES))
+
+    def state_dict(self) -> dict:
+        return {"heads": self.heads, "ffn": self.ffn, "hidden": self.hidden}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "GroupScores":
+        return cls(d["heads"].double(), d["ffn"].double(), d["hidden"].double())
 
 
 @dataclass(frozen=True)
@@ -117,6 +155,9 @@ class ModelShape:
             masks.ffn[layer, self.ffn_of(layer):] = False
         return masks
 
+    # --- the parameter count: the one formula. ModelConfig.num_parameters and the solver use it;
+    # tests/pretrain/pruning/test_parameter_count.py checks it against real megatron-core models.
+
     def group_cost(self, hidden_kept: int) -> int:
         """Parameters of one query group: its q/k/v rows (and their biases) and its heads'
         output-projection columns."""
@@ -132,24 +173,36 @@ class ModelShape:
         """Parameters of one FFN channel: a gate row, an up row, a down column."""
         return 3 * hidden_kept
 
+    def layer_cost(self, groups: int, ffn: int, hidden_kept: int) -> int:
+        """Parameters of one kept layer: its query groups, its FFN channels and its two norms."""
+        return groups * self.group_cost(hidden_kept) + ffn * self.ffn_channel_cost(hidden_kept) + 2 * hidden_kept
+
+    def vocab_cost(self, hidden_kept: int) -> tuple[int, int]:
+        """Parameters of (the input embedding, the output layer): the output layer has none of its
+        own when tied."""
+        return self.vocab * hidden_kept, 0 if self.tied else self.vocab * hidden_kept
+
     def hidden_channel_cost(self, masks: GroupMasks) -> int:
-        """Parameters of one hidden channel under ``masks``: embedding (and untied output) column,
-        final norm, and in every kept layer its q/k/v/gate/up column, proj/down row and two norms."""
-        per_layer = (masks.heads.sum(1) * self._group_cost_per_hidden() + masks.ffn.sum(1) * self.ffn_channel_cost(1)
-                     + 2 * masks.layers.long())
-        return self.vocab * (1 if self.tied else 2) + 1 + int(per_layer.sum())
+        """Parameters of one hidden channel under ``masks``: every count above is linear in the
+        hidden width, so this is the count with one more channel minus the count."""
+        return self._count(masks, 1) - self._count(masks, 0)
+
+    def layer_costs(self, masks: GroupMasks) -> torch.Tensor:
+        """Parameters of every layer under ``masks`` (0 for a dropped layer)."""
+        return self._layer_costs(masks, int(masks.hidden.sum()))
+
+    def _layer_costs(self, masks: GroupMasks, hidden_kept: int) -> torch.Tensor:
+        groups, ffn = masks.heads.sum(1), masks.ffn.sum(1)
+        return self.layer_cost(groups, ffn, hidden_kept) * masks.layers.long()
+
+    def _count(self, masks: GroupMasks, hidden_kept: int) -> int:
+        embedding, output = self.vocab_cost(hidden_kept)
+        final_norm = hidden_kept
+        return embedding + output + final_norm + int(self._layer_costs(masks, hidden_kept).sum())
 
     def parameter_count(self, masks: GroupMasks) -> int:
         """Parameters of the model these masks describe once shrunk."""
-        h = int(masks.hidden.sum())
-        total = self.vocab * h * (1 if self.tied else 2) + h  # embeddings (+ output), final norm
-        groups = masks.heads.sum(1)
-        ffn = masks.ffn.sum(1)
-        hpg, hd = self.heads_per_group, self.head_dim
-        per_layer = (groups * (hpg + 2) * hd * h + groups * hpg * hd * h + 3 * ffn * h
-                     + groups * self._group_bias()
-                     + 2 * h * masks.layers.long())  # a dropped layer loses its two norms too
-        return int(total + per_layer.sum())
+        return self._count(masks, int(masks.hidden.sum()))
 
 
 @dataclass
@@ -178,52 +231,16 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) 
     """Per-parameter masks for this rank's model chunks (call again after the masks change)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_patches.norms import RMSNorm
-    from pretrain.model import unwrap
-    from pretrain.state_adapter import fc1_rows, proj_columns, qkv_rows
+    from pretrain.layout import local_parameters, param_mask
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    hidden = masks.hidden
     out = LocalModelMasks()
-
-    def add(param, mask):
-        if param is None:
-            return
-        assert mask.shape == param.shape, (mask.shape, param.shape)
-        out.param_masks[param] = mask.to(param.device)
-
-    for chunk in model_chunks:
-        model = unwrap(chunk)
-        if getattr(model, "pre_process", False):
-            emb = model.embedding.word_embeddings.weight
-            add(emb, hidden.expand_as(emb).clone())
-        for layer in model.decoder.layers:
-            index = layer.layer_number - 1
-            groups_local = shape.groups_of(index) // tp
-            ffn_local = shape.ffn_of(index) // tp
-            g_mask = masks.heads[index, tp_rank * groups_local:(tp_rank + 1) * groups_local]
-            f_mask = masks.ffn[index, tp_rank * ffn_local:(tp_rank + 1) * ffn_local]
-            attn, mlp = layer.self_attention, layer.mlp
-            rows = qkv_rows(g_mask, shape.heads_per_group, shape.head_dim)
-            add(attn.linear_qkv.weight, rows[:, None] & hidden[None, :])
-            if shape.qkv_bias:
-                add(attn.linear_qkv.bias, rows.clone())
-            cols = proj_columns(g_mask, shape.heads_per_group, shape.head_dim)
-            add(attn.linear_proj.weight, hidden[:, None] & cols[None, :])
-            add(mlp.linear_fc1.weight, fc1_rows(f_mask)[:, None] & hidden[None, :])
-            add(mlp.linear_fc2.weight, hidden[:, None] & f_mask[None, :])
-            for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
-                if isinstance(norm, RMSNorm):
-                    add(norm.weight, hidden.clone() & bool(masks.layers[index]))
-                    out.norms.append(norm)
-        final = getattr(model.decoder, "final_layernorm", None)
-        if isinstance(final, RMSNorm):
-            add(final.weight, hidden.clone())
-            out.norms.append(final)
-        if getattr(model, "post_process", False):
-            w = model.output_layer.weight
-            if w is not None:
-                add(w, hidden.expand_as(w).clone())
+    for local in local_parameters(model_chunks):
+        if local.param is not None:
+            mask = param_mask(local.layout, tuple(local.param.shape), masks, shape, tp, tp_rank)
+            out.param_masks[local.param] = mask.to(local.param.device)
+        if local.layout.role == "norm":  # our RMSNorm: it also needs the hidden mask itself
+            out.norms.append(local.module)
     for norm in out.norms:
-        norm.set_hidden_mask(hidden)
+        norm.set_hidden_mask(masks.hidden)
     return out

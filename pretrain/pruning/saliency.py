@@ -31,56 +31,18 @@ layer. That is how ``obs`` and ``activation`` map channels to groups.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from pretrain.pruning.masks import ModelShape
+from pretrain import layout
+from pretrain.layout import LocalParam, local_parameters
+from pretrain.pruning.masks import GroupScores, ModelShape
 from pretrain.pruning.optim_state import is_distributed, iter_param_slots
 
 ESTIMATORS = ("taylor", "fisher", "obs", "activation")
+_LINEARS = ("qkv", "proj", "fc1", "fc2", "output")  # the weights whose inputs obs/activation read
 
 
-@dataclass
-class Table:
-    heads: torch.Tensor  # float64 [L, G]
-    ffn: torch.Tensor  # float64 [L, F]
-    hidden: torch.Tensor  # float64 [H]
-    # partial tables only (``reduce_table`` folds them into ``hidden``): the input embedding's
-    # share of each hidden channel's score, and how many of the channel's embedding entries
-    # received any signal (a non-zero score)
-    embedding: torch.Tensor | None = None  # float64 [H]
-    embedding_signal: torch.Tensor | None = None  # float64 [H]
-
-    @classmethod
-    def zeros(cls, shape: ModelShape, with_embedding: bool = False) -> "Table":
-        extra = [torch.zeros(shape.hidden, dtype=torch.float64) for _ in range(2)] if with_embedding else []
-        return cls(torch.zeros(shape.num_layers, shape.num_groups, dtype=torch.float64),
-                   torch.zeros(shape.num_layers, shape.ffn, dtype=torch.float64),
-                   torch.zeros(shape.hidden, dtype=torch.float64), *extra)
-
-    def pack(self) -> torch.Tensor:
-        extra = [self.embedding, self.embedding_signal] if self.embedding is not None else []
-        return torch.cat([self.heads.flatten(), self.ffn.flatten(), self.hidden, *extra])
-
-    @classmethod
-    def unpack(cls, flat: torch.Tensor, shape: ModelShape) -> "Table":
-        a = shape.num_layers * shape.num_groups
-        b = a + shape.num_layers * shape.ffn
-        h = shape.hidden
-        extra = [flat[b + h:b + 2 * h].clone(), flat[b + 2 * h:b + 3 * h].clone()] if len(flat) > b + h else []
-        return cls(flat[:a].view(shape.num_layers, shape.num_groups).clone(),
-                   flat[a:b].view(shape.num_layers, shape.ffn).clone(), flat[b:b + h].clone(), *extra)
-
-    def state_dict(self) -> dict:
-        return {"heads": self.heads, "ffn": self.ffn, "hidden": self.hidden}
-
-    @classmethod
-    def from_state_dict(cls, d: dict) -> "Table":
-        return cls(d["heads"].double(), d["ffn"].double(), d["hidden"].double())
-
-
-def fold_embedding(table: Table, vocab_rows: int) -> torch.Tensor:
+def fold_embedding(table: GroupScores, vocab_rows: int) -> torch.Tensor:
     """A hidden channel's score with its embedding share counted as if every row had been seen.
 
     In one batch only the rows of the tokens it holds get a gradient through the input
@@ -96,51 +58,6 @@ def fold_embedding(table: Table, vocab_rows: int) -> torch.Tensor:
     return table.hidden + table.embedding * (vocab_rows / seen)
 
 
-@dataclass
-class _Entry:
-    param: torch.nn.Parameter | None
-    role: str  # qkv | proj | fc1 | fc2 | norm | embedding | output
-    layer: int  # global layer index (-1 for model-level params)
-    module: torch.nn.Module | None = None
-    input_weight: torch.Tensor | None = None  # the weight applied to the module's input (obs)
-
-
-def _model_entries(model_chunks: list) -> list[_Entry]:
-    from megatron_patches.norms import RMSNorm
-    from pretrain.model import unwrap
-
-    entries = []
-    for chunk in model_chunks:
-        model = unwrap(chunk)
-        tied = getattr(model, "share_embeddings_and_output_weights", False)
-        if getattr(model, "pre_process", False):
-            entries.append(_Entry(model.embedding.word_embeddings.weight, "embedding", -1))
-        for layer in model.decoder.layers:
-            i = layer.layer_number - 1
-            attn, mlp = layer.self_attention, layer.mlp
-            entries += [_Entry(attn.linear_qkv.weight, "qkv", i, attn.linear_qkv),
-                        _Entry(attn.linear_proj.weight, "proj", i, attn.linear_proj),
-                        _Entry(mlp.linear_fc1.weight, "fc1", i, mlp.linear_fc1),
-                        _Entry(mlp.linear_fc2.weight, "fc2", i, mlp.linear_fc2)]
-            qkv_bias = getattr(attn.linear_qkv, "bias", None)
-            if isinstance(qkv_bias, torch.nn.Parameter):  # Qwen2: part of its query group
-                entries.append(_Entry(qkv_bias, "qkv_bias", i))
-            for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
-                if isinstance(norm, RMSNorm):
-                    entries.append(_Entry(norm.weight, "norm", i))
-        final = getattr(model.decoder, "final_layernorm", None)
-        if isinstance(final, RMSNorm):
-            entries.append(_Entry(final.weight, "norm", -1))
-        if getattr(model, "post_process", False):
-            # the output layer's weight: its own (untied), the last stage's copy of the embedding
-            # (tied, PP > 1: its gradient is synced with the embedding's, counted there), or the
-            # embedding itself (tied, PP = 1: counted as the embedding)
-            weight = model.output_layer.weight
-            applied = weight if weight is not None else model.shared_embedding_or_output_weight()
-            entries.append(_Entry(None if tied else weight, "output", -1, model.output_layer, applied))
-    return entries
-
-
 class SaliencyEstimator:
     """Computes this rank's partial table on scoring steps (see the module docstring)."""
 
@@ -152,7 +69,7 @@ class SaliencyEstimator:
             raise ValueError(f"--saliency-taylor-form {taylor_form!r}: vector or element")
         self.kind, self.shape, self.optimizer = kind, shape, optimizer
         self.taylor_form, self.obs_exact, self.obs_damp = taylor_form, obs_exact, obs_damp
-        self.entries = _model_entries(model_chunks)
+        self.entries = local_parameters(model_chunks)
         self.fisher: dict = {}  # param -> running mean of g^2 over the owned range
         self.fisher_count = 0
         self._stats: dict = {}  # module -> [sum x^2 (or x x^T), sum |x|, tokens]
@@ -171,7 +88,7 @@ class SaliencyEstimator:
     # ------------------------------------------------------------------ activation capture
     def _install_hooks(self) -> None:
         for e in self.entries:
-            if e.module is not None and e.role in ("qkv", "proj", "fc1", "fc2", "output"):
+            if e.layout.role in _LINEARS:
                 self._hooks.append(e.module.register_forward_pre_hook(self._make_hook(e.module)))
 
     def _make_hook(self, module):
@@ -214,51 +131,40 @@ class SaliencyEstimator:
         tp = ps.get_tensor_model_parallel_world_size()
         return tp, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_world_size()
 
-    def _add_by_role(self, table: Table, entry: _Entry, rows_cols: torch.Tensor, tp: int,
-                     tp_rank: int) -> None:
-        """Add an element-score tensor E (the local weight's shape) into the table."""
-        E = rows_cols
-        s = self.shape
-        l = entry.layer
-        g_loc, f_loc = s.groups_of(max(l, 0)) // tp, s.ffn_of(max(l, 0)) // tp
-        gs = slice(tp_rank * g_loc, (tp_rank + 1) * g_loc)
-        fs = slice(tp_rank * f_loc, (tp_rank + 1) * f_loc)
-        if entry.role == "qkv":
-            table.heads[l, gs] += E.sum(1).view(g_loc, -1).sum(1).double()
-            table.hidden += E.sum(0).double()
-        elif entry.role == "proj":
-            table.heads[l, gs] += E.sum(0).view(g_loc, -1).sum(1).double()
-            table.hidden += E.sum(1).double()
-        elif entry.role == "qkv_bias":
-            table.heads[l, gs] += E.view(g_loc, -1).sum(1).double()
-        elif entry.role == "fc1":
-            table.ffn[l, fs] += E.sum(1).view(2, f_loc).sum(0).double()
-            table.hidden += E.sum(0).double()
-        elif entry.role == "fc2":
-            table.ffn[l, fs] += E.sum(0).double()
-            table.hidden += E.sum(1).double()
-        elif entry.role == "norm":
-            if tp_rank == 0:  # replicated across TP
-                table.hidden += E.double()
-        elif entry.role == "embedding":
-            table.embedding += E.sum(0).double()
+    def _add_element_scores(self, table: GroupScores, entry: LocalParam, scores: torch.Tensor, tp: int,
+                             tp_rank: int) -> None:
+        """Add an element-score tensor (the local weight's shape) into the table: along every axis of
+        the weight, each unit gets the sum of its elements' scores."""
+        where = entry.layout
+        if where.role == "embedding":
+            # folded into the hidden channels by ``reduce_table``
+            table.embedding += layout.sum_along(scores, 1).double()
             # each element counts once over all ranks (owned by one DP rank, or 1/DP on each)
-            table.embedding_signal += (E != 0).sum(0).double() * self._count_weight
-        elif entry.role == "output":
-            table.hidden += E.sum(0).double()
+            table.embedding_signal += (scores != 0).sum(0).double() * self._count_weight
+            return
+        if where.replicated_over_tp and tp_rank != 0:
+            return  # every TP rank holds the same values: count them once
+        for dim, axis in enumerate(where.axes):
+            if layout.UNIT[axis] is not None:
+                self._add_units(table, axis, where.layer, layout.sum_along(scores, dim), tp, tp_rank)
+
+    def _add_units(self, table: GroupScores, axis: str, layer: int | None, per_index: torch.Tensor, tp: int,
+                   tp_rank: int) -> None:
+        unit, index = layout.owned_units(axis, layer, self.shape, tp, tp_rank)
+        getattr(table, unit)[index] += layout.fold(axis, per_index, self.shape).double()
 
     @torch.no_grad()
-    def partial_table(self) -> Table:
+    def partial_table(self) -> GroupScores:
         """This rank's partial table for the step that just ran backward (grads reduced)."""
         tp, tp_rank, dp = self._layout()
-        table = Table.zeros(self.shape, with_embedding=True)
+        table = GroupScores.zeros(self.shape, with_embedding=True)
         if self.kind in ("taylor", "fisher"):
             self._gradient_scores(table, tp, tp_rank, dp)
         else:
             self._activation_scores(table, tp, tp_rank, dp)
         return table
 
-    def _gradient_scores(self, table: Table, tp: int, tp_rank: int, dp: int) -> None:
+    def _gradient_scores(self, table: GroupScores, tp: int, tp_rank: int, dp: int) -> None:
         distributed = is_distributed(self.optimizer)
         scale = 1.0 if distributed else 1.0 / dp
         self._count_weight = scale
@@ -288,30 +194,23 @@ class SaliencyEstimator:
                 e = 0.5 * w * w * running
             full = torch.zeros(param.numel(), dtype=torch.float32, device=e.device)
             full[slot.start:slot.end] = e * scale
-            self._add_by_role(table, entry, full.view_as(param).cpu(), tp, tp_rank)
+            self._add_element_scores(table, entry, full.view_as(param).cpu(), tp, tp_rank)
 
-    def _weight_of(self, entry: _Entry) -> torch.Tensor | None:
-        return entry.input_weight if entry.input_weight is not None else entry.param
-
-    def _activation_scores(self, table: Table, tp: int, tp_rank: int, dp: int) -> None:
-        s = self.shape
+    def _activation_scores(self, table: GroupScores, tp: int, tp_rank: int, dp: int) -> None:
+        """Per input channel of each linear (its last axis): mean |x| (activation) or
+        sum_r w_rj^2 / [H^-1]_jj (obs), added to the units that channel belongs to."""
         for entry in self.entries:
-            g_loc, f_loc = s.groups_of(max(entry.layer, 0)) // tp, s.ffn_of(max(entry.layer, 0)) // tp
-            gs = slice(tp_rank * g_loc, (tp_rank + 1) * g_loc)
-            fs = slice(tp_rank * f_loc, (tp_rank + 1) * f_loc)
-            stats = self._stats.get(entry.module) if entry.module is not None else None
+            stats = self._stats.get(entry.module) if entry.layout.role in _LINEARS else None
             if stats is None or stats[2] == 0:
                 continue
+            input_axis = entry.layout.axes[-1]
             second, absolute, tokens = stats
             if self.kind == "activation":
                 per_channel = absolute / tokens
-                hidden_input = entry.role in ("qkv", "fc1", "output")
-                if hidden_input and tp_rank != 0:
+                if input_axis not in layout.TP_SPLIT and tp_rank != 0:
                     continue  # the full hidden input is replicated across TP
             else:
-                weight = self._weight_of(entry)
-                if weight is None:
-                    continue
+                weight = entry.applied_weight if entry.applied_weight is not None else entry.param
                 w2 = weight.detach().float().pow(2).sum(0).double().cpu()  # per input column
                 if self.obs_exact:
                     h = second / tokens
@@ -320,17 +219,10 @@ class SaliencyEstimator:
                     per_channel = w2 / hinv_diag
                 else:
                     per_channel = w2 * (second / tokens)
-            per_channel = per_channel / dp
-            l = entry.layer
-            if entry.role == "proj":
-                table.heads[l, gs] += per_channel.view(g_loc, -1).sum(1)
-            elif entry.role == "fc2":
-                table.ffn[l, fs] += per_channel
-            elif entry.role in ("qkv", "fc1", "output"):
-                table.hidden += per_channel
+            self._add_units(table, input_axis, entry.layout.layer, per_channel / dp, tp, tp_rank)
 
 
-def reduce_table(partial: Table, shape: ModelShape, signed: bool) -> Table:
+def reduce_table(partial: GroupScores, shape: ModelShape, signed: bool) -> GroupScores:
     """The distributed reducer: one all-reduce of the packed partial tables over all ranks."""
     flat = partial.pack()
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -338,8 +230,6 @@ def reduce_table(partial: Table, shape: ModelShape, signed: bool) -> Table:
             flat = flat.cuda()
         torch.distributed.all_reduce(flat)
         flat = flat.cpu()
-    table = Table.unpack(flat, shape)
-    table = Table(table.heads, table.ffn, fold_embedding(table, shape.vocab))
-    if signed:
-        table = Table(table.heads.abs(), table.ffn.abs(), table.hidden.abs())
-    return table
+    table = GroupScores.unpack(flat, shape)
+    table = GroupScores(table.heads, table.ffn, fold_embedding(table, shape.vocab))
+    return table.abs() if signed else table

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.pruning.masks import PRUNE_TYPES, GroupMasks, ModelShape
+from pretrain.pruning.masks import PRUNE_TYPES, GroupMasks, GroupScores, ModelShape
 
 ALLOCATIONS = ("global", "proportional")
 
@@ -55,13 +55,6 @@ class SolverConstraints:
 
     def hidden_unit(self) -> int:
         return self.align
-
-
-@dataclass
-class GroupScores:
-    heads: torch.Tensor  # [L, G]
-    ffn: torch.Tensor  # [L, F]
-    hidden: torch.Tensor  # [H]
 
 
 def _unit_size(kept: int, unit: int, minimum: int) -> int:
@@ -120,8 +113,7 @@ def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: Solv
             layer_scores = scores.heads.double().mul(new.heads).sum(1) + scores.ffn.double().mul(new.ffn).sum(1)
             order = torch.sort(layer_scores[kept_layers], stable=True).indices[:size]
             picks_l = [int(kept_layers[i]) for i in order]
-            cost = sum(int(groups_kept[l]) * shape.group_cost(h_kept)
-                       + int(ffn_kept[l]) * shape.ffn_channel_cost(h_kept) + 2 * h_kept for l in picks_l)
+            cost = sum(shape.layer_cost(int(groups_kept[l]), int(ffn_kept[l]), h_kept) for l in picks_l)
             score = float(sum(layer_scores[l] for l in picks_l))
             candidates.append((score / max(cost, 1), 3, picks_l[0], "layers", picks_l, [], cost))
     if "hidden" in c.prune_types:

@@ -12,21 +12,21 @@
 import pytest
 import torch
 
-from pretrain.pruning.masks import GroupMasks, ModelShape
-from pretrain.pruning.saliency import Table, reduce_table
-from pretrain.pruning.solver import GroupScores, SolverConstraints, check_constraints, solve
+from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape
+from pretrain.pruning.saliency import reduce_table
+from pretrain.pruning.solver import SolverConstraints, check_constraints, solve
 
 # a large-vocabulary model in miniature: the embedding holds most of a hidden channel's parameters
 BIG_VOCAB = ModelShape(num_layers=2, hidden=64, num_heads=4, num_groups=2, head_dim=16, ffn=128, vocab=4096,
                        tied=True)
 
 
-def _uniform_partial_table(shape: ModelShape, per_param: float, seen_rows: int) -> Table:
+def _uniform_partial_table(shape: ModelShape, per_param: float, seen_rows: int) -> GroupScores:
     """A partial table whose every group scores ``per_param`` per parameter that got a signal; a
     hidden channel's embedding got one only on ``seen_rows`` of its rows."""
     full = shape.full_masks()
     h = shape.hidden
-    table = Table.zeros(shape, with_embedding=True)
+    table = GroupScores.zeros(shape, with_embedding=True)
     table.heads[:] = per_param * shape.group_cost(h)
     table.ffn[:] = per_param * shape.ffn_channel_cost(h)
     table.hidden[:] = per_param * (shape.hidden_channel_cost(full) - shape.vocab)  # layers and norms

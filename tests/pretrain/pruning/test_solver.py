@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from pretrain.pruning.masks import GroupMasks, ModelShape
+from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape
 from pretrain.pruning.schedule import ramp_fraction, target_params
-from pretrain.pruning.solver import GroupScores, SolverConstraints, check_constraints, solve
+from pretrain.pruning.solver import SolverConstraints, check_constraints, solve
 
 SHAPES = [
     ModelShape(num_layers=4, hidden=128, num_heads=4, num_groups=2, head_dim=32, ffn=384, vocab=1024, tied=True),
@@ -25,16 +25,15 @@ def _random_scores(shape, gen):
 
 
 def _max_unit_cost(shape, c):
-    bias = (shape.heads_per_group + 2) * shape.head_dim if shape.qkv_bias else 0
-    head = c.group_unit() * ((2 * shape.heads_per_group + 2) * shape.head_dim * shape.hidden + bias)
-    ffn = c.ffn_unit() * 3 * shape.hidden
-    hidden = c.hidden_unit() * (shape.vocab * (1 if shape.tied else 2) + 1 + shape.num_layers * (
-        shape.num_groups * (2 * shape.heads_per_group + 2) * shape.head_dim + 3 * shape.ffn + 2))
+    """The largest unit the solver may take (its costs are the one count's, checked against real
+    models in test_parameter_count.py)."""
+    full = shape.full_masks()
+    head = c.group_unit() * shape.group_cost(shape.hidden)
+    ffn = c.ffn_unit() * shape.ffn_channel_cost(shape.hidden)
+    hidden = c.hidden_unit() * shape.hidden_channel_cost(full)
     if c.granularity == "uniform":
         head, ffn = head * shape.num_layers, ffn * shape.num_layers
-    layer = c.pipeline_parallel * (shape.num_groups * ((2 * shape.heads_per_group + 2) * shape.head_dim
-                                                       * shape.hidden + bias) + 3 * shape.ffn * shape.hidden
-                                   + 2 * shape.hidden)
+    layer = c.pipeline_parallel * int(shape.layer_costs(full).max())
     return max(head, ffn, hidden, layer if "layers" in c.prune_types else 0)
 
 
@@ -108,7 +107,7 @@ def test_whole_layers_go_when_they_matter_least():
                          torch.full((128,), 1e3, dtype=torch.float64))
     scores.heads[1] = 0.0
     scores.ffn[1] = 0.0  # layer 1 contributes nothing
-    per_layer = 2 * 4 * 32 * 128 + 2 * 32 * 128 * 2 + 3 * 384 * 128 + 2 * 128
+    per_layer = int(shape.layer_costs(masks)[1])
     # a target one layer below: a smaller one would make the layer overshoot by more than a hidden unit
     new, moves = solve(shape, masks, scores, shape.parameter_count(masks) - per_layer, c)
     assert moves[0]["type"] == "layers" and moves[0]["layers"] == [1]
