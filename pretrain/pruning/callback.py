@@ -211,7 +211,8 @@ class PruningCallback(Callback):
                                self.end_tokens, self.cfg.ramp)
         if self.current_params() <= target:
             return
-        local_masks, moves = solve(self.shape, self.masks, self.ema, target, self.constraints)
+        local_masks, moves = solve(self.shape, self.masks, self.ema, target, self.constraints,
+                                   final_params=self.final_params)
         decided = [local_masks.state_dict(), moves]
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.broadcast_object_list(decided, src=0)

@@ -127,13 +127,18 @@ def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: Solv
 
 
 def _admissible(candidates: list[tuple], deficit: int, budget: int, allocation: str,
-                kept: dict) -> list[tuple]:
+                kept: dict, slack: int | None = None) -> list[tuple]:
     """The candidates this move may choose from.
 
     * the cap: a unit that would take the event past ``budget`` removed parameters is out;
     * the overshoot bound: a unit may overshoot the target by at most the cost of the cheapest
       unit that can still move, so near the target a big hidden unit waits while smaller heads or
-      FFN units close the gap (the cheapest unit itself always qualifies);
+      FFN units close the gap (the cheapest unit itself always qualifies); with ``slack`` (how far
+      the model is above the *final* target of a gradual schedule) any unit within it qualifies:
+      an intermediate event may then run ahead of its step target by one unit and the next
+      events wait for the schedule to catch up. Without this, every small step of a gradual
+      schedule is closer to its target than one hidden unit, so hidden channels could only go
+      once heads and FFN sat at their floors, whatever their saliency;
     * ``proportional``: only the types kept the most (as a fraction of their full size) may move,
       so every type shrinks by the same fraction (LLM-Pruner's fixed ratio), saliency choosing
       only *which* groups of that type go.
@@ -142,7 +147,7 @@ def _admissible(candidates: list[tuple], deficit: int, budget: int, allocation: 
     if not fitting:
         return []
     smallest = min(t[6] for t in fitting)
-    fitting = [t for t in fitting if t[6] - deficit <= smallest]
+    fitting = [t for t in fitting if t[6] - deficit <= smallest or (slack is not None and t[6] <= slack)]
     if allocation == "proportional":
         most = max(kept[t[3]] for t in fitting)
         fitting = [t for t in fitting if kept[t[3]] >= most - 1e-12]
@@ -150,9 +155,10 @@ def _admissible(candidates: list[tuple], deficit: int, budget: int, allocation: 
 
 
 def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_params: int,
-          constraints: SolverConstraints) -> tuple[GroupMasks, list[dict]]:
+          constraints: SolverConstraints, final_params: int | None = None) -> tuple[GroupMasks, list[dict]]:
     """Return (new masks, moves); each move says what was dropped, its cost and saliency (moves
-    given back at the end, see ``_give_back``, are left out).
+    given back at the end, see ``_give_back``, are left out). ``final_params``: the schedule's
+    final target, when this event is one step of a gradual schedule (see ``_admissible``).
 
     The event stops short of the target when the next unit would exceed the cap
     (``constraints.max_step_fraction`` of the parameters before the event)."""
@@ -168,7 +174,8 @@ def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_para
     while params > target_params:
         removed = shape.parameter_count(masks) - params
         admissible = _admissible(_candidates(shape, new, scores, c), params - target_params, budget - removed,
-                                 c.allocation, _kept_fractions(shape, new))
+                                 c.allocation, _kept_fractions(shape, new),
+                                 None if final_params is None else params - final_params)
         if not admissible:
             break  # every type is at its minimum, or the cap is reached: the target is not met
         saliency, _, _, kind, layers, picks, cost = min(admissible, key=lambda t: (t[0], t[1], t[2]))
@@ -178,7 +185,9 @@ def solve(shape: ModelShape, masks: GroupMasks, scores: GroupScores, target_para
                       "count": len(layers) if kind == "layers" else int(sum(len(p) for p in picks)),
                       "params_removed": cost, "saliency_per_param": saliency, "params_after": params,
                       "_picks": picks})
-    if params < target_params and _give_back(shape, new, moves, target_params, c):
+    # a step of a gradual schedule keeps its lead (the next events wait); the final one is trimmed
+    if params < target_params and (final_params is None or target_params <= final_params) and \
+            _give_back(shape, new, moves, target_params, c):
         # the kept moves' costs changed with what went back (a hidden channel's cost counts the
         # FFN channels kept): replay them so each one's cost is again exactly what it removes
         moves = [m for m in moves if not m.get("given_back")]

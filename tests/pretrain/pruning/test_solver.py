@@ -115,3 +115,31 @@ def test_whole_layers_go_when_they_matter_least():
     assert check_constraints(shape, new, c) == []
     # the removed layer's parameters and norms are gone from the count
     assert shape.parameter_count(masks) - shape.parameter_count(new) == per_layer
+
+
+def test_a_gradual_step_takes_the_least_salient_unit_even_when_it_is_larger_than_the_step():
+    """One step of a gradual schedule removes ~2% of the model; a hidden unit (8 channels and their
+    embedding rows) costs more than that. With the least saliency per parameter on hidden channels,
+    the step takes them (running ahead of its step target, never past the final one); without the
+    final target, the overshoot bound makes it take FFN channels instead (the old behaviour, which
+    left hidden channels untouched until heads and FFN sat at their floors)."""
+    shape = SHAPES[0]
+    c = SolverConstraints(tensor_parallel=1, align=8)
+    masks = shape.full_masks()
+    initial = shape.parameter_count(masks)
+    scores = GroupScores(torch.full((shape.num_layers, shape.num_groups), 10.0, dtype=torch.float64),
+                         torch.full((shape.num_layers, shape.ffn), 1.0, dtype=torch.float64),
+                         torch.full((shape.hidden,), 0.01, dtype=torch.float64))
+    step_target = int(initial * 0.98)
+    hidden_unit = c.hidden_unit() * shape.hidden_channel_cost(masks)
+    assert hidden_unit > initial - step_target  # the unit is bigger than the step
+    _, moves = solve(shape, masks, scores, step_target, c)
+    assert {m["type"] for m in moves} == {"ffn"}
+    new, moves = solve(shape, masks, scores, step_target, c, final_params=initial // 2)
+    assert [m["type"] for m in moves] == ["hidden"]
+    assert initial // 2 <= shape.parameter_count(new) < step_target
+    # the next step of the schedule waits: the model is below its target already
+    assert shape.parameter_count(new) <= int(initial * 0.97)
+    # never past the final target: with it just below the step, the hidden unit does not fit
+    _, moves = solve(shape, masks, scores, step_target, c, final_params=step_target - 10)
+    assert {m["type"] for m in moves} == {"ffn"}
