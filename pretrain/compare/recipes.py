@@ -118,7 +118,7 @@ RECIPES: dict[str, Recipe] = {
         model=_preset("debug"),
         target_ratio=0.5, parent_tokens=480 * 2048, continue_tokens=480 * 2048, window=(0.0, 0.5),
         oneshot_scoring_steps=10, prune_interval=8, global_batch_size=16, micro_batch_size=16,
-        lrs=(1e-3, 2e-3, 4e-3), sweep_fraction=0.25, warmup_iters=20, eval_interval=60, eval_iters=8,
+        lrs=(2e-3, 4e-3, 8e-3), sweep_fraction=0.25, warmup_iters=20, eval_interval=60, eval_iters=8,
         save_interval=240, threads=2,
     ),
     # a real cluster: a SmolLM2-1.7B-shaped parent pruned to ~1 B parameters (slurm/compare_baselines.sbatch)
