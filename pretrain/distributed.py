@@ -163,8 +163,13 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def is_rank0() -> bool:
+    """Whether this process speaks for the world (global rank 0, or no world at all)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def print_rank0(*args, **kwargs) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if is_rank0():
         print(*args, **kwargs, flush=True)
 
 

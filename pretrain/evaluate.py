@@ -28,7 +28,7 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     from pretrain.data import MicroBatchIterator, build_datasets, check_datasets, load_tokenizer
     from pretrain.distributed import init_distributed, launch_environment, set_random_seed
     from pretrain.model import build_model
-    from pretrain.train import checkpoint_vocab
+    from pretrain.resume import checkpoint_vocab
     from pretrain.trainer import forward_step, global_mean_loss
 
     folder = ckpt.find_checkpoint(load)
@@ -58,11 +58,12 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     set_random_seed(saved.train.seed)
     chunks = build_model(model_cfg, parallel, TrainConfig(bf16=saved.train.bf16), vocab, wrap_ddp=False)
     ckpt.load_checkpoint(folder, chunks, None, load_optim=False, load_rng=False)
-    pruning = state.get("callbacks", {}).get("pruning")
-    if pruning:  # a masked checkpoint computes as its masks say (the hidden mask lives in the norms)
-        from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
+    from pretrain.pruning.state import PruningState
 
-        masks = GroupMasks.from_state_dict(pruning["masks"])
+    masks = PruningState.stored_masks(state)
+    if masks is not None:  # a masked checkpoint computes as its masks say (the hidden mask lives in the norms)
+        from pretrain.pruning.masks import ModelShape, build_local_masks
+
         build_local_masks(chunks, masks, ModelShape.from_config(model_cfg, vocab)).apply_to_weights()
     for chunk in chunks:
         chunk.eval()

@@ -63,7 +63,8 @@ def _build_single(model_cfg: ModelConfig, vocab: int, dtype: torch.dtype = torch
 def load_full_weights(load: str) -> FullWeights:
     """Read a checkpoint's weights; a checkpoint with pruning masks comes back shrunk."""
     from pretrain import checkpoint as ckpt
-    from pretrain.pruning.masks import GroupMasks, ModelShape
+    from pretrain.pruning.masks import ModelShape
+    from pretrain.pruning.state import PruningState
     from pretrain.state_adapter import kept_layers, layer_of, shrink_parameter, shrunk_model_config
 
     folder = ckpt.find_checkpoint(load)
@@ -75,10 +76,9 @@ def load_full_weights(load: str) -> FullWeights:
     model = _build_single(cfg.model, vocab)
     ckpt.load_checkpoint(folder, [model], None, load_optim=False, load_rng=False)
     tensors = {name: p.detach() for name, p in model.named_parameters()}
-    pruning = state.get("callbacks", {}).get("pruning")
-    if not pruning:
+    masks = PruningState.stored_masks(state)
+    if masks is None:
         return FullWeights(cfg, vocab, tensors, state, folder, shrunk=False)
-    masks = GroupMasks.from_state_dict(pruning["masks"])
     shape = ModelShape.from_config(cfg.model, vocab)
     if shape.parameter_count(masks) == shape.parameter_count(shape.full_masks()):
         return FullWeights(cfg, vocab, tensors, state, folder, shrunk=False)

@@ -67,9 +67,11 @@ def _check_save_folder(save: str, overwrite: bool) -> None:
 def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: int | None = None,
                        target_pp: int | None = None, progress: bool = True,
                        max_file_bytes: int = 512 * 2**20, overwrite: bool = False) -> dict:
-    """Importable entry point (one process, no torch.distributed needed). Returns a summary."""
+    """Importable entry point. Runs in the calling process alone: it issues no collective (its DCP
+    reads and writes are single-process), so rank 0 of a running world may call it (the in-run
+    shrink does) and a plain ``python`` process needs no world at all. Returns a summary."""
     from pretrain import checkpoint as ckpt
-    from pretrain.pruning.masks import GroupMasks
+    from pretrain.pruning.state import PruningState
     from pretrain.state_adapter import shrunk_model_config
 
     start = time.time()
@@ -82,18 +84,18 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
     if os.path.abspath(save) == os.path.abspath(load):
         raise ShrinkError("--save must differ from --load (the source checkpoint is kept)")
     _check_save_folder(save, overwrite)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
-        raise ShrinkError("reshard/shrink runs in a single process (launch it with python, not torchrun)")
     state = ckpt.read_trainer_state(folder)
     cfg = PretrainConfig.from_dict(state["config"])
     vocab = int(state["vocab_size"])
     shape = _shape_of(cfg, vocab)
-    pruning = state.get("callbacks", {}).get("pruning")
+    # an older checkpoint's missing pruning keys are those of a schedule starting on its model
+    pruning = PruningState.in_checkpoint(state, fallback=PruningState.fresh(
+        shape, cfg.prune.target_params, cfg.prune.target_ratio))
     masks = None
     if shrink:
-        if not pruning:
+        if pruning is None:
             raise ShrinkError(f"{folder}: --shrink needs a checkpoint of a pruning run (no pruning state)")
-        masks = GroupMasks.from_state_dict(pruning["masks"])
+        masks = pruning.masks
         expected = (shape.num_layers, shape.num_groups, shape.ffn, shape.hidden)
         found = (masks.heads.shape[0], masks.heads.shape[1], masks.ffn.shape[1], masks.hidden.numel())
         if found != expected:
@@ -121,8 +123,7 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
     # no per-rank state (RNG, fisher means) carries over a reshard: mark the layout as unknown
     new_state["layout"] = {"resharded_from": state.get("layout")}
     if shrink:
-        new_state["callbacks"] = dict(state.get("callbacks", {}))
-        new_state["callbacks"]["pruning"] = _shrunk_pruning_state(pruning, masks, shape.parameter_count(masks))
+        new_state = _shrunk_pruning_state(pruning, shape.parameter_count(masks)).stored_in(new_state)
         history = list(state.get("shrink_history", []))
         history.append({"iteration": state["iteration"], "from": dataclasses.asdict(cfg.model),
                         "to": dataclasses.asdict(new_model_cfg)})
@@ -351,21 +352,23 @@ def _packed_rows(table: torch.Tensor, keep: torch.Tensor, width: int) -> torch.T
     return out
 
 
-def _shrunk_pruning_state(pruning: dict, masks, params_after: int) -> dict:
+def _shrunk_pruning_state(pruning, params_after: int):
     """The pruning state re-expressed at the smaller shape: everything kept is now 'all'
-    (per layer, the first kept-count entries; the rest, for narrower layers, do not exist)."""
+    (per layer, the first kept-count entries; the rest, for narrower layers, do not exist). The
+    schedule's ends and history stay those of the model the schedule started from."""
     from pretrain.pruning.masks import GroupMasks
+    from pretrain.pruning.saliency import Table
 
+    masks = pruning.masks
     alive = masks.layers
     groups, ffn = masks.heads[alive].sum(1), masks.ffn[alive].sum(1)
     g_max, f_max = int(groups.max()), int(ffn.max())
     new_masks = GroupMasks(torch.arange(g_max)[None, :] < groups[:, None],
                            torch.arange(f_max)[None, :] < ffn[:, None],
                            torch.ones(int(masks.hidden.sum()), dtype=torch.bool))
-    ema = pruning.get("ema")
+    ema = pruning.ema
     if ema is not None:
-        ema = {"heads": _packed_rows(ema["heads"][alive], masks.heads[alive], g_max),
-               "ffn": _packed_rows(ema["ffn"][alive], masks.ffn[alive], f_max),
-               "hidden": ema["hidden"][masks.hidden]}
-    return {**pruning, "masks": new_masks.state_dict(), "ema": ema, "shrunk_at_params": params_after,
-            "shrink_requested_at": None}  # done: a run resumed from here must not shrink again
+        ema = Table(_packed_rows(ema.heads[alive], masks.heads[alive], g_max),
+                    _packed_rows(ema.ffn[alive], masks.ffn[alive], f_max), ema.hidden[masks.hidden])
+    # shrink_requested_at: done; a run resumed from here must not shrink again
+    return pruning.replace(masks=new_masks, ema=ema, shrunk_at_params=params_after, shrink_requested_at=None)

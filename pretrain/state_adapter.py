@@ -102,11 +102,6 @@ def source_name(name: str, masks) -> str:
     return f"decoder.layers.{kept_layers(masks)[int(m.group(1))]}.{m.group(2)}"
 
 
-def is_uniform(masks) -> bool:
-    groups, ffn = masks.heads.sum(1), masks.ffn.sum(1)
-    return bool((groups == groups[0]).all() and (ffn == ffn[0]).all())
-
-
 def shrunk_model_config(model_cfg, masks, shape):
     """The ModelConfig of the physically smaller model: a plain Llama shape for uniform masks,
     per-layer widths (``layer_shapes``, a heterogeneous model) otherwise."""

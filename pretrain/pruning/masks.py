@@ -65,10 +65,6 @@ class GroupMasks:
     def equal(self, other: "GroupMasks") -> bool:
         return all(torch.equal(getattr(self, t), getattr(other, t)) for t in ALL_PRUNE_TYPES)
 
-    def kept_counts(self) -> dict:
-        return {"heads": self.heads.sum(1).tolist(), "ffn": self.ffn.sum(1).tolist(),
-                "hidden": int(self.hidden.sum())}
-
 
 @dataclass(frozen=True)
 class ModelShape:
