@@ -17,12 +17,6 @@ from megatron_patches import apply_cpu_shims
 
 
 LAUNCHERS = ("auto", "torchrun", "slurm", "mpi")
-# variables through which a launcher tells a process its place; a child that must run as a world
-# of its own (the in-run shrink tool) gets an environment without them
-_LAUNCH_PREFIXES = ("SLURM_STEP_", "OMPI_COMM_WORLD_", "PMIX_", "PMI_", "TORCHELASTIC")
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                "MASTER_PORT", "ROLE_RANK", "ROLE_WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID",
-                "PRETRAIN_LAUNCHER")
 
 
 def launch_environment() -> tuple[int, int, int]:
@@ -93,13 +87,6 @@ def _mpi_environment() -> tuple[int, int, int]:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address[0], str(address[1])
     _mpi_cache = (rank, size, local_rank)
     return _mpi_cache
-
-
-def single_process_environment() -> dict:
-    """This process's environment without the launcher's variables, for a child that must be a
-    world of its own (otherwise it would wait for ranks that never come)."""
-    return {k: v for k, v in os.environ.items()
-            if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
 
 
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
@@ -190,7 +177,7 @@ def set_random_seed(seed: int) -> None:
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """In a helper process (a save server, the in-run shrink): ask Linux for SIGKILL when the
+    """In a helper process (the checkpoint save server): ask Linux for SIGKILL when the
     parent dies, so a rank killed with SIGKILL leaves nothing running; exit if it already died."""
     import ctypes
     import signal
