@@ -9,11 +9,8 @@ import time
 
 import torch
 
+from pretrain.distributed import is_rank0
 from pretrain.trainer import Callback, StepMetrics, Trainer
-
-
-def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 class LoggingCallback(Callback):
@@ -36,7 +33,7 @@ class LoggingCallback(Callback):
 
     def on_train_begin(self, trainer: Trainer) -> None:
         self._start = time.time()
-        if self.tensorboard_dir and _is_rank0():
+        if self.tensorboard_dir and is_rank0():
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(self.tensorboard_dir, exist_ok=True)
@@ -44,7 +41,7 @@ class LoggingCallback(Callback):
 
     def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
         it = trainer.state.iteration
-        tokens_seen = trainer.state.consumed_samples * trainer.config.model.seq_length
+        tokens_seen = trainer.state.tokens_seen
         record = {"iteration": it, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
                   "tokens": tokens_seen, "step_seconds": m.seconds, "flops_per_token": self.flops_per_token,
                   **m.extra}
@@ -63,7 +60,7 @@ class LoggingCallback(Callback):
             seconds = sum(x.seconds for x in window)
             toks = sum(x.tokens for x in window)
             skipped = sum(x.skipped for x in window)
-            if _is_rank0():
+            if is_rank0():
                 print(
                     f"iteration {it:>7d}/{trainer.total_iters} | loss {m.loss:.4f} | "
                     f"lr {m.lr:.3e} | grad norm {m.grad_norm:.3f} | "
@@ -111,7 +108,7 @@ class EvalCallback(Callback):
         if self.eval_interval and (it % self.eval_interval == 0 or at_end):
             loss = trainer.evaluate(self.eval_iters)
             self.last_loss = record["valid_loss"] = loss
-            if _is_rank0():
+            if is_rank0():
                 ppl = float(torch.exp(torch.tensor(min(loss, 50.0))))
                 print(f"validation at iteration {it} | loss {loss:.4f} | perplexity {ppl:.2f}", flush=True)
             if self.logger is not None:
@@ -119,12 +116,12 @@ class EvalCallback(Callback):
         if trainer.has_test_set and (record or at_end):
             loss = trainer.evaluate_test(self.eval_iters)
             self.last_test_loss = record["test_loss"] = loss
-            if _is_rank0():
+            if is_rank0():
                 print(f"test at iteration {it} | loss {loss:.4f}", flush=True)
             if self.logger is not None:
                 self.logger.log_scalar("test/loss", loss, it)
-        if record and self.logger is not None and self.logger.tensorboard_dir and _is_rank0():
-            record = {"iteration": it, "tokens": trainer.state.consumed_samples * trainer.config.model.seq_length,
+        if record and self.logger is not None and self.logger.tensorboard_dir and is_rank0():
+            record = {"iteration": it, "tokens": trainer.state.tokens_seen,
                       **record}
             with open(os.path.join(self.logger.tensorboard_dir, "evals.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -147,7 +144,7 @@ class CheckpointCallback(Callback):
         self.keep_last = keep_last
         self.exit_interval = exit_interval
         self.handle_signals = handle_signals
-        self.snapshot_fn = snapshot_fn  # () -> trainer_state dict to store
+        self.snapshot_fn = snapshot_fn  # (trainer) -> trainer_state dict to store
         self._signal_received: int | None = None
         self._previous_handlers: dict = {}
         self.last_saved_iteration: int | None = None
@@ -156,7 +153,7 @@ class CheckpointCallback(Callback):
         if signum == signal.SIGINT:
             if self._signal_received is not None:  # a second Ctrl-C: quit now, without saving
                 raise KeyboardInterrupt
-            if _is_rank0():
+            if is_rank0():
                 print(f"interrupted: stopping after this step{' and saving a checkpoint' if self.save else ''} "
                       "(Ctrl-C again to quit at once)", flush=True)
         self._signal_received = signum
@@ -181,14 +178,14 @@ class CheckpointCallback(Callback):
         if not self.save or self.last_saved_iteration == trainer.state.iteration:
             return
         save_checkpoint(self.save, trainer.state.iteration, trainer.model_chunks, trainer.optimizer,
-                        self.snapshot_fn(), keep_last=self.keep_last,
+                        self.snapshot_fn(trainer), keep_last=self.keep_last,
                         local_state=trainer.local_state_dict())
         self.last_saved_iteration = trainer.state.iteration
 
     def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
         it = trainer.state.iteration
         if self.handle_signals and self._agreed_signal():
-            if _is_rank0():
+            if is_rank0():
                 print(f"signal received: saving a checkpoint at iteration {it} and exiting" if self.save else
                       f"signal received: stopping at iteration {it}; nothing is saved (no --save)", flush=True)
             self.save_now(trainer)

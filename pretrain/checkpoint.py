@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pretrain.distributed import is_rank0
+
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -218,7 +220,7 @@ def find_checkpoint(root: str, skipped: list[str] | None = None) -> str | None:
 
 
 def _warn(message: str) -> None:
-    if _rank() == 0:
+    if is_rank0():
         print(f"WARNING: {message}", flush=True)
 
 
@@ -280,13 +282,13 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, tr
     try:
         files = _describe_files_collectively(tmp)
     except CheckpointError:
-        if _rank() == 0:
+        if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
     def publish() -> None:
-        if _rank() == 0:
+        if is_rank0():
             publish_checkpoint(root, iteration, tmp, world_size, files)
             if keep_last:
                 prune_old_checkpoints(root, keep_last, iteration)
@@ -298,7 +300,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, tr
 
 def _make_tmp_folder(root: str, tmp: str) -> None:
     _make_save_helpers_die_with_us()  # rank-local, so before the collective DCP save
-    if _rank() == 0:
+    if is_rank0():
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
@@ -318,7 +320,7 @@ def _write_checkpoint_files(tmp: str, model_chunks: list, optimizer, trainer_sta
     dist_checkpointing.save(sharded, os.path.join(tmp, MODEL_OPTIM_DIR))
     torch.save({"rng": _rng_state(), "local": local_state or {}},
                os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
-    if _rank() == 0:
+    if is_rank0():
         torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
 
 
@@ -339,7 +341,7 @@ def _on_all_ranks_or_clean_up(step, tmp: str) -> None:
     failed = [e for e in errors if e]
     if not failed:
         return
-    if _rank() == 0:
+    if is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
     raise CheckpointError(f"{failed[0]}. The incomplete {tmp} was removed; the previous checkpoint is kept")
 

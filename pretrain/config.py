@@ -1,14 +1,20 @@
 """Typed configs, one per component; each validates itself with a message that names the flag.
 
-The command line (``pretrain/arguments.py``) only fills these; nothing reads a global namespace.
+Every command-line flag is declared here, once, on the field it sets (``flag(...)``: Megatron-LM's
+name where one exists, default, help; choices are ``Literal`` types). ``pretrain/arguments.py``
+builds the parser from these declarations and only fills the configs; nothing reads a global
+namespace. This module is the bottom layer: it imports nothing else of the project.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
+import typing
 from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Literal
 
 
 class ConfigError(ValueError):
@@ -20,32 +26,134 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+@dataclass(frozen=True)
+class Flag:
+    """How a config field is set from the command line."""
+
+    name: str | None = None  # default: --field-name
+    help: str = ""
+    parse: Callable | None = None  # text -> value; a bad value is a usage error naming the flag
+    metavar: str | None = None
+    action: str | None = None  # "store_false" for a --no-... flag of a field that defaults to True
+    # the command line leaves it None: resolved later (a --model preset, the --load checkpoint,
+    # the tokenizer file); the field's own default applies when nothing else gives it
+    resolved_later: bool = False
+    expand: Callable | None = None  # value -> {field: value} for a flag that sets several fields
+
+
+def flag(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, **spec):
+    """A config field with its command-line flag (see ``Flag``)."""
+    return field(default=default, default_factory=default_factory, metadata={"flag": Flag(**spec)})
+
+
+def choices(cls, name: str) -> tuple:
+    """The values a ``Literal``-typed field of ``cls`` allows (the one list of them)."""
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) is not Literal:  # Literal[...] | None
+        hint = next(a for a in typing.get_args(hint) if typing.get_origin(a) is Literal)
+    return typing.get_args(hint)
+
+
+def _require_choice(obj, name: str, flag_name: str) -> None:
+    allowed = choices(type(obj), name)
+    value = getattr(obj, name)
+    _require(value in allowed, f"{flag_name} {value!r}: use {', '.join(map(str, allowed))}")
+
+
+# -- value parsers of flags whose text is not a plain int/float/str
+def token_count(text: str) -> int:
+    """A count written as an integer or in scientific notation (5e10)."""
+    value = _number(text)
+    if value <= 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
+    return int(value)
+
+
+def whole_number(text: str) -> int:
+    """An integer, also in scientific notation (4e8); range checks are the config's."""
+    return int(_number(text))
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def comma_list(text: str) -> tuple:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def layer_shapes_file(path: str) -> list:
+    """A JSON file: one {num_query_groups, num_attention_heads, ffn_hidden_size} per layer."""
+    import json
+
+    try:
+        with open(path) as f:
+            shapes = json.load(f)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{path} line {err.lineno}: not JSON ({err.msg})") from None
+    keys = {"num_query_groups", "num_attention_heads", "ffn_hidden_size"}
+    if not isinstance(shapes, list) or not shapes or not all(
+            isinstance(s, dict) and set(s) == keys and all(isinstance(v, int) and v > 0 for v in s.values())
+            for s in shapes):
+        raise argparse.ArgumentTypeError(f"{path}: expected a list with one object per layer, each exactly "
+                                         f"{sorted(keys)} as positive integers")
+    return shapes
+
+
+def shrink_points(text: str) -> str:
+    """'auto', or comma-separated token counts (checked here so a typo is a usage error)."""
+    if text.strip() != "auto":
+        for item in comma_list(text):
+            token_count(item)
+    return text
+
+
+def _expand_shrink_points(text: str | None) -> dict:
+    text = (text or "").strip()
+    return {"shrink_auto": text == "auto",
+            "shrink_at": () if text == "auto" else tuple(token_count(t) for t in comma_list(text))}
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, GQA; no biases, or Qwen2's q/k/v biases."""
 
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    ffn_hidden_size: int
-    num_query_groups: int | None = None  # None: MHA (one group per head)
-    kv_channels: int | None = None  # head size; default hidden_size // heads
-    seq_length: int = 2048
-    max_position_embeddings: int | None = None
-    vocab_size: int | None = None  # None: the tokenizer's, padded
-    make_vocab_size_divisible_by: int = 128
-    untie_embeddings_and_output_weights: bool = False
-    add_qkv_bias: bool = False  # biases on q, k and v only (Qwen2); no other linear has one
-    rotary_base: float = 10000.0
-    # Llama 3.x RoPE scaling (megatron-core's: low/high frequency factors 1 and 4, original
-    # context 8192; Megatron-LM's --use-rope-scaling / --rope-scaling-factor)
-    use_rope_scaling: bool = False
-    rope_scaling_factor: float = 8.0
-    norm_epsilon: float = 1e-5
-    init_method_std: float = 0.02
+    cli_group: ClassVar[str] = "model"
+
+    # the command line leaves every model flag unset unless given: a --model preset or the --load
+    # checkpoint fills the rest (pretrain.arguments)
+    num_layers: int = flag(resolved_later=True)
+    hidden_size: int = flag(resolved_later=True)
+    num_attention_heads: int = flag(resolved_later=True)
+    ffn_hidden_size: int = flag(resolved_later=True)
+    num_query_groups: int | None = flag(
+        None, resolved_later=True, help="GQA groups (default: one per head, or 1 with --group-query-attention)")
+    kv_channels: int | None = flag(None, resolved_later=True, help="head size (default hidden/heads)")
+    seq_length: int = flag(2048, resolved_later=True)
+    max_position_embeddings: int | None = flag(None, resolved_later=True)
+    vocab_size: int | None = flag(None, resolved_later=True, help="model vocabulary (default: tokenizer's, padded)")
+    make_vocab_size_divisible_by: int = flag(128, resolved_later=True)
+    untie_embeddings_and_output_weights: bool = flag(False)
+    add_qkv_bias: bool = flag(False, help="biases on q, k and v (Qwen2); no other linear has one")
+    rotary_base: float = flag(10000.0, resolved_later=True)
+    # megatron-core's Llama 3.x RoPE scaling (Megatron-LM's --use-rope-scaling / --rope-scaling-factor)
+    use_rope_scaling: bool = flag(
+        False, help="Llama 3.x RoPE scaling (low/high frequency factors 1 and 4, original context 8192)")
+    rope_scaling_factor: float = flag(8.0, resolved_later=True, help="with --use-rope-scaling")
+    norm_epsilon: float = flag(1e-5, resolved_later=True)
+    init_method_std: float = flag(0.02, resolved_later=True)
     # a heterogeneous model (after a per-layer shrink): per layer {num_query_groups,
     # num_attention_heads, ffn_hidden_size}; the fields above then hold the widest layer's
-    layer_shapes: list | None = None
+    layer_shapes: list | None = flag(
+        None, resolved_later=True, parse=layer_shapes_file, metavar="FILE.json",
+        help="a per-layer model (what a per-layer shrink makes), trained from scratch: a JSON list with one "
+             "{num_query_groups, num_attention_heads, ffn_hidden_size} per layer; the flags above then give "
+             "the widest layer")
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length"):
@@ -146,9 +254,12 @@ MODEL_PRESETS: dict[str, dict] = {
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    use_distributed_optimizer: bool = True
+    cli_group: ClassVar[str] = "parallelism"
+
+    tensor_model_parallel_size: int = flag(1)
+    pipeline_model_parallel_size: int = flag(1)
+    use_distributed_optimizer: bool = flag(True, name="--no-use-distributed-optimizer", action="store_false",
+                                           help="plain DDP optimizer instead of the distributed one")
 
     def validate(self, model: ModelConfig, world_size: int) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
@@ -189,17 +300,27 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    data_path: list[str] = field(default_factory=list)  # [w1, prefix1, w2, prefix2] or [prefix]
-    split: str = "969,30,1"
-    tokenizer_type: str = "GPTSentencePieceTokenizer"
-    tokenizer_model: str | None = None
-    vocab_size_for_null_tokenizer: int | None = None
-    mock_data: bool = False
-    data_cache_path: str | None = None
-    num_workers: int = 0
+    cli_group: ClassVar[str] = "data"
+
+    data_path: list[str] = flag(default_factory=list, help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
+    split: str = flag("969,30,1")
+    # the command line leaves both to the --load checkpoint's recorded tokenizer, else infers the
+    # type from the model file (pretrain.arguments)
+    tokenizer_type: str = flag(
+        "GPTSentencePieceTokenizer", resolved_later=True,
+        help="default: the --load checkpoint's, else HuggingFaceTokenizer for a HF folder or tokenizer.json, "
+             "else GPTSentencePieceTokenizer")
+    tokenizer_model: str | None = flag(
+        None, resolved_later=True, help="a sentencepiece model, a HF tokenizer folder or a tokenizer.json; "
+        "default: the tokenizer recorded in the --load checkpoint")
+    vocab_size_for_null_tokenizer: int | None = flag(None, name="--null-vocab-size", help="vocabulary of NullTokenizer")
+    mock_data: bool = flag(False, help="synthetic data (no --data-path)")
+    data_cache_path: str | None = flag(None)
     # Megatron-LM's --test-data-path: a separate held-out set (the --split test share is then
     # unused); evaluated on the same sequences at every evaluation, whatever the run's seed
-    test_data_path: list[str] = field(default_factory=list)
+    test_data_path: list[str] = flag(
+        default_factory=list, help="a held-out test set (PREFIX, or weight/prefix pairs), evaluated with validation "
+        "and at the end on the same sequences every time; the test share of --split is then unused")
 
     def blend(self) -> tuple[list[str], list[float] | None]:
         """Megatron-LM's ``--data-path`` forms: ``PREFIX``, ``W1 PREFIX1 W2 PREFIX2 ...``, or
@@ -280,43 +401,45 @@ def read_data_args(path: str) -> list[str]:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    lr_warmup_iters: int = 0
-    lr_decay_iters: int | None = None  # None: train_iters
-    lr_decay_style: str = "cosine"
+    cli_group: ClassVar[str] = "optimizer"
+
+    lr: float = flag(3e-4)
+    min_lr: float = flag(3e-5)
+    weight_decay: float = flag(0.1)
+    adam_beta1: float = flag(0.9)
+    adam_beta2: float = flag(0.95)
+    adam_eps: float = flag(1e-8)
+    clip_grad: float = flag(1.0)
+    lr_warmup_iters: int = flag(0)
+    lr_decay_iters: int | None = flag(None, help="default: the training length")
+    lr_decay_style: Literal["cosine", "linear", "constant", "WSD", "inverse-square-root"] = flag("cosine")
 
     def validate(self) -> None:
         _require(self.lr > 0, "--lr must be positive")
         _require(0 <= self.min_lr <= self.lr, "--min-lr must be between 0 and --lr")
-        _require(self.lr_decay_style in ("cosine", "linear", "constant", "WSD", "inverse-square-root"),
-                 f"--lr-decay-style {self.lr_decay_style!r}: use cosine, linear, constant, WSD or "
-                 "inverse-square-root")
+        _require_choice(self, "lr_decay_style", "--lr-decay-style")
         _require(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
         _require(self.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)")
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    train_iters: int | None = None
-    train_tokens: int | None = None
-    seed: int = 1234
-    bf16: bool = False
-    eval_interval: int = 0  # 0: no evaluation during training
-    eval_iters: int = 10
-    log_interval: int = 10
-    exit_interval: int | None = None  # stop (after saving) at this iteration
-    dry_run: bool = False
-    # a step whose loss or gradients are not finite is skipped (no update); after this many such
-    # steps in one run, training stops with an error and the last checkpoint stays the newest
-    max_skipped_nonfinite_steps: int = 3
+    cli_group: ClassVar[str] = "training"
+
+    micro_batch_size: int = flag(1)
+    global_batch_size: int = flag(8)
+    train_iters: int | None = flag(None)
+    train_tokens: int | None = flag(None, parse=token_count, help="e.g. 5e10 (instead of --train-iters)")
+    seed: int = flag(1234)
+    bf16: bool = flag(False)
+    eval_interval: int = flag(0, help="0: no evaluation during training")
+    eval_iters: int = flag(10)
+    log_interval: int = flag(10)
+    exit_interval: int | None = flag(None, help="save and exit at this iteration")
+    dry_run: bool = flag(False, help="build everything, print the plan, exit")
+    max_skipped_nonfinite_steps: int = flag(
+        3, help="skip a step whose loss or gradients are NaN/inf (no update); after this many in one run, "
+                "stop with an error (the last checkpoint stays the newest)")
 
     def validate(self, data_parallel_size: int, seq_length: int) -> None:
         _require(self.micro_batch_size > 0, "--micro-batch-size must be positive")
@@ -342,14 +465,18 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    save: str | None = None
-    load: str | None = None
-    save_interval: int | None = None
-    no_load_optim: bool = False
-    no_load_rng: bool = False
-    finetune: bool = False  # load weights only; iteration and data position start at 0
-    keep_last: int | None = None  # keep only this many newest checkpoints
-    use_checkpoint_args: bool = False  # take the model shape from the checkpoint (e.g. shrunk)
+    cli_group: ClassVar[str] = "checkpointing and logging"
+
+    save: str | None = flag(None)
+    load: str | None = flag(None)
+    save_interval: int | None = flag(None)
+    no_load_optim: bool = flag(False)
+    no_load_rng: bool = flag(False)
+    finetune: bool = flag(False, help="load weights only; start at iteration 0 with a fresh optimizer")
+    keep_last: int | None = flag(None, help="keep only the newest N checkpoints")
+    use_checkpoint_args: bool = flag(
+        False, help="take the model shape from the --load checkpoint (e.g. after a shrink)")
+    # not a flag: the command line always saves and stops cleanly on SIGTERM/SIGUSR1/SIGINT
     exit_signal_handler: bool = True
 
     def validate(self) -> None:
@@ -360,39 +487,75 @@ class CheckpointConfig:
             _require(self.keep_last >= 1, "--keep-last must be >= 1")
 
 
+# what can be pruned: query groups, FFN channels, hidden channels, whole layers (the one list)
+PruneType = Literal["heads", "ffn", "hidden", "layers"]
+PRUNE_TYPES: tuple = typing.get_args(PruneType)
+
+
 @dataclass(kw_only=True)
 class PruneConfig:
     """Pruning-aware pretraining (off unless a target is given)."""
 
-    target_params: int | None = None
-    target_ratio: float | None = None
+    cli_group: ClassVar[str] = "pruning-aware pretraining (off unless a target is given)"
+
+    target_params: int | None = flag(None, name="--prune-target-params", parse=whole_number,
+                                     help="final parameter count (e.g. 4e8)")
+    target_ratio: float | None = flag(None, name="--prune-target-ratio", help="final parameters / initial parameters")
     # resuming a checkpoint that carries pruning state: it is kept and applied (and, without
     # --prune-* flags, its own pruning settings continue) unless one of these says otherwise
-    end_pruning: bool = False  # keep the masks so far, remove no further groups
-    drop_state: bool = False  # discard the masks: pruned groups train again
-    start_tokens: int = 0
-    end_tokens: int | None = None
-    interval: int = 10  # steps between pruning events
-    ramp: str = "linear"
-    saliency: str = "taylor"
-    taylor_form: str = "element"  # vector-form sums cancel like sqrt(group size): README, issue 21
-    saliency_ema: float = 0.9
-    obs_exact: bool = False
-    types: tuple = ("heads", "ffn", "hidden")
-    granularity: str = "per-layer"
-    align: int | None = None  # None: 8 on CPU, 64 on GPU
-    min_heads: int = 1  # query groups per layer
-    min_ffn: int = 0
-    min_hidden: int = 0
-    min_layers: int = 1
+    end_pruning: bool = flag(
+        False, help="with --load of a pruning checkpoint: keep its masks, remove no further groups")
+    drop_state: bool = flag(False, name="--drop-pruning-state",
+                            help="with --load of a pruning checkpoint: discard its masks (pruned groups train again)")
+    start_tokens: int = flag(0, name="--prune-start-tokens", parse=whole_number)
+    end_tokens: int | None = flag(None, name="--prune-end-tokens", parse=whole_number,
+                                  help="default: the end of training")
+    interval: int = flag(10, name="--prune-interval", help="steps between pruning events")
+    ramp: Literal["linear", "cubic"] = flag("linear", name="--prune-ramp")
+    saliency: Literal["taylor", "fisher", "obs", "activation"] = flag("taylor")
+    # vector-form sums cancel like sqrt(group size): README, issue 21
+    taylor_form: Literal["vector", "element"] = flag("element", name="--saliency-taylor-form")
+    saliency_ema: float = flag(0.9, help="EMA factor across scoring steps")
+    obs_exact: bool = flag(False, name="--saliency-obs-exact",
+                           help="obs: exact inverse of the layer-input Hessian (small layers)")
+    types: tuple[PruneType, ...] = flag(
+        ("heads", "ffn", "hidden"), name="--prune-types", parse=comma_list,
+        help="comma-separated: heads, ffn, hidden, and optionally layers (whole layers)")
+    granularity: Literal["uniform", "per-layer"] = flag("per-layer", name="--prune-granularity")
+    align: int | None = flag(None, name="--prune-align", help="channel alignment (default 8 on CPU, 64 on GPU)")
+    min_heads: int = flag(1, name="--prune-min-heads", help="minimum query groups per layer")
+    min_ffn: int = flag(0, name="--prune-min-ffn")
+    min_hidden: int = flag(0, name="--prune-min-hidden")
+    min_layers: int = flag(1, name="--prune-min-layers")
     # in-run shrink: token counts, or "auto" (end of pruning, and each time the kept parameter
-    # fraction has fallen by shrink_every_fraction since the last shrink)
-    shrink_at: tuple = ()
+    # fraction has fallen by shrink_every_fraction since the last shrink); --shrink-at sets both
+    shrink_at: tuple = flag(
+        (), parse=shrink_points, expand=_expand_shrink_points,
+        help="shrink the model in-run at these token counts (comma-separated), or 'auto': at the end of "
+             "pruning (and see --shrink-every-fraction); needs --save")
     shrink_auto: bool = False
-    shrink_every_fraction: float | None = None
+    shrink_every_fraction: float | None = flag(
+        None, help="with --shrink-at auto: also shrink whenever the kept parameter fraction has fallen by "
+                   "this much since the last shrink")
     # the layout to continue on after an in-run shrink (None: keep the current one)
-    shrink_tensor_parallel_size: int | None = None
-    shrink_pipeline_parallel_size: int | None = None
+    shrink_tensor_parallel_size: int | None = flag(
+        None, name="--shrink-tensor-model-parallel-size",
+        help="continue on this TP size after an in-run shrink (default: unchanged)")
+    shrink_pipeline_parallel_size: int | None = flag(
+        None, name="--shrink-pipeline-model-parallel-size",
+        help="continue on this PP size after an in-run shrink (default: unchanged)")
+    # issue 21: allocation across types and safety on real pretrained models
+    allocation: Literal["global", "proportional"] = flag(
+        "global", name="--prune-allocation",
+        help="global: one saliency-per-parameter ranking over all types; proportional: every type pruned by "
+             "the same fraction (a baseline)")
+    max_step_fraction: float = flag(
+        0.25, name="--prune-max-step-fraction",
+        help="one pruning event removes at most this fraction of the model's parameters")
+    loss_jump_warn: float = flag(
+        0.5, name="--prune-loss-jump-warn",
+        help="warn (log, tensorboard, history) when the loss rises by more than this many nats from the step "
+             "before a pruning event to the step after it")
 
     @property
     def enabled(self) -> bool:
@@ -411,35 +574,30 @@ class PruneConfig:
         _require(0 <= self.start_tokens < end,
                  f"--prune-start-tokens ({self.start_tokens}) must be below --prune-end-tokens ({end})")
         _require(self.interval >= 1, "--prune-interval must be >= 1")
-        _require(self.ramp in ("linear", "cubic"), f"--prune-ramp {self.ramp!r}: linear or cubic")
-        _require(self.saliency in ("taylor", "fisher", "obs", "activation"),
-                 f"--saliency {self.saliency!r}: taylor, fisher, obs or activation")
-        _require(self.taylor_form in ("vector", "element"), "--saliency-taylor-form: vector or element")
+        for name, flag_name in (("ramp", "--prune-ramp"), ("saliency", "--saliency"),
+                                ("taylor_form", "--saliency-taylor-form"), ("granularity", "--prune-granularity"),
+                                ("allocation", "--prune-allocation")):
+            _require_choice(self, name, flag_name)
         _require(0 <= self.saliency_ema < 1, "--saliency-ema must be in [0, 1)")
-        bad = [t for t in self.types if t not in ("heads", "ffn", "hidden", "layers")]
+        bad = [t for t in self.types if t not in PRUNE_TYPES]
         _require(not bad and len(self.types) > 0,
-                 f"--prune-types: {','.join(bad) or 'empty'}; use heads, ffn, hidden, layers")
-        _require(self.granularity in ("uniform", "per-layer"), "--prune-granularity: uniform or per-layer")
+                 f"--prune-types: {','.join(bad) or 'empty'}; use {', '.join(PRUNE_TYPES)}")
         _require(self.align is None or self.align >= 1, "--prune-align must be >= 1")
         if self.shrink_every_fraction is not None:
             _require(0 < self.shrink_every_fraction < 1, "--shrink-every-fraction must be in (0, 1)")
             _require(self.shrink_auto, "--shrink-every-fraction needs --shrink-at auto")
         self.validate_safety()
 
-    # -- issue 21: allocation across types and safety on real pretrained models
-    allocation: str = "global"  # "proportional": every type pruned by the same fraction (a baseline)
-    max_step_fraction: float = 0.25  # one event removes at most this fraction of the model
-    loss_jump_warn: float = 0.5  # warn when the loss after an event rises by more than this (nats)
-
     def validate_safety(self) -> None:
-        _require(self.allocation in ("global", "proportional"), "--prune-allocation: global or proportional")
         _require(0 < self.max_step_fraction <= 1, "--prune-max-step-fraction must be in (0, 1]")
         _require(self.loss_jump_warn > 0, "--prune-loss-jump-warn must be positive (nats)")
 
 
 @dataclass(kw_only=True)
 class LoggingConfig:
-    tensorboard_dir: str | None = None
+    cli_group: ClassVar[str] = "checkpointing and logging"
+
+    tensorboard_dir: str | None = flag(None)
 
 
 @dataclass(kw_only=True)
@@ -460,8 +618,7 @@ class PretrainConfig:
         self.optim.validate()
         self.train.validate(self.parallel.data_parallel_size(world_size), self.model.seq_length)
         self.checkpoint.validate()
-        total_tokens = self.train.total_iters(self.model.seq_length) * self.train.global_batch_size * self.model.seq_length
-        self.prune.validate(total_tokens)
+        self.prune.validate(self.total_tokens())
         shrinks = bool(self.prune.shrink_at or self.prune.shrink_auto)
         if shrinks:
             _require(self.checkpoint.save is not None, "--shrink-at needs --save (the shrink goes through a checkpoint)")
@@ -482,17 +639,36 @@ class PretrainConfig:
             except ConfigError as err:
                 raise ConfigError(f"after the shrink's layout change: {err}") from None
 
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.model.seq_length
+
+    def total_iters(self) -> int:
+        return self.train.total_iters(self.model.seq_length)
+
+    def total_tokens(self) -> int:
+        """Tokens of the whole run (the trainer's ``tokens_seen`` at its last step)."""
+        return self.total_iters() * self.tokens_per_step()
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
+        """The config stored in a checkpoint; fields since retired (``_RETIRED``) are dropped."""
+        def section(name: str, section_cls):
+            values = {k: v for k, v in d.get(name, {}).items() if k not in _RETIRED.get(name, ())}
+            return section_cls(**values)
+
+        prune = d.get("prune", {})
         return cls(
-            model=ModelConfig(**d["model"]), parallel=ParallelConfig(**d["parallel"]),
-            data=DataConfig(**d["data"]), optim=OptimConfig(**d["optim"]),
-            train=TrainConfig(**d["train"]), checkpoint=CheckpointConfig(**d["checkpoint"]),
-            logging=LoggingConfig(**d["logging"]),
-            prune=PruneConfig(**{**d.get("prune", {}),
-                                 "types": tuple(d.get("prune", {}).get("types", ("heads", "ffn", "hidden"))),
-                                 "shrink_at": tuple(d.get("prune", {}).get("shrink_at", ()))}),
+            model=section("model", ModelConfig), parallel=section("parallel", ParallelConfig),
+            data=section("data", DataConfig), optim=section("optim", OptimConfig),
+            train=section("train", TrainConfig), checkpoint=section("checkpoint", CheckpointConfig),
+            logging=section("logging", LoggingConfig),
+            prune=PruneConfig(**{**prune, "types": tuple(prune.get("types", ("heads", "ffn", "hidden"))),
+                                 "shrink_at": tuple(prune.get("shrink_at", ()))}),
         )
+
+
+# fields older checkpoints store that no config has any more
+_RETIRED = {"data": ("num_workers",)}

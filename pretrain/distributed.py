@@ -17,12 +17,6 @@ from megatron_patches import apply_cpu_shims
 
 
 LAUNCHERS = ("auto", "torchrun", "slurm", "mpi")
-# variables through which a launcher tells a process its place; a child that must run as a world
-# of its own (the in-run shrink tool) gets an environment without them
-_LAUNCH_PREFIXES = ("SLURM_STEP_", "OMPI_COMM_WORLD_", "PMIX_", "PMI_", "TORCHELASTIC")
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                "MASTER_PORT", "ROLE_RANK", "ROLE_WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID",
-                "PRETRAIN_LAUNCHER")
 
 
 def launch_environment() -> tuple[int, int, int]:
@@ -95,13 +89,6 @@ def _mpi_environment() -> tuple[int, int, int]:
     return _mpi_cache
 
 
-def single_process_environment() -> dict:
-    """This process's environment without the launcher's variables, for a child that must be a
-    world of its own (otherwise it would wait for ranks that never come)."""
-    return {k: v for k, v in os.environ.items()
-            if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
-
-
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                      timeout_minutes: int = 30) -> dict:
     """Initialise torch.distributed and megatron-core's model-parallel groups; returns the layout."""
@@ -163,8 +150,13 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def is_rank0() -> bool:
+    """Whether this process speaks for the world (global rank 0, or no world at all)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def print_rank0(*args, **kwargs) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if is_rank0():
         print(*args, **kwargs, flush=True)
 
 
@@ -185,7 +177,7 @@ def set_random_seed(seed: int) -> None:
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """In a helper process (a save server, the in-run shrink): ask Linux for SIGKILL when the
+    """In a helper process (the checkpoint save server): ask Linux for SIGKILL when the
     parent dies, so a rank killed with SIGKILL leaves nothing running; exit if it already died."""
     import ctypes
     import signal

@@ -21,33 +21,15 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
                         micro_batch_size: int = 1, seq_length: int | None = None,
                         max_samples: int | None = None) -> dict:
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from data_prep.tokenizers import infer_tokenizer_type
-    from pretrain import checkpoint as ckpt
     from pretrain.data import MicroBatchIterator, build_datasets, check_datasets, load_tokenizer
     from pretrain.distributed import init_distributed, launch_environment, set_random_seed
-    from pretrain.model import build_model
-    from pretrain.train import checkpoint_vocab
-    from pretrain.trainer import forward_step, global_mean_loss
+    from pretrain.resume import checkpoint_vocab
 
-    folder = ckpt.find_checkpoint(load)
-    if folder is None:
-        raise ConfigError(f"--load {load}: no valid checkpoint there")
-    state = ckpt.read_trainer_state(folder)
-    saved = PretrainConfig.from_dict(state["config"])
-    from pretrain.hf import checkpoint_tokenizer
-
-    recorded_type, recorded_model = checkpoint_tokenizer(folder, state) or (saved.data.tokenizer_type, None)
-    data = DataConfig(data_path=list(data_path), split="0,0,100",
-                      tokenizer_type=tokenizer_type or (recorded_type if not tokenizer_model else
-                                                        infer_tokenizer_type(tokenizer_model)),
-                      tokenizer_model=tokenizer_model or recorded_model)
-    data.validate()
+    folder, state, saved, data = _checkpoint_and_data(load, data_path, tokenizer_type, tokenizer_model)
     model_cfg = dataclasses.replace(saved.model, seq_length=seq_length or saved.model.seq_length)
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
-    _, world_size, _ = launch_environment()
-    parallel.validate(model_cfg, world_size)
+    parallel.validate(model_cfg, launch_environment()[1])
     tokenizer = load_tokenizer(data)
     vocab = checkpoint_vocab((folder, state), tokenizer.vocab_size, tensor_parallel)
 
@@ -56,16 +38,7 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     # (which TP>1 would mask in silence, reporting a perplexity of other data), stop here
     check_datasets(data, tokenizer)
     set_random_seed(saved.train.seed)
-    chunks = build_model(model_cfg, parallel, TrainConfig(bf16=saved.train.bf16), vocab, wrap_ddp=False)
-    ckpt.load_checkpoint(folder, chunks, None, load_optim=False, load_rng=False)
-    pruning = state.get("callbacks", {}).get("pruning")
-    if pruning:  # a masked checkpoint computes as its masks say (the hidden mask lives in the norms)
-        from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
-
-        masks = GroupMasks.from_state_dict(pruning["masks"])
-        build_local_masks(chunks, masks, ModelShape.from_config(model_cfg, vocab)).apply_to_weights()
-    for chunk in chunks:
-        chunk.eval()
+    chunks = _load_model(folder, state, model_cfg, parallel, saved, vocab)
 
     dp = layout["dp_size"]
     test = build_datasets(data, tokenizer, model_cfg.seq_length, saved.train.seed, (0, 0, None))[2]
@@ -78,13 +51,62 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
         raise ConfigError(f"--data-path holds {available} sequences, fewer than one batch of {global_batch} "
                           f"(micro batch x data-parallel ranks); lower --micro-batch-size or --seq-length")
     iterator = MicroBatchIterator(test, 0, micro_batch_size, ps.get_data_parallel_rank(), dp)
+    loss = _mean_loss(chunks, iterator, steps, model_cfg.seq_length, micro_batch_size)
+    return {"loss": loss, "perplexity": math.exp(loss), "samples": steps * global_batch,
+            "tokens": steps * global_batch * model_cfg.seq_length, "checkpoint": folder, "layout": layout}
+
+
+def _checkpoint_and_data(load: str, data_path: list[str], tokenizer_type: str | None,
+                         tokenizer_model: str | None) -> tuple:
+    """(folder, trainer state, config) of the checkpoint, and the data config to score it on
+    (the tokenizer the checkpoint recorded unless one is given)."""
+    from data_prep.tokenizers import infer_tokenizer_type
+    from pretrain import checkpoint as ckpt
+    from pretrain.hf import checkpoint_tokenizer
+
+    folder = ckpt.find_checkpoint(load)
+    if folder is None:
+        raise ConfigError(f"--load {load}: no valid checkpoint there")
+    state = ckpt.read_trainer_state(folder)
+    saved = PretrainConfig.from_dict(state["config"])
+    recorded_type, recorded_model = checkpoint_tokenizer(folder, state) or (saved.data.tokenizer_type, None)
+    data = DataConfig(data_path=list(data_path), split="0,0,100",
+                      tokenizer_type=tokenizer_type or (recorded_type if not tokenizer_model else
+                                                        infer_tokenizer_type(tokenizer_model)),
+                      tokenizer_model=tokenizer_model or recorded_model)
+    data.validate()
+    return folder, state, saved, data
+
+
+def _load_model(folder: str, state: dict, model_cfg, parallel: ParallelConfig, saved: PretrainConfig,
+                vocab: int) -> list:
+    """The checkpoint's model in eval mode; a masked checkpoint computes as its masks say (the
+    hidden mask lives in the norms)."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.model import build_model
+    from pretrain.pruning.masks import ModelShape, build_local_masks
+    from pretrain.pruning.state import PruningState
+
+    chunks = build_model(model_cfg, parallel, TrainConfig(bf16=saved.train.bf16), vocab, wrap_ddp=False)
+    ckpt.load_checkpoint(folder, chunks, None, load_optim=False, load_rng=False)
+    masks = PruningState.stored_masks(state)
+    if masks is not None:
+        build_local_masks(chunks, masks, ModelShape.from_config(model_cfg, vocab)).apply_to_weights()
+    for chunk in chunks:
+        chunk.eval()
+    return chunks
+
+
+def _mean_loss(chunks: list, iterator, steps: int, seq_length: int, micro_batch_size: int) -> float:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from pretrain.trainer import forward_step, global_mean_loss
+
     total = 0.0
     with torch.no_grad():
         for _ in range(steps):
             losses = get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=iterator, model=chunks, num_microbatches=1,
-                seq_length=model_cfg.seq_length, micro_batch_size=micro_batch_size, forward_only=True)
+                seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True)
             total += global_mean_loss(losses)
-    loss = total / steps
-    return {"loss": loss, "perplexity": math.exp(loss), "samples": steps * global_batch,
-            "tokens": steps * global_batch * model_cfg.seq_length, "checkpoint": folder, "layout": layout}
+    return total / steps

@@ -63,7 +63,8 @@ def _build_single(model_cfg: ModelConfig, vocab: int, dtype: torch.dtype = torch
 def load_full_weights(load: str) -> FullWeights:
     """Read a checkpoint's weights; a checkpoint with pruning masks comes back shrunk."""
     from pretrain import checkpoint as ckpt
-    from pretrain.pruning.masks import GroupMasks, ModelShape
+    from pretrain.pruning.masks import ModelShape
+    from pretrain.pruning.state import PruningState
     from pretrain.state_adapter import shrink_parameter, shrunk_model_config, shrunk_name
 
     folder = ckpt.find_checkpoint(load)
@@ -75,10 +76,9 @@ def load_full_weights(load: str) -> FullWeights:
     model = _build_single(cfg.model, vocab)
     ckpt.load_checkpoint(folder, [model], None, load_optim=False, load_rng=False)
     tensors = {name: p.detach() for name, p in model.named_parameters()}
-    pruning = state.get("callbacks", {}).get("pruning")
-    if not pruning:
+    masks = PruningState.stored_masks(state)
+    if masks is None:
         return FullWeights(cfg, vocab, tensors, state, folder, shrunk=False)
-    masks = GroupMasks.from_state_dict(pruning["masks"])
     shape = ModelShape.from_config(cfg.model, vocab)
     if shape.parameter_count(masks) == shape.parameter_count(shape.full_masks()):
         return FullWeights(cfg, vocab, tensors, state, folder, shrunk=False)
@@ -495,26 +495,12 @@ def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel:
     return _import(hf, None, load, load, save, tensor_parallel, pipeline_parallel, make_vocab_size_divisible_by)
 
 
-def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tensor_parallel: int,
-            pipeline_parallel: int, make_vocab_size_divisible_by: int) -> dict:
-    from pretrain import checkpoint as ckpt
+def _copy_hf_weights(model, tensors, model_cfg, hf_vocab: int, load: str) -> None:
+    """Every parameter of ``model`` from the HF tensors (the vocabulary padding rows stay zero)."""
     from pretrain.pruning.masks import ModelShape
     from pretrain.state_adapter import from_hf
 
-    config_path = load if tensors is not None else os.path.join(load, "config.json")
-    model_cfg = model_config_from_hf(hf, config_path)
-    model_cfg = dataclasses.replace(model_cfg, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-    parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
-    try:
-        parallel.validate(model_cfg, tensor_parallel * pipeline_parallel)
-    except ConfigError as err:
-        raise ConversionError(f"the model does not fit --tensor-model-parallel-size {tensor_parallel} x "
-                              f"--pipeline-model-parallel-size {pipeline_parallel}: {err}") from None
-    tensors = tensors or _HFTensors(load)
-    hf_vocab = int(hf["vocab_size"])
-    vocab = model_cfg.padded_vocab_size(hf_vocab, tensor_parallel)
-    model = _build_single(model_cfg, vocab)
-    shape = ModelShape.from_config(model_cfg, vocab)
+    shape = ModelShape.from_config(model_cfg, model.embedding.word_embeddings.weight.shape[0])
     with torch.no_grad():
         for name, param in model.named_parameters():
             value = from_hf(name, tensors.get, shape)
@@ -529,6 +515,10 @@ def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tens
                 raise ConversionError(f"{load}: {name} has shape {tuple(value.shape)}, the config implies "
                                       f"{tuple(param.shape)}")
             param.copy_(value)
+
+
+def _check_all_used(tensors, model_cfg, load: str) -> None:
+    """Refuse HF tensors the import did not use (an unsupported variant would lose them)."""
     unused = sorted(n for n in tensors.names() - tensors.used if not n.endswith("rotary_emb.inv_freq"))
     for name in [n for n in unused if n.endswith("self_attn.o_proj.bias")]:
         # Llama's attention_bias also biases o_proj; our model has none, so only zeros import
@@ -541,6 +531,27 @@ def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tens
     if unused:
         raise ConversionError(f"{load}: tensors the Llama architecture does not use: {unused[:5]}"
                               f"{' ...' if len(unused) > 5 else ''} (an unsupported variant?)")
+
+
+def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tensor_parallel: int,
+            pipeline_parallel: int, make_vocab_size_divisible_by: int) -> dict:
+    from pretrain import checkpoint as ckpt
+
+    config_path = load if tensors is not None else os.path.join(load, "config.json")
+    model_cfg = model_config_from_hf(hf, config_path)
+    model_cfg = dataclasses.replace(model_cfg, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
+    try:
+        parallel.validate(model_cfg, tensor_parallel * pipeline_parallel)
+    except ConfigError as err:
+        raise ConversionError(f"the model does not fit --tensor-model-parallel-size {tensor_parallel} x "
+                              f"--pipeline-model-parallel-size {pipeline_parallel}: {err}") from None
+    tensors = tensors or _HFTensors(load)
+    hf_vocab = int(hf["vocab_size"])
+    vocab = model_cfg.padded_vocab_size(hf_vocab, tensor_parallel)
+    model = _build_single(model_cfg, vocab)
+    _copy_hf_weights(model, tensors, model_cfg, hf_vocab, load)
+    _check_all_used(tensors, model_cfg, load)
     tmp = _tmp_folder(save)
     try:
         # the tokenizer goes inside the checkpoint: training, evaluation and export find it there

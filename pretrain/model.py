@@ -142,10 +142,6 @@ def unwrap(model_chunk):
     return model_chunk
 
 
-def count_local_parameters(model_chunks: list) -> int:
-    return sum(p.numel() for chunk in model_chunks for p in chunk.parameters())
-
-
 def activation_memory_lower_bound(model_cfg: ModelConfig, micro_batch_size: int, vocab_size: int,
                                   tensor_parallel: int, fused_attention: bool) -> int:
     """Bytes one rank surely needs for one micro-batch's forward: the fp32 logits and their

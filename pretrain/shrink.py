@@ -68,13 +68,32 @@ def _check_save_folder(save: str, overwrite: bool) -> None:
 def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: int | None = None,
                        target_pp: int | None = None, progress: bool = True,
                        max_file_bytes: int = 512 * 2**20, overwrite: bool = False) -> dict:
-    """Importable entry point (one process, no torch.distributed needed). Returns a summary."""
+    """Importable entry point. Runs in the calling process alone: it issues no collective (its DCP
+    reads and writes are single-process), so rank 0 of a running world may call it (the in-run
+    shrink does) and a plain ``python`` process needs no world at all. Returns a summary."""
     from pretrain import checkpoint as ckpt
-    from pretrain.pruning.masks import GroupMasks
-    from pretrain.state_adapter import shrunk_model_config
 
     start = time.time()
     _check_target_sizes(target_tp, target_pp)
+    folder = _source_checkpoint(load, save, overwrite)
+    state = ckpt.read_trainer_state(folder)
+    cfg = PretrainConfig.from_dict(state["config"])
+    vocab = int(state["vocab_size"])
+    shape = _shape_of(cfg, vocab)
+    pruning = _pruning_to_shrink(folder, state, cfg, shape) if shrink else None
+    new_cfg = _target_config(cfg, pruning.masks if shrink else None, shape, vocab, target_tp, target_pp)
+    new_state = _new_trainer_state(state, cfg, new_cfg, pruning, shape)
+    path, counts = _write_checkpoint(folder, save, new_state, pruning.masks if shrink else None, shape,
+                                     stacked=new_cfg.model.layer_shapes is None, progress=progress,
+                                     max_file_bytes=max_file_bytes)
+    return {"folder": path, "iteration": state["iteration"], "params_before": counts[0], "params_after": counts[1],
+            "seconds": time.time() - start, "config": new_cfg}
+
+
+def _source_checkpoint(load: str, save: str, overwrite: bool) -> str:
+    """The checkpoint folder under ``load``, once ``save`` is known to be a place to write to."""
+    from pretrain import checkpoint as ckpt
+
     skipped: list[str] = []
     folder = ckpt.find_checkpoint(load, skipped)
     if folder is None:
@@ -83,53 +102,73 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
     if os.path.abspath(save) == os.path.abspath(load):
         raise ShrinkError("--save must differ from --load (the source checkpoint is kept)")
     _check_save_folder(save, overwrite)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
-        raise ShrinkError("reshard/shrink runs in a single process (launch it with python, not torchrun)")
-    state = ckpt.read_trainer_state(folder)
-    cfg = PretrainConfig.from_dict(state["config"])
-    vocab = int(state["vocab_size"])
-    shape = _shape_of(cfg, vocab)
-    pruning = state.get("callbacks", {}).get("pruning")
-    masks = None
-    if shrink:
-        if not pruning:
-            raise ShrinkError(f"{folder}: --shrink needs a checkpoint of a pruning run (no pruning state)")
-        masks = GroupMasks.from_state_dict(pruning["masks"])
-        expected = (shape.num_layers, shape.num_groups, shape.ffn, shape.hidden)
-        found = (masks.heads.shape[0], masks.heads.shape[1], masks.ffn.shape[1], masks.hidden.numel())
-        if found != expected:
-            raise ShrinkError(f"{folder}: the pruning masks (layers, groups, FFN, hidden = {found}) do not "
-                              f"match the checkpoint's model {expected}; the trainer state is inconsistent")
-        if not bool(masks.layers.any()) or not bool(masks.hidden.any()):
-            raise ShrinkError(f"{folder}: the masks keep no layer or no hidden channel; nothing to shrink into")
+    return folder
 
-    new_model_cfg = shrunk_model_config(cfg.model, masks, shape) if shrink else cfg.model
+
+def _pruning_to_shrink(folder: str, state: dict, cfg: PretrainConfig, shape):
+    """The checkpoint's PruningState, checked to describe its model and to keep something."""
+    from pretrain.pruning.state import PruningState
+
+    # an older checkpoint's missing pruning keys are those of a schedule starting on its model
+    pruning = PruningState.in_checkpoint(state, fallback=PruningState.fresh(
+        shape, cfg.prune.target_params, cfg.prune.target_ratio))
+    if pruning is None:
+        raise ShrinkError(f"{folder}: --shrink needs a checkpoint of a pruning run (no pruning state)")
+    masks = pruning.masks
+    expected = (shape.num_layers, shape.num_groups, shape.ffn, shape.hidden)
+    found = (masks.heads.shape[0], masks.heads.shape[1], masks.ffn.shape[1], masks.hidden.numel())
+    if found != expected:
+        raise ShrinkError(f"{folder}: the pruning masks (layers, groups, FFN, hidden = {found}) do not "
+                          f"match the checkpoint's model {expected}; the trainer state is inconsistent")
+    if not bool(masks.layers.any()) or not bool(masks.hidden.any()):
+        raise ShrinkError(f"{folder}: the masks keep no layer or no hidden channel; nothing to shrink into")
+    return pruning
+
+
+def _target_config(cfg: PretrainConfig, masks, shape, vocab: int, target_tp: int | None,
+                   target_pp: int | None) -> PretrainConfig:
+    """The config of the written checkpoint (shrunk when ``masks`` are given), checked to fit its layout."""
+    from pretrain.state_adapter import shrunk_model_config
+
+    model = shrunk_model_config(cfg.model, masks, shape) if masks is not None else cfg.model
     tp = target_tp if target_tp is not None else cfg.parallel.tensor_model_parallel_size
     pp = target_pp if target_pp is not None else cfg.parallel.pipeline_model_parallel_size
-    new_cfg = dataclasses.replace(
-        cfg, model=new_model_cfg,
-        parallel=dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    new_cfg = dataclasses.replace(cfg, model=model, parallel=dataclasses.replace(
+        cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     try:
-        new_cfg.parallel.validate(new_model_cfg, tp * pp)
-        new_model_cfg.validate()
+        new_cfg.parallel.validate(model, tp * pp)
+        model.validate()
     except ConfigError as err:
-        raise ShrinkError(f"the {'shrunk ' if shrink else ''}model does not fit TP={tp} x PP={pp}: {err}") from None
+        raise ShrinkError(f"the {'shrunk ' if masks is not None else ''}model does not fit TP={tp} x PP={pp}: "
+                          f"{err}") from None
     if vocab % tp:
         raise ShrinkError(f"the vocabulary ({vocab}, padded) is not divisible by TP={tp}")
+    return new_cfg
 
-    new_state = dict(state)
-    new_state["config"] = new_cfg.to_dict()
-    # no per-rank state (RNG, fisher means) carries over a reshard: mark the layout as unknown
-    new_state["layout"] = {"resharded_from": state.get("layout")}
-    if shrink:
-        new_state["callbacks"] = dict(state.get("callbacks", {}))
-        new_state["callbacks"]["pruning"] = _shrunk_pruning_state(pruning, masks, shape.parameter_count(masks))
-        history = list(state.get("shrink_history", []))
-        history.append({"iteration": state["iteration"], "from": dataclasses.asdict(cfg.model),
-                        "to": dataclasses.asdict(new_model_cfg)})
-        new_state["shrink_history"] = history
 
-    iteration = state["iteration"]
+def _new_trainer_state(state: dict, cfg: PretrainConfig, new_cfg: PretrainConfig, pruning, shape) -> dict:
+    """The source's trainer state with the new config; after a shrink, the pruning state at the
+    smaller shape and one more ``shrink_history`` entry."""
+    new_state = {**state, "config": new_cfg.to_dict(),
+                 # no per-rank state (RNG, fisher means) carries over a reshard: the layout is unknown
+                 "layout": {"resharded_from": state.get("layout")}}
+    if pruning is None:
+        return new_state
+    new_state = _shrunk_pruning_state(pruning, shape.parameter_count(pruning.masks)).stored_in(new_state)
+    new_state["shrink_history"] = list(state.get("shrink_history", [])) + [
+        {"iteration": state["iteration"], "from": dataclasses.asdict(cfg.model),
+         "to": dataclasses.asdict(new_cfg.model)}]
+    return new_state
+
+
+def _write_checkpoint(folder: str, save: str, new_state: dict, masks, shape, stacked: bool, progress: bool,
+                      max_file_bytes: int) -> tuple[str, tuple[int, int]]:
+    """Write ``iter_N.tmp`` under ``save`` (the DCP folder shrunk when ``masks`` are given, else
+    copied) and publish it; returns its path and the model parameters (before, after)."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.dcp_stream import CheckpointReader
+
+    iteration = new_state["iteration"]
     tmp = ckpt.iteration_dir(save, iteration) + ".tmp"
     source_dir = os.path.join(folder, ckpt.MODEL_OPTIM_DIR)
     target_dir = os.path.join(tmp, ckpt.MODEL_OPTIM_DIR)
@@ -138,24 +177,19 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        if shrink:
-            counts = _stream_shrink(source_dir, target_dir, masks, shape,
-                                    stacked=new_model_cfg.layer_shapes is None, progress=progress,
+        if masks is not None:
+            counts = _stream_shrink(source_dir, target_dir, masks, shape, stacked=stacked, progress=progress,
                                     max_file_bytes=max_file_bytes)
         else:
             shutil.copytree(source_dir, target_dir)
-            from pretrain.dcp_stream import CheckpointReader
-
             counts = (_model_numel(CheckpointReader(source_dir)),) * 2
         torch.save(new_state, os.path.join(tmp, ckpt.TRAINER_STATE))
-        path = ckpt.publish_checkpoint(save, iteration, tmp)
+        return ckpt.publish_checkpoint(save, iteration, tmp), counts
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_save and not os.listdir(save):
             os.rmdir(save)
         raise _as_shrink_error(err, tmp) from None
-    return {"folder": path, "iteration": iteration, "params_before": counts[0], "params_after": counts[1],
-            "seconds": time.time() - start, "config": new_cfg}
 
 
 def _as_shrink_error(err: BaseException, tmp: str) -> BaseException:
@@ -209,14 +243,11 @@ class _Progress:
 def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool, progress: bool,
                    max_file_bytes: int) -> tuple[int, int]:
     """Write the shrunk DCP folder; returns (model parameters before, after)."""
-    from pretrain.dcp_stream import CheckpointReader, OutTensor, write_lazily
-    from pretrain.state_adapter import kept_indices, kept_layers, slice_to
+    from pretrain.dcp_stream import CheckpointReader, write_lazily
+    from pretrain.state_adapter import kept_indices, kept_layers
 
     reader = CheckpointReader(source_dir)
     kept = kept_layers(masks)
-    new_layers = len(kept)
-    layer_sources: dict[tuple[str, str], dict[int, tuple[str, bool]]] = {}
-    outputs: list[OutTensor] = []
 
     def indices_of(key: str, name: str) -> tuple:
         try:
@@ -225,6 +256,36 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
             raise ShrinkError(f"{source_dir}: tensor {key!r} has no shrink rule (the shrink knows the Llama "
                               "weights, norms and q/k/v biases)") from None
 
+    layer_sources, outputs = _sorted_keys(reader, source_dir, shape, indices_of)
+    for (prefix, rest), sources in layer_sources.items():
+        missing = sorted(set(range(shape.num_layers)) - set(sources))
+        if missing:
+            raise ShrinkError(f"{source_dir}: layers {missing} of {prefix}decoder.layers.*.{rest} are missing")
+        per_layer = [_kept_layer(reader, sources[layer], layout.layer_name(layer, rest), layer, indices_of)
+                     for layer in kept]
+        outputs += _layer_outputs(prefix, rest, per_layer, stacked)
+    objects = {}
+    for key in reader.keys():
+        if reader.tensor_meta(key) is None:
+            new_key = _renamed_object(key, kept, stacked)
+            if new_key is not None:
+                objects[new_key] = reader.read_bytes(key)
+
+    before = _model_numel(reader)
+    after = sum(math.prod(t.size) for t in outputs if not _split_key(t.key)[0])
+    write_lazily(target_dir, outputs, objects, on_chunk=_Progress(sum(t.nbytes for t in outputs), progress),
+                 max_file_bytes=max_file_bytes)
+    for name in os.listdir(source_dir):  # metadata.json (format), common.pt (optimizer param groups)
+        if not name.startswith(".") and not name.endswith(".distcp"):
+            shutil.copy2(os.path.join(source_dir, name), os.path.join(target_dir, name))
+    return before, after
+
+
+def _sorted_keys(reader, source_dir: str, shape, indices_of) -> tuple[dict, list]:
+    """The tensor keys by decoder-layer tensor ({(prefix, name in the layer): {layer: (key,
+    stacked)}}), and the outputs of every tensor outside the layers."""
+    layer_sources: dict[tuple[str, str], dict[int, tuple[str, bool]]] = {}
+    outputs = []
     for key in reader.keys():
         md = reader.tensor_meta(key)
         if md is None:
@@ -241,57 +302,43 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
                 layer_sources.setdefault((prefix, model_key[len(_STACKED):]), {})[layer] = (key, True)
         else:
             outputs.append(_global_output(reader, key, md, indices_of(key, model_key)))
+    return layer_sources, outputs
 
-    for (prefix, rest), sources in layer_sources.items():
-        missing = sorted(set(range(shape.num_layers)) - set(sources))
-        if missing:
-            raise ShrinkError(f"{source_dir}: layers {missing} of {prefix}decoder.layers.*.{rest} are missing")
-        per_layer = []  # (size, produce, dtype) of each kept layer, in the new order
-        for source_layer in kept:
-            key, is_stacked = sources[source_layer]
-            md = reader.tensor_meta(key)
-            layer_size = tuple(md.size[1:]) if is_stacked else tuple(md.size)
-            index = indices_of(key, layout.layer_name(source_layer, rest))
-            out_size = tuple(len(ix) if ix is not None else n for ix, n in zip(index, layer_size))
 
-            def produce(key=key, is_stacked=is_stacked, layer=source_layer, size=layer_size, index=index):
-                if is_stacked:
-                    data = reader.read(key, (layer,) + (0,) * len(size), (1,) + size)[0]
-                else:
-                    data = reader.read(key)
-                return slice_to(data, index)
+def _kept_layer(reader, source: tuple[str, bool], name: str, layer: int, indices_of) -> tuple:
+    """(size, produce, dtype) of one kept layer's slice of one tensor."""
+    from pretrain.state_adapter import slice_to
 
-            per_layer.append((out_size, produce, md.properties.dtype))
-        if stacked:
-            sizes = {size for size, _, _ in per_layer}
-            if len(sizes) != 1:
-                raise ShrinkError(f"{prefix}decoder.layers.{rest}: kept layers differ in shape {sorted(sizes)} "
-                                  "but the shrunk config is uniform")
-            size = per_layer[0][0]
-            outputs.append(OutTensor(
-                f"{prefix}{_STACKED}{rest}", (new_layers,) + size, per_layer[0][2],
-                [((i,) + (0,) * len(size), (1,) + size) for i in range(new_layers)],
-                lambda i, per_layer=per_layer: per_layer[i][1]().unsqueeze(0)))
-        else:
-            for i, (size, produce, dtype) in enumerate(per_layer):
-                outputs.append(OutTensor(prefix + layout.layer_name(i, rest), size, dtype,
-                                         [((0,) * len(size), size)], lambda _, produce=produce: produce()))
+    key, is_stacked = source
+    md = reader.tensor_meta(key)
+    layer_size = tuple(md.size[1:]) if is_stacked else tuple(md.size)
+    index = indices_of(key, name)
+    out_size = tuple(len(ix) if ix is not None else n for ix, n in zip(index, layer_size))
 
-    objects = {}
-    for key in reader.keys():
-        if reader.tensor_meta(key) is None:
-            new_key = _renamed_object(key, kept, stacked)
-            if new_key is not None:
-                objects[new_key] = reader.read_bytes(key)
+    def produce():
+        if is_stacked:
+            return slice_to(reader.read(key, (layer,) + (0,) * len(layer_size), (1,) + layer_size)[0], index)
+        return slice_to(reader.read(key), index)
 
-    before = _model_numel(reader)
-    after = sum(math.prod(t.size) for t in outputs if not _split_key(t.key)[0])
-    write_lazily(target_dir, outputs, objects, on_chunk=_Progress(sum(t.nbytes for t in outputs), progress),
-                 max_file_bytes=max_file_bytes)
-    for name in os.listdir(source_dir):  # metadata.json (format), common.pt (optimizer param groups)
-        if not name.startswith(".") and not name.endswith(".distcp"):
-            shutil.copy2(os.path.join(source_dir, name), os.path.join(target_dir, name))
-    return before, after
+    return out_size, produce, md.properties.dtype
+
+
+def _layer_outputs(prefix: str, rest: str, per_layer: list, stacked: bool) -> list:
+    """One layer tensor's outputs: stacked ``[layers, ...]`` (a uniform model) or one key per layer."""
+    from pretrain.dcp_stream import OutTensor
+
+    if not stacked:
+        return [OutTensor(prefix + layout.layer_name(i, rest), size, dtype, [((0,) * len(size), size)],
+                          lambda _, produce=produce: produce())
+                for i, (size, produce, dtype) in enumerate(per_layer)]
+    sizes = {size for size, _, _ in per_layer}
+    if len(sizes) != 1:
+        raise ShrinkError(f"{prefix}decoder.layers.{rest}: kept layers differ in shape {sorted(sizes)} "
+                          "but the shrunk config is uniform")
+    size, layers = per_layer[0][0], len(per_layer)
+    return [OutTensor(f"{prefix}{_STACKED}{rest}", (layers,) + size, per_layer[0][2],
+                      [((i,) + (0,) * len(size), (1,) + size) for i in range(layers)],
+                      lambda i: per_layer[i][1]().unsqueeze(0))]
 
 
 def _global_output(reader, key: str, md, index: tuple):
@@ -351,21 +398,23 @@ def _packed_rows(table: torch.Tensor, keep: torch.Tensor, width: int) -> torch.T
     return out
 
 
-def _shrunk_pruning_state(pruning: dict, masks, params_after: int) -> dict:
+def _shrunk_pruning_state(pruning, params_after: int):
     """The pruning state re-expressed at the smaller shape: everything kept is now 'all'
-    (per layer, the first kept-count entries; the rest, for narrower layers, do not exist)."""
+    (per layer, the first kept-count entries; the rest, for narrower layers, do not exist). The
+    schedule's ends and history stay those of the model the schedule started from."""
     from pretrain.pruning.masks import GroupMasks
+    from pretrain.pruning.saliency import Table
 
+    masks = pruning.masks
     alive = masks.layers
     groups, ffn = masks.heads[alive].sum(1), masks.ffn[alive].sum(1)
     g_max, f_max = int(groups.max()), int(ffn.max())
     new_masks = GroupMasks(torch.arange(g_max)[None, :] < groups[:, None],
                            torch.arange(f_max)[None, :] < ffn[:, None],
                            torch.ones(int(masks.hidden.sum()), dtype=torch.bool))
-    ema = pruning.get("ema")
+    ema = pruning.ema
     if ema is not None:
-        ema = {"heads": _packed_rows(ema["heads"][alive], masks.heads[alive], g_max),
-               "ffn": _packed_rows(ema["ffn"][alive], masks.ffn[alive], f_max),
-               "hidden": ema["hidden"][masks.hidden]}
-    return {**pruning, "masks": new_masks.state_dict(), "ema": ema, "shrunk_at_params": params_after,
-            "shrink_requested_at": None}  # done: a run resumed from here must not shrink again
+        ema = Table(_packed_rows(ema.heads[alive], masks.heads[alive], g_max),
+                    _packed_rows(ema.ffn[alive], masks.ffn[alive], f_max), ema.hidden[masks.hidden])
+    # shrink_requested_at: done; a run resumed from here must not shrink again
+    return pruning.replace(masks=new_masks, ema=ema, shrunk_at_params=params_after, shrink_requested_at=None)

@@ -6,6 +6,7 @@ model, optimizer and schedule, resume if asked, then ``Trainer.fit`` with its ca
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -59,112 +60,166 @@ def _print_shrink_speedup(segments: list) -> None:
 
 def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     """Save, rewrite the checkpoint into the smaller model (rank 0), continue from it."""
-    import dataclasses
-    import functools
-    import subprocess
-
     from pretrain.checkpoint import iteration_dir
-    from pretrain.distributed import die_with_parent, print_rank0, single_process_environment
+    from pretrain.distributed import is_rank0, print_rank0
 
-    trainer = summary["trainer"]
-    checkpointer = next(c for c in trainer.callbacks if c.name == "checkpoint")
-    checkpointer.save_now(trainer)
+    trainer = summary.pop("trainer")
+    next(c for c in trainer.callbacks if c.name == "checkpoint").save_now(trainer)
     it = trainer.state.iteration
     source = iteration_dir(cfg.checkpoint.save, it)
     target = os.path.join(cfg.checkpoint.save, f"shrunk_iter_{it:07d}")
-    # the layout to continue on: the same, or the one --shrink-*-model-parallel-size asks for
-    prune, parallel = cfg.prune, cfg.parallel
-    new_parallel = dataclasses.replace(
-        parallel,
-        tensor_model_parallel_size=prune.shrink_tensor_parallel_size or parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=prune.shrink_pipeline_parallel_size or parallel.pipeline_model_parallel_size)
-    ok = torch.tensor([1.0])
-    output = ""
-    if torch.distributed.get_rank() == 0:
-        # a fresh process: the shrink runs in its own world of one
-        env = single_process_environment()
-        tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                            "reshard_checkpoint.py")
-        layout = ["--target-tensor-parallel-size", str(new_parallel.tensor_model_parallel_size),
-                  "--target-pipeline-parallel-size", str(new_parallel.pipeline_model_parallel_size)]
-        # --overwrite: a resumed run that shrinks at the same step again rewrites its own target
-        proc = subprocess.run([sys.executable, tool, "--load", source, "--save", target, "--shrink", "--overwrite",
-                               *layout],
-                              env=env, capture_output=True, text=True,
-                              # killed with this rank, or a restarted run would race it for `target`
-                              preexec_fn=functools.partial(die_with_parent, os.getpid()))
-        output = proc.stdout + proc.stderr
-        ok[0] = 1.0 if proc.returncode == 0 else 0.0
-        print(next((line for line in proc.stdout.splitlines() if line.startswith("wrote")), output[-2000:]),
-              flush=True)
+    parallel = _parallel_after_shrink(cfg)
+    failure = ""
+    if is_rank0():
+        # In this process: the shrink streams the checkpoint through one process and issues no
+        # collective (its DCP writes are single-process), so it needs no world of its own. The
+        # other ranks wait in the all-reduce below. --overwrite semantics: a resumed run that
+        # shrinks at the same step again rewrites its own target.
+        failure = _shrink_checkpoint(source, target, parallel)
+    ok = torch.tensor([0.0 if failure else 1.0])
     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     if ok.item() < 1:
-        raise RuntimeError(f"in-run shrink of {source} failed:\n{output[-3000:]}")
-    del summary["trainer"], trainer
-    if new_parallel != parallel:
-        print_rank0(f"continuing on TP {new_parallel.tensor_model_parallel_size} x PP "
-                    f"{new_parallel.pipeline_model_parallel_size} (was TP {parallel.tensor_model_parallel_size} x "
-                    f"PP {parallel.pipeline_model_parallel_size})")
+        raise RuntimeError(f"in-run shrink of {source} failed" + (f": {failure}" if failure else " on rank 0"))
+    del trainer
+    if parallel != cfg.parallel:
+        print_rank0(f"continuing on TP {parallel.tensor_model_parallel_size} x PP "
+                    f"{parallel.pipeline_model_parallel_size} (was TP {cfg.parallel.tensor_model_parallel_size} x "
+                    f"PP {cfg.parallel.pipeline_model_parallel_size})")
     print_rank0(f"continuing on the shrunk model from {target}")
-    return dataclasses.replace(cfg, parallel=new_parallel, checkpoint=dataclasses.replace(
+    return dataclasses.replace(cfg, parallel=parallel, checkpoint=dataclasses.replace(
         cfg.checkpoint, load=target, use_checkpoint_args=True, finetune=False))
 
 
+def _parallel_after_shrink(cfg: PretrainConfig):
+    """The layout to continue on: the same, or the one --shrink-*-model-parallel-size asks for."""
+    prune, parallel = cfg.prune, cfg.parallel
+    return dataclasses.replace(
+        parallel,
+        tensor_model_parallel_size=prune.shrink_tensor_parallel_size or parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=prune.shrink_pipeline_parallel_size or parallel.pipeline_model_parallel_size)
+
+
+def _shrink_checkpoint(source: str, target: str, parallel) -> str:
+    """Shrink ``source`` into ``target`` (rank 0 only); returns '' or what went wrong."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.shrink import ShrinkError, reshard_checkpoint
+
+    try:
+        r = reshard_checkpoint(source, target, shrink=True, target_tp=parallel.tensor_model_parallel_size,
+                               target_pp=parallel.pipeline_model_parallel_size, overwrite=True)
+    except (ShrinkError, CheckpointError, OSError) as err:
+        print(f"error: in-run shrink of {source}: {err}", flush=True)
+        return str(err)
+    print(f"wrote {r['folder']} (iteration {r['iteration']}): {r['params_before'] / 1e6:.3f} M -> "
+          f"{r['params_after'] / 1e6:.3f} M parameters; {r['seconds']:.1f}s", flush=True)
+    return ""
+
+
 def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
-    from megatron.core import parallel_state as ps
+    """One stretch of training on one model: from the config and the --load checkpoint to a stop."""
+    from pretrain.distributed import init_distributed, set_random_seed
+    from pretrain.resume import peek_checkpoint
 
-    from pretrain import checkpoint as ckpt
-    from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
-    from pretrain.data import (
-        MicroBatchIterator, blend_report, build_datasets, build_test_dataset, check_datasets,
-        check_tokenizer_matches_data, load_tokenizer,
-    )
-    from pretrain.distributed import init_distributed, launch_environment, print_rank0, set_random_seed
-    from pretrain.flops import training_flops_per_token
-    from pretrain.init import deterministic_init
-    from pretrain.model import build_model, check_activation_memory, unwrap
-    from pretrain.optim import build_optimizer, build_scheduler
-    from pretrain.trainer import Trainer
-
-    _, world_size, _ = launch_environment()
-    peeked = _peek_checkpoint(cfg)
-    cfg = _with_checkpoint_model(cfg, peeked)
-    cfg, pruning_note = _with_checkpoint_pruning(cfg, peeked)
-    cfg.validate(world_size)
-    tokenizer = load_tokenizer(cfg.data) if not cfg.data.mock_data or cfg.data.tokenizer_model else None
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
-    vocab_size = checkpoint_vocab(peeked, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
-    if tokenizer is not None and not cfg.data.mock_data:
-        check_tokenizer_matches_data(cfg.data, tokenizer)  # before any process group work
-        if cfg.data.test_data_path:
-            check_tokenizer_matches_data(cfg.data.test_data(), tokenizer)
-    layout = init_distributed(tp, pp)
-    if tokenizer is not None and not cfg.data.mock_data:
-        check_datasets(cfg.data, tokenizer)  # before anything heavy is built
-        if cfg.data.test_data_path:
-            check_datasets(cfg.data.test_data(), tokenizer)
+    peeked = peek_checkpoint(cfg.checkpoint.load)
+    cfg, pruning_note = _resolve_config(cfg, peeked)
+    tokenizer, vocab_size = _tokenizer_and_vocab(cfg, peeked)
+    _check_tokenizer(cfg, tokenizer)  # before any process group work
+    layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    _check_data(cfg, tokenizer)  # before anything heavy is built
     set_random_seed(cfg.train.seed)
-    dp = layout["dp_size"]
-    total_iters = cfg.train.total_iters(cfg.model.seq_length)
-    num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
-
     counts = cfg.model.num_parameters(vocab_size)
-    print_rank0(_plan(cfg, layout, vocab_size, counts, total_iters, num_microbatches))
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # once, not on every rank
-        for line in blend_report(cfg.data, total_iters * cfg.train.global_batch_size, cfg.model.seq_length):
-            print_rank0(line)
-    for note in ([pruning_note] if pruning_note else []) + _pruning_warnings(cfg, counts, total_iters, peeked):
-        print_rank0(note)
+    _print_plan(cfg, layout, vocab_size, counts, peeked, pruning_note)
     if cfg.train.dry_run:
         return {"dry_run": True, "parameters": counts, "layout": layout}
 
-    check_activation_memory(cfg.model, cfg.train, vocab_size, tp, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    from pretrain.pruning.invariants import hidden_masking_possible
+    model_chunks, optimizer, scheduler = _build_model_and_optimizer(cfg, vocab_size, plain_megatron_spec, peeked)
+    resume = _load_checkpoint(cfg, peeked, model_chunks, optimizer)
+    callbacks = _build_callbacks(cfg, layout, vocab_size, extra_callbacks, resume.lineage)
+    trainer = _build_trainer(cfg, layout, tokenizer, vocab_size, model_chunks, optimizer, scheduler,
+                             callbacks, resume)
+    _restore_state(cfg, trainer, resume, peeked)
+    if cfg.prune.enabled:
+        from pretrain.distributed import print_rank0
 
+        print_rank0(_callback(trainer, "pruning").plan_line())  # after the restore: the schedule's true ends
+    state = trainer.fit()
+    _print_end(cfg, state)
+    return _segment_summary(cfg, trainer, layout)
+
+
+def _resolve_config(cfg: PretrainConfig, peeked) -> tuple[PretrainConfig, str]:
+    """The run's config with what the --load checkpoint decides (shape, pruning), validated."""
+    from pretrain.distributed import launch_environment
+    from pretrain.resume import with_checkpoint_model, with_checkpoint_pruning
+
+    cfg = with_checkpoint_model(cfg, peeked)
+    cfg, pruning_note = with_checkpoint_pruning(cfg, peeked)
+    cfg.validate(launch_environment()[1])
+    return cfg, pruning_note
+
+
+def _tokenizer_and_vocab(cfg: PretrainConfig, peeked) -> tuple:
+    """The tokenizer (None for mock data without one) and the model's padded vocabulary."""
+    from pretrain.data import load_tokenizer
+    from pretrain.resume import checkpoint_vocab
+
+    tokenizer = load_tokenizer(cfg.data) if not cfg.data.mock_data or cfg.data.tokenizer_model else None
+    tp = cfg.parallel.tensor_model_parallel_size
+    tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
+    vocab_size = checkpoint_vocab(peeked, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
+    return tokenizer, vocab_size
+
+
+def _check_tokenizer(cfg: PretrainConfig, tokenizer) -> None:
+    """The tokenizer against every dataset's manifest, on every rank (a mismatch stops all ranks
+    with its message before a collective could hang)."""
+    from pretrain.data import check_tokenizer_matches_data
+
+    if tokenizer is not None and not cfg.data.mock_data:
+        check_tokenizer_matches_data(cfg.data, tokenizer)
+        if cfg.data.test_data_path:
+            check_tokenizer_matches_data(cfg.data.test_data(), tokenizer)
+
+
+def _check_data(cfg: PretrainConfig, tokenizer) -> None:
+    from pretrain.data import check_datasets
+
+    if tokenizer is not None and not cfg.data.mock_data:
+        check_datasets(cfg.data, tokenizer)
+        if cfg.data.test_data_path:
+            check_datasets(cfg.data.test_data(), tokenizer)
+
+
+def _print_plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, peeked, pruning_note: str) -> None:
+    from pretrain.distributed import is_rank0, print_rank0
+
+    from pretrain.data import blend_report
+
+    print_rank0(_plan(cfg, layout, vocab_size, counts, _num_microbatches(cfg, layout)))
+    if is_rank0():  # the report reads every dataset's index: once, not on every rank
+        for line in blend_report(cfg.data, cfg.total_iters() * cfg.train.global_batch_size, cfg.model.seq_length):
+            print_rank0(line)
+    for note in ([pruning_note] if pruning_note else []) + _pruning_warnings(cfg, counts, cfg.total_iters(), peeked):
+        print_rank0(note)
+
+
+def _num_microbatches(cfg: PretrainConfig, layout: dict) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout["dp_size"])
+
+
+def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megatron_spec: bool, peeked) -> tuple:
+    from pretrain.init import deterministic_init
+    from pretrain.pruning.invariants import hidden_masking_possible
+    from pretrain.pruning.state import PruningState
+    from pretrain.model import build_model, check_activation_memory, unwrap
+    from pretrain.optim import build_optimizer, build_scheduler
+
+    check_activation_memory(cfg.model, cfg.train, vocab_size, cfg.parallel.tensor_model_parallel_size,
+                            int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     # a model whose hidden mask can change needs mask-aware norms (not TE's fused ones)
+    stored = PruningState.stored_dict(peeked[1] if peeked else None)
     model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size,
-                               hidden_masking=hidden_masking_possible(cfg.prune, _checkpoint_pruning_state(peeked)),
+                               hidden_masking=hidden_masking_possible(cfg.prune, stored),
                                plain_megatron_spec=plain_megatron_spec)
     for chunk in model_chunks:
         deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
@@ -172,232 +227,164 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     # the optimizer holds fp32 master copies (bf16) made before our init: refresh them
     if hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()
-    scheduler = build_scheduler(optimizer, cfg.optim, total_iters)
+    return model_chunks, optimizer, build_scheduler(optimizer, cfg.optim, cfg.total_iters())
+
+
+def _build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_callbacks: list,
+                     lineage: dict) -> list:
+    """Pruning first (its step-end numbers feed the log line), checkpointing last (it saves what
+    the others have updated, and ``lineage``: a shrunk or imported model stays marked as such)."""
+    from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
+    from pretrain.flops import training_flops_per_token
 
     # what this model computes per token (a masked model computes at its full size)
     logger = LoggingCallback(cfg.train.log_interval, cfg.logging.tensorboard_dir,
                              flops_per_token=training_flops_per_token(cfg.model, vocab_size))
-    callbacks = [logger, EvalCallback(cfg.train.eval_interval, cfg.train.eval_iters, logger),
-                 *extra_callbacks]
+    callbacks = [logger, EvalCallback(cfg.train.eval_interval, cfg.train.eval_iters, logger), *extra_callbacks]
     if cfg.prune.enabled:
-        from pretrain.pruning.callback import PruningCallback
-        from pretrain.pruning.masks import ModelShape
-
-        m = cfg.model
-        shape = ModelShape.from_config(m, vocab_size)
-        total_tokens = total_iters * cfg.train.global_batch_size * m.seq_length
-        # kept widths (and layers) must divide over every layout the run will use
-        pruner = PruningCallback(cfg.prune, shape, math.lcm(tp, cfg.prune.shrink_tensor_parallel_size or tp),
-                                 m.seq_length, cfg.train.global_batch_size, total_tokens,
-                                 log_dir=cfg.logging.tensorboard_dir,
-                                 pipeline_parallel=math.lcm(pp, cfg.prune.shrink_pipeline_parallel_size or pp))
-        print_rank0(f"pruning: {pruner.initial_params / 1e6:.3f} M -> {pruner.final_params / 1e6:.3f} M "
-                    f"parameters between {pruner.start_tokens:,} and {pruner.end_tokens:,} tokens "
-                    f"({cfg.prune.ramp}), every {cfg.prune.interval} steps; saliency {cfg.prune.saliency}; "
-                    f"types {','.join(cfg.prune.types)}; {cfg.prune.granularity}; align {pruner.constraints.align}")
-        callbacks.insert(0, pruner)  # first: its step-end numbers feed the log line
-    trainer_holder: dict = {}
+        callbacks.insert(0, _pruning_callback(cfg, vocab_size))
     checkpointer = CheckpointCallback(
         cfg.checkpoint.save, cfg.checkpoint.save_interval, cfg.checkpoint.keep_last,
         cfg.train.exit_interval, cfg.checkpoint.exit_signal_handler,
-        snapshot_fn=lambda: {**trainer_holder["t"].state_dict(), "config": cfg.to_dict(),
-                             "layout": layout, "vocab_size": vocab_size,
-                             **trainer_holder.get("lineage", {})},
-    )
-    callbacks.append(checkpointer)  # last: it saves what the others have updated
+        snapshot_fn=lambda trainer: {**trainer.state_dict(), "config": cfg.to_dict(), "layout": layout,
+                                     "vocab_size": vocab_size, **lineage})
+    return callbacks + [checkpointer]
 
-    resume_state = None
-    if cfg.checkpoint.load:
-        # an imported (convert_from_hf) checkpoint holds weights only: start from them, fresh
-        finetune = cfg.checkpoint.finetune or bool(peeked and peeked[1].get("weights_only"))
-        loaded = ckpt.load_checkpoint(
-            peeked[0] if peeked else cfg.checkpoint.load, model_chunks, optimizer,
-            load_optim=not (cfg.checkpoint.no_load_optim or finetune),
-            load_rng=not (cfg.checkpoint.no_load_rng or finetune),
-        )
-        if loaded is None:
-            print_rank0(f"no checkpoint found under --load {cfg.checkpoint.load}; starting from scratch")
-        else:
-            print_rank0(f"loaded checkpoint {loaded.folder} (iteration {loaded.trainer_state['iteration']})")
-            if not finetune:
-                resume_state = loaded.trainer_state
-            # a shrunk or imported model stays marked as such in every later checkpoint
-            trainer_holder["lineage"] = {k: loaded.trainer_state[k] for k in _LINEAGE_KEYS
-                                         if loaded.trainer_state.get(k)}
 
-    consumed = resume_state["consumed_samples"] if resume_state else 0
-    datasets = None
-    if tokenizer is not None or cfg.data.mock_data:
-        train_samples = total_iters * cfg.train.global_batch_size
-        eval_runs = (total_iters // cfg.train.eval_interval + 1) if cfg.train.eval_interval else 0
-        valid_samples = eval_runs * cfg.train.eval_iters * cfg.train.global_batch_size
-        datasets = build_datasets(cfg.data, tokenizer or _NullVocab(vocab_size), cfg.model.seq_length,
-                                  cfg.train.seed, (train_samples, valid_samples, 0))
-    train_ds, valid_ds = datasets[0], datasets[1]
+def _pruning_callback(cfg: PretrainConfig, vocab_size: int):
+    from pretrain.pruning.callback import PruningCallback
+    from pretrain.pruning.masks import ModelShape
+
+    tp, pp, prune = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, cfg.prune
+    # kept widths (and layers) must divide over every layout the run will use
+    return PruningCallback(prune, ModelShape.from_config(cfg.model, vocab_size),
+                           math.lcm(tp, prune.shrink_tensor_parallel_size or tp), cfg.total_tokens(),
+                           log_dir=cfg.logging.tensorboard_dir,
+                           pipeline_parallel=math.lcm(pp, prune.shrink_pipeline_parallel_size or pp))
+
+
+@dataclasses.dataclass
+class _Resume:
+    """What the --load checkpoint gives this segment."""
+
+    loaded: object | None = None  # pretrain.checkpoint.LoadedCheckpoint
+    trainer_state: dict | None = None  # None: start at iteration 0 (no checkpoint, --finetune, imported)
+    lineage: dict = dataclasses.field(default_factory=dict)
+
+
+def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, optimizer) -> _Resume:
+    from pretrain import checkpoint as ckpt
+    from pretrain.distributed import print_rank0
+    from pretrain.resume import lineage
+
+    if not cfg.checkpoint.load:
+        return _Resume()
+    # an imported (convert_from_hf) checkpoint holds weights only: start from them, fresh
+    finetune = cfg.checkpoint.finetune or bool(peeked and peeked[1].get("weights_only"))
+    loaded = ckpt.load_checkpoint(
+        peeked[0] if peeked else cfg.checkpoint.load, model_chunks, optimizer,
+        load_optim=not (cfg.checkpoint.no_load_optim or finetune),
+        load_rng=not (cfg.checkpoint.no_load_rng or finetune))
+    if loaded is None:
+        print_rank0(f"no checkpoint found under --load {cfg.checkpoint.load}; starting from scratch")
+        return _Resume()
+    print_rank0(f"loaded checkpoint {loaded.folder} (iteration {loaded.trainer_state['iteration']})")
+    return _Resume(loaded, None if finetune else loaded.trainer_state, lineage(loaded.trainer_state))
+
+
+def _build_trainer(cfg: PretrainConfig, layout: dict, tokenizer, vocab_size: int, model_chunks: list, optimizer,
+                   scheduler, callbacks: list, resume: _Resume):
+    from megatron.core import parallel_state as ps
+
+    from pretrain.data import MicroBatchIterator, build_datasets, build_test_dataset
+    from pretrain.trainer import Trainer
+
+    t, dp, dp_rank = cfg.train, layout["dp_size"], ps.get_data_parallel_rank()
+    eval_runs = (cfg.total_iters() // t.eval_interval + 1) if t.eval_interval else 0
+    train_ds, valid_ds, _ = build_datasets(
+        cfg.data, tokenizer or _NullVocab(vocab_size), cfg.model.seq_length, t.seed,
+        (cfg.total_iters() * t.global_batch_size, eval_runs * t.eval_iters * t.global_batch_size, 0))
     test_ds = build_test_dataset(cfg.data, tokenizer, cfg.model.seq_length) if tokenizer is not None else None
-    dp_rank = ps.get_data_parallel_rank()
-    train_iter = MicroBatchIterator(train_ds, consumed, cfg.train.micro_batch_size, dp_rank, dp)
 
-    def valid_factory(consumed_valid: int):
-        if valid_ds is None:
-            return None
-        return MicroBatchIterator(valid_ds, consumed_valid, cfg.train.micro_batch_size, dp_rank, dp)
+    def batches(dataset, consumed: int):
+        return MicroBatchIterator(dataset, consumed, t.micro_batch_size, dp_rank, dp)
 
-    def test_factory():  # always from the first test sequence: every evaluation scores the same ones
-        return MicroBatchIterator(test_ds, 0, cfg.train.micro_batch_size, dp_rank, dp)
-
+    consumed = resume.trainer_state["consumed_samples"] if resume.trainer_state else 0
     trainer = Trainer(
         config=cfg, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
-        train_iterator=train_iter,
-        valid_dataset_iterator_factory=valid_factory if valid_ds is not None else None,
-        test_iterator_factory=test_factory if test_ds is not None else None,
-        test_batches=(len(test_ds) // cfg.train.global_batch_size) if test_ds is not None else 0,
-        callbacks=callbacks, num_microbatches=num_microbatches, total_iters=total_iters,
+        train_iterator=batches(train_ds, consumed),
+        valid_dataset_iterator_factory=(lambda consumed_valid: batches(valid_ds, consumed_valid))
+        if valid_ds is not None else None,
+        # always from the first test sequence: every evaluation scores the same ones
+        test_iterator_factory=(lambda: batches(test_ds, 0)) if test_ds is not None else None,
+        test_batches=(len(test_ds) // t.global_batch_size) if test_ds is not None else 0,
+        callbacks=callbacks, num_microbatches=_num_microbatches(cfg, layout), total_iters=cfg.total_iters(),
     )
-    trainer_holder["t"] = trainer
-    if resume_state is not None:
-        trainer.load_state_dict(resume_state)
-        if loaded.local_state:
-            trainer.load_local_state_dict(loaded.local_state)
-        checkpointer.last_saved_iteration = trainer.state.iteration
-    elif cfg.prune.enabled and _checkpoint_pruning_state(peeked) is not None:
+    return trainer
+
+
+def _restore_state(cfg: PretrainConfig, trainer, resume: _Resume, peeked) -> None:
+    """The checkpoint's trainer state (iteration, data position, schedule, callbacks)."""
+    from pretrain.pruning.state import PruningState
+
+    if resume.trainer_state is not None:
+        trainer.load_state_dict(resume.trainer_state)
+        if resume.loaded.local_state:
+            trainer.load_local_state_dict(resume.loaded.local_state)
+        _callback(trainer, "checkpoint").last_saved_iteration = trainer.state.iteration
+    elif cfg.prune.enabled and peeked and PruningState.stored_dict(peeked[1]) is not None:
         # --finetune starts a fresh run, but the weights it loaded are pruned: keep their masks
-        next(c for c in callbacks if c.name == "pruning").load_state_dict(_checkpoint_pruning_state(peeked))
-    state = trainer.fit()
+        _callback(trainer, "pruning").load_state_dict(PruningState.stored_dict(peeked[1]))
+
+
+def _callback(trainer, name: str):
+    return next(c for c in trainer.callbacks if c.name == name)
+
+
+def _print_end(cfg: PretrainConfig, state) -> None:
+    from pretrain.distributed import print_rank0
+
     if state.stop_reason:
         print_rank0(f"stopped at iteration {state.iteration}: {state.stop_reason}")
     if cfg.logging.tensorboard_dir:
         print_rank0(f"tensorboard logs: {os.path.abspath(cfg.logging.tensorboard_dir)} "
                     f"(view with: tensorboard --logdir {cfg.logging.tensorboard_dir})")
-    params = sum(p.numel() for c in model_chunks for p in unwrap(c).parameters())
+
+
+def _segment_summary(cfg: PretrainConfig, trainer, layout: dict) -> dict:
+    from pretrain.model import unwrap
+
+    params = sum(p.numel() for c in trainer.model_chunks for p in unwrap(c).parameters())
     if torch.distributed.is_initialized():
         t = torch.tensor([float(params)])
         torch.distributed.all_reduce(t)  # summed over all ranks; divide out the DP replicas
         params = int(t.item()) // max(layout["dp_size"], 1)
-    tps = cfg.train.global_batch_size * cfg.model.seq_length
+    history, state = _callback(trainer, "logging").history, trainer.state
+    tps = cfg.tokens_per_step()
     return {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-            "history": logger.history, "stop_reason": state.stop_reason, "layout": layout,
-            "trainer": trainer, "params": params,
-            "tokens_per_second": {"start": tps * _steps_per_second(logger.history, last=False),
-                                  "end": tps * _steps_per_second(logger.history, last=True)}}
+            "tokens_seen": state.tokens_seen, "history": history, "stop_reason": state.stop_reason,
+            "layout": layout, "trainer": trainer, "params": params,
+            "tokens_per_second": {"start": tps * _steps_per_second(history, last=False),
+                                  "end": tps * _steps_per_second(history, last=True)}}
 
 
-def _checkpoint_pruning_state(peeked: tuple[str, dict] | None) -> dict | None:
-    return ((peeked[1].get("callbacks") or {}).get("pruning") or None) if peeked else None
-
-
-def _with_checkpoint_pruning(cfg: PretrainConfig, peeked: tuple[str, dict] | None) -> tuple[PretrainConfig, str]:
-    """A checkpoint's pruning state is never dropped silently (DESIGN invariant 9).
-
-    Resumed without --prune-* flags, the checkpoint's own pruning settings continue; with them,
-    the flags' settings continue from the checkpoint's masks. --end-pruning keeps the masks but
-    removes nothing more; --drop-pruning-state discards them. Returns the config and a note for
-    the log saying which of these happened.
-    """
-    import dataclasses
-
-    prune = cfg.prune
-    state = _checkpoint_pruning_state(peeked)
-    if prune.end_pruning and prune.drop_state:
-        raise ConfigError("--end-pruning and --drop-pruning-state exclude each other: pick one")
-    if state is None:
-        if prune.end_pruning or prune.drop_state:
-            flag = "--end-pruning" if prune.end_pruning else "--drop-pruning-state"
-            where = f"the checkpoint {peeked[0]}" if peeked else "no checkpoint (--load)"
-            raise ConfigError(f"{flag} applies to a checkpoint with pruning state, and {where} has none")
-        return cfg, ""
-    folder = peeked[0]
-    if prune.drop_state:
-        off = dataclasses.replace(prune, target_params=None, target_ratio=None, drop_state=True)
-        return dataclasses.replace(cfg, prune=off), (
-            f"--drop-pruning-state: the pruning state of {folder} is discarded; its pruned groups "
-            "(zero weights) train again")
-    if not prune.enabled:
-        saved = PretrainConfig.from_dict(peeked[1]["config"]).prune
-        adopted = dataclasses.replace(saved, end_pruning=prune.end_pruning, drop_state=False)
-        if prune.end_pruning or prune.shrink_at or prune.shrink_auto:
-            # the shrink is this command's decision when it says anything about it
-            adopted = dataclasses.replace(
-                adopted, shrink_at=prune.shrink_at, shrink_auto=prune.shrink_auto,
-                shrink_every_fraction=prune.shrink_every_fraction,
-                shrink_tensor_parallel_size=prune.shrink_tensor_parallel_size,
-                shrink_pipeline_parallel_size=prune.shrink_pipeline_parallel_size)
-        cfg = dataclasses.replace(cfg, prune=adopted)
-        source = "its own pruning settings (no --prune-* flags given)"
-    else:
-        source = "the --prune-* settings of this command"
-    if cfg.prune.end_pruning:
-        return cfg, (f"--end-pruning: the masks of {folder} stay applied; no further groups are removed"
-                     + ("" if cfg.prune.shrink_at or cfg.prune.shrink_auto else
-                        " (shrink them with --shrink-at or tools/reshard_checkpoint.py --shrink)"))
-    return cfg, (f"resuming the pruning state of {folder} with {source}; --end-pruning stops removing "
-                 "groups, --drop-pruning-state discards the masks")
-
-
-def _pruning_warnings(cfg: PretrainConfig, counts: dict, total_iters: int,
-                      peeked: tuple[str, dict] | None) -> list[str]:
+def _pruning_warnings(cfg: PretrainConfig, counts: dict, total_iters: int, peeked) -> list[str]:
     """Pruning settings that would silently do nothing in this run."""
+    from pretrain.pruning.state import PruningState
+
     prune = cfg.prune
     if not prune.enabled or prune.end_pruning:
         return []
     notes = []
-    run_tokens = total_iters * cfg.train.global_batch_size * cfg.model.seq_length
+    run_tokens = total_iters * cfg.tokens_per_step()
     if prune.start_tokens >= run_tokens:
         notes.append(f"WARNING: the pruning window starts at {prune.start_tokens:,} tokens "
                      f"(--prune-start-tokens), after this run's last token ({run_tokens:,}): this run prunes nothing")
-    resumed = _checkpoint_pruning_state(peeked) is not None
+    resumed = bool(peeked) and PruningState.stored_dict(peeked[1]) is not None
     if prune.target_params is not None and not resumed and prune.target_params >= counts["total"]:
         notes.append(f"WARNING: --prune-target-params {prune.target_params:,} is not below the model's "
                      f"{counts['total']:,} parameters: nothing will be pruned")
     return notes
-
-
-# trainer-state keys that say where the model came from; carried into every later checkpoint
-_LINEAGE_KEYS = ("shrink_history", "imported_from")
-
-
-def _peek_checkpoint(cfg: PretrainConfig) -> tuple[str, dict] | None:
-    """(folder, trainer state) of the checkpoint ``--load`` will use, found once per segment."""
-    from pretrain.arguments import peek_checkpoint
-
-    return peek_checkpoint(cfg.checkpoint.load)
-
-
-def _with_checkpoint_model(cfg: PretrainConfig, peeked: tuple[str, dict] | None) -> PretrainConfig:
-    """The model shape saved in the checkpoint: with --use-checkpoint-args, or always for a shrunk
-    checkpoint (it carries its smaller shape; the run's flags describe the original model) and an
-    imported one (its shape is the HF model's)."""
-    import dataclasses
-
-    use = cfg.checkpoint.use_checkpoint_args or (
-        peeked is not None and any(peeked[1].get(k) for k in _LINEAGE_KEYS))
-    if not use:
-        return cfg
-    if peeked is None:
-        raise ConfigError("--use-checkpoint-args needs a valid checkpoint under --load")
-    saved = PretrainConfig.from_dict(peeked[1]["config"])
-    if cfg.checkpoint.use_checkpoint_args:
-        return dataclasses.replace(cfg, model=saved.model)
-    # the shape is the checkpoint's; the sequence length (no weights depend on it) stays the run's
-    return dataclasses.replace(cfg, model=dataclasses.replace(saved.model, seq_length=cfg.model.seq_length))
-
-
-def checkpoint_vocab(peeked: tuple[str, dict] | None, tokenizer_vocab: int, tp: int) -> int | None:
-    """The padded vocabulary of the checkpoint to load, when it fits this TP size.
-
-    Padding depends on TP (a multiple of make_vocab_size_divisible_by x TP); a checkpoint padded
-    for another TP keeps its own size when that divides the new TP, so it loads unchanged.
-    """
-    if peeked is None or peeked[1].get("vocab_size") is None:
-        return None
-    folder, vocab = peeked[0], peeked[1]["vocab_size"]
-    if vocab < tokenizer_vocab:
-        raise ConfigError(f"--load {folder}: its vocabulary ({vocab}) is smaller than the tokenizer's "
-                          f"({tokenizer_vocab}); use the tokenizer the checkpoint was trained with")
-    if vocab % tp:
-        raise ConfigError(f"--load {folder}: its padded vocabulary ({vocab}) is not divisible by "
-                          f"--tensor-model-parallel-size {tp}")
-    return int(vocab)
 
 
 class _NullVocab:
@@ -414,10 +401,9 @@ class _NullVocab:
         return " ".join(map(str, ids))
 
 
-def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, total_iters: int,
-          num_microbatches: int) -> str:
+def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, num_microbatches: int) -> str:
     m, t = cfg.model, cfg.train
-    tokens = total_iters * t.global_batch_size * m.seq_length
+    total_iters, tokens = cfg.total_iters(), cfg.total_tokens()
     lines = [
         "=" * 72,
         f"model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads} "
@@ -430,7 +416,7 @@ def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, tota
         f"DP {layout['dp_size']}; backend {'nccl' if torch.cuda.is_available() else 'gloo (CPU)'}; "
         f"{'bf16' if t.bf16 else 'fp32'}",
         f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x DP {layout['dp_size']} "
-        f"x {num_microbatches} micro-batches; {t.global_batch_size * m.seq_length:,} tokens/step",
+        f"x {num_microbatches} micro-batches; {cfg.tokens_per_step():,} tokens/step",
         f"plan: {total_iters} iterations, {tokens / 1e6:,.2f} M tokens; lr {cfg.optim.lr} "
         f"({cfg.optim.lr_decay_style}, warmup {cfg.optim.lr_warmup_iters}, min {cfg.optim.min_lr})",
         f"data: {'mock' if cfg.data.mock_data else _data_summary(cfg.data.data_path)} split {cfg.data.split}",

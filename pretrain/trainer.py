@@ -19,6 +19,8 @@ import torch
 class TrainerState:
     iteration: int = 0
     consumed_samples: int = 0
+    # training tokens so far: the one count every schedule, log line and record uses
+    tokens_seen: int = 0
     consumed_valid_samples: int = 0
     should_stop: bool = False
     stop_reason: str = ""
@@ -124,8 +126,7 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        t = self.config.train
-        return t.global_batch_size * self.config.model.seq_length
+        return self.config.tokens_per_step()
 
     def train_step(self) -> StepMetrics:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -249,6 +250,7 @@ class Trainer:
             metrics = self.train_step()
             self.state.iteration += 1
             self.state.consumed_samples += self.config.train.global_batch_size
+            self.state.tokens_seen += self.tokens_per_step
             if self.state.nonfinite_step:
                 self._count_nonfinite_step(metrics)
                 if self.state.failed:
@@ -266,6 +268,7 @@ class Trainer:
         return {
             "iteration": self.state.iteration,
             "consumed_samples": self.state.consumed_samples,
+            "tokens_seen": self.state.tokens_seen,
             "consumed_valid_samples": self.state.consumed_valid_samples,
             "skipped_nonfinite_steps": self.state.skipped_nonfinite_steps,
             "scheduler": self.scheduler.state_dict(),
@@ -283,6 +286,8 @@ class Trainer:
     def load_state_dict(self, state: dict, load_scheduler: bool = True) -> None:
         self.state.iteration = state["iteration"]
         self.state.consumed_samples = state["consumed_samples"]
+        # checkpoints written before tokens_seen was stored: every step had this run's sequence length
+        self.state.tokens_seen = state.get("tokens_seen", state["consumed_samples"] * self.config.model.seq_length)
         self.state.consumed_valid_samples = state.get("consumed_valid_samples", 0)
         self.state.skipped_nonfinite_steps = state.get("skipped_nonfinite_steps", 0)
         if load_scheduler:

@@ -16,16 +16,14 @@ import os
 
 import torch
 
+from pretrain.distributed import is_rank0, print_rank0
 from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape, build_local_masks
 from pretrain.pruning.optim_state import zero_masked_state
 from pretrain.pruning.saliency import SaliencyEstimator, reduce_table
 from pretrain.pruning.schedule import target_params
 from pretrain.pruning.solver import SolverConstraints, check_constraints, solve
+from pretrain.pruning.state import CHECKPOINT_KEY, PruningState
 from pretrain.trainer import Callback, StepMetrics
-
-
-def _rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def _digest(masks: GroupMasks) -> int:
@@ -36,14 +34,12 @@ def _digest(masks: GroupMasks) -> int:
 
 
 class PruningCallback(Callback):
-    name = "pruning"
+    name = CHECKPOINT_KEY
 
-    def __init__(self, prune_cfg, shape: ModelShape, tensor_parallel: int, seq_length: int,
-                 global_batch_size: int, total_tokens: int, log_dir: str | None = None,
-                 pipeline_parallel: int = 1):
+    def __init__(self, prune_cfg, shape: ModelShape, tensor_parallel: int, total_tokens: int,
+                 log_dir: str | None = None, pipeline_parallel: int = 1):
         self.cfg = prune_cfg
         self.shape = shape
-        self.seq_length, self.global_batch_size = seq_length, global_batch_size
         align = prune_cfg.align or (64 if torch.cuda.is_available() else 8)
         self.constraints = SolverConstraints(
             tensor_parallel=tensor_parallel, align=align, min_groups=prune_cfg.min_heads,
@@ -51,52 +47,49 @@ class PruningCallback(Callback):
             granularity=prune_cfg.granularity, prune_types=tuple(prune_cfg.types),
             pipeline_parallel=pipeline_parallel, min_layers=prune_cfg.min_layers,
             allocation=prune_cfg.allocation, max_step_fraction=prune_cfg.max_step_fraction)
-        self.masks = shape.full_masks()
-        # the shape before any in-run shrink, for kept ratios that mean the same after a shrink
-        self.original = {"groups": shape.num_groups, "ffn": shape.ffn, "hidden": shape.hidden,
-                         "layers": shape.num_layers}
-        self.initial_params = shape.parameter_count(self.masks)
-        if prune_cfg.target_params is not None:
-            self.final_params = int(prune_cfg.target_params)
-        else:
-            self.final_params = int(round(self.initial_params * prune_cfg.target_ratio))
+        # everything a checkpoint keeps of this callback (masks, EMA, the schedule's two ends, ...)
+        self.state = PruningState.fresh(shape, prune_cfg.target_params, prune_cfg.target_ratio)
         self.start_tokens = prune_cfg.start_tokens
         self.end_tokens = prune_cfg.end_tokens if prune_cfg.end_tokens is not None else total_tokens
-        self.ema: GroupScores | None = None
-        self.ema_steps = 0
-        self.history: list[dict] = []
         self.log_dir = log_dir
         self.estimator: SaliencyEstimator | None = None
         self.local = None
         self._scoring = False
         self._pending_local_state: dict | None = None
-        self.shrunk_at_params: int | None = None  # parameter count at the last in-run shrink
-        self.shrink_points_done: list = []
-        # the iteration whose checkpoint was saved for an in-run shrink; the shrink tool clears it
-        # in the shrunk checkpoint, so a run resumed from the unshrunk one knows to shrink first
-        self.shrink_requested_at: int | None = None
-        # (event iteration, loss of the step that ended there): the next step's loss gives the
-        # jump; that event's line in pruning_history.jsonl is written once the jump is known
-        self._loss_before_event: tuple | None = None
+
+    # the parts of the state the hooks below use on every step
+    masks = property(lambda self: self.state.masks, lambda self, v: setattr(self.state, "masks", v))
+    ema = property(lambda self: self.state.ema, lambda self, v: setattr(self.state, "ema", v))
+    history = property(lambda self: self.state.history)
+    initial_params = property(lambda self: self.state.initial_params)
+    final_params = property(lambda self: self.state.final_params,
+                            lambda self, v: setattr(self.state, "final_params", v))
 
     # ------------------------------------------------------------------ schedule helpers
-    def tokens_after(self, iteration: int) -> int:
-        return iteration * self.global_batch_size * self.seq_length
-
     def _in_window(self, tokens_before: int) -> bool:
         if self.cfg.end_pruning:  # the masks stay as loaded; nothing is scored or removed
             return False
         return self.start_tokens <= tokens_before < self.end_tokens
+
+    def plan_line(self) -> str:
+        """The schedule in one line: its two ends (of the model it started from, whatever was shrunk
+        or resumed since) and, once under way, what is left of it."""
+        c, now = self.cfg, self.current_params()
+        progress = "" if now == self.initial_params else (
+            f" (now {now / 1e6:.3f} M; {max(now - self.final_params, 0) / 1e6:.3f} M left to remove)")
+        return (f"pruning: {self.initial_params / 1e6:.3f} M -> {self.final_params / 1e6:.3f} M parameters{progress} "
+                f"between {self.start_tokens:,} and {self.end_tokens:,} tokens ({c.ramp}), every {c.interval} steps; "
+                f"saliency {c.saliency}; types {','.join(c.types)}; {c.granularity}; align {self.constraints.align}")
 
     def current_params(self) -> int:
         return self.shape.parameter_count(self.masks)
 
     def kept_ratios(self) -> dict:
         """Kept fraction of each type relative to the original (pre-shrink) model."""
-        layers = self.original.get("layers", self.shape.num_layers)
-        return {"heads": float(self.masks.heads.sum()) / (layers * self.original["groups"]),
-                "ffn": float(self.masks.ffn.sum()) / (layers * self.original["ffn"]),
-                "hidden": float(self.masks.hidden.sum()) / self.original["hidden"],
+        layers = self.state.original.get("layers", self.shape.num_layers)
+        return {"heads": float(self.masks.heads.sum()) / (layers * self.state.original["groups"]),
+                "ffn": float(self.masks.ffn.sum()) / (layers * self.state.original["ffn"]),
+                "hidden": float(self.masks.hidden.sum()) / self.state.original["hidden"],
                 "layers": float(self.masks.layers.sum()) / layers}
 
     # ------------------------------------------------------------------ trainer hooks
@@ -107,7 +100,7 @@ class PruningCallback(Callback):
             self._load_local_state(self._pending_local_state)
             self._pending_local_state = None
         self._refresh_local(trainer)
-        if self.shrink_requested_at is not None and self.shrink_requested_at == trainer.state.iteration:
+        if self.state.shrink_requested_at is not None and self.state.shrink_requested_at == trainer.state.iteration:
             # resumed from the save made for a shrink that was interrupted: do that shrink first
             trainer.request_stop("shrink")
 
@@ -118,7 +111,7 @@ class PruningCallback(Callback):
             zero_masked_state(trainer.optimizer, self.local.param_masks)
 
     def on_step_begin(self, trainer) -> None:
-        tokens_before = self.tokens_after(trainer.state.iteration)
+        tokens_before = trainer.state.tokens_seen
         self._scoring = self._in_window(tokens_before)
         if self._scoring:
             self.estimator.begin_capture()
@@ -132,14 +125,14 @@ class PruningCallback(Callback):
                 self.ema = table
             else:
                 self.ema = self.ema.blend(table, beta)
-            self.ema_steps += 1
+            self.state.ema_steps += 1
         if self.local is not None and self.current_params() < self.initial_params:
             self.local.apply_to_grads()
 
     def on_step_end(self, trainer, metrics: StepMetrics) -> None:
         it = trainer.state.iteration
-        tokens = self.tokens_after(it)
-        tokens_before = self.tokens_after(it - 1)
+        tokens = trainer.state.tokens_seen
+        tokens_before = tokens - trainer.tokens_per_step
         event = (self._in_window(tokens_before) and self.ema is not None
                  and (it % self.cfg.interval == 0 or tokens >= self.end_tokens))
         self._check_loss_jump(trainer, it, metrics.loss)
@@ -147,13 +140,13 @@ class PruningCallback(Callback):
             params_before, records_before = self.current_params(), len(self.history)
             self.prune_event(trainer, it, tokens)
             if self.current_params() < params_before:
-                self._loss_before_event = (it, metrics.loss)
+                self.state.loss_before_event = (it, metrics.loss)
             elif len(self.history) > records_before:
                 self._write_history_line(self.history[-1])  # nothing removed: no jump to wait for
             if tokens >= self.end_tokens:
                 self._warn_if_target_missed()
         if self._shrink_due(tokens):
-            self.shrink_requested_at = it
+            self.state.shrink_requested_at = it
             trainer.request_stop("shrink")
         params = self.current_params()
         ratios = self.kept_ratios()
@@ -169,10 +162,10 @@ class PruningCallback(Callback):
     # ------------------------------------------------------------------ loss jump after an event (issue 21)
     def _check_loss_jump(self, trainer, iteration: int, loss: float) -> None:
         """The step after an event: record how much the loss rose; warn past --prune-loss-jump-warn."""
-        if self._loss_before_event is None:
+        if self.state.loss_before_event is None:
             return
-        event_iteration, before = self._loss_before_event
-        self._loss_before_event = None
+        event_iteration, before = self.state.loss_before_event
+        self.state.loss_before_event = None
         jump = loss - before
         if self.history and self.history[-1]["iteration"] == event_iteration:
             self.history[-1].update({"loss_before": before, "loss_after": loss, "loss_jump": jump,
@@ -181,7 +174,7 @@ class PruningCallback(Callback):
         logger = next((c for c in trainer.callbacks if c.name == "logging"), None)
         if logger is not None:
             logger.log_scalar("pruning/loss_jump", jump, event_iteration)
-        if jump > self.cfg.loss_jump_warn and _rank0():
+        if jump > self.cfg.loss_jump_warn and is_rank0():
             print(f"WARNING: the loss rose by {jump:.3f} ({before:.3f} -> {loss:.3f}) after the pruning event at "
                   f"iteration {event_iteration}, more than --prune-loss-jump-warn {self.cfg.loss_jump_warn}: "
                   "prune more slowly (--prune-max-step-fraction, a later --prune-end-tokens) or check "
@@ -194,14 +187,14 @@ class PruningCallback(Callback):
                 self.shape.full_masks()):
             return False
         for point in c.shrink_at:
-            if tokens >= point and point not in self.shrink_points_done:
-                self.shrink_points_done.append(point)
+            if tokens >= point and point not in self.state.shrink_points_done:
+                self.state.shrink_points_done.append(point)
                 return True
         if c.shrink_auto:
             if tokens >= self.end_tokens:
                 return True
             if c.shrink_every_fraction:
-                reference = self.shrunk_at_params or self.initial_params
+                reference = self.state.shrunk_at_params or self.initial_params
                 if (reference - self.current_params()) / self.initial_params >= c.shrink_every_fraction:
                     return True
         return False
@@ -221,7 +214,7 @@ class PruningCallback(Callback):
             low, high = mine.clone(), mine.clone()
             torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
             torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-            if int(low) != int(high) and _rank0():
+            if int(low) != int(high) and is_rank0():
                 print("WARNING: pruning decisions differed between ranks; rank 0's is used", flush=True)
         new_masks = GroupMasks.from_state_dict(decided[0])
         moves = decided[1]
@@ -244,7 +237,7 @@ class PruningCallback(Callback):
                   "mean_saliency": self._mean_saliency(),
                   "moves": [{k: m[k] for k in ("type", "layers", "count", "saliency_per_param")} for m in moves]}
         self.history.append(record)
-        if _rank0():
+        if is_rank0():
             print(f"pruning at iteration {iteration}: {record['params'] / 1e6:.3f} M params "
                   f"(target {target / 1e6:.3f} M); kept heads {record['kept_heads']:.1%}, "
                   f"FFN {record['kept_ffn']:.1%}, hidden {record['kept_hidden']:.1%}", flush=True)
@@ -269,7 +262,7 @@ class PruningCallback(Callback):
         return out
 
     def _write_history_line(self, record: dict) -> None:
-        if self.log_dir and _rank0():
+        if self.log_dir and is_rank0():
             os.makedirs(self.log_dir, exist_ok=True)
             with open(os.path.join(self.log_dir, "pruning_history.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -277,7 +270,7 @@ class PruningCallback(Callback):
     def _warn_if_target_missed(self) -> None:
         """The window's last event: the solver reaches the target (overshooting by at most one
         unit) unless the per-event cap or the floors stopped it; say so rather than end above it."""
-        if self.current_params() > self.final_params and _rank0():
+        if self.current_params() > self.final_params and is_rank0():
             print(f"WARNING: the pruning window ends at {self.current_params():,} parameters, above the target "
                   f"{self.final_params:,}: the per-event cap (--prune-max-step-fraction "
                   f"{self.cfg.max_step_fraction}) or the floors (--prune-min-*) stopped the last events. "
@@ -287,38 +280,26 @@ class PruningCallback(Callback):
     def on_train_end(self, trainer) -> None:
         if self.estimator is not None:
             self.estimator.remove_hooks()
-        if self._loss_before_event is not None and trainer.state.iteration >= trainer.total_iters:
+        if self.state.loss_before_event is not None and trainer.state.iteration >= trainer.total_iters:
             # the run ends right after an event: no step will give its jump (a run that stopped
             # early keeps it pending in the checkpoint, and the resumed run writes the line)
-            self._loss_before_event = None
+            self.state.loss_before_event = None
             self._write_history_line(self.history[-1])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"masks": self.masks.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "ema_steps": self.ema_steps, "history": self.history,
-                "initial_params": self.initial_params, "final_params": self.final_params,
-                "shrunk_at_params": self.shrunk_at_params, "shrink_points_done": list(self.shrink_points_done),
-                "shrink_requested_at": self.shrink_requested_at,
-                "loss_before_event": self._loss_before_event,
-                "original": self.original}
+        return self.state.to_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.masks = GroupMasks.from_state_dict(state["masks"])
-        self.ema = GroupScores.from_state_dict(state["ema"]) if state.get("ema") is not None else None
-        self.ema_steps = state.get("ema_steps", 0)
-        self.history = list(state.get("history", []))
-        # after a shrink the model is smaller but the schedule still runs between the original
-        # sizes: keep them from the state, not from the (new) model shape
-        self.initial_params = state.get("initial_params", self.initial_params)
-        self.final_params = state.get("final_params", self.final_params)
-        self.shrunk_at_params = state.get("shrunk_at_params")
-        self.shrink_points_done = list(state.get("shrink_points_done", []))
-        self.shrink_requested_at = state.get("shrink_requested_at")
-        pending = state.get("loss_before_event")
-        self._loss_before_event = tuple(pending) if pending is not None else None
-        self.original = state.get("original", self.original)
+        """The checkpoint's state; a target that differs from this run's (--prune-target-* changed
+        on resume) is applied from here on, with a message (README, "Resuming")."""
+        # a fresh state of the current model fills what an older checkpoint did not store
+        loaded = PruningState.from_dict(state, fallback=self.state)
+        wanted = loaded.target_for(self.cfg.target_params, self.cfg.target_ratio)
+        if wanted != loaded.final_params and not self.cfg.end_pruning:
+            print_rank0(retarget_message(loaded, wanted))
+            loaded.final_params = wanted
+        self.state = loaded
 
     def local_state_dict(self) -> dict:
         """Per-rank state (the fisher running means over this rank's owned elements)."""
@@ -340,3 +321,10 @@ class PruningCallback(Callback):
         params = list(build_local_masks(self.estimator._model_chunks, self.masks, self.shape).param_masks)
         self.estimator.fisher_count = state.get("fisher_count", 0)
         self.estimator.fisher = {params[i]: v for i, v in state.get("fisher", {}).items() if i < len(params)}
+
+
+def retarget_message(state: PruningState, wanted: int) -> str:
+    ratio = wanted / state.initial_params
+    return (f"pruning target changed on resume: {state.final_params:,} -> {wanted:,} parameters "
+            f"({ratio:.3f} of the {state.initial_params:,} the schedule started from); the schedule continues "
+            "towards the new target from this point (groups already removed stay removed)")

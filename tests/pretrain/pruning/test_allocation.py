@@ -250,10 +250,10 @@ def test_a_loss_jump_after_an_event_is_recorded_logged_and_warned(capsys):
     logged = []
     logger = SimpleNamespace(name="logging", log_scalar=lambda tag, value, step: logged.append((tag, value, step)))
     trainer = SimpleNamespace(callbacks=[logger])
-    pruner = PruningCallback(PruneConfig(target_ratio=0.5, loss_jump_warn=0.5), BIG_VOCAB, 1, 64, 8, 10**6)
+    pruner = PruningCallback(PruneConfig(target_ratio=0.5, loss_jump_warn=0.5), BIG_VOCAB, 1, 10**6)
     for event, before, after, warned in ((10, 3.81, 4.98, True), (20, 4.0, 4.2, False)):
         pruner.history.append({"iteration": event})
-        pruner._loss_before_event = (event, before)
+        pruner.state.loss_before_event = (event, before)
         pruner._check_loss_jump(trainer, event + 1, after)
         record = pruner.history[-1]
         assert abs(record["loss_jump"] - (after - before)) < 1e-9 and record["loss_jump_warning"] is warned
@@ -271,10 +271,10 @@ def test_an_events_history_line_is_written_with_its_loss_jump(tmp_path):
     from pretrain.pruning.callback import PruningCallback
 
     trainer = SimpleNamespace(callbacks=[], state=SimpleNamespace(iteration=11), total_iters=100)
-    pruner = PruningCallback(PruneConfig(target_ratio=0.5), BIG_VOCAB, 1, 64, 8, 10**6, log_dir=str(tmp_path))
+    pruner = PruningCallback(PruneConfig(target_ratio=0.5), BIG_VOCAB, 1, 10**6, log_dir=str(tmp_path))
     history_file = tmp_path / "pruning_history.jsonl"
     pruner.history.append({"iteration": 10})
-    pruner._loss_before_event = (10, 3.0)
+    pruner.state.loss_before_event = (10, 3.0)
     assert not history_file.exists()  # written once the next step's loss is known
     pruner._check_loss_jump(trainer, 11, 3.25)
     [line] = history_file.read_text().splitlines()
@@ -282,23 +282,23 @@ def test_an_events_history_line_is_written_with_its_loss_jump(tmp_path):
                                 "loss_jump_warning": False}
     # pending when the run ends on an event: written at the end (no jump), once
     pruner.history.append({"iteration": 100})
-    pruner._loss_before_event = (100, 3.0)
+    pruner.state.loss_before_event = (100, 3.0)
     trainer.state.iteration = 100
     pruner.on_train_end(trainer)
     pruner.on_train_end(trainer)
     assert [json.loads(x)["iteration"] for x in history_file.read_text().splitlines()] == [10, 100]
     # pending state survives a checkpoint (a resumed run writes the line)
-    pruner._loss_before_event = (40, 2.5)
-    restored = PruningCallback(PruneConfig(target_ratio=0.5), BIG_VOCAB, 1, 64, 8, 10**6)
+    pruner.state.loss_before_event = (40, 2.5)
+    restored = PruningCallback(PruneConfig(target_ratio=0.5), BIG_VOCAB, 1, 10**6)
     restored.load_state_dict(pruner.state_dict())
-    assert restored._loss_before_event == (40, 2.5)
+    assert restored.state.loss_before_event == (40, 2.5)
 
 
 def test_a_window_ending_above_its_target_is_warned_about(capsys):
     from pretrain.config import PruneConfig
     from pretrain.pruning.callback import PruningCallback
 
-    pruner = PruningCallback(PruneConfig(target_ratio=0.5), BIG_VOCAB, 1, 64, 8, 10**6)
+    pruner = PruningCallback(PruneConfig(target_ratio=0.5), BIG_VOCAB, 1, 10**6)
     pruner._warn_if_target_missed()
     assert "WARNING: the pruning window ends at" in capsys.readouterr().out
     pruner.final_params = pruner.current_params()

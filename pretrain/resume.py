@@ -1,0 +1,120 @@
+"""What a ``--load`` checkpoint decides about the run that loads it.
+
+The checkpoint is peeked at once (its folder and trainer state, no weights); from it come the
+model shape (``--use-checkpoint-args``, a shrunk or an imported checkpoint), the padded vocabulary
+and the pruning settings that continue (DESIGN invariant 9). Used by the entry point
+(``pretrain.train``), the command line (``pretrain.arguments``) and evaluation
+(``pretrain.evaluate``); it imports only the configs and the checkpoint reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pretrain.config import ConfigError, PretrainConfig
+
+# trainer-state keys that say where the model came from; carried into every later checkpoint
+LINEAGE_KEYS = ("shrink_history", "imported_from")
+
+Peeked = tuple  # (checkpoint folder, its trainer state)
+
+
+def peek_checkpoint(load: str | None) -> Peeked | None:
+    """(folder, trainer state) of the checkpoint under ``load``, or None when there is none yet."""
+    from pretrain import checkpoint as ckpt
+
+    folder = ckpt.find_checkpoint(load) if load else None
+    return None if folder is None else (folder, ckpt.read_trainer_state(folder))
+
+
+def lineage(trainer_state: dict) -> dict:
+    """The keys saying a model was shrunk or imported, to carry into every later checkpoint."""
+    return {k: trainer_state[k] for k in LINEAGE_KEYS if trainer_state.get(k)}
+
+
+def checkpoint_vocab(peeked: Peeked | None, tokenizer_vocab: int, tp: int) -> int | None:
+    """The padded vocabulary of the checkpoint to load, when it fits this TP size.
+
+    Padding depends on TP (a multiple of make_vocab_size_divisible_by x TP); a checkpoint padded
+    for another TP keeps its own size when that divides the new TP, so it loads unchanged.
+    """
+    if peeked is None or peeked[1].get("vocab_size") is None:
+        return None
+    folder, vocab = peeked[0], peeked[1]["vocab_size"]
+    if vocab < tokenizer_vocab:
+        raise ConfigError(f"--load {folder}: its vocabulary ({vocab}) is smaller than the tokenizer's "
+                          f"({tokenizer_vocab}); use the tokenizer the checkpoint was trained with")
+    if vocab % tp:
+        raise ConfigError(f"--load {folder}: its padded vocabulary ({vocab}) is not divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+    return int(vocab)
+
+
+def with_checkpoint_model(cfg: PretrainConfig, peeked: Peeked | None) -> PretrainConfig:
+    """The model shape saved in the checkpoint: with --use-checkpoint-args, or always for a shrunk
+    checkpoint (it carries its smaller shape; the run's flags describe the original model) and an
+    imported one (its shape is the HF model's)."""
+    use = cfg.checkpoint.use_checkpoint_args or (peeked is not None and bool(lineage(peeked[1])))
+    if not use:
+        return cfg
+    if peeked is None:
+        raise ConfigError("--use-checkpoint-args needs a valid checkpoint under --load")
+    saved = PretrainConfig.from_dict(peeked[1]["config"])
+    if cfg.checkpoint.use_checkpoint_args:
+        return dataclasses.replace(cfg, model=saved.model)
+    # the shape is the checkpoint's; the sequence length (no weights depend on it) stays the run's
+    return dataclasses.replace(cfg, model=dataclasses.replace(saved.model, seq_length=cfg.model.seq_length))
+
+
+def with_checkpoint_pruning(cfg: PretrainConfig, peeked: Peeked | None) -> tuple[PretrainConfig, str]:
+    """A checkpoint's pruning state is never dropped silently (DESIGN invariant 9).
+
+    Resumed without --prune-* flags, the checkpoint's own pruning settings continue; with them,
+    the flags' settings continue from the checkpoint's masks (a different target is applied from
+    the resume on: ``PruningCallback.load_state_dict``). --end-pruning keeps the masks but removes
+    nothing more; --drop-pruning-state discards them. Returns the config and a note for the log
+    saying which of these happened.
+    """
+    from pretrain.pruning.state import PruningState
+
+    prune = cfg.prune
+    stored = PruningState.stored_dict(peeked[1]) if peeked else None
+    if prune.end_pruning and prune.drop_state:
+        raise ConfigError("--end-pruning and --drop-pruning-state exclude each other: pick one")
+    if stored is None:
+        if prune.end_pruning or prune.drop_state:
+            flag = "--end-pruning" if prune.end_pruning else "--drop-pruning-state"
+            where = f"the checkpoint {peeked[0]}" if peeked else "no checkpoint (--load)"
+            raise ConfigError(f"{flag} applies to a checkpoint with pruning state, and {where} has none")
+        return cfg, ""
+    folder = peeked[0]
+    if prune.drop_state:
+        off = dataclasses.replace(prune, target_params=None, target_ratio=None, drop_state=True)
+        return dataclasses.replace(cfg, prune=off), (
+            f"--drop-pruning-state: the pruning state of {folder} is discarded; its pruned groups "
+            "(zero weights) train again")
+    if not prune.enabled:
+        cfg = dataclasses.replace(cfg, prune=_adopted_pruning(cfg, PretrainConfig.from_dict(peeked[1]["config"])))
+        source = "its own pruning settings (no --prune-* flags given)"
+    else:
+        source = "the --prune-* settings of this command"
+    if cfg.prune.end_pruning:
+        return cfg, (f"--end-pruning: the masks of {folder} stay applied; no further groups are removed"
+                     + ("" if cfg.prune.shrink_at or cfg.prune.shrink_auto else
+                        " (shrink them with --shrink-at or tools/reshard_checkpoint.py --shrink)"))
+    return cfg, (f"resuming the pruning state of {folder} with {source}; --end-pruning stops removing "
+                 "groups, --drop-pruning-state discards the masks")
+
+
+def _adopted_pruning(cfg: PretrainConfig, saved: PretrainConfig):
+    """The checkpoint's pruning settings, with this command's --end-pruning and, when it says
+    anything about the shrink, its shrink settings."""
+    prune = cfg.prune
+    adopted = dataclasses.replace(saved.prune, end_pruning=prune.end_pruning, drop_state=False)
+    if prune.end_pruning or prune.shrink_at or prune.shrink_auto:
+        adopted = dataclasses.replace(
+            adopted, shrink_at=prune.shrink_at, shrink_auto=prune.shrink_auto,
+            shrink_every_fraction=prune.shrink_every_fraction,
+            shrink_tensor_parallel_size=prune.shrink_tensor_parallel_size,
+            shrink_pipeline_parallel_size=prune.shrink_pipeline_parallel_size)
+    return adopted
