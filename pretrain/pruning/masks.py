@@ -73,11 +73,14 @@ class GroupScores:
     embedding_signal: torch.Tensor | None = None  # float64 [H]
 
     @classmethod
-    def zeros(cls, shape: "ModelShape", with_embedding: bool = False) -> "GroupScores":
-        extra = [torch.zeros(shape.hidden, dtype=torch.float64) for _ in range(2)] if with_embedding else []
-        return cls(torch.zeros(shape.num_layers, shape.num_groups, dtype=torch.float64),
-                   torch.zeros(shape.num_layers, shape.ffn, dtype=torch.float64),
-                   torch.zeros(shape.hidden, dtype=torch.float64), *extra)
+    def zeros(cls, shape: "ModelShape", with_embedding: bool = False,
+              device: torch.device | str | None = None) -> "GroupScores":
+        def zeros(*size):
+            return torch.zeros(*size, dtype=torch.float64, device=device)
+
+        extra = [zeros(shape.hidden) for _ in range(2)] if with_embedding else []
+        return cls(zeros(shape.num_layers, shape.num_groups), zeros(shape.num_layers, shape.ffn),
+                   zeros(shape.hidden), *extra)
 
     def pack(self) -> torch.Tensor:
         """One flat tensor (for a single all-reduce)."""
