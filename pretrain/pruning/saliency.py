@@ -31,10 +31,12 @@ layer. That is how ``obs`` and ``activation`` map channels to groups.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pretrain import layout
-from pretrain.layout import LocalParam, local_parameters
+from pretrain.layout import ParamLayout, local_parameters
 from pretrain.pruning.masks import GroupScores, ModelShape
 from pretrain.pruning.optim_state import is_distributed, iter_param_slots
 
@@ -76,7 +78,7 @@ class SaliencyEstimator:
         self._hooks = []
         self._capturing = False
         self._model_chunks = model_chunks
-        self._unscored = None  # parameters known to have no score of their own (see _unscored_parameters)
+        self._plans = None  # param -> _Plan, worked out on the first scoring step
         if kind in ("obs", "activation"):
             self._install_hooks()
 
@@ -135,7 +137,7 @@ class SaliencyEstimator:
     def _add_units(self, table: GroupScores, axis: str, layer: int | None, per_index: torch.Tensor, tp: int,
                    tp_rank: int) -> None:
         unit, index = layout.owned_units(axis, layer, self.shape, tp, tp_rank)
-        getattr(table, unit)[index] += layout.fold(axis, per_index, self.shape).to(torch.float64)
+        getattr(table, unit)[index].add_(layout.fold(axis, per_index, self.shape))  # fp32 sums into fp64
 
     @torch.no_grad()
     def partial_table(self) -> GroupScores:
@@ -190,32 +192,53 @@ class SaliencyEstimator:
         return unscored
 
     def _gradient_scores(self, table: GroupScores, tp: int, tp_rank: int, dp: int) -> None:
-        distributed = is_distributed(self.optimizer)
-        scale = 1.0 if distributed else 1.0 / dp
-        by_param = {e.param: e for e in self.entries if e.param is not None}
-        if self._unscored is None:
-            self._unscored = self._unscored_parameters()
+        # each element counts once over all ranks: owned by one DP rank, or 1/DP on each
+        count_weight = 1.0 if is_distributed(self.optimizer) else 1.0 / dp
+        # Fisher's 1/2 is applied to the sums, not to every element
+        scale = count_weight * (0.5 if self.kind == "fisher" else 1.0)
+        if self._plans is None:
+            self._plans = self._plan_parameters()
         seen = set()
         self.fisher_count += 1
         for slot in iter_param_slots(self.optimizer):
-            if slot.end <= slot.start or slot.param in seen or slot.param in self._unscored:
-                continue
-            entry = by_param.get(slot.param)
-            if entry is None:
-                raise RuntimeError(f"saliency: the optimizer holds a parameter of shape {tuple(slot.param.shape)} "
-                                   "that is not in the model chunks being scored")
-            seen.add(slot.param)
             param = slot.param
+            if slot.end <= slot.start or param in seen:
+                continue
+            seen.add(param)
+            plan = self._plans.get(param)
+            if plan is None:  # counted elsewhere, or needless (``_unscored_parameters``)
+                continue
             grad = getattr(param, "main_grad", None)
             if grad is None:
                 grad = param.grad
             if grad is None:
                 continue
-            self._score_owned_range(table, entry, param, grad, slot.start, slot.end, scale, tp, tp_rank)
+            self._score_owned_range(table, plan, param, grad, slot.start, slot.end, scale, count_weight, tp,
+                                    tp_rank)
+
+    def _plan_parameters(self) -> dict:
+        """param -> what scoring it needs, worked out once: (its layout, rows, columns, which of the
+        two axes have units). Every parameter the optimizer can hand over is either here or known to
+        need no score of its own (``_unscored_parameters``, which stops on anything else)."""
+        unscored = self._unscored_parameters()
+        plans = {}
+        for entry in self.entries:
+            param = entry.param
+            if param is None or param in unscored:
+                continue
+            if param.dim() not in (1, 2):
+                raise RuntimeError(f"saliency: {entry.layout} has {param.dim()} dimensions; the layout knows 1 or 2")
+            wanted = tuple(layout.UNIT[axis] is not None for axis in entry.layout.axes)
+            if param.dim() == 1:  # one row: its axis is the columns
+                plans[param] = _Plan(entry.layout, 1, param.numel(), (None, entry.layout.axes[0]), (False, wanted[0]))
+            else:
+                plans[param] = _Plan(entry.layout, param.shape[0], param.shape[1], entry.layout.axes, wanted)
+        return plans
 
     def _element_scores(self, param, w: torch.Tensor, g: torch.Tensor, offset: int, stop: int) -> torch.Tensor:
-        """Per-element scores (fp32, one new tensor) of the flat pieces ``w``, ``g``; ``offset``/``stop``
-        locate the piece in the owned range (Fisher's running mean is kept over that range)."""
+        """Per-element scores (fp32, one new tensor; Fisher's without its 1/2) of the flat pieces ``w``,
+        ``g``; ``offset``/``stop`` locate the piece in the owned range (Fisher's running mean is kept
+        over that range)."""
         if w.dtype != torch.float32 and g.dtype != torch.float32:
             w = w.float()  # a product of two bf16 would round to bf16
         if self.kind == "taylor":
@@ -223,48 +246,51 @@ class SaliencyEstimator:
             return e if self.signed else e.abs_()
         running = self.fisher[param][offset:stop]
         running.mul_(1 - 1 / self.fisher_count).addcmul_(g, g, value=1 / self.fisher_count)
-        return torch.mul(running, w).mul_(w).mul_(0.5)
+        return torch.mul(running, w).mul_(w)  # times 1/2: on the sums (``_gradient_scores``)
 
-    def _score_owned_range(self, table: GroupScores, entry: LocalParam, param, grad, start: int, end: int,
-                           scale: float, tp: int, tp_rank: int) -> None:
-        """Add the scores of ``param``'s elements ``[start, end)`` (flattened) into the table.
+    def _score_owned_range(self, table: GroupScores, plan: "_Plan", param, grad, start: int, end: int,
+                           scale: float, count_weight: float, tp: int, tp_rank: int) -> None:
+        """Add the scores of ``param``'s elements ``[start, end)`` (flattened) into the table, their
+        sums times ``scale``, the count of those with a signal times ``count_weight``.
 
         Each axis of the weight gets the sum of its indices' scores (the owned range may start and
         end mid-row: whole rows are summed as a block, the partial rows on their own). Scores are
         made a piece of at most ``SCORE_CHUNK_ELEMENTS`` at a time, on the parameter's device, so
         scoring never holds a full-size temporary."""
-        where = entry.layout
+        where, rows, columns = plan.layout, plan.rows, plan.columns
         if where.replicated_over_tp and tp_rank != 0:
             return  # every TP rank holds the same values: count them once
-        if param.dim() > 2:
-            raise RuntimeError(f"saliency: {where} has {param.dim()} dimensions; the layout knows 1 or 2")
-        rows, columns = (1, param.numel()) if param.dim() == 1 else tuple(param.shape)
-        device = param.device
-        # per-index sums along each axis that has units (an embedding: its hidden axis, and how many
-        # of each hidden channel's entries got a signal)
-        wanted = [layout.UNIT[axis] is not None for axis in where.axes]
-        if param.dim() == 1:
-            wanted = [False, wanted[0]]
-        sums = [torch.zeros(n, dtype=torch.float64, device=device) if want else None
-                for n, want in zip((rows, columns), wanted)]
-        signal = torch.zeros(columns, dtype=torch.float64, device=device) if where.role == "embedding" else None
+        embedding = where.role == "embedding"
         if self.kind == "fisher" and param not in self.fisher:
             self.fisher[param] = torch.zeros(end - start, dtype=torch.float32, device=grad.device)
-        w_flat, g_flat = param.detach().reshape(-1), grad.detach().reshape(-1)
-        for lo, hi in _pieces(start, end, columns, SCORE_CHUNK_ELEMENTS):
-            scores = self._element_scores(param, w_flat[lo:hi], g_flat[lo:hi], lo - start, hi - start)
-            _add_piece(scores, lo, columns, sums, signal)
-            del scores  # before the next piece is made
-        if where.role == "embedding":
-            # folded into the hidden channels by ``reduce_table``; each element counts once over all
-            # ranks (owned by one DP rank, or 1/DP on each)
-            table.embedding += sums[1].mul_(scale)
-            table.embedding_signal += signal.mul_(scale)
+        w_flat, g_flat = param.detach().view(-1), grad.detach().view(-1)
+        if start == 0 and end == rows * columns and end <= max(SCORE_CHUNK_ELEMENTS, columns):
+            # the whole parameter in one piece (the usual case): its sums are the per-index sums
+            block = self._element_scores(param, w_flat, g_flat, 0, end).view(rows, columns)
+            sums = [block.sum(1) if plan.wanted[0] else None,
+                    (block[0] if rows == 1 else block.sum(0)) if plan.wanted[1] else None]
+            signal = block.sign_().abs_().sum(0) if embedding else None  # after the sums: in place
+            del block
+        else:
+            # per-index sums along each axis that has units (an embedding: its hidden axis, and how
+            # many of each hidden channel's entries got a signal)
+            device = param.device
+            sums = [torch.zeros(n, dtype=torch.float64, device=device) if want else None
+                    for n, want in zip((rows, columns), plan.wanted)]
+            signal = torch.zeros(columns, dtype=torch.float64, device=device) if embedding else None
+            for lo, hi in _pieces(start, end, columns, SCORE_CHUNK_ELEMENTS):
+                scores = self._element_scores(param, w_flat[lo:hi], g_flat[lo:hi], lo - start, hi - start)
+                _add_piece(scores, lo, columns, sums, signal)
+                del scores  # before the next piece is made
+        if embedding:
+            # folded into the hidden channels by ``reduce_table``
+            table.embedding.add_(sums[1], alpha=scale)
+            table.embedding_signal.add_(signal, alpha=count_weight)
             return
-        axes = where.axes if param.dim() == 2 else (None, where.axes[0])
-        for axis, per_index in zip(axes, sums):
+        for axis, per_index in zip(plan.axes, sums):
             if per_index is not None:
-                self._add_units(table, axis, where.layer, per_index.mul_(scale), tp, tp_rank)
+                self._add_units(table, axis, where.layer, per_index if scale == 1.0 else per_index * scale,
+                                tp, tp_rank)
 
     def _activation_scores(self, table: GroupScores, tp: int, tp_rank: int, dp: int) -> None:
         """Per input channel of each linear (its last axis): mean |x| (activation) or
@@ -291,6 +317,18 @@ class SaliencyEstimator:
                 else:
                     per_channel = w2 * (second / tokens)
             self._add_units(table, input_axis, entry.layout.layer, per_channel / dp, tp, tp_rank)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one parameter is scored: its layout, its shape as [rows, columns] (a vector is one row),
+    the axis of each of the two and whether it has units (gets a sum)."""
+
+    layout: ParamLayout
+    rows: int
+    columns: int
+    axes: tuple
+    wanted: tuple
 
 
 SCORE_CHUNK_ELEMENTS = 1 << 22  # the most elements scored at once (a 16 MiB fp32 temporary)
@@ -320,15 +358,15 @@ def _add_piece(scores: torch.Tensor, position: int, columns: int, sums: list, si
         if sums[1] is not None:
             sums[1][column:column + scores.numel()] += scores
         if signal is not None:
-            signal[column:column + scores.numel()] += scores != 0
+            signal[column:column + scores.numel()] += scores.sign_().abs_()  # scores are spent
         return
     block = scores.view(-1, columns)  # whole rows
     if sums[0] is not None:
         sums[0][row:row + block.shape[0]] += block.sum(1)
     if sums[1] is not None:
         sums[1] += block.sum(0)
-    if signal is not None:
-        signal += torch.count_nonzero(block, dim=0)
+    if signal is not None:  # non-zero entries per column; in place (the scores are spent), and
+        signal += block.sign_().abs_().sum(0)  # several times faster than count_nonzero on CPU
 
 
 def _squares_per_column(weight: torch.Tensor) -> torch.Tensor:
