@@ -40,9 +40,12 @@ def _worker(saliency: str, rounds: int, iters: int, seq: int):
             optim=OptimConfig(lr=1e-4, min_lr=1e-5),
             train=TrainConfig(micro_batch_size=4, global_batch_size=8, train_iters=iters, log_interval=iters))
         if prune:
-            # one event at step 2 (masks set), then scoring on every step with no further events
-            c.prune = dataclasses.replace(c.prune, target_ratio=0.9, saliency=saliency, interval=2,
-                                          start_tokens=0, end_tokens=10**12)
+            # pruning events every 2 steps from step 2 on (masks set: the masked norms, the gradient
+            # masks and the pruning state all work in the timed steps; events run after a step,
+            # outside its time), scoring on every step, the schedule's end well past the run
+            tokens_per_step = c.train.global_batch_size * c.model.seq_length
+            c.prune = dataclasses.replace(c.prune, target_ratio=0.5, saliency=saliency, interval=2,
+                                          start_tokens=0, end_tokens=4 * iters * tokens_per_step)
         return c
 
     # CPU time of each step as well as wall time: on a shared, loaded machine the wall time also
@@ -69,13 +72,16 @@ def _worker(saliency: str, rounds: int, iters: int, seq: int):
             plain += [r["step_seconds"] for r in h]
             plain_cpu += cpu_seconds[2:]
             cpu_seconds.clear()
-            h = run(cfg(True))["history"][2:]
+            summary = run(cfg(True))
+            pruner = next(cb for cb in summary["trainer"].callbacks if cb.name == "pruning")
+            kept = pruner.current_params() / pruner.initial_params
+            h = summary["history"][2:]
             pruned += [r["step_seconds"] for r in h]
             pruned_cpu += cpu_seconds[2:]
     finally:
         Trainer.train_step = original_step
     return {"plain": statistics.median(plain), "pruned": statistics.median(pruned),
-            "plain_cpu": statistics.median(plain_cpu), "pruned_cpu": statistics.median(pruned_cpu),
+            "kept": kept, "plain_cpu": statistics.median(plain_cpu), "pruned_cpu": statistics.median(pruned_cpu),
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **_scoring_memory(run, cfg(True))}
 
@@ -134,7 +140,7 @@ def main() -> None:
         r = run_distributed(_worker, 1, saliency, args.rounds, args.iters, args.seq_length)[0]
         print(f"saliency={saliency}: plain megatron-core spec {r['plain'] * 1000:.1f} ms/step, "
               f"masked + saliency {r['pruned'] * 1000:.1f} ms/step, ratio {r['pruned'] / r['plain']:.3f} "
-              f"(peak RSS {r['max_rss_mb']:.0f} MB)")
+              f"(peak RSS {r['max_rss_mb']:.0f} MB; {r['kept']:.1%} of the parameters kept at the end)")
         print(f"  CPU time: plain {r['plain_cpu'] * 1000:.1f} ms/step, masked + saliency "
               f"{r['pruned_cpu'] * 1000:.1f} ms/step, ratio {r['pruned_cpu'] / r['plain_cpu']:.3f}")
         print(f"  scoring extra memory: peak {r['scoring_peak_bytes'] / 2**20:.2f} MiB = "
