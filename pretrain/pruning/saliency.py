@@ -263,7 +263,7 @@ class SaliencyEstimator:
         embedding = where.role == "embedding"
         if self.kind == "fisher" and param not in self.fisher:
             self.fisher[param] = torch.zeros(end - start, dtype=torch.float32, device=grad.device)
-        w_flat, g_flat = param.detach().view(-1), grad.detach().view(-1)
+        w_flat, g_flat = param.detach().reshape(-1), grad.detach().reshape(-1)  # views (contiguous)
         if start == 0 and end == rows * columns and end <= max(SCORE_CHUNK_ELEMENTS, columns):
             # the whole parameter in one piece (the usual case): its sums are the per-index sums
             block = self._element_scores(param, w_flat, g_flat, 0, end).view(rows, columns)
