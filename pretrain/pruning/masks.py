@@ -73,11 +73,14 @@ class GroupScores:
     embedding_signal: torch.Tensor | None = None  # float64 [H]
 
     @classmethod
-    def zeros(cls, shape: "ModelShape", with_embedding: bool = False) -> "GroupScores":
-        extra = [torch.zeros(shape.hidden, dtype=torch.float64) for _ in range(2)] if with_embedding else []
-        return cls(torch.zeros(shape.num_layers, shape.num_groups, dtype=torch.float64),
-                   torch.zeros(shape.num_layers, shape.ffn, dtype=torch.float64),
-                   torch.zeros(shape.hidden, dtype=torch.float64), *extra)
+    def zeros(cls, shape: "ModelShape", with_embedding: bool = False,
+              device: torch.device | str | None = None) -> "GroupScores":
+        def zeros(*size):
+            return torch.zeros(*size, dtype=torch.float64, device=device)
+
+        extra = [zeros(shape.hidden) for _ in range(2)] if with_embedding else []
+        return cls(zeros(shape.num_layers, shape.num_groups), zeros(shape.num_layers, shape.ffn),
+                   zeros(shape.hidden), *extra)
 
     def pack(self) -> torch.Tensor:
         """One flat tensor (for a single all-reduce)."""
@@ -236,11 +239,22 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     out = LocalModelMasks()
     for local in local_parameters(model_chunks):
-        if local.param is not None:
-            mask = param_mask(local.layout, tuple(local.param.shape), masks, shape, tp, tp_rank)
-            out.param_masks[local.param] = mask.to(local.param.device)
+        # a tied output layer is masked as the weight it applies: the embedding itself (PP = 1, masked
+        # already), or the last pipeline stage's copy of it, which must stay equal to the embedding
+        weight = local.param if local.param is not None else local.applied_weight
+        if isinstance(weight, torch.nn.Parameter) and weight not in out.param_masks:
+            mask = param_mask(local.layout, tuple(weight.shape), masks, shape, tp, tp_rank)
+            out.param_masks[weight] = mask.to(weight.device)
         if local.layout.role == "norm":  # our RMSNorm: it also needs the hidden mask itself
             out.norms.append(local.module)
+    if not bool(masks.hidden.all()):
+        # a norm that is not mask-aware, or a parameter without a mask, would keep dropped hidden
+        # channels alive (DESIGN invariant 1). build_model's start-up check refuses such a model
+        # whenever the hidden mask can change, so this cannot happen; if it does, it stops here.
+        from pretrain.pruning.invariants import check_masks_cover_model, check_norms_mask_aware
+
+        check_norms_mask_aware(model_chunks)
+        check_masks_cover_model(model_chunks, out.param_masks)
     for norm in out.norms:
         norm.set_hidden_mask(masks.hidden)
     return out

@@ -31,10 +31,12 @@ layer. That is how ``obs`` and ``activation`` map channels to groups.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pretrain import layout
-from pretrain.layout import LocalParam, local_parameters
+from pretrain.layout import ParamLayout, local_parameters
 from pretrain.pruning.masks import GroupScores, ModelShape
 from pretrain.pruning.optim_state import is_distributed, iter_param_slots
 
@@ -76,7 +78,7 @@ class SaliencyEstimator:
         self._hooks = []
         self._capturing = False
         self._model_chunks = model_chunks
-        self._count_weight = 1.0
+        self._plans = None  # param -> _Plan, worked out on the first scoring step
         if kind in ("obs", "activation"):
             self._install_hooks()
 
@@ -95,18 +97,19 @@ class SaliencyEstimator:
         def hook(mod, args):
             if not self._capturing or not args:
                 return None
+            # per-channel statistics stay on the activations' device (d, or d x d for exact obs)
             x = args[0].detach().float()
             x = x.reshape(-1, x.shape[-1])
             stats = self._stats.get(module)
             if stats is None:
-                d = x.shape[-1]
-                second = torch.zeros(d, d) if (self.kind == "obs" and self.obs_exact) else torch.zeros(d)
-                stats = self._stats[module] = [second.double(), torch.zeros(d, dtype=torch.float64), 0]
+                d, exact = x.shape[-1], self.kind == "obs" and self.obs_exact
+                second = torch.zeros((d, d) if exact else (d,), dtype=torch.float64, device=x.device)
+                stats = self._stats[module] = [second, torch.zeros(d, dtype=torch.float64, device=x.device), 0]
             if self.kind == "obs" and self.obs_exact:
-                stats[0] += (x.T @ x).double().cpu()
+                stats[0] += x.T @ x
             else:
-                stats[0] += x.pow(2).sum(0).double().cpu()
-            stats[1] += x.abs().sum(0).double().cpu()
+                stats[0] += x.pow(2).sum(0)
+            stats[1] += x.abs().sum(0)
             stats[2] += x.shape[0]
             return None
 
@@ -131,70 +134,163 @@ class SaliencyEstimator:
         tp = ps.get_tensor_model_parallel_world_size()
         return tp, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_world_size()
 
-    def _add_element_scores(self, table: GroupScores, entry: LocalParam, scores: torch.Tensor, tp: int,
-                             tp_rank: int) -> None:
-        """Add an element-score tensor (the local weight's shape) into the table: along every axis of
-        the weight, each unit gets the sum of its elements' scores."""
-        where = entry.layout
-        if where.role == "embedding":
-            # folded into the hidden channels by ``reduce_table``
-            table.embedding += layout.sum_along(scores, 1).double()
-            # each element counts once over all ranks (owned by one DP rank, or 1/DP on each)
-            table.embedding_signal += (scores != 0).sum(0).double() * self._count_weight
-            return
-        if where.replicated_over_tp and tp_rank != 0:
-            return  # every TP rank holds the same values: count them once
-        for dim, axis in enumerate(where.axes):
-            if layout.UNIT[axis] is not None:
-                self._add_units(table, axis, where.layer, layout.sum_along(scores, dim), tp, tp_rank)
-
     def _add_units(self, table: GroupScores, axis: str, layer: int | None, per_index: torch.Tensor, tp: int,
                    tp_rank: int) -> None:
         unit, index = layout.owned_units(axis, layer, self.shape, tp, tp_rank)
-        getattr(table, unit)[index] += layout.fold(axis, per_index, self.shape).double()
+        getattr(table, unit)[index].add_(layout.fold(axis, per_index, self.shape))  # fp32 sums into fp64
 
     @torch.no_grad()
     def partial_table(self) -> GroupScores:
-        """This rank's partial table for the step that just ran backward (grads reduced)."""
+        """This rank's partial table for the step that just ran backward (grads reduced).
+
+        The table is built on the device the parameters live on; only it (a few vectors) ever
+        leaves the device (``reduce_table``)."""
         tp, tp_rank, dp = self._layout()
-        table = GroupScores.zeros(self.shape, with_embedding=True)
+        table = GroupScores.zeros(self.shape, with_embedding=True, device=self._device())
         if self.kind in ("taylor", "fisher"):
             self._gradient_scores(table, tp, tp_rank, dp)
         else:
             self._activation_scores(table, tp, tp_rank, dp)
         return table
 
+    def _device(self) -> torch.device:
+        for entry in self.entries:
+            if entry.param is not None:
+                return entry.param.device
+        return torch.device("cpu")
+
+    def _unscored_parameters(self) -> set:
+        """The parameters the optimizer holds that have no score of their own, known by name.
+
+        * the last pipeline stage's copy of a tied output layer: its gradient is synced with the
+          embedding's, which is scored on the first stage;
+        * a norm fused into a Transformer Engine linear (``layer_norm_weight``): it would only
+          count for hidden channels, and a model with such norms is refused at start-up when the
+          hidden dimension can be pruned (``pretrain.pruning.invariants``), so its hidden scores
+          are never used.
+
+        Anything else the layout does not know stops the run: its scores would be missing."""
+        from pretrain.model import unwrap
+
+        known = {e.param for e in self.entries if e.param is not None}
+        unscored = set()
+        for chunk in self._model_chunks:
+            for name, param in unwrap(chunk).named_parameters():
+                if param in known:
+                    continue
+                split = layout.split_layer_name(name)
+                rest = name if split is None else split[1]
+                if rest == "output_layer.weight" and self.shape.tied:
+                    unscored.add(param)
+                elif rest.endswith("layer_norm_weight") and rest in layout.LAYER_PARAMETERS:
+                    unscored.add(param)
+                else:
+                    raise RuntimeError(
+                        f"saliency: parameter {name!r} ({tuple(param.shape)}) is not a Llama weight that "
+                        "pretrain/layout.py knows, so pruning could not score it. The layer spec built a "
+                        "module the layout does not describe; extend pretrain/layout.py for it")
+        return unscored
+
     def _gradient_scores(self, table: GroupScores, tp: int, tp_rank: int, dp: int) -> None:
-        distributed = is_distributed(self.optimizer)
-        scale = 1.0 if distributed else 1.0 / dp
-        self._count_weight = scale
-        by_param = {e.param: e for e in self.entries if e.param is not None}
+        # each element counts once over all ranks: owned by one DP rank, or 1/DP on each
+        count_weight = 1.0 if is_distributed(self.optimizer) else 1.0 / dp
+        # Fisher's 1/2 is applied to the sums, not to every element
+        scale = count_weight * (0.5 if self.kind == "fisher" else 1.0)
+        if self._plans is None:
+            self._plans = self._plan_parameters()
         seen = set()
         self.fisher_count += 1
         for slot in iter_param_slots(self.optimizer):
-            entry = by_param.get(slot.param)
-            if entry is None or slot.end <= slot.start or slot.param in seen:
-                continue
-            seen.add(slot.param)
             param = slot.param
+            if slot.end <= slot.start or param in seen:
+                continue
+            seen.add(param)
+            plan = self._plans.get(param)
+            if plan is None:  # counted elsewhere, or needless (``_unscored_parameters``)
+                continue
             grad = getattr(param, "main_grad", None)
             if grad is None:
                 grad = param.grad
             if grad is None:
                 continue
-            w = param.detach().reshape(-1)[slot.start:slot.end].float()
-            g = grad.detach().reshape(-1)[slot.start:slot.end].float()
-            if self.kind == "taylor":
-                e = w * g if self.signed else (w * g).abs()
+            self._score_owned_range(table, plan, param, grad, slot.start, slot.end, scale, count_weight, tp,
+                                    tp_rank)
+
+    def _plan_parameters(self) -> dict:
+        """param -> what scoring it needs, worked out once: (its layout, rows, columns, which of the
+        two axes have units). Every parameter the optimizer can hand over is either here or known to
+        need no score of its own (``_unscored_parameters``, which stops on anything else)."""
+        unscored = self._unscored_parameters()
+        plans = {}
+        for entry in self.entries:
+            param = entry.param
+            if param is None or param in unscored:
+                continue
+            if param.dim() not in (1, 2):
+                raise RuntimeError(f"saliency: {entry.layout} has {param.dim()} dimensions; the layout knows 1 or 2")
+            wanted = tuple(layout.UNIT[axis] is not None for axis in entry.layout.axes)
+            if param.dim() == 1:  # one row: its axis is the columns
+                plans[param] = _Plan(entry.layout, 1, param.numel(), (None, entry.layout.axes[0]), (False, wanted[0]))
             else:
-                running = self.fisher.get(param)
-                if running is None:
-                    running = self.fisher[param] = torch.zeros_like(g)
-                running.mul_(1 - 1 / self.fisher_count).add_(g * g, alpha=1 / self.fisher_count)
-                e = 0.5 * w * w * running
-            full = torch.zeros(param.numel(), dtype=torch.float32, device=e.device)
-            full[slot.start:slot.end] = e * scale
-            self._add_element_scores(table, entry, full.view_as(param).cpu(), tp, tp_rank)
+                plans[param] = _Plan(entry.layout, param.shape[0], param.shape[1], entry.layout.axes, wanted)
+        return plans
+
+    def _element_scores(self, param, w: torch.Tensor, g: torch.Tensor, offset: int, stop: int) -> torch.Tensor:
+        """Per-element scores (fp32, one new tensor; Fisher's without its 1/2) of the flat pieces ``w``,
+        ``g``; ``offset``/``stop`` locate the piece in the owned range (Fisher's running mean is kept
+        over that range)."""
+        if w.dtype != torch.float32 and g.dtype != torch.float32:
+            w = w.float()  # a product of two bf16 would round to bf16
+        if self.kind == "taylor":
+            e = torch.mul(w, g)  # bf16 x fp32 is computed (on the GPU: cast in the kernel) in fp32
+            return e if self.signed else e.abs_()
+        running = self.fisher[param][offset:stop]
+        running.mul_(1 - 1 / self.fisher_count).addcmul_(g, g, value=1 / self.fisher_count)
+        return torch.mul(running, w).mul_(w)  # times 1/2: on the sums (``_gradient_scores``)
+
+    def _score_owned_range(self, table: GroupScores, plan: "_Plan", param, grad, start: int, end: int,
+                           scale: float, count_weight: float, tp: int, tp_rank: int) -> None:
+        """Add the scores of ``param``'s elements ``[start, end)`` (flattened) into the table, their
+        sums times ``scale``, the count of those with a signal times ``count_weight``.
+
+        Each axis of the weight gets the sum of its indices' scores (the owned range may start and
+        end mid-row: whole rows are summed as a block, the partial rows on their own). Scores are
+        made a piece of at most ``SCORE_CHUNK_ELEMENTS`` at a time, on the parameter's device, so
+        scoring never holds a full-size temporary."""
+        where, rows, columns = plan.layout, plan.rows, plan.columns
+        if where.replicated_over_tp and tp_rank != 0:
+            return  # every TP rank holds the same values: count them once
+        embedding = where.role == "embedding"
+        if self.kind == "fisher" and param not in self.fisher:
+            self.fisher[param] = torch.zeros(end - start, dtype=torch.float32, device=grad.device)
+        w_flat, g_flat = param.detach().reshape(-1), grad.detach().reshape(-1)  # views (contiguous)
+        if start == 0 and end == rows * columns and end <= max(SCORE_CHUNK_ELEMENTS, columns):
+            # the whole parameter in one piece (the usual case): its sums are the per-index sums
+            block = self._element_scores(param, w_flat, g_flat, 0, end).view(rows, columns)
+            sums = [block.sum(1) if plan.wanted[0] else None,
+                    (block[0] if rows == 1 else block.sum(0)) if plan.wanted[1] else None]
+            signal = block.sign_().abs_().sum(0) if embedding else None  # after the sums: in place
+            del block
+        else:
+            # per-index sums along each axis that has units (an embedding: its hidden axis, and how
+            # many of each hidden channel's entries got a signal)
+            device = param.device
+            sums = [torch.zeros(n, dtype=torch.float64, device=device) if want else None
+                    for n, want in zip((rows, columns), plan.wanted)]
+            signal = torch.zeros(columns, dtype=torch.float64, device=device) if embedding else None
+            for lo, hi in _pieces(start, end, columns, SCORE_CHUNK_ELEMENTS):
+                scores = self._element_scores(param, w_flat[lo:hi], g_flat[lo:hi], lo - start, hi - start)
+                _add_piece(scores, lo, columns, sums, signal)
+                del scores  # before the next piece is made
+        if embedding:
+            # folded into the hidden channels by ``reduce_table``
+            table.embedding.add_(sums[1], alpha=scale)
+            table.embedding_signal.add_(signal, alpha=count_weight)
+            return
+        for axis, per_index in zip(plan.axes, sums):
+            if per_index is not None:
+                self._add_units(table, axis, where.layer, per_index if scale == 1.0 else per_index * scale,
+                                tp, tp_rank)
 
     def _activation_scores(self, table: GroupScores, tp: int, tp_rank: int, dp: int) -> None:
         """Per input channel of each linear (its last axis): mean |x| (activation) or
@@ -211,25 +307,89 @@ class SaliencyEstimator:
                     continue  # the full hidden input is replicated across TP
             else:
                 weight = entry.applied_weight if entry.applied_weight is not None else entry.param
-                w2 = weight.detach().float().pow(2).sum(0).double().cpu()  # per input column
+                w2 = _squares_per_column(weight.detach())
                 if self.obs_exact:
                     h = second / tokens
                     damp = self.obs_damp * torch.diagonal(h).mean().clamp(min=1e-12)
-                    hinv_diag = torch.diagonal(torch.linalg.inv(h + damp * torch.eye(h.shape[0], dtype=h.dtype)))
+                    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+                    hinv_diag = torch.diagonal(torch.linalg.inv(h + damp * eye))
                     per_channel = w2 / hinv_diag
                 else:
                     per_channel = w2 * (second / tokens)
             self._add_units(table, input_axis, entry.layout.layer, per_channel / dp, tp, tp_rank)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one parameter is scored: its layout, its shape as [rows, columns] (a vector is one row),
+    the axis of each of the two and whether it has units (gets a sum)."""
+
+    layout: ParamLayout
+    rows: int
+    columns: int
+    axes: tuple
+    wanted: tuple
+
+
+SCORE_CHUNK_ELEMENTS = 1 << 22  # the most elements scored at once (a 16 MiB fp32 temporary)
+
+
+def _pieces(start: int, end: int, columns: int, max_elements: int):
+    """Split the flat range ``[start, end)`` of a ``[rows, columns]`` tensor into pieces that are
+    each part of one row or whole rows (at most ``max_elements``, but at least one row)."""
+    position = start
+    while position < end:
+        row, column = divmod(position, columns)
+        if column or end - position < columns:
+            stop = min(end, (row + 1) * columns)
+        else:
+            stop = position + max(1, min((end - position) // columns, max_elements // columns)) * columns
+        yield position, stop
+        position = stop
+
+
+def _add_piece(scores: torch.Tensor, position: int, columns: int, sums: list, signal: torch.Tensor | None) -> None:
+    """Add a piece's scores (flat, starting at ``position`` of a ``[rows, columns]`` tensor) to the
+    per-row and per-column sums (each None where not wanted) and the per-column non-zero count."""
+    row, column = divmod(position, columns)
+    if column or scores.numel() < columns:  # part of one row
+        if sums[0] is not None:
+            sums[0][row] += scores.sum()
+        if sums[1] is not None:
+            sums[1][column:column + scores.numel()] += scores
+        if signal is not None:
+            signal[column:column + scores.numel()] += scores.sign_().abs_()  # scores are spent
+        return
+    block = scores.view(-1, columns)  # whole rows
+    if sums[0] is not None:
+        sums[0][row:row + block.shape[0]] += block.sum(1)
+    if sums[1] is not None:
+        sums[1] += block.sum(0)
+    if signal is not None:  # non-zero entries per column; in place (the scores are spent), and
+        signal += block.sign_().abs_().sum(0)  # several times faster than count_nonzero on CPU
+
+
+def _squares_per_column(weight: torch.Tensor) -> torch.Tensor:
+    """sum_r w_rj^2 per column j of a 2-D weight (float64, on its device), a block of rows at a time."""
+    columns = weight.shape[-1]
+    out = torch.zeros(columns, dtype=torch.float64, device=weight.device)
+    for lo, hi in _pieces(0, weight.numel(), columns, SCORE_CHUNK_ELEMENTS):
+        block = weight.reshape(-1)[lo:hi].view(-1, columns).float()
+        out += block.pow(2).sum(0)
+    return out
+
+
 def reduce_table(partial: GroupScores, shape: ModelShape, signed: bool) -> GroupScores:
-    """The distributed reducer: one all-reduce of the packed partial tables over all ranks."""
+    """The distributed reducer: one all-reduce of the packed partial tables over all ranks.
+
+    ``partial`` may live on the device (``SaliencyEstimator.partial_table``); the packed table is
+    what crosses the network (on the device for NCCL, on the host for gloo), and the returned
+    table is on the host."""
     flat = partial.pack()
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        if torch.cuda.is_available():  # NCCL reduces device tensors
-            flat = flat.cuda()
+        nccl = torch.distributed.get_backend() == "nccl"
+        flat = flat.cuda() if nccl else flat.cpu()
         torch.distributed.all_reduce(flat)
-        flat = flat.cpu()
-    table = GroupScores.unpack(flat, shape)
+    table = GroupScores.unpack(flat.cpu(), shape)
     table = GroupScores(table.heads, table.ffn, fold_embedding(table, shape.vocab))
     return table.abs() if signed else table
