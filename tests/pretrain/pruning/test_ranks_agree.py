@@ -42,7 +42,7 @@ def _prune_event(disagree: bool) -> dict:
                                     callbacks=[])
     shape = ModelShape.from_config(model_cfg, 64)
     prune = PruneConfig(target_ratio=0.6, start_tokens=0, end_tokens=100, align=8, max_step_fraction=1.0)
-    pruner = PruningCallback(prune, shape, tensor_parallel=1, seq_length=16, global_batch_size=2, total_tokens=100)
+    pruner = PruningCallback(prune, shape, tensor_parallel=1, total_tokens=100)
     pruner.on_train_begin(trainer)
     # the same table on every rank, or on rank 1 another one
     seed = 1 if not disagree or rank == 0 else 2
