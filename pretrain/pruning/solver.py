@@ -232,7 +232,7 @@ def _give_back(shape: ModelShape, new: GroupMasks, moves: list[dict], target_par
                 if kept[m["type"]] > min(kept[t] for t in PRUNE_TYPES if t in c.prune_types) + 1e-12:
                     continue
             trial = new.clone()
-            _restore(trial, m["type"], m["layers"], m["_picks"])
+            _drop(trial, m["type"], m["layers"], m["_picks"], keep=True)
             trial_params = shape.parameter_count(trial)
             if trial_params <= target_params and not check_constraints(shape, trial, c):
                 new.heads, new.ffn, new.hidden = trial.heads, trial.ffn, trial.hidden
@@ -240,29 +240,18 @@ def _give_back(shape: ModelShape, new: GroupMasks, moves: list[dict], target_par
     return any(m.get("given_back") for m in moves)
 
 
-def _restore(masks: GroupMasks, kind: str, layers: list, picks: list) -> None:
-    if kind == "heads":
+def _drop(masks: GroupMasks, kind: str, layers: list, picks: list, keep: bool = False) -> None:
+    """Drop a unit (``keep=True``: put a dropped heads, FFN or hidden unit back; a dropped layer
+    is never given back)."""
+    if kind in ("heads", "ffn"):
+        table = getattr(masks, kind)
         for l, p in zip(layers, picks):
-            masks.heads[l, p] = True
-    elif kind == "ffn":
-        for l, p in zip(layers, picks):
-            masks.ffn[l, p] = True
-    else:
-        masks.hidden[picks[0]] = True
-
-
-def _drop(masks: GroupMasks, kind: str, layers: list, picks: list) -> None:
-    if kind == "heads":
-        for l, p in zip(layers, picks):
-            masks.heads[l, p] = False
-    elif kind == "ffn":
-        for l, p in zip(layers, picks):
-            masks.ffn[l, p] = False
+            table[l, p] = keep
     elif kind == "layers":
         for l in layers:
             masks.drop_layer(l)
     else:
-        masks.hidden[picks[0]] = False
+        masks.hidden[picks[0]] = keep
 
 
 def check_constraints(shape: ModelShape, masks: GroupMasks, constraints: SolverConstraints) -> list[str]:

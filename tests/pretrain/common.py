@@ -53,3 +53,17 @@ def train_layouts(data: dict, layouts: list, iters: int) -> dict:
                              "grad_norms": [h["grad_norm"] for h in summary["history"]],
                              "layout": summary["layout"]}
     return results
+
+
+def captured_step(chunk, estimator, tokens) -> None:
+    """One forward/backward of a world-of-one model on ``tokens`` [batch, seq + 1] with the
+    saliency estimator capturing (what a training step does around it)."""
+    import torch
+
+    batch, seq = tokens.shape[0], tokens.shape[1] - 1
+    chunk.zero_grad_buffer()
+    estimator.begin_capture()
+    losses = chunk(tokens[:, :-1], torch.arange(seq).expand(batch, seq), None, labels=tokens[:, 1:])
+    losses.float().mean().backward()
+    chunk.finish_grad_sync()
+    estimator.end_capture()

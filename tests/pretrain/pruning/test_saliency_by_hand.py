@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.dist_helper import run_distributed
+from tests.pretrain.common import captured_step
 
 pytestmark = [pytest.mark.distributed]
 
@@ -64,12 +65,7 @@ def scoring_worker(cases):
         for step in range(2):
             g = torch.Generator().manual_seed(100 + step)
             tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-            chunks[0].zero_grad_buffer()
-            estimator.begin_capture()
-            losses = chunks[0](tokens[:, :-1], torch.arange(SEQ).expand(BATCH, SEQ), None, labels=tokens[:, 1:])
-            losses.float().mean().backward()
-            chunks[0].finish_grad_sync()
-            estimator.end_capture()
+            captured_step(chunks[0], estimator, tokens)
             table = reduce_table(estimator.partial_table(), shape, estimator.signed)
             grads.append({n: p.main_grad.detach().double().clone() for n, p in model.named_parameters()})
         weights = {n: p.detach().double().clone() for n, p in model.named_parameters()}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.dist_helper import run_distributed
+from tests.pretrain.common import captured_step
 
 pytestmark = [pytest.mark.distributed]
 
@@ -51,12 +52,7 @@ def measuring_worker(cases, distributed_optimizer):
     for kind, form in cases:
         estimator = SaliencyEstimator(kind, shape, chunks, optimizer, taylor_form=form)
         tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-        chunks[0].zero_grad_buffer()
-        estimator.begin_capture()
-        losses = chunks[0](tokens[:, :-1], torch.arange(SEQ).expand(BATCH, SEQ), None, labels=tokens[:, 1:])
-        losses.float().mean().backward()
-        chunks[0].finish_grad_sync()
-        estimator.end_capture()
+        captured_step(chunks[0], estimator, tokens)
         if kind == "fisher":
             estimator.partial_table()  # the first call allocates the running g^2 (persistent state)
         with AllocationCounter() as counter:
