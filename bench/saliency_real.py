@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
+
 import os
 import sys
 import time

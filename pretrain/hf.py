@@ -250,7 +250,7 @@ def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | 
         raise ConversionError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16")
     _check_new_folder(save)
     weights = load_full_weights(load)
-    cfg, model = weights.config, weights.config.model
+    model = weights.config.model
     tmp = _tmp_folder(save)
     try:
         tokenizer, special_ids = _export_tokenizer(weights, tokenizer_model, tmp) if export_tokenizer else (None, {})

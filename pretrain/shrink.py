@@ -402,8 +402,7 @@ def _shrunk_pruning_state(pruning, params_after: int):
     """The pruning state re-expressed at the smaller shape: everything kept is now 'all'
     (per layer, the first kept-count entries; the rest, for narrower layers, do not exist). The
     schedule's ends and history stay those of the model the schedule started from."""
-    from pretrain.pruning.masks import GroupMasks
-    from pretrain.pruning.saliency import Table
+    from pretrain.pruning.masks import GroupMasks, GroupScores
 
     masks = pruning.masks
     alive = masks.layers
@@ -414,7 +413,7 @@ def _shrunk_pruning_state(pruning, params_after: int):
                            torch.ones(int(masks.hidden.sum()), dtype=torch.bool))
     ema = pruning.ema
     if ema is not None:
-        ema = Table(_packed_rows(ema.heads[alive], masks.heads[alive], g_max),
-                    _packed_rows(ema.ffn[alive], masks.ffn[alive], f_max), ema.hidden[masks.hidden])
+        ema = GroupScores(_packed_rows(ema.heads[alive], masks.heads[alive], g_max),
+                          _packed_rows(ema.ffn[alive], masks.ffn[alive], f_max), ema.hidden[masks.hidden])
     # shrink_requested_at: done; a run resumed from here must not shrink again
     return pruning.replace(masks=new_masks, ema=ema, shrunk_at_params=params_after, shrink_requested_at=None)

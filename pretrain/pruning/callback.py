@@ -17,7 +17,7 @@ import os
 import torch
 
 from pretrain.distributed import is_rank0, print_rank0
-from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape, build_local_masks
+from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
 from pretrain.pruning.optim_state import zero_masked_state
 from pretrain.pruning.saliency import SaliencyEstimator, reduce_table
 from pretrain.pruning.schedule import target_params
