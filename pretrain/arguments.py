@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     groups["data"].add_argument(
         "--data-args-path", help="a file holding the --data-path list (whitespace-separated, e.g. one 'W PREFIX' "
         "a line): for blends of thousands of datasets (Megatron-LM's flag)")
+    groups["data"].add_argument(
+        "--per-split-data-args-path", help="a JSON file {\"train\": [...], \"valid\": [...], \"test\": [...]} "
+        "holding --train-data-path, --valid-data-path and --test-data-path (Megatron-LM's flag)")
     groups["parallelism"].add_argument(
         "--launcher", choices=list(LAUNCHERS), default="auto",
         help="how ranks are found: torchrun's variables, an srun step with one task per device, or MPI "
@@ -204,11 +207,38 @@ def _data_path(args: argparse.Namespace) -> list[str]:
     return read_data_args(args.data_args_path)
 
 
+def _per_split_paths(args: argparse.Namespace) -> dict:
+    """Megatron-LM's --per-split-data-args-path: {"train": [...], "valid": [...], "test": [...]}."""
+    import json
+
+    path = args.per_split_data_args_path
+    if path is None:
+        return {}
+    given = [f for f in ("data_path", "data_args_path", "train_data_path", "valid_data_path", "test_data_path")
+             if getattr(args, f)]
+    if given:
+        raise ConfigError(f"--per-split-data-args-path {path} gives the data of every split: drop "
+                          + ", ".join("--" + f.replace("_", "-") for f in given))
+    try:
+        with open(path) as f:
+            splits = json.load(f)
+    except OSError as err:
+        raise ConfigError(f"--per-split-data-args-path {path}: cannot read it ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--per-split-data-args-path {path} line {err.lineno}: not JSON ({err.msg})") from None
+    if not isinstance(splits, dict) or not splits.get("train") or set(splits) - {"train", "valid", "test"} or \
+            not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in splits.values()):
+        raise ConfigError(f"--per-split-data-args-path {path}: expected an object with a non-empty \"train\" list "
+                          "and optional \"valid\" and \"test\" lists of strings (as --data-path takes them)")
+    return {"train_data_path": splits["train"], "valid_data_path": splits.get("valid") or [],
+            "test_data_path": splits.get("test") or []}
+
+
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     peeked = peek_checkpoint(args.load)
     sections = {name: cls(**_section_values(args, cls)) for name, cls in _sections()
                 if cls not in (ModelConfig, DataConfig)}
     tokenizer_type, tokenizer_model = _tokenizer_values(args, peeked)
     data = DataConfig(**{**_section_values(args, DataConfig), "tokenizer_type": tokenizer_type,
-                         "tokenizer_model": tokenizer_model, "data_path": _data_path(args)})
+                         "tokenizer_model": tokenizer_model, "data_path": _data_path(args), **_per_split_paths(args)})
     return PretrainConfig(model=ModelConfig(**_model_values(args, peeked)), data=data, **sections)

@@ -321,6 +321,12 @@ class DataConfig:
     test_data_path: list[str] = flag(
         default_factory=list, help="a held-out test set (PREFIX, or weight/prefix pairs), evaluated with validation "
         "and at the end on the same sequences every time; the test share of --split is then unused")
+    # Megatron-LM's per-split blends: training and validation data of their own, instead of
+    # --data-path cut by --split
+    train_data_path: list[str] = flag(default_factory=list, help="training data of its own (instead of --data-path "
+                                      "and --split): PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
+    valid_data_path: list[str] = flag(default_factory=list, help="validation data of its own (with "
+                                      "--train-data-path)")
 
     def blend(self) -> tuple[list[str], list[float] | None]:
         """Megatron-LM's ``--data-path`` forms: ``PREFIX``, ``W1 PREFIX1 W2 PREFIX2 ...``, or
@@ -344,17 +350,48 @@ class DataConfig:
             prefixes.append(prefix)
         return prefixes, weights
 
+    @property
+    def per_split(self) -> bool:
+        """Training (and validation) data given per split, not cut from --data-path by --split."""
+        return bool(self.train_data_path)
+
+    def _blend_of(self, items: list[str]) -> tuple[list[str], list[float] | None]:
+        return dataclasses.replace(self, data_path=list(items)).blend()
+
+    def training_blend(self) -> tuple[list[str], list[float] | None]:
+        """What training reads: --train-data-path's blend, else --data-path's."""
+        return self._blend_of(self.train_data_path) if self.per_split else self.blend()
+
+    def blend_per_split(self) -> list:
+        """megatron-core's ``blend_per_split``: [train, valid, test] (the test set is built apart)."""
+        return [self.training_blend(), self._blend_of(self.valid_data_path) if self.valid_data_path else None, None]
+
+    def all_prefixes(self) -> list[str]:
+        """Every dataset training or validation reads (not --test-data-path)."""
+        if not self.per_split:
+            return self.blend()[0]
+        return self.training_blend()[0] + (self._blend_of(self.valid_data_path)[0] if self.valid_data_path else [])
+
     def test_data(self) -> "DataConfig":
         """The --test-data-path set as a dataset config of its own (all of it is test data)."""
-        return dataclasses.replace(self, data_path=list(self.test_data_path), split="0,0,100", test_data_path=[])
+        return dataclasses.replace(self, data_path=list(self.test_data_path), split="0,0,100", test_data_path=[],
+                                   train_data_path=[], valid_data_path=[])
 
     def validate(self) -> None:
         if self.mock_data:
             return
-        _require(bool(self.data_path), "--data-path is required (or --mock-data for synthetic data)")
-        prefixes, _ = self.blend()
+        if self.per_split:
+            _require(not self.data_path, "--data-path and --train-data-path both give the training data: give "
+                     "--data-path (cut by --split) or --train-data-path/--valid-data-path, not both")
+        else:
+            _require(not self.valid_data_path, "--valid-data-path goes with --train-data-path (with --data-path, "
+                     "--split cuts the validation data)")
+            _require(bool(self.data_path), "--data-path is required (or --train-data-path, or --mock-data for "
+                     "synthetic data)")
+        prefixes = self.all_prefixes()
         test_prefixes = self.test_data().blend()[0] if self.test_data_path else []
-        for flag, group in (("--data-path", prefixes), ("--test-data-path", test_prefixes)):
+        training_flag = "--train-data-path/--valid-data-path" if self.per_split else "--data-path"
+        for flag, group in ((training_flag, prefixes), ("--test-data-path", test_prefixes)):
             for prefix in group:
                 for ext in (".bin", ".idx"):
                     _require(
@@ -363,8 +400,8 @@ class DataConfig:
                         "tools/preprocess_data.py (give the prefix without .bin/.idx)",
                     )
         shared = {os.path.realpath(p) for p in prefixes} & {os.path.realpath(p) for p in test_prefixes}
-        _require(not shared, f"--test-data-path {' '.join(sorted(shared))} is also in --data-path: a test set "
-                 "must be data that training never reads")
+        _require(not shared, f"--test-data-path {' '.join(sorted(shared))} is also in {training_flag}: a test "
+                 "set must be data that training never reads")
         parts = self.split.replace("/", ",").split(",")
         try:
             values = [float(p) for p in parts]

@@ -76,7 +76,7 @@ def check_datasets(data: DataConfig, tokenizer: TextTokenizer) -> None:
         return
     path = getattr(tokenizer, "path", None)
     vocab_source = f"tokenizer {path}" if path else None
-    prefixes, _ = data.blend()
+    prefixes = data.all_prefixes()
     problem = _decided_on_rank0(lambda: _tokenizer_mismatch(prefixes, tokenizer)
                                 or _dataset_problem(prefixes, tokenizer.vocab_size, vocab_source))
     if problem:
@@ -89,7 +89,7 @@ def check_tokenizer_matches_data(data: DataConfig, tokenizer: TextTokenizer) -> 
     verdict, and a mismatch stops the run with its message instead of a collective timing out."""
     if data.mock_data:
         return
-    problem = _tokenizer_mismatch(data.blend()[0], tokenizer)
+    problem = _tokenizer_mismatch(data.all_prefixes(), tokenizer)
     if problem:
         raise ConfigError(problem)
 
@@ -198,9 +198,9 @@ def blend_report(data: DataConfig, train_samples: int, seq_length: int, max_line
 
     if data.mock_data or not train_samples:
         return []
-    prefixes, weights = data.blend()
+    prefixes, weights = data.training_blend()
     shares = [float(x) for x in data.split.replace("/", ",").split(",")]
-    train_share = shares[0] / sum(shares)
+    train_share = 1.0 if data.per_split else shares[0] / sum(shares)
     tokens = []
     for prefix in prefixes:
         manifest = _cached_manifest(prefix)
@@ -216,7 +216,7 @@ def blend_report(data: DataConfig, train_samples: int, seq_length: int, max_line
     drawn = train_samples * seq_length
     epochs = [(w / weight_sum) * drawn / max(t * train_share, 1) for w, t in zip(weights, tokens)]
     lines = [f"data: {len(prefixes):,} dataset(s), {total:,} tokens ({total * train_share:,.0f} in the training "
-             f"split {data.split}); the run draws {drawn:,} training tokens, ~{drawn / max(total * train_share, 1):.2f} "
+             f"split {'--train-data-path' if data.per_split else data.split}); the run draws {drawn:,} training tokens, ~{drawn / max(total * train_share, 1):.2f} "
              "epochs of the whole"]
     order = sorted(range(len(prefixes)), key=lambda i: -epochs[i])
     for i in order[:max_lines] if len(prefixes) > max_lines else range(len(prefixes)):
@@ -236,7 +236,7 @@ def blend_report(data: DataConfig, train_samples: int, seq_length: int, max_line
 def index_cache_folder(data: DataConfig) -> str:
     """Where megatron-core keeps the dataset indices: --data-cache-path, else beside the first
     dataset (``PREFIX/cache/GPTDataset_indices``, its default)."""
-    return data.data_cache_path or os.path.join(data.blend()[0][0], "cache", "GPTDataset_indices")
+    return data.data_cache_path or os.path.join(data.all_prefixes()[0], "cache", "GPTDataset_indices")
 
 
 def _check_index_cache_is_shared(data: DataConfig) -> None:
@@ -276,7 +276,7 @@ def _check_index_cache_is_shared(data: DataConfig) -> None:
 
 
 def _check_split_has_training_data(data: DataConfig, num_samples: tuple[int, int, int]) -> None:
-    if data.mock_data or not num_samples[0]:
+    if data.mock_data or data.per_split or not num_samples[0]:
         return
     shares = data.split.replace("/", ",").split(",")
     if float(shares[0]) == 0:
@@ -295,12 +295,14 @@ def build_datasets(data: DataConfig, tokenizer: TextTokenizer, seq_length: int, 
     check_datasets(data, tokenizer)
     _check_index_cache_is_shared(data)
 
-    blend = None if data.mock_data else data.blend()
+    per_split = data.per_split and not data.mock_data
+    blend = None if data.mock_data or per_split else data.blend()
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=blend,
-        split=data.split,
+        blend_per_split=data.blend_per_split() if per_split else None,
+        split=None if per_split else data.split,
         path_to_cache=data.data_cache_path,
         tokenizer=megatron_tokenizer(tokenizer),
         reset_position_ids=False,

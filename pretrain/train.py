@@ -419,7 +419,9 @@ def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, num_
         f"x {num_microbatches} micro-batches; {cfg.tokens_per_step():,} tokens/step",
         f"plan: {total_iters} iterations, {tokens / 1e6:,.2f} M tokens; lr {cfg.optim.lr} "
         f"({cfg.optim.lr_decay_style}, warmup {cfg.optim.lr_warmup_iters}, min {cfg.optim.min_lr})",
-        f"data: {'mock' if cfg.data.mock_data else _data_summary(cfg.data.data_path)} split {cfg.data.split}",
+        "data: " + ("mock" if cfg.data.mock_data else
+                    f"train {_data_summary(cfg.data.train_data_path)}, valid {_data_summary(cfg.data.valid_data_path)}"
+                    if cfg.data.per_split else f"{_data_summary(cfg.data.data_path)} split {cfg.data.split}"),
         f"checkpoints: save {cfg.checkpoint.save} every {cfg.checkpoint.save_interval}; "
         f"load {cfg.checkpoint.load}",
         "=" * 72,

@@ -119,3 +119,53 @@ def test_only_rank0_builds_the_indices_and_a_cache_not_shared_is_refused(tiny_da
     results = run_distributed(_build_on_two_ranks, 2, *args[:2], str(tmp_path / "local"), True, timeout=180)
     assert all("is not shared: rank(s) 1 do not see what rank 0 writes" in message for _, message in results)
     assert results[0][0] == results[1][0] == 0
+
+
+def test_per_split_data_trains_on_all_of_its_training_set(tiny_dataset, tmp_path):
+    """--per-split-data-args-path (Megatron-LM's): training and validation data of their own,
+    no --split; the same flags one by one; bad combinations refused with the flag named."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from pretrain.arguments import build_parser, config_from_args
+    from pretrain.data import build_datasets, load_tokenizer
+    from tools.preprocess_data import preprocess
+
+    test_jsonl = tmp_path / "held.jsonl"
+    test_jsonl.write_text("".join(json.dumps({"text": f"held out document number {i} " * 20}) + "\n"
+                                  for i in range(20)))
+    test = preprocess([str(test_jsonl)], str(tmp_path / "held"), "GPTSentencePieceTokenizer",
+                      tiny_dataset["tokenizer"], append_eod=True, workers=0, progress=False).outputs[0]
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": [tiny_dataset["prefix"]], "valid": ["1.0", tiny_dataset["prefix"]],
+                                  "test": [test]}))
+    base = ["--model", "debug", "--train-iters", "2", "--tokenizer-model", tiny_dataset["tokenizer"]]
+    cfg = config_from_args(build_parser().parse_args(base + ["--per-split-data-args-path", str(splits)]))
+    flags = config_from_args(build_parser().parse_args(
+        base + ["--train-data-path", tiny_dataset["prefix"], "--valid-data-path", "1.0", tiny_dataset["prefix"],
+                "--test-data-path", test]))
+    assert cfg.data == flags.data and cfg.data.per_split and cfg.data.data_path == []
+    cfg.data.validate()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        train, valid, _ = build_datasets(cfg.data, load_tokenizer(cfg.data), 32, 1, (40, 8, 0))
+        split = build_datasets(dataclasses.replace(cfg.data, train_data_path=[], valid_data_path=[],
+                                                   data_path=[tiny_dataset["prefix"]], split="50,50,0"),
+                               load_tokenizer(cfg.data), 32, 1, (40, 8, 0))[0]
+    finally:
+        torch.distributed.destroy_process_group()
+    # every document trains (no --split share held back), and validation reads its own set
+    assert len(train.indices) == 2 * len(split.indices) and valid is not None
+    with pytest.raises(ConfigError, match="gives the data of every split: drop --data-path"):
+        config_from_args(build_parser().parse_args(
+            base + ["--per-split-data-args-path", str(splits), "--data-path", tiny_dataset["prefix"]]))
+    splits.write_text(json.dumps({"valid": [tiny_dataset["prefix"]]}))
+    with pytest.raises(ConfigError, match='non-empty "train" list'):
+        config_from_args(build_parser().parse_args(base + ["--per-split-data-args-path", str(splits)]))
+    both = config_from_args(build_parser().parse_args(
+        base + ["--train-data-path", tiny_dataset["prefix"], "--data-path", tiny_dataset["prefix"]]))
+    with pytest.raises(ConfigError, match="--data-path and --train-data-path both"):
+        both.data.validate()

@@ -61,6 +61,7 @@ FROZEN = """
 --num-attention-heads None (then 'required')
 --num-layers None (then 'required')
 --num-query-groups None (then None)
+--per-split-data-args-path None
 --pipeline-model-parallel-size 1
 --prune-align None
 --prune-allocation 'global' {global,proportional}
@@ -98,11 +99,13 @@ FROZEN = """
 --test-data-path []
 --tokenizer-model None (then None)
 --tokenizer-type None (then 'GPTSentencePieceTokenizer')
+--train-data-path []
 --train-iters None
 --train-tokens None
 --untie-embeddings-and-output-weights False
 --use-checkpoint-args False
 --use-rope-scaling False
+--valid-data-path []
 --vocab-size None (then None)
 --weight-decay 0.1
 """
