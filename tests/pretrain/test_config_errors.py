@@ -61,3 +61,24 @@ def test_dry_run_prints_plan(tiny_dataset, monkeypatch, capsys):
     assert "30 layers, hidden 576, heads 9 (query groups 3" in out
     assert "parameters: 134.52 M total" in out  # SmolLM-135M: 134.5M with tied embeddings
     assert "TP 1 x PP 1 x DP 1" in out
+
+
+def test_layer_shapes_file_is_read_and_bad_ones_are_usage_errors(tmp_path, capsys):
+    import json
+
+    from pretrain.arguments import build_parser, config_from_args
+
+    shapes = [{"num_query_groups": 2, "num_attention_heads": 4, "ffn_hidden_size": 384},
+              {"num_query_groups": 1, "num_attention_heads": 2, "ffn_hidden_size": 64}]
+    good = tmp_path / "shapes.json"
+    good.write_text(json.dumps(shapes))
+    base = ["--model", "debug", "--num-layers", "2", "--mock-data", "--train-iters", "1"]
+    cfg = config_from_args(build_parser().parse_args(base + ["--layer-shapes", str(good)]))
+    assert cfg.model.layer_shapes == shapes and cfg.model.layer_widths() == [(2, 4, 384), (1, 2, 64)]
+    for text, message in (("[1, 2", "line 1: not JSON"), ('[{"num_query_groups": 2}]', "one object per layer")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(base + ["--layer-shapes", str(bad)])
+        err = capsys.readouterr().err
+        assert "--layer-shapes" in err and str(bad) in err and message in err, err
