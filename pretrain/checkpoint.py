@@ -76,7 +76,7 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -402,14 +402,14 @@ def publish_checkpoint(root: str, iteration: int, tmp: str, world_size: int = 1,
     if files is None:
         files = _describe_files(tmp, _files_of(tmp))
     manifest = {"iteration": iteration, "files": files, "world_size": world_size, "checksum": "crc32"}
-    _atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+    atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
     replaced = None
     if os.path.exists(final):  # re-saving an iteration (e.g. after a resume): replace it
         replaced = f"{final}.replaced-{os.getpid()}"
         os.replace(final, replaced)
     os.replace(tmp, final)
     _fsync_dir(root)
-    _atomic_write_text(os.path.join(root, LATEST_FILE), str(iteration))
+    atomic_write_text(os.path.join(root, LATEST_FILE), str(iteration))
     if replaced:
         shutil.rmtree(replaced, ignore_errors=True)
     return final

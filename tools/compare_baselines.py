@@ -28,6 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.checkpoint import atomic_write_text  # noqa: E402
 from pretrain.compare import arms  # noqa: E402
 from pretrain.compare.arms import ARMS, RUNS, Context, Data  # noqa: E402
 from pretrain.compare.campaign import (Campaign, check_corpus, check_test_set, format_command,  # noqa: E402
@@ -163,11 +164,10 @@ def _submit_slurm(args, recipe, runs: list[str], seeds: list[int], dry_run: bool
         return job
 
     sweeps: dict[str, list[str]] = {s: [] for s in arms.SWEEPS}
-    first_runs = {"parent": "parent", "A0": "A0", "B-found": "B-found-i", "B-hand": "B-hand-i"}
 
     def submit_sweep(sweep: str) -> None:
         if len(recipe.lrs) > 1 and any(arms.SWEEP_OF[r] == sweep for r in runs):
-            needs = [f"{n}:{seeds[0]}" for n in arms.NEEDS[first_runs[sweep]]]
+            needs = [f"{n}:{seeds[0]}" for n in arms.NEEDS[arms.SWEEP_RUN[sweep]]]
             for lr in recipe.lrs:
                 name = f"sweep-{sweep}-lr{lr:g}"
                 submit(name, needs, f"sweep:{sweep}:{lr!r}", recipe.nodes)
@@ -197,8 +197,7 @@ def _run_only(campaign: Campaign, only: str) -> None:
     parts = only.split(":")
     if parts[0] == "sweep":
         sweep, lr = parts[1], float(parts[2])
-        first_run = {"parent": "parent", "A0": "A0", "B-found": "B-found-i", "B-hand": "B-hand-i"}[sweep]
-        campaign._run_if_possible(first_run, campaign.seeds[0], sweep=True, lr=lr)
+        campaign._run_if_possible(arms.SWEEP_RUN[sweep], campaign.seeds[0], sweep=True, lr=lr)
         return
     run, seed = parts[0], int(parts[1])
     if run not in RUNS:
@@ -274,7 +273,7 @@ def _save_plan(args, recipe, runs, seeds) -> None:
     if not os.path.isfile(path):
         import dataclasses
 
-        arms._atomic_write(path, json.dumps({"settings": _settings(args), "runs": runs, "seeds": seeds,
+        atomic_write_text(path, json.dumps({"settings": _settings(args), "runs": runs, "seeds": seeds,
                                              "recipe": dataclasses.asdict(recipe)}, indent=1))
 
 

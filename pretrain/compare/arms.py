@@ -26,6 +26,7 @@ import os
 import shlex
 import sys
 
+from pretrain.checkpoint import atomic_write_text
 from pretrain.compare.recipes import Recipe
 from pretrain.config import ConfigError, ModelConfig
 
@@ -38,6 +39,8 @@ NEEDS = {"parent": (), "A": ("parent",), "A0": (), "C": ("parent",), "B-found-i"
 SWEEP_OF = {"parent": "parent", "A": "parent", "C": "parent", "A0": "A0", "B-found-i": "B-found",
             "B-found-ii": "B-found", "B-hand-i": "B-hand", "B-hand-ii": "B-hand"}
 SWEEPS = ("parent", "A0", "B-found", "B-hand")
+# the run each sweep trains (at its shorter horizon, on the first seed)
+SWEEP_RUN = {"parent": "parent", "A0": "A0", "B-found": "B-found-i", "B-hand": "B-hand-i"}
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -267,7 +270,7 @@ def write_command(plan: RunPlan, recipe: Recipe, ctx: Context) -> str:
     """``FOLDER/command.sh``: the run, rerunnable by hand (it resumes from its own checkpoint)."""
     os.makedirs(plan.folder, exist_ok=True)
     if plan.shape_file:
-        _atomic_write(os.path.join(plan.folder, "layer_shapes.json"), json.dumps(plan.shape_file, indent=1))
+        atomic_write_text(os.path.join(plan.folder, "layer_shapes.json"), json.dumps(plan.shape_file, indent=1))
     own = os.path.join(plan.folder, "ckpt")
     lines = ["#!/usr/bin/env bash",
              f"# tools/compare_baselines.py, recipe {recipe.name}: run {plan.name}, seed {plan.seed}, lr {plan.lr:g}.",
@@ -283,7 +286,7 @@ def write_command(plan: RunPlan, recipe: Recipe, ctx: Context) -> str:
     body = " \\\n    ".join(" ".join(shlex.quote(f) for f in group) for group in _flag_groups(plan.flags))
     lines.append(f'exec {launch} \\\n    {body} \\\n    --load "$LOAD"')
     path = os.path.join(plan.folder, "command.sh")
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     os.chmod(path, 0o755)
     return path
 
@@ -306,12 +309,3 @@ def _launch_prefix(recipe: Recipe, ctx: Context) -> str:
     if recipe.nproc_per_node * recipe.nodes > 1:
         return f"{python} -m torch.distributed.run --standalone --nproc-per-node {recipe.nproc_per_node} -m pretrain"
     return f"{python} -m pretrain"
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

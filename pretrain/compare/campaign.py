@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
+from pretrain.checkpoint import atomic_write_text
 from pretrain.compare import arms
 from pretrain.compare.accounting import cumulative_flops_at, read_jsonl, run_flops
 from pretrain.compare.arms import RUNS, SWEEPS, Context, RunPlan, plan_run
@@ -134,13 +135,13 @@ class Campaign:
             start = time.time()
             code = self.execute(command, os.path.join(plan.folder, "log.txt"))
             wall += time.time() - start
-            arms._atomic_write(wall_path, json.dumps({"seconds": wall}))
+            atomic_write_text(wall_path, json.dumps({"seconds": wall}))
             result = collect(self.recipe, plan, wall) if code == 0 else {
                 "status": "failed", "reason": f"exit code {code}; see {os.path.join(plan.folder, 'log.txt')}"}
         else:
             result = already
         result.update(run=plan.name, seed=plan.seed, lr=plan.lr, command=command)
-        arms._atomic_write(path, json.dumps(result, indent=1))
+        atomic_write_text(path, json.dumps(result, indent=1))
         _log(f"{plan.name} seed {plan.seed}: {result['status']}"
              + (f", test loss {result['test_loss']:.4f}, {result['wall_seconds']:.0f} s" if result["status"] == "ok"
                 else f" ({result['reason']})"))
@@ -164,7 +165,7 @@ class Campaign:
         folder = self.ctx.run_dir(run, seed)
         os.makedirs(folder, exist_ok=True)
         result = {"status": "missing", "run": run, "seed": seed, "reason": reason}
-        arms._atomic_write(os.path.join(folder, "result.json"), json.dumps(result, indent=1))
+        atomic_write_text(os.path.join(folder, "result.json"), json.dumps(result, indent=1))
         self.ctx.results[(run, seed)] = result
         _log(f"{run} seed {seed}: not run ({reason})")
 
@@ -172,7 +173,7 @@ class Campaign:
         """Every rate of the recipe at the sweep's shorter horizon, seed 0; the choice goes to ``ctx.lrs``."""
         if len(self.recipe.lrs) == 1 or sweep in self.ctx.lrs:
             return
-        run = {"parent": "parent", "A0": "A0", "B-found": "B-found-i", "B-hand": "B-hand-i"}[sweep]
+        run = arms.SWEEP_RUN[sweep]
         for lr in self.recipe.lrs:
             self._run_if_possible(run, self.seeds[0], sweep=True, lr=lr)
         chosen = self._chosen_lr(sweep)

@@ -6,6 +6,7 @@ import json
 import os
 import statistics
 
+from pretrain.checkpoint import atomic_write_text
 from pretrain.compare.arms import RUNS
 
 DESCRIPTIONS = {
@@ -86,7 +87,7 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
     summary = summarise(results, seeds)
     report = {"recipe": recipe.name, "seeds": seeds, "command": command, "learning_rates": lrs, "runs": summary,
               "notes": notes}
-    _write(os.path.join(out, "report.json"), json.dumps(report, indent=1, default=str))
+    atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1, default=str))
     plots = _plots(out, results, seeds)
     lines = [f"# Baseline comparison: recipe `{recipe.name}`", "", recipe.summary, "",
              f"Command: `{command}`", "",
@@ -123,7 +124,7 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
     lines += [f"![{name}]({os.path.basename(path)})" for name, path in plots.items()]
     if notes:
         lines += ["", "Notes:", *[f"- {n}" for n in notes]]
-    _write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
     return report
 
 
@@ -223,10 +224,3 @@ def _save(fig, out: str, name: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
-
-
-def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
