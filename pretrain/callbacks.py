@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from pretrain.distributed import is_rank0
+from pretrain.distributed import device, is_rank0
 from pretrain.trainer import Callback, StepMetrics, Trainer
 
 
@@ -167,7 +167,8 @@ class CheckpointCallback(Callback):
                     pass
 
     def _agreed_signal(self) -> bool:
-        flag = torch.tensor([1.0 if self._signal_received is not None else 0.0])
+        # on the collective's device: NCCL refuses host tensors
+        flag = torch.tensor([1.0 if self._signal_received is not None else 0.0], device=device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item() > 0)

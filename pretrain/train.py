@@ -61,7 +61,7 @@ def _print_shrink_speedup(segments: list) -> None:
 def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     """Save, rewrite the checkpoint into the smaller model (rank 0), continue from it."""
     from pretrain.checkpoint import iteration_dir
-    from pretrain.distributed import is_rank0, print_rank0
+    from pretrain.distributed import device, is_rank0, print_rank0
 
     trainer = summary.pop("trainer")
     next(c for c in trainer.callbacks if c.name == "checkpoint").save_now(trainer)
@@ -76,7 +76,7 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
         # other ranks wait in the all-reduce below. --overwrite semantics: a resumed run that
         # shrinks at the same step again rewrites its own target.
         failure = _shrink_checkpoint(source, target, parallel)
-    ok = torch.tensor([0.0 if failure else 1.0])
+    ok = torch.tensor([0.0 if failure else 1.0], device=device())
     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     if ok.item() < 1:
         raise RuntimeError(f"in-run shrink of {source} failed" + (f": {failure}" if failure else " on rank 0"))
@@ -352,11 +352,12 @@ def _print_end(cfg: PretrainConfig, state) -> None:
 
 
 def _segment_summary(cfg: PretrainConfig, trainer, layout: dict) -> dict:
+    from pretrain.distributed import device
     from pretrain.model import unwrap
 
     params = sum(p.numel() for c in trainer.model_chunks for p in unwrap(c).parameters())
     if torch.distributed.is_initialized():
-        t = torch.tensor([float(params)])
+        t = torch.tensor([float(params)], device=device())
         torch.distributed.all_reduce(t)  # summed over all ranks; divide out the DP replicas
         params = int(t.item()) // max(layout["dp_size"], 1)
     history, state = _callback(trainer, "logging").history, trainer.state

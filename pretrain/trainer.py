@@ -301,7 +301,9 @@ def global_mean_loss(losses: list) -> float:
     """Mean loss over the global batch, on every rank (only the last PP stage computes it)."""
     from megatron.core import parallel_state as ps
 
-    local = torch.zeros(2, dtype=torch.float64)
+    from pretrain.distributed import device
+
+    local = torch.zeros(2, dtype=torch.float64, device=device())  # NCCL refuses host tensors
     if ps.is_pipeline_last_stage() and losses:
         local[0] = sum(float(x["lm loss"]) for x in losses) / len(losses)
         local[1] = 1.0

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from pretrain.distributed import is_rank0, print_rank0
+from pretrain.distributed import device, is_rank0, print_rank0
 from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
 from pretrain.pruning.optim_state import zero_masked_state
 from pretrain.pruning.saliency import SaliencyEstimator, reduce_table
@@ -210,7 +210,7 @@ class PruningCallback(Callback):
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.broadcast_object_list(decided, src=0)
             # verify: every rank's own solution must equal rank 0's (determinism check)
-            mine = torch.tensor([_digest(local_masks)], dtype=torch.int64)
+            mine = torch.tensor([_digest(local_masks)], dtype=torch.int64, device=device())
             low, high = mine.clone(), mine.clone()
             torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
             torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
