@@ -327,6 +327,8 @@ class DataConfig:
                                       "and --split): PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
     valid_data_path: list[str] = flag(default_factory=list, help="validation data of its own (with "
                                       "--train-data-path)")
+    # megatron-core builds the index files of several datasets of a blend in parallel (rank 0 first)
+    num_dataset_builder_threads: int = flag(1, help="threads building the datasets of a blend at start-up")
 
     def blend(self) -> tuple[list[str], list[float] | None]:
         """Megatron-LM's ``--data-path`` forms: ``PREFIX``, ``W1 PREFIX1 W2 PREFIX2 ...``, or
@@ -378,6 +380,8 @@ class DataConfig:
                                    train_data_path=[], valid_data_path=[])
 
     def validate(self) -> None:
+        _require(self.num_dataset_builder_threads >= 1,
+                 f"--num-dataset-builder-threads {self.num_dataset_builder_threads}: must be at least 1")
         if self.mock_data:
             return
         if self.per_split:

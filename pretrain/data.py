@@ -310,6 +310,7 @@ def build_datasets(data: DataConfig, tokenizer: TextTokenizer, seq_length: int, 
         eod_mask_loss=False,
         create_attention_mask=False,  # causal attention builds its own mask
         mmap_bin_files=True,
+        num_dataset_builder_threads=data.num_dataset_builder_threads,
     )
     cls = MockGPTDataset if data.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config).build()

@@ -19,6 +19,7 @@ BASE = ["--model", "debug", "--train-iters", "2", "--mock-data"]
     (["--lr", "0"], 1, "--lr must be positive"),
     (["--train-tokens", "100"], 1, "exactly one of --train-iters and --train-tokens"),
     (["--use-rope-scaling", "--rope-scaling-factor", "0.5"], 1, "--rope-scaling-factor 0.5 must be >= 1"),
+    (["--num-dataset-builder-threads", "0"], 1, "--num-dataset-builder-threads 0: must be at least 1"),
 ])
 def test_bad_config_messages(flags, world, message, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", str(world))

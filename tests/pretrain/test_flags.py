@@ -59,6 +59,7 @@ FROZEN = """
 --norm-epsilon None (then 1e-05)
 --null-vocab-size None
 --num-attention-heads None (then 'required')
+--num-dataset-builder-threads 1
 --num-layers None (then 'required')
 --num-query-groups None (then None)
 --per-split-data-args-path None
