@@ -12,13 +12,23 @@ import os
 import sys
 
 
-def summarise(metrics_path: str) -> dict:
-    records = {}
-    with open(metrics_path) as f:
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a run's JSONL log (metrics, evals, pruning history), one per iteration, in
+    order; [] when the file does not exist. A resumed run rewrites later iterations: the last line
+    of an iteration wins."""
+    if not os.path.isfile(path):
+        return []
+    by_iteration = {}
+    with open(path) as f:
         for line in f:
             if line.strip():
-                r = json.loads(line)
-                records[r["iteration"]] = r  # a resumed run rewrites later iterations: keep last
+                record = json.loads(line)
+                by_iteration[record["iteration"]] = record
+    return [by_iteration[i] for i in sorted(by_iteration)]
+
+
+def summarise(metrics_path: str) -> dict:
+    records = {r["iteration"]: r for r in read_jsonl(metrics_path)}
     its = sorted(records)
     if not its:
         raise SystemExit(f"error: {metrics_path} has no records")

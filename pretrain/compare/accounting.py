@@ -11,25 +11,9 @@ in-run shrink), and *ideal*, what the kept shape alone would have cost (a perfec
 
 from __future__ import annotations
 
-import json
-import os
 from bisect import bisect_left
 
 from pretrain.flops import flops_per_token_of
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """The records of a JSONL log, one per iteration (a resumed run rewrites later iterations:
-    the last line of an iteration wins)."""
-    if not os.path.isfile(path):
-        return []
-    by_iteration = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                by_iteration[record["iteration"]] = record
-    return [by_iteration[i] for i in sorted(by_iteration)]
 
 
 def kept_flops_per_token(kept: dict, model: dict, vocab_size: int) -> int:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 from pretrain.checkpoint import atomic_write_text
 from pretrain.compare import arms
-from pretrain.compare.accounting import cumulative_flops_at, read_jsonl, run_flops
+from pretrain.compare.accounting import cumulative_flops_at, run_flops
+from pretrain.report import read_jsonl
 from pretrain.compare.arms import RUNS, SWEEPS, Context, RunPlan, plan_run
 from pretrain.compare.recipes import Recipe
 from pretrain.config import ConfigError
