@@ -220,9 +220,17 @@ class DistillationCallback(Callback):
             # the student's vocab-parallel logits, as its own CE sees them ([seq, batch, vocab / TP])
             self._hook = unwrap(trainer.model_chunks[-1]).output_layer.register_forward_hook(self._catch)
 
-    def _catch(self, module, inputs, output) -> None:
-        if self._active:
-            self._captured = output[0] if isinstance(output, tuple) else output
+    def _catch(self, module, inputs, output):
+        if not self._active:
+            return None
+        logits = output[0] if isinstance(output, tuple) else output
+        self._captured = logits
+        if logits.dtype != torch.float32:
+            return None
+        # megatron-core's vocab-parallel cross-entropy overwrites fp32 logits in place (its
+        # ``.float()`` is then no copy): hand it a copy, keep the logits themselves for the KL
+        copy = logits.clone()
+        return (copy, *output[1:]) if isinstance(output, tuple) else copy
 
     def wrap_forward_step(self, trainer, step_func, data_iterator):
         if not self.active(trainer.state.tokens_seen):
