@@ -639,7 +639,8 @@ class DistillConfig:
 
     cli_group: ClassVar[str] = "distillation"
 
-    teacher: str | None = flag(None, name="--kd-teacher", metavar="CKPT",
+    # absolute: the path is recorded in the student's checkpoints and read again on resume
+    teacher: str | None = flag(None, name="--kd-teacher", metavar="CKPT", parse=os.path.abspath,
                                help="a checkpoint (ours, or tools/convert_from_hf.py's) to distil from: frozen, "
                                     "same vocabulary and tokenizer; its own shape")
     weight: float = flag(1.0, name="--kd-weight", help="α: the KL's share of the loss, in [0, 1] "

@@ -168,6 +168,14 @@ def _has_pruned_groups(state: dict) -> bool:
     return any(not bool(torch.as_tensor(m).bool().all()) for m in masks.values() if m is not None)
 
 
+def plan_line(config: DistillConfig, teacher: Teacher) -> str:
+    """The distillation part of the run's plan."""
+    until = f"until {config.until_tokens:,} tokens" if config.until_tokens is not None else "for the whole run"
+    params = teacher.model.num_parameters(teacher.vocab_size)["total"]
+    return (f"distillation: teacher {teacher.folder} ({params / 1e6:,.2f} M parameters, frozen), "
+            f"loss = {1 - config.weight:g}·CE + {config.weight:g}·T²·KL at T {config.temperature:g}, {until}")
+
+
 def build_teacher(teacher: Teacher, cfg: PretrainConfig, hidden_masking: bool) -> list:
     """Collective. The teacher's model chunks on this rank (its own shape, the student's TP/PP
     layout and dtype), loaded from its checkpoint, frozen: eval mode, no gradients, no DDP wrapper,
@@ -324,17 +332,11 @@ class DistillationCallback(Callback):
             self._hook.remove()
             self._hook = None
 
-    def plan_line(self, folder: str, teacher_params: int) -> str:
-        c = self.config
-        until = f"until {c.until_tokens:,} tokens" if c.until_tokens is not None else "for the whole run"
-        return (f"distillation: teacher {folder} ({teacher_params / 1e6:,.2f} M parameters, frozen), "
-                f"loss = {1 - c.weight:g}·CE + {c.weight:g}·T²·KL at T {c.temperature:g}, {until}")
 
 
 def add_distillation(cfg: PretrainConfig, teacher: Teacher | None, callbacks: list, stored_pruning: dict | None) -> list:
     """Collective. ``callbacks`` with the distillation callback before the logger (its numbers go
     into the step's log record), the teacher built and loaded; unchanged without a teacher."""
-    from pretrain.distributed import print_rank0
     from pretrain.pruning.invariants import hidden_masking_possible
 
     if teacher is None:
@@ -342,6 +344,5 @@ def add_distillation(cfg: PretrainConfig, teacher: Teacher | None, callbacks: li
     chunks = build_teacher(teacher, cfg, hidden_masking_possible(cfg.prune, stored_pruning))
     logger = next((c for c in callbacks if c.name == "logging"), None)
     callback = DistillationCallback(cfg.distill, chunks, logger)
-    print_rank0(callback.plan_line(teacher.folder, teacher.model.num_parameters(teacher.vocab_size)["total"]))
     at = callbacks.index(logger) if logger is not None else len(callbacks) - 1
     return callbacks[:at] + [callback] + callbacks[at:]

@@ -179,10 +179,14 @@ def _tokenizer_and_vocab(cfg: PretrainConfig, peeked) -> tuple:
 
 
 def _resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer):
-    from pretrain.distill import resolve_teacher
+    from pretrain.distill import plan_line, resolve_teacher
     from pretrain.distributed import launch_environment
 
-    return resolve_teacher(cfg, vocab_size, tokenizer, launch_environment()[1])
+    rank, world_size, _ = launch_environment()
+    teacher = resolve_teacher(cfg, vocab_size, tokenizer, world_size)
+    if teacher is not None and rank == 0:
+        print(plan_line(cfg.distill, teacher), flush=True)
+    return teacher
 
 
 def _check_tokenizer(cfg: PretrainConfig, tokenizer) -> None:
