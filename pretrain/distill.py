@@ -4,7 +4,8 @@ The loss of a distilled step is ``(1 - α)·CE + α·T²·KL(p_T ‖ q_T)`` with
 (teacher), ``q_T = softmax(z_s / T)`` (student), averaged over the loss-masked tokens like the CE.
 The T² factor (Hinton et al.) keeps the KL's gradient on the CE's scale whatever T is. The logged
 ``loss`` stays the CE (comparable with runs without a teacher); ``kd_kl`` is the KL at T (without
-the T² factor) and ``kd_teacher_seconds`` the teacher's forward time of the step.
+the T² factor), ``kd_teacher_seconds`` the teacher's forward time of the step and
+``kd_teacher_flops_per_token`` its forward FLOPs (the comparison charges them to the run).
 
 How a step runs (``DistillationCallback.wrap_forward_step``): the step's micro-batches are taken
 from the data iterator first; the teacher runs over them as its own forward-only pipeline
@@ -203,8 +204,10 @@ class DistillationCallback(Callback):
 
     name = "distill"
 
-    def __init__(self, config: DistillConfig, teacher_chunks: list, logger=None):
+    def __init__(self, config: DistillConfig, teacher_chunks: list, logger=None, teacher_flops_per_token: int = 0):
         self.config = config
+        # the teacher's forward pass per token (a third of its training FLOPs): charged to the run
+        self.teacher_flops_per_token = teacher_flops_per_token
         self.teacher_chunks = teacher_chunks
         self.logger = logger
         self._hook = None
@@ -319,7 +322,8 @@ class DistillationCallback(Callback):
         kl = float(local[0] / local[1]) if local[1] > 0 else float("nan")
         alpha, temperature = self.config.weight, self.config.temperature
         metrics.extra.update(kd_kl=kl, kd_loss=(1 - alpha) * metrics.loss + alpha * temperature ** 2 * kl,
-                             kd_teacher_seconds=self._teacher_seconds)
+                             kd_teacher_seconds=self._teacher_seconds,
+                             kd_teacher_flops_per_token=self.teacher_flops_per_token)
         if self.logger is not None:
             it = trainer.state.iteration
             self.logger.log_scalar("train/kd_kl", kl, it)
@@ -343,6 +347,9 @@ def add_distillation(cfg: PretrainConfig, teacher: Teacher | None, callbacks: li
         return callbacks
     chunks = build_teacher(teacher, cfg, hidden_masking_possible(cfg.prune, stored_pruning))
     logger = next((c for c in callbacks if c.name == "logging"), None)
-    callback = DistillationCallback(cfg.distill, chunks, logger)
+    from pretrain.flops import training_flops_per_token
+
+    forward_flops = training_flops_per_token(teacher.model, teacher.vocab_size) // 3
+    callback = DistillationCallback(cfg.distill, chunks, logger, teacher_flops_per_token=forward_flops)
     at = callbacks.index(logger) if logger is not None else len(callbacks) - 1
     return callbacks[:at] + [callback] + callbacks[at:]
