@@ -108,10 +108,11 @@ def _kd_worker(data: dict, root: str) -> dict:
     out = {"plain": _curve(run(cfg())), "alpha0": _curve(run(_kd(cfg(), teacher, weight=0.0)))}
     for tp, pp in ((1, 1), (2, 1), (1, 2)):
         out[f"kd{tp}{pp}"] = _curve(run(_kd(cfg(tp=tp, pp=pp), teacher, weight=0.5, temperature=2.0)))
-    for tp, pp in ((2, 1), (1, 2)):  # the student starts as the teacher: KL 0 at the first step
+    for tp, pp in ((2, 1), (1, 2)):  # the student starts as the teacher: KL 0 at the first step,
         same = cfg(tp=tp, pp=pp, load=teacher)
         same = dataclasses.replace(same, checkpoint=dataclasses.replace(same.checkpoint, finetune=True))
-        out[f"same{tp}{pp}"] = _curve(run(_kd(same, teacher, weight=0.5)))
+        # and distils only over its first 2 steps (128 tokens a step)
+        out[f"same{tp}{pp}"] = _curve(run(_kd(same, teacher, weight=0.5, until_tokens=256)))
 
     # KD + pruning + an in-run shrink + resume: 256 tokens a step, pruning over steps 1-2, shrink after 3
     def pruned(save: str, **kw):
@@ -149,6 +150,8 @@ def test_distillation_end_to_end(tiny_dataset, tmp_path):
     # the student equal to its teacher: KL 0 at any layout
     for layout in ("same21", "same12"):
         assert abs(res[layout]["kd_kl"][0]) < 1e-6, res[layout]
+        assert res[layout]["kd_kl"][1] is not None and res[layout]["kd_kl"][2] is None  # --kd-until-tokens 256
+        assert res[layout]["teacher_seconds"][2] is None
     # KD + pruning + shrink: the shrunk student keeps distilling from the unpruned teacher
     assert len(res["segment_params"]) == 2 and res["segment_params"][1] < 0.8 * res["segment_params"][0]
     assert all(kl is not None and kl > 0 for kl in res["straight"]["kd_kl"])
