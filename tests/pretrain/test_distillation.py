@@ -114,19 +114,23 @@ def _kd_worker(data: dict, root: str) -> dict:
         # and distils only over its first 2 steps (128 tokens a step)
         out[f"same{tp}{pp}"] = _curve(run(_kd(same, teacher, weight=0.5, until_tokens=256)))
 
-    # KD + pruning + an in-run shrink + resume: 256 tokens a step, pruning over steps 1-2, shrink after 3
+    # KD + pruning + an in-run shrink + resume, at PP=2 (the shrunk student's stage shapes differ from
+    # the teacher's): 256 tokens a step, pruning over steps 1-2, shrink after 3
     def pruned(save: str, **kw):
-        c = debug_config(data, iters=5, gbs=8, seq_length=32, save=save, **kw)
-        prune = PruneConfig(target_ratio=0.7, start_tokens=0, end_tokens=512, interval=1, shrink_at=(768,))
+        c = debug_config(data, pp=2, iters=5, gbs=8, seq_length=32, save=save, **kw)
+        prune = PruneConfig(target_ratio=0.7, start_tokens=0, end_tokens=512, interval=1, shrink_at=(768,),
+                            types=("hidden",))  # the hidden size: every p2p shape changes
         return _kd(dataclasses.replace(c, prune=prune), teacher, weight=0.5)
 
     straight = run(pruned(f"{root}/straight"))
     first = run(pruned(f"{root}/broken", exit_interval=2))
     # resumed with no --kd-* or --prune-* flags: the checkpoint's teacher and pruning continue
-    resumed = run(debug_config(data, iters=5, gbs=8, seq_length=32, save=f"{root}/broken", load=f"{root}/broken"))
+    resumed = run(debug_config(data, pp=2, iters=5, gbs=8, seq_length=32, save=f"{root}/broken",
+                               load=f"{root}/broken"))
     out.update(straight=_curve(straight), first=_curve(first), resumed=_curve(resumed),
                straight_params=straight["params"], resumed_params=resumed["params"],
                segment_params=[s["params"] for s in straight.get("segments", [])],
+               final_hidden=straight["trainer"].config.model.hidden_size,
                resumed_segments=len(resumed.get("segments", [])))
     return out
 
@@ -154,6 +158,7 @@ def test_distillation_end_to_end(tiny_dataset, tmp_path):
         assert res[layout]["teacher_seconds"][2] is None
     # KD + pruning + shrink: the shrunk student keeps distilling from the unpruned teacher
     assert len(res["segment_params"]) == 2 and res["segment_params"][1] < 0.8 * res["segment_params"][0]
+    assert res["final_hidden"] < 128  # the teacher's pipeline keeps hidden 128 (the debug model's)
     assert all(kl is not None and kl > 0 for kl in res["straight"]["kd_kl"])
     # ... and a stop before the shrink + resume continues exactly as the uninterrupted run
     assert res["first"]["loss"] == res["straight"]["loss"][:2]
