@@ -635,6 +635,44 @@ class PruneConfig:
 
 
 @dataclass(kw_only=True)
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher checkpoint (pretrain/distill.py).
+
+    loss = (1 - α)·CE + α·T²·KL(teacher_T ‖ student_T), both softmaxes at temperature T; the T²
+    keeps the KL's gradient on the scale of the CE's whatever T is (Hinton et al.)."""
+
+    cli_group: ClassVar[str] = "distillation"
+
+    # absolute: the path is recorded in the student's checkpoints and read again on resume
+    teacher: str | None = flag(None, name="--kd-teacher", metavar="CKPT", parse=os.path.abspath,
+                               help="a checkpoint (ours, or tools/convert_from_hf.py's) to distil from: frozen, "
+                                    "same vocabulary and tokenizer; its own shape")
+    weight: float = flag(1.0, name="--kd-weight", help="α: the KL's share of the loss, in [0, 1] "
+                                                        "(1: distillation only, Minitron's recipe)")
+    temperature: float = flag(1.0, name="--kd-temperature", help="T of both softmaxes")
+    until_tokens: int | None = flag(None, name="--kd-until-tokens", parse=whole_number,
+                                    help="distil until this many training tokens, then train on CE alone")
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher is not None
+
+    def validate(self) -> None:
+        _require(0.0 <= self.weight <= 1.0, f"--kd-weight {self.weight}: must be in [0, 1] "
+                 "(the KL's share of the loss; the CE gets 1 - it)")
+        _require(self.temperature > 0 and math.isfinite(self.temperature),
+                 f"--kd-temperature {self.temperature}: must be a positive number")
+        _require(self.until_tokens is None or self.until_tokens > 0,
+                 f"--kd-until-tokens {self.until_tokens}: must be positive")
+        if not self.enabled:
+            unused = [name for name, value, default in (("--kd-weight", self.weight, 1.0),
+                                                        ("--kd-temperature", self.temperature, 1.0),
+                                                        ("--kd-until-tokens", self.until_tokens, None))
+                      if value != default]
+            _require(not unused, f"{', '.join(unused)} given without --kd-teacher: name the teacher checkpoint")
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     cli_group: ClassVar[str] = "checkpointing and logging"
 
@@ -651,6 +689,7 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self, world_size: int) -> None:
         self.model.validate()
@@ -660,6 +699,7 @@ class PretrainConfig:
         self.train.validate(self.parallel.data_parallel_size(world_size), self.model.seq_length)
         self.checkpoint.validate()
         self.prune.validate(self.total_tokens())
+        self.distill.validate()
         shrinks = bool(self.prune.shrink_at or self.prune.shrink_auto)
         if shrinks:
             _require(self.checkpoint.save is not None, "--shrink-at needs --save (the shrink goes through a checkpoint)")
@@ -708,6 +748,7 @@ class PretrainConfig:
             logging=section("logging", LoggingConfig),
             prune=PruneConfig(**{**prune, "types": tuple(prune.get("types", ("heads", "ffn", "hidden"))),
                                  "shrink_at": tuple(prune.get("shrink_at", ()))}),
+            distill=section("distill", DistillConfig),  # absent in checkpoints from before distillation
         )
 
 

@@ -118,3 +118,18 @@ def _adopted_pruning(cfg: PretrainConfig, saved: PretrainConfig):
             shrink_tensor_parallel_size=prune.shrink_tensor_parallel_size,
             shrink_pipeline_parallel_size=prune.shrink_pipeline_parallel_size)
     return adopted
+
+
+def with_checkpoint_distill(cfg: PretrainConfig, peeked: Peeked | None) -> tuple[PretrainConfig, str]:
+    """A checkpoint trained with a teacher keeps it: resumed without --kd-teacher, its --kd-*
+    settings continue (the teacher is reloaded from the recorded path). With --kd-teacher, the
+    command's settings apply. Returns the config and a note for the log."""
+    if cfg.distill.enabled or peeked is None:
+        return cfg, ""
+    saved = PretrainConfig.from_dict(peeked[1]["config"]).distill
+    if not saved.enabled:
+        return cfg, ""
+    return dataclasses.replace(cfg, distill=saved), (
+        f"resuming distillation from the teacher {saved.teacher} recorded in {peeked[0]} "
+        f"(--kd-weight {saved.weight:g}, --kd-temperature {saved.temperature:g}"
+        + (f", --kd-until-tokens {saved.until_tokens:,}" if saved.until_tokens is not None else "") + ")")

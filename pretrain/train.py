@@ -124,6 +124,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     cfg, pruning_note = _resolve_config(cfg, peeked)
     tokenizer, vocab_size = _tokenizer_and_vocab(cfg, peeked)
     _check_tokenizer(cfg, tokenizer)  # before any process group work
+    teacher = _resolve_teacher(cfg, vocab_size, tokenizer)  # --kd-teacher: checked before any process group
     layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     _check_data(cfg, tokenizer)  # before anything heavy is built
     set_random_seed(cfg.train.seed)
@@ -135,6 +136,11 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     model_chunks, optimizer, scheduler = _build_model_and_optimizer(cfg, vocab_size, plain_megatron_spec, peeked)
     resume = _load_checkpoint(cfg, peeked, model_chunks, optimizer)
     callbacks = _build_callbacks(cfg, layout, vocab_size, extra_callbacks, resume.lineage)
+    if teacher is not None:
+        from pretrain.distill import add_distillation
+        from pretrain.pruning.state import PruningState
+
+        callbacks = add_distillation(cfg, teacher, callbacks, PruningState.stored_dict(peeked[1] if peeked else None))
     trainer = _build_trainer(cfg, layout, tokenizer, vocab_size, model_chunks, optimizer, scheduler,
                              callbacks, resume)
     _restore_state(cfg, trainer, resume, peeked)
@@ -150,10 +156,12 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
 def _resolve_config(cfg: PretrainConfig, peeked) -> tuple[PretrainConfig, str]:
     """The run's config with what the --load checkpoint decides (shape, pruning), validated."""
     from pretrain.distributed import launch_environment
-    from pretrain.resume import with_checkpoint_model, with_checkpoint_pruning
+    from pretrain.resume import with_checkpoint_distill, with_checkpoint_model, with_checkpoint_pruning
 
     cfg = with_checkpoint_model(cfg, peeked)
     cfg, pruning_note = with_checkpoint_pruning(cfg, peeked)
+    cfg, distill_note = with_checkpoint_distill(cfg, peeked)
+    pruning_note = "\n".join(n for n in (pruning_note, distill_note) if n)
     cfg.validate(launch_environment()[1])
     return cfg, pruning_note
 
@@ -168,6 +176,17 @@ def _tokenizer_and_vocab(cfg: PretrainConfig, peeked) -> tuple:
     tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
     vocab_size = checkpoint_vocab(peeked, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
     return tokenizer, vocab_size
+
+
+def _resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer):
+    from pretrain.distill import plan_line, resolve_teacher
+    from pretrain.distributed import launch_environment
+
+    rank, world_size, _ = launch_environment()
+    teacher = resolve_teacher(cfg, vocab_size, tokenizer, world_size)
+    if teacher is not None and rank == 0:
+        print(plan_line(cfg.distill, teacher), flush=True)
+    return teacher
 
 
 def _check_tokenizer(cfg: PretrainConfig, tokenizer) -> None:

@@ -55,6 +55,10 @@ class Callback:
 
     def on_step_begin(self, trainer: "Trainer") -> None: ...
 
+    def wrap_forward_step(self, trainer: "Trainer", step_func, data_iterator) -> tuple:
+        """(forward step, data iterator) for this step's schedule; distillation runs its teacher here."""
+        return step_func, data_iterator
+
     def on_before_optimizer_step(self, trainer: "Trainer") -> None:
         """Gradients are reduced (megatron-core's finalize ran); the optimizer has not stepped."""
 
@@ -138,9 +142,12 @@ class Trainer:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        step_func, data_iterator = forward_step, self.train_iterator
+        for cb in self.callbacks:
+            step_func, data_iterator = cb.wrap_forward_step(self, step_func, data_iterator)
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=self.train_iterator,
+            forward_step_func=step_func,
+            data_iterator=data_iterator,
             model=self.model_chunks,
             num_microbatches=self.num_microbatches,
             seq_length=self.config.model.seq_length,

@@ -23,6 +23,8 @@
 #   PRECISION        --bf16 (default on GPUs) or empty
 #   MODEL_ARGS       the model (default: the recipe's preset); PRUNE_ARGS the pruning recipe
 #   SAVE_INTERVAL, LOG_INTERVAL, EVAL_INTERVAL; EXTRA_ARGS anything else for python -m pretrain
+#   KD_TEACHER       a checkpoint to distil from (--kd-teacher; empty: no distillation), with
+#                    KD_WEIGHT (default 1: KL only), KD_TEMPERATURE (1), KD_UNTIL_TOKENS (empty: all run)
 #   LAUNCHER         srun (one task per GPU, default) or torchrun (srun starts one torchrun per node)
 set -euo pipefail
 
@@ -51,6 +53,10 @@ LOG_INTERVAL=${LOG_INTERVAL:-10}
 EVAL_INTERVAL=${EVAL_INTERVAL:-1000}
 LAUNCHER=${LAUNCHER:-srun}
 EXTRA_ARGS=${EXTRA_ARGS:-}
+KD_TEACHER=${KD_TEACHER:-}
+KD_WEIGHT=${KD_WEIGHT:-1}
+KD_TEMPERATURE=${KD_TEMPERATURE:-1}
+KD_UNTIL_TOKENS=${KD_UNTIL_TOKENS:-}
 
 # numbers are checked before any arithmetic uses them (bash would read TP=abc as 0)
 for name in TP PP MICRO_BATCH GLOBAL_BATCH SEQ_LENGTH SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL WARMUP_ITERS; do
@@ -89,6 +95,7 @@ check_inputs() {
     [ $((WORLD % (TP * PP))) -eq 0 ] \
         || fail "TP=$TP x PP=$PP does not divide the $WORLD ranks ($NNODES nodes x $RANKS_PER_NODE)"
     [ "$LAUNCHER" = srun ] || [ "$LAUNCHER" = torchrun ] || fail "LAUNCHER=$LAUNCHER: srun or torchrun"
+    [ -z "$KD_TEACHER" ] || [ -d "$KD_TEACHER" ] || fail "KD_TEACHER=$KD_TEACHER is not a checkpoint folder"
 }
 
 check_inputs
@@ -104,6 +111,12 @@ if [ -n "$TOKENIZER_MODEL" ]; then
     [ -z "$TOKENIZER_TYPE" ] || TOKENIZER_ARGS+=(--tokenizer-type "$TOKENIZER_TYPE")
 fi
 
+KD_ARGS=()  # distillation from a frozen teacher (pretrain/distill.py)
+if [ -n "$KD_TEACHER" ]; then
+    KD_ARGS=(--kd-teacher "$KD_TEACHER" --kd-weight "$KD_WEIGHT" --kd-temperature "$KD_TEMPERATURE")
+    [ -z "$KD_UNTIL_TOKENS" ] || KD_ARGS+=(--kd-until-tokens "$KD_UNTIL_TOKENS")
+fi
+
 # shellcheck disable=SC2206
 ARGS=($MODEL_ARGS $PRUNE_ARGS
       --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
@@ -111,7 +124,7 @@ ARGS=($MODEL_ARGS $PRUNE_ARGS
       --train-tokens "$TRAIN_TOKENS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP_ITERS"
       --data-path $DATA_PATH "${TOKENIZER_ARGS[@]}"
       --save "$SAVE" --load "$LOAD" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$TENSORBOARD_DIR"
-      --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" $PRECISION $EXTRA_ARGS)
+      --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" $PRECISION "${KD_ARGS[@]}" $EXTRA_ARGS)
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then  # run with bash: checked above; submit this script
     if [ -n "${DRY_RUN:-}" ]; then  # or only validate the recipe's flags (one process, no model)

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out data that no run trains or selects on (not a --data-path prefix)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; every run is repeated per seed")
     p.add_argument("--out", required=True, help="folder of the comparison")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)} "
-                   "(what they need is added)")
+    p.add_argument("--arms", default=",".join(arms.DEFAULT_ARMS), help=f"comma-separated, from {', '.join(ARMS)} "
+                   f"(what they need is added; {', '.join(arms.OPT_IN)} only when named)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--resume", action="store_true", help="continue the comparison in --out")
     p.add_argument("--dry-run", action="store_true", help="print the plan (and sbatch lines), run nothing")

@@ -34,7 +34,9 @@ def run_flops(metrics: list[dict], tokens_per_step: int, pruning: list[dict] = (
 
     A step computes with the masks of the last event *before* it (an event happens at the end of
     its step), so the ideal count switches one step after each event."""
-    actual = sum(tokens_per_step * r["flops_per_token"] for r in metrics)
+    # a distilled step also ran the teacher's forward pass (logged by pretrain/distill.py)
+    teacher = sum(tokens_per_step * r.get("kd_teacher_flops_per_token", 0) for r in metrics)
+    actual = sum(tokens_per_step * r["flops_per_token"] for r in metrics) + teacher
     if not pruning:
         return {"actual": actual, "ideal": actual}
     event_iters = [e["iteration"] for e in pruning]
@@ -44,13 +46,13 @@ def run_flops(metrics: list[dict], tokens_per_step: int, pruning: list[dict] = (
         last_event = bisect_left(event_iters, r["iteration"]) - 1  # events strictly before this step
         per_token = r["flops_per_token"] if last_event < 0 else min(kept[last_event], r["flops_per_token"])
         ideal += tokens_per_step * per_token
-    return {"actual": actual, "ideal": ideal}
+    return {"actual": actual, "ideal": ideal + teacher}
 
 
 def cumulative_flops_at(metrics: list[dict], tokens_per_step: int) -> dict[int, int]:
     """Iteration -> actual FLOPs spent up to and including it."""
     out, total = {}, 0
     for r in metrics:
-        total += tokens_per_step * r["flops_per_token"]
+        total += tokens_per_step * (r["flops_per_token"] + r.get("kd_teacher_flops_per_token", 0))
         out[r["iteration"]] = total
     return out

@@ -12,7 +12,12 @@ Run names (an arm of the issue's list may be two runs: B at matched tokens (i) a
 ``B-found-ii`` the same for the FLOPs that ``parent`` + A actually computed
 ``B-hand-i``   a uniform hand shape with A's parameter count (``hand_shape``), P + T tokens
 ``B-hand-ii``  the same for the FLOPs of ``parent`` + A
+``A-KD``       A distilling from ``parent`` (``--kd-teacher``, KL only) for all of its tokens
+``C-KD``       C distilling from ``parent``: prune once + distillation (Minitron's recipe)
 =============  ==========================================================================
+
+A-KD and C-KD are opt-in (``OPT_IN``: not in the default arm set; ``--arms A-KD,C-KD``). The
+teacher's forward FLOPs are charged to them (``kd_teacher_flops_per_token`` in their logs).
 
 Every run of a seed uses the same ``--seed``, so all read the same data in the same order (the
 corpus must hold the longest run without a second epoch: ``check_corpus``).
@@ -30,14 +35,18 @@ from pretrain.checkpoint import atomic_write_text
 from pretrain.compare.recipes import Recipe
 from pretrain.config import ConfigError, ModelConfig
 
-RUNS = ("parent", "A", "A0", "C", "B-found-i", "B-found-ii", "B-hand-i", "B-hand-ii")
+RUNS = ("parent", "A", "A0", "C", "B-found-i", "B-found-ii", "B-hand-i", "B-hand-ii", "A-KD", "C-KD")
 ARMS = {"parent": ("parent",), "A": ("A",), "A0": ("A0",), "C": ("C",),
-        "B-found": ("B-found-i", "B-found-ii"), "B-hand": ("B-hand-i", "B-hand-ii")}
+        "B-found": ("B-found-i", "B-found-ii"), "B-hand": ("B-hand-i", "B-hand-ii"),
+        "A-KD": ("A-KD",), "C-KD": ("C-KD",)}
+# arms run only when asked for (--arms): a default campaign stays what it was
+OPT_IN = ("A-KD", "C-KD")
+DEFAULT_ARMS = tuple(a for a in ARMS if a not in OPT_IN)
 NEEDS = {"parent": (), "A": ("parent",), "A0": (), "C": ("parent",), "B-found-i": ("A",), "B-found-ii": ("A",),
-         "B-hand-i": ("A",), "B-hand-ii": ("A",)}
+         "B-hand-i": ("A",), "B-hand-ii": ("A",), "A-KD": ("parent",), "C-KD": ("parent",)}
 # which learning-rate sweep a run takes its rate from (A and C continue the parent's schedule)
 SWEEP_OF = {"parent": "parent", "A": "parent", "C": "parent", "A0": "A0", "B-found-i": "B-found",
-            "B-found-ii": "B-found", "B-hand-i": "B-hand", "B-hand-ii": "B-hand"}
+            "B-found-ii": "B-found", "B-hand-i": "B-hand", "B-hand-ii": "B-hand", "A-KD": "parent", "C-KD": "parent"}
 SWEEPS = ("parent", "A0", "B-found", "B-hand")
 # the run each sweep trains (at its shorter horizon, on the first seed)
 SWEEP_RUN = {"parent": "parent", "A0": "A0", "B-found": "B-found-i", "B-hand": "B-hand-i"}
@@ -184,10 +193,10 @@ def plan_run(recipe: Recipe, ctx: Context, run: str, seed: int, lr: float | None
         flags += shape_flags(recipe.model)
         if not sweep:  # the first P tokens of the P + T schedule
             flags += ["--exit-interval", str(recipe.iters(recipe.parent_tokens))]
-    elif run == "A":
+    elif run in ("A", "A-KD"):
         first_load = ctx.run_dir("parent", seed) + "/ckpt"
         flags += _prune_flags(recipe, recipe.parent_tokens + start, recipe.parent_tokens + end)
-    elif run == "C":
+    elif run in ("C", "C-KD"):
         first_load = ctx.run_dir("parent", seed) + "/ckpt"
         event = recipe.parent_tokens + end
         flags += _prune_flags(recipe, event - recipe.oneshot_scoring_steps * recipe.tokens_per_step, event,
@@ -211,6 +220,8 @@ def plan_run(recipe: Recipe, ctx: Context, run: str, seed: int, lr: float | None
             budget = a["flops"]["actual"] + (parent["flops"]["actual"] if parent else 0)
             per_token = training_flops(model, a["vocab_size"])
             train = steps(matched_flops_tokens(recipe, budget, per_token))
+    if run.endswith("-KD"):  # the parent, as it was when A/C started from it, teaches
+        flags += ["--kd-teacher", first_load]
     flags += ["--train-tokens", str(train)]
     return RunPlan(name=run, seed=seed, folder=folder, flags=flags, train_tokens=train, lr=lr,
                    first_load=first_load, shape_file=shape_file)

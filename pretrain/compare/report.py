@@ -18,7 +18,12 @@ DESCRIPTIONS = {
     "B-found-ii": "A's found shape from scratch, parent+A's actual FLOPs",
     "B-hand-i": "uniform hand shape, A's parameters, P+T tokens",
     "B-hand-ii": "uniform hand shape, A's parameters, parent+A's actual FLOPs",
+    "A-KD": "A distilling from the parent (KL only); the teacher's forward FLOPs charged",
+    "C-KD": "C distilling from the parent: prune once + KD (Minitron); teacher's FLOPs charged",
 }
+
+# runs that continue the parent: its FLOPs are charged to them
+_FROM_PARENT = ("A", "C", "A-KD", "C-KD")
 
 
 def _shape_text(model: dict) -> str:
@@ -51,7 +56,7 @@ def summarise(results: dict, seeds: list[int]) -> dict:
         if ok:
             any_ok = next(iter(ok.values()))
             charged = {s: r["flops"]["actual"] + ((parent[s] or {}).get("flops", {}).get("actual", 0)
-                                                  if run in ("A", "C") else 0) for s, r in ok.items()}
+                                                  if run in _FROM_PARENT else 0) for s, r in ok.items()}
             row.update({
                 "shape": {s: _shape_text(r["final_model"]) for s, r in ok.items()},
                 "params": statistics.mean(r["params"] for r in ok.values()),
@@ -170,7 +175,7 @@ def _plots(out: str, results: dict, seeds: list[int]) -> dict:
                 if not r or r.get("status") != "ok":
                     continue
                 points = [c for c in r["curve"] if c.get("test_loss") is not None]
-                offset = parent_flops[s] if axis == "flops" and run in ("A", "C") else 0
+                offset = parent_flops[s] if axis == "flops" and run in _FROM_PARENT else 0
                 xs = [c[axis] + offset for c in points]
                 ax.plot(xs, [c["test_loss"] for c in points], color=f"C{i}", alpha=0.8,
                         label=run if s == seeds[0] else None, marker="." if run == "parent" else None)
@@ -183,7 +188,7 @@ def _plots(out: str, results: dict, seeds: list[int]) -> dict:
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
-    for run, style in (("A", "-"), ("A0", ":"), ("C", "--")):
+    for run, style in (("A", "-"), ("A0", ":"), ("C", "--"), ("A-KD", "-."), ("C-KD", (0, (1, 3)))):
         for s in seeds:
             r = results.get((run, s))
             if not r or r.get("status") != "ok" or not r.get("pruning"):

@@ -36,6 +36,10 @@ FROZEN = """
 --group-query-attention False
 --hidden-size None (then 'required')
 --init-method-std None (then 0.02)
+--kd-teacher None
+--kd-temperature 1.0
+--kd-until-tokens None
+--kd-weight 1.0
 --keep-last None
 --kv-channels None (then None)
 --launcher 'auto' {auto,torchrun,slurm,mpi}

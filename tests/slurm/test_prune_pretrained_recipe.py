@@ -38,6 +38,11 @@ def test_recipe_imports_the_parent_and_validates(tiny_dataset, tmp_path):
     assert "model: 2 layers, hidden 64, heads 4 (query groups 2" in r.stdout and "plan:" in r.stdout, r.stdout
     assert os.path.isfile(tmp_path / "run_parent" / "tokenizer" / "tokenizer.model")
     assert not (tmp_path / "run").exists()  # validated only: nothing trained, nothing saved
+    # KD_TEACHER=parent: the imported parent teaches (checked: same vocabulary and tokenizer)
+    r = subprocess.run(["bash", f"{ROOT}/slurm/prune_pretrained.sbatch"], capture_output=True, text=True,
+                       env={**env, "KD_TEACHER": "parent", "KD_WEIGHT": "0.5"}, timeout=300)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert f"distillation: teacher {tmp_path / 'run_parent'}" in r.stdout and "0.5·CE + 0.5·T²·KL" in r.stdout, r.stdout
     # a bad target is refused before anything runs
     r = subprocess.run(["bash", f"{ROOT}/slurm/prune_pretrained.sbatch"], capture_output=True, text=True,
                        env={**env, "PRUNE_TARGET": "-3"}, timeout=60)

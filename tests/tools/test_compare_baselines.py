@@ -231,3 +231,20 @@ def test_gpu_1b_sbatch_dry_run_checks_every_flag_at_the_cluster_size(split_data,
     assert f"--dependency=afterany:{job['cmp-A:0']}" in sweep and "--gpus-per-node=8" in sweep
     assert len([n for n in job if n.startswith("cmp-sweep-")]) == 12
     assert len(lines) == 12 + 8 * 3 + 1
+
+
+def test_kd_arms_are_opt_in_distil_from_the_parent_and_pay_for_the_teacher(tmp_path):
+    assert "A-KD" not in arms.DEFAULT_ARMS and "C-KD" not in arms.DEFAULT_ARMS
+    assert arms.runs_for(list(arms.DEFAULT_ARMS))[0] == [r for r in arms.RUNS if not r.endswith("-KD")]
+    assert arms.runs_for(["C-KD"])[0] == ["parent", "C-KD"]
+    recipe = RECIPES["cpu-tiny"]
+    ctx = arms.Context(out=str(tmp_path), data=arms.Data(data_path=["d"], tokenizer_model="t", test_data_path=["x"]))
+    for run, plain in (("A-KD", "A"), ("C-KD", "C")):
+        kd, base = arms.plan_run(recipe, ctx, run, 0), arms.plan_run(recipe, ctx, plain, 0)
+        teacher = kd.flags[kd.flags.index("--kd-teacher") + 1]
+        assert teacher == kd.first_load == base.first_load == ctx.run_dir("parent", 0) + "/ckpt"
+        without = [f for f in kd.flags if f not in ("--kd-teacher", teacher)]
+        assert without == [f.replace(base.folder, kd.folder) for f in base.flags]
+    metrics = [{"iteration": 1, "flops_per_token": 100, "kd_teacher_flops_per_token": 30},
+               {"iteration": 2, "flops_per_token": 100}]
+    assert run_flops(metrics, 10) == {"actual": 2300, "ideal": 2300}
