@@ -29,7 +29,7 @@ from functools import partial
 import torch
 
 from pretrain.config import ConfigError, DistillConfig, ModelConfig, PretrainConfig
-from pretrain.trainer import Callback, StepMetrics, forward_step
+from pretrain.trainer import Callback, StepMetrics
 
 
 # -- the vocab-parallel KL ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from pretrain.config import ConfigError, DistillConfig, PruneConfig
 from pretrain.distill import vocab_parallel_kl
 from tests.dist_helper import run_distributed
-from tests.pretrain.common import debug_config, losses_of
+from tests.pretrain.common import debug_config
 
 
 def _reference_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 
-from pretrain.config import PruneConfig
 from tests.dist_helper import run_distributed
 from tests.pretrain.common import debug_config, losses_of
 
