@@ -186,6 +186,22 @@ def _flat_params(summary):
                       for p in unwrap(chunk).parameters()])
 
 
+def _master_gap(summary):
+    """The largest |fp32 master - model parameter| over this rank's owned ranges, relative to the
+    parameter's scale. A run whose last step was an event: a master the update missed would still
+    hold the old value (the next step would copy it back over the update)."""
+    from pretrain.pruning.optim_state import iter_param_slots
+
+    gap = 0.0
+    for slot in iter_param_slots(summary["trainer"].optimizer):
+        if slot.main_param is None or slot.end <= slot.start:
+            continue
+        model = slot.param.detach().reshape(-1)[slot.start:slot.end].float()
+        scale = float(model.abs().max()) or 1.0
+        gap = max(gap, float((slot.main_param.float() - model).abs().max()) / scale)
+    return gap
+
+
 def training_worker(data, root):
     from megatron.core import parallel_state as ps
 
@@ -201,7 +217,15 @@ def training_worker(data, root):
     torch.distributed.all_gather(theirs, mine, group=ps.get_data_parallel_group())
     bad, checked = _zero_violations(summary)
     out["dp"] = {"equal": bool(torch.equal(theirs[0], theirs[1])), "dp_size": ps.get_data_parallel_world_size(),
-                 "bad": bad, "checked": checked, "history": _pruner(summary).history}
+                 "bad": bad, "checked": checked, "history": _pruner(summary).history,
+                 "master_gap": _master_gap(summary)}
+    # bf16: the fp32 master copies (distributed optimizer shards) get the update too
+    cfg = _config(data, iters=4)
+    cfg.train = dataclasses.replace(cfg.train, bf16=True)
+    summary = run(cfg)
+    bad, checked = _zero_violations(summary)
+    out["bf16"] = {"master_gap": _master_gap(summary), "bad": bad, "checked": checked,
+                   "events": sum("compensation" in r for r in _pruner(summary).history)}
 
     # hidden channels under TP=2 vs TP=1: the exact scheme on both
     for tp in (1, 2):
@@ -249,6 +273,10 @@ def test_dp_replicas_stay_equal_and_masked_state_stays_zero(trained):
     dp = trained["dp"]
     assert dp["dp_size"] == 2 and dp["equal"]
     assert dp["checked"] > 0 and dp["bad"] == []
+    assert dp["master_gap"] < 1e-6, dp["master_gap"]  # fp32: the master is the parameter's storage
+    bf16 = trained["bf16"]
+    assert bf16["events"] >= 1 and bf16["checked"] > 0 and bf16["bad"] == [], bf16
+    assert bf16["master_gap"] < 2 ** -7, bf16  # bf16 rounding of the master, not a missed update
     events = [r for r in dp["history"] if "compensation" in r]
     assert len(events) >= 2
     for r in events:
