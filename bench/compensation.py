@@ -182,10 +182,10 @@ def _real(work: str, calibration: int, eval_batches: int, damp: float) -> None:
           f"calibration tokens ({rows[0]['capture_seconds']:.0f} s to capture); damping {damp}\n")
     print(f"parent held-out loss {rows[0]['loss']:.3f}\n")
     print("| target | allocation | kept heads / FFN / hidden | held-out loss, none | with obs | "
-          "compensation s | Hessian MiB | output error (fc2, proj, qkv, fc1) without -> with |")
+          "compensation s | Hessian MiB | output error without -> with |")
     print("|---|---|---|---|---|---|---|---|")
     for plain, comp in zip(rows[1::2], rows[2::2]):
-        errors = ", ".join(f"{v[0]:.3f}->{v[1]:.3f}" for k, v in sorted(comp["error_by_role"].items()))
+        errors = ", ".join(f"{k} {v[0]:.3f}->{v[1]:.3f}" for k, v in sorted(comp["error_by_role"].items()))
         print(f"| {plain['ratio']:.0%} | {plain['allocation']} | {plain['kept_heads']:.0%} / {plain['kept_ffn']:.0%} / "
               f"{plain['kept_hidden']:.0%} | {plain['loss']:.3f} | {comp['loss']:.3f} | {comp['seconds']:.1f} | "
               f"{comp['hessian_bytes'] / 2**20:.0f} | {errors} |")
