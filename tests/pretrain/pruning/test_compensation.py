@@ -233,6 +233,11 @@ def training_worker(data, root):
         out[f"hidden_tp{tp}"] = {"losses": losses_of(s), "masks": pruner.masks.state_dict(),
                                  "history": pruner.history}
 
+    # every type under TP=2 (block-diagonal for proj/fc2) and PP=2 (each stage its own layers)
+    for name, layout in (("tp2", dict(tp=2)), ("pp2", dict(pp=2))):
+        pruner = _pruner(s := run(_config(data, ratio=0.5, **layout)))
+        out[name] = {"history": pruner.history, "bad": _zero_violations(s)[0]}
+
     # stopped inside a two-step Hessian window (step 5 of an event at step 6), then resumed
     kw = dict(window=2, iters=8)
     straight = run(_config(data, save=f"{root}/a", **kw))
@@ -312,3 +317,18 @@ def test_resume_inside_a_hessian_window_is_exact(trained):
         assert torch.equal(r["straight_masks"][k], r["resumed_masks"][k])
     assert [h["compensation"]["linears"] for h in r["resumed_history"] if "compensation" in h] == \
         [h["compensation"]["linears"] for h in r["straight_history"] if "compensation" in h]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_every_type_under_tp2_and_pp2(trained):
+    for name in ("tp2", "pp2"):
+        run = trained[name]
+        assert run["bad"] == [], name
+        events = [r["compensation"] for r in run["history"] if "compensation" in r]
+        assert events, name
+        layers = {int(k.split(".")[0]) for c in events for k in c["linears"]}
+        assert layers == {0, 1, 2, 3}, (name, layers)  # both pipeline stages' linears are in the record
+        for c in events:
+            assert all(after <= before for before, after in c["linears"].values()), (name, c["linears"])
+    assert "block-diagonal" in trained["tp2"]["history"][-1]["compensation"]["scheme"]
