@@ -604,6 +604,10 @@ class PruneConfig:
     compensation_damp: float = flag(
         0.01, name="--prune-compensation-damp",
         help="--prune-compensation obs: damping added to the Hessian's diagonal, as a fraction of its mean")
+    compensation_probe: bool = flag(
+        False, name="--prune-compensation-probe",
+        help="--prune-compensation obs: at each event, the --test-data-path loss (first --eval-iters batches) "
+             "before it and after it without and with the update (three evaluations per event)")
 
     @property
     def enabled(self) -> bool:
@@ -645,6 +649,8 @@ class PruneConfig:
                  f"--prune-compensation-window ({self.compensation_window}) must not exceed --prune-interval "
                  f"({self.interval}): the Hessian is freed at every event")
         _require(0 < self.compensation_damp < 1e3, "--prune-compensation-damp must be positive (and below 1000)")
+        _require(not self.compensation_probe or self.compensation == "obs",
+                 "--prune-compensation-probe needs --prune-compensation obs")
 
 
 @dataclass(kw_only=True)
@@ -673,6 +679,9 @@ class PretrainConfig:
         self.train.validate(self.parallel.data_parallel_size(world_size), self.model.seq_length)
         self.checkpoint.validate()
         self.prune.validate(self.total_tokens())
+        if self.prune.enabled and self.prune.compensation_probe:
+            _require(bool(self.data.test_data_path) and self.train.eval_iters > 0,
+                     "--prune-compensation-probe needs --test-data-path (and --eval-iters > 0): it evaluates there")
         shrinks = bool(self.prune.shrink_at or self.prune.shrink_auto)
         if shrinks:
             _require(self.checkpoint.save is not None, "--shrink-at needs --save (the shrink goes through a checkpoint)")

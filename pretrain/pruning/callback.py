@@ -17,7 +17,7 @@ import os
 import torch
 
 from pretrain.distributed import is_rank0, print_rank0
-from pretrain.pruning.compensation import Compensator
+from pretrain.pruning.compensation import Compensator, probe_uncompensated_loss
 from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
 from pretrain.pruning.optim_state import zero_masked_state
 from pretrain.pruning.saliency import SaliencyEstimator, reduce_table
@@ -251,9 +251,16 @@ class PruningCallback(Callback):
         problems = check_constraints(self.shape, new_masks, self.constraints)
         if problems:
             raise RuntimeError("pruning produced an unshrinkable model: " + "; ".join(problems[:5]))
+        probe = {}
+        if self.compensator is not None and self.cfg.compensation_probe:
+            batches = trainer.config.train.eval_iters
+            probe = {"loss_before": trainer.evaluate_test(batches),
+                     "loss_after_without": probe_uncompensated_loss(trainer, self.shape, self.masks, new_masks, batches)}
         compensation = self.compensator.compensate(self.masks, new_masks) if self.compensator is not None else None
         self.masks = new_masks
         self._refresh_local(trainer)
+        if probe:
+            compensation["probe"] = {**probe, "loss_after_with": trainer.evaluate_test(trainer.config.train.eval_iters)}
         record = {"iteration": iteration, "tokens": tokens, "target": target,
                   "initial_params": self.initial_params,
                   "params": self.current_params(), **{f"kept_{k}": v for k, v in self.kept_ratios().items()},
@@ -279,6 +286,8 @@ class PruningCallback(Callback):
                     logger.log_scalar(f"pruning/compensation_error_{role}_without", without, iteration)
                     logger.log_scalar(f"pruning/compensation_error_{role}_with", with_, iteration)
                 logger.log_scalar("pruning/compensation_seconds", compensation["seconds"], iteration)
+                for k, v in compensation.get("probe", {}).items():
+                    logger.log_scalar(f"pruning/compensation_{k}", v, iteration)
                 logger.log_scalar("pruning/compensation_hessian_mb", compensation["hessian_bytes"] / 2**20, iteration)
 
     def _mean_saliency(self) -> dict:

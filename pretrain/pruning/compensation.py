@@ -299,3 +299,21 @@ class Compensator:
             per_role.setdefault(name.split(".")[-1], []).append(errors)
         means = {role: [sum(e[0] for e in v) / len(v), sum(e[1] for e in v) / len(v)] for role, v in per_role.items()}
         return {"linears": linears, "error_by_role": means}
+
+
+@torch.no_grad()
+def probe_uncompensated_loss(trainer, shape, old_masks, new_masks, batches: int) -> float:
+    """The held-out (``--test-data-path``) loss of the model with ``new_masks`` applied and no update:
+    every weight is copied, masked, evaluated and put back, and the norms get ``old_masks`` again
+    (a full copy of this rank's weights for the time of one evaluation; ``--prune-compensation-probe``)."""
+    from pretrain.pruning.masks import build_local_masks
+
+    chunks = trainer.model_chunks
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    saved = [p.detach().clone() for p in params]
+    build_local_masks(chunks, new_masks, shape).apply_to_weights()
+    loss = trainer.evaluate_test(batches)
+    for p, s in zip(params, saved):
+        p.data.copy_(s)
+    build_local_masks(chunks, old_masks, shape)  # the norms' hidden mask back to what the weights have
+    return loss

@@ -28,6 +28,11 @@ CASES = [
              lambda d, f: _prune(f, "--prune-compensation", "obs", "--prune-interval", "2",
                                  "--prune-compensation-window", "3"),
              message=r"--prune-compensation-window \(3\) must not exceed --prune-interval \(2\)"),
+    BadInput("pruning-compensation-probe-without-obs", lambda d, f: _prune(f, "--prune-compensation-probe"),
+             message=r"--prune-compensation-probe needs --prune-compensation obs"),
+    BadInput("pruning-compensation-probe-without-test-data",
+             lambda d, f: _prune(f, "--prune-compensation", "obs", "--prune-compensation-probe"),
+             message=r"--prune-compensation-probe needs --test-data-path"),
     BadInput("pruning-compensation-damp-negative", lambda d, f: _prune(f, "--prune-compensation-damp", "-0.1"),
              message=r"--prune-compensation-damp must be positive"),
 ]

@@ -9,6 +9,8 @@
 """
 
 import dataclasses
+import math
+import shutil
 
 import pytest
 import torch
@@ -169,13 +171,13 @@ def layer_outputs(data):
 
 # --------------------------------------------------------------------------------- in training
 def _config(data, *, compensation="obs", window=1, types=("heads", "ffn", "hidden"), iters=6, interval=2,
-            ratio=0.6, **kw):
+            ratio=0.6, compensation_probe=False, **kw):
     from tests.pretrain.pruning.test_pruning_distributed import _prune_config
 
     cfg = _prune_config(data, iters=iters, interval=interval, end_tokens=iters * 8 * 64, ratio=ratio,
                         saliency="fisher", **kw)
     cfg.prune = dataclasses.replace(cfg.prune, compensation=compensation, compensation_window=window,
-                                    types=tuple(types))
+                                    types=tuple(types), compensation_probe=compensation_probe)
     return cfg
 
 
@@ -210,9 +212,21 @@ def training_worker(data, root):
 
     out = {"layer": layer_outputs(data)}
 
-    # TP=1, DP=2: every replica applies the same update (H summed over DP)
-    summary = run(_config(data))
+    # TP=1, DP=2: every replica applies the same update (H summed over DP); the probe's held-out
+    # losses around each event, and a run without the probe trains the same model
+    cfg = _config(data, compensation_probe=True)
+    test_prefix = f"{root}/test"  # a copy: a test set must be data training never reads
+    if torch.distributed.get_rank() == 0:
+        for ext in (".bin", ".idx"):
+            shutil.copyfile(data["prefix"] + ext, test_prefix + ext)
+    torch.distributed.barrier()
+    cfg.data = dataclasses.replace(cfg.data, test_data_path=[test_prefix])
+    cfg.train = dataclasses.replace(cfg.train, eval_iters=2)
+    summary = run(cfg)
     mine = _flat_params(summary)
+    unprobed = run(_config(data))
+    out["probe_changes_nothing"] = (losses_of(unprobed) == losses_of(summary)
+                                    and bool(torch.equal(_flat_params(unprobed), mine)))
     theirs = [torch.empty_like(mine) for _ in range(2)]
     torch.distributed.all_gather(theirs, mine, group=ps.get_data_parallel_group())
     bad, checked = _zero_violations(summary)
@@ -288,6 +302,10 @@ def test_dp_replicas_stay_equal_and_masked_state_stays_zero(trained):
         c = r["compensation"]
         assert c["scheme"] == "exact (TP=1)" and c["hessian_bytes"] > 0 and c["seconds"] >= 0
         assert all(after <= before for before, after in c["linears"].values()), c["linears"]
+        probe = c["probe"]
+        assert all(math.isfinite(probe[k]) for k in ("loss_before", "loss_after_without", "loss_after_with"))
+        assert probe["loss_after_without"] != probe["loss_after_with"]  # the update changed the model
+    assert trained["probe_changes_nothing"]
 
 
 @pytest.mark.distributed
