@@ -181,7 +181,7 @@ class Compensator:
         """Apply the OBS update for the channels ``old_masks`` kept and ``new_masks`` drops, then free
         the Hessians. Returns the event's record (identical on every rank): per updated linear
         ``[error without, error with]`` (relative output reconstruction error on the captured
-        inputs), their means per role, seconds, peak Hessian bytes on one rank, the TP scheme."""
+        inputs), their means per role, seconds, the Hessian bytes one rank held, the TP scheme."""
         from megatron.core import parallel_state as ps
 
         start = time.time()
@@ -211,9 +211,9 @@ class Compensator:
             tokens = torch.tensor([float(stats[1]) if stats is not None else 0.0], device=h.device)
             if dist:
                 h, tokens = self._dp_sum(h), self._dp_sum(tokens)
-            few_tokens = min(few_tokens, float(tokens) / d)
             if not bool(torch.diagonal(h).abs().sum() > 0):
                 continue  # nothing captured (same verdict on every DP rank after the sum)
+            few_tokens = min(few_tokens, float(tokens) / d)
             removed = (old_kept & ~new_kept).nonzero().flatten().to(device)
             if removed.numel() == 0:
                 continue
@@ -228,8 +228,8 @@ class Compensator:
             sums[name] = [before, after, den]
             del h, weight, plain, new
         self.reset()
-        record = self._gather_record(sums, tp)
-        record.update({"seconds": time.time() - start, "hessian_bytes": hessian_bytes, "scheme": self.scheme(tp)})
+        record = self._gather_record(sums, time.time() - start, hessian_bytes)
+        record["scheme"] = self.scheme(tp)
         if few_tokens < MIN_TOKENS_PER_INPUT:
             # a refit from fewer samples than a few per unknown fits the noise of those samples
             # (measured: it made held-out outputs worse on a tiny model); say so, once per event
@@ -273,17 +273,20 @@ class Compensator:
         param.data.copy_((param.detach().float() + delta).to(param.dtype))
 
     @staticmethod
-    def _gather_record(sums: dict, tp: int) -> dict:
-        """Relative errors per linear and mean per role, the same on every rank: sums over TP ranks
-        (rows split: exact; row-parallel: the block-diagonal sum) and the pipeline stages' linears,
-        from data-parallel rank 0 (every DP replica computed the same numbers)."""
+    def _gather_record(sums: dict, seconds: float, hessian_bytes: int) -> dict:
+        """The event's record, the same on every rank: relative errors per linear and their mean per
+        role, from sums over TP ranks (rows split: exact; row-parallel: the block-diagonal sum) and
+        the pipeline stages' linears of data-parallel rank 0 (every DP replica computed the same
+        numbers); the slowest rank's seconds and the largest rank's Hessian bytes."""
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             from megatron.core import parallel_state as ps
 
             everyone = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(everyone, (ps.get_data_parallel_rank(), sums))
+            torch.distributed.all_gather_object(everyone, (ps.get_data_parallel_rank(), sums, seconds, hessian_bytes))
+            seconds = max(e[2] for e in everyone)
+            hessian_bytes = max(e[3] for e in everyone)
             merged: dict = {}
-            for dp_rank, part in everyone:
+            for dp_rank, part, _, _ in everyone:
                 if dp_rank != 0:
                     continue
                 for name, values in part.items():
@@ -298,7 +301,7 @@ class Compensator:
         for name, errors in linears.items():
             per_role.setdefault(name.split(".")[-1], []).append(errors)
         means = {role: [sum(e[0] for e in v) / len(v), sum(e[1] for e in v) / len(v)] for role, v in per_role.items()}
-        return {"linears": linears, "error_by_role": means}
+        return {"linears": linears, "error_by_role": means, "seconds": seconds, "hessian_bytes": hessian_bytes}
 
 
 @torch.no_grad()
