@@ -98,7 +98,7 @@ class PruningCallback(Callback):
     def on_train_begin(self, trainer) -> None:
         self.estimator = SaliencyEstimator(self.cfg.saliency, self.shape, trainer.model_chunks,
                                            trainer.optimizer, self.cfg.taylor_form, self.cfg.obs_exact)
-        if getattr(self.cfg, "compensation", "none") == "obs":
+        if self.cfg.compensation == "obs":
             from megatron.core import parallel_state as ps
 
             self.compensator = Compensator(self.shape, trainer.model_chunks, trainer.optimizer,
