@@ -61,7 +61,7 @@ def _build_data(root: str, documents: int, held_out: int) -> dict:
 
 
 def _worker(data: dict, start_iters: int, iters: int, interval: int, ratio: float, eval_batches: int,
-            root: str) -> dict:
+            root: str, seed: int = 1) -> dict:
     import dataclasses
 
     from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig,
@@ -75,7 +75,7 @@ def _worker(data: dict, start_iters: int, iters: int, interval: int, ratio: floa
             data=DataConfig(data_path=[data["train"]], tokenizer_model=data["tokenizer"], split="100,0,0",
                             test_data_path=[data["test"]]),
             optim=OptimConfig(lr=2e-3, min_lr=2e-4, lr_warmup_iters=5),
-            train=TrainConfig(micro_batch_size=4, global_batch_size=8, train_iters=train_iters, seed=1,
+            train=TrainConfig(micro_batch_size=4, global_batch_size=8, train_iters=train_iters, seed=seed,
                               log_interval=10**6),
             checkpoint=CheckpointConfig(load=load, save=save, save_interval=train_iters if save else None))
 
@@ -200,6 +200,7 @@ def main() -> None:
     p.add_argument("--documents", type=int, default=1500, help="built-in documents to train on")
     p.add_argument("--held-out", type=int, default=150, help="further built-in documents for the held-out loss")
     p.add_argument("--eval-batches", type=int, default=4, help="held-out global batches per loss")
+    p.add_argument("--seed", type=int, default=1, help="initialisation and data order")
     p.add_argument("--real", metavar="WORK_DIR", help="one-shot pruning of SmolLM2-135M instead (see above)")
     p.add_argument("--calibration-batches", type=int, default=16, help="--real: batches of 4 x 256 tokens for H")
     p.add_argument("--damp", type=float, default=0.01, help="--real: --prune-compensation-damp")
@@ -214,8 +215,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         data = _build_data(root, args.documents, args.held_out)
         arms = run_distributed(_worker, 1, data, args.start_iters, args.iters, args.interval, args.target_ratio,
-                               args.eval_batches, root)[0]
-    print(f"\ndebug model, {args.start_iters} steps of training, then {args.iters} steps pruning to "
+                               args.eval_batches, root, args.seed)[0]
+    print(f"\ndebug model (seed {args.seed}), {args.start_iters} steps of training, then {args.iters} steps pruning to "
           f"{args.target_ratio} of the parameters every {args.interval} steps (fisher saliency)\n")
     print("| arm | events | held-out jump per event, mean (max) | held-out loss at end | "
           "compensation s/event | Hessian MiB/event | output error without -> with |")
