@@ -3,9 +3,11 @@
 * the update of one linear equals the least-squares refit of its kept columns (closed form);
 * on the tiny GPT, every consuming linear's output on held-out inputs is closer to the unpruned
   output with compensation than without (FFN, heads, hidden), and masked == shrunk still holds;
-* in training (gloo, world 2): DP replicas stay identical, masked weights and moments stay zero,
-  TP=2 equals TP=1 where the scheme is exact (hidden channels), and a run stopped inside a
-  Hessian window resumes to the same losses and masks.
+* in training (gloo, world 2, one spawn for all): DP replicas stay identical, masked weights and
+  moments stay zero, the fp32 master copies get the update (bf16), the held-out probe leaves
+  training unchanged, TP=2 equals TP=1 where the scheme is exact (hidden channels), every type
+  runs under TP=2 and PP=2, and a run stopped inside a Hessian window resumes to the same losses
+  and masks.
 """
 
 import dataclasses
