@@ -597,6 +597,21 @@ class PruneConfig:
         0.5, name="--prune-loss-jump-warn",
         help="warn (log, tensorboard, history) when the loss rises by more than this many nats from the step "
              "before a pruning event to the step after it")
+    # issue 16: OBS compensation of the surviving weights at each event (pretrain/pruning/compensation.py)
+    compensation: Literal["none", "obs"] = flag(
+        "none", name="--prune-compensation",
+        help="obs: at each pruning event, update the surviving input columns of the linears that read the "
+             "removed channels (SparseGPT's OBS update with the input Hessian of recent steps)")
+    compensation_window: int = flag(
+        1, name="--prune-compensation-window",
+        help="--prune-compensation obs: steps before each event whose layer inputs form the Hessian")
+    compensation_damp: float = flag(
+        0.01, name="--prune-compensation-damp",
+        help="--prune-compensation obs: damping added to the Hessian's diagonal, as a fraction of its mean")
+    compensation_probe: bool = flag(
+        False, name="--prune-compensation-probe",
+        help="--prune-compensation obs: at each event, the --test-data-path loss (first --eval-iters batches) "
+             "before it and after it without and with the update (three evaluations per event)")
 
     @property
     def enabled(self) -> bool:
@@ -632,6 +647,14 @@ class PruneConfig:
     def validate_safety(self) -> None:
         _require(0 < self.max_step_fraction <= 1, "--prune-max-step-fraction must be in (0, 1]")
         _require(self.loss_jump_warn > 0, "--prune-loss-jump-warn must be positive (nats)")
+        _require_choice(self, "compensation", "--prune-compensation")
+        _require(self.compensation_window >= 1, "--prune-compensation-window must be >= 1 (steps)")
+        _require(self.compensation_window <= self.interval,
+                 f"--prune-compensation-window ({self.compensation_window}) must not exceed --prune-interval "
+                 f"({self.interval}): the Hessian is freed at every event")
+        _require(0 < self.compensation_damp < 1e3, "--prune-compensation-damp must be positive (and below 1000)")
+        _require(not self.compensation_probe or self.compensation == "obs",
+                 "--prune-compensation-probe needs --prune-compensation obs")
 
 
 @dataclass(kw_only=True)
@@ -700,6 +723,9 @@ class PretrainConfig:
         self.checkpoint.validate()
         self.prune.validate(self.total_tokens())
         self.distill.validate()
+        if self.prune.enabled and self.prune.compensation_probe:
+            _require(bool(self.data.test_data_path) and self.train.eval_iters > 0,
+                     "--prune-compensation-probe needs --test-data-path (and --eval-iters > 0): it evaluates there")
         shrinks = bool(self.prune.shrink_at or self.prune.shrink_auto)
         if shrinks:
             _require(self.checkpoint.save is not None, "--shrink-at needs --save (the shrink goes through a checkpoint)")

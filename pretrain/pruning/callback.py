@@ -17,6 +17,7 @@ import os
 import torch
 
 from pretrain.distributed import device, is_rank0, print_rank0
+from pretrain.pruning.compensation import Compensator, probe_uncompensated_loss
 from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
 from pretrain.pruning.optim_state import zero_masked_state
 from pretrain.pruning.saliency import SaliencyEstimator, reduce_table
@@ -56,6 +57,7 @@ class PruningCallback(Callback):
         self.local = None
         self._scoring = False
         self._pending_local_state: dict | None = None
+        self.compensator: Compensator | None = None  # --prune-compensation obs (issue 16)
 
     # the parts of the state the hooks below use on every step
     masks = property(lambda self: self.state.masks, lambda self, v: setattr(self.state, "masks", v))
@@ -96,6 +98,14 @@ class PruningCallback(Callback):
     def on_train_begin(self, trainer) -> None:
         self.estimator = SaliencyEstimator(self.cfg.saliency, self.shape, trainer.model_chunks,
                                            trainer.optimizer, self.cfg.taylor_form, self.cfg.obs_exact)
+        if self.cfg.compensation == "obs":
+            from megatron.core import parallel_state as ps
+
+            self.compensator = Compensator(self.shape, trainer.model_chunks, trainer.optimizer,
+                                           tuple(self.cfg.types), self.cfg.compensation_damp)
+            print_rank0(f"pruning compensation: obs, Hessian of the last {self.cfg.compensation_window} step(s) "
+                        f"before each event, damping {self.cfg.compensation_damp}; "
+                        f"{self.compensator.scheme(ps.get_tensor_model_parallel_world_size())}; Adam moments kept")
         if self._pending_local_state is not None:
             self._load_local_state(self._pending_local_state)
             self._pending_local_state = None
@@ -115,9 +125,13 @@ class PruningCallback(Callback):
         self._scoring = self._in_window(tokens_before)
         if self._scoring:
             self.estimator.begin_capture()
+        if self._hessian_due(trainer):
+            self.compensator.begin_capture()
 
     def on_before_optimizer_step(self, trainer) -> None:
         self.estimator.end_capture()
+        if self.compensator is not None:
+            self.compensator.end_capture()
         if self._scoring and not trainer.state.nonfinite_step:  # a NaN step would poison the EMA
             table = reduce_table(self.estimator.partial_table(), self.shape, self.estimator.signed)
             beta = self.cfg.saliency_ema
@@ -145,6 +159,8 @@ class PruningCallback(Callback):
                 self._write_history_line(self.history[-1])  # nothing removed: no jump to wait for
             if tokens >= self.end_tokens:
                 self._warn_if_target_missed()
+        if self.compensator is not None and not self._hessian_due(trainer):
+            self.compensator.reset()  # no event uses what was captured: hold no Hessian between events
         if self._shrink_due(tokens):
             self.state.shrink_requested_at = it
             trainer.request_stop("shrink")
@@ -158,6 +174,16 @@ class PruningCallback(Callback):
             logger.log_scalar("pruning/params", params, it)
             for k, v in ratios.items():
                 logger.log_scalar(f"pruning/kept_{k}", v, it)
+
+    def _hessian_due(self, trainer) -> bool:
+        """Whether the next step (the one about to run, from on_step_begin) is one of the last
+        --prune-compensation-window steps before an event (on the interval grid, or the window's end)."""
+        if self.compensator is None or not self._in_window(trainer.state.tokens_seen):
+            return False
+        window = self.cfg.compensation_window
+        if (-(trainer.state.iteration + 1)) % self.cfg.interval < window:
+            return True
+        return trainer.state.tokens_seen + window * trainer.tokens_per_step >= self.end_tokens
 
     # ------------------------------------------------------------------ loss jump after an event (issue 21)
     def _check_loss_jump(self, trainer, iteration: int, loss: float) -> None:
@@ -225,8 +251,16 @@ class PruningCallback(Callback):
         problems = check_constraints(self.shape, new_masks, self.constraints)
         if problems:
             raise RuntimeError("pruning produced an unshrinkable model: " + "; ".join(problems[:5]))
+        probe = {}
+        if self.compensator is not None and self.cfg.compensation_probe:
+            batches = trainer.config.train.eval_iters
+            probe = {"loss_before": trainer.evaluate_test(batches),
+                     "loss_after_without": probe_uncompensated_loss(trainer, self.shape, self.masks, new_masks, batches)}
+        compensation = self.compensator.compensate(self.masks, new_masks) if self.compensator is not None else None
         self.masks = new_masks
         self._refresh_local(trainer)
+        if probe:
+            compensation["probe"] = {**probe, "loss_after_with": trainer.evaluate_test(trainer.config.train.eval_iters)}
         record = {"iteration": iteration, "tokens": tokens, "target": target,
                   "initial_params": self.initial_params,
                   "params": self.current_params(), **{f"kept_{k}": v for k, v in self.kept_ratios().items()},
@@ -236,6 +270,8 @@ class PruningCallback(Callback):
                                      "hidden": int(self.masks.hidden.sum())},
                   "mean_saliency": self._mean_saliency(),
                   "moves": [{k: m[k] for k in ("type", "layers", "count", "saliency_per_param")} for m in moves]}
+        if compensation is not None:
+            record["compensation"] = compensation
         self.history.append(record)
         if is_rank0():
             print(f"pruning at iteration {iteration}: {record['params'] / 1e6:.3f} M params "
@@ -245,6 +281,14 @@ class PruningCallback(Callback):
         if logger is not None:
             for k, v in record["mean_saliency"].items():
                 logger.log_scalar(f"pruning/mean_saliency_{k}", v, iteration)
+            if compensation is not None:
+                for role, (without, with_) in compensation["error_by_role"].items():
+                    logger.log_scalar(f"pruning/compensation_error_{role}_without", without, iteration)
+                    logger.log_scalar(f"pruning/compensation_error_{role}_with", with_, iteration)
+                logger.log_scalar("pruning/compensation_seconds", compensation["seconds"], iteration)
+                for k, v in compensation.get("probe", {}).items():
+                    logger.log_scalar(f"pruning/compensation_{k}", v, iteration)
+                logger.log_scalar("pruning/compensation_hessian_mb", compensation["hessian_bytes"] / 2**20, iteration)
 
     def _mean_saliency(self) -> dict:
         """Mean saliency per parameter of the kept groups of each type (for plots)."""
@@ -280,6 +324,8 @@ class PruningCallback(Callback):
     def on_train_end(self, trainer) -> None:
         if self.estimator is not None:
             self.estimator.remove_hooks()
+        if self.compensator is not None:
+            self.compensator.remove_hooks()
         if self.state.loss_before_event is not None and trainer.state.iteration >= trainer.total_iters:
             # the run ends right after an event: no step will give its jump (a run that stopped
             # early keeps it pending in the checkpoint, and the resumed run writes the line)
@@ -302,11 +348,15 @@ class PruningCallback(Callback):
         self.state = loaded
 
     def local_state_dict(self) -> dict:
-        """Per-rank state (the fisher running means over this rank's owned elements)."""
+        """Per-rank state (the fisher running means over this rank's owned elements; the Hessian sums of
+        a compensation window that a checkpoint cuts in two)."""
+        out = {}
+        if self.compensator is not None and self.compensator.hessian_bytes:
+            out["compensation"] = self.compensator.state_dict()
         if self.estimator is None or not self.estimator.fisher:
-            return {}
+            return out
         names = {p: i for i, p in enumerate(self.local.param_masks)} if self.local else {}
-        return {"fisher_count": self.estimator.fisher_count,
+        return {**out, "fisher_count": self.estimator.fisher_count,
                 "fisher": {names[p]: v.clone() for p, v in self.estimator.fisher.items() if p in names}}
 
     def load_local_state_dict(self, state: dict) -> None:
@@ -318,6 +368,8 @@ class PruningCallback(Callback):
     def _load_local_state(self, state: dict) -> None:
         if not state:
             return
+        if self.compensator is not None and state.get("compensation"):
+            self.compensator.load_state_dict(state["compensation"])
         params = list(build_local_masks(self.estimator._model_chunks, self.masks, self.shape).param_masks)
         self.estimator.fisher_count = state.get("fisher_count", 0)
         self.estimator.fisher = {params[i]: v for i, v in state.get("fisher", {}).items() if i < len(params)}

@@ -70,6 +70,10 @@ FROZEN = """
 --pipeline-model-parallel-size 1
 --prune-align None
 --prune-allocation 'global' {global,proportional}
+--prune-compensation 'none' {none,obs}
+--prune-compensation-damp 0.01
+--prune-compensation-probe False
+--prune-compensation-window 1
 --prune-end-tokens None
 --prune-granularity 'per-layer' {uniform,per-layer}
 --prune-interval 10
