@@ -220,9 +220,16 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
     stored = PruningState.stored_dict(peeked[1] if peeked else None)
     model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size,
                                hidden_masking=hidden_masking_possible(cfg.prune, stored),
-                               plain_megatron_spec=plain_megatron_spec)
+                               plain_megatron_spec=plain_megatron_spec,
+                               wrap_ddp=cfg.parallel.engine != "deepspeed")  # DeepSpeed does DP itself
     for chunk in model_chunks:
         deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
+    if cfg.parallel.engine == "deepspeed":
+        from pretrain.engine_deepspeed import build_deepspeed_engine
+
+        # the adapter stands in for the optimizer: the trainer, the schedule and pruning ask it
+        engine = build_deepspeed_engine(cfg, unwrap(model_chunks[0]))
+        return [engine.model], engine, build_scheduler(engine, cfg.optim, cfg.total_iters())
     optimizer = build_optimizer(model_chunks, cfg.optim, cfg.parallel, cfg.train)
     # the optimizer holds fp32 master copies (bf16) made before our init: refresh them
     if hasattr(optimizer, "reload_model_params"):
@@ -354,7 +361,8 @@ def _print_end(cfg: PretrainConfig, state) -> None:
 def _segment_summary(cfg: PretrainConfig, trainer, layout: dict) -> dict:
     from pretrain.model import unwrap
 
-    params = sum(p.numel() for c in trainer.model_chunks for p in unwrap(c).parameters())
+    # a ZeRO-3 parameter holds a partition; ds_numel is its full size
+    params = sum(getattr(p, "ds_numel", p.numel()) for c in trainer.model_chunks for p in unwrap(c).parameters())
     if torch.distributed.is_initialized():
         t = torch.tensor([float(params)])
         torch.distributed.all_reduce(t)  # summed over all ranks; divide out the DP replicas
