@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import torch
 
@@ -213,6 +214,23 @@ class DeepSpeedEngine:
         norm = float(norm) if norm is not None else float("nan")
         return bool(self.engine.was_step_applied()) and math.isfinite(norm), norm, None
 
+    # -- checkpoints: DeepSpeed's own files, inside our atomic folder (pretrain.checkpoint)
+    def save_engine_state(self, folder: str, tag: str) -> None:
+        """Collective: every rank writes its model/ZeRO partition files under ``folder/tag``."""
+        # no 'latest' file of DeepSpeed's: our manifest and latest pointer decide what is complete
+        self.engine.save_checkpoint(folder, tag=tag, client_state={}, save_latest=False)
+
+    def load_engine_state(self, folder: str, tag: str, load_optim: bool) -> bool:
+        """Collective: weights, and (``load_optim``) the ZeRO partitions of the fp32 masters and
+        Adam moments. False when DeepSpeed found nothing to load."""
+        path, _ = self.engine.load_checkpoint(folder, tag=tag, load_optimizer_states=load_optim,
+                                              load_lr_scheduler_states=False, load_module_only=not load_optim)
+        return path is not None
+
+    @staticmethod
+    def checkpoint_pickle_globals() -> list:
+        return checkpoint_pickle_globals()
+
     # -- partitioned state, for pruning
     def param_slots(self):
         """Every parameter this rank owns part of, with its fp32 master values, Adam moments and
@@ -297,4 +315,23 @@ class DeepSpeedEngine:
                         local.mul_(mask.reshape(-1)[start:end].to(local.dtype))
                 else:
                     param.data.mul_(mask)
+
+
+def checkpoint_pickle_globals() -> list:
+    """The classes DeepSpeed's checkpoint files pickle besides tensors and plain containers: data
+    (an enum, ordered dicts, its loss-scaler record), none that runs code when unpickled."""
+    from collections import OrderedDict
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    # LossScaler: a plain object (its attributes restored, no __setstate__) stored even without fp16
+    found = [OrderedDict, ZeroStageEnum, LossScaler, torch.Size]
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        found.append(fragment_address)
+    except ImportError:
+        pass
+    return found
 

@@ -422,7 +422,7 @@ def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, num_
         f"non-embedding ({counts['per_layer'] / 1e6:,.3f} M per layer)",
         f"layout: world {layout['world_size']} = TP {layout['tp_size']} x PP {layout['pp_size']} x "
         f"DP {layout['dp_size']}; backend {'nccl' if torch.cuda.is_available() else 'gloo (CPU)'}; "
-        f"{'bf16' if t.bf16 else 'fp32'}",
+        f"{'bf16' if t.bf16 else 'fp32'}" + _engine_summary(cfg.parallel),
         f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x DP {layout['dp_size']} "
         f"x {num_microbatches} micro-batches; {cfg.tokens_per_step():,} tokens/step",
         f"plan: {total_iters} iterations, {tokens / 1e6:,.2f} M tokens; lr {cfg.optim.lr} "
@@ -435,6 +435,18 @@ def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, num_
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+def _engine_summary(parallel) -> str:
+    """The plan's words for --engine deepspeed (nothing for the default engine)."""
+    if parallel.engine != "deepspeed":
+        return ""
+    from pretrain.config import read_deepspeed_json
+
+    zero = read_deepspeed_json(parallel.deepspeed_config).get("zero_optimization", {})
+    stage = parallel.zero_stage or zero.get("stage", 1)
+    offload = parallel.offload_optimizer or (zero.get("offload_optimizer") or {}).get("device", "none")
+    return f"; engine DeepSpeed ZeRO-{stage}, optimizer offload {offload}"
 
 
 def _data_summary(data_path: list[str], most: int = 8) -> str:
