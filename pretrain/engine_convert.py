@@ -12,9 +12,10 @@ What does not cross: the Adam moments (``zero_to_fp32`` consolidates parameters 
 run resumed from the converted checkpoint starts its moments at zero (``optimizer_state`` is
 False in the trainer state; ``train.py`` then loads weights without optimizer and says so).
 
-``--to deepspeed`` needs no file conversion: a DeepSpeed run started with ``--load`` of a
-megatron checkpoint written without optimizer state (a converted or imported one) loads its
-weights before DeepSpeed wraps the model (``train.py``).
+``--to deepspeed``: a megatron checkpoint is copied with its config set to ``--engine deepspeed``
+and ``optimizer_state`` False; a DeepSpeed run started with ``--load`` of it (or of any
+megatron-format checkpoint) loads the weights before DeepSpeed wraps the model (``train.py``),
+then the trainer state, under any TP/DP layout (the DCP weights reshard); Adam moments restart.
 """
 
 from __future__ import annotations
@@ -122,4 +123,47 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"folder": os.path.join(save, os.path.basename(written)), "iteration": int(state["iteration"]),
-            "parameters": sum(p.numel() for p in model.parameters()), "tp": tp, "seconds": time.time() - start}
+            "parameters": sum(p.numel() for p in model.parameters()), "tp": tp, "seconds": time.time() - start,
+            "note": "weights and trainer state (pruning state included); the Adam moments restart at zero"}
+
+
+def megatron_to_deepspeed(load: str, save: str) -> dict:
+    """Copy the megatron-format checkpoint under ``load`` to ``save`` for ``--engine deepspeed``."""
+    from pretrain import checkpoint as ckpt
+
+    start = time.time()
+    folder = ckpt.find_checkpoint(load)
+    if folder is None:
+        raise EngineConversionError(f"--load {load}: no valid checkpoint there")
+    if os.path.isdir(os.path.join(folder, ckpt.ENGINE_DIR)):
+        raise EngineConversionError(f"{folder} is already a DeepSpeed checkpoint")
+    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
+        raise EngineConversionError(f"--save {save} already exists; choose a new folder or remove it")
+    state = ckpt.read_trainer_state(folder)
+    cfg = PretrainConfig.from_dict(state["config"])
+    parallel = dataclasses.replace(cfg.parallel, engine="deepspeed", pipeline_model_parallel_size=1)
+    iteration = int(state["iteration"])
+    new_state = {**state, "config": dataclasses.replace(cfg, parallel=parallel).to_dict(), "optimizer_state": False,
+                 "converted_from": {"path": os.path.abspath(folder), "engine": "megatron"}}
+    tmp = os.path.abspath(save).rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        staged = tmp + "/" + os.path.basename(ckpt.iteration_dir(tmp, iteration)) + ".tmp"
+        os.makedirs(tmp)
+        # the weights only: the DCP folder (its optimizer entries are not read) and the RNG states
+        shutil.copytree(os.path.join(folder, ckpt.MODEL_OPTIM_DIR), os.path.join(staged, ckpt.MODEL_OPTIM_DIR))
+        if os.path.isdir(os.path.join(folder, "rng")):
+            shutil.copytree(os.path.join(folder, "rng"), os.path.join(staged, "rng"))
+        torch.save(new_state, os.path.join(staged, ckpt.TRAINER_STATE))
+        ckpt.publish_checkpoint(tmp, iteration, staged)
+        if os.path.isdir(save):
+            os.rmdir(save)
+        os.replace(tmp, save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"folder": ckpt.iteration_dir(save, iteration), "iteration": iteration,
+            "parameters": cfg.model.num_parameters(int(state["vocab_size"]))["total"], "tp": None,
+            "seconds": time.time() - start,
+            "note": f"start it with python -m pretrain --engine deepspeed --load {save} (any TP x DP, PP 1); "
+                    "the Adam moments restart at zero"}

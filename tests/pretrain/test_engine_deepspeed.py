@@ -133,9 +133,62 @@ def _resume_runs(data: dict, root: str, variants: list) -> dict:
         result.update(resumed=[h["loss"] for h in resumed["history"]], masks=pruning.masks.state_dict(),
                       masked_nonzero=_masked_nonzero(resumed["trainer"], pruning),
                       iteration=resumed["iteration"])
-        out[name] = result
         del resumed
+        result.update(_change_engine(data, cfg, save, root, name))
+        # in-run shrink after the pruning event of step 2: the run goes on under DeepSpeed, smaller
+        tokens = 2 * cfg.tokens_per_step()
+        shrunk = run(dataclasses.replace(
+            cfg, prune=dataclasses.replace(cfg.prune, shrink_at=(tokens,)),
+            checkpoint=dataclasses.replace(cfg.checkpoint, save=os.path.join(root, f"{name}-inrun"), save_interval=None)))
+        result.update(shrunk=[h["loss"] for h in shrunk["history"]], shrunk_params=shrunk["params"],
+                      shrunk_segments=len(shrunk.get("segments", [])), shrunk_engine=shrunk["trainer"].engine is not None)
+        del shrunk
+        out[name] = result
     return out
+
+
+def _tool(*argv: str) -> dict:
+    import subprocess
+    import sys
+
+    from tests.dist_helper import _ROOT, subprocess_env
+
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=subprocess_env(), cwd=_ROOT,
+                       timeout=300)
+    return {"rc": r.returncode, "out": (r.stdout + r.stderr)[-3000:]}
+
+
+def _change_engine(data: dict, cfg, save: str, root: str, name: str) -> dict:
+    """Rank worker: the DeepSpeed checkpoint at step 2 converted (rank 0, the tool) to the megatron
+    format, continued by the megatron engine on the same layout; then shrunk and exported to HF."""
+    import os
+    import shutil
+
+    import torch
+
+    from pretrain.checkpoint import LATEST_FILE, atomic_write_text, iteration_dir
+    from pretrain.train import run
+
+    converted, small, hf = (os.path.join(root, f"{name}-{what}") for what in ("megatron", "small", "hf"))
+    tools = {}
+    if torch.distributed.get_rank() == 0:
+        # the resumed run saved step 4 again: convert the step-2 checkpoint, so a step is left to compare
+        shutil.rmtree(iteration_dir(save, 4))
+        atomic_write_text(os.path.join(save, LATEST_FILE), "2")
+        tools["convert"] = _tool("tools/convert_checkpoint.py", "--load", save, "--save", converted, "--to", "megatron")
+    torch.distributed.barrier()
+    continued = run(dataclasses.replace(
+        cfg, parallel=dataclasses.replace(cfg.parallel, engine="megatron", zero_stage=None, offload_optimizer=None),
+        checkpoint=dataclasses.replace(cfg.checkpoint, load=converted, save=None, save_interval=None)))
+    losses = [h["loss"] for h in continued["history"]]
+    del continued
+    if torch.distributed.get_rank() == 0:
+        tools["shrink"] = _tool("tools/reshard_checkpoint.py", "--load", converted, "--save", small, "--shrink",
+                                "--target-tensor-parallel-size", "1")
+        tools["hf"] = _tool("tools/convert_to_hf.py", "--load", small, "--save", hf)
+        tools["hf_files"] = sorted(os.listdir(hf)) if os.path.isdir(hf) else []
+    torch.distributed.barrier()
+    return {"megatron_continued": losses, "tools": tools}
 
 
 def test_resume_is_exact_under_zero3_with_offload(tiny_dataset, tmp_path):
@@ -154,3 +207,16 @@ def test_resume_is_exact_under_zero3_with_offload(tiny_dataset, tmp_path):
             assert torch.equal(got["masks"][key], mask), f"{name}: masks {key}"
         nonzero = {k: v for k, v in got["masked_nonzero"].items() if k != "slots"}
         assert got["masked_nonzero"]["slots"] > 0 and not any(nonzero.values()), f"{name}: {nonzero}"
+        tools = got["tools"]
+        for step in ("convert", "shrink", "hf"):
+            assert tools[step]["rc"] == 0, f"{name}: {step}: {tools[step]['out']}"
+        assert "config.json" in tools["hf_files"], tools["hf_files"]
+        # the step after the conversion sees the same weights and data: the same loss (its Adam moments
+        # restart, so only the first continued step is the DeepSpeed run's)
+        assert math.isclose(got["megatron_continued"][0], got["whole"][2], rel_tol=1e-6), (
+            f"{name}: megatron from the converted checkpoint {got['megatron_continued']} vs {got['whole']}")
+        # the shrunk model computes what the masked one did: the first step after the shrink has its loss
+        assert got["shrunk_segments"] == 2 and got["shrunk_engine"], got
+        assert got["shrunk"][:2] == got["whole"][:2]
+        assert math.isclose(got["shrunk"][2], got["whole"][2], rel_tol=1e-5), (
+            f"{name}: in-run shrink {got['shrunk']} vs masked {got['whole']}")
