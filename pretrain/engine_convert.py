@@ -167,3 +167,25 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
             "seconds": time.time() - start,
             "note": f"start it with python -m pretrain --engine deepspeed --load {save} (any TP x DP, PP 1); "
                     "the Adam moments restart at zero"}
+
+
+def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:
+    """Collective: this DeepSpeed run's weights as a weights-only checkpoint in the resharding
+    (megatron) format under ``root/for_shrink``, with the trainer state (``optimizer_state``
+    False): what the in-run shrink slices. The shrunk model continues under DeepSpeed with its
+    weights, data position, LR schedule and pruning state; its Adam moments restart at zero (the
+    DeepSpeed partitions are not sliced). Returns the folder written."""
+    import contextlib
+
+    import deepspeed
+
+    from pretrain.checkpoint import save_checkpoint
+
+    engine = trainer.optimizer
+    params = list(engine.model.parameters())
+    # ZeRO-3 holds partitions: gather the full (TP-local) tensors for megatron's sharded save
+    gathered = deepspeed.zero.GatheredParameters(params) if engine.stage == 3 else contextlib.nullcontext()
+    with gathered:
+        return save_checkpoint(os.path.join(root, "for_shrink"), trainer.state.iteration, trainer.model_chunks,
+                               None, {**trainer_state, "optimizer_state": False}, keep_last=1)
+

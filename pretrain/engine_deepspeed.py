@@ -20,10 +20,8 @@ PP > 1 is refused by ``ParallelConfig.validate_engine`` before any process group
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
 
 import torch
 
@@ -336,23 +334,4 @@ def checkpoint_pickle_globals() -> list:
         pass
     return found
 
-
-
-def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:
-    """Collective: this DeepSpeed run's weights as a weights-only checkpoint in the resharding
-    (megatron) format under ``root/for_shrink``, with the trainer state (``optimizer_state``
-    False): what the in-run shrink slices. The shrunk model continues under DeepSpeed with its
-    weights, data position, LR schedule and pruning state; its Adam moments restart at zero (the
-    DeepSpeed partitions are not sliced). Returns the folder written."""
-    import deepspeed
-
-    from pretrain.checkpoint import save_checkpoint
-
-    engine = trainer.optimizer
-    params = list(engine.model.parameters())
-    # ZeRO-3 holds partitions: gather the full (TP-local) tensors for megatron's sharded save
-    gathered = deepspeed.zero.GatheredParameters(params) if engine.stage == 3 else contextlib.nullcontext()
-    with gathered:
-        return save_checkpoint(os.path.join(root, "for_shrink"), trainer.state.iteration, trainer.model_chunks,
-                               None, {**trainer_state, "optimizer_state": False}, keep_last=1)
 

@@ -68,7 +68,7 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     it = trainer.state.iteration
     source = iteration_dir(cfg.checkpoint.save, it)
     if cfg.parallel.engine == "deepspeed":
-        from pretrain.engine_deepspeed import save_weights_for_shrink
+        from pretrain.engine_convert import save_weights_for_shrink
 
         # the shrink slices the resharding (megatron) format: the weights go there too (collective)
         source = save_weights_for_shrink(trainer, cfg.checkpoint.save, next(
