@@ -37,7 +37,9 @@ def _train_engines(data: dict, runs: list) -> dict:
 
     out = {}
     for engine, stage in runs:
-        summary = run(_config(data, engine, stage))
+        cfg = _config(data, engine, stage)
+        # one validation batch at the end: evaluation runs the model outside DeepSpeed's engine
+        summary = run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_interval=ITERS, eval_iters=1)))
         pruning = next(c for c in summary["trainer"].callbacks if c.name == "pruning")
         out[(engine, stage)] = {
             "losses": [h["loss"] for h in summary["history"]],
@@ -47,6 +49,7 @@ def _train_engines(data: dict, runs: list) -> dict:
             "params": summary["params"],
             "layout": summary["layout"],
             "masked_nonzero": _masked_nonzero(summary["trainer"], pruning),
+            "valid": next(c for c in summary["trainer"].callbacks if c.name == "eval").last_loss,
         }
         del summary
     return out
@@ -94,6 +97,7 @@ def test_zero_stages_match_the_megatron_engine(tiny_dataset):
         got = results[key]
         _close(got["losses"], ref["losses"], f"ZeRO-{key[1]} losses")
         _close(got["grad_norms"], ref["grad_norms"], f"ZeRO-{key[1]} grad norms")
+        assert math.isclose(got["valid"], ref["valid"], rel_tol=TOLERANCE), f"ZeRO-{key[1]}: {got['valid']} vs {ref['valid']}"
         assert got["params"] == ref["params"], f"ZeRO-{key[1]}: parameter count"
         for name, table in ref["ema"].items():
             assert torch.allclose(got["ema"][name], table, rtol=1e-5, atol=1e-9), f"ZeRO-{key[1]}: saliency {name}"
