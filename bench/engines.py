@@ -5,10 +5,11 @@ ZeRO-1, 2, 3 and ZeRO-3 with the optimizer offloaded to host memory, for one mod
 
 Each engine trains the same run (mock data, same seed) in a launch of its own of ``--world``
 ranks (gloo on CPU, NCCL on GPUs). Peak memory is each rank's peak allocated device memory on a
-GPU (``torch.cuda.max_memory_allocated``), or its peak resident set on CPU (``ru_maxrss``: the
-whole process, Python and libraries included, so differences between engines are what counts).
-Step time is the median over the steps after the first two. Prints one markdown table (the
-README's).
+GPU (``torch.cuda.max_memory_allocated``), or its peak resident set on CPU (the whole process,
+Python and libraries included, so differences between engines are what counts): once over the
+training steps alone, once including building the model (every engine builds it at full size
+before DeepSpeed partitions it; ``deepspeed.zero.Init`` is not used). Step time is the median over
+the steps after the first two. Prints one markdown table (the README's).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from pretrain.trainer import Callback  # noqa: E402
 
 ENGINES = {
     "megatron": ("megatron", None, None),
@@ -48,6 +51,37 @@ def _config(model: str, tp: int, iters: int, seq: int, mbs: int, gbs: int, engin
     )
 
 
+class _TrainingMemory(Callback):
+    """A callback: the peak memory of the training steps alone (not of building the model, which
+    every engine does at full size before DeepSpeed partitions it). GPU: peak allocated since
+    training began; CPU: the resident-set high-water mark, reset when training begins
+    (``/proc/self/clear_refs``)."""
+
+    name = "training_memory"
+
+    def __init__(self):
+        self.peak_bytes = 0
+
+    def on_train_begin(self, trainer) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak resident set to the current one
+
+    def on_train_end(self, trainer) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            with open("/proc/self/status") as f:
+                hwm = next(line for line in f if line.startswith("VmHWM:"))
+            self.peak_bytes = int(hwm.split()[1]) * 1024
+
+
 def _worker(args: dict, names: list) -> dict:
     import resource
 
@@ -59,13 +93,15 @@ def _worker(args: dict, names: list) -> dict:
     for name in names:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        memory = _TrainingMemory()
         summary = run(_config(args["model"], args["tp"], args["iters"], args["seq_length"], args["mbs"],
-                              args["gbs"], ENGINES[name]))
+                              args["gbs"], ENGINES[name]), extra_callbacks=[memory])
         seconds = [h["step_seconds"] for h in summary["history"]][2:] or [float("nan")]
         peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        out[name] = {"peak_bytes": peak, "step_seconds": statistics.median(seconds),
-                     "params": summary["params"], "layout": summary["layout"]}
+        out[name] = {"peak_bytes": peak, "training_peak_bytes": memory.peak_bytes, "gpu": torch.cuda.is_available(),
+                     "step_seconds": statistics.median(seconds), "params": summary["params"],
+                     "layout": summary["layout"]}
         del summary
     return out
 
@@ -95,12 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     layout = results[0][names[0]]["layout"]
     print(f"model {args.model}, {results[0][names[0]]['params'] / 1e6:.2f} M parameters, world {args.world} = "
           f"TP {layout['tp_size']} x DP {layout['dp_size']}, seq {args.seq_length}, global batch {args.gbs}")
-    print("| engine | peak memory per rank (max over ranks) | step time |")
-    print("|---|---|---|")
+    where = "GPU allocated" if results[0][names[0]].get("gpu") else "resident set (CPU)"
+    print("| engine | peak while training, per rank | peak incl. building the model | step time |")
+    print("|---|---|---|---|")
     for name in names:
+        training = max(r[name]["training_peak_bytes"] for r in results) / 2**20
         peak = max(r[name]["peak_bytes"] for r in results) / 2**20
         step = max(r[name]["step_seconds"] for r in results)
-        print(f"| {name} | {peak:,.1f} MiB | {step * 1000:,.0f} ms |")
+        print(f"| {name} | {training:,.0f} MiB | {peak:,.0f} MiB | {step * 1000:,.0f} ms |")
+    print(f"memory: {where}, the maximum over ranks; step time: the slowest rank's median")
     return 0
 
 
