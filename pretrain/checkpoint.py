@@ -47,6 +47,10 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
 MODEL_OPTIM_DIR = "model_optim"
+# --engine deepspeed: DeepSpeed's own checkpoint (engine.save_checkpoint, tag ENGINE_TAG) in place of
+# model_optim/; the rest of the folder (trainer state, RNG, manifest, latest pointer) is the same
+ENGINE_DIR = "deepspeed"
+ENGINE_TAG = "state"
 _SHARDING_TYPE = "fully_reshardable"
 _HASH_CHUNK_BYTES = 8 * 2**20
 
@@ -312,12 +316,15 @@ def _write_checkpoint_files(tmp: str, model_chunks: list, optimizer, trainer_sta
                             local_state: dict | None) -> None:
     from megatron.core import dist_checkpointing
 
-    model_sd = _model_sharded_state_dict(model_chunks)
-    sharded = {"model": model_sd}
-    if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False,
-                                                            metadata=_sharding_metadata())
-    dist_checkpointing.save(sharded, os.path.join(tmp, MODEL_OPTIM_DIR))
+    if hasattr(optimizer, "save_engine_state"):  # an engine with its own format (DeepSpeed)
+        optimizer.save_engine_state(os.path.join(tmp, ENGINE_DIR), ENGINE_TAG)
+    else:
+        model_sd = _model_sharded_state_dict(model_chunks)
+        sharded = {"model": model_sd}
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False,
+                                                                metadata=_sharding_metadata())
+        dist_checkpointing.save(sharded, os.path.join(tmp, MODEL_OPTIM_DIR))
     torch.save({"rng": _rng_state(), "local": local_state or {}},
                os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
     if is_rank0():
@@ -516,13 +523,70 @@ def _unalias_adam_steps(optimizer) -> None:
 def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool = True,
                     load_rng: bool = True) -> LoadedCheckpoint | None:
     """Collective. Loads the newest valid checkpoint under ``load``; None if there is none."""
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
-
     folder = find_checkpoint(load)
     if folder is None:
         return None
     trainer_state = read_trainer_state(folder)
+    if hasattr(optimizer, "load_engine_state") or os.path.isdir(os.path.join(folder, ENGINE_DIR)):
+        _load_engine_state(folder, optimizer, load_optim, trainer_state.get("layout") or {})
+    else:
+        _load_dcp_state(folder, model_chunks, optimizer, load_optim)
+    rng_path = os.path.join(folder, "rng", f"rank_{_rank():05d}.pt")
+    same_layout = _layout_sizes(trainer_state.get("layout") or {}) == _layout_sizes(_current_layout())
+    local_state = None
+    if same_layout and os.path.isfile(rng_path):
+        rank_file = load_without_code(rng_path, rng_path)
+        local_state = rank_file.get("local")
+        if load_rng:
+            _set_rng_state(rank_file["rng"])
+    _barrier()
+    return LoadedCheckpoint(folder=folder, trainer_state=trainer_state, local_state=local_state)
+
+
+def _load_engine_state(folder: str, optimizer, load_optim: bool, layout: dict) -> None:
+    """A checkpoint in an engine's own format (DeepSpeed): only that engine reads it, under the
+    layout that wrote it (its ZeRO partitions are per TP and DP rank)."""
+    written_by = "deepspeed" if os.path.isdir(os.path.join(folder, ENGINE_DIR)) else "megatron"
+    if not hasattr(optimizer, "load_engine_state") or written_by != "deepspeed":
+        running = "deepspeed" if hasattr(optimizer, "load_engine_state") else "megatron"
+        raise CheckpointError(
+            f"{folder} was written by --engine {written_by}; this run uses --engine {running}. Resume with "
+            f"--engine {written_by}, or convert it: python tools/convert_checkpoint.py --load {folder} "
+            f"--save NEW --to {running}")
+    saved, now = _layout_sizes(layout), _layout_sizes(_current_layout())
+    if saved != now:
+        raise CheckpointError(
+            f"{folder}: a DeepSpeed checkpoint of world {saved[0]} = TP {saved[1]} x PP {saved[2]} x DP {saved[3]} "
+            f"cannot load under world {now[0]} = TP {now[1]} x PP {now[2]} x DP {now[3]} (ZeRO partitions are per "
+            "rank). Resume on the same layout, or convert it through the consolidated weights: "
+            f"python tools/convert_checkpoint.py --load {folder} --save NEW --to deepspeed")
+    engine_dir = os.path.join(folder, ENGINE_DIR)
+    # DeepSpeed unpickles its files with weights_only=False: check first that they hold data only
+    # (each rank checks its share of the files; a refusal on any stops every rank)
+    names = sorted(n for n in os.listdir(os.path.join(engine_dir, ENGINE_TAG)) if n.endswith(".pt"))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    failure = None
+    try:
+        with torch.serialization.safe_globals(optimizer.checkpoint_pickle_globals()):
+            for name in names[_rank()::world]:
+                path = os.path.join(engine_dir, ENGINE_TAG, name)
+                load_without_code(path, path)
+    except CheckpointError as err:
+        failure = str(err)
+    failures = [failure]
+    if world > 1:
+        failures = [None] * world
+        torch.distributed.all_gather_object(failures, failure)
+    if any(failures):
+        raise CheckpointError(next(f for f in failures if f))
+    if not optimizer.load_engine_state(engine_dir, ENGINE_TAG, load_optim):
+        raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint under {engine_dir} (tag {ENGINE_TAG})")
+
+
+def _load_dcp_state(folder: str, model_chunks: list, optimizer, load_optim: bool) -> None:
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
     model_sd = _model_sharded_state_dict(model_chunks)
     sharded = {"model": model_sd}
     if load_optim and optimizer is not None:
@@ -542,16 +606,6 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
     if "optimizer" in sharded:
         optimizer.load_state_dict(state["optimizer"])
         _unalias_adam_steps(optimizer)
-    rng_path = os.path.join(folder, "rng", f"rank_{_rank():05d}.pt")
-    same_layout = _layout_sizes(trainer_state.get("layout") or {}) == _layout_sizes(_current_layout())
-    local_state = None
-    if same_layout and os.path.isfile(rng_path):
-        rank_file = load_without_code(rng_path, rng_path)
-        local_state = rank_file.get("local")
-        if load_rng:
-            _set_rng_state(rank_file["rng"])
-    _barrier()
-    return LoadedCheckpoint(folder=folder, trainer_state=trainer_state, local_state=local_state)
 
 
 def _first_failure(err: BaseException) -> str:

@@ -260,8 +260,25 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = flag(1)
     use_distributed_optimizer: bool = flag(True, name="--no-use-distributed-optimizer", action="store_false",
                                            help="plain DDP optimizer instead of the distributed one")
+    # issue 17: the DeepSpeed engine (ZeRO 1/2/3, optimizer offload) under the same trainer
+    engine: Literal["megatron", "deepspeed"] = flag(
+        "megatron", help="megatron: megatron-core DDP and its distributed optimizer; deepspeed: DeepSpeed ZeRO "
+                         "over megatron-core's data-parallel group (TP inside the model as before; PP must be 1)")
+    zero_stage: int | None = flag(
+        None,
+        help="--engine deepspeed: ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters) sharded "
+             "over data parallel; default: the --deepspeed-config's, else 1")
+    deepspeed_config: str | None = flag(
+        None, metavar="FILE.json",
+        help="--engine deepspeed: a DeepSpeed JSON config for everything else it offers; where it and our "
+             "flags both set something, the flag wins (with a message)")
+    offload_optimizer: Literal["none", "cpu"] | None = flag(
+        None,
+        help="--engine deepspeed: keep the fp32 master weights and Adam moments in host memory (ZeRO-Offload); "
+             "default: the --deepspeed-config's, else none")
 
     def validate(self, model: ModelConfig, world_size: int) -> None:
+        self.validate_engine()
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         _require(tp >= 1 and pp >= 1, "--tensor/pipeline-model-parallel-size must be >= 1")
         _require(
@@ -296,6 +313,64 @@ class ParallelConfig:
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    def validate_engine(self) -> None:
+        """The engine flags on their own (no process group needed; runs before any starts)."""
+        _require_choice(self, "engine", "--engine")
+        if self.engine != "deepspeed":
+            given = [name for name, value in (("--zero-stage", self.zero_stage),
+                                              ("--deepspeed-config", self.deepspeed_config),
+                                              ("--offload-optimizer", self.offload_optimizer)) if value is not None]
+            _require(not given, f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --engine deepspeed")
+            return
+        _require(self.zero_stage is None or self.zero_stage in (1, 2, 3),
+                 f"--zero-stage {self.zero_stage}: DeepSpeed ZeRO has stages 1, 2 and 3")
+        if self.offload_optimizer is not None:
+            _require_choice(self, "offload_optimizer", "--offload-optimizer")
+        _require(self.pipeline_model_parallel_size == 1,
+                 f"--engine deepspeed with --pipeline-model-parallel-size {self.pipeline_model_parallel_size}: "
+                 "not supported (DeepSpeed's pipeline engine cannot run megatron-core's pipeline schedule); use "
+                 "--engine megatron for PP > 1, or PP 1 with --zero-stage 3 to shard the parameters instead")
+        read_deepspeed_json(self.deepspeed_config)
+
+
+# DeepSpeed JSON sections a run cannot take from the file: the trainer builds the optimizer and the
+# LR schedule from our flags, and has no fp16 loss scaler (bf16 needs none)
+_DEEPSPEED_REFUSED = {
+    "optimizer": "the optimizer is AdamW from --lr, --adam-beta1/2, --adam-eps and --weight-decay",
+    "scheduler": "the LR schedule is --lr-decay-style, --lr-warmup-iters and --min-lr",
+    "pipeline": "pipeline parallelism is refused with --engine deepspeed",
+}
+
+
+def read_deepspeed_json(path: str | None) -> dict:
+    """The --deepspeed-config file as a dict ({} without one); a ConfigError names what is wrong."""
+    import json
+
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as err:
+        raise ConfigError(f"--deepspeed-config {path}: cannot read it ({err.strerror})") from None
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--deepspeed-config {path} line {err.lineno} column {err.colno}: "
+                          f"not valid JSON ({err.msg})") from None
+    _require(isinstance(settings, dict), f"--deepspeed-config {path}: a JSON object is needed, not "
+                                         f"{type(settings).__name__}")
+    for key, why in _DEEPSPEED_REFUSED.items():
+        _require(key not in settings, f"--deepspeed-config {path}: remove its \"{key}\" section ({why})")
+    _require(not (settings.get("fp16") or {}).get("enabled", False),
+             f"--deepspeed-config {path}: fp16 is not supported (no loss scaler in the trainer); use --bf16")
+    zero = settings.get("zero_optimization", {})
+    _require(isinstance(zero, dict), f"--deepspeed-config {path}: \"zero_optimization\" must be an object")
+    stage = zero.get("stage", 1)
+    _require(stage in (1, 2, 3), f"--deepspeed-config {path}: zero_optimization.stage {stage!r}: DeepSpeed ZeRO "
+                                 "has stages 1, 2 and 3 (stage 0 is plain data parallel: use --engine megatron)")
+    return settings
 
 
 @dataclass(kw_only=True)
@@ -726,6 +801,14 @@ class PretrainConfig:
         if self.prune.enabled and self.prune.compensation_probe:
             _require(bool(self.data.test_data_path) and self.train.eval_iters > 0,
                      "--prune-compensation-probe needs --test-data-path (and --eval-iters > 0): it evaluates there")
+        if self.parallel.engine == "deepspeed":
+            self._validate_deepspeed_batch(world_size)
+            # both write to the optimizer's fp32 masters or hook the student's forward in ways only
+            # tested under megatron-core's optimizer and schedule: refused rather than silently wrong
+            _require(self.distill.teacher is None, "--kd-teacher is not supported with --engine deepspeed yet: "
+                     "distil with --engine megatron (the default)")
+            _require(self.prune.compensation == "none", "--prune-compensation obs is not supported with --engine "
+                     "deepspeed yet (it updates megatron-core's fp32 master weights): use --engine megatron")
         shrinks = bool(self.prune.shrink_at or self.prune.shrink_auto)
         if shrinks:
             _require(self.checkpoint.save is not None, "--shrink-at needs --save (the shrink goes through a checkpoint)")
@@ -745,6 +828,20 @@ class PretrainConfig:
                 self.train.validate(after.data_parallel_size(world_size), self.model.seq_length)
             except ConfigError as err:
                 raise ConfigError(f"after the shrink's layout change: {err}") from None
+
+    def _validate_deepspeed_batch(self, world_size: int) -> None:
+        """A --deepspeed-config batch size must be ours: the data position, the token counts and
+        the LR schedule are computed from --global-batch-size and --micro-batch-size."""
+        settings = read_deepspeed_json(self.parallel.deepspeed_config)
+        dp = self.parallel.data_parallel_size(world_size)
+        ours = {"train_batch_size": ("--global-batch-size", self.train.global_batch_size),
+                "train_micro_batch_size_per_gpu": ("--micro-batch-size", self.train.micro_batch_size),
+                "gradient_accumulation_steps": ("--global-batch-size / (--micro-batch-size x data parallel)",
+                                                self.train.global_batch_size // (self.train.micro_batch_size * dp))}
+        for key, (flag_name, value) in ours.items():
+            _require(key not in settings or settings[key] == value,
+                     f"--deepspeed-config {self.parallel.deepspeed_config}: {key} {settings.get(key)!r} contradicts "
+                     f"{flag_name} ({value}); remove it from the file (the flags decide the batch)")
 
     def tokens_per_step(self) -> int:
         return self.train.global_batch_size * self.model.seq_length

@@ -67,6 +67,12 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     next(c for c in trainer.callbacks if c.name == "checkpoint").save_now(trainer)
     it = trainer.state.iteration
     source = iteration_dir(cfg.checkpoint.save, it)
+    if cfg.parallel.engine == "deepspeed":
+        from pretrain.engine_convert import save_weights_for_shrink
+
+        # the shrink slices the resharding (megatron) format: the weights go there too (collective)
+        source = save_weights_for_shrink(trainer, cfg.checkpoint.save, next(
+            c for c in trainer.callbacks if c.name == "checkpoint").snapshot_fn(trainer))
     target = os.path.join(cfg.checkpoint.save, f"shrunk_iter_{it:07d}")
     parallel = _parallel_after_shrink(cfg)
     failure = ""
@@ -239,14 +245,38 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
     stored = PruningState.stored_dict(peeked[1] if peeked else None)
     model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size,
                                hidden_masking=hidden_masking_possible(cfg.prune, stored),
-                               plain_megatron_spec=plain_megatron_spec)
+                               plain_megatron_spec=plain_megatron_spec,
+                               wrap_ddp=cfg.parallel.engine != "deepspeed")  # DeepSpeed does DP itself
     for chunk in model_chunks:
         deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
+    if cfg.parallel.engine == "deepspeed":
+        from pretrain.engine_deepspeed import build_deepspeed_engine
+
+        _weights_before_engine(cfg, peeked, model_chunks)
+        # the adapter stands in for the optimizer: the trainer, the schedule and pruning ask it
+        engine = build_deepspeed_engine(cfg, unwrap(model_chunks[0]))
+        return [engine.model], engine, build_scheduler(engine, cfg.optim, cfg.total_iters())
     optimizer = build_optimizer(model_chunks, cfg.optim, cfg.parallel, cfg.train)
     # the optimizer holds fp32 master copies (bf16) made before our init: refresh them
     if hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()
     return model_chunks, optimizer, build_scheduler(optimizer, cfg.optim, cfg.total_iters())
+
+
+def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> None:
+    """--engine deepspeed with --load of a megatron-format checkpoint (a run changing engine, or
+    one converted with tools/convert_checkpoint.py): its weights go into the model before DeepSpeed
+    wraps it (and copies them into its fp32 masters); the trainer state follows as usual, the Adam
+    moments start at zero."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.distributed import print_rank0
+
+    if not peeked or os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
+        return
+    ckpt.load_checkpoint(peeked[0], model_chunks, None, load_optim=False,
+                         load_rng=not (cfg.checkpoint.no_load_rng or cfg.checkpoint.finetune))
+    print_rank0(f"loaded the weights of megatron-format checkpoint {peeked[0]} before DeepSpeed wraps the model; "
+                "its Adam moments start at zero")
 
 
 def _build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_callbacks: list,
@@ -300,10 +330,21 @@ def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, optimizer)
         return _Resume()
     # an imported (convert_from_hf) checkpoint holds weights only: start from them, fresh
     finetune = cfg.checkpoint.finetune or bool(peeked and peeked[1].get("weights_only"))
-    loaded = ckpt.load_checkpoint(
-        peeked[0] if peeked else cfg.checkpoint.load, model_chunks, optimizer,
-        load_optim=not (cfg.checkpoint.no_load_optim or finetune),
-        load_rng=not (cfg.checkpoint.no_load_rng or finetune))
+    # a checkpoint converted between engines carries weights and trainer state, no Adam moments
+    has_optimizer = not peeked or peeked[1].get("optimizer_state", True)
+    if peeked and cfg.parallel.engine == "deepspeed" and not os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
+        # its weights are in the model already (_weights_before_engine): only the trainer state is read here
+        loaded = ckpt.LoadedCheckpoint(peeked[0], ckpt.read_trainer_state(peeked[0]))
+    else:
+        loaded = ckpt.load_checkpoint(
+            peeked[0] if peeked else cfg.checkpoint.load, model_chunks, optimizer,
+            load_optim=has_optimizer and not (cfg.checkpoint.no_load_optim or finetune),
+            load_rng=not (cfg.checkpoint.no_load_rng or finetune))
+    if loaded is not None and not has_optimizer and hasattr(optimizer, "reload_model_params"):
+        optimizer.reload_model_params()  # fp32 masters (bf16 runs) from the loaded weights, not the init's
+    if loaded is not None and not has_optimizer and not finetune:
+        print_rank0(f"{loaded.folder} holds no optimizer state (converted from {peeked[1].get('converted_from', {}).get('engine', 'another engine')}): "
+                    "the Adam moments start at zero")
     if loaded is None:
         print_rank0(f"no checkpoint found under --load {cfg.checkpoint.load}; starting from scratch")
         return _Resume()
@@ -374,7 +415,8 @@ def _segment_summary(cfg: PretrainConfig, trainer, layout: dict) -> dict:
     from pretrain.distributed import device
     from pretrain.model import unwrap
 
-    params = sum(p.numel() for c in trainer.model_chunks for p in unwrap(c).parameters())
+    # a ZeRO-3 parameter holds a partition; ds_numel is its full size
+    params = sum(getattr(p, "ds_numel", p.numel()) for c in trainer.model_chunks for p in unwrap(c).parameters())
     if torch.distributed.is_initialized():
         t = torch.tensor([float(params)], device=device())
         torch.distributed.all_reduce(t)  # summed over all ranks; divide out the DP replicas
@@ -434,7 +476,7 @@ def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, num_
         f"non-embedding ({counts['per_layer'] / 1e6:,.3f} M per layer)",
         f"layout: world {layout['world_size']} = TP {layout['tp_size']} x PP {layout['pp_size']} x "
         f"DP {layout['dp_size']}; backend {'nccl' if torch.cuda.is_available() else 'gloo (CPU)'}; "
-        f"{'bf16' if t.bf16 else 'fp32'}",
+        f"{'bf16' if t.bf16 else 'fp32'}" + _engine_summary(cfg.parallel),
         f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x DP {layout['dp_size']} "
         f"x {num_microbatches} micro-batches; {cfg.tokens_per_step():,} tokens/step",
         f"plan: {total_iters} iterations, {tokens / 1e6:,.2f} M tokens; lr {cfg.optim.lr} "
@@ -447,6 +489,18 @@ def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, num_
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+def _engine_summary(parallel) -> str:
+    """The plan's words for --engine deepspeed (nothing for the default engine)."""
+    if parallel.engine != "deepspeed":
+        return ""
+    from pretrain.config import read_deepspeed_json
+
+    zero = read_deepspeed_json(parallel.deepspeed_config).get("zero_optimization", {})
+    stage = parallel.zero_stage or zero.get("stage", 1)
+    offload = parallel.offload_optimizer or (zero.get("offload_optimizer") or {}).get("device", "none")
+    return f"; engine DeepSpeed ZeRO-{stage}, optimizer offload {offload}"
 
 
 def _data_summary(data_path: list[str], most: int = 8) -> str:

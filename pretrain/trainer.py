@@ -114,7 +114,11 @@ class Trainer:
         self.num_microbatches = num_microbatches
         self.total_iters = total_iters
         self.state = TrainerState()
-        self._configure_model_hooks()
+        # an engine adapter in place of megatron-core's optimizer (pretrain.engine_deepspeed): it runs
+        # the micro-batches and the step; None: megatron-core's schedule, DDP and optimizer
+        self.engine = optimizer if hasattr(optimizer, "forward_backward") else None
+        if self.engine is None:
+            self._configure_model_hooks()
 
     # -- megatron-core plumbing: DP grad sync and the tied-embedding grad across PP stages
     def _configure_model_hooks(self) -> None:
@@ -138,28 +142,33 @@ class Trainer:
         start = time.time()
         for cb in self.callbacks:
             cb.on_step_begin(self)
-        for chunk in self.model_chunks:
-            chunk.train()
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
         step_func, data_iterator = forward_step, self.train_iterator
         for cb in self.callbacks:
             step_func, data_iterator = cb.wrap_forward_step(self, step_func, data_iterator)
-        losses = get_forward_backward_func()(
-            forward_step_func=step_func,
-            data_iterator=data_iterator,
-            model=self.model_chunks,
-            num_microbatches=self.num_microbatches,
-            seq_length=self.config.model.seq_length,
-            micro_batch_size=self.config.train.micro_batch_size,
-            forward_only=False,
-        )
+        if self.engine is not None:
+            losses = self.engine.forward_backward(step_func, data_iterator, self.num_microbatches)
+        else:
+            for chunk in self.model_chunks:
+                chunk.train()
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            losses = get_forward_backward_func()(
+                forward_step_func=step_func,
+                data_iterator=data_iterator,
+                model=self.model_chunks,
+                num_microbatches=self.num_microbatches,
+                seq_length=self.config.model.seq_length,
+                micro_batch_size=self.config.train.micro_batch_size,
+                forward_only=False,
+            )
         loss = global_mean_loss(losses)
-        self.state.nonfinite_step = not (math.isfinite(loss) and self._gradients_finite())
+        finite = self._gradients_finite if self.engine is None else self.engine.gradients_finite
+        self.state.nonfinite_step = not (math.isfinite(loss) and finite())
         for cb in self.callbacks:
             cb.on_before_optimizer_step(self)
-        if self.state.nonfinite_step:
-            # no update from this batch: the weights, moments and LR schedule stay as they were
+        if self.state.nonfinite_step and self.engine is None:
+            # no update from this batch (an engine steps anyway: DeepSpeed skips non-finite gradients
+            # itself and keeps its micro-step count): the weights, moments and LR schedule stay as they were
             update_successful, grad_norm = False, float("nan")
         else:
             update_successful, grad_norm, _ = self.optimizer.step()

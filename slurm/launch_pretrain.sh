@@ -26,6 +26,8 @@
 #   KD_TEACHER       a checkpoint to distil from (--kd-teacher; empty: no distillation), with
 #                    KD_WEIGHT (default 1: KL only), KD_TEMPERATURE (1), KD_UNTIL_TOKENS (empty: all run)
 #   LAUNCHER         srun (one task per GPU, default) or torchrun (srun starts one torchrun per node)
+#   ENGINE           megatron (default) or deepspeed; with deepspeed: ZERO_STAGE (1, 2 or 3; default 1),
+#                    OFFLOAD_OPTIMIZER (cpu or empty), DEEPSPEED_CONFIG (a DeepSpeed JSON, or empty); PP must be 1
 set -euo pipefail
 
 fail() { echo "error: $*" >&2; exit 1; }
@@ -57,6 +59,10 @@ KD_TEACHER=${KD_TEACHER:-}
 KD_WEIGHT=${KD_WEIGHT:-1}
 KD_TEMPERATURE=${KD_TEMPERATURE:-1}
 KD_UNTIL_TOKENS=${KD_UNTIL_TOKENS:-}
+ENGINE=${ENGINE:-megatron}
+ZERO_STAGE=${ZERO_STAGE:-}
+OFFLOAD_OPTIMIZER=${OFFLOAD_OPTIMIZER:-}
+DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-}
 
 # numbers are checked before any arithmetic uses them (bash would read TP=abc as 0)
 for name in TP PP MICRO_BATCH GLOBAL_BATCH SEQ_LENGTH SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL WARMUP_ITERS; do
@@ -96,6 +102,23 @@ check_inputs() {
         || fail "TP=$TP x PP=$PP does not divide the $WORLD ranks ($NNODES nodes x $RANKS_PER_NODE)"
     [ "$LAUNCHER" = srun ] || [ "$LAUNCHER" = torchrun ] || fail "LAUNCHER=$LAUNCHER: srun or torchrun"
     [ -z "$KD_TEACHER" ] || [ -d "$KD_TEACHER" ] || fail "KD_TEACHER=$KD_TEACHER is not a checkpoint folder"
+    check_engine
+}
+
+check_engine() {
+    case $ENGINE in
+        megatron)
+            [ -z "$ZERO_STAGE$OFFLOAD_OPTIMIZER$DEEPSPEED_CONFIG" ] \
+                || fail "ZERO_STAGE, OFFLOAD_OPTIMIZER and DEEPSPEED_CONFIG need ENGINE=deepspeed";;
+        deepspeed)
+            [ -z "$ZERO_STAGE" ] || [[ "$ZERO_STAGE" =~ ^[123]$ ]] || fail "ZERO_STAGE=$ZERO_STAGE: 1, 2 or 3"
+            [ -z "$OFFLOAD_OPTIMIZER" ] || [ "$OFFLOAD_OPTIMIZER" = cpu ] || [ "$OFFLOAD_OPTIMIZER" = none ] \
+                || fail "OFFLOAD_OPTIMIZER=$OFFLOAD_OPTIMIZER: cpu or none"
+            [ -z "$DEEPSPEED_CONFIG" ] || [ -f "$DEEPSPEED_CONFIG" ] \
+                || fail "DEEPSPEED_CONFIG=$DEEPSPEED_CONFIG is not a file"
+            [ "$PP" -eq 1 ] || fail "ENGINE=deepspeed needs PP=1 (ZERO_STAGE=3 shards the parameters instead)";;
+        *) fail "ENGINE=$ENGINE: megatron or deepspeed";;
+    esac
 }
 
 check_inputs
@@ -116,9 +139,13 @@ if [ -n "$KD_TEACHER" ]; then
     KD_ARGS=(--kd-teacher "$KD_TEACHER" --kd-weight "$KD_WEIGHT" --kd-temperature "$KD_TEMPERATURE")
     [ -z "$KD_UNTIL_TOKENS" ] || KD_ARGS+=(--kd-until-tokens "$KD_UNTIL_TOKENS")
 fi
+ENGINE_ARGS=(--engine "$ENGINE")
+[ -z "$ZERO_STAGE" ] || ENGINE_ARGS+=(--zero-stage "$ZERO_STAGE")
+[ -z "$OFFLOAD_OPTIMIZER" ] || ENGINE_ARGS+=(--offload-optimizer "$OFFLOAD_OPTIMIZER")
+[ -z "$DEEPSPEED_CONFIG" ] || ENGINE_ARGS+=(--deepspeed-config "$DEEPSPEED_CONFIG")
 
 # shellcheck disable=SC2206
-ARGS=($MODEL_ARGS $PRUNE_ARGS
+ARGS=($MODEL_ARGS $PRUNE_ARGS "${ENGINE_ARGS[@]}"
       --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
       --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LENGTH"
       --train-tokens "$TRAIN_TOKENS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP_ITERS"

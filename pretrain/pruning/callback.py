@@ -19,7 +19,7 @@ import torch
 from pretrain.distributed import device, is_rank0, print_rank0
 from pretrain.pruning.compensation import Compensator, probe_uncompensated_loss
 from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
-from pretrain.pruning.optim_state import zero_masked_state
+from pretrain.pruning.optim_state import zero_masked_grads, zero_masked_state
 from pretrain.pruning.saliency import SaliencyEstimator, reduce_table
 from pretrain.pruning.schedule import target_params
 from pretrain.pruning.solver import SolverConstraints, check_constraints, solve
@@ -142,6 +142,7 @@ class PruningCallback(Callback):
             self.state.ema_steps += 1
         if self.local is not None and self.current_params() < self.initial_params:
             self.local.apply_to_grads()
+            zero_masked_grads(trainer.optimizer, self.local.param_masks)  # an engine's partitioned gradients
 
     def on_step_end(self, trainer, metrics: StepMetrics) -> None:
         it = trainer.state.iteration

@@ -218,7 +218,8 @@ class LocalModelMasks:
     @torch.no_grad()
     def apply_to_weights(self) -> None:
         for param, mask in self.param_masks.items():
-            param.data.mul_(mask)
+            if param.data.shape == mask.shape:  # not a ZeRO-3 partition: its engine masks that
+                param.data.mul_(mask)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
@@ -243,7 +244,9 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) 
         # already), or the last pipeline stage's copy of it, which must stay equal to the embedding
         weight = local.param if local.param is not None else local.applied_weight
         if isinstance(weight, torch.nn.Parameter) and weight not in out.param_masks:
-            mask = param_mask(local.layout, tuple(weight.shape), masks, shape, tp, tp_rank)
+            # a ZeRO-3 partitioned parameter keeps its full shape in ds_shape
+            mask = param_mask(local.layout, tuple(getattr(weight, "ds_shape", weight.shape)), masks, shape, tp,
+                              tp_rank)
             out.param_masks[weight] = mask.to(weight.device)
         if local.layout.role == "norm":  # our RMSNorm: it also needs the hidden mask itself
             out.norms.append(local.module)

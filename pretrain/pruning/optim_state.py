@@ -23,6 +23,12 @@ class ParamSlot:
     end: int
     main_param: torch.Tensor | None  # flat fp32 master values for [start, end) (may alias param)
     state: dict  # optimizer state tensors for [start, end) (exp_avg, exp_avg_sq, step)
+    # the reduced gradient of [start, end) where the engine keeps it outside the parameter
+    # (DeepSpeed's partition buffers); None: ``param.main_grad`` / ``param.grad`` hold it
+    grad: torch.Tensor | None = None
+    # the parameter's values of [start, end) where the parameter itself holds none of them
+    # (a ZeRO-3 partitioned parameter); None: read ``param``
+    values: torch.Tensor | None = None
 
 
 def _inner_optimizers(optimizer) -> list:
@@ -37,6 +43,9 @@ def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
 
 def iter_param_slots(optimizer) -> Iterator[ParamSlot]:
     """Every model parameter this rank owns (part of), with its master values and Adam state."""
+    if hasattr(optimizer, "param_slots"):  # an engine adapter (pretrain.engine_deepspeed)
+        yield from optimizer.param_slots()
+        return
     for opt in _inner_optimizers(optimizer):
         if hasattr(opt, "model_param_gbuf_map"):  # DistributedOptimizer
             for param in opt.model_param_gbuf_map:
@@ -58,6 +67,8 @@ def iter_param_slots(optimizer) -> Iterator[ParamSlot]:
 
 
 def is_distributed(optimizer) -> bool:
+    if hasattr(optimizer, "param_slots"):  # DeepSpeed ZeRO: every stage partitions over DP
+        return True
     return any(hasattr(o, "model_param_gbuf_map") for o in _inner_optimizers(optimizer))
 
 
@@ -81,4 +92,16 @@ def zero_masked_state(optimizer, param_masks: dict) -> int:
                 value.mul_(flat.to(device=value.device, dtype=value.dtype).view_as(value))
         dropped = (~flat).sum()
         touched = dropped if touched is None else touched + dropped.to(touched.device)
+    if hasattr(optimizer, "mask_weights"):  # weights the engine partitions (ZeRO-3)
+        optimizer.mask_weights(param_masks)
     return 0 if touched is None else int(touched)
+
+
+@torch.no_grad()
+def zero_masked_grads(optimizer, param_masks: dict) -> None:
+    """Zero the masked elements of reduced gradients an engine keeps outside the parameters
+    (``ParamSlot.grad``); gradients in ``param.grad``/``main_grad`` are ``apply_to_grads``'s."""
+    for slot in iter_param_slots(optimizer):
+        mask = param_masks.get(slot.param)
+        if mask is not None and slot.grad is not None and slot.end > slot.start:
+            slot.grad.mul_(mask.reshape(-1)[slot.start:slot.end].to(device=slot.grad.device, dtype=slot.grad.dtype))

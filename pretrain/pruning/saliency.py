@@ -208,6 +208,10 @@ class SaliencyEstimator:
             plan = self._plans.get(param)
             if plan is None:  # counted elsewhere, or needless (``_unscored_parameters``)
                 continue
+            if slot.grad is not None:  # an engine's partition buffer (DeepSpeed): [start, end) only
+                self._score_owned_range(table, plan, param, None, slot.start, slot.end, scale, count_weight, tp,
+                                        tp_rank, pieces=(slot.values, slot.grad))
+                continue
             grad = getattr(param, "main_grad", None)
             if grad is None:
                 grad = param.grad
@@ -226,13 +230,14 @@ class SaliencyEstimator:
             param = entry.param
             if param is None or param in unscored:
                 continue
-            if param.dim() not in (1, 2):
-                raise RuntimeError(f"saliency: {entry.layout} has {param.dim()} dimensions; the layout knows 1 or 2")
+            full = tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition keeps its shape there
+            if len(full) not in (1, 2):
+                raise RuntimeError(f"saliency: {entry.layout} has {len(full)} dimensions; the layout knows 1 or 2")
             wanted = tuple(layout.UNIT[axis] is not None for axis in entry.layout.axes)
-            if param.dim() == 1:  # one row: its axis is the columns
-                plans[param] = _Plan(entry.layout, 1, param.numel(), (None, entry.layout.axes[0]), (False, wanted[0]))
+            if len(full) == 1:  # one row: its axis is the columns
+                plans[param] = _Plan(entry.layout, 1, full[0], (None, entry.layout.axes[0]), (False, wanted[0]))
             else:
-                plans[param] = _Plan(entry.layout, param.shape[0], param.shape[1], entry.layout.axes, wanted)
+                plans[param] = _Plan(entry.layout, full[0], full[1], entry.layout.axes, wanted)
         return plans
 
     def _element_scores(self, param, w: torch.Tensor, g: torch.Tensor, offset: int, stop: int) -> torch.Tensor:
@@ -249,21 +254,28 @@ class SaliencyEstimator:
         return torch.mul(running, w).mul_(w)  # times 1/2: on the sums (``_gradient_scores``)
 
     def _score_owned_range(self, table: GroupScores, plan: "_Plan", param, grad, start: int, end: int,
-                           scale: float, count_weight: float, tp: int, tp_rank: int) -> None:
+                           scale: float, count_weight: float, tp: int, tp_rank: int, pieces: tuple = ()) -> None:
         """Add the scores of ``param``'s elements ``[start, end)`` (flattened) into the table, their
         sums times ``scale``, the count of those with a signal times ``count_weight``.
 
         Each axis of the weight gets the sum of its indices' scores (the owned range may start and
         end mid-row: whole rows are summed as a block, the partial rows on their own). Scores are
         made a piece of at most ``SCORE_CHUNK_ELEMENTS`` at a time, on the parameter's device, so
-        scoring never holds a full-size temporary."""
+        scoring never holds a full-size temporary. ``pieces``: (values, gradient) of ``[start, end)``
+        only, where the engine keeps them outside ``param`` (DeepSpeed; values None: ``param``'s)."""
         where, rows, columns = plan.layout, plan.rows, plan.columns
         if where.replicated_over_tp and tp_rank != 0:
             return  # every TP rank holds the same values: count them once
         embedding = where.role == "embedding"
         if self.kind == "fisher" and param not in self.fisher:
-            self.fisher[param] = torch.zeros(end - start, dtype=torch.float32, device=grad.device)
-        w_flat, g_flat = param.detach().reshape(-1), grad.detach().reshape(-1)  # views (contiguous)
+            self.fisher[param] = torch.zeros(end - start, dtype=torch.float32,
+                                             device=(grad if grad is not None else pieces[1]).device)
+        if pieces:  # flat [start, end) pieces: index them from ``start``
+            values, g_flat = pieces
+            w_flat = param.detach().reshape(-1)[start:end] if values is None else values.detach()
+            base = start
+        else:
+            w_flat, g_flat, base = param.detach().reshape(-1), grad.detach().reshape(-1), 0  # views (contiguous)
         if start == 0 and end == rows * columns and end <= max(SCORE_CHUNK_ELEMENTS, columns):
             # the whole parameter in one piece (the usual case): its sums are the per-index sums
             block = self._element_scores(param, w_flat, g_flat, 0, end).view(rows, columns)
@@ -279,7 +291,8 @@ class SaliencyEstimator:
                     for n, want in zip((rows, columns), plan.wanted)]
             signal = torch.zeros(columns, dtype=torch.float64, device=device) if embedding else None
             for lo, hi in _pieces(start, end, columns, SCORE_CHUNK_ELEMENTS):
-                scores = self._element_scores(param, w_flat[lo:hi], g_flat[lo:hi], lo - start, hi - start)
+                scores = self._element_scores(param, w_flat[lo - base:hi - base], g_flat[lo - base:hi - base],
+                                              lo - start, hi - start)
                 _add_piece(scores, lo, columns, sums, signal)
                 del scores  # before the next piece is made
         if embedding:

@@ -24,9 +24,11 @@ FROZEN = """
 --data-args-path None
 --data-cache-path None
 --data-path []
+--deepspeed-config None
 --drop-pruning-state False
 --dry-run False
 --end-pruning False
+--engine 'megatron' {megatron,deepspeed}
 --eval-interval 0
 --eval-iters 10
 --exit-interval None
@@ -66,6 +68,7 @@ FROZEN = """
 --num-dataset-builder-threads 1
 --num-layers None (then 'required')
 --num-query-groups None (then None)
+--offload-optimizer None {none,cpu}
 --per-split-data-args-path None
 --pipeline-model-parallel-size 1
 --prune-align None
@@ -117,6 +120,7 @@ FROZEN = """
 --valid-data-path []
 --vocab-size None (then None)
 --weight-decay 0.1
+--zero-stage None
 """
 
 # config fields deliberately without a flag of their own

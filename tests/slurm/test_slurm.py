@@ -156,6 +156,10 @@ def test_mpirun_trains(tiny_dataset, tmp_path):
     ({"TP": "4", "PP": "1"}, "TP=4 x PP=1 does not divide the 2 ranks"),
     ({"TP": "abc"}, "TP=abc: must be a whole number"),
     ({"TP": "0"}, "TP=0: must be at least 1"),
+    ({"ENGINE": "deepspeed", "ZERO_STAGE": "4"}, "ZERO_STAGE=4: 1, 2 or 3"),
+    ({"ENGINE": "deepspeed", "PP": "2"}, "ENGINE=deepspeed needs PP=1"),
+    ({"ENGINE": "fsdp"}, "ENGINE=fsdp: megatron or deepspeed"),
+    ({"ZERO_STAGE": "2"}, "ZERO_STAGE, OFFLOAD_OPTIMIZER and DEEPSPEED_CONFIG need ENGINE=deepspeed"),
 ])
 def test_bad_inputs_fail_before_submission(tiny_dataset, override, message):
     """bash slurm/pretrain_1b.sbatch checks its inputs and submits nothing when they are wrong."""
@@ -180,3 +184,16 @@ def test_recipe_flags_validate(tiny_dataset, recipe):
                        env=env, timeout=120)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
     assert "model: 24 layers, hidden 2048" in r.stdout and "plan:" in r.stdout, r.stdout
+
+
+def test_recipe_takes_the_deepspeed_engine(tiny_dataset):
+    """ENGINE=deepspeed ZERO_STAGE=3 OFFLOAD_OPTIMIZER=cpu reach python -m pretrain (DRY_RUN=1 validates)."""
+    env = {**os.environ, "REPO": ROOT, "PYTHON": sys.executable, "DATA_PATH": tiny_dataset["prefix"],
+           "TOKENIZER_TYPE": "GPTSentencePieceTokenizer", "TOKENIZER_MODEL": tiny_dataset["tokenizer"],
+           "NNODES": "1", "GPUS_PER_NODE": "1", "TP": "1", "PP": "1", "DRY_RUN": "1", "SAVE": "/tmp/unused",
+           "ENGINE": "deepspeed", "ZERO_STAGE": "3", "OFFLOAD_OPTIMIZER": "cpu"}
+    env.pop("SLURM_JOB_ID", None)
+    r = subprocess.run(["bash", f"{ROOT}/slurm/pretrain_134m.sbatch"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "engine DeepSpeed ZeRO-3, optimizer offload cpu" in r.stdout, r.stdout

@@ -1,0 +1,46 @@
+"""Convert a checkpoint between the training engines.
+
+    python tools/convert_checkpoint.py --load ds_ckpt --save megatron_ckpt --to megatron
+
+``--to megatron``: a ``--engine deepspeed`` checkpoint becomes a megatron-engine (resharding DCP)
+checkpoint through DeepSpeed's consolidated fp32 weights, with the same iteration, data position,
+LR schedule and pruning state; the shrink tool, HF export and evaluation then read it. The Adam
+moments do not cross (a resume from it starts them at zero, and says so). ``--to deepspeed``:
+a megatron checkpoint needs no conversion file-wise; the command says how to start from it.
+Runs in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools._single_process import quiet_start, run_reporting_errors  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="checkpoint folder (or its parent with latest_...)")
+    p.add_argument("--save", required=True, help="where to write the converted checkpoint (a new folder)")
+    p.add_argument("--to", required=True, choices=["megatron", "deepspeed"], help="the engine to convert for")
+    args = p.parse_args(argv)
+    quiet_start()
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.engine_convert import EngineConversionError, deepspeed_to_megatron, megatron_to_deepspeed
+
+    convert = deepspeed_to_megatron if args.to == "megatron" else megatron_to_deepspeed
+    r, status = run_reporting_errors(lambda: convert(args.load, args.save),
+                                     (EngineConversionError, CheckpointError))
+    if status:
+        return status
+    print(f"wrote {r['folder']} (iteration {r['iteration']}, {r['parameters'] / 1e6:.3f} M parameters, "
+          f"for --engine {args.to}); {r['note']}; {r['seconds']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
