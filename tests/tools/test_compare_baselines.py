@@ -159,7 +159,8 @@ def test_slurm_dry_run_chains_the_runs_by_dependency(split_data, tmp_path):
 @pytest.mark.slow
 def test_cpu_tiny_runs_every_arm_with_exact_accounting(split_data, tmp_path):
     out = str(tmp_path / "cmp")
-    proc = _tool(*_args(split_data, out))
+    every_arm = ("--arms", ",".join(arms.ARMS))  # the opt-in distillation arms too
+    proc = _tool(*_args(split_data, out, *every_arm))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recipe = get_recipe("cpu-tiny")
     results = {run: json.load(open(os.path.join(out, run, "seed0", "result.json"))) for run in arms.RUNS}
@@ -197,6 +198,10 @@ def test_cpu_tiny_runs_every_arm_with_exact_accounting(split_data, tmp_path):
     # C: one pruning event at the end of A's window
     assert len(results["C"]["pruning"]) == 1
     assert results["C"]["pruning"][0]["tokens"] == recipe.parent_tokens + recipe.window_tokens[1]
+    # the distillation arms: A's and C's tokens; their teacher's forward passes are charged to them
+    for kd, plain in (("A-KD", "A"), ("C-KD", "C")):
+        assert results[kd]["tokens_trained"] == results[plain]["tokens_trained"]
+        assert results[kd]["flops"]["actual"] > results[plain]["flops"]["actual"]
     # every run was tested on the same sequences at its end
     assert all(r["curve"][-1]["test_loss"] == r["test_loss"] for r in results.values())
     report = json.load(open(os.path.join(out, "report.json")))
@@ -209,9 +214,9 @@ def test_cpu_tiny_runs_every_arm_with_exact_accounting(split_data, tmp_path):
     for png in ("test_loss_vs_tokens.png", "test_loss_vs_flops.png", "pruning_trajectory.png", "found_shapes.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
     # resuming a finished comparison runs nothing again; a fresh start in the same folder is refused
-    proc = _tool(*_args(split_data, out, "--resume"))
+    proc = _tool(*_args(split_data, out, *every_arm, "--resume"))
     assert proc.returncode == 0 and "bash " not in proc.stdout, proc.stdout[-2000:]
-    proc = _tool(*_args(split_data, out))
+    proc = _tool(*_args(split_data, out, *every_arm))
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
