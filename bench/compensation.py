@@ -26,7 +26,6 @@ masked parent with and without the update (the Hessians from ``--calibration-bat
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -38,26 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.tiny_corpus import build_tiny_corpus  # noqa: E402
 
-def _build_data(root: str, documents: int, held_out: int) -> dict:
-    from data_prep.build_corpus import builtin_documents
-    from data_prep.train_tokenizer import train_tokenizer
-    from tools.preprocess_data import preprocess
-
-    docs = list(itertools.islice(builtin_documents(), documents + held_out))
-    paths = {}
-    for name, part in (("train", docs[:documents]), ("test", docs[documents:])):
-        paths[name] = os.path.join(root, f"{name}.jsonl")
-        with open(paths[name], "w") as f:
-            for doc in part:
-                f.write(json.dumps(doc) + "\n")
-    tokenizer = train_tokenizer([paths["train"]], os.path.join(root, "tok"), vocab_size=2000, num_threads=1)
-    out = {"tokenizer": tokenizer}
-    for name in ("train", "test"):
-        summary = preprocess([paths[name]], os.path.join(root, name), "GPTSentencePieceTokenizer", tokenizer,
-                             append_eod=True, workers=0, progress=False)
-        out[name] = summary.outputs[0]
-    return out
 
 
 def _worker(data: dict, start_iters: int, iters: int, interval: int, ratio: float, eval_batches: int,
@@ -73,7 +54,7 @@ def _worker(data: dict, start_iters: int, iters: int, interval: int, ratio: floa
         return PretrainConfig(
             model=ModelConfig(**MODEL_PRESETS["debug"]), parallel=ParallelConfig(),
             data=DataConfig(data_path=[data["train"]], tokenizer_model=data["tokenizer"], split="100,0,0",
-                            test_data_path=[data["test"]]),
+                            test_data_path=[data["held_out"]]),
             optim=OptimConfig(lr=2e-3, min_lr=2e-4, lr_warmup_iters=5),
             train=TrainConfig(micro_batch_size=4, global_batch_size=8, train_iters=train_iters, seed=seed,
                               log_interval=10**6),
@@ -213,7 +194,7 @@ def main() -> None:
     from tests.dist_helper import run_distributed
 
     with tempfile.TemporaryDirectory() as root:
-        data = _build_data(root, args.documents, args.held_out)
+        data = build_tiny_corpus(root, args.documents, args.held_out)
         arms = run_distributed(_worker, 1, data, args.start_iters, args.iters, args.interval, args.target_ratio,
                                args.eval_batches, root, args.seed)[0]
     print(f"\ndebug model (seed {args.seed}), {args.start_iters} steps of training, then {args.iters} steps pruning to "

@@ -15,7 +15,6 @@ held-out loss of each, the parent's, and the teacher's share of the step time.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -28,25 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.tiny_corpus import build_tiny_corpus  # noqa: E402
 
-def _build_data(root: str, documents: int, held_out: int) -> dict:
-    from data_prep.build_corpus import builtin_documents
-    from data_prep.train_tokenizer import train_tokenizer
-    from tools.preprocess_data import preprocess
-
-    docs = list(itertools.islice(builtin_documents(), documents))
-    paths = {}
-    for name, part in (("train", docs[:-held_out]), ("held_out", docs[-held_out:])):
-        paths[name] = os.path.join(root, f"{name}.jsonl")
-        with open(paths[name], "w") as f:
-            for doc in part:
-                f.write(json.dumps(doc) + "\n")
-    tokenizer = train_tokenizer([paths["train"]], os.path.join(root, "tok"), vocab_size=2000, num_threads=1)
-    out = {"tokenizer": tokenizer}
-    for name in ("train", "held_out"):
-        out[name] = preprocess([paths[name]], os.path.join(root, name), "GPTSentencePieceTokenizer", tokenizer,
-                               append_eod=True, workers=0, progress=False).outputs[0]
-    return out
 
 
 def _train(args: list[str], label: str) -> float:
@@ -78,7 +60,7 @@ def main() -> None:
     args = p.parse_args()
     root = args.out or tempfile.mkdtemp(prefix="bench_distill_")
     os.makedirs(root, exist_ok=True)
-    data = _build_data(root, args.documents, args.held_out)
+    data = build_tiny_corpus(root, args.documents - args.held_out, args.held_out)
     tokens_per_step = args.gbs * args.seq
     common = ["--model", "debug", "--seq-length", str(args.seq), "--data-path", data["train"], "--split", "100,0,0",
               "--tokenizer-model", data["tokenizer"], "--test-data-path", data["held_out"], "--eval-iters", "8",
