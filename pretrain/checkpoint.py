@@ -89,6 +89,23 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def staging_folder(save: str) -> str:
+    """A fresh, empty ``SAVE.tmp`` beside ``save``: a whole output folder (a conversion, an export) is
+    written there and renamed into place by ``publish_folder``, so a failure never leaves a
+    half-written ``save``."""
+    tmp = os.path.abspath(save).rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def publish_folder(tmp: str, save: str) -> None:
+    """Rename the finished ``staging_folder`` to ``save`` (which may be an empty folder the user made)."""
+    if os.path.isdir(save):
+        os.rmdir(save)
+    os.replace(tmp, save)
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

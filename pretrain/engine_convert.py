@@ -112,13 +112,10 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     new_state = {**state, "config": dataclasses.replace(cfg, parallel=parallel).to_dict(), "layout": {},
                  "optimizer_state": False,
                  "converted_from": {"path": os.path.abspath(folder), "engine": "deepspeed"}}
-    tmp = os.path.abspath(save).rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = ckpt.staging_folder(save)
     try:
         written = ckpt.save_checkpoint(tmp, int(state["iteration"]), [model], None, new_state)
-        if os.path.isdir(save):
-            os.rmdir(save)
-        os.replace(tmp, save)
+        ckpt.publish_folder(tmp, save)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -145,20 +142,16 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
     iteration = int(state["iteration"])
     new_state = {**state, "config": dataclasses.replace(cfg, parallel=parallel).to_dict(), "optimizer_state": False,
                  "converted_from": {"path": os.path.abspath(folder), "engine": "megatron"}}
-    tmp = os.path.abspath(save).rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = ckpt.staging_folder(save)
     try:
         staged = tmp + "/" + os.path.basename(ckpt.iteration_dir(tmp, iteration)) + ".tmp"
-        os.makedirs(tmp)
         # the weights only: the DCP folder (its optimizer entries are not read) and the RNG states
         shutil.copytree(os.path.join(folder, ckpt.MODEL_OPTIM_DIR), os.path.join(staged, ckpt.MODEL_OPTIM_DIR))
         if os.path.isdir(os.path.join(folder, "rng")):
             shutil.copytree(os.path.join(folder, "rng"), os.path.join(staged, "rng"))
         torch.save(new_state, os.path.join(staged, ckpt.TRAINER_STATE))
         ckpt.publish_checkpoint(tmp, iteration, staged)
-        if os.path.isdir(save):
-            os.rmdir(save)
-        os.replace(tmp, save)
+        ckpt.publish_folder(tmp, save)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

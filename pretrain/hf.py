@@ -98,19 +98,6 @@ def _check_new_folder(save: str) -> None:
         raise ConversionError(f"--save {save} already exists; choose a new folder or remove it")
 
 
-def _publish(tmp: str, save: str) -> None:
-    if os.path.isdir(save):  # an empty folder made by the user
-        os.rmdir(save)
-    os.replace(tmp, save)
-
-
-def _tmp_folder(save: str) -> str:
-    tmp = os.path.abspath(save).rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
 def _export_tokenizer(weights: FullWeights, tokenizer_model: str | None, tmp: str):
     from data_prep.tokenizers import TokenizerError, build_tokenizer, infer_tokenizer_type
 
@@ -251,7 +238,9 @@ def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | 
     _check_new_folder(save)
     weights = load_full_weights(load)
     model = weights.config.model
-    tmp = _tmp_folder(save)
+    from pretrain.checkpoint import publish_folder, staging_folder
+
+    tmp = staging_folder(save)
     try:
         tokenizer, special_ids = _export_tokenizer(weights, tokenizer_model, tmp) if export_tokenizer else (None, {})
         imported = weights.trainer_state.get("imported_from") or {}
@@ -274,7 +263,7 @@ def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | 
         tensors = hf_state_dict(weights, vocab, zero_o_proj_bias=config["model_type"] == "llama"
                                 and bool(config.get("attention_bias")))
         files = save_safetensors(tensors, tmp, torch_dtype, shard_bytes)
-        _publish(tmp, save)
+        publish_folder(tmp, save)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -552,7 +541,9 @@ def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tens
     model = _build_single(model_cfg, vocab)
     _copy_hf_weights(model, tensors, model_cfg, hf_vocab, load)
     _check_all_used(tensors, model_cfg, load)
-    tmp = _tmp_folder(save)
+    from pretrain.checkpoint import publish_folder, staging_folder
+
+    tmp = staging_folder(save)
     try:
         # the tokenizer goes inside the checkpoint: training, evaluation and export find it there
         recorded = copy_tokenizer(tokenizer_source, os.path.join(tmp, "tokenizer"))
@@ -565,7 +556,7 @@ def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tens
                  "imported_from": {"path": os.path.abspath(load), "vocab_size": hf_vocab,
                                    "architecture": (hf.get("architectures") or ["?"])[0]}}
         folder = ckpt.save_checkpoint(tmp, 0, [model], None, state)
-        _publish(tmp, save)
+        publish_folder(tmp, save)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
