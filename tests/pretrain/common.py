@@ -67,3 +67,17 @@ def captured_step(chunk, estimator, tokens) -> None:
     losses.float().mean().backward()
     chunk.finish_grad_sync()
     estimator.end_capture()
+
+
+def copy_shrunk_weights(small, masked_model, masks, shape) -> None:
+    """Fill ``small`` (a model built at the shrunk shape) with the kept slices of ``masked_model``'s
+    weights, in memory: the shrink's per-parameter slicing without a checkpoint."""
+    import torch
+
+    from pretrain.state_adapter import shrink_parameter, source_name
+
+    full = dict(masked_model.named_parameters())
+    with torch.no_grad():
+        for name, p in small.named_parameters():
+            source = source_name(name, masks)
+            p.copy_(shrink_parameter(source, full[source], masks, shape))

@@ -19,7 +19,7 @@ import torch
 
 from pretrain.pruning.compensation import obs_update, output_error
 from tests.dist_helper import run_distributed
-from tests.pretrain.common import losses_of
+from tests.pretrain.common import copy_shrunk_weights, losses_of
 
 
 # --------------------------------------------------------------------------------- the pure update
@@ -119,7 +119,7 @@ def layer_outputs(data):
     from pretrain.layout import axis_mask
     from pretrain.pruning.compensation import Compensator
     from pretrain.pruning.masks import build_local_masks
-    from pretrain.state_adapter import shrink_parameter, shrunk_model_config, source_name
+    from pretrain.state_adapter import shrunk_model_config
     from tests.pretrain.pruning.test_masked_equals_shrunk import _build, _setup
 
     cfg, vocab, shape = _setup(data, 1, 1)
@@ -160,11 +160,8 @@ def layer_outputs(data):
     masked_logits = forward(tokens)
     small_cfg = shrunk_model_config(cfg.model, masks, shape)
     small = _build(dataclasses.replace(cfg, model=small_cfg), vocab, small_cfg)[0]
-    full = dict(model.named_parameters())
+    copy_shrunk_weights(small, model, masks, shape)
     with torch.no_grad():
-        for name, p in small.named_parameters():
-            source = source_name(name, masks)
-            p.copy_(shrink_parameter(source, full[source], masks, shape))
         small_logits = small(tokens[:, :-1], torch.arange(64).expand(2, 64), None)
     return {"errors": errors, "record": record, "hessians_left": compensator.hessian_bytes,
             "shrunk_diff": float((masked_logits - small_logits).abs().max()),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.dist_helper import run_distributed
-from tests.pretrain.common import debug_config
+from tests.pretrain.common import copy_shrunk_weights, debug_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 CASES = ["heads", "ffn", "hidden", "all", "per-layer", "layers"]
@@ -92,7 +92,7 @@ def _loss(chunks, batch, seq):
 
 def reference_worker(data):
     from pretrain.pruning.masks import build_local_masks
-    from pretrain.state_adapter import shrink_parameter, shrunk_model_config, source_name
+    from pretrain.state_adapter import shrunk_model_config
 
     cfg, vocab, shape = _setup(data, 1, 1)
     seq = cfg.model.seq_length
@@ -107,11 +107,8 @@ def reference_worker(data):
             masked_logits = model(batch["tokens"], batch["position_ids"], None)
         small_cfg = shrunk_model_config(cfg.model, masks, shape)
         small = _build(dataclasses.replace(cfg, model=small_cfg), vocab, small_cfg)[0]
-        full = dict(model.named_parameters())
+        copy_shrunk_weights(small, model, masks, shape)
         with torch.no_grad():
-            for name, p in small.named_parameters():
-                source = source_name(name, masks)
-                p.copy_(shrink_parameter(source, full[source], masks, shape))
             small_logits = small(batch["tokens"], batch["position_ids"], None)
         out[case] = {"max_diff": float((masked_logits - small_logits).abs().max()),
                      "scale": float(small_logits.abs().max()),
