@@ -502,26 +502,6 @@ def read_trainer_state(folder: str) -> dict:
     return state
 
 
-def _ensure_optimizer_state(optimizer) -> None:
-    """Give a fresh torch Adam the state a stepped one has (zero moments, step 0).
-
-    megatron-core's ``DistributedOptimizer.state_dict`` reads ``state["step"]`` when neither apex
-    nor Transformer Engine provides Adam; a fresh torch Adam has no state yet, so building the
-    state dict to load into fails with a bare assertion. Zero moments at step 0 are exactly what
-    the first ``step()`` would create, so training is unchanged.
-    """
-    from pretrain.pruning.optim_state import torch_optimizers
-
-    for torch_opt in torch_optimizers(optimizer):
-        for group in torch_opt.param_groups:
-            for p in group["params"]:
-                state = torch_opt.state[p]
-                if len(state) == 0 and isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p.data)
-                    state["exp_avg_sq"] = torch.zeros_like(p.data)
-
-
 def _unalias_adam_steps(optimizer) -> None:
     """Give every parameter its own Adam ``step`` tensor.
 
@@ -607,7 +587,11 @@ def _load_dcp_state(folder: str, model_chunks: list, optimizer, load_optim: bool
     model_sd = _model_sharded_state_dict(model_chunks)
     sharded = {"model": model_sd}
     if load_optim and optimizer is not None:
-        _ensure_optimizer_state(optimizer)
+        # megatron-core's DistributedOptimizer.state_dict reads state["step"] when neither apex nor
+        # Transformer Engine provides Adam: a fresh torch Adam needs the state its first step makes
+        from pretrain.adam_state import ensure_adam_state
+
+        ensure_adam_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                             metadata=_sharding_metadata())
     check_dcp_pickles(os.path.join(folder, MODEL_OPTIM_DIR))

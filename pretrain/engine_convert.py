@@ -1,21 +1,22 @@
 """Convert a checkpoint between the engines (``tools/convert_checkpoint.py``).
 
+Both directions carry the whole training state: weights, the fp32 master weights and AdamW's
+moments and step (in model space, ``pretrain.adam_state``), and the trainer state (iteration, data
+position, LR schedule, pruning state: masks, EMA, schedule ends; lineage).
+
 ``--to megatron``: a DeepSpeed checkpoint (``--engine deepspeed``) is consolidated through
-DeepSpeed's own ``zero_to_fp32`` (the fp32 master weights, gathered over the data-parallel
-partitions of each TP rank), the TP shards are joined as megatron-core lays them out (``layout``:
-qkv and fc2/proj split by rank, fc1 as ``[gate_r; up_r]`` per rank), and the result is written as
-this system's resharding checkpoint (one process, TP=1) with the same trainer state: iteration,
-data position, LR schedule, pruning state (masks, EMA, schedule ends) and lineage. The shrink
-tool, HF export, evaluation and a megatron-engine resume read it like any other checkpoint.
+DeepSpeed's own ``zero_to_fp32`` (each TP rank's data-parallel partitions reassembled: the masters
+and, over the same flat layout, the moments), the TP shards are joined as megatron-core lays them
+out (``layout``: qkv and fc2/proj split by rank, fc1 as ``[gate_r; up_r]`` per rank), and the
+result is written as this system's resharding checkpoint (one process, TP=1) with the AdamW state
+in megatron-core's model-space keys (``optimizer_state`` False: not megatron's optimizer format;
+``adam_state`` "model_space"). The shrink tool (which slices the moments too), HF export,
+evaluation and a megatron-engine resume (any TP/PP/DP) read it.
 
-What does not cross: the Adam moments (``zero_to_fp32`` consolidates parameters only), so a
-run resumed from the converted checkpoint starts its moments at zero (``optimizer_state`` is
-False in the trainer state; ``train.py`` then loads weights without optimizer and says so).
-
-``--to deepspeed``: a megatron checkpoint is copied with its config set to ``--engine deepspeed``
-and ``optimizer_state`` False; a DeepSpeed run started with ``--load`` of it (or of any
-megatron-format checkpoint) loads the weights before DeepSpeed wraps the model (``train.py``),
-then the trainer state, under any TP/DP layout (the DCP weights reshard); Adam moments restart.
+``--to deepspeed``: a megatron checkpoint is copied with its config set to ``--engine deepspeed``;
+a DeepSpeed run started with ``--load`` of it (or of any megatron-format checkpoint) loads the
+weights and the model-space AdamW state before DeepSpeed partitions them (``train.py``), then the
+trainer state, under any TP/DP layout (the DCP tensors reshard).
 """
 
 from __future__ import annotations
@@ -35,25 +36,64 @@ class EngineConversionError(RuntimeError):
     """A checkpoint that cannot be converted as asked; the message says why."""
 
 
-def _consolidated_per_tp_rank(engine_dir: str, tag: str, tp: int) -> list[dict]:
-    """Per TP rank: {parameter name: full fp32 tensor of that rank's shard} via zero_to_fp32
-    (which reads one model-parallel rank's files: each rank's are linked into a folder of its own
-    under the names zero_to_fp32 expects of rank 0)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def _zero_flat_groups(states: list[dict], stage: int) -> dict:
+    """Per state key, each DP rank's flat fp32 groups of the ZeRO optimizer files ``states``: the
+    master weights (``param``) and torch AdamW's moments over the same flat partitions."""
+    masters = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
+    inner = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
+    out = {"param": [list(sd[masters]) for sd in states]}
+    for key in ("exp_avg", "exp_avg_sq"):
+        out[key] = [[sd[inner]["state"][g][key] for g in range(len(sd[masters]))] for sd in states]
+    return out
+
+
+def _consolidated_per_tp_rank(engine_dir: str, tag: str, tp: int) -> tuple[list[dict], int]:
+    """Per TP rank: {parameter name: {param, exp_avg, exp_avg_sq}} (full fp32 tensors of that
+    rank's shard), and the Adam step. DeepSpeed's own ``zero_to_fp32`` reassembles the flat ZeRO
+    partitions into parameters; it is given the moments' flat groups as well as the masters' (the
+    same flat layout). It reads one model-parallel rank's files: each rank's are linked into a
+    folder of its own under the names it expects of rank 0."""
+    from collections import OrderedDict
+
+    from deepspeed.utils import zero_to_fp32 as z
 
     source = os.path.join(engine_dir, tag)
-    out = []
+    out, step = [], 0
     for rank in range(tp):
         marker = f"mp_rank_{rank:02d}"
         with tempfile.TemporaryDirectory() as view:
-            os.makedirs(os.path.join(view, tag))
+            folder = os.path.join(view, tag)
+            os.makedirs(folder)
             for name in os.listdir(source):
                 if marker in name:
-                    os.symlink(os.path.join(source, name),
-                               os.path.join(view, tag, name.replace(marker, "mp_rank_00")))
-            state = get_fp32_state_dict_from_zero_checkpoint(view, tag=tag)
-        out.append({k: v.detach().float().clone() for k, v in state.items()})
-    return out
+                    os.symlink(os.path.join(source, name), os.path.join(folder, name.replace(marker, "mp_rank_00")))
+            model_states = z.parse_model_states(z.get_model_state_files(folder))
+            states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+                      for f in z.get_optim_files(folder)]  # checked to hold data only (deepspeed_to_megatron)
+        stage = int(states[0]["zero_stage"])
+        world = max(states[0]["partition_count"]) if isinstance(states[0]["partition_count"], list) else int(
+            states[0]["partition_count"])
+        if len(states) != world:
+            raise EngineConversionError(f"{source}: TP rank {rank} has {len(states)} ZeRO optimizer files, its "
+                                        f"data-parallel world was {world}; the checkpoint is incomplete")
+        inner = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
+        step = int(float(states[0][inner]["state"][0]["step"])) if states[0][inner]["state"] else 0
+        per_key = {}
+        for key, flat_groups in _zero_flat_groups(states, stage).items():
+            merged = OrderedDict()
+            if stage <= 2:
+                z._zero2_merge_trainable_params(merged, world, flat_groups, model_states,
+                                                states[0].get("param_alignment_paddings"))
+            else:
+                z._zero3_merge_trainable_params(merged, world, flat_groups, model_states)
+                merged = z.to_torch_tensor(merged)
+            for alias, shared in model_states[0].shared_params:
+                if shared in merged:
+                    merged[alias] = merged[shared]
+            per_key[key] = merged
+        out.append({name: {key: per_key[key][name].detach().float().clone() for key in per_key}
+                    for name in per_key["param"]})
+    return out, step
 
 
 def _join_tp(name: str, param: torch.nn.Parameter, shards: list[torch.Tensor]) -> torch.Tensor:
@@ -73,6 +113,7 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     """Write ``save`` (a new folder) as a megatron-engine checkpoint of the DeepSpeed checkpoint
     under ``load`` (its newest valid one). Returns what was written."""
     from pretrain import checkpoint as ckpt
+    from pretrain.adam_state import ADAM_KEYS, ModelSpaceAdam
     from pretrain.engine_deepspeed import checkpoint_pickle_globals
     from pretrain.hf import _build_single
 
@@ -95,14 +136,16 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
         for name in sorted(os.listdir(tag_dir)):
             if name.endswith(".pt"):
                 ckpt.load_without_code(os.path.join(tag_dir, name), os.path.join(tag_dir, name))
-    per_rank = _consolidated_per_tp_rank(engine_dir, ckpt.ENGINE_TAG, tp)
+    per_rank, step = _consolidated_per_tp_rank(engine_dir, ckpt.ENGINE_TAG, tp)
     model = _build_single(cfg.model, vocab)
+    adam = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
             missing = [r for r, d in enumerate(per_rank) if name not in d]
             if missing:
                 raise EngineConversionError(f"{folder}: parameter {name} is missing on TP rank(s) {missing}")
-            full = _join_tp(name, param, [d[name] for d in per_rank])
+            adam[name] = {key: _join_tp(name, param, [d[name][key] for d in per_rank]) for key in ADAM_KEYS}
+            full = adam[name]["param"]
             if tuple(full.shape) != tuple(param.shape):
                 raise EngineConversionError(f"{folder}: {name} joins to {tuple(full.shape)}, the model has "
                                             f"{tuple(param.shape)}")
@@ -110,18 +153,20 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     parallel = dataclasses.replace(cfg.parallel, engine="megatron", zero_stage=None, deepspeed_config=None,
                                    offload_optimizer=None)
     new_state = {**state, "config": dataclasses.replace(cfg, parallel=parallel).to_dict(), "layout": {},
-                 "optimizer_state": False,
+                 "optimizer_state": False, "adam_state": "model_space",
                  "converted_from": {"path": os.path.abspath(folder), "engine": "deepspeed"}}
     tmp = ckpt.staging_folder(save)
     try:
-        written = ckpt.save_checkpoint(tmp, int(state["iteration"]), [model], None, new_state)
+        written = ckpt.save_checkpoint(tmp, int(state["iteration"]), [model], ModelSpaceAdam([model], adam, step),
+                                       new_state)
         ckpt.publish_folder(tmp, save)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"folder": os.path.join(save, os.path.basename(written)), "iteration": int(state["iteration"]),
             "parameters": sum(p.numel() for p in model.parameters()), "tp": tp, "seconds": time.time() - start,
-            "note": "weights and trainer state (pruning state included); the Adam moments restart at zero"}
+            "adam_step": step,
+            "note": "weights, fp32 masters, Adam moments and trainer state (pruning state included)"}
 
 
 def megatron_to_deepspeed(load: str, save: str) -> dict:
@@ -145,7 +190,8 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
     tmp = ckpt.staging_folder(save)
     try:
         staged = tmp + "/" + os.path.basename(ckpt.iteration_dir(tmp, iteration)) + ".tmp"
-        # the weights only: the DCP folder (its optimizer entries are not read) and the RNG states
+        # the DCP folder (weights and megatron-core's model-space AdamW state, which a DeepSpeed run
+        # reads) and the RNG states
         shutil.copytree(os.path.join(folder, ckpt.MODEL_OPTIM_DIR), os.path.join(staged, ckpt.MODEL_OPTIM_DIR))
         if os.path.isdir(os.path.join(folder, "rng")):
             shutil.copytree(os.path.join(folder, "rng"), os.path.join(staged, "rng"))
@@ -159,26 +205,28 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
             "parameters": cfg.model.num_parameters(int(state["vocab_size"]))["total"], "tp": None,
             "seconds": time.time() - start,
             "note": f"start it with python -m pretrain --engine deepspeed --load {save} (any TP x DP, PP 1); "
-                    "the Adam moments restart at zero"}
+                    "the AdamW state carries over"}
 
 
 def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:
-    """Collective: this DeepSpeed run's weights as a weights-only checkpoint in the resharding
-    (megatron) format under ``root/for_shrink``, with the trainer state (``optimizer_state``
-    False): what the in-run shrink slices. The shrunk model continues under DeepSpeed with its
-    weights, data position, LR schedule and pruning state; its Adam moments restart at zero (the
-    DeepSpeed partitions are not sliced). Returns the folder written."""
+    """Collective: this DeepSpeed run's weights and AdamW state (model space, gathered from the
+    ZeRO partitions: ``pretrain.adam_state``) as a megatron-format checkpoint under
+    ``root/for_shrink``, with the trainer state: what the in-run shrink slices. The shrunk model
+    continues under DeepSpeed with its weights, sliced fp32 masters and Adam moments, data
+    position, LR schedule and pruning state. Returns the folder written."""
     import contextlib
 
     import deepspeed
 
+    from pretrain.adam_state import ModelSpaceAdam, gather_from_engine
     from pretrain.checkpoint import save_checkpoint
 
     engine = trainer.optimizer
+    tensors, step = gather_from_engine(engine, trainer.model_chunks)
     params = list(engine.model.parameters())
     # ZeRO-3 holds partitions: gather the full (TP-local) tensors for megatron's sharded save
     gathered = deepspeed.zero.GatheredParameters(params) if engine.stage == 3 else contextlib.nullcontext()
     with gathered:
         return save_checkpoint(os.path.join(root, "for_shrink"), trainer.state.iteration, trainer.model_chunks,
-                               None, {**trainer_state, "optimizer_state": False}, keep_last=1)
-
+                               ModelSpaceAdam(trainer.model_chunks, tensors, step),
+                               {**trainer_state, "optimizer_state": False, "adam_state": "model_space"}, keep_last=1)

@@ -181,6 +181,17 @@ class DeepSpeedEngine:
         self.model = engine.module
 
     @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW inside ZeRO (its params are ZeRO's flat fp32 partitions)."""
+        return self.optimizer.optimizer
+
+    def optimizer_state_params(self) -> list:
+        """The flat fp32 partitions the AdamW keeps state for (ZeRO-3 puts each into its param
+        groups only for the duration of its step, so the groups cannot be asked)."""
+        zero = self.optimizer
+        return list(zero.fp32_partitioned_groups_flat if self.stage == 3 else zero.single_partition_of_fp32_groups)
+
+    @property
     def param_groups(self) -> list:
         return self.optimizer.param_groups
 

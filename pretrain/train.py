@@ -252,9 +252,11 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
     if cfg.parallel.engine == "deepspeed":
         from pretrain.engine_deepspeed import build_deepspeed_engine
 
-        _weights_before_engine(cfg, peeked, model_chunks)
+        adam = _weights_before_engine(cfg, peeked, model_chunks)
         # the adapter stands in for the optimizer: the trainer, the schedule and pruning ask it
         engine = build_deepspeed_engine(cfg, unwrap(model_chunks[0]))
+        if adam is not None:
+            _load_adam_state(engine, [engine.model], *adam, peeked[0])
         return [engine.model], engine, build_scheduler(engine, cfg.optim, cfg.total_iters())
     optimizer = build_optimizer(model_chunks, cfg.optim, cfg.parallel, cfg.train)
     # the optimizer holds fp32 master copies (bf16) made before our init: refresh them
@@ -263,20 +265,50 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
     return model_chunks, optimizer, build_scheduler(optimizer, cfg.optim, cfg.total_iters())
 
 
-def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> None:
-    """--engine deepspeed with --load of a megatron-format checkpoint (a run changing engine, or
-    one converted with tools/convert_checkpoint.py): its weights go into the model before DeepSpeed
-    wraps it (and copies them into its fp32 masters); the trainer state follows as usual, the Adam
-    moments start at zero."""
+def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> tuple | None:
+    """--engine deepspeed with --load of a megatron-format checkpoint (a run changing engine, a
+    converted checkpoint, or the in-run shrink's): its weights go into the model before DeepSpeed
+    wraps it (and copies them into its fp32 masters), and its AdamW state is read while the model
+    still holds whole (TP-local) parameters: returned as (tensors, step) for ``_load_adam_state``
+    once DeepSpeed has partitioned the optimizer; None when there is none to carry."""
+    from pretrain import adam_state
     from pretrain import checkpoint as ckpt
     from pretrain.distributed import print_rank0
 
     if not peeked or os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
-        return
+        return None
+    finetune = cfg.checkpoint.finetune or bool(peeked[1].get("weights_only"))
     ckpt.load_checkpoint(peeked[0], model_chunks, None, load_optim=False,
-                         load_rng=not (cfg.checkpoint.no_load_rng or cfg.checkpoint.finetune))
-    print_rank0(f"loaded the weights of megatron-format checkpoint {peeked[0]} before DeepSpeed wraps the model; "
-                "its Adam moments start at zero")
+                         load_rng=not (cfg.checkpoint.no_load_rng or finetune))
+    print_rank0(f"loaded the weights of megatron-format checkpoint {peeked[0]} before DeepSpeed wraps the model")
+    if finetune or cfg.checkpoint.no_load_optim:
+        return None
+    if not adam_state.has_adam_state(peeked[0]):
+        print_rank0(f"{peeked[0]} holds no optimizer state: the Adam moments start at zero")
+        return None
+    return adam_state.read_checkpoint(peeked[0], model_chunks)
+
+
+def _load_model_space_adam(optimizer, model_chunks: list, folder: str) -> None:
+    """The megatron engine from a checkpoint whose AdamW state is in model space (converted from
+    DeepSpeed), or that has none (its moments start at zero, said)."""
+    from pretrain import adam_state
+    from pretrain.distributed import print_rank0
+
+    if adam_state.has_adam_state(folder):
+        _load_adam_state(optimizer, model_chunks, *adam_state.read_checkpoint(folder, model_chunks), folder)
+    else:
+        print_rank0(f"{folder} holds no optimizer state: the Adam moments start at zero")
+
+
+def _load_adam_state(optimizer, model_chunks: list, tensors: dict, step: int, folder: str) -> None:
+    """Model-space AdamW state (``pretrain.adam_state``) into the engine's own layout."""
+    from pretrain.adam_state import scatter_into_engine
+    from pretrain.distributed import print_rank0
+
+    written = scatter_into_engine(optimizer, model_chunks, tensors, step)
+    print_rank0(f"loaded the fp32 master weights and Adam moments of {folder} (Adam step {step}) into this engine's "
+                f"optimizer state ({written:,} elements on rank 0)")
 
 
 def _build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_callbacks: list,
@@ -330,21 +362,23 @@ def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, optimizer)
         return _Resume()
     # an imported (convert_from_hf) checkpoint holds weights only: start from them, fresh
     finetune = cfg.checkpoint.finetune or bool(peeked and peeked[1].get("weights_only"))
-    # a checkpoint converted between engines carries weights and trainer state, no Adam moments
+    # False: not megatron-core's optimizer format (a checkpoint converted between engines, or the
+    # DeepSpeed in-run shrink's); its AdamW state, if any, is in model space (pretrain.adam_state)
     has_optimizer = not peeked or peeked[1].get("optimizer_state", True)
+    load_optim = not (cfg.checkpoint.no_load_optim or finetune)
     if peeked and cfg.parallel.engine == "deepspeed" and not os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
-        # its weights are in the model already (_weights_before_engine): only the trainer state is read here
+        # its weights and Adam state are in the engine already (_weights_before_engine): only the
+        # trainer state is read here
         loaded = ckpt.LoadedCheckpoint(peeked[0], ckpt.read_trainer_state(peeked[0]))
     else:
         loaded = ckpt.load_checkpoint(
             peeked[0] if peeked else cfg.checkpoint.load, model_chunks, optimizer,
-            load_optim=has_optimizer and not (cfg.checkpoint.no_load_optim or finetune),
-            load_rng=not (cfg.checkpoint.no_load_rng or finetune))
-    if loaded is not None and not has_optimizer and hasattr(optimizer, "reload_model_params"):
-        optimizer.reload_model_params()  # fp32 masters (bf16 runs) from the loaded weights, not the init's
-    if loaded is not None and not has_optimizer and not finetune:
-        print_rank0(f"{loaded.folder} holds no optimizer state (converted from {peeked[1].get('converted_from', {}).get('engine', 'another engine')}): "
-                    "the Adam moments start at zero")
+            load_optim=has_optimizer and load_optim, load_rng=not (cfg.checkpoint.no_load_rng or finetune))
+        if loaded is not None and not has_optimizer:
+            if hasattr(optimizer, "reload_model_params"):
+                optimizer.reload_model_params()  # fp32 masters (bf16 runs) from the loaded weights, not the init's
+            if load_optim:
+                _load_model_space_adam(optimizer, model_chunks, loaded.folder)
     if loaded is None:
         print_rank0(f"no checkpoint found under --load {cfg.checkpoint.load}; starting from scratch")
         return _Resume()

@@ -36,7 +36,10 @@ def _inner_optimizers(optimizer) -> list:
 
 
 def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
-    """The torch optimizers inside a megatron-core (possibly chained) optimizer."""
+    """The torch optimizers inside a megatron-core (possibly chained) optimizer, or inside an
+    engine adapter (``torch_optimizer``: DeepSpeed's, over its flat fp32 partitions)."""
+    if hasattr(optimizer, "torch_optimizer"):
+        return [optimizer.torch_optimizer]
     inner = (getattr(opt, "optimizer", None) for opt in _inner_optimizers(optimizer))
     return [opt for opt in inner if isinstance(opt, torch.optim.Optimizer)]
 

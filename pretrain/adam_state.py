@@ -1,0 +1,255 @@
+"""AdamW's state in model space: the one form in which it crosses engines and the in-run shrink.
+
+Each engine keeps AdamW's state its own way: megatron-core's distributed optimizer in flat buffers
+split over data-parallel ranks, DeepSpeed ZeRO in flat fp32 partitions (offloaded or not). Both
+reach the same *model-space* state: per model parameter (its tensor-parallel shard, as the model
+holds it) an fp32 master copy ``param`` and the two moments ``exp_avg`` / ``exp_avg_sq`` of the
+parameter's shape, plus one Adam ``step``. That is also how megatron-core's ``fully_reshardable``
+checkpoints store it (``optimizer.state.<key>.<model key>`` tensors sharded like the model's), so:
+
+* a megatron-format checkpoint written from a DeepSpeed run (``ModelSpaceAdam``) holds the same
+  tensors under the same keys: the shrink tool slices them like any other, and a run on either
+  engine reads them back (``read_checkpoint`` + ``scatter_into_engine``);
+* a DeepSpeed run started from a megatron engine's checkpoint reads the moments the megatron
+  engine wrote (its ``step`` from the checkpoint's optimizer param groups);
+* ``tools/convert_checkpoint.py`` writes this form from DeepSpeed's ZeRO files.
+
+Engines are reached only through ``pretrain.pruning.optim_state.iter_param_slots`` (the range of
+each flattened parameter this rank owns, with views of its master and moments), so moving state
+needs no engine-specific code here: a gather is a sum over data-parallel ranks of zero-filled
+tensors, a scatter writes each rank's own range.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+
+ADAM_KEYS = ("param", "exp_avg", "exp_avg_sq")
+# common.pt entry of a checkpoint whose optimizer state is model-space Adam written by ModelSpaceAdam
+MARKER = "model_space_adam"
+
+
+def adam_step(optimizer) -> int:
+    """The Adam step count of ``optimizer`` (0 before its first step)."""
+    from pretrain.pruning.optim_state import torch_optimizers
+
+    steps = {float(s["step"]) for opt in torch_optimizers(optimizer) for s in opt.state.values() if "step" in s}
+    return int(max(steps)) if steps else 0
+
+
+def _set_adam_step(optimizer, step: int) -> None:
+    from pretrain.pruning.optim_state import torch_optimizers
+
+    for opt in torch_optimizers(optimizer):
+        for state in opt.state.values():
+            if "step" in state:
+                # its own tensor per state (torch Adam increments it in place), float32 on the host
+                # as torch's non-capturable Adam makes it
+                state["step"] = torch.tensor(float(step), dtype=torch.float32, device=state["step"].device)
+
+
+def ensure_adam_state(optimizer) -> None:
+    """Give every torch Adam inside ``optimizer`` (megatron-core's or DeepSpeed's) the state its
+    first step would create (zero moments, step 0) where it has none yet, so it can be written."""
+    from pretrain.pruning.optim_state import torch_optimizers
+
+    for opt in torch_optimizers(optimizer):
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        if hasattr(optimizer, "optimizer_state_params"):  # an engine adapter knows better than the groups
+            params = optimizer.optimizer_state_params()
+        else:
+            params = [p for group in opt.param_groups for p in group["params"]]
+        for p in params:
+            state = opt.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def param_names(model_chunks: list) -> dict:
+    """{parameter: name} over this rank's model chunks (names prefixed by the chunk's index when
+    there are several: virtual pipeline stages reuse the same local names)."""
+    from pretrain.model import unwrap
+
+    prefix = len(model_chunks) > 1
+    return {p: (f"chunk{i}." if prefix else "") + n
+            for i, chunk in enumerate(model_chunks) for n, p in unwrap(chunk).named_parameters()}
+
+
+def _data_parallel_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
+
+
+@torch.no_grad()
+def gather_from_engine(optimizer, model_chunks: list) -> tuple[dict, int]:
+    """Collective over data parallel: {parameter name: {key: fp32 tensor of the parameter's
+    shape, on the host}} for every trainable parameter of ``model_chunks`` (this rank's TP/PP shard), and
+    the Adam step. Each rank fills the ranges it owns; a sum over DP assembles them (each element
+    is owned by exactly one DP rank)."""
+    from pretrain.distributed import device
+    from pretrain.pruning.optim_state import iter_param_slots
+
+    names = {p: n for p, n in param_names(model_chunks).items() if p.requires_grad}
+    flat = {}  # name -> [3, numel] on the collective's device
+    for slot in iter_param_slots(optimizer):
+        name = names.get(slot.param)
+        if name is None or slot.end <= slot.start:
+            continue
+        numel = getattr(slot.param, "ds_numel", None) or slot.param.numel()
+        buf = flat.get(name)
+        if buf is None:
+            buf = flat[name] = torch.zeros(len(ADAM_KEYS), numel, dtype=torch.float32, device=device())
+        for row, key in enumerate(ADAM_KEYS):
+            value = slot.main_param if key == "param" else slot.state.get(key)
+            if value is not None:
+                buf[row, slot.start:slot.end] = value.reshape(-1).to(device=buf.device, dtype=torch.float32)
+    group = _data_parallel_group()
+    out = {}
+    for param, name in names.items():  # the same order on every rank: one all-reduce per parameter
+        shape = tuple(getattr(param, "ds_shape", None) or param.shape)
+        numel = int(torch.Size(shape).numel())
+        buf = flat.pop(name, None)
+        if buf is None:  # this rank owns no element of it (ZeRO partitions can be empty)
+            buf = torch.zeros(len(ADAM_KEYS), numel, dtype=torch.float32, device=device())
+        if torch.distributed.is_initialized() and group is not None:
+            torch.distributed.all_reduce(buf, group=group)
+        host = buf.cpu()
+        out[name] = {key: host[row].reshape(shape).clone() for row, key in enumerate(ADAM_KEYS)}
+    return out, adam_step(optimizer)
+
+
+@torch.no_grad()
+def scatter_into_engine(optimizer, model_chunks: list, tensors: dict, step: int) -> int:
+    """Write model-space Adam state (``gather_from_engine``'s form, or ``read_checkpoint``'s) into
+    the ranges of ``optimizer``'s state this rank owns, and set its step. Returns the number of
+    elements written. Parameters missing from ``tensors`` keep their state (and are counted out)."""
+    from pretrain.pruning.optim_state import iter_param_slots
+
+    ensure_adam_state(optimizer)
+    names = param_names(model_chunks)
+    written = 0
+    for slot in iter_param_slots(optimizer):
+        given = tensors.get(names.get(slot.param))
+        if given is None or slot.end <= slot.start:
+            continue
+        for key in ADAM_KEYS:
+            target = slot.main_param if key == "param" else slot.state.get(key)
+            if target is None or key not in given:
+                continue
+            source = given[key].reshape(-1)[slot.start:slot.end]
+            target.copy_(source.to(device=target.device, dtype=target.dtype).view_as(target))
+        written += slot.end - slot.start
+    _set_adam_step(optimizer, step)
+    return written
+
+
+def _model_sharded_tensors(model_sd: dict) -> list:
+    """The model's ShardedTensors and ShardedTensorFactories (what has optimizer state)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    return [sh for sh in nested_values(model_sd) if isinstance(sh, (ShardedTensor, ShardedTensorFactory))]
+
+
+def _state_entry(sh, key: str, data: torch.Tensor):
+    """``sh`` (a model entry) as the entry of its optimizer state ``key``: the same sharding,
+    replica id and key scheme megatron-core's ``fully_reshardable`` format writes."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    kwargs = dict(key=f"optimizer.state.{key}.{sh.key}", data=data, replica_id=sh.replica_id)
+    if not isinstance(sh, ShardedTensorFactory):
+        kwargs["dtype"] = data.dtype
+    return replace(sh, **kwargs)
+
+
+class ModelSpaceAdam:
+    """Model-space Adam state as the ``optimizer`` of ``pretrain.checkpoint.save_checkpoint``: its
+    tensors are saved next to the model's, in megatron-core's ``fully_reshardable`` keys, and its
+    step in common.pt (``MARKER``)."""
+
+    def __init__(self, model_chunks: list, tensors: dict, step: int):
+        self.by_param = {p: tensors[n] for p, n in param_names(model_chunks).items() if n in tensors}
+        self.step = int(step)
+
+    def sharded_state_dict(self, model_sd: dict, is_loading: bool = False, metadata: dict | None = None) -> dict:
+        assert not is_loading, "ModelSpaceAdam only writes; read_checkpoint reads"
+        state = {}
+        for i, sh in enumerate(_model_sharded_tensors(model_sd)):
+            given = self.by_param.get(sh.data)
+            if given is not None:
+                state[i] = {key: _state_entry(sh, key, given[key].to(sh.data.device)) for key in ADAM_KEYS}
+        return {"param_state": state, MARKER: {"step": self.step}}
+
+
+def _common(folder: str) -> dict:
+    from pretrain.checkpoint import MODEL_OPTIM_DIR, load_without_code
+
+    path = os.path.join(folder, MODEL_OPTIM_DIR, "common.pt")
+    return load_without_code(path, path) if os.path.isfile(path) else {}
+
+
+def _step_in(common: dict) -> int | None:
+    """The Adam step recorded in a megatron-format checkpoint's common state: ours (``MARKER``) or
+    megatron-core's (torch Adam's ``step`` in the optimizer's param groups, possibly chained)."""
+    found = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if MARKER in node:
+                found.append(node[MARKER]["step"])
+            for group in node.get("param_groups", []) if isinstance(node.get("param_groups"), list) else []:
+                if isinstance(group, dict) and "step" in group:
+                    found.append(group["step"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    walk(common.get("optimizer", {}))
+    return int(max(float(s) for s in found)) if found else None
+
+
+def has_adam_state(folder: str) -> bool:
+    """Whether the megatron-format checkpoint ``folder`` holds model-space Adam state (written by
+    the megatron engine, or by ``ModelSpaceAdam``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from pretrain.checkpoint import MODEL_OPTIM_DIR
+
+    dcp = os.path.join(folder, MODEL_OPTIM_DIR)
+    if not os.path.isdir(dcp):
+        return False
+    keys = FileSystemReader(dcp).read_metadata().state_dict_metadata
+    return any(k.startswith("optimizer.state.exp_avg.") for k in keys) and _step_in(_common(folder)) is not None
+
+
+def read_checkpoint(folder: str, model_chunks: list) -> tuple[dict, int]:
+    """Collective (DCP load): the model-space Adam state of ``folder`` for this rank's parameters
+    (``gather_from_engine``'s form, on the host) and its step. The model must hold its full TP-local
+    parameters (for ZeRO-3: before DeepSpeed partitions them)."""
+    from megatron.core import dist_checkpointing
+
+    from pretrain.checkpoint import MODEL_OPTIM_DIR, _model_sharded_state_dict, check_dcp_pickles
+
+    names = param_names(model_chunks)
+    request, wanted = {}, {}
+    for i, sh in enumerate(_model_sharded_tensors(_model_sharded_state_dict(model_chunks))):
+        name = names.get(sh.data)
+        if name is None:
+            continue
+        wanted[i] = name
+        request[i] = {key: _state_entry(sh, key, torch.empty(sh.data.shape, dtype=torch.float32))
+                      for key in ADAM_KEYS}
+    dcp = os.path.join(folder, MODEL_OPTIM_DIR)
+    check_dcp_pickles(dcp)
+    loaded = dist_checkpointing.load({"param_state": request}, dcp)["param_state"]
+    step = _step_in(_common(folder))
+    return {name: {key: loaded[i][key] for key in ADAM_KEYS} for i, name in wanted.items()}, int(step or 0)
