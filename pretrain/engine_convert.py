@@ -9,8 +9,8 @@ DeepSpeed's own ``zero_to_fp32`` (each TP rank's data-parallel partitions reasse
 and, over the same flat layout, the moments), the TP shards are joined as megatron-core lays them
 out (``layout``: qkv and fc2/proj split by rank, fc1 as ``[gate_r; up_r]`` per rank), and the
 result is written as this system's resharding checkpoint (one process, TP=1) with the AdamW state
-in megatron-core's model-space keys (``optimizer_state`` False: not megatron's optimizer format;
-``adam_state`` "model_space"). The shrink tool (which slices the moments too), HF export,
+in megatron-core's model-space keys (``optimizer_state`` False: not megatron's optimizer format).
+The shrink tool (which slices the moments too), HF export,
 evaluation and a megatron-engine resume (any TP/PP/DP) read it.
 
 ``--to deepspeed``: a megatron checkpoint is copied with its config set to ``--engine deepspeed``;
@@ -153,7 +153,7 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     parallel = dataclasses.replace(cfg.parallel, engine="megatron", zero_stage=None, deepspeed_config=None,
                                    offload_optimizer=None)
     new_state = {**state, "config": dataclasses.replace(cfg, parallel=parallel).to_dict(), "layout": {},
-                 "optimizer_state": False, "adam_state": "model_space",
+                 "optimizer_state": False,
                  "converted_from": {"path": os.path.abspath(folder), "engine": "deepspeed"}}
     tmp = ckpt.staging_folder(save)
     try:
@@ -229,4 +229,4 @@ def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:
     with gathered:
         return save_checkpoint(os.path.join(root, "for_shrink"), trainer.state.iteration, trainer.model_chunks,
                                ModelSpaceAdam(trainer.model_chunks, tensors, step),
-                               {**trainer_state, "optimizer_state": False, "adam_state": "model_space"}, keep_last=1)
+                               {**trainer_state, "optimizer_state": False}, keep_last=1)
