@@ -271,7 +271,6 @@ def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> t
     wraps it (and copies them into its fp32 masters), and its AdamW state is read while the model
     still holds whole (TP-local) parameters: returned as (tensors, step) for ``_load_adam_state``
     once DeepSpeed has partitioned the optimizer; None when there is none to carry."""
-    from pretrain import adam_state
     from pretrain import checkpoint as ckpt
     from pretrain.distributed import print_rank0
 
@@ -281,24 +280,19 @@ def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> t
     ckpt.load_checkpoint(peeked[0], model_chunks, None, load_optim=False,
                          load_rng=not (cfg.checkpoint.no_load_rng or finetune))
     print_rank0(f"loaded the weights of megatron-format checkpoint {peeked[0]} before DeepSpeed wraps the model")
-    if finetune or cfg.checkpoint.no_load_optim:
-        return None
-    if not adam_state.has_adam_state(peeked[0]):
-        print_rank0(f"{peeked[0]} holds no optimizer state: the Adam moments start at zero")
-        return None
-    return adam_state.read_checkpoint(peeked[0], model_chunks)
+    return None if finetune or cfg.checkpoint.no_load_optim else _read_adam_state(peeked[0], model_chunks)
 
 
-def _load_model_space_adam(optimizer, model_chunks: list, folder: str) -> None:
-    """The megatron engine from a checkpoint whose AdamW state is in model space (converted from
-    DeepSpeed), or that has none (its moments start at zero, said)."""
+def _read_adam_state(folder: str, model_chunks: list) -> tuple | None:
+    """(tensors, step) of ``folder``'s model-space AdamW state (``pretrain.adam_state``; collective);
+    None, said, when it holds none: the Adam moments then start at zero."""
     from pretrain import adam_state
     from pretrain.distributed import print_rank0
 
     if adam_state.has_adam_state(folder):
-        _load_adam_state(optimizer, model_chunks, *adam_state.read_checkpoint(folder, model_chunks), folder)
-    else:
-        print_rank0(f"{folder} holds no optimizer state: the Adam moments start at zero")
+        return adam_state.read_checkpoint(folder, model_chunks)
+    print_rank0(f"{folder} holds no optimizer state: the Adam moments start at zero")
+    return None
 
 
 def _load_adam_state(optimizer, model_chunks: list, tensors: dict, step: int, folder: str) -> None:
@@ -377,8 +371,9 @@ def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, optimizer)
         if loaded is not None and not has_optimizer:
             if hasattr(optimizer, "reload_model_params"):
                 optimizer.reload_model_params()  # fp32 masters (bf16 runs) from the loaded weights, not the init's
-            if load_optim:
-                _load_model_space_adam(optimizer, model_chunks, loaded.folder)
+            adam = _read_adam_state(loaded.folder, model_chunks) if load_optim else None
+            if adam is not None:  # converted from DeepSpeed: its AdamW state in model space
+                _load_adam_state(optimizer, model_chunks, *adam, loaded.folder)
     if loaded is None:
         print_rank0(f"no checkpoint found under --load {cfg.checkpoint.load}; starting from scratch")
         return _Resume()
