@@ -3,10 +3,11 @@
     python tools/convert_checkpoint.py --load ds_ckpt --save megatron_ckpt --to megatron
 
 ``--to megatron``: a ``--engine deepspeed`` checkpoint becomes a megatron-engine (resharding DCP)
-checkpoint through DeepSpeed's consolidated fp32 weights, with the same iteration, data position,
-LR schedule and pruning state; the shrink tool, HF export and evaluation then read it. The Adam
-moments do not cross (a resume from it starts them at zero, and says so). ``--to deepspeed``:
-a megatron checkpoint needs no conversion file-wise; the command says how to start from it.
+checkpoint through DeepSpeed's consolidated ZeRO partitions: the weights, the fp32 master weights,
+both Adam moments and the Adam step, with the same iteration, data position, LR schedule and
+pruning state; the shrink tool, HF export, evaluation and ``--engine megatron`` then read it.
+``--to deepspeed``: a megatron checkpoint (weights and AdamW state) is copied for a DeepSpeed
+run, which reads both; the command says how to start from it.
 Runs in one process.
 """
 
