@@ -803,12 +803,6 @@ class PretrainConfig:
                      "--prune-compensation-probe needs --test-data-path (and --eval-iters > 0): it evaluates there")
         if self.parallel.engine == "deepspeed":
             self._validate_deepspeed_batch(world_size)
-            # both write to the optimizer's fp32 masters or hook the student's forward in ways only
-            # tested under megatron-core's optimizer and schedule: refused rather than silently wrong
-            _require(self.distill.teacher is None, "--kd-teacher is not supported with --engine deepspeed yet: "
-                     "distil with --engine megatron (the default)")
-            _require(self.prune.compensation == "none", "--prune-compensation obs is not supported with --engine "
-                     "deepspeed yet (it updates megatron-core's fp32 master weights): use --engine megatron")
         shrinks = bool(self.prune.shrink_at or self.prune.shrink_auto)
         if shrinks:
             _require(self.checkpoint.save is not None, "--shrink-at needs --save (the shrink goes through a checkpoint)")

@@ -311,6 +311,24 @@ class DeepSpeedEngine:
 
         return ps.get_data_parallel_rank()
 
+    @staticmethod
+    @torch.no_grad()
+    def gathered_weight(param) -> torch.Tensor:
+        """A copy of the whole (TP-local) weight of a ZeRO-3 partitioned parameter, as the forward
+        uses it. Collective over the parameter's data-parallel group (DeepSpeed's
+        ``GatheredParameters``; the parameter is released again on return, a persistent one too, so
+        the next forward gathers its partition)."""
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.detach().clone()
+
+    @staticmethod
+    def release_gathered(param) -> None:
+        """Free the gathered whole weight of a ZeRO-3 parameter (its partition stays), so that the
+        next forward gathers the partition again: after the partition was written."""
+        param.partition(param_list=[param], has_been_updated=False)
+
     def mask_weights(self, param_masks: dict) -> None:
         """Zero masked elements of the weights the forward uses (for ZeRO-3: this rank's partition
         of each parameter; the fp32 masters are masked through ``param_slots``)."""

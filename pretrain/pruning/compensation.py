@@ -27,7 +27,9 @@ The orchestration (``Compensator``):
   TP=1). The exact variant would all-gather every step's activations and the removed columns of
   ``W`` over TP; it was left out (docs/ARCHITECTURE.md);
 * the optimizer: the fp32 master copy receives the same update (``W_new - W`` added to its owned
-  range, or the parameter itself where the master is the parameter); Adam moments are kept;
+  range, or the parameter itself where the master is the parameter); Adam moments are kept. Under
+  DeepSpeed ZeRO-3 the weight is gathered over data parallel for the update, and each rank writes
+  its own partition of the weight and of the master (``ParamSlot.values``/``main_param``);
 * pipeline: each stage updates its own layers; the per-linear errors of all stages are gathered
   so every rank's pruning history is the same.
 
@@ -44,7 +46,7 @@ import torch
 
 from pretrain import layout
 from pretrain.layout import local_parameters
-from pretrain.pruning.optim_state import iter_param_slots
+from pretrain.pruning.optim_state import iter_param_slots, whole_weight
 
 COMPENSATIONS = ("none", "obs")
 # the linears whose input channels a pruning type removes (roles of pretrain.layout)
@@ -206,7 +208,7 @@ class Compensator:
                 continue
             stats = self._sums.pop(index, None)
             device = target.param.device
-            d = target.param.shape[-1]
+            d = tuple(getattr(target.param, "ds_shape", target.param.shape))[-1]  # ZeRO-3: a partition
             h = stats[0] if stats is not None else torch.zeros(d, d, dtype=torch.float32, device=device)
             tokens = torch.tensor([float(stats[1]) if stats is not None else 0.0], device=h.device)
             if dist:
@@ -217,7 +219,7 @@ class Compensator:
             removed = (old_kept & ~new_kept).nonzero().flatten().to(device)
             if removed.numel() == 0:
                 continue
-            weight = target.param.detach().float()
+            weight = whole_weight(self.optimizer, target.param).float()  # ZeRO-3: gathered over DP
             plain = weight.clone()
             plain[:, removed] = 0.0
             new = obs_update(weight, h, removed, self.damp, active=old_kept.to(device))
@@ -263,14 +265,20 @@ class Compensator:
     @staticmethod
     def _write(param: torch.nn.Parameter, delta: torch.Tensor, param_slots) -> None:
         """Add ``delta`` (fp32, the local shape) to the parameter and to its fp32 master copy (the owned
-        range; a master that is the parameter's own storage is updated once, through the parameter)."""
+        range; a master that is the weight's own storage is updated once, through the weight). A ZeRO-3
+        parameter's source of truth is its slot's ``values`` (its partition): each DP rank updates its
+        own part, and the whole weight too where it is gathered (a persistent small parameter)."""
         flat = delta.reshape(-1)
         for slot in param_slots:
+            weight = slot.values if slot.values is not None else param
             main = slot.main_param
-            if main is None or main.untyped_storage().data_ptr() == param.untyped_storage().data_ptr():
-                continue
-            main.add_(flat[slot.start:slot.end].to(device=main.device, dtype=main.dtype))
-        param.data.copy_((param.detach().float() + delta).to(param.dtype))
+            if main is not None and main.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+                main.add_(flat[slot.start:slot.end].to(device=main.device, dtype=main.dtype))
+            if slot.values is not None:  # rounded as the whole parameter is below
+                part = flat[slot.start:slot.end].to(slot.values.device)
+                slot.values.copy_((slot.values.float() + part).to(slot.values.dtype))
+        if param.data.numel() == getattr(param, "ds_numel", param.data.numel()):  # not a released partition
+            param.data.copy_((param.detach().float() + delta).to(param.dtype))
 
     @staticmethod
     def _gather_record(sums: dict, seconds: float, hessian_bytes: int) -> dict:
@@ -314,9 +322,20 @@ def probe_uncompensated_loss(trainer, shape, old_masks, new_masks, batches: int)
     chunks = trainer.model_chunks
     params = [p for chunk in chunks for p in chunk.parameters()]
     saved = [p.detach().clone() for p in params]
-    build_local_masks(chunks, new_masks, shape).apply_to_weights()
+    # a ZeRO-3 parameter's weights are its slot's partition (``values``); its engine masks those
+    partitions = [slot.values for slot in iter_param_slots(trainer.optimizer) if slot.values is not None]
+    saved_partitions = [values.clone() for values in partitions]
+    local = build_local_masks(chunks, new_masks, shape)
+    local.apply_to_weights()
+    if partitions:
+        trainer.optimizer.mask_weights(local.param_masks)
     loss = trainer.evaluate_test(batches)
+    for values, s in zip(partitions, saved_partitions):
+        values.copy_(s)
     for p, s in zip(params, saved):
-        p.data.copy_(s)
+        if p.data.shape == s.shape:
+            p.data.copy_(s)
+        else:  # a ZeRO-3 parameter the evaluation gathered (masked): the next forward gathers it again
+            trainer.optimizer.release_gathered(p)
     build_local_masks(chunks, old_masks, shape)  # the norms' hidden mask back to what the weights have
     return loss

@@ -69,6 +69,15 @@ def iter_param_slots(optimizer) -> Iterator[ParamSlot]:
                     yield ParamSlot(param, 0, param.numel(), param.view(-1), opt.optimizer.state.get(param, {}))
 
 
+def whole_weight(optimizer, param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's whole (TP-local) weight as the forward uses it. A ZeRO-3 partitioned parameter
+    holds none of it outside the forward: its engine gathers it over data parallel (a copy; a
+    collective over the DP group, so every DP rank must ask for the same parameters)."""
+    if hasattr(param, "ds_tensor") and hasattr(optimizer, "gathered_weight"):
+        return optimizer.gathered_weight(param)
+    return param.detach()
+
+
 def is_distributed(optimizer) -> bool:
     if hasattr(optimizer, "param_slots"):  # DeepSpeed ZeRO: every stage partitions over DP
         return True

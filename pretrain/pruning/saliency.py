@@ -38,7 +38,7 @@ import torch
 from pretrain import layout
 from pretrain.layout import ParamLayout, local_parameters
 from pretrain.pruning.masks import GroupScores, ModelShape
-from pretrain.pruning.optim_state import is_distributed, iter_param_slots
+from pretrain.pruning.optim_state import is_distributed, iter_param_slots, whole_weight
 
 ESTIMATORS = ("taylor", "fisher", "obs", "activation")
 _LINEARS = ("qkv", "proj", "fc1", "fc2", "output")  # the weights whose inputs obs/activation read
@@ -320,7 +320,7 @@ class SaliencyEstimator:
                     continue  # the full hidden input is replicated across TP
             else:
                 weight = entry.applied_weight if entry.applied_weight is not None else entry.param
-                w2 = _squares_per_column(weight.detach())
+                w2 = _squares_per_column(whole_weight(self.optimizer, weight))  # ZeRO-3: gathered
                 if self.obs_exact:
                     h = second / tokens
                     damp = self.obs_damp * torch.diagonal(h).mean().clamp(min=1e-12)
