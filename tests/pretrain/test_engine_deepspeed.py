@@ -22,10 +22,26 @@ ITERS = 4
 TOLERANCE = 1e-5  # relative and absolute, per step (measured differences: <= 2e-7)
 
 
+def _with_partitioned_zero3(data: dict, root) -> dict:
+    """``data`` with a --deepspeed-config for ZeRO-3 runs under which some weights are truly
+    partitioned: DeepSpeed keeps a parameter of at most 1e5 elements gathered on every rank
+    ("persistent"), which is every weight of the debug model; at 20,000, fc1, fc2 and the embedding
+    are partitioned while qkv, proj and the norms persist."""
+    import json
+    import os
+
+    path = os.path.join(str(root), "zero3.json")
+    with open(path, "w") as f:
+        json.dump({"zero_optimization": {"stage3_param_persistence_threshold": 20000}}, f)
+    return {**data, "zero3_settings": path}
+
+
 def _config(data: dict, engine: str, stage: int | None, **parallel):
     from pretrain.config import PruneConfig
 
     cfg = debug_config(data, tp=2, iters=ITERS, gbs=8, mbs=1)
+    if stage == 3:
+        parallel.setdefault("deepspeed_config", data.get("zero3_settings"))
     prune = PruneConfig(target_ratio=0.8, start_tokens=0, interval=2, saliency="taylor")
     return dataclasses.replace(
         cfg, parallel=dataclasses.replace(cfg.parallel, engine=engine, zero_stage=stage, **parallel), prune=prune)
@@ -84,11 +100,11 @@ def _close(a: list, b: list, what: str) -> None:
         assert math.isclose(x, y, rel_tol=TOLERANCE, abs_tol=TOLERANCE), f"{what}: step {i + 1}: {x} vs {y}\n{a}\n{b}"
 
 
-def test_zero_stages_match_the_megatron_engine(tiny_dataset):
+def test_zero_stages_match_the_megatron_engine(tiny_dataset, tmp_path):
     import torch
 
     runs = [("megatron", None), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
-    results = run_distributed(_train_engines, 4, tiny_dataset, runs)[0]
+    results = run_distributed(_train_engines, 4, _with_partitioned_zero3(tiny_dataset, tmp_path), runs)[0]
     ref = results[("megatron", None)]
     assert ref["layout"]["tp_size"] == 2 and ref["layout"]["dp_size"] == 2
     assert ref["losses"][-1] < ref["losses"][0]
@@ -134,7 +150,9 @@ def _resume_runs(data: dict, root: str, variants: list) -> dict:
         torch.distributed.barrier()
         resumed = run(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=save)))
         pruning = next(c for c in resumed["trainer"].callbacks if c.name == "pruning")
+        partitioned = sum(hasattr(p, "ds_id") and not p.ds_persist for p in resumed["trainer"].model_chunks[0].parameters())
         result.update(resumed=[h["loss"] for h in resumed["history"]], masks=pruning.masks.state_dict(),
+                      partitioned=partitioned,
                       masked_nonzero=_masked_nonzero(resumed["trainer"], pruning),
                       iteration=resumed["iteration"])
         del resumed
@@ -183,7 +201,8 @@ def _change_engine(data: dict, cfg, save: str, root: str, name: str) -> dict:
         tools["convert"] = _tool("tools/convert_checkpoint.py", "--load", save, "--save", converted, "--to", "megatron")
     torch.distributed.barrier()
     continued = run(dataclasses.replace(
-        cfg, parallel=dataclasses.replace(cfg.parallel, engine="megatron", zero_stage=None, offload_optimizer=None),
+        cfg, parallel=dataclasses.replace(cfg.parallel, engine="megatron", zero_stage=None, offload_optimizer=None,
+                                        deepspeed_config=None),
         checkpoint=dataclasses.replace(cfg.checkpoint, load=converted, save=None, save_interval=None)))
     losses = [h["loss"] for h in continued["history"]]
     del continued
@@ -209,7 +228,8 @@ def _from_megatron(cfg, root: str, name: str) -> dict:
 
     save, converted = os.path.join(root, f"{name}-from-megatron"), os.path.join(root, f"{name}-to-deepspeed")
     whole = run(dataclasses.replace(
-        cfg, parallel=dataclasses.replace(cfg.parallel, engine="megatron", zero_stage=None, offload_optimizer=None),
+        cfg, parallel=dataclasses.replace(cfg.parallel, engine="megatron", zero_stage=None, offload_optimizer=None,
+                                        deepspeed_config=None),
         checkpoint=dataclasses.replace(cfg.checkpoint, save=save, save_interval=2)))
     losses = [h["loss"] for h in whole["history"]]
     del whole
@@ -238,11 +258,13 @@ def test_resume_is_exact_under_zero3_with_offload(tiny_dataset, tmp_path):
 
     # ZeRO-3 with the optimizer offloaded to host memory: the most partitioned state there is
     variants = [("zero3-offload", 3, "cpu")]
-    results = run_distributed(_resume_runs, 4, tiny_dataset, str(tmp_path), variants)[0]
+    results = run_distributed(_resume_runs, 4, _with_partitioned_zero3(tiny_dataset, tmp_path), str(tmp_path),
+                              variants)[0]
     for name, _, _ in variants:
         got = results[name]
         assert any("optim_states" in f for f in got["files"]), f"{name}: no ZeRO partition files: {got['files']}"
         assert got["iteration"] == ITERS
+        assert got["partitioned"] == 4 * 2 + 1, f"{name}: fc1, fc2 of 4 layers and the embedding: {got['partitioned']}"
         # the same arithmetic in the same order on the same state: equal, not just close
         assert got["resumed"] == got["whole"][2:], f"{name}: resumed {got['resumed']} vs {got['whole']}"
         for key, mask in got["whole_masks"].items():
