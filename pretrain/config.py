@@ -803,6 +803,7 @@ class PretrainConfig:
                      "--prune-compensation-probe needs --test-data-path (and --eval-iters > 0): it evaluates there")
         if self.parallel.engine == "deepspeed":
             self._validate_deepspeed_batch(world_size)
+            self._validate_deepspeed_optimizer()
         shrinks = bool(self.prune.shrink_at or self.prune.shrink_auto)
         if shrinks:
             _require(self.checkpoint.save is not None, "--shrink-at needs --save (the shrink goes through a checkpoint)")
@@ -836,6 +837,21 @@ class PretrainConfig:
             _require(key not in settings or settings[key] == value,
                      f"--deepspeed-config {self.parallel.deepspeed_config}: {key} {settings.get(key)!r} contradicts "
                      f"{flag_name} ({value}); remove it from the file (the flags decide the batch)")
+
+    def _validate_deepspeed_optimizer(self) -> None:
+        """DeepSpeed swaps ZeRO-1 for its separate BF16_Optimizer when bf16 weights accumulate
+        gradients in fp32 (``data_types.grad_accum_dtype``) without offload: pruning, checkpoints
+        and the conversions reach ZeRO's partitions, not that optimizer's."""
+        settings = read_deepspeed_json(self.parallel.deepspeed_config)
+        zero = settings.get("zero_optimization", {})
+        stage = self.parallel.zero_stage or zero.get("stage", 1)
+        offload = self.parallel.offload_optimizer or (zero.get("offload_optimizer") or {}).get("device", "none")
+        accumulate = str((settings.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+        _require(not (self.train.bf16 and stage == 1 and offload != "cpu"
+                      and accumulate in ("fp32", "float32", "float", "torch.float32")),
+                 f"--deepspeed-config {self.parallel.deepspeed_config}: data_types.grad_accum_dtype {accumulate} with "
+                 "--bf16 and ZeRO-1 makes DeepSpeed use its BF16_Optimizer, which this engine does not drive; use "
+                 "--zero-stage 2 (or 3), or remove data_types.grad_accum_dtype")
 
     def tokens_per_step(self) -> int:
         return self.train.global_batch_size * self.model.seq_length
