@@ -33,10 +33,14 @@ MARKER = "model_space_adam"
 
 
 def adam_step(optimizer) -> int:
-    """The Adam step count of ``optimizer`` (0 before its first step)."""
+    """The Adam step count of ``optimizer`` (0 before its first step): torch's Adam keeps it per
+    state, the fused Adams of apex and Transformer Engine per param group."""
     from pretrain.pruning.optim_state import torch_optimizers
 
-    steps = {float(s["step"]) for opt in torch_optimizers(optimizer) for s in opt.state.values() if "step" in s}
+    steps = set()
+    for opt in torch_optimizers(optimizer):
+        steps |= {float(s["step"]) for s in opt.state.values() if "step" in s}
+        steps |= {float(g["step"]) for g in opt.param_groups if "step" in g}
     return int(max(steps)) if steps else 0
 
 
@@ -49,13 +53,22 @@ def _set_adam_step(optimizer, step: int) -> None:
                 # its own tensor per state (torch Adam increments it in place), float32 on the host
                 # as torch's non-capturable Adam makes it
                 state["step"] = torch.tensor(float(step), dtype=torch.float32, device=state["step"].device)
+        for group in opt.param_groups:
+            if "step" in group:  # apex / Transformer Engine FusedAdam
+                group["step"] = int(step)
 
 
 def ensure_adam_state(optimizer) -> None:
-    """Give every torch Adam inside ``optimizer`` (megatron-core's or DeepSpeed's) the state its
-    first step would create (zero moments, step 0) where it has none yet, so it can be written."""
-    from pretrain.pruning.optim_state import torch_optimizers
+    """Give every Adam inside ``optimizer`` (megatron-core's or DeepSpeed's) the state its first
+    step would create (zero moments, step 0) where it has none yet, so it can be written:
+    megatron-core's own ``init_state_fn`` where the optimizer has one (it knows fused and
+    precision-aware Adams), then the ``step`` torch's Adam keeps per state."""
+    from pretrain.pruning.optim_state import inner_optimizers, torch_optimizers
 
+    for opt in inner_optimizers(optimizer):
+        init = getattr(opt, "init_state_fn", None)
+        if init is not None and getattr(opt, "optimizer", None) is not None:
+            init(opt.optimizer, getattr(opt, "config", None))
     for opt in torch_optimizers(optimizer):
         if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
             continue
@@ -65,10 +78,11 @@ def ensure_adam_state(optimizer) -> None:
             params = [p for group in opt.param_groups for p in group["params"]]
         for p in params:
             state = opt.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0)
+            if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
 
 
 def param_names(model_chunks: list) -> dict:
@@ -90,38 +104,34 @@ def _data_parallel_group():
 @torch.no_grad()
 def gather_from_engine(optimizer, model_chunks: list) -> tuple[dict, int]:
     """Collective over data parallel: {parameter name: {key: fp32 tensor of the parameter's
-    shape, on the host}} for every trainable parameter of ``model_chunks`` (this rank's TP/PP shard), and
-    the Adam step. Each rank fills the ranges it owns; a sum over DP assembles them (each element
-    is owned by exactly one DP rank)."""
+    shape, on the host}} for every trainable parameter of ``model_chunks`` (this rank's TP/PP
+    shard), and the Adam step. Each rank fills the ranges it owns; a sum over DP assembles them
+    (each element is owned by exactly one DP rank). One parameter at a time on the device, so the
+    device holds at most 3 fp32 copies of the largest parameter; the host holds the result
+    (3 fp32 copies of this rank's shard of the model)."""
     from pretrain.distributed import device
     from pretrain.pruning.optim_state import iter_param_slots
 
     names = {p: n for p, n in param_names(model_chunks).items() if p.requires_grad}
-    flat = {}  # name -> [3, numel] on the collective's device
+    owned: dict[str, list] = {}  # name -> this rank's slots of it (views: nothing is copied yet)
     for slot in iter_param_slots(optimizer):
-        name = names.get(slot.param)
-        if name is None or slot.end <= slot.start:
-            continue
-        numel = getattr(slot.param, "ds_numel", None) or slot.param.numel()
-        buf = flat.get(name)
-        if buf is None:
-            buf = flat[name] = torch.zeros(len(ADAM_KEYS), numel, dtype=torch.float32, device=device())
-        for row, key in enumerate(ADAM_KEYS):
-            value = slot.main_param if key == "param" else slot.state.get(key)
-            if value is not None:
-                buf[row, slot.start:slot.end] = value.reshape(-1).to(device=buf.device, dtype=torch.float32)
+        if slot.param in names and slot.end > slot.start:
+            owned.setdefault(names[slot.param], []).append(slot)
     group = _data_parallel_group()
     out = {}
     for param, name in names.items():  # the same order on every rank: one all-reduce per parameter
         shape = tuple(getattr(param, "ds_shape", None) or param.shape)
-        numel = int(torch.Size(shape).numel())
-        buf = flat.pop(name, None)
-        if buf is None:  # this rank owns no element of it (ZeRO partitions can be empty)
-            buf = torch.zeros(len(ADAM_KEYS), numel, dtype=torch.float32, device=device())
+        buf = torch.zeros(len(ADAM_KEYS), int(torch.Size(shape).numel()), dtype=torch.float32, device=device())
+        for slot in owned.pop(name, []):  # none: this rank owns no element (ZeRO partitions can be empty)
+            for row, key in enumerate(ADAM_KEYS):
+                value = slot.main_param if key == "param" else slot.state.get(key)
+                if value is not None:
+                    buf[row, slot.start:slot.end] = value.reshape(-1).to(device=buf.device, dtype=torch.float32)
         if torch.distributed.is_initialized() and group is not None:
             torch.distributed.all_reduce(buf, group=group)
         host = buf.cpu()
-        out[name] = {key: host[row].reshape(shape).clone() for row, key in enumerate(ADAM_KEYS)}
+        del buf
+        out[name] = {key: host[row].reshape(shape) for row, key in enumerate(ADAM_KEYS)}
     return out, adam_step(optimizer)
 
 
@@ -129,23 +139,35 @@ def gather_from_engine(optimizer, model_chunks: list) -> tuple[dict, int]:
 def scatter_into_engine(optimizer, model_chunks: list, tensors: dict, step: int) -> int:
     """Write model-space Adam state (``gather_from_engine``'s form, or ``read_checkpoint``'s) into
     the ranges of ``optimizer``'s state this rank owns, and set its step. Returns the number of
-    elements written. Parameters missing from ``tensors`` keep their state (and are counted out)."""
+    moment elements written. A parameter missing from ``tensors`` keeps its moments (a warning
+    names it); a ``param`` entry (fp32 master) is optional: without it the master stays what the
+    engine made of the loaded weights (an fp32 run's master is the weight)."""
+    from pretrain.distributed import print_rank0
     from pretrain.pruning.optim_state import iter_param_slots
 
     ensure_adam_state(optimizer)
     names = param_names(model_chunks)
-    written = 0
+    written, missing = 0, []
     for slot in iter_param_slots(optimizer):
+        if slot.end <= slot.start:
+            continue
         given = tensors.get(names.get(slot.param))
-        if given is None or slot.end <= slot.start:
+        if given is None:
+            missing.append(names.get(slot.param, "?"))
             continue
         for key in ADAM_KEYS:
             target = slot.main_param if key == "param" else slot.state.get(key)
-            if target is None or key not in given:
+            if key not in given:
                 continue
+            if target is None:
+                raise RuntimeError(f"{type(optimizer).__name__} keeps no {key} for {names.get(slot.param)} after "
+                                   "initialising its state: cannot load AdamW state into it")
             source = given[key].reshape(-1)[slot.start:slot.end]
             target.copy_(source.to(device=target.device, dtype=target.dtype).view_as(target))
         written += slot.end - slot.start
+    if missing:
+        print_rank0(f"warning: no AdamW state given for {len(missing)} parameter(s) ({', '.join(missing[:3])}"
+                    f"{', ...' if len(missing) > 3 else ''}): their moments start at zero")
     _set_adam_step(optimizer, step)
     return written
 
@@ -184,7 +206,8 @@ class ModelSpaceAdam:
         for i, sh in enumerate(_model_sharded_tensors(model_sd)):
             given = self.by_param.get(sh.data)
             if given is not None:
-                state[i] = {key: _state_entry(sh, key, given[key].to(sh.data.device)) for key in ADAM_KEYS}
+                # on the host: the DCP writer takes host tensors, and the device has no room to spare
+                state[i] = {key: _state_entry(sh, key, given[key]) for key in ADAM_KEYS if key in given}
         return {"param_state": state, MARKER: {"step": self.step}}
 
 
@@ -204,6 +227,8 @@ def _step_in(common: dict) -> int | None:
         if isinstance(node, dict):
             if MARKER in node:
                 found.append(node[MARKER]["step"])
+            if "common_step" in node:  # megatron-core's non-distributed optimizers
+                found.append(node["common_step"])
             for group in node.get("param_groups", []) if isinstance(node.get("param_groups"), list) else []:
                 if isinstance(group, dict) and "step" in group:
                     found.append(group["step"])
@@ -217,17 +242,24 @@ def _step_in(common: dict) -> int | None:
     return int(max(float(s) for s in found)) if found else None
 
 
-def has_adam_state(folder: str) -> bool:
-    """Whether the megatron-format checkpoint ``folder`` holds model-space Adam state (written by
-    the megatron engine, or by ``ModelSpaceAdam``)."""
+def _stored_keys(folder: str) -> set:
     from torch.distributed.checkpoint import FileSystemReader
 
     from pretrain.checkpoint import MODEL_OPTIM_DIR
 
     dcp = os.path.join(folder, MODEL_OPTIM_DIR)
-    if not os.path.isdir(dcp):
-        return False
-    keys = FileSystemReader(dcp).read_metadata().state_dict_metadata
+    return set(FileSystemReader(dcp).read_metadata().state_dict_metadata) if os.path.isdir(dcp) else set()
+
+
+# where each model-space key is stored: the distributed optimizer's masters are "param", the
+# non-distributed mixed-precision optimizer's "fp32_param" (an fp32 one has none: the weight is it)
+_STORED_AS = {"param": ("param", "fp32_param"), "exp_avg": ("exp_avg",), "exp_avg_sq": ("exp_avg_sq",)}
+
+
+def has_adam_state(folder: str) -> bool:
+    """Whether the megatron-format checkpoint ``folder`` holds model-space Adam state (written by
+    the megatron engine, or by ``ModelSpaceAdam``): moments and a step."""
+    keys = _stored_keys(folder)
     return any(k.startswith("optimizer.state.exp_avg.") for k in keys) and _step_in(_common(folder)) is not None
 
 
@@ -240,16 +272,21 @@ def read_checkpoint(folder: str, model_chunks: list) -> tuple[dict, int]:
     from pretrain.checkpoint import MODEL_OPTIM_DIR, _model_sharded_state_dict, check_dcp_pickles
 
     names = param_names(model_chunks)
+    stored = _stored_keys(folder)
     request, wanted = {}, {}
     for i, sh in enumerate(_model_sharded_tensors(_model_sharded_state_dict(model_chunks))):
         name = names.get(sh.data)
         if name is None:
             continue
-        wanted[i] = name
-        request[i] = {key: _state_entry(sh, key, torch.empty(sh.data.shape, dtype=torch.float32))
-                      for key in ADAM_KEYS}
+        entries = {}
+        for key, candidates in _STORED_AS.items():
+            found = next((c for c in candidates if f"optimizer.state.{c}.{sh.key}" in stored), None)
+            if found is not None:
+                entries[key] = _state_entry(sh, found, torch.empty(sh.data.shape, dtype=torch.float32))
+        if entries:
+            wanted[i], request[i] = name, entries
     dcp = os.path.join(folder, MODEL_OPTIM_DIR)
     check_dcp_pickles(dcp)
     loaded = dist_checkpointing.load({"param_state": request}, dcp)["param_state"]
     step = _step_in(_common(folder))
-    return {name: {key: loaded[i][key] for key in ADAM_KEYS} for i, name in wanted.items()}, int(step or 0)
+    return {name: dict(loaded[i]) for i, name in wanted.items()}, int(step or 0)

@@ -367,6 +367,10 @@ def read_deepspeed_json(path: str | None) -> dict:
              f"--deepspeed-config {path}: fp16 is not supported (no loss scaler in the trainer); use --bf16")
     zero = settings.get("zero_optimization", {})
     _require(isinstance(zero, dict), f"--deepspeed-config {path}: \"zero_optimization\" must be an object")
+    for section in ("offload_optimizer", "offload_param"):
+        device = (zero.get(section) or {}).get("device") if isinstance(zero.get(section), dict) else None
+        _require(device != "nvme", f"--deepspeed-config {path}: zero_optimization.{section}.device nvme is not "
+                                   "supported (pruning writes the optimizer state in place; NVMe swaps it out): use cpu")
     stage = zero.get("stage", 1)
     _require(stage in (1, 2, 3), f"--deepspeed-config {path}: zero_optimization.stage {stage!r}: DeepSpeed ZeRO "
                                  "has stages 1, 2 and 3 (stage 0 is plain data parallel: use --engine megatron)")

@@ -38,13 +38,50 @@ class EngineConversionError(RuntimeError):
 
 def _zero_flat_groups(states: list[dict], stage: int) -> dict:
     """Per state key, each DP rank's flat fp32 groups of the ZeRO optimizer files ``states``: the
-    master weights (``param``) and torch AdamW's moments over the same flat partitions."""
+    master weights (``param``) and torch AdamW's moments over the same flat partitions (none before
+    the first applied step)."""
     masters = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
     inner = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
     out = {"param": [list(sd[masters]) for sd in states]}
-    for key in ("exp_avg", "exp_avg_sq"):
-        out[key] = [[sd[inner]["state"][g][key] for g in range(len(sd[masters]))] for sd in states]
+    if all(sd[inner]["state"] for sd in states):
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[key] = [[sd[inner]["state"][g][key] for g in range(len(sd[masters]))] for sd in states]
     return out
+
+
+def _consolidate_one_rank(folder: str) -> tuple[dict, int]:
+    """{name: {param, exp_avg, exp_avg_sq}} and the Adam step of the ZeRO files in ``folder`` (one
+    model-parallel rank's, named as rank 0's)."""
+    from collections import OrderedDict
+
+    from deepspeed.utils import zero_to_fp32 as z
+
+    model_states = z.parse_model_states(z.get_model_state_files(folder))
+    # mmap: the files stay on disk until a tensor is read (checked to hold data only: deepspeed_to_megatron)
+    states = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+              for f in z.get_optim_files(folder)]
+    stage = int(states[0]["zero_stage"])
+    world = states[0]["partition_count"]
+    world = max(world) if isinstance(world, list) else int(world)
+    if len(states) != world:
+        raise EngineConversionError(f"{len(states)} ZeRO optimizer files, but a data-parallel world of {world}: "
+                                    "the checkpoint is incomplete")
+    inner = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
+    step = int(float(states[0][inner]["state"][0]["step"])) if states[0][inner]["state"] else 0
+    per_key = {}
+    for key, flat_groups in _zero_flat_groups(states, stage).items():
+        merged = OrderedDict()
+        if stage <= 2:
+            z._zero2_merge_trainable_params(merged, world, flat_groups, model_states,
+                                            states[0].get("param_alignment_paddings"))
+        else:
+            z._zero3_merge_trainable_params(merged, world, flat_groups, model_states)
+            merged = z.to_torch_tensor(merged)
+        for alias, shared in model_states[0].shared_params:
+            if shared in merged:
+                merged[alias] = merged[shared]
+        per_key[key] = merged
+    return {name: {key: per_key[key][name].detach().float() for key in per_key} for name in per_key["param"]}, step
 
 
 def _consolidated_per_tp_rank(engine_dir: str, tag: str, tp: int) -> tuple[list[dict], int]:
@@ -53,9 +90,7 @@ def _consolidated_per_tp_rank(engine_dir: str, tag: str, tp: int) -> tuple[list[
     partitions into parameters; it is given the moments' flat groups as well as the masters' (the
     same flat layout). It reads one model-parallel rank's files: each rank's are linked into a
     folder of its own under the names it expects of rank 0."""
-    from collections import OrderedDict
-
-    from deepspeed.utils import zero_to_fp32 as z
+    import deepspeed
 
     source = os.path.join(engine_dir, tag)
     out, step = [], 0
@@ -67,32 +102,17 @@ def _consolidated_per_tp_rank(engine_dir: str, tag: str, tp: int) -> tuple[list[
             for name in os.listdir(source):
                 if marker in name:
                     os.symlink(os.path.join(source, name), os.path.join(folder, name.replace(marker, "mp_rank_00")))
-            model_states = z.parse_model_states(z.get_model_state_files(folder))
-            states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-                      for f in z.get_optim_files(folder)]  # checked to hold data only (deepspeed_to_megatron)
-        stage = int(states[0]["zero_stage"])
-        world = max(states[0]["partition_count"]) if isinstance(states[0]["partition_count"], list) else int(
-            states[0]["partition_count"])
-        if len(states) != world:
-            raise EngineConversionError(f"{source}: TP rank {rank} has {len(states)} ZeRO optimizer files, its "
-                                        f"data-parallel world was {world}; the checkpoint is incomplete")
-        inner = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
-        step = int(float(states[0][inner]["state"][0]["step"])) if states[0][inner]["state"] else 0
-        per_key = {}
-        for key, flat_groups in _zero_flat_groups(states, stage).items():
-            merged = OrderedDict()
-            if stage <= 2:
-                z._zero2_merge_trainable_params(merged, world, flat_groups, model_states,
-                                                states[0].get("param_alignment_paddings"))
-            else:
-                z._zero3_merge_trainable_params(merged, world, flat_groups, model_states)
-                merged = z.to_torch_tensor(merged)
-            for alias, shared in model_states[0].shared_params:
-                if shared in merged:
-                    merged[alias] = merged[shared]
-            per_key[key] = merged
-        out.append({name: {key: per_key[key][name].detach().float().clone() for key in per_key}
-                    for name in per_key["param"]})
+            try:
+                tensors, step = _consolidate_one_rank(folder)
+            except EngineConversionError as err:
+                raise EngineConversionError(f"{source}, TP rank {rank}: {err}") from None
+            except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+                # another DeepSpeed version's layout, its BF16_Optimizer's files, an elastic checkpoint
+                raise EngineConversionError(
+                    f"{source}, TP rank {rank}: not a ZeRO-1/2/3 checkpoint this converter reads with DeepSpeed "
+                    f"{deepspeed.__version__} ({type(err).__name__}: {err}); convert it with the DeepSpeed "
+                    "version that wrote it, or resume it under --engine deepspeed on its own layout") from None
+        out.append(tensors)
     return out, step
 
 
@@ -113,7 +133,7 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     """Write ``save`` (a new folder) as a megatron-engine checkpoint of the DeepSpeed checkpoint
     under ``load`` (its newest valid one). Returns what was written."""
     from pretrain import checkpoint as ckpt
-    from pretrain.adam_state import ADAM_KEYS, ModelSpaceAdam
+    from pretrain.adam_state import ModelSpaceAdam
     from pretrain.engine_deepspeed import checkpoint_pickle_globals
     from pretrain.hf import _build_single
 
@@ -144,7 +164,9 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
             missing = [r for r, d in enumerate(per_rank) if name not in d]
             if missing:
                 raise EngineConversionError(f"{folder}: parameter {name} is missing on TP rank(s) {missing}")
-            adam[name] = {key: _join_tp(name, param, [d[name][key] for d in per_rank]) for key in ADAM_KEYS}
+            adam[name] = {key: _join_tp(name, param, [d[name][key] for d in per_rank]) for key in per_rank[0][name]}
+            for d in per_rank:  # what is joined is not needed twice
+                del d[name]
             full = adam[name]["param"]
             if tuple(full.shape) != tuple(param.shape):
                 raise EngineConversionError(f"{folder}: {name} joins to {tuple(full.shape)}, the model has "
@@ -166,12 +188,16 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     return {"folder": os.path.join(save, os.path.basename(written)), "iteration": int(state["iteration"]),
             "parameters": sum(p.numel() for p in model.parameters()), "tp": tp, "seconds": time.time() - start,
             "adam_step": step,
-            "note": "weights, fp32 masters, Adam moments and trainer state (pruning state included)"}
+            "note": (f"weights, fp32 masters, Adam moments (step {step}) and trainer state (pruning state included)"
+                     if any("exp_avg" in t for t in adam.values()) else
+                     "weights, fp32 masters and trainer state (pruning state included); the checkpoint was "
+                     "written before any optimizer step, so there are no Adam moments")}
 
 
 def megatron_to_deepspeed(load: str, save: str) -> dict:
     """Copy the megatron-format checkpoint under ``load`` to ``save`` for ``--engine deepspeed``."""
     from pretrain import checkpoint as ckpt
+    from pretrain.adam_state import has_adam_state
 
     start = time.time()
     folder = ckpt.find_checkpoint(load)
@@ -179,6 +205,7 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
         raise EngineConversionError(f"--load {load}: no valid checkpoint there")
     if os.path.isdir(os.path.join(folder, ckpt.ENGINE_DIR)):
         raise EngineConversionError(f"{folder} is already a DeepSpeed checkpoint")
+    carries = has_adam_state(folder)
     if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
         raise EngineConversionError(f"--save {save} already exists; choose a new folder or remove it")
     state = ckpt.read_trainer_state(folder)
@@ -205,7 +232,8 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
             "parameters": cfg.model.num_parameters(int(state["vocab_size"]))["total"], "tp": None,
             "seconds": time.time() - start,
             "note": f"start it with python -m pretrain --engine deepspeed --load {save} (any TP x DP, PP 1); "
-                    "the AdamW state carries over"}
+                    + ("the AdamW state carries over" if carries else
+                       "it holds no AdamW state (weights only): the Adam moments start at zero")}
 
 
 def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:

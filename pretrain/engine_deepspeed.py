@@ -12,8 +12,9 @@ forward/backward/step only: callbacks, data position and checkpoints stay the sa
 Pruning reaches the partitioned state through ``ParamSlot``s (``param_slots``): for ZeRO-1/2 the
 fragment mapping DeepSpeed's own ``safe_get_full_*`` accessors read (``param._hp_mapping``: this
 rank's range of the flattened parameter, its fp32 master fragment, its Adam-moment fragments and
-its reduced-gradient fragment, all views), for ZeRO-3 the public local accessors
-(``safe_get_local_fp32_param``, ``safe_get_local_optimizer_state``, ``safe_get_local_grad``).
+its reduced-gradient fragment, all views), for ZeRO-3 the partition lookups that DeepSpeed's
+public ``safe_get_local_*`` accessors are built on (views; the accessors themselves return copies
+on a GPU when the optimizer is offloaded: ``_zero3_slots``).
 
 PP > 1 is refused by ``ParallelConfig.validate_engine`` before any process group starts.
 """
@@ -280,9 +281,13 @@ class DeepSpeedEngine:
                             grad=grad)
 
     def _zero3_slots(self):
-        from deepspeed.utils import (safe_get_local_fp32_param, safe_get_local_grad,
-                                     safe_get_local_optimizer_state)
-
+        """ZeRO-3: views of each parameter's partition in the optimizer's flat fp32 groups, its Adam
+        moments and its reduced gradient. DeepSpeed's public ``safe_get_local_*`` accessors return
+        ``.to(accelerator)`` of these: with the optimizer offloaded to the host and a GPU, a copy,
+        so a write to it (a mask, a compensation, a loaded moment) would go nowhere. The partition
+        lookups they are built on (``_get_fp32_opt_state_partition``/``_get_fp32_grad_state_
+        partition``: ``grad_position`` into ``fp32_partitioned_groups_flat``) give views."""
+        zero = self.optimizer
         for param in self.model.parameters():
             if not hasattr(param, "ds_id") or not param.requires_grad:
                 continue
@@ -291,16 +296,16 @@ class DeepSpeedEngine:
             end = min(param.ds_numel, start + part)
             if end <= start:
                 continue
-            main = safe_get_local_fp32_param(param)[:end - start]
+            main = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False)[0][:end - start]
             state = {}
             for key in ("exp_avg", "exp_avg_sq"):
                 try:
-                    state[key] = safe_get_local_optimizer_state(param, key)[:end - start]
+                    state[key] = zero._get_fp32_opt_state_partition(param, False, optim_state_key=key)[0][:end - start]
                 except KeyError:  # before the first step torch's AdamW has no state yet
                     pass
             try:
-                grad = safe_get_local_grad(param)[:end - start]
-            except (KeyError, AttributeError, AssertionError):
+                grad = zero._get_fp32_grad_state_partition(param, release_swap_buffers=False)[0][:end - start]
+            except (KeyError, AttributeError, AssertionError):  # outside backward..step: no gradients
                 grad = None
             yield ParamSlot(param, start, end, main, state, grad=grad,
                             values=param.ds_tensor.data.view(-1)[:end - start])

@@ -31,7 +31,8 @@ class ParamSlot:
     values: torch.Tensor | None = None
 
 
-def _inner_optimizers(optimizer) -> list:
+def inner_optimizers(optimizer) -> list:
+    """The optimizers of a (possibly chained) megatron-core optimizer; an engine adapter itself."""
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
@@ -40,7 +41,7 @@ def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     engine adapter (``torch_optimizer``: DeepSpeed's, over its flat fp32 partitions)."""
     if hasattr(optimizer, "torch_optimizer"):
         return [optimizer.torch_optimizer]
-    inner = (getattr(opt, "optimizer", None) for opt in _inner_optimizers(optimizer))
+    inner = (getattr(opt, "optimizer", None) for opt in inner_optimizers(optimizer))
     return [opt for opt in inner if isinstance(opt, torch.optim.Optimizer)]
 
 
@@ -49,7 +50,7 @@ def iter_param_slots(optimizer) -> Iterator[ParamSlot]:
     if hasattr(optimizer, "param_slots"):  # an engine adapter (pretrain.engine_deepspeed)
         yield from optimizer.param_slots()
         return
-    for opt in _inner_optimizers(optimizer):
+    for opt in inner_optimizers(optimizer):
         if hasattr(opt, "model_param_gbuf_map"):  # DistributedOptimizer
             for param in opt.model_param_gbuf_map:
                 r = opt._get_model_param_range_map(param)["param"]
@@ -81,7 +82,7 @@ def whole_weight(optimizer, param: torch.nn.Parameter) -> torch.Tensor:
 def is_distributed(optimizer) -> bool:
     if hasattr(optimizer, "param_slots"):  # DeepSpeed ZeRO: every stage partitions over DP
         return True
-    return any(hasattr(o, "model_param_gbuf_map") for o in _inner_optimizers(optimizer))
+    return any(hasattr(o, "model_param_gbuf_map") for o in inner_optimizers(optimizer))
 
 
 @torch.no_grad()

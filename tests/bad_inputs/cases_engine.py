@@ -39,6 +39,11 @@ CASES = [
              lambda d, f: _train(f, "--engine", "deepspeed", "--bf16", "--deepspeed-config",
                                  _json(d / "ds.json", '{"data_types": {"grad_accum_dtype": "fp32"}}')),
              message=r"data_types.grad_accum_dtype fp32 with --bf16 and ZeRO-1 makes DeepSpeed use its BF16_Optimizer"),
+    BadInput("engine-deepspeed-config-nvme-offload",
+             lambda d, f: _train(f, "--engine", "deepspeed", "--deepspeed-config",
+                                 _json(d / "ds.json", '{"zero_optimization": {"stage": 3, "offload_optimizer": '
+                                                      '{"device": "nvme", "nvme_path": "/tmp"}}}')),
+             message=r"zero_optimization.offload_optimizer.device nvme is not supported"),
     BadInput("engine-offload-unknown-device",
              lambda d, f: _train(f, "--engine", "deepspeed", "--offload-optimizer", "nvme"),
              message=r"argument --offload-optimizer: invalid choice: 'nvme'"),

@@ -22,11 +22,17 @@ def test_step_of_a_chained_optimizer():
     assert _step_in(common) == 3
 
 
+def test_step_of_megatron_cores_non_distributed_optimizer():
+    # Float16OptimizerWithFloat16Params / FP32Optimizer (--no-use-distributed-optimizer): "common_step"
+    common = {"optimizer": {"optimizer": {"state": {"common_step": 4}, "param_groups": [{"lr": 1e-3}]}}}
+    assert _step_in(common) == 4
+
+
 def test_step_written_by_model_space_adam():
     assert _step_in({"optimizer": {"param_state": {}, MARKER: {"step": 12}}}) == 12
 
 
 def test_no_step_means_no_adam_state():
-    # a weights-only checkpoint, or one whose optimizer kept its step elsewhere: not taken as Adam state
+    # a weights-only checkpoint: no Adam state
     assert _step_in({}) is None
     assert _step_in({"optimizer": {"optimizer": {"param_groups": [{"lr": 1e-3}]}}}) is None

@@ -94,8 +94,8 @@ def _masked_nonzero(trainer, pruning) -> dict:
     return counts
 
 
-def _close(a: list, b: list, what: str) -> None:
-    assert len(a) == len(b) == ITERS, f"{what}: {a} vs {b}"
+def _close(a: list, b: list, what: str, steps: int = ITERS) -> None:
+    assert len(a) == len(b) == steps, f"{what}: {a} vs {b}"
     for i, (x, y) in enumerate(zip(a, b)):
         assert math.isclose(x, y, rel_tol=TOLERANCE, abs_tol=TOLERANCE), f"{what}: step {i + 1}: {x} vs {y}\n{a}\n{b}"
 
@@ -247,12 +247,6 @@ def _from_megatron(cfg, root: str, name: str) -> dict:
     return result
 
 
-def _close_steps(got: list, want: list, what: str) -> None:
-    assert len(got) == len(want), f"{what}: {got} vs {want}"
-    for i, (x, y) in enumerate(zip(got, want)):
-        assert math.isclose(x, y, rel_tol=TOLERANCE, abs_tol=TOLERANCE), f"{what}: step {i + 1}: {x} vs {y}\n{got}\n{want}"
-
-
 def test_resume_is_exact_under_zero3_with_offload(tiny_dataset, tmp_path):
     import torch
 
@@ -277,14 +271,14 @@ def test_resume_is_exact_under_zero3_with_offload(tiny_dataset, tmp_path):
         assert "config.json" in tools["hf_files"], tools["hf_files"]
         # the converted checkpoint carries weights, fp32 masters, Adam moments and step: the megatron
         # engine continues the DeepSpeed run's curve (the same maths in another order of sums)
-        _close_steps(got["megatron_continued"], got["whole"][2:], f"{name}: megatron from the converted checkpoint")
+        _close(got["megatron_continued"], got["whole"][2:], f"{name}: megatron from the converted checkpoint", 2)
         # and back: the megatron engine's own run, converted --to deepspeed, continues under ZeRO
         assert got["to_deepspeed"]["rc"] == 0, got["to_deepspeed"]["out"]
-        _close_steps(got["deepspeed_continued"], got["megatron_whole"][2:], f"{name}: DeepSpeed from --to deepspeed")
+        _close(got["deepspeed_continued"], got["megatron_whole"][2:], f"{name}: DeepSpeed from --to deepspeed", 2)
         # the shrunk model with its sliced optimizer state computes what the masked one did, step after step
         assert got["shrunk_segments"] == 2 and got["shrunk_engine"], got
         assert got["shrunk"][:2] == got["whole"][:2]
-        _close_steps(got["shrunk"][2:], got["whole"][2:], f"{name}: in-run shrink vs masked")
+        _close(got["shrunk"][2:], got["whole"][2:], f"{name}: in-run shrink vs masked", 2)
 
 
 def _shrink_under(data: dict, root: str, stage: int) -> dict:
@@ -310,4 +304,45 @@ def test_in_run_shrink_carries_sliced_adam_state_under_zero2(tiny_dataset, tmp_p
     got = run_distributed(_shrink_under, 4, tiny_dataset, str(tmp_path), 2)[0]
     assert got["segments"] == 2, got
     assert got["shrunk"][:2] == got["masked"][:2]
-    _close_steps(got["shrunk"][2:], got["masked"][2:], "ZeRO-2 in-run shrink vs masked")
+    _close(got["shrunk"][2:], got["masked"][2:], "ZeRO-2 in-run shrink vs masked", 2)
+
+
+def _round_trips(data: dict, runs: list) -> dict:
+    """Rank worker: per (engine, ZeRO stage, bf16), a 2-step run, then its AdamW state gathered in
+    model space, changed, scattered back into the engine and gathered again."""
+    import torch
+
+    from pretrain.adam_state import adam_step, gather_from_engine, scatter_into_engine
+    from pretrain.train import run
+
+    out = {}
+    for engine, stage, bf16 in runs:
+        cfg = _config(data, engine, stage)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, train_iters=2, bf16=bf16))
+        trainer = run(cfg)["trainer"]
+        before, step = gather_from_engine(trainer.optimizer, trainer.model_chunks)
+        # masters apart from the weights (as in any bf16 run), moments apart from each other
+        changed = {name: {"param": t["param"] + 0.5, "exp_avg": 2 * t["exp_avg"] + 0.25,
+                          "exp_avg_sq": 3 * t["exp_avg_sq"] + 0.125} for name, t in before.items()}
+        scatter_into_engine(trainer.optimizer, trainer.model_chunks, changed, step + 5)
+        after, step_after = gather_from_engine(trainer.optimizer, trainer.model_chunks)
+        out[(engine, stage, bf16)] = {
+            "step": step, "step_after": step_after, "engine_step": adam_step(trainer.optimizer),
+            "params": len(before), "worst": max(float((after[n][k] - changed[n][k]).abs().max())
+                                                for n in changed for k in changed[n]),
+            "moments_nonzero": all(bool(torch.count_nonzero(t["exp_avg_sq"])) for t in before.values())}
+        del trainer
+    return out
+
+
+def test_adam_state_round_trips_through_every_engine(tiny_dataset, tmp_path):
+    # what crosses engines and shrinks: each engine's masters, both moments and the step, read out
+    # and written back exactly, fp32 and bf16 (whose masters are not the weights)
+    runs = [("megatron", None, False), ("megatron", None, True), ("deepspeed", 1, True), ("deepspeed", 2, False),
+            ("deepspeed", 3, True)]
+    results = run_distributed(_round_trips, 4, _with_partitioned_zero3(tiny_dataset, tmp_path), runs)
+    for rank, per_rank in enumerate(results):
+        for run_key, got in per_rank.items():
+            assert got["step"] == 2 and got["step_after"] == got["engine_step"] == 7, (rank, run_key, got)
+            assert got["params"] > 0 and got["moments_nonzero"], (rank, run_key, got)
+            assert got["worst"] == 0.0, f"rank {rank}, {run_key}: written and read back differ by {got['worst']}"
