@@ -11,7 +11,7 @@ checkpoints store it (``optimizer.state.<key>.<model key>`` tensors sharded like
   tensors under the same keys: the shrink tool slices them like any other, and a run on either
   engine reads them back (``read_checkpoint`` + ``scatter_into_engine``);
 * a DeepSpeed run started from a megatron engine's checkpoint reads the moments the megatron
-  engine wrote (its ``step`` from the checkpoint's optimizer param groups);
+  engine wrote (distributed optimizer or not; its step from the checkpoint's common state);
 * ``tools/convert_checkpoint.py`` writes this form from DeepSpeed's ZeRO files.
 
 Engines are reached only through ``pretrain.pruning.optim_state.iter_param_slots`` (the range of
@@ -220,7 +220,8 @@ def _common(folder: str) -> dict:
 
 def _step_in(common: dict) -> int | None:
     """The Adam step recorded in a megatron-format checkpoint's common state: ours (``MARKER``) or
-    megatron-core's (torch Adam's ``step`` in the optimizer's param groups, possibly chained)."""
+    megatron-core's (the distributed optimizer's param groups' ``step``, the non-distributed ones'
+    ``common_step``; possibly chained)."""
     found = []
 
     def walk(node) -> None:
