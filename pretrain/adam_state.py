@@ -102,13 +102,18 @@ def _data_parallel_group():
 
 
 @torch.no_grad()
-def gather_from_engine(optimizer, model_chunks: list) -> tuple[dict, int]:
+def gather_from_engine(optimizer, model_chunks: list, everywhere: bool = True) -> tuple[dict, int]:
     """Collective over data parallel: {parameter name: {key: fp32 tensor of the parameter's
     shape, on the host}} for every trainable parameter of ``model_chunks`` (this rank's TP/PP
     shard), and the Adam step. Each rank fills the ranges it owns; a sum over DP assembles them
     (each element is owned by exactly one DP rank). One parameter at a time on the device, so the
     device holds at most 3 fp32 copies of the largest parameter; the host holds the result
-    (3 fp32 copies of this rank's shard of the model)."""
+    (3 fp32 copies of this rank's shard of the model).
+
+    ``everywhere=False`` is for a checkpoint save, where only the main replica of each tensor is
+    written (megatron-core's replica ids: data-parallel rank 0): the sum goes to DP rank 0 only,
+    and the other ranks get placeholders of the right shape (``torch.empty``: pages never
+    touched, so no host memory; their contents are never read)."""
     from pretrain.distributed import device
     from pretrain.pruning.optim_state import iter_param_slots
 
@@ -118,8 +123,11 @@ def gather_from_engine(optimizer, model_chunks: list) -> tuple[dict, int]:
         if slot.param in names and slot.end > slot.start:
             owned.setdefault(names[slot.param], []).append(slot)
     group = _data_parallel_group()
+    distributed = torch.distributed.is_initialized() and group is not None
+    root = torch.distributed.get_process_group_ranks(group)[0] if distributed else 0
+    keeps = everywhere or not distributed or torch.distributed.get_rank() == root
     out = {}
-    for param, name in names.items():  # the same order on every rank: one all-reduce per parameter
+    for param, name in names.items():  # the same order on every rank: one reduction per parameter
         shape = tuple(getattr(param, "ds_shape", None) or param.shape)
         buf = torch.zeros(len(ADAM_KEYS), int(torch.Size(shape).numel()), dtype=torch.float32, device=device())
         for slot in owned.pop(name, []):  # none: this rank owns no element (ZeRO partitions can be empty)
@@ -127,9 +135,11 @@ def gather_from_engine(optimizer, model_chunks: list) -> tuple[dict, int]:
                 value = slot.main_param if key == "param" else slot.state.get(key)
                 if value is not None:
                     buf[row, slot.start:slot.end] = value.reshape(-1).to(device=buf.device, dtype=torch.float32)
-        if torch.distributed.is_initialized() and group is not None:
+        if distributed and everywhere:
             torch.distributed.all_reduce(buf, group=group)
-        host = buf.cpu()
+        elif distributed:
+            torch.distributed.reduce(buf, dst=root, group=group)
+        host = buf.cpu() if keeps else torch.empty(buf.shape, dtype=torch.float32)
         del buf
         out[name] = {key: host[row].reshape(shape) for row, key in enumerate(ADAM_KEYS)}
     return out, adam_step(optimizer)

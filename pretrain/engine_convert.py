@@ -250,7 +250,7 @@ def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:
     from pretrain.checkpoint import save_checkpoint
 
     engine = trainer.optimizer
-    tensors, step = gather_from_engine(engine, trainer.model_chunks)
+    tensors, step = gather_from_engine(engine, trainer.model_chunks, everywhere=False)
     params = list(engine.model.parameters())
     # ZeRO-3 holds partitions: gather the full (TP-local) tensors for megatron's sharded save
     gathered = deepspeed.zero.GatheredParameters(params) if engine.stage == 3 else contextlib.nullcontext()
