@@ -333,6 +333,14 @@ class ParallelConfig:
                  "--engine megatron for PP > 1, or PP 1 with --zero-stage 3 to shard the parameters instead")
         read_deepspeed_json(self.deepspeed_config)
 
+    def deepspeed_zero(self) -> tuple[int, str]:
+        """The ZeRO stage and optimizer-offload device this run uses: the flag, else the
+        --deepspeed-config's, else stage 1 and "none"."""
+        zero = read_deepspeed_json(self.deepspeed_config).get("zero_optimization", {})
+        stage = self.zero_stage or zero.get("stage", 1)
+        offload = self.offload_optimizer or (zero.get("offload_optimizer") or {}).get("device", "none")
+        return stage, offload
+
 
 # DeepSpeed JSON sections a run cannot take from the file: the trainer builds the optimizer and the
 # LR schedule from our flags, and has no fp16 loss scaler (bf16 needs none)
@@ -846,11 +854,9 @@ class PretrainConfig:
         """DeepSpeed swaps ZeRO-1 for its separate BF16_Optimizer when bf16 weights accumulate
         gradients in fp32 (``data_types.grad_accum_dtype``) without offload: pruning, checkpoints
         and the conversions reach ZeRO's partitions, not that optimizer's."""
-        settings = read_deepspeed_json(self.parallel.deepspeed_config)
-        zero = settings.get("zero_optimization", {})
-        stage = self.parallel.zero_stage or zero.get("stage", 1)
-        offload = self.parallel.offload_optimizer or (zero.get("offload_optimizer") or {}).get("device", "none")
-        accumulate = str((settings.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+        stage, offload = self.parallel.deepspeed_zero()
+        data_types = read_deepspeed_json(self.parallel.deepspeed_config).get("data_types") or {}
+        accumulate = str(data_types.get("grad_accum_dtype", "")).lower()
         _require(not (self.train.bf16 and stage == 1 and offload != "cpu"
                       and accumulate in ("fp32", "float32", "float", "torch.float32")),
                  f"--deepspeed-config {self.parallel.deepspeed_config}: data_types.grad_accum_dtype {accumulate} with "

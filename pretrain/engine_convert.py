@@ -36,12 +36,17 @@ class EngineConversionError(RuntimeError):
     """A checkpoint that cannot be converted as asked; the message says why."""
 
 
+def _zero_keys(stage: int) -> tuple[str, str]:
+    """Where a ZeRO optimizer file keeps its flat fp32 master groups and torch AdamW's state dict."""
+    return (("single_partition_of_fp32_groups", "base_optimizer_state") if stage <= 2 else
+            ("fp32_flat_groups", "optimizer_state_dict"))
+
+
 def _zero_flat_groups(states: list[dict], stage: int) -> dict:
     """Per state key, each DP rank's flat fp32 groups of the ZeRO optimizer files ``states``: the
     master weights (``param``) and torch AdamW's moments over the same flat partitions (none before
     the first applied step)."""
-    masters = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
-    inner = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
+    masters, inner = _zero_keys(stage)
     out = {"param": [list(sd[masters]) for sd in states]}
     if all(sd[inner]["state"] for sd in states):
         for key in ("exp_avg", "exp_avg_sq"):
@@ -66,7 +71,7 @@ def _consolidate_one_rank(folder: str) -> tuple[dict, int]:
     if len(states) != world:
         raise EngineConversionError(f"{len(states)} ZeRO optimizer files, but a data-parallel world of {world}: "
                                     "the checkpoint is incomplete")
-    inner = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
+    inner = _zero_keys(stage)[1]
     step = int(float(states[0][inner]["state"][0]["step"])) if states[0][inner]["state"] else 0
     per_key = {}
     for key, flat_groups in _zero_flat_groups(states, stage).items():

@@ -276,11 +276,17 @@ def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> t
 
     if not peeked or os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
         return None
-    finetune = cfg.checkpoint.finetune or bool(peeked[1].get("weights_only"))
+    finetune = _starts_fresh(cfg, peeked)
     ckpt.load_checkpoint(peeked[0], model_chunks, None, load_optim=False,
                          load_rng=not (cfg.checkpoint.no_load_rng or finetune))
     print_rank0(f"loaded the weights of megatron-format checkpoint {peeked[0]} before DeepSpeed wraps the model")
     return None if finetune or cfg.checkpoint.no_load_optim else _read_adam_state(peeked[0], model_chunks)
+
+
+def _starts_fresh(cfg: PretrainConfig, peeked) -> bool:
+    """Whether the --load checkpoint gives weights only (--finetune; an imported convert_from_hf
+    checkpoint holds nothing else): no optimizer state, no trainer state, no RNG."""
+    return cfg.checkpoint.finetune or bool(peeked and peeked[1].get("weights_only"))
 
 
 def _read_adam_state(folder: str, model_chunks: list) -> tuple | None:
@@ -354,8 +360,7 @@ def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, optimizer)
 
     if not cfg.checkpoint.load:
         return _Resume()
-    # an imported (convert_from_hf) checkpoint holds weights only: start from them, fresh
-    finetune = cfg.checkpoint.finetune or bool(peeked and peeked[1].get("weights_only"))
+    finetune = _starts_fresh(cfg, peeked)
     # False: not megatron-core's optimizer format (a checkpoint converted between engines, or the
     # DeepSpeed in-run shrink's); its AdamW state, if any, is in model space (pretrain.adam_state)
     has_optimizer = not peeked or peeked[1].get("optimizer_state", True)
@@ -524,11 +529,7 @@ def _engine_summary(parallel) -> str:
     """The plan's words for --engine deepspeed (nothing for the default engine)."""
     if parallel.engine != "deepspeed":
         return ""
-    from pretrain.config import read_deepspeed_json
-
-    zero = read_deepspeed_json(parallel.deepspeed_config).get("zero_optimization", {})
-    stage = parallel.zero_stage or zero.get("stage", 1)
-    offload = parallel.offload_optimizer or (zero.get("offload_optimizer") or {}).get("device", "none")
+    stage, offload = parallel.deepspeed_zero()
     return f"; engine DeepSpeed ZeRO-{stage}, optimizer offload {offload}"
 
 
