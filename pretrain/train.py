@@ -23,13 +23,18 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     pruning callback asks for a shrink, the checkpoint is rewritten into the smaller model, and
     the next segment continues from it (same step, data position and LR schedule).
     """
+    from pretrain import run_lock
+
     segments = []
-    while True:
-        summary = _run_segment(cfg, extra_callbacks, plain_megatron_spec)
-        segments.append(summary)
-        if summary.get("stop_reason") != "shrink":
-            break
-        cfg = _shrink_in_run(cfg, summary)
+    try:
+        while True:
+            summary = _run_segment(cfg, extra_callbacks, plain_megatron_spec)
+            segments.append(summary)
+            if summary.get("stop_reason") != "shrink":
+                break
+            cfg = _shrink_in_run(cfg, summary)
+    finally:
+        run_lock.release_all()  # the output folders are free for the next run
     if len(segments) > 1:
         summary = dict(segments[-1])
         summary["history"] = [h for seg in segments for h in seg["history"]]
@@ -132,6 +137,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     _check_tokenizer(cfg, tokenizer)  # before any process group work
     teacher = _resolve_teacher(cfg, vocab_size, tokenizer)  # --kd-teacher: checked before any process group
     layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    _hold_output_folders(cfg)  # one run per --save: before anything is written there
     _check_data(cfg, tokenizer)  # before anything heavy is built
     set_random_seed(cfg.train.seed)
     counts = cfg.model.num_parameters(vocab_size)
@@ -157,6 +163,38 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     state = trainer.fit()
     _print_end(cfg, state)
     return _segment_summary(cfg, trainer, layout)
+
+
+def _hold_output_folders(cfg: PretrainConfig) -> None:
+    """--save and --tensorboard-dir for this run alone (``pretrain.run_lock``): rank 0 takes their
+    locks, and every rank stops with the same message when another live run holds one or a folder
+    cannot be written (found now, not at the first save after hours of training)."""
+    from pretrain import run_lock
+    from pretrain.distributed import is_rank0
+
+    message = ""
+    if is_rank0():
+        for folder, flag in ((cfg.checkpoint.save, "--save"), (cfg.logging.tensorboard_dir, "--tensorboard-dir")):
+            if cfg.train.dry_run and folder and not os.path.isdir(folder):
+                continue  # a dry run creates nothing, and nobody else writes there yet
+            try:
+                note = run_lock.acquire(folder, flag, " ".join(sys.argv)) if folder else ""
+            except run_lock.FolderInUseError as err:
+                message = str(err)
+            except OSError as err:
+                message = (f"{flag} {folder}: this run cannot write there ({err.strerror or err}): give a folder "
+                           "it can write")
+            else:
+                if note:
+                    print(note, flush=True)
+            if message:
+                break
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        shared = [message]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        message = shared[0]
+    if message:
+        raise ConfigError(message)
 
 
 def _resolve_config(cfg: PretrainConfig, peeked) -> tuple[PretrainConfig, str]:
