@@ -22,7 +22,30 @@ from pretrain.config import (
     ModelConfig,
     PretrainConfig,
 )
-from pretrain.resume import peek_checkpoint
+from pretrain.resume import keep_checkpoint_settings, peek_checkpoint
+
+
+class _RecordingParser(argparse.ArgumentParser):
+    """Records in ``args.given_flags`` the config fields the command line set, so that on resume a
+    flag not given keeps the checkpoint's value rather than its default (``resume.keep_checkpoint_settings``)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        defaults = [(action, action.default) for action in self._actions]
+        try:  # parsed again with no defaults: what remains was given
+            for action, _ in defaults:
+                action.default = argparse.SUPPRESS
+            given, _ = super().parse_known_args(args, None)
+        finally:
+            for action, default in defaults:
+                action.default = default
+        names = set(vars(given))
+        for _, cls in _sections():  # a flag that sets several fields sets each of them
+            for f, spec in flagged_fields(cls):
+                if spec.expand and f.name in names:
+                    names |= set(spec.expand(getattr(parsed, f.name)))
+        parsed.given_flags = frozenset(names)
+        return parsed, rest
 
 
 def _sections() -> list[tuple[str, type]]:
@@ -77,7 +100,7 @@ def _shown(value) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pretrain", description="Pruning-aware pretraining on megatron-core.")
+    p = _RecordingParser(prog="python -m pretrain", description="Pruning-aware pretraining on megatron-core.")
     from pretrain.distributed import LAUNCHERS
 
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -241,4 +264,6 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     tokenizer_type, tokenizer_model = _tokenizer_values(args, peeked)
     data = DataConfig(**{**_section_values(args, DataConfig), "tokenizer_type": tokenizer_type,
                          "tokenizer_model": tokenizer_model, "data_path": _data_path(args), **_per_split_paths(args)})
-    return PretrainConfig(model=ModelConfig(**_model_values(args, peeked)), data=data, **sections)
+    cfg = PretrainConfig(model=ModelConfig(**_model_values(args, peeked)), data=data, **sections)
+    given = getattr(args, "given_flags", None)  # None: a namespace not from build_parser: all its values count
+    return cfg if peeked is None or given is None else keep_checkpoint_settings(cfg, peeked[1], given)

@@ -46,6 +46,12 @@ def flag(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, **
     return field(default=default, default_factory=default_factory, metadata={"flag": Flag(**spec)})
 
 
+def flag_of(cls, name: str) -> str:
+    """The command-line flag of field ``name`` of config class ``cls``."""
+    spec = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["flag"]
+    return spec.name or "--" + name.replace("_", "-")
+
+
 def choices(cls, name: str) -> tuple:
     """The values a ``Literal``-typed field of ``cls`` allows (the one list of them)."""
     hint = typing.get_type_hints(cls)[name]
@@ -604,6 +610,15 @@ class CheckpointConfig:
     keep_last: int | None = flag(None, help="keep only the newest N checkpoints")
     use_checkpoint_args: bool = flag(
         False, help="take the model shape from the --load checkpoint (e.g. after a shrink)")
+    # Megatron-LM's names and meaning; without either, a resume whose schedule flags differ from
+    # the checkpoint's schedule stops and says what each would do (pretrain.resume)
+    override_opt_param_scheduler: bool = flag(
+        False, name="--override-opt_param-scheduler",
+        help="on resume, follow this command's LR schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-style, "
+             "--lr-decay-iters or the training length, --weight-decay) from the checkpoint's iteration on")
+    use_checkpoint_opt_param_scheduler: bool = flag(
+        False, name="--use-checkpoint-opt_param-scheduler",
+        help="on resume, keep the checkpoint's LR schedule whatever the schedule flags say")
     # not a flag: the command line always saves and stops cleanly on SIGTERM/SIGUSR1/SIGINT
     exit_signal_handler: bool = True
 
@@ -613,6 +628,8 @@ class CheckpointConfig:
             _require(self.save is not None, "--save-interval needs --save")
         if self.keep_last is not None:
             _require(self.keep_last >= 1, "--keep-last must be >= 1")
+        _require(not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+                 "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other: pick one")
 
 
 # what can be pruned: query groups, FFN channels, hidden channels, whole layers (the one list)

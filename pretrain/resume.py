@@ -10,8 +10,9 @@ and the pruning settings that continue (DESIGN invariant 9). Used by the entry p
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from pretrain.config import ConfigError, PretrainConfig
+from pretrain.config import ConfigError, PretrainConfig, flag_of
 
 # trainer-state keys that say where the model came from; carried into every later checkpoint
 LINEAGE_KEYS = ("shrink_history", "imported_from")
@@ -93,11 +94,14 @@ def with_checkpoint_pruning(cfg: PretrainConfig, peeked: Peeked | None) -> tuple
         return dataclasses.replace(cfg, prune=off), (
             f"--drop-pruning-state: the pruning state of {folder} is discarded; its pruned groups "
             "(zero weights) train again")
+    saved = PretrainConfig.from_dict(peeked[1]["config"]).prune
     if not prune.enabled:
         cfg = dataclasses.replace(cfg, prune=_adopted_pruning(cfg, PretrainConfig.from_dict(peeked[1]["config"])))
         source = "its own pruning settings (no --prune-* flags given)"
     else:
-        source = "the --prune-* settings of this command"
+        changes = changed_settings(saved, cfg.prune, skip=_PER_RESUME)
+        source = ("its own pruning settings" if not changes else
+                  f"its pruning settings, changed by this command: {'; '.join(changes)}")
     if cfg.prune.end_pruning:
         return cfg, (f"--end-pruning: the masks of {folder} stay applied; no further groups are removed"
                      + ("" if cfg.prune.shrink_at or cfg.prune.shrink_auto else
@@ -124,12 +128,134 @@ def with_checkpoint_distill(cfg: PretrainConfig, peeked: Peeked | None) -> tuple
     """A checkpoint trained with a teacher keeps it: resumed without --kd-teacher, its --kd-*
     settings continue (the teacher is reloaded from the recorded path). With --kd-teacher, the
     command's settings apply. Returns the config and a note for the log."""
-    if cfg.distill.enabled or peeked is None:
+    if peeked is None:
         return cfg, ""
     saved = PretrainConfig.from_dict(peeked[1]["config"]).distill
     if not saved.enabled:
         return cfg, ""
+    if cfg.distill.enabled:
+        changes = changed_settings(saved, cfg.distill)
+        return cfg, (f"distillation settings of {peeked[0]} changed by this command: {'; '.join(changes)}"
+                     if changes else "")
     return dataclasses.replace(cfg, distill=saved), (
         f"resuming distillation from the teacher {saved.teacher} recorded in {peeked[0]} "
         f"(--kd-weight {saved.weight:g}, --kd-temperature {saved.temperature:g}"
         + (f", --kd-until-tokens {saved.until_tokens:,}" if saved.until_tokens is not None else "") + ")")
+
+
+# what this command does at this resume, never a checkpoint's setting to keep
+_PER_RESUME = ("end_pruning", "drop_state")
+_SHRINK_FIELDS = ("shrink_at", "shrink_auto", "shrink_every_fraction", "shrink_tensor_parallel_size",
+                  "shrink_pipeline_parallel_size")
+# fields of which a command gives one: giving one replaces the checkpoint's choice of the pair
+_ALTERNATIVES = (("target_params", "target_ratio"),)
+
+
+def keep_checkpoint_settings(cfg: PretrainConfig, state: dict, given: frozenset[str]) -> PretrainConfig:
+    """On resume a flag given changes only itself (issue 31, item 3): the pruning, distillation and
+    optimizer settings that the command line (``given``: the config fields its flags set) does not
+    give are the --load checkpoint's, not the flags' defaults. Optimizer settings only when the run
+    continues the checkpoint's training (not --finetune, not an imported model).
+
+    Exceptions, each the meaning of a flag: --end-pruning and --drop-pruning-state act on this
+    resume only; --end-pruning without --shrink-* keeps the masks unshrunk (the shrink is asked
+    for explicitly); and --drop-pruning-state discards the checkpoint's pruning settings too."""
+    from pretrain.pruning.state import PruningState
+
+    if "config" not in state:
+        return cfg
+    saved = PretrainConfig.from_dict(state["config"])
+    if PruningState.stored_dict(state) is not None and not cfg.prune.drop_state:
+        command = set(_PER_RESUME) | (set(_SHRINK_FIELDS) if cfg.prune.end_pruning else set())
+        cfg = dataclasses.replace(cfg, prune=_merged(saved.prune, cfg.prune, given | command))
+    if saved.distill.enabled:
+        cfg = dataclasses.replace(cfg, distill=_merged(saved.distill, cfg.distill, given))
+    if not (cfg.checkpoint.finetune or state.get("weights_only")):
+        cfg = dataclasses.replace(cfg, optim=_merged(saved.optim, cfg.optim, given))
+    return cfg
+
+
+def _merged(saved, command, given: set | frozenset):
+    """``command``'s values of the fields in ``given`` (and of their alternatives), ``saved``'s of the rest."""
+    names = {f.name for f in dataclasses.fields(command)}
+    ours = set(given) & names
+    for pair in _ALTERNATIVES:
+        if ours & set(pair):
+            ours |= set(pair) & names
+    return dataclasses.replace(saved, **{name: getattr(command, name) for name in ours})
+
+
+def changed_settings(saved, now, skip: tuple = ()) -> list[str]:
+    """'FLAG OLD -> NEW' for each flagged field of a config section that differs."""
+    return [f"{flag_of(type(now), f.name)} {_shown(getattr(saved, f.name))} -> {_shown(getattr(now, f.name))}"
+            for f in dataclasses.fields(now)
+            if "flag" in f.metadata and f.name not in skip and getattr(saved, f.name) != getattr(now, f.name)]
+
+
+def _shown(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def with_checkpoint_schedule(cfg: PretrainConfig, peeked: Peeked | None) -> tuple[PretrainConfig, str]:
+    """The LR schedule of a resumed run is never changed silently (issue 31, item 2; Megatron-LM's
+    convention). The checkpoint stores the schedule it was trained on; when this command's
+    (--lr, --min-lr, --lr-warmup-iters, --lr-decay-style, --lr-decay-iters or, without it, the
+    training length, --weight-decay) differs: --use-checkpoint-opt_param-scheduler keeps the
+    checkpoint's (and the config says so, for the plan line), --override-opt_param-scheduler
+    follows this command's from the checkpoint's iteration on, and neither stops the run naming
+    each difference and what each choice would do. Returns the config and a note for the log."""
+    from pretrain.optim import SCHEDULE_KEYS, learning_rate_at, schedule_settings
+
+    if peeked is None or cfg.checkpoint.finetune or peeked[1].get("weights_only") or "scheduler" not in peeked[1]:
+        return cfg, ""
+    folder, stored = peeked[0], peeked[1]["scheduler"]
+    ours = schedule_settings(cfg.optim, cfg.total_iters())
+    differ = [k for k in SCHEDULE_KEYS if k in stored and not _same(stored[k], ours[k])]
+    if not differ:
+        return cfg, ""
+    step = int(stored.get("num_steps", peeked[1].get("iteration", 0)))
+    described = "; ".join(_schedule_change(key, stored, ours, cfg) for key in differ
+                          if not (key in ("end_wd", "wd_incr_steps") and _implied(key, differ)))
+    theirs_lr, ours_lr = learning_rate_at(stored, step), learning_rate_at(ours, step)
+    if cfg.checkpoint.use_checkpoint_opt_param_scheduler:
+        optim = dataclasses.replace(cfg.optim, lr=stored["max_lr"], min_lr=stored["min_lr"],
+                                    lr_warmup_iters=int(stored["lr_warmup_steps"]),
+                                    lr_decay_iters=int(stored["lr_decay_steps"]),
+                                    lr_decay_style=stored["lr_decay_style"], weight_decay=stored["start_wd"])
+        return dataclasses.replace(cfg, optim=optim), (
+            f"--use-checkpoint-opt_param-scheduler: the LR schedule of {folder} continues (LR {theirs_lr:.4g} at "
+            f"iteration {step}); not applied: {described}")
+    if cfg.checkpoint.override_opt_param_scheduler:
+        return cfg, (f"--override-opt_param-scheduler: from iteration {step} the LR follows this command's schedule "
+                     f"({described}): LR {ours_lr:.4g} there, where the checkpoint's schedule gives {theirs_lr:.4g}")
+    raise ConfigError(
+        f"--load {folder}: this command's LR schedule differs from the one the checkpoint was trained on: "
+        f"{described}. Give --use-checkpoint-opt_param-scheduler to keep the checkpoint's (LR {theirs_lr:.4g} at "
+        f"iteration {step}, then as before), or --override-opt_param-scheduler to follow this command's from "
+        f"iteration {step} (LR {ours_lr:.4g} there)")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def _implied(key: str, differ: list[str]) -> bool:
+    """end_wd follows start_wd, wd_incr_steps the decay length: not said twice."""
+    return {"end_wd": "start_wd", "wd_incr_steps": "lr_decay_steps"}[key] in differ
+
+
+_SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                   "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
+                   "wd_incr_steps": "weight-decay steps"}
+
+
+def _schedule_change(key: str, stored: dict, ours: dict, cfg: PretrainConfig) -> str:
+    if key == "lr_decay_steps":
+        source = ("--lr-decay-iters" if cfg.optim.lr_decay_iters else
+                  "--train-iters" if cfg.train.train_iters is not None else "--train-tokens")
+        return (f"decay over {ours[key]} iterations ({source}), the checkpoint's over {stored[key]}")
+    return f"{_SCHEDULE_FLAGS[key]} {_shown(ours[key])}, the checkpoint's {_shown(stored[key])}"

@@ -200,12 +200,14 @@ def _hold_output_folders(cfg: PretrainConfig) -> None:
 def _resolve_config(cfg: PretrainConfig, peeked) -> tuple[PretrainConfig, str]:
     """The run's config with what the --load checkpoint decides (shape, pruning), validated."""
     from pretrain.distributed import launch_environment
-    from pretrain.resume import with_checkpoint_distill, with_checkpoint_model, with_checkpoint_pruning
+    from pretrain.resume import (with_checkpoint_distill, with_checkpoint_model, with_checkpoint_pruning,
+                                 with_checkpoint_schedule)
 
     cfg = with_checkpoint_model(cfg, peeked)
     cfg, pruning_note = with_checkpoint_pruning(cfg, peeked)
     cfg, distill_note = with_checkpoint_distill(cfg, peeked)
-    pruning_note = "\n".join(n for n in (pruning_note, distill_note) if n)
+    cfg, schedule_note = with_checkpoint_schedule(cfg, peeked)
+    pruning_note = "\n".join(n for n in (pruning_note, distill_note, schedule_note) if n)
     cfg.validate(launch_environment()[1])
     return cfg, pruning_note
 
@@ -295,12 +297,13 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
         engine = build_deepspeed_engine(cfg, unwrap(model_chunks[0]))
         if adam is not None:
             _load_adam_state(engine, [engine.model], *adam, peeked[0])
-        return [engine.model], engine, build_scheduler(engine, cfg.optim, cfg.total_iters())
+        return [engine.model], engine, build_scheduler(engine, cfg.optim, cfg.total_iters(), cfg.checkpoint.override_opt_param_scheduler)
     optimizer = build_optimizer(model_chunks, cfg.optim, cfg.parallel, cfg.train)
     # the optimizer holds fp32 master copies (bf16) made before our init: refresh them
     if hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()
-    return model_chunks, optimizer, build_scheduler(optimizer, cfg.optim, cfg.total_iters())
+    return model_chunks, optimizer, build_scheduler(optimizer, cfg.optim, cfg.total_iters(),
+                                                     cfg.checkpoint.override_opt_param_scheduler)
 
 
 def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> tuple | None:
@@ -552,7 +555,8 @@ def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, num_
         f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x DP {layout['dp_size']} "
         f"x {num_microbatches} micro-batches; {cfg.tokens_per_step():,} tokens/step",
         f"plan: {total_iters} iterations, {tokens / 1e6:,.2f} M tokens; lr {cfg.optim.lr} "
-        f"({cfg.optim.lr_decay_style}, warmup {cfg.optim.lr_warmup_iters}, min {cfg.optim.min_lr})",
+        f"({cfg.optim.lr_decay_style}, warmup {cfg.optim.lr_warmup_iters}, decay over "
+        f"{cfg.optim.lr_decay_iters or total_iters}, min {cfg.optim.min_lr})",
         "data: " + ("mock" if cfg.data.mock_data else
                     f"train {_data_summary(cfg.data.train_data_path)}, valid {_data_summary(cfg.data.valid_data_path)}"
                     if cfg.data.per_split else f"{_data_summary(cfg.data.data_path)} split {cfg.data.split}"),

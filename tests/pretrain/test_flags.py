@@ -69,6 +69,7 @@ FROZEN = """
 --num-layers None (then 'required')
 --num-query-groups None (then None)
 --offload-optimizer None {none,cpu}
+--override-opt_param-scheduler False
 --per-split-data-args-path None
 --pipeline-model-parallel-size 1
 --prune-align None
@@ -116,6 +117,7 @@ FROZEN = """
 --train-tokens None
 --untie-embeddings-and-output-weights False
 --use-checkpoint-args False
+--use-checkpoint-opt_param-scheduler False
 --use-rope-scaling False
 --valid-data-path []
 --vocab-size None (then None)
