@@ -28,7 +28,7 @@ import socket
 
 LOCK_NAME = "run.lock"
 
-_held: dict[str, int] = {}  # folder (absolute) -> open descriptor of its lock, in this process
+_held: dict[str, tuple[int, bool]] = {}  # folder (absolute) -> (descriptor of its lock, whether we made the folder)
 
 
 class FolderInUseError(RuntimeError):
@@ -101,6 +101,7 @@ def acquire(folder: str, flag: str = "--save", command: str = "") -> str:
     folder = os.path.abspath(folder)
     if folder in _held:
         return ""
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)
     while True:
@@ -129,7 +130,7 @@ def acquire(folder: str, flag: str = "--save", command: str = "") -> str:
             raise
         break
     _write_owner(fd, command)
-    _held[folder] = fd
+    _held[folder] = (fd, created)
     if owner.get("pid"):
         return (f"note: {flag} {folder}: took over the lock of a run that is no longer running "
                 f"({_owner_text(owner)})")
@@ -137,12 +138,16 @@ def acquire(folder: str, flag: str = "--save", command: str = "") -> str:
 
 
 def release(folder: str) -> None:
-    """Drop this process's lock on ``folder`` and remove the file (a clean end)."""
-    fd = _held.pop(os.path.abspath(folder), None)
+    """Drop this process's lock on ``folder`` and remove the file (a clean end), and the folder
+    itself when this run made it and wrote nothing there (a run refused at start leaves nothing)."""
+    folder = os.path.abspath(folder)
+    fd, created = _held.pop(folder, (None, False))
     if fd is None:
         return
     try:
-        os.unlink(os.path.join(os.path.abspath(folder), LOCK_NAME))
+        os.unlink(os.path.join(folder, LOCK_NAME))
+        if created and not os.listdir(folder):
+            os.rmdir(folder)
     except OSError:
         pass  # a read-only or vanished folder: the lock dies with the descriptor anyway
     os.close(fd)

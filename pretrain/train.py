@@ -129,7 +129,7 @@ def _shrink_checkpoint(source: str, target: str, parallel) -> str:
 def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
     """One stretch of training on one model: from the config and the --load checkpoint to a stop."""
     from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.resume import peek_checkpoint
+    from pretrain.resume import peek_checkpoint, with_checkpoint_schedule
 
     peeked = peek_checkpoint(cfg.checkpoint.load)
     cfg, pruning_note = _resolve_config(cfg, peeked)
@@ -139,6 +139,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     _hold_output_folders(cfg)  # one run per --save: before anything is written there
     _check_data(cfg, tokenizer)  # before anything heavy is built
+    cfg, schedule_note = with_checkpoint_schedule(cfg, peeked)  # after the data: a wrong dataset is the worse news
+    pruning_note = "\n".join(n for n in (pruning_note, schedule_note) if n)
     set_random_seed(cfg.train.seed)
     counts = cfg.model.num_parameters(vocab_size)
     _print_plan(cfg, layout, vocab_size, counts, peeked, pruning_note)
@@ -200,14 +202,12 @@ def _hold_output_folders(cfg: PretrainConfig) -> None:
 def _resolve_config(cfg: PretrainConfig, peeked) -> tuple[PretrainConfig, str]:
     """The run's config with what the --load checkpoint decides (shape, pruning), validated."""
     from pretrain.distributed import launch_environment
-    from pretrain.resume import (with_checkpoint_distill, with_checkpoint_model, with_checkpoint_pruning,
-                                 with_checkpoint_schedule)
+    from pretrain.resume import with_checkpoint_distill, with_checkpoint_model, with_checkpoint_pruning
 
     cfg = with_checkpoint_model(cfg, peeked)
     cfg, pruning_note = with_checkpoint_pruning(cfg, peeked)
     cfg, distill_note = with_checkpoint_distill(cfg, peeked)
-    cfg, schedule_note = with_checkpoint_schedule(cfg, peeked)
-    pruning_note = "\n".join(n for n in (pruning_note, distill_note, schedule_note) if n)
+    pruning_note = "\n".join(n for n in (pruning_note, distill_note) if n)
     cfg.validate(launch_environment()[1])
     return cfg, pruning_note
 
