@@ -124,6 +124,7 @@ def _shrink_checkpoint(source: str, target: str, parallel) -> str:
 def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
     """One stretch of training on one model: from the config and the --load checkpoint to a stop."""
     from pretrain.distributed import init_distributed, set_random_seed
+    from pretrain.nodes import check_run_folders
     from pretrain.resume import peek_checkpoint
 
     peeked = peek_checkpoint(cfg.checkpoint.load)
@@ -132,6 +133,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     _check_tokenizer(cfg, tokenizer)  # before any process group work
     teacher = _resolve_teacher(cfg, vocab_size, tokenizer)  # --kd-teacher: checked before any process group
     layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    # several nodes: shared folders, not node-local ones (a dry run creates nothing)
+    check_run_folders(None if cfg.train.dry_run else cfg.checkpoint.save, cfg.checkpoint.load, peeked)
     _check_data(cfg, tokenizer)  # before anything heavy is built
     set_random_seed(cfg.train.seed)
     counts = cfg.model.num_parameters(vocab_size)
