@@ -91,6 +91,16 @@ def check_same_everywhere(value, what: str) -> None:
                           f"finds {values[r][0]!r}; put it on a filesystem every node mounts")
 
 
+def ranks_on_this_host() -> int:
+    """How many ranks share this machine (its memory), whatever the launcher: torchrun says so
+    (LOCAL_WORLD_SIZE), srun and mpirun do not. Collective once the world is up."""
+    if _world() == 1:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    hosts = [None] * _world()
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
+    return hosts.count(socket.gethostname())
+
+
 def check_run_folders(save: str | None, load: str | None, peeked) -> None:
     """Folders a run on several nodes needs every node to see, checked once the world is up:
     ``--save`` (every rank writes its shard of each checkpoint into one folder that rank 0 then

@@ -240,10 +240,11 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
     from pretrain.pruning.invariants import hidden_masking_possible
     from pretrain.pruning.state import PruningState
     from pretrain.model import build_model, check_activation_memory, unwrap
+    from pretrain.nodes import ranks_on_this_host
     from pretrain.optim import build_optimizer, build_scheduler
 
     check_activation_memory(cfg.model, cfg.train, vocab_size, cfg.parallel.tensor_model_parallel_size,
-                            int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+                            ranks_on_this_host())
     # a model whose hidden mask can change needs mask-aware norms (not TE's fused ones)
     stored = PruningState.stored_dict(peeked[1] if peeked else None)
     model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size,

@@ -1,7 +1,8 @@
 """Runs on several nodes (pretrain/nodes.py), on two ranks made to look like two nodes (each the
 first rank of its node) whose node-local folders are simulated by one path per rank: the dataset
 index cache built once when shared and once per node when node-local; --save that is not shared,
-and a --load that the ranks see differently, refused with one message on every rank."""
+and a --load that the ranks see differently, refused with one message on every rank; the ranks
+that share one machine's memory counted without torchrun's LOCAL_WORLD_SIZE."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ def _on_two_nodes(prefix: str, tokenizer_model: str, root: str) -> dict:
     from megatron.core.datasets import gpt_dataset
 
     from pretrain.data import build_datasets, load_tokenizer
-    from pretrain.nodes import check_run_folders
+    from pretrain.nodes import check_run_folders, ranks_on_this_host
 
     os.environ["LOCAL_RANK"] = "0"  # each rank is the first (the only) one of its node
+    del os.environ["LOCAL_WORLD_SIZE"]  # as under srun or mpirun
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
     builds = []
@@ -43,6 +45,7 @@ def _on_two_nodes(prefix: str, tokenizer_model: str, root: str) -> dict:
     found = ("x/iter_0000004", {"iteration": 4}) if rank == 0 else None
     return {
         "host": socket.gethostname(),
+        "ranks_on_host": ranks_on_this_host(),
         "shared": build(f"{root}/shared_cache"),
         "local": build(f"{root}/node{rank}/cache"),
         "local_again": build(f"{root}/node{rank}/cache"),
@@ -68,6 +71,7 @@ def test_node_local_index_cache_and_shared_run_folders(tiny_dataset, tmp_path):
         assert any(f.endswith("shuffle_index.npy") for f in os.listdir(tmp_path / f"node{node}" / "cache"))
 
     host = r0["host"]
+    assert r0["ranks_on_host"] == r1["ranks_on_host"] == 2  # the memory check divides this machine's by 2
     for rank, r in enumerate((r0, r1)):
         assert r["save_local"] == (
             f"--save {tmp_path}/node{rank}/ckpt is not shared: rank(s) 1 on {host} do not see what rank 0 (on {host}) "
