@@ -3,8 +3,8 @@
 A folder is named by one path on every node, but what a rank finds there depends on its node: a
 parallel filesystem shows every node the same files, a node-local disk (``/tmp``, a scratch SSD)
 shows each node its own. Every node's first rank writes a marker into the folder and every rank
-lists the markers it sees; a rank's *leader* is the lowest rank whose marker it sees (0 everywhere
-on a shared folder, each node's first rank on node-local disks).
+looks for them; a rank's *leader* is the lowest rank whose marker it sees (0 everywhere on a
+shared folder, each node's first rank on node-local disks).
 """
 
 from __future__ import annotations
@@ -35,33 +35,38 @@ def folder_leaders(folder: str, flag: str) -> tuple[list[int], list[str]]:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     token = [f"{os.getpid()}-{time.time_ns()}"]  # this check's markers, not an earlier run's
     torch.distributed.broadcast_object_list(token, src=0)
-    mine = os.path.join(folder, f"{_MARKER}{token[0]}-{rank}")
+
+    def marker(r: int) -> str:
+        return os.path.join(folder, f"{_MARKER}{token[0]}-{r}")
+
     writes = launch_environment()[2] == 0  # each node's first rank: its node's view
     error = None
     try:
         os.makedirs(folder, exist_ok=True)
         if writes:
-            open(mine, "w").close()
+            open(marker(rank), "w").close()
     except OSError as err:
         error = f"rank {rank} on {socket.gethostname()}: {err.strerror or err}"
-    errors = [None] * world
-    torch.distributed.all_gather_object(errors, error)
-    failed = [e for e in errors if e]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, (error, writes, socket.gethostname()))
+    failed = [e for e, _, _ in states if e]
     if failed:
+        if writes and not error:
+            os.remove(marker(rank))
         raise ConfigError(f"{flag} {folder}: cannot create or write it ({failed[0]}); give {flag} a writable folder")
-    prefix = f"{_MARKER}{token[0]}-"
-    seen = sorted(int(n[len(prefix):]) for n in os.listdir(folder) if n.startswith(prefix))
-    views = [None] * world
-    torch.distributed.all_gather_object(views, (seen[0] if seen else rank, socket.gethostname()))
-    torch.distributed.barrier()  # every rank has looked before the markers go
+    # looked up by name, lowest first: one lookup per rank on a shared folder, and a name never
+    # asked before is not answered from a network filesystem's cache (a directory listing may be)
+    writers = [r for r, (_, w, _) in enumerate(states) if w]
+    leader = next((w for w in writers if os.path.exists(marker(w))), rank)
+    leaders = [None] * world
+    torch.distributed.all_gather_object(leaders, leader)  # returns once every rank has looked
     if writes:
-        os.remove(mine)
-    leaders = [leader for leader, _ in views]
+        os.remove(marker(rank))
     if any(leaders[leader] != leader for leader in leaders):
         # a rank sees a node whose first rank sees yet another: no filesystem does this
         raise ConfigError(f"{flag} {folder}: the ranks see inconsistent contents of this folder "
                           f"(leaders {leaders[:16]}); give {flag} a folder on one filesystem")
-    return leaders, [host for _, host in views]
+    return leaders, [host for _, _, host in states]
 
 
 def check_shared(folder: str | None, flag: str, why: str) -> None:
