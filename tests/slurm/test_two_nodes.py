@@ -62,13 +62,16 @@ def _losses(log: str) -> dict:
 
 
 def test_two_nodes_prune_save_resume_shrink_equal_one_node(tiny_dataset, tmp_path):
+    from pretrain.checkpoint import find_checkpoint, read_trainer_state
+
     if not _mount_namespaces():
         pytest.skip("simulated node-local disks need mount namespaces (root, or unprivileged user namespaces)")
     two = str(tmp_path / "two_nodes")
     first = _launch(tiny_dataset, two, nodes=2, ranks_per_node=1, job=101, extra=f"--exit-interval {EXIT_AT}")
-    assert f"stopped at iteration {EXIT_AT}" in first, first[-3000:]
+    assert f"stopped at iteration {EXIT_AT}" in first and "saved checkpoint" in first, first[-3000:]
     second = _launch(tiny_dataset, two, nodes=2, ranks_per_node=1, job=102)
     assert f"(iteration {EXIT_AT})" in second and "continuing on the shrunk model" in second, second[-3000:]
+    assert read_trainer_state(find_checkpoint(f"{two}/ckpt"))["iteration"] == ITERS
     for node in ("node0", "node1"):  # each node built the indices on its own disk
         cache = os.path.join(two, "nodes", node, "index-cache")
         assert any(f.endswith("shuffle_index.npy") for f in os.listdir(cache)), (node, os.listdir(cache))
