@@ -385,6 +385,11 @@ def read_deepspeed_json(path: str | None) -> dict:
         device = (zero.get(section) or {}).get("device") if isinstance(zero.get(section), dict) else None
         _require(device != "nvme", f"--deepspeed-config {path}: zero_optimization.{section}.device nvme is not "
                                    "supported (pruning writes the optimizer state in place; NVMe swaps it out): use cpu")
+    checkpoint = settings.get("checkpoint")
+    _require(not (isinstance(checkpoint, dict) and checkpoint.get("use_node_local_storage")),
+             f"--deepspeed-config {path}: checkpoint.use_node_local_storage is not supported: checkpoints go to "
+             "--save, one folder every node shares (checked at start), where each node's first rank would write "
+             "the same files; remove it")
     stage = zero.get("stage", 1)
     _require(stage in (1, 2, 3), f"--deepspeed-config {path}: zero_optimization.stage {stage!r}: DeepSpeed ZeRO "
                                  "has stages 1, 2 and 3 (stage 0 is plain data parallel: use --engine megatron)")

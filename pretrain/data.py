@@ -3,8 +3,8 @@ order from a consumed-samples position (so a resumed run sees exactly the sample
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -239,40 +239,38 @@ def index_cache_folder(data: DataConfig) -> str:
     return data.data_cache_path or os.path.join(data.all_prefixes()[0], "cache", "GPTDataset_indices")
 
 
-def _check_index_cache_is_shared(data: DataConfig) -> None:
-    """megatron-core builds the indices on global rank 0 alone and the other ranks, after a
-    barrier, read them from the cache folder (one build per run, however many ranks and nodes).
-    A folder that other nodes do not see (node-local disk) would fail there deep inside numpy:
-    rank 0 writes a marker, every rank looks for it, and all stop with one message if one cannot."""
+def _builds_a_node_cache(data: DataConfig) -> bool:
+    """Whether this rank builds the dataset indices into its node's cache although it is not
+    global rank 0. megatron-core builds them on global rank 0 alone, and the other ranks, after a
+    barrier, read them from the cache folder: right for a folder every node sees, but on a
+    node-local one (``--data-cache-path /tmp/...``) the other nodes would find nothing there.
+    So the first rank of each view of the folder (``pretrain.nodes``) builds its own copy."""
     if data.mock_data or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
+        return False
     if torch.distributed.get_world_size() == 1:
-        return
-    folder = index_cache_folder(data)
+        return False
+    from pretrain.nodes import folder_leaders
+
     rank = torch.distributed.get_rank()
-    marker = [None]  # its name: each rank looks in its own view of the folder
-    if rank == 0:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            marker[0] = f".visible-from-every-rank-{os.getpid()}-{time.time_ns()}"
-            open(os.path.join(folder, marker[0]), "w").close()
-        except OSError as err:
-            marker[0] = f"error: {err.strerror or err}"
-    torch.distributed.broadcast_object_list(marker, src=0)
-    if marker[0].startswith("error: "):
-        raise ConfigError(f"--data-cache-path: cannot write the dataset index cache {folder} ({marker[0][7:]}); "
-                          "give --data-cache-path a writable folder")
-    seen = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(seen, os.path.exists(os.path.join(folder, marker[0])))
-    torch.distributed.barrier()
-    if rank == 0:
-        os.remove(os.path.join(folder, marker[0]))
-    blind = [r for r, ok in enumerate(seen) if not ok]
-    if blind:
-        raise ConfigError(
-            f"the dataset index cache {folder} is not shared: rank(s) {', '.join(map(str, blind[:8]))} do not see "
-            "what rank 0 writes there. megatron-core builds the indices once, on rank 0, and every other rank "
-            "reads them: give --data-cache-path a folder on a filesystem every node mounts")
+    leaders, _ = folder_leaders(index_cache_folder(data), "--data-cache-path")
+    return rank != 0 and leaders[rank] == rank
+
+
+@contextlib.contextmanager
+def _as_global_rank0(active: bool) -> Iterator[None]:
+    """megatron-core's dataset builder (0.16 to 0.19) asks ``torch.distributed.get_rank() == 0``
+    who builds the indices before the barrier and who reads them after it; for the duration of
+    the build a node's first rank answers 0 for the default group, so it builds its node's copy
+    at the moment rank 0 builds its own. The barriers are the same on every rank either way."""
+    if not active:
+        yield
+        return
+    real = torch.distributed.get_rank
+    torch.distributed.get_rank = lambda group=None: 0 if group is None else real(group)
+    try:
+        yield
+    finally:
+        torch.distributed.get_rank = real
 
 
 def _check_split_has_training_data(data: DataConfig, num_samples: tuple[int, int, int]) -> None:
@@ -293,7 +291,7 @@ def build_datasets(data: DataConfig, tokenizer: TextTokenizer, seq_length: int, 
 
     _check_split_has_training_data(data, num_samples)
     check_datasets(data, tokenizer)
-    _check_index_cache_is_shared(data)
+    node_builder = _builds_a_node_cache(data)
 
     per_split = data.per_split and not data.mock_data
     blend = None if data.mock_data or per_split else data.blend()
@@ -313,7 +311,8 @@ def build_datasets(data: DataConfig, tokenizer: TextTokenizer, seq_length: int, 
         num_dataset_builder_threads=data.num_dataset_builder_threads,
     )
     cls = MockGPTDataset if data.mock_data else GPTDataset
-    return BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config).build()
+    with _as_global_rank0(node_builder):
+        return BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config).build()
 
 
 # the test set's sequences do not depend on the run's --seed: every run (and every arm of a

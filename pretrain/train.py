@@ -129,6 +129,7 @@ def _shrink_checkpoint(source: str, target: str, parallel) -> str:
 def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
     """One stretch of training on one model: from the config and the --load checkpoint to a stop."""
     from pretrain.distributed import init_distributed, set_random_seed
+    from pretrain.nodes import check_run_folders
     from pretrain.resume import peek_checkpoint, with_checkpoint_schedule
 
     peeked = peek_checkpoint(cfg.checkpoint.load)
@@ -138,6 +139,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     teacher = _resolve_teacher(cfg, vocab_size, tokenizer)  # --kd-teacher: checked before any process group
     layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     _hold_output_folders(cfg)  # one run per --save: before anything is written there
+    # several nodes: shared folders, not node-local ones (a dry run creates nothing)
+    check_run_folders(None if cfg.train.dry_run else cfg.checkpoint.save, cfg.checkpoint.load, peeked)
     _check_data(cfg, tokenizer)  # before anything heavy is built
     cfg, schedule_note = with_checkpoint_schedule(cfg, peeked)  # after the data: a wrong dataset is the worse news
     pruning_note = "\n".join(n for n in (pruning_note, schedule_note) if n)
@@ -277,10 +280,11 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
     from pretrain.pruning.invariants import hidden_masking_possible
     from pretrain.pruning.state import PruningState
     from pretrain.model import build_model, check_activation_memory, unwrap
+    from pretrain.nodes import ranks_on_this_host
     from pretrain.optim import build_optimizer, build_scheduler
 
     check_activation_memory(cfg.model, cfg.train, vocab_size, cfg.parallel.tensor_model_parallel_size,
-                            int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+                            ranks_on_this_host())
     # a model whose hidden mask can change needs mask-aware norms (not TE's fused ones)
     stored = PruningState.stored_dict(peeked[1] if peeked else None)
     model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size,

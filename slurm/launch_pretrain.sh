@@ -17,7 +17,10 @@
 #   TOKENIZER_TYPE / TOKENIZER_MODEL  (TOKENIZER_MODEL set empty: the --load checkpoint's own tokenizer)
 #   INIT_CHECKPOINT  a checkpoint to start from when $SAVE has none (convert_from_hf.py output);
 #                    empty: random initialisation
-#   SAVE             checkpoints (also resumed from); TENSORBOARD_DIR (default $SAVE/tensorboard)
+#   SAVE             checkpoints (also resumed from); on a filesystem every node mounts (checked at
+#                    start). TENSORBOARD_DIR (default $SAVE/tensorboard; rank 0 alone writes there)
+#   DATA_CACHE_PATH  the dataset index cache (--data-cache-path; empty: beside the first dataset). May be
+#                    node-local (e.g. /tmp/$USER/index-cache, one path on every node): each node builds its own
 #   TP, PP           tensor / pipeline parallel sizes; the rest of the ranks is data parallel
 #   MICRO_BATCH, GLOBAL_BATCH, SEQ_LENGTH, TRAIN_TOKENS, LR, MIN_LR, WARMUP_ITERS
 #   PRECISION        --bf16 (default on GPUs) or empty
@@ -41,6 +44,7 @@ TOKENIZER_MODEL=${TOKENIZER_MODEL-models/SmolLM-1.7B}
 INIT_CHECKPOINT=${INIT_CHECKPOINT:-}
 SAVE=${SAVE:-checkpoints/$RECIPE}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$SAVE/tensorboard}
+DATA_CACHE_PATH=${DATA_CACHE_PATH:-}
 TP=${TP:-1}
 PP=${PP:-1}
 MICRO_BATCH=${MICRO_BATCH:-4}
@@ -139,6 +143,9 @@ if [ -n "$KD_TEACHER" ]; then
     KD_ARGS=(--kd-teacher "$KD_TEACHER" --kd-weight "$KD_WEIGHT" --kd-temperature "$KD_TEMPERATURE")
     [ -z "$KD_UNTIL_TOKENS" ] || KD_ARGS+=(--kd-until-tokens "$KD_UNTIL_TOKENS")
 fi
+# shellcheck disable=SC2206
+DATA_ARGS=(--data-path $DATA_PATH)  # unquoted: a blend is several words
+[ -z "$DATA_CACHE_PATH" ] || DATA_ARGS+=(--data-cache-path "$DATA_CACHE_PATH")
 ENGINE_ARGS=(--engine "$ENGINE")
 [ -z "$ZERO_STAGE" ] || ENGINE_ARGS+=(--zero-stage "$ZERO_STAGE")
 [ -z "$OFFLOAD_OPTIMIZER" ] || ENGINE_ARGS+=(--offload-optimizer "$OFFLOAD_OPTIMIZER")
@@ -149,7 +156,7 @@ ARGS=($MODEL_ARGS $PRUNE_ARGS "${ENGINE_ARGS[@]}"
       --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
       --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LENGTH"
       --train-tokens "$TRAIN_TOKENS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP_ITERS"
-      --data-path $DATA_PATH "${TOKENIZER_ARGS[@]}"
+      "${DATA_ARGS[@]}" "${TOKENIZER_ARGS[@]}"
       --save "$SAVE" --load "$LOAD" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$TENSORBOARD_DIR"
       --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" $PRECISION "${KD_ARGS[@]}" $EXTRA_ARGS)
 

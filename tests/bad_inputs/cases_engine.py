@@ -44,6 +44,11 @@ CASES = [
                                  _json(d / "ds.json", '{"zero_optimization": {"stage": 3, "offload_optimizer": '
                                                       '{"device": "nvme", "nvme_path": "/tmp"}}}')),
              message=r"zero_optimization.offload_optimizer.device nvme is not supported"),
+    BadInput("engine-deepspeed-config-node-local-checkpoints",
+             lambda d, f: _train(f, "--engine", "deepspeed", "--deepspeed-config",
+                                 _json(d / "ds.json", '{"checkpoint": {"use_node_local_storage": true}}')),
+             message=r"checkpoint.use_node_local_storage is not supported: checkpoints go to --save, one folder "
+                     r"every node shares"),
     BadInput("engine-offload-unknown-device",
              lambda d, f: _train(f, "--engine", "deepspeed", "--offload-optimizer", "nvme"),
              message=r"argument --offload-optimizer: invalid choice: 'nvme'"),

@@ -88,39 +88,6 @@ def test_blend_report_counts_tokens_and_warns_on_repeats(tiny_dataset, tmp_path)
     assert "WARNING" not in "\n".join(blend_report(data, train_samples=tokens // 64, seq_length=64))
 
 
-def _build_on_two_ranks(prefix: str, tokenizer_model: str, cache: str, per_rank: bool):
-    """(builds of the document index on this rank, error message or None)."""
-    import torch
-
-    from megatron.core.datasets import gpt_dataset
-
-    from pretrain.data import build_datasets, load_tokenizer
-
-    torch.distributed.init_process_group("gloo")
-    builds = []
-    original = gpt_dataset._build_document_index
-    gpt_dataset._build_document_index = lambda *a, **k: builds.append(1) or original(*a, **k)
-    rank = torch.distributed.get_rank()
-    cfg = DataConfig(data_path=[prefix], tokenizer_model=tokenizer_model, split="98,2,0",
-                     data_cache_path=f"{cache}/rank{rank}" if per_rank else cache)
-    try:
-        build_datasets(cfg, load_tokenizer(cfg), seq_length=32, seed=1, num_samples=(10, 2, 0))
-    except ConfigError as err:
-        return len(builds), str(err)
-    return len(builds), None
-
-
-def test_only_rank0_builds_the_indices_and_a_cache_not_shared_is_refused(tiny_dataset, tmp_path):
-    from tests.dist_helper import run_distributed
-
-    args = (tiny_dataset["prefix"], tiny_dataset["tokenizer"], str(tmp_path / "cache"))
-    (rank0_builds, ok0), (rank1_builds, ok1) = run_distributed(_build_on_two_ranks, 2, *args, False, timeout=180)
-    assert ok0 is None and ok1 is None and rank0_builds > 0 and rank1_builds == 0
-    results = run_distributed(_build_on_two_ranks, 2, *args[:2], str(tmp_path / "local"), True, timeout=180)
-    assert all("is not shared: rank(s) 1 do not see what rank 0 writes" in message for _, message in results)
-    assert results[0][0] == results[1][0] == 0
-
-
 def test_per_split_data_trains_on_all_of_its_training_set(tiny_dataset, tmp_path):
     """--per-split-data-args-path (Megatron-LM's): training and validation data of their own,
     no --split; the same flags one by one; bad combinations refused with the flag named."""
