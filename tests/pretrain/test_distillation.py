@@ -122,6 +122,21 @@ def _kd_worker(data: dict, root: str) -> dict:
                             types=("hidden",))  # the hidden size: every p2p shape changes
         return _kd(dataclasses.replace(c, prune=prune), teacher, weight=0.5)
 
+    # issue 28: distilling from its own parent (α = 1: the KL and its gradient are exactly 0 at first),
+    # the student prunes what CE training would on the same batch from the same weights: one event
+    # at the first step, scored from the language-model loss's gradients
+    def from_parent(**kd):
+        c = debug_config(data, iters=1, gbs=4, seq_length=32, load=teacher)
+        c = dataclasses.replace(c, checkpoint=dataclasses.replace(c.checkpoint, finetune=True),
+                                prune=PruneConfig(target_ratio=0.7, start_tokens=0, end_tokens=256, interval=1))
+        return _kd(c, teacher, **kd) if kd else c
+
+    for name, c in (("parent_ce", from_parent()), ("parent_kd", from_parent(weight=1.0))):
+        summary = run(c)
+        pruning = next(cb for cb in summary["trainer"].callbacks if cb.name == "pruning")
+        out[name] = {**_curve(summary), "masks": pruning.masks.state_dict(), "ema": pruning.ema.pack(),
+                     "events": len(pruning.history), "full": pruning.shape.full_masks().state_dict()}
+
     straight = run(pruned(f"{root}/straight"))
     first = run(pruned(f"{root}/broken", exit_interval=2))
     # resumed with no --kd-* or --prune-* flags: the checkpoint's teacher and pruning continue
@@ -135,10 +150,15 @@ def _kd_worker(data: dict, root: str) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def kd_results(tiny_dataset, tmp_path_factory) -> dict:
+    return run_distributed(_kd_worker, 2, tiny_dataset, str(tmp_path_factory.mktemp("kd")))[0]
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_distillation_end_to_end(tiny_dataset, tmp_path):
-    res = run_distributed(_kd_worker, 2, tiny_dataset, str(tmp_path))[0]
+def test_distillation_end_to_end(kd_results):
+    res = kd_results
     # α = 0: the teacher runs, and the run is bit-identical to one without a teacher
     assert res["alpha0"]["loss"] == res["plain"]["loss"]
     assert res["alpha0"]["grad_norm"] == res["plain"]["grad_norm"]
@@ -165,3 +185,20 @@ def test_distillation_end_to_end(tiny_dataset, tmp_path):
     assert res["first"]["loss"] + res["resumed"]["loss"] == res["straight"]["loss"], res
     assert res["first"]["kd_kl"] + res["resumed"]["kd_kl"] == res["straight"]["kd_kl"]
     assert res["resumed_segments"] == 2 and res["resumed_params"] == res["straight_params"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_distilling_from_the_parent_prunes_what_ce_training_would(kd_results):
+    """Issue 28. The KD step's gradient is exactly 0 (the student is its teacher), yet the first
+    event removes exactly the groups a CE run removes on the same batch from the same weights: the
+    saliency table is the language-model loss's, bit for bit (before: all zero, and the solver's
+    tie-break chose)."""
+    ce, kd = kd_results["parent_ce"], kd_results["parent_kd"]
+    assert kd["grad_norm"][0] < 1e-6 and abs(kd["kd_kl"][0]) < 1e-6, kd  # the defect's setting
+    assert kd["loss"] == ce["loss"]  # the same CE of the same batch from the same weights
+    assert ce["events"] == kd["events"] == 1
+    assert torch.equal(kd["ema"], ce["ema"]) and bool(ce["ema"].abs().sum() > 0)
+    for part in ("heads", "ffn", "hidden"):
+        assert torch.equal(kd["masks"][part], ce["masks"][part]), part
+    assert any(not torch.equal(ce["masks"][p], ce["full"][p]) for p in ("heads", "ffn", "hidden"))
