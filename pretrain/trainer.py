@@ -44,6 +44,8 @@ class StepMetrics:
     seconds: float
     tokens: int
     extra: dict = field(default_factory=dict)
+    # the step also ran the language-model loss's forward/backward of its own (``Trainer._lm_gradient_pass``)
+    lm_pass: bool = False
 
 
 class Callback:
@@ -155,7 +157,8 @@ class Trainer:
     def train_step(self) -> StepMetrics:
         start = time.time()
         data_iterator = self.train_iterator
-        if self._lm_gradient_pass_due():
+        lm_pass = self._lm_gradient_pass_due()
+        if lm_pass:
             data_iterator = self._lm_gradient_pass()
         for cb in self.callbacks:
             cb.on_step_begin(self)
@@ -177,7 +180,7 @@ class Trainer:
         return StepMetrics(
             loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=self.optimizer.param_groups[0]["lr"], skipped=not update_successful,
-            seconds=time.time() - start, tokens=self.tokens_per_step,
+            seconds=time.time() - start, tokens=self.tokens_per_step, lm_pass=lm_pass,
         )
 
     def _forward_backward(self, step_func, data_iterator) -> tuple[float, bool]:

@@ -94,7 +94,8 @@ def _kd(cfg, teacher: str, **kw):
 def _curve(summary: dict) -> dict:
     h = summary["history"]
     return {"loss": [x["loss"] for x in h], "grad_norm": [x["grad_norm"] for x in h],
-            "kd_kl": [x.get("kd_kl") for x in h], "teacher_seconds": [x.get("kd_teacher_seconds") for x in h]}
+            "kd_kl": [x.get("kd_kl") for x in h], "teacher_seconds": [x.get("kd_teacher_seconds") for x in h],
+            "lm_pass_flops": [x.get("lm_pass_flops_per_token") for x in h], "flops": [x["flops_per_token"] for x in h]}
 
 
 def _kd_worker(data: dict, root: str) -> dict:
@@ -105,7 +106,9 @@ def _kd_worker(data: dict, root: str) -> dict:
 
     teacher = f"{root}/teacher"
     run(cfg(save=teacher, save_interval=ITERS))  # the parent: 3 steps away from the student's init
-    out = {"plain": _curve(run(cfg())), "alpha0": _curve(run(_kd(cfg(), teacher, weight=0.0)))}
+    # with pruning (Taylor saliency, an event every step): α = 0 scores from the training pass, as without a teacher
+    scored = dataclasses.replace(cfg(), prune=PruneConfig(target_ratio=0.8, start_tokens=0, interval=1))
+    out = {"plain": _curve(run(scored)), "alpha0": _curve(run(_kd(scored, teacher, weight=0.0)))}
     for tp, pp in ((1, 1), (2, 1), (1, 2)):
         out[f"kd{tp}{pp}"] = _curve(run(_kd(cfg(tp=tp, pp=pp), teacher, weight=0.5, temperature=2.0)))
     for tp, pp in ((2, 1), (1, 2)):  # the student starts as the teacher: KL 0 at the first step,
@@ -202,3 +205,9 @@ def test_distilling_from_the_parent_prunes_what_ce_training_would(kd_results):
     for part in ("heads", "ffn", "hidden"):
         assert torch.equal(kd["masks"][part], ce["masks"][part]), part
     assert any(not torch.equal(ce["masks"][p], ce["full"][p]) for p in ("heads", "ffn", "hidden"))
+    # the CE pass of its own is charged to the run (a forward and backward of the student)
+    assert kd["lm_pass_flops"] == kd["flops"] and ce["lm_pass_flops"] == [None]
+    # a KD + pruning run scores its window's steps so too (PP = 2, resumed exactly: the end-to-end test)
+    assert kd_results["straight"]["lm_pass_flops"][:2] == kd_results["straight"]["flops"][:2]
+    assert kd_results["straight"]["lm_pass_flops"][2:] == [None] * 3
+    assert kd_results["alpha0"]["lm_pass_flops"] == [None] * ITERS
