@@ -1,6 +1,7 @@
 """Distillation from a frozen teacher (issue 19): the vocab-parallel KL and its gradient are exact,
 α = 0 changes nothing, a student equal to its teacher has KL 0, the KL and the whole step agree
-across TP/PP layouts, and KD + pruning + in-run shrink + resume continues exactly."""
+across TP/PP layouts, and KD + pruning + in-run shrink + resume continues exactly; a student
+distilling from its own parent prunes what CE training would (issue 28: saliency from the CE)."""
 
 import dataclasses
 import math

@@ -1,6 +1,7 @@
 """The DeepSpeed engine (issue 17) with the features test_engine_deepspeed.py leaves out: bf16,
 hidden-dimension pruning, activation/Fisher/OBS saliency, the non-finite step policy,
-distillation (``--kd-teacher``) and OBS compensation (``--prune-compensation obs``).
+distillation (``--kd-teacher``, with Taylor pruning scored from the CE: issue 28) and OBS compensation
+(``--prune-compensation obs``).
 
 One 4-rank launch (TP=2 x DP=2) trains every scenario under the megatron engine (distributed
 optimizer) and under DeepSpeed ZeRO on the same seed, data and layout; each test checks one
