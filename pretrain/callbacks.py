@@ -45,6 +45,8 @@ class LoggingCallback(Callback):
         record = {"iteration": it, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
                   "tokens": tokens_seen, "step_seconds": m.seconds, "flops_per_token": self.flops_per_token,
                   **m.extra}
+        if m.lm_pass:  # a second forward/backward of the model (saliency while distilling): charged to the run
+            record["lm_pass_flops_per_token"] = self.flops_per_token
         self.history.append(record)
         self._window.append(m)
         if self.writer is not None:

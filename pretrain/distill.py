@@ -222,6 +222,10 @@ class DistillationCallback(Callback):
     def active(self, tokens_seen: int) -> bool:
         return self.config.until_tokens is None or tokens_seen < self.config.until_tokens
 
+    def replaces_lm_loss(self, trainer) -> bool:
+        # α = 0 trains on the CE alone (bit-identical to no teacher): its gradients are the CE's
+        return self.active(trainer.state.tokens_seen) and self.config.weight > 0
+
     def on_train_begin(self, trainer) -> None:
         from megatron.core import parallel_state as ps
 

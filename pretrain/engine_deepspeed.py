@@ -212,6 +212,34 @@ class DeepSpeedEngine:
             losses.append(stats)
         return losses
 
+    def discard_gradients(self) -> None:
+        """Drop the gradients of the micro-batches run since the last step (the language-model pass
+        of a distilled scoring step: ``Trainer._lm_gradient_pass``), so that the next micro-batches
+        start a fresh accumulation window. This is what DeepSpeed does itself for a step it skips on
+        an overflow (``DeepSpeedZeroOptimizer.step``; ``DeepSpeedZeroOptimizer_Stage3.
+        _overflow_clean_up`` and the micro-step reset of its ``_pre_step``): no step is taken, the
+        weights, masters, moments and step counts stay as they are."""
+        zero = self.optimizer
+        if hasattr(zero, "_wait_for_offload_copies"):
+            zero._wait_for_offload_copies()
+        if self.stage == 3:
+            zero._overflow_clean_up(zero.loss_scale)  # its zero_grad sets micro_step_id 0: the next reduce copies
+            if hasattr(zero, "_offload_boundary_param_ids"):
+                zero._offload_boundary_param_ids = set()
+            return
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        zero.micro_step_id = INITIAL_MICRO_STEP_ID
+        zero.zero_grad(set_to_none=True)
+        zero._release_preflattened_grad_buffers()
+        if zero.cpu_offload:
+            zero.reset_cpu_buffers()
+            zero._offload_accumulated_param_ids = set()
+        else:
+            for key in zero.averaged_gradients.keys():
+                zero.averaged_gradients[key] = None
+                zero.all_grad_tensors[key] = None
+
     def gradients_finite(self) -> bool:
         """Whether the reduced gradients are finite on every rank (DeepSpeed's own overflow check:
         this rank's gradient partitions, max over DP and TP)."""

@@ -44,6 +44,8 @@ class StepMetrics:
     seconds: float
     tokens: int
     extra: dict = field(default_factory=dict)
+    # the step also ran the language-model loss's forward/backward of its own (``Trainer._lm_gradient_pass``)
+    lm_pass: bool = False
 
 
 class Callback:
@@ -61,6 +63,22 @@ class Callback:
 
     def on_before_optimizer_step(self, trainer: "Trainer") -> None:
         """Gradients are reduced (megatron-core's finalize ran); the optimizer has not stepped."""
+
+    def replaces_lm_loss(self, trainer: "Trainer") -> bool:
+        """Whether the step about to run trains on a loss other than the language model's
+        (distillation), so that its gradients are not the language-model loss's."""
+        return False
+
+    def wants_lm_gradients(self, trainer: "Trainer") -> bool:
+        """Whether the step about to run needs the language-model loss's reduced gradients (gradient
+        saliency): where another loss trains the step, they are computed by a pass of their own."""
+        return False
+
+    def on_lm_gradients(self, trainer: "Trainer") -> None:
+        """The language-model loss's gradients of this step's batch are reduced, from a pass that
+        runs before the training pass and only where ``replaces_lm_loss`` and ``wants_lm_gradients``
+        meet (``trainer.state.nonfinite_step`` says whether that pass was finite); the training pass
+        starts from zero gradients after it."""
 
     def on_step_end(self, trainer: "Trainer", metrics: StepMetrics) -> None: ...
 
@@ -137,14 +155,39 @@ class Trainer:
         return self.config.tokens_per_step()
 
     def train_step(self) -> StepMetrics:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         start = time.time()
+        data_iterator = self.train_iterator
+        lm_pass = self._lm_gradient_pass_due()
+        if lm_pass:
+            data_iterator = self._lm_gradient_pass()
         for cb in self.callbacks:
             cb.on_step_begin(self)
-        step_func, data_iterator = forward_step, self.train_iterator
+        step_func = forward_step
         for cb in self.callbacks:
             step_func, data_iterator = cb.wrap_forward_step(self, step_func, data_iterator)
+        loss, finite = self._forward_backward(step_func, data_iterator)
+        self.state.nonfinite_step = not finite
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self)
+        if self.state.nonfinite_step and self.engine is None:
+            # no update from this batch (an engine steps anyway: DeepSpeed skips non-finite gradients
+            # itself and keeps its micro-step count): the weights, moments and LR schedule stay as they were
+            update_successful, grad_norm = False, float("nan")
+        else:
+            update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.scheduler.step(increment=1)
+        return StepMetrics(
+            loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=self.optimizer.param_groups[0]["lr"], skipped=not update_successful,
+            seconds=time.time() - start, tokens=self.tokens_per_step, lm_pass=lm_pass,
+        )
+
+    def _forward_backward(self, step_func, data_iterator) -> tuple[float, bool]:
+        """One forward/backward of the global batch from zero gradients, reduced over data parallel:
+        its mean language-model loss, and whether that and the gradients are finite on every rank."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
         if self.engine is not None:
             losses = self.engine.forward_backward(step_func, data_iterator, self.num_microbatches)
         else:
@@ -163,23 +206,24 @@ class Trainer:
             )
         loss = global_mean_loss(losses)
         finite = self._gradients_finite if self.engine is None else self.engine.gradients_finite
-        self.state.nonfinite_step = not (math.isfinite(loss) and finite())
-        for cb in self.callbacks:
-            cb.on_before_optimizer_step(self)
-        if self.state.nonfinite_step and self.engine is None:
-            # no update from this batch (an engine steps anyway: DeepSpeed skips non-finite gradients
-            # itself and keeps its micro-step count): the weights, moments and LR schedule stay as they were
-            update_successful, grad_norm = False, float("nan")
-        else:
-            update_successful, grad_norm, _ = self.optimizer.step()
-        if update_successful:
-            self.scheduler.step(increment=1)
-        return StepMetrics(
-            loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            lr=self.optimizer.param_groups[0]["lr"], skipped=not update_successful,
-            seconds=time.time() - start, tokens=self.tokens_per_step,
-        )
+        return loss, math.isfinite(loss) and finite()
 
+    def _lm_gradient_pass_due(self) -> bool:
+        return (any(cb.replaces_lm_loss(self) for cb in self.callbacks)
+                and any(cb.wants_lm_gradients(self) for cb in self.callbacks))
+
+    def _lm_gradient_pass(self):
+        """The language-model loss's forward/backward over this step's batch, its reduced gradients
+        handed to ``on_lm_gradients``, then dropped; an iterator over the same micro-batches for
+        the training pass. An extra forward and backward of the student: only on the steps that
+        need it (gradient saliency while distilling)."""
+        batches = [next(self.train_iterator) for _ in range(self.num_microbatches)]
+        self.state.nonfinite_step = not self._forward_backward(forward_step, iter(batches))[1]
+        for cb in self.callbacks:
+            cb.on_lm_gradients(self)
+        if self.engine is not None:  # megatron-core's buffers are zeroed by the next pass itself
+            self.engine.discard_gradients()
+        return iter(batches)
 
     def _gradients_finite(self) -> bool:
         """Whether every rank's reduced gradients are finite (one flag all-reduced over the world)."""

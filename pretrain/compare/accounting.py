@@ -36,7 +36,7 @@ def run_flops(metrics: list[dict], tokens_per_step: int, pruning: list[dict] = (
     its step), so the ideal count switches one step after each event."""
     # a distilled step also ran the teacher's forward pass (logged by pretrain/distill.py)
     teacher = sum(tokens_per_step * r.get("kd_teacher_flops_per_token", 0) for r in metrics)
-    actual = sum(tokens_per_step * r["flops_per_token"] for r in metrics) + teacher
+    actual = sum(tokens_per_step * _model_flops_per_token(r) for r in metrics) + teacher
     if not pruning:
         return {"actual": actual, "ideal": actual}
     event_iters = [e["iteration"] for e in pruning]
@@ -45,14 +45,20 @@ def run_flops(metrics: list[dict], tokens_per_step: int, pruning: list[dict] = (
     for r in metrics:
         last_event = bisect_left(event_iters, r["iteration"]) - 1  # events strictly before this step
         per_token = r["flops_per_token"] if last_event < 0 else min(kept[last_event], r["flops_per_token"])
-        ideal += tokens_per_step * per_token
+        ideal += tokens_per_step * per_token * (2 if r.get("lm_pass_flops_per_token") else 1)
     return {"actual": actual, "ideal": ideal + teacher}
+
+
+def _model_flops_per_token(record: dict) -> int:
+    """What a step's model computed per token: its training pass, and the language-model loss's
+    pass of its own where it ran one (gradient saliency while distilling: ``lm_pass_flops_per_token``)."""
+    return record["flops_per_token"] + record.get("lm_pass_flops_per_token", 0)
 
 
 def cumulative_flops_at(metrics: list[dict], tokens_per_step: int) -> dict[int, int]:
     """Iteration -> actual FLOPs spent up to and including it."""
     out, total = {}, 0
     for r in metrics:
-        total += tokens_per_step * (r["flops_per_token"] + r.get("kd_teacher_flops_per_token", 0))
+        total += tokens_per_step * (_model_flops_per_token(r) + r.get("kd_teacher_flops_per_token", 0))
         out[r["iteration"]] = total
     return out

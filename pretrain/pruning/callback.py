@@ -20,7 +20,7 @@ from pretrain.distributed import device, is_rank0, print_rank0
 from pretrain.pruning.compensation import Compensator, probe_uncompensated_loss
 from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
 from pretrain.pruning.optim_state import zero_masked_grads, zero_masked_state
-from pretrain.pruning.saliency import SaliencyEstimator, reduce_table
+from pretrain.pruning.saliency import SaliencyEstimator, nonfinite_parts, reduce_table, table_problem
 from pretrain.pruning.schedule import target_params
 from pretrain.pruning.solver import SolverConstraints, check_constraints, solve
 from pretrain.pruning.state import CHECKPOINT_KEY, PruningState
@@ -56,6 +56,8 @@ class PruningCallback(Callback):
         self.estimator: SaliencyEstimator | None = None
         self.local = None
         self._scoring = False
+        # the language-model loss's table of this step, where a pass of its own gave it (distillation)
+        self._lm_pass, self._lm_table = False, None
         self._pending_local_state: dict | None = None
         self.compensator: Compensator | None = None  # --prune-compensation obs (issue 16)
 
@@ -128,28 +130,47 @@ class PruningCallback(Callback):
         if self._hessian_due(trainer):
             self.compensator.begin_capture()
 
+    def wants_lm_gradients(self, trainer) -> bool:
+        # saliency measures what removing a group costs the language model, whatever loss trains it:
+        # under distillation from the student's own parent the KL and its gradient start at exactly 0
+        return self.estimator.reads_gradients and self._in_window(trainer.state.tokens_seen)
+
+    def on_lm_gradients(self, trainer) -> None:
+        self._lm_pass = True
+        if not trainer.state.nonfinite_step:  # a NaN pass would poison the EMA
+            self._lm_table = reduce_table(self.estimator.partial_table(), self.shape, self.estimator.signed)
+
     def on_before_optimizer_step(self, trainer) -> None:
         self.estimator.end_capture()
         if self.compensator is not None:
             self.compensator.end_capture()
         if self._scoring and not trainer.state.nonfinite_step:  # a NaN step would poison the EMA
-            table = reduce_table(self.estimator.partial_table(), self.shape, self.estimator.signed)
-            beta = self.cfg.saliency_ema
-            if self.ema is None:
-                self.ema = table
+            if self._lm_pass:
+                table = self._lm_table
             else:
-                self.ema = self.ema.blend(table, beta)
-            self.state.ema_steps += 1
+                table = reduce_table(self.estimator.partial_table(), self.shape, self.estimator.signed)
+            if table is not None:
+                self._add_to_ema(table, trainer.state.iteration + 1)
+        self._lm_pass, self._lm_table = False, None
         if self.local is not None and self.current_params() < self.initial_params:
             self.local.apply_to_grads()
             zero_masked_grads(trainer.optimizer, self.local.param_masks)  # an engine's partitioned gradients
+
+    def _add_to_ema(self, table, iteration: int) -> None:
+        bad = nonfinite_parts(table)
+        if bad:  # finite gradients can still give one (an overflowing square): it would poison the EMA
+            if is_rank0():
+                print(f"WARNING: iteration {iteration}: the saliency table of this step has non-finite entries "
+                      f"({', '.join(bad)}); it is left out of the running saliency (EMA)", flush=True)
+            return
+        self.ema = table if self.ema is None else self.ema.blend(table, self.cfg.saliency_ema)
+        self.state.ema_steps += 1
 
     def on_step_end(self, trainer, metrics: StepMetrics) -> None:
         it = trainer.state.iteration
         tokens = trainer.state.tokens_seen
         tokens_before = tokens - trainer.tokens_per_step
-        event = (self._in_window(tokens_before) and self.ema is not None
-                 and (it % self.cfg.interval == 0 or tokens >= self.end_tokens))
+        event = self._in_window(tokens_before) and (it % self.cfg.interval == 0 or tokens >= self.end_tokens)
         self._check_loss_jump(trainer, it, metrics.loss)
         if event:
             params_before, records_before = self.current_params(), len(self.history)
@@ -231,6 +252,10 @@ class PruningCallback(Callback):
                                self.end_tokens, self.cfg.ramp)
         if self.current_params() <= target:
             return
+        problem = table_problem(self.ema, self.masks, tuple(self.cfg.types))
+        if problem:
+            self._warn_event_skipped(iteration, problem)
+            return
         local_masks, moves = solve(self.shape, self.masks, self.ema, target, self.constraints,
                                    final_params=self.final_params)
         decided = [local_masks.state_dict(), moves]
@@ -290,6 +315,24 @@ class PruningCallback(Callback):
                 for k, v in compensation.get("probe", {}).items():
                     logger.log_scalar(f"pruning/compensation_{k}", v, iteration)
                 logger.log_scalar("pruning/compensation_hessian_mb", compensation["hessian_bytes"] / 2**20, iteration)
+
+    def _warn_event_skipped(self, iteration: int, problem: str) -> None:
+        """A table that cannot rank the groups is never a choice (the solver would pick by its
+        tie-break): the event is skipped, and a later event whose table can rank catches the
+        schedule up (its target is a function of tokens seen)."""
+        if not is_rank0():
+            return
+        kind = self.cfg.saliency
+        if "zero" in problem:
+            read = ("the gradients these scores multiply the weights by were all zero: the step's loss has no "
+                    "gradient (a loss scaled by zero, frozen weights)" if self.estimator.reads_gradients else
+                    "the layer inputs or weights these scores read were all zero")
+            cause = f" --saliency {kind}: {read}."
+        else:
+            cause = ""
+        print(f"WARNING: pruning event at iteration {iteration} skipped: {problem} after "
+              f"{self.state.ema_steps} scoring step(s).{cause} Nothing was pruned on it; the next event whose "
+              "table ranks the groups prunes to the schedule's target", flush=True)
 
     def _mean_saliency(self) -> dict:
         """Mean saliency per parameter of the kept groups of each type (for plots)."""

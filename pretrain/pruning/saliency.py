@@ -37,7 +37,7 @@ import torch
 
 from pretrain import layout
 from pretrain.layout import ParamLayout, local_parameters
-from pretrain.pruning.masks import GroupScores, ModelShape
+from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape
 from pretrain.pruning.optim_state import is_distributed, iter_param_slots, whole_weight
 
 ESTIMATORS = ("taylor", "fisher", "obs", "activation")
@@ -81,6 +81,12 @@ class SaliencyEstimator:
         self._plans = None  # param -> _Plan, worked out on the first scoring step
         if kind in ("obs", "activation"):
             self._install_hooks()
+
+    @property
+    def reads_gradients(self) -> bool:
+        """Scores made from the step's gradients (taylor, fisher); obs and activation read weights
+        and layer inputs only."""
+        return self.kind in ("taylor", "fisher")
 
     @property
     def signed(self) -> bool:
@@ -406,3 +412,27 @@ def reduce_table(partial: GroupScores, shape: ModelShape, signed: bool) -> Group
     table = GroupScores.unpack(flat.cpu(), shape)
     table = GroupScores(table.heads, table.ffn, fold_embedding(table, shape.vocab))
     return table.abs() if signed else table
+
+
+# the parts of the table each prunable type is chosen by (a layer: its query groups and FFN channels)
+_TABLE_PARTS = {"heads": ("heads",), "ffn": ("ffn",), "hidden": ("hidden",), "layers": ("heads", "ffn")}
+
+
+def nonfinite_parts(table: GroupScores) -> list[str]:
+    """The parts of ``table`` (heads, ffn, hidden) that hold a NaN or an infinity."""
+    return [part for part in ("heads", "ffn", "hidden") if not bool(torch.isfinite(getattr(table, part)).all())]
+
+
+def table_problem(table: GroupScores | None, masks: GroupMasks, types: tuple) -> str:
+    """Why ``table`` cannot choose which groups to prune, or '' when it can: there is none yet,
+    an entry is not finite, or every kept group of the pruned ``types`` scores exactly zero (the
+    solver would then pick by its tie-break, not by saliency)."""
+    if table is None:
+        return "no scoring step has given a saliency table yet"
+    bad = nonfinite_parts(table)
+    if bad:
+        return f"the saliency table has non-finite entries ({', '.join(bad)})"
+    parts = sorted({part for t in types for part in _TABLE_PARTS[t]})
+    if not any(bool(getattr(table, part)[getattr(masks, part)].any()) for part in parts):
+        return f"every kept group's saliency is exactly zero ({', '.join(parts)})"
+    return ""

@@ -1,6 +1,7 @@
 """Distillation from a frozen teacher (issue 19): the vocab-parallel KL and its gradient are exact,
 α = 0 changes nothing, a student equal to its teacher has KL 0, the KL and the whole step agree
-across TP/PP layouts, and KD + pruning + in-run shrink + resume continues exactly."""
+across TP/PP layouts, and KD + pruning + in-run shrink + resume continues exactly; a student
+distilling from its own parent prunes what CE training would (issue 28: saliency from the CE)."""
 
 import dataclasses
 import math
@@ -94,7 +95,8 @@ def _kd(cfg, teacher: str, **kw):
 def _curve(summary: dict) -> dict:
     h = summary["history"]
     return {"loss": [x["loss"] for x in h], "grad_norm": [x["grad_norm"] for x in h],
-            "kd_kl": [x.get("kd_kl") for x in h], "teacher_seconds": [x.get("kd_teacher_seconds") for x in h]}
+            "kd_kl": [x.get("kd_kl") for x in h], "teacher_seconds": [x.get("kd_teacher_seconds") for x in h],
+            "lm_pass_flops": [x.get("lm_pass_flops_per_token") for x in h], "flops": [x["flops_per_token"] for x in h]}
 
 
 def _kd_worker(data: dict, root: str) -> dict:
@@ -105,7 +107,9 @@ def _kd_worker(data: dict, root: str) -> dict:
 
     teacher = f"{root}/teacher"
     run(cfg(save=teacher, save_interval=ITERS))  # the parent: 3 steps away from the student's init
-    out = {"plain": _curve(run(cfg())), "alpha0": _curve(run(_kd(cfg(), teacher, weight=0.0)))}
+    # with pruning (Taylor saliency, an event every step): α = 0 scores from the training pass, as without a teacher
+    scored = dataclasses.replace(cfg(), prune=PruneConfig(target_ratio=0.8, start_tokens=0, interval=1))
+    out = {"plain": _curve(run(scored)), "alpha0": _curve(run(_kd(scored, teacher, weight=0.0)))}
     for tp, pp in ((1, 1), (2, 1), (1, 2)):
         out[f"kd{tp}{pp}"] = _curve(run(_kd(cfg(tp=tp, pp=pp), teacher, weight=0.5, temperature=2.0)))
     for tp, pp in ((2, 1), (1, 2)):  # the student starts as the teacher: KL 0 at the first step,
@@ -122,6 +126,21 @@ def _kd_worker(data: dict, root: str) -> dict:
                             types=("hidden",))  # the hidden size: every p2p shape changes
         return _kd(dataclasses.replace(c, prune=prune), teacher, weight=0.5)
 
+    # issue 28: distilling from its own parent (α = 1: the KL and its gradient are exactly 0 at first),
+    # the student prunes what CE training would on the same batch from the same weights: one event
+    # at the first step, scored from the language-model loss's gradients
+    def from_parent(**kd):
+        c = debug_config(data, iters=1, gbs=4, seq_length=32, load=teacher)
+        c = dataclasses.replace(c, checkpoint=dataclasses.replace(c.checkpoint, finetune=True),
+                                prune=PruneConfig(target_ratio=0.7, start_tokens=0, end_tokens=256, interval=1))
+        return _kd(c, teacher, **kd) if kd else c
+
+    for name, c in (("parent_ce", from_parent()), ("parent_kd", from_parent(weight=1.0))):
+        summary = run(c)
+        pruning = next(cb for cb in summary["trainer"].callbacks if cb.name == "pruning")
+        out[name] = {**_curve(summary), "masks": pruning.masks.state_dict(), "ema": pruning.ema.pack(),
+                     "events": len(pruning.history), "full": pruning.shape.full_masks().state_dict()}
+
     straight = run(pruned(f"{root}/straight"))
     first = run(pruned(f"{root}/broken", exit_interval=2))
     # resumed with no --kd-* or --prune-* flags: the checkpoint's teacher and pruning continue
@@ -135,10 +154,15 @@ def _kd_worker(data: dict, root: str) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def kd_results(tiny_dataset, tmp_path_factory) -> dict:
+    return run_distributed(_kd_worker, 2, tiny_dataset, str(tmp_path_factory.mktemp("kd")))[0]
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_distillation_end_to_end(tiny_dataset, tmp_path):
-    res = run_distributed(_kd_worker, 2, tiny_dataset, str(tmp_path))[0]
+def test_distillation_end_to_end(kd_results):
+    res = kd_results
     # α = 0: the teacher runs, and the run is bit-identical to one without a teacher
     assert res["alpha0"]["loss"] == res["plain"]["loss"]
     assert res["alpha0"]["grad_norm"] == res["plain"]["grad_norm"]
@@ -165,3 +189,26 @@ def test_distillation_end_to_end(tiny_dataset, tmp_path):
     assert res["first"]["loss"] + res["resumed"]["loss"] == res["straight"]["loss"], res
     assert res["first"]["kd_kl"] + res["resumed"]["kd_kl"] == res["straight"]["kd_kl"]
     assert res["resumed_segments"] == 2 and res["resumed_params"] == res["straight_params"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_distilling_from_the_parent_prunes_what_ce_training_would(kd_results):
+    """Issue 28. The KD step's gradient is exactly 0 (the student is its teacher), yet the first
+    event removes exactly the groups a CE run removes on the same batch from the same weights: the
+    saliency table is the language-model loss's, bit for bit (before: all zero, and the solver's
+    tie-break chose)."""
+    ce, kd = kd_results["parent_ce"], kd_results["parent_kd"]
+    assert kd["grad_norm"][0] < 1e-6 and abs(kd["kd_kl"][0]) < 1e-6, kd  # the defect's setting
+    assert kd["loss"] == ce["loss"]  # the same CE of the same batch from the same weights
+    assert ce["events"] == kd["events"] == 1
+    assert torch.equal(kd["ema"], ce["ema"]) and bool(ce["ema"].abs().sum() > 0)
+    for part in ("heads", "ffn", "hidden"):
+        assert torch.equal(kd["masks"][part], ce["masks"][part]), part
+    assert any(not torch.equal(ce["masks"][p], ce["full"][p]) for p in ("heads", "ffn", "hidden"))
+    # the CE pass of its own is charged to the run (a forward and backward of the student)
+    assert kd["lm_pass_flops"] == kd["flops"] and ce["lm_pass_flops"] == [None]
+    # a KD + pruning run scores its window's steps so too (PP = 2, resumed exactly: the end-to-end test)
+    assert kd_results["straight"]["lm_pass_flops"][:2] == kd_results["straight"]["flops"][:2]
+    assert kd_results["straight"]["lm_pass_flops"][2:] == [None] * 3
+    assert kd_results["alpha0"]["lm_pass_flops"] == [None] * ITERS

@@ -1,6 +1,7 @@
 """The DeepSpeed engine (issue 17) with the features test_engine_deepspeed.py leaves out: bf16,
 hidden-dimension pruning, activation/Fisher/OBS saliency, the non-finite step policy,
-distillation (``--kd-teacher``) and OBS compensation (``--prune-compensation obs``).
+distillation (``--kd-teacher``, with Taylor pruning scored from the CE: issue 28) and OBS compensation
+(``--prune-compensation obs``).
 
 One 4-rank launch (TP=2 x DP=2) trains every scenario under the megatron engine (distributed
 optimizer) and under DeepSpeed ZeRO on the same seed, data and layout; each test checks one
@@ -212,13 +213,22 @@ def _scenarios(data: dict, root: str, names: tuple) -> dict:
         from pretrain.config import DistillConfig
 
         def distilled(engine, stage):
-            cfg = _config(data, engine, stage, iters=2)
+            # Taylor saliency on every step: each runs a CE pass of its own first, whose gradients
+            # DeepSpeed must drop before the KD pass (issue 28)
+            cfg = _config(data, engine, stage, iters=2, prune={"interval": 1})
             return _record(run(dataclasses.replace(cfg, distill=DistillConfig(teacher=teacher, weight=0.5,
                                                                               temperature=2.0))))
 
+        def from_parent(engine, stage, **kd):  # one step and one event from the teacher's own weights
+            cfg = _config(data, engine, stage, iters=1, prune={"interval": 1})
+            cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=teacher, finetune=True))
+            return _record(run(dataclasses.replace(cfg, distill=DistillConfig(teacher=teacher, **kd)) if kd else cfg))
+
         # ZeRO-3 only: its forward gathers every module's weights around the hooks the KL reads
-        # (ZeRO-1/2 run the plain module)
-        timed("kd", lambda: {"megatron": distilled("megatron", None), "zero3": distilled("deepspeed", 3)})
+        # (ZeRO-1/2 run the plain module); ZeRO-2 for the parent's case (its own way of dropping gradients)
+        timed("kd", lambda: {"megatron": distilled("megatron", None), "zero3": distilled("deepspeed", 3),
+                             "parent_ce": from_parent("megatron", None),
+                             "parent_kd_zero2": from_parent("deepspeed", 2, weight=1.0)})
     if "obs" in names:
         test_prefix = os.path.join(root, "test")  # written by ``prepare`` before the launch
 
@@ -272,6 +282,12 @@ def _close(a: list, b: list, what: str, tolerance: float = TOLERANCE) -> None:
     assert len(a) == len(b) and a, f"{what}: {a} vs {b}"
     for i, (x, y) in enumerate(zip(a, b)):
         assert math.isclose(x, y, rel_tol=tolerance, abs_tol=tolerance), f"{what}: step {i + 1}: {x} vs {y}\n{a}\n{b}"
+
+
+def _close_tables(got, ref, what: str, tolerance: float = TOLERANCE) -> None:
+    """Two packed saliency tables agree entry by entry within ``tolerance`` of the larger's largest entry."""
+    gap, scale = float((got - ref).abs().max()), float(ref.abs().max())
+    assert scale > 0 and gap <= tolerance * scale, f"{what}: largest difference {gap} (largest entry {scale})"
 
 
 def _same_masks(got: dict, ref: dict, what: str) -> None:
@@ -371,7 +387,22 @@ def test_distillation_under_zero3(results):
     for key in ("zero3",):
         _close(kd[key]["losses"], ref["losses"], f"KD {key} losses")
         _close(kd[key]["kd_kl"], ref["kd_kl"], f"KD {key} KL")
+        # the CE pass's gradients were dropped before the KD pass: the step's gradients are the KD loss's
         _close(kd[key]["grad_norms"], ref["grad_norms"], f"KD {key} grad norms")
+        _close_tables(kd[key]["ema"], ref["ema"], f"KD {key} saliency")
+        _same_masks(kd[key], ref, f"KD {key}")
+    assert _pruned_something(ref)
+
+
+def test_distilling_from_the_parent_under_zero2_prunes_what_ce_training_would(results):
+    """Issue 28 under DeepSpeed: the student is its teacher (α = 1: the KD step's gradient is 0), the
+    first event's table is the CE's and removes the groups a CE run removes from the same weights."""
+    kd, ce = results[0]["kd"]["parent_kd_zero2"], results[0]["kd"]["parent_ce"]
+    assert kd["grad_norms"][0] < 1e-6 and abs(kd["kd_kl"][0]) < 1e-6, kd  # nothing of the CE pass is left
+    _close(kd["losses"], ce["losses"], "the CE of the same batch")
+    _close_tables(kd["ema"], ce["ema"], "saliency")
+    _same_masks(kd, ce, "KD from the parent")
+    assert _pruned_something(ce) and len(kd["history"]) == len(ce["history"]) == 1
 
 
 def test_obs_compensation_under_zero2_and_zero3(results):

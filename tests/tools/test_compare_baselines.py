@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from pretrain.compare import arms
-from pretrain.compare.accounting import kept_flops_per_token, run_flops
+from pretrain.compare.accounting import cumulative_flops_at, kept_flops_per_token, run_flops
 from pretrain.compare.recipes import RECIPES, get_recipe
 from pretrain.config import ConfigError, ModelConfig
 from pretrain.flops import flops_per_token_of, training_flops_per_token
@@ -253,3 +253,7 @@ def test_kd_arms_are_opt_in_distil_from_the_parent_and_pay_for_the_teacher(tmp_p
     metrics = [{"iteration": 1, "flops_per_token": 100, "kd_teacher_flops_per_token": 30},
                {"iteration": 2, "flops_per_token": 100}]
     assert run_flops(metrics, 10) == {"actual": 2300, "ideal": 2300}
+    # a step that also ran the CE pass of its own for saliency (issue 28) pays for it
+    metrics[0]["lm_pass_flops_per_token"] = 100
+    assert run_flops(metrics, 10) == {"actual": 3300, "ideal": 3300}
+    assert cumulative_flops_at(metrics, 10) == {1: 2300, 2: 3300}

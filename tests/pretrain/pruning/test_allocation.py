@@ -304,3 +304,48 @@ def test_a_window_ending_above_its_target_is_warned_about(capsys):
     pruner.final_params = pruner.current_params()
     pruner._warn_if_target_missed()
     assert capsys.readouterr().out == ""
+
+
+def test_an_event_on_a_table_that_cannot_rank_is_skipped_with_a_warning(capsys):
+    """Issue 28: a table that is all zero over the kept groups (every gradient 0: the student
+    distilling from its own parent scored from the KL's gradient) or holds a NaN is never a choice;
+    the event is skipped with a warning naming the cause. A step's non-finite table stays out of
+    the EMA."""
+    from types import SimpleNamespace
+
+    from pretrain.config import PruneConfig
+    from pretrain.pruning.callback import PruningCallback
+    from pretrain.pruning.saliency import table_problem
+
+    shape = BIG_VOCAB
+    full = shape.full_masks()
+    pruner = PruningCallback(PruneConfig(target_ratio=0.5), shape, 1, 10**6)
+    pruner.estimator = SimpleNamespace(reads_gradients=True)
+    trainer = SimpleNamespace(callbacks=[])
+    zero, nan = GroupScores.zeros(shape), _random_scores(shape, 0)
+    nan.ffn[1, 3] = float("nan")
+    for table, cause in ((None, "no scoring step has given a saliency table yet"),
+                         (zero, "every kept group's saliency is exactly zero (ffn, heads, hidden)"),
+                         (nan, "the saliency table has non-finite entries (ffn)")):
+        pruner.ema = table
+        pruner.prune_event(trainer, 10, 5 * 10**5)  # half-way: the target is well below the model
+        out = capsys.readouterr().out
+        assert f"WARNING: pruning event at iteration 10 skipped: {cause}" in out, out
+        assert ("--saliency taylor: the gradients these scores multiply" in out) is (table is zero), out
+        assert pruner.masks.equal(full) and pruner.history == []
+    # the kept groups decide: scores only on groups already dropped rank nothing
+    partly = GroupScores.zeros(shape)
+    partly.ffn[0, :8] = 1.0
+    dropped = shape.full_masks()
+    dropped.ffn[0, :8] = False
+    assert table_problem(partly, full, ("ffn",)) == ""
+    assert table_problem(partly, dropped, ("ffn", "layers")) == "every kept group's saliency is exactly zero (ffn, heads)"
+    assert table_problem(partly, dropped, ("heads",)) == "every kept group's saliency is exactly zero (heads)"
+    # one step's non-finite table is left out of the running saliency, with a warning
+    good = _random_scores(shape, 1)
+    pruner.ema, pruner.state.ema_steps = good, 3
+    pruner._add_to_ema(nan, 7)
+    assert "WARNING: iteration 7: the saliency table of this step has non-finite entries (ffn)" in capsys.readouterr().out
+    assert pruner.ema is good and pruner.state.ema_steps == 3
+    pruner._add_to_ema(zero, 8)  # a zero table is evidence of nothing, but harmless in the EMA
+    assert pruner.state.ema_steps == 4 and torch.equal(pruner.ema.heads, 0.9 * good.heads)
