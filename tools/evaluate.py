@@ -91,6 +91,8 @@ def run_benchmarks(args) -> tuple[int, dict | None]:
 
     try:
         tasks = parse_tasks(args.tasks)
+        if args.output and not os.access(os.path.dirname(os.path.abspath(args.output)), os.W_OK):
+            raise ConfigError(f"--output {args.output}: its folder does not exist or is not writable")
         docs = load_tasks(tasks, args.num_fewshot, args.limit)  # bad task data stops before the model loads
         if args.batch_size <= 0:
             raise ConfigError(f"--batch-size {args.batch_size}: give a positive number of rows per batch")
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensorboard-dir", help="--load --tasks: write the scores as tensorboard scalars here")
     p.add_argument("--output", help="write the results here as JSON")
     args = p.parse_args(argv)
-    if args.load and args.tasks and not args.data_path:
+    if args.load and args.tasks and not args.data_path and not args.hf_model:
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
         import warnings
 

@@ -1,6 +1,6 @@
 """Benchmarks on a checkpoint (tools/evaluate.py --load CKPT --tasks, issue 27): unknown tasks,
 a --limit that is not positive, the evaluation data missing, absent or truncated, an unreadable
-tokenizer. Nothing is written under --output."""
+tokenizer, an --output folder that is not there. Nothing is written under --output."""
 
 from __future__ import annotations
 
@@ -66,4 +66,9 @@ CASES: list[BadInput] = [
                                       str(d / "no_such_tokenizer.model")),
              message=r"its tokenizer cannot be read \(--tokenizer-model .*no_such_tokenizer.model.*: no such file\)",
              leftovers=("results.json",)),
+    BadInput("benchmarks-output-folder-missing",  # refused before the model loads, not after scoring
+             lambda d, f: tool("evaluate.py", "--load", f.checkpoint, "--tasks", "piqa", "--limit", "2",
+                               "--output", str(d / "missing" / "results.json")),
+             message=r"--output .*missing/results.json: its folder does not exist or is not writable",
+             leftovers=("missing",)),
 ]
