@@ -102,13 +102,14 @@ def run_benchmarks(args) -> tuple[int, dict | None]:
                     + (f"the first {args.limit} documents of each task" if args.limit else "every document"))
         results = evaluate_tasks(model, tasks, args.num_fewshot, args.limit, args.batch_size,
                                  per_document=args.per_document, docs=docs)
+        speaks = is_rank0()  # asked before the world is torn down (after that every rank is "rank 0")
     except (ConfigError, CheckpointError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1, None
     finally:
         destroy_distributed()
     results["checkpoint"] = model.folder
-    if not is_rank0():
+    if not speaks:
         return 0, None
     print(format_table(results))
     if args.tensorboard_dir:
