@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if results is not None and args.output:
             _write_json_atomically(args.output, results)
         return code
-    if args.load and args.tasks:
+    if args.load and args.tasks and args.data_path:
         p.error("give --tasks (benchmarks) or --data-path (perplexity) with --load, not both")
     args.tasks = args.tasks or "pydoc_next_sentence"
     if bool(args.load) == bool(args.hf_model):
