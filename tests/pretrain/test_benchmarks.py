@@ -23,6 +23,8 @@ def test_acc_and_acc_norm_by_hand():
     assert metrics["acc"] == pytest.approx(1 / 3) and metrics["acc_norm"] == pytest.approx(2 / 3)
     assert metrics["primary"] == "acc_norm" and metrics["score"] == metrics["acc_norm"]
     assert bm.task_metrics("boolq", per_doc)["score"] == metrics["acc"]
+    # MMLU: cloze (0-shot) reports acc_norm, the 5-shot letters acc
+    assert [bm.task_metrics("mmlu", per_doc, k)["primary"] for k in (0, 5)] == ["acc_norm", "acc"]
     # ties go to the first choice (numpy's argmax, as lm-eval)
     assert bm.document_scores(Document(3, ["Q"] * 2, [" a", " b"], 0), [-1.0, -1.0])["pred"] == 0
 
