@@ -80,7 +80,7 @@ def run_lm_eval(hf_model: str, tasks: list[str], limit: int | None = None, batch
             for task, metrics in results["results"].items()}
 
 
-def run_benchmarks(args) -> tuple[int, dict | None]:
+def run_benchmarks(args: argparse.Namespace) -> tuple[int, dict | None]:
     """``--load CKPT --tasks ...``: the benchmarks of pretrain.benchmarks on the checkpoint; prints
     the table, writes the JSON and tensorboard scalars (rank 0). Returns (exit code, results)."""
     from data_prep.tokenizers import TokenizerError
