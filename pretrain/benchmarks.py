@@ -267,7 +267,8 @@ def encode_pair(tokenize_batch: Callable, pairs: list[tuple[str, str]], empty_co
     return out
 
 
-def build_rows(task_index: int, docs: list[Document], encoded: list[list[tuple]], max_length: int) -> list[Row]:
+def build_rows(task_index: int, docs: list[Document], encoded: list[list[tuple]], max_length: int,
+               task_name: str = "") -> list[Row]:
     """Rows for ``docs`` (their encoded choices in ``encoded``): each choice's input left-truncated
     to ``max_length`` (lm-eval's rule); a choice whose input is a prefix of another's rides along."""
     rows = []
@@ -275,7 +276,8 @@ def build_rows(task_index: int, docs: list[Document], encoded: list[list[tuple]]
         inputs = []
         for c, (ctx, cont) in enumerate(choices):
             if not cont:
-                raise BenchmarkError(f"document {docs[d].doc_id}: choice {c} tokenizes to nothing")
+                raise BenchmarkError(f"{task_name} document {docs[d].doc_id}: choice {c} "
+                                     f"({docs[d].continuations[c]!r}) tokenizes to nothing with this tokenizer")
             full = (ctx + cont)[-(max_length + 1):]
             inputs.append((full[:-1], c, cont[-(len(full) - 1):] if len(cont) >= len(full) else cont))
         doc_rows: list[Row] = []
@@ -512,7 +514,7 @@ def score_documents(model: LoadedModel, docs: dict[str, list[Document]], batch_s
             n = len(docs[name][d].continuations)
             grouped.append(encoded[i:i + n])
             i += n
-        task_rows = build_rows(t, [docs[name][d] for d in mine], grouped, model.max_length)
+        task_rows = build_rows(t, [docs[name][d] for d in mine], grouped, model.max_length, name)
         for row in task_rows:  # document indices within the task, not within this rank's share
             row.spans = [(tt, mine[d], c, s, cont) for tt, d, c, s, cont in row.spans]
         rows.extend(task_rows)
