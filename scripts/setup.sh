@@ -23,7 +23,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 stamp="$VENV/.setup-stamp"
-want="$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
+want="$(cat requirements.txt requirements-nodeps.txt pyproject.toml | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "[setup] environment up to date"
     exit 0
@@ -34,6 +34,8 @@ echo "[setup] installing $torch_pin first"
 $PIP install -q "$torch_pin"
 echo "[setup] installing requirements (DS_BUILD_OPS=0: no DeepSpeed kernels are compiled)"
 DS_BUILD_OPS=0 $PIP install -q -r requirements.txt
+echo "[setup] installing requirements-nodeps.txt without their dependencies (they would move our pins)"
+$PIP install -q --no-deps -r requirements-nodeps.txt
 $PIP install -q --no-deps -e .
 echo "$want" > "$stamp"
 echo "[setup] done"

@@ -5,6 +5,14 @@ Perplexity of a checkpoint on an indexed dataset (any TP/PP; torchrun for more t
     python tools/evaluate.py --load ckpt --data-path data/held_out_text_document \\
         [--tensor-model-parallel-size 2] [--seq-length 2048] [--max-samples 1000]
 
+The benchmarks papers report (ARC-Easy/Challenge, BoolQ, HellaSwag, OpenBookQA, PIQA, WinoGrande;
+``paper`` = those seven and their average; MMLU), offline, on a checkpoint directly (any TP/PP,
+masked or shrunk, imported; torchrun for more than one rank: each data-parallel rank scores a share
+of the documents)::
+
+    python tools/evaluate.py --load ckpt --tasks paper,mmlu [--limit 200] [--num-fewshot 5] \
+        [--output results.json] [--per-document] [--tensorboard-dir tb]
+
 lm-evaluation-harness on a HuggingFace export (``tools/convert_to_hf.py``); the local task
 ``pydoc_next_sentence`` (``eval/lm_eval_tasks``) runs offline::
 
@@ -72,6 +80,67 @@ def run_lm_eval(hf_model: str, tasks: list[str], limit: int | None = None, batch
             for task, metrics in results["results"].items()}
 
 
+def run_benchmarks(args: argparse.Namespace) -> tuple[int, dict | None]:
+    """``--load CKPT --tasks ...``: the benchmarks of pretrain.benchmarks on the checkpoint; prints
+    the table, writes the JSON and tensorboard scalars (rank 0). Returns (exit code, results)."""
+    from data_prep.tokenizers import TokenizerError
+    from pretrain.benchmarks import evaluate_tasks, format_table, load_for_benchmarks, load_tasks, parse_tasks
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.config import ConfigError
+    from pretrain.distributed import destroy_distributed, is_rank0, print_rank0
+
+    try:
+        tasks = parse_tasks(args.tasks)
+        if args.output and not os.access(os.path.dirname(os.path.abspath(args.output)), os.W_OK):
+            raise ConfigError(f"--output {args.output}: its folder does not exist or is not writable")
+        docs = load_tasks(tasks, args.num_fewshot, args.limit)  # bad task data stops before the model loads
+        if args.batch_size <= 0:
+            raise ConfigError(f"--batch-size {args.batch_size}: give a positive number of rows per batch")
+        model = load_for_benchmarks(args.load, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                    args.tokenizer_model)
+        print_rank0(f"{model.folder}: {', '.join(tasks)}, {args.num_fewshot}-shot, "
+                    + (f"the first {args.limit} documents of each task" if args.limit else "every document"))
+        results = evaluate_tasks(model, tasks, args.num_fewshot, args.limit, args.batch_size,
+                                 per_document=args.per_document, docs=docs)
+        speaks = is_rank0()  # asked before the world is torn down (after that every rank is "rank 0")
+    except (ConfigError, CheckpointError, TokenizerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1, None
+    finally:
+        destroy_distributed()
+    results["checkpoint"] = model.folder
+    if not speaks:
+        return 0, None
+    print(format_table(results))
+    if args.tensorboard_dir:
+        _benchmark_scalars(args.tensorboard_dir, model.folder, results)
+    return 0, results
+
+
+def _benchmark_scalars(tensorboard_dir: str, folder: str, results: dict) -> None:
+    """benchmarks/<task>/<metric> at the checkpoint's iteration."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pretrain import checkpoint as ckpt
+
+    step = int(ckpt.read_trainer_state(folder).get("iteration", 0))
+    writer = SummaryWriter(tensorboard_dir)
+    for name, m in results["tasks"].items():
+        for metric in ("acc", "acc_norm", "score"):
+            writer.add_scalar(f"benchmarks/{name}/{metric}", m[metric], step)
+    if "average" in results:
+        writer.add_scalar("benchmarks/paper_average", results["average"], step)
+    writer.close()
+
+
+def _write_json_atomically(path: str, results: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", help="checkpoint for held-out perplexity")
@@ -84,11 +153,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-length", type=int)
     p.add_argument("--max-samples", type=int, help="evaluate at most this many sequences")
     p.add_argument("--hf-model", help="HuggingFace folder for lm-evaluation-harness tasks")
-    p.add_argument("--tasks", default="pydoc_next_sentence", help="comma-separated lm-eval task names")
-    p.add_argument("--limit", type=int, help="lm-eval: at most this many documents per task")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--tasks", help="with --hf-model: comma-separated lm-eval task names (default "
+                   "pydoc_next_sentence); with --load: benchmarks of pretrain.benchmarks (paper = the seven "
+                   "common-sense tasks; mmlu)")
+    p.add_argument("--limit", type=int, help="at most this many documents per task (the first ones)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size; with --load --tasks: rows per batch")
+    p.add_argument("--num-fewshot", type=int, default=0, choices=(0, 5),
+                   help="--load --tasks: 0- or 5-shot requests (the benchmark data has these two)")
+    p.add_argument("--per-document", action="store_true", help="--load --tasks: every document's scores in --output")
+    p.add_argument("--tensorboard-dir", help="--load --tasks: write the scores as tensorboard scalars here")
     p.add_argument("--output", help="write the results here as JSON")
     args = p.parse_args(argv)
+    if args.load and args.tasks and not args.data_path and not args.hf_model:
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        code, results = run_benchmarks(args)
+        if results is not None and args.output:
+            _write_json_atomically(args.output, results)
+        return code
+    if args.load and args.tasks and args.data_path:
+        p.error("give --tasks (benchmarks) or --data-path (perplexity) with --load, not both")
+    args.tasks = args.tasks or "pydoc_next_sentence"
     if bool(args.load) == bool(args.hf_model):
         p.error("give either --load (with --data-path) for perplexity, or --hf-model for lm-eval tasks")
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
