@@ -96,7 +96,7 @@ class Recipe:
              "the parent and the continuation need at least one step each")
         start, end = self.window_tokens
         window_iters = (end - start) // self.tokens_per_step
-        need(0 <= start < end <= self.continue_tokens,
+        need(0 <= self.window[0] < self.window[1] <= 1,
              f"the pruning window {self.window} must lie inside the continuation (0 <= start < end <= 1)")
         need(window_iters >= self.prune_interval,
              f"the pruning window ({window_iters} steps) is shorter than one --prune-interval "
