@@ -383,30 +383,44 @@ def check_parent_tokenizer(parent: str, tokenizer: tuple[str, str], data_path: l
                               f"{tokenizer[1]}). {err}") from None
 
 
-def check_reachable(recipe: Recipe, vocab: int) -> None:
-    """The recipe's target is at or above the smallest model the solver can leave of the parent with
-    the recipe's alignment and floors: the solver itself, with no saliency, asked for 0 parameters."""
-    import torch
-
+def smallest_model(recipe: Recipe, vocab: int) -> tuple[int, int, int]:
+    """(parameters, hidden width, align) of the smallest model the solver can leave of the recipe's
+    parent: every type taken down unit by unit by the solver's own rule (``solver._unit_size``, the
+    floors of ``SolverConstraints``) until no unit may go. The solver itself, asked for 0 parameters,
+    gives the same masks one greedy move at a time (half a minute for a 30-layer model)."""
     from pretrain.config import ModelConfig
-    from pretrain.pruning.masks import GroupScores, ModelShape
-    from pretrain.pruning.solver import SolverConstraints, solve
+    from pretrain.pruning.masks import ModelShape
+    from pretrain.pruning.solver import SolverConstraints, _unit_size
 
-    model = ModelConfig(**recipe.model)
-    shape = ModelShape.from_config(model, vocab)
+    shape = ModelShape.from_config(ModelConfig(**recipe.model), vocab)
     align = recipe.prune_align or (64 if recipe.gpus_per_node else 8)  # the trainer's default per device
-    # uniform reaches the same floor as per-layer on a uniform parent, in one move per unit of all layers
-    constraints = SolverConstraints(tensor_parallel=recipe.tensor_parallel, align=align, granularity="uniform",
-                                    pipeline_parallel=recipe.pipeline_parallel, max_step_fraction=1.0)
-    with torch.no_grad():
-        floor_masks, _ = solve(shape, shape.full_masks(), GroupScores.zeros(shape), 0, constraints)
-    floor = shape.parameter_count(floor_masks)
-    total = shape.parameter_count(shape.full_masks())
+    c = SolverConstraints(tensor_parallel=recipe.tensor_parallel, align=align)
+
+    def floor(kept: int, unit: int, minimum: int) -> int:
+        while size := _unit_size(kept, unit, minimum):
+            kept -= size
+        return kept
+
+    masks = shape.full_masks()
+    for layer in range(shape.num_layers):
+        masks.heads[layer, floor(shape.groups_of(layer), c.group_unit(), max(c.min_groups, c.group_unit())):] = False
+        masks.ffn[layer, floor(shape.ffn_of(layer), c.ffn_unit(), c.min_ffn):] = False
+    hidden = floor(shape.hidden, c.hidden_unit(), c.min_hidden)
+    masks.hidden[hidden:] = False
+    return shape.parameter_count(masks), hidden, align
+
+
+def check_reachable(recipe: Recipe, vocab: int) -> None:
+    """The recipe's target is at or above the smallest model the parent can be pruned to with the
+    recipe's alignment and floors."""
+    from pretrain.config import ModelConfig
+
+    floor, hidden, align = smallest_model(recipe, vocab)
+    total = ModelConfig(**recipe.model).num_parameters(vocab)["total"]
     target = int(recipe.target_ratio * total)
     if target < floor:
         raise ConfigError(
             f"recipe {recipe.name}: the target, {recipe.target_ratio:g} of the parent's {total:,} parameters "
             f"({target:,}), is below the smallest model the parent can be pruned to with alignment {align} "
-            f"({floor:,} parameters: hidden {int(floor_masks.hidden.sum())}, at least one query group and {align} "
-            f"FFN channels per layer; the embeddings alone are {vocab * int(floor_masks.hidden.sum()):,}): "
-            "raise --target-ratio")
+            f"({floor:,} parameters: hidden {hidden}, at least one query group and {align} FFN channels per layer; "
+            f"the embeddings alone are {vocab * hidden:,}): raise --target-ratio")

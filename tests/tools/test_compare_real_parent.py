@@ -5,6 +5,7 @@ count; the parent is charged to no one; the report has the matched-tokens and ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import pytest
 
 from pretrain.compare import arms
-from pretrain.compare.campaign import check_reachable
+from pretrain.compare.campaign import check_reachable, smallest_model
 from pretrain.compare.recipes import RECIPES, get_recipe
 from pretrain.config import ConfigError
 from tests.tools.real_parent_fixture import corpus_split, import_parent, tiny_hf_llama
@@ -91,8 +92,22 @@ def test_every_real_arm_starts_from_the_parent_with_its_recipe(tmp_path):
 
 
 def test_a_target_below_the_smallest_aligned_model_is_refused():
+    import torch
+
+    from pretrain.config import ModelConfig
+    from pretrain.pruning.masks import GroupScores, ModelShape
+    from pretrain.pruning.solver import SolverConstraints, solve
+
     recipe = get_recipe("cpu-tiny-real").with_parent_model(TINY)
     check_reachable(recipe, 1024)
+    # the floor is the solver's own: asked for 0 parameters with no saliency, it stops at the same model
+    for tp, align in ((1, 8), (2, 16)):
+        r = dataclasses.replace(recipe, tensor_parallel=tp, prune_align=align)
+        shape = ModelShape.from_config(ModelConfig(**r.model), 1024)
+        masks, _ = solve(shape, shape.full_masks(), GroupScores.zeros(shape), 0,
+                         SolverConstraints(tensor_parallel=tp, align=align, max_step_fraction=1.0))
+        assert smallest_model(r, 1024) == (shape.parameter_count(masks), int(masks.hidden.sum()), align)
+        assert torch.equal(masks.ffn.sum(1), torch.full((2,), tp * align))
     # align 8: hidden 8 (embedding 1024 * 8 = 8192), per layer one query group (2*2+2)*16*8 = 768, 8 FFN
     # channels 3*8*8 = 192 and two norms 16; the final norm 8: 8192 + 2 * 976 + 8 = 10,152 (6.2% of 164,160)
     with pytest.raises(ConfigError, match=r"below the smallest model the parent can be pruned to with alignment 8 "
