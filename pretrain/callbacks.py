@@ -106,8 +106,16 @@ class EvalCallback(Callback):
     def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
         it = trainer.state.iteration
         at_end = it == trainer.total_iters
+        validate = bool(self.eval_interval) and (it % self.eval_interval == 0 or at_end)
+        if validate or (trainer.has_test_set and at_end):
+            self.evaluate_now(trainer, validate)
+
+    def evaluate_now(self, trainer: Trainer, validate: bool = True) -> dict:
+        """Validation (when ``validate``) and the test set, at the trainer's current iteration:
+        printed, to tensorboard and a line of ``evals.jsonl``."""
+        it = trainer.state.iteration
         record = {}
-        if self.eval_interval and (it % self.eval_interval == 0 or at_end):
+        if validate:
             loss = trainer.evaluate(self.eval_iters)
             self.last_loss = record["valid_loss"] = loss
             if is_rank0():
@@ -115,18 +123,19 @@ class EvalCallback(Callback):
                 print(f"validation at iteration {it} | loss {loss:.4f} | perplexity {ppl:.2f}", flush=True)
             if self.logger is not None:
                 self.logger.log_scalar("valid/loss", loss, it)
-        if trainer.has_test_set and (record or at_end):
+        if trainer.has_test_set:
             loss = trainer.evaluate_test(self.eval_iters)
             self.last_test_loss = record["test_loss"] = loss
             if is_rank0():
                 print(f"test at iteration {it} | loss {loss:.4f}", flush=True)
             if self.logger is not None:
                 self.logger.log_scalar("test/loss", loss, it)
-        if record and self.logger is not None and self.logger.tensorboard_dir and is_rank0():
-            record = {"iteration": it, "tokens": trainer.state.tokens_seen,
-                      **record}
+        record = {"iteration": it, "tokens": trainer.state.tokens_seen, **record}
+        if self.logger is not None and self.logger.tensorboard_dir and is_rank0():
+            os.makedirs(self.logger.tensorboard_dir, exist_ok=True)
             with open(os.path.join(self.logger.tensorboard_dir, "evals.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+        return record
 
 
 class CheckpointCallback(Callback):

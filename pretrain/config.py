@@ -576,6 +576,10 @@ class TrainConfig:
     log_interval: int = flag(10)
     exit_interval: int | None = flag(None, help="save and exit at this iteration")
     dry_run: bool = flag(False, help="build everything, print the plan, exit")
+    # Megatron-LM's flag: measure a checkpoint (a released parent) on the run's own validation and
+    # test batches, so its losses compare with the runs trained from it
+    skip_train: bool = flag(False, help="load, evaluate the validation split and --test-data-path once "
+                                        "(--eval-iters batches), save nothing, exit")
     max_skipped_nonfinite_steps: int = flag(
         3, help="skip a step whose loss or gradients are NaN/inf (no update); after this many in one run, "
                 "stop with an error (the last checkpoint stays the newest)")

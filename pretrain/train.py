@@ -161,6 +161,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     trainer = _build_trainer(cfg, layout, tokenizer, vocab_size, model_chunks, optimizer, scheduler,
                              callbacks, resume)
     _restore_state(cfg, trainer, resume, peeked)
+    if cfg.train.skip_train:  # --skip-train: the loaded model measured on the run's batches, nothing saved
+        return {"skip_train": True, "evaluation": _callback(trainer, "eval").evaluate_now(trainer), "layout": layout}
     if cfg.prune.enabled:
         from pretrain.distributed import print_rank0
 

@@ -9,6 +9,17 @@ Runs (each an ordinary ``python -m pretrain`` whose command is ``OUT/<run>/seed<
 (the found shape and a hand shape from scratch, at matched tokens (i) and matched FLOPs (ii)).
 See ``pretrain/compare/arms.py`` for the exact definitions and ``docs/RESULTS.md`` for a result.
 
+A released model as the parent (``--recipe cpu-real``, ``cpu-real-70``, ``gpu-real``, ``cpu-tiny-real``)::
+
+    python tools/convert_from_hf.py --load SmolLM2-135M.Q4_1.gguf --save parent_ckpt
+    python tools/compare_baselines.py --recipe cpu-real --parent parent_ckpt --data-path data/train_text_document \
+        --test-data-path data/held_out_text_document --seeds 1 --out cmp_real/
+
+The parent is free (its FLOPs are not charged) and every arm starts from it: ``A`` and ``A-KD``
+(pruning-aware continued pretraining, without and with distillation from it), ``M``, ``M-CE``,
+``M-OBS`` (Minitron's one-shot prune, then KD, CE, or KD after OBS compensation), references
+``parent``, ``parent-cont`` and ``scratch``; the data must be tokenized with the parent's tokenizer.
+
 Learning rates are swept on seed 0 at a shorter horizon and chosen on the validation split of
 the training data; the test set (``--test-data-path``) is only ever measured. ``OUT/report.md``
 and ``OUT/report.json`` hold the table; ``--resume`` continues an interrupted comparison.
@@ -30,28 +41,37 @@ if __package__ in (None, ""):
 
 from pretrain.checkpoint import atomic_write_text  # noqa: E402
 from pretrain.compare import arms  # noqa: E402
-from pretrain.compare.arms import ARMS, RUNS, Context, Data  # noqa: E402
-from pretrain.compare.campaign import (Campaign, check_corpus, check_test_set, format_command,  # noqa: E402
-                                       training_tokens_available)
+from pretrain.compare.arms import ARMS, Context, Data, family_of  # noqa: E402
+from pretrain.compare.campaign import (Campaign, check_corpus, check_parent, check_parent_tokenizer,  # noqa: E402
+                                       check_reachable, check_test_set, format_command, training_tokens_available)
 from pretrain.compare.recipes import RECIPES, get_recipe  # noqa: E402
 from pretrain.config import ConfigError  # noqa: E402
 
 # what must not change when a comparison is resumed
-_SETTINGS = ("recipe", "data_path", "tokenizer_model", "tokenizer_type", "test_data_path", "seeds")
+_SETTINGS = ("recipe", "data_path", "tokenizer_model", "tokenizer_type", "test_data_path", "seeds", "parent",
+             "train_tokens", "target_ratio")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/compare_baselines.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", required=True, help=f"one of {', '.join(RECIPES)}")
     p.add_argument("--data-path", nargs="+", required=True, help="training data (PREFIX or W1 PREFIX1 ...)")
-    p.add_argument("--tokenizer-model", required=True)
+    p.add_argument("--parent", metavar="CKPT", help="an imported pretrained model (tools/convert_from_hf.py): the "
+                   "parent of the real-parent recipes (cpu-real, cpu-real-70, gpu-real, cpu-tiny-real)")
+    p.add_argument("--tokenizer-model", help="the data's tokenizer (a trained-parent recipe); with --parent, the "
+                   "parent's own is used")
     p.add_argument("--tokenizer-type", help="default: from the tokenizer file, as in python -m pretrain")
     p.add_argument("--test-data-path", nargs="+", required=True,
                    help="held-out data that no run trains or selects on (not a --data-path prefix)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; every run is repeated per seed")
     p.add_argument("--out", required=True, help="folder of the comparison")
-    p.add_argument("--arms", default=",".join(arms.DEFAULT_ARMS), help=f"comma-separated, from {', '.join(ARMS)} "
-                   f"(what they need is added; {', '.join(arms.OPT_IN)} only when named)")
+    p.add_argument("--arms", help=f"comma-separated, from {', '.join(ARMS)} (what they need is added; "
+                   f"{', '.join(arms.OPT_IN)} only when named); a real-parent recipe: from "
+                   f"{', '.join(arms.REAL_ARMS)} (default: all)")
+    p.add_argument("--train-tokens", type=lambda x: int(float(x)), help="T, the tokens every arm trains after the "
+                   "parent (default: the recipe's)")
+    p.add_argument("--target-ratio", type=float, help="the pruned arms' final parameters / the parent's "
+                   "(default: the recipe's)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--resume", action="store_true", help="continue the comparison in --out")
     p.add_argument("--dry-run", action="store_true", help="print the plan (and sbatch lines), run nothing")
@@ -82,18 +102,44 @@ def _check_out(args: argparse.Namespace) -> None:
 def _validate(args: argparse.Namespace):
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
-    recipe = get_recipe(args.recipe)
-    runs, notes = arms.runs_for([a.strip() for a in args.arms.split(",") if a.strip()])
+    overrides = {k: v for k, v in (("continue_tokens", args.train_tokens), ("target_ratio", args.target_ratio))
+                 if v is not None}
+    recipe = get_recipe(args.recipe, **overrides)
+    family = family_of(recipe)
+    wanted = args.arms or ",".join(family.default_arms)
+    runs, notes = arms.runs_for([a.strip() for a in wanted.split(",") if a.strip()], family)
+    parent = None
     from pretrain.config import DataConfig
 
-    DataConfig(data_path=args.data_path, tokenizer_model=args.tokenizer_model,
-               tokenizer_type=args.tokenizer_type or "GPTSentencePieceTokenizer",
+    if recipe.imported_parent:
+        if not args.parent:
+            raise ConfigError(f"--recipe {recipe.name} starts from a released model: give --parent CKPT, a checkpoint "
+                              "made by tools/convert_from_hf.py")
+        if args.tokenizer_model:
+            raise ConfigError(f"--tokenizer-model: --recipe {recipe.name} uses the tokenizer of --parent (the data "
+                              "must be made with it); drop the flag")
+        model, vocab, tokenizer = check_parent(args.parent)
+        recipe = recipe.with_parent_model(model)
+        check_reachable(recipe, vocab)
+        parent = {"model": model, "vocab": vocab, "tokenizer": tokenizer}
+        tokenizer_type, tokenizer_model = tokenizer
+    else:
+        if args.parent:
+            raise ConfigError(f"--parent: --recipe {recipe.name} trains its own parent; the real-parent recipes are "
+                              + ", ".join(n for n, r in RECIPES.items() if r.imported_parent))
+        if not args.tokenizer_model:
+            raise ConfigError(f"--recipe {recipe.name} needs --tokenizer-model (the tokenizer that made the data)")
+        tokenizer_type, tokenizer_model = args.tokenizer_type or "GPTSentencePieceTokenizer", args.tokenizer_model
+    DataConfig(data_path=args.data_path, tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type,
                test_data_path=args.test_data_path).validate()
     check_test_set(args.data_path, args.test_data_path)
+    if parent:
+        check_parent_tokenizer(args.parent, parent["tokenizer"], args.data_path, args.test_data_path)
     available = training_tokens_available(args.data_path, recipe.split)
     full = arms.total_tokens(recipe)
     try:
-        check_corpus(recipe, full, available, f"a from-scratch run (P + T = {full:,} tokens)")
+        check_corpus(recipe, full, available, f"a from-scratch run (P + T = {full:,} tokens)" if not parent else
+                     f"every arm (T = {full:,} tokens)")
     except ConfigError as err:
         if not args.dry_run:
             raise
@@ -105,7 +151,7 @@ def _validate(args: argparse.Namespace):
             notes.append(f"the matched-FLOPs runs may need up to ~{estimate:,} tokens and the training split holds "
                          f"{available:,}; they are checked exactly once A has run")
     _check_out(args)
-    return recipe, runs, notes, available
+    return recipe, runs, notes, available, parent
 
 
 def _validate_flags(recipe, ctx: Context, runs: list[str], seed: int) -> list[str]:
@@ -115,12 +161,13 @@ def _validate_flags(recipe, ctx: Context, runs: list[str], seed: int) -> list[st
     from pretrain.arguments import build_parser as pretrain_parser, config_from_args
 
     lines = []
+    family = family_of(recipe)
     for run in runs:
-        if run.startswith("B-"):
+        if family.late(run):
             continue
         plan = arms.plan_run(recipe, ctx, run, seed)
         flags = list(plan.flags)
-        if plan.first_load:  # the shape comes from the parent's checkpoint, not there yet
+        if plan.first_load:  # the shape comes from the parent's checkpoint (the trained parent's is not there yet)
             flags += arms.shape_flags(recipe.model)
         try:
             cfg = config_from_args(pretrain_parser().parse_args(flags))
@@ -163,30 +210,32 @@ def _submit_slurm(args, recipe, runs: list[str], seeds: list[int], dry_run: bool
         job_ids[name] = job
         return job
 
-    sweeps: dict[str, list[str]] = {s: [] for s in arms.SWEEPS}
+    family = family_of(recipe)
+    sweeps: dict[str, list[str]] = {s: [] for s in family.sweeps}
 
     def submit_sweep(sweep: str) -> None:
-        if len(recipe.lrs) > 1 and any(arms.SWEEP_OF[r] == sweep for r in runs):
-            needs = [f"{n}:{seeds[0]}" for n in arms.NEEDS[arms.SWEEP_RUN[sweep]]]
+        if len(recipe.lrs) > 1 and any(family.sweep_of[r] == sweep for r in runs):
+            needs = [f"{n}:{seeds[0]}" for n in family.needs[family.sweep_run[sweep]]]
             for lr in recipe.lrs:
                 name = f"sweep-{sweep}-lr{lr:g}"
                 submit(name, needs, f"sweep:{sweep}:{lr!r}", recipe.nodes)
                 sweeps[sweep].append(name)
 
     def submit_run(run: str, seed: int) -> None:
-        needs = [f"{n}:{seed}" for n in arms.NEEDS[run]] + sweeps[arms.SWEEP_OF[run]]
+        needs = [f"{n}:{seed}" for n in family.submit_after(run, runs)] + sweeps.get(family.sweep_of[run], [])
         submit(f"{run}:{seed}", needs, f"{run}:{seed}", recipe.nodes)
 
     # the order of Campaign.run_all: B's sweeps need A's shape on the first seed
-    submit_sweep("parent")
-    submit_sweep("A0")
+    for sweep in family.early_sweeps:
+        submit_sweep(sweep)
     for seed in seeds:
-        for run in [r for r in runs if not r.startswith("B-")]:
+        for run in [r for r in runs if not family.late(r)]:
             submit_run(run, seed)
         if seed == seeds[0]:
-            submit_sweep("B-found")
-            submit_sweep("B-hand")
-        for run in [r for r in runs if r.startswith("B-")]:
+            for sweep in family.sweeps:
+                if sweep not in family.early_sweeps:
+                    submit_sweep(sweep)
+        for run in [r for r in runs if family.late(r)]:
             submit_run(run, seed)
     submit("report", list(job_ids), None, 1)
 
@@ -195,14 +244,15 @@ def _run_only(campaign: Campaign, only: str) -> None:
     """One run (a Slurm job): plan it from the results on disk, run it."""
     campaign.load_results()
     parts = only.split(":")
+    family = campaign.family
     if parts[0] == "sweep":
         sweep, lr = parts[1], float(parts[2])
-        campaign._run_if_possible(arms.SWEEP_RUN[sweep], campaign.seeds[0], sweep=True, lr=lr)
+        campaign._run_if_possible(family.sweep_run[sweep], campaign.seeds[0], sweep=True, lr=lr)
         return
     run, seed = parts[0], int(parts[1])
-    if run not in RUNS:
+    if run not in family.runs:
         raise ConfigError(f"--only {only}: no run {run}")
-    for sweep in arms.SWEEPS:  # a sweep whose rates all finished decides; otherwise the recipe's first
+    for sweep in family.sweeps:  # a sweep whose rates all finished decides; otherwise the recipe's first
         campaign.ctx.lrs.setdefault(sweep, campaign._chosen_lr(sweep) or campaign.recipe.lrs[0])
     campaign._run_if_possible(run, seed)
 
@@ -210,14 +260,17 @@ def _run_only(campaign: Campaign, only: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        recipe, runs, notes, available = _validate(args)
+        recipe, runs, notes, available, parent = _validate(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     seeds = list(range(args.seeds))
+    tokenizer_model = parent["tokenizer"][1] if parent else args.tokenizer_model
     ctx = Context(out=os.path.abspath(args.out), launcher=args.launcher,
+                  parent=os.path.abspath(args.parent) if parent else None,
+                  parent_vocab=parent["vocab"] if parent else None,
                   data=Data(data_path=[os.path.abspath(p) if os.path.exists(p + ".bin") else p for p in args.data_path],
-                            tokenizer_model=os.path.abspath(args.tokenizer_model),
+                            tokenizer_model=os.path.abspath(tokenizer_model),
                             test_data_path=[os.path.abspath(p) if os.path.exists(p + ".bin") else p
                                             for p in args.test_data_path],
                             tokenizer_type=args.tokenizer_type))
@@ -236,11 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recipe {recipe.name}: {recipe.summary}")
         print(f"runs {', '.join(runs)} x seeds {seeds}; learning rates {recipe.lrs}; "
               f"training split holds {available:,} tokens")
+        family = family_of(recipe)
         for run in runs:
-            if not run.startswith("B-"):
+            if not family.late(run):
                 plan = arms.plan_run(recipe, ctx, run, seeds[0])
-                print(f"\n# {run}, seed {seeds[0]}:\n{format_command(['python', '-m', 'pretrain', *plan.flags])}")
-        print("\n# B runs: planned once A has finished (the shape it found, the FLOPs it spent)")
+                load = ["--load", plan.first_load] if plan.first_load else []
+                print(f"\n# {run}, seed {seeds[0]}:\n{format_command(['python', '-m', 'pretrain', *plan.flags, *load])}")
+        print("\n# B runs: planned once A has finished (the shape it found, the FLOPs it spent)" if family.name == "trained"
+              else "\n# -ii runs: planned once the pruned arms have finished (the FLOPs budget to match)")
         return 0
     if args.launcher == "slurm" and not args.only and not args.report_only:
         if not args.dry_run:

@@ -30,7 +30,8 @@ def kept_flops_per_token(kept: dict, model: dict, vocab_size: int) -> int:
 
 def run_flops(metrics: list[dict], tokens_per_step: int, pruning: list[dict] = (), parent_model: dict | None = None,
               vocab_size: int | None = None) -> dict:
-    """Actual and ideal training FLOPs of the steps in ``metrics``.
+    """Actual and ideal training FLOPs of the steps in ``metrics`` (both with the teacher's forward
+    passes of a distilled run, which ``teacher`` gives alone).
 
     A step computes with the masks of the last event *before* it (an event happens at the end of
     its step), so the ideal count switches one step after each event."""
@@ -38,7 +39,7 @@ def run_flops(metrics: list[dict], tokens_per_step: int, pruning: list[dict] = (
     teacher = sum(tokens_per_step * r.get("kd_teacher_flops_per_token", 0) for r in metrics)
     actual = sum(tokens_per_step * _model_flops_per_token(r) for r in metrics) + teacher
     if not pruning:
-        return {"actual": actual, "ideal": actual}
+        return {"actual": actual, "ideal": actual, "teacher": teacher}
     event_iters = [e["iteration"] for e in pruning]
     kept = [kept_flops_per_token(e["kept_per_layer"], parent_model, vocab_size) for e in pruning]
     ideal = 0
@@ -46,7 +47,7 @@ def run_flops(metrics: list[dict], tokens_per_step: int, pruning: list[dict] = (
         last_event = bisect_left(event_iters, r["iteration"]) - 1  # events strictly before this step
         per_token = r["flops_per_token"] if last_event < 0 else min(kept[last_event], r["flops_per_token"])
         ideal += tokens_per_step * per_token * (2 if r.get("lm_pass_flops_per_token") else 1)
-    return {"actual": actual, "ideal": ideal + teacher}
+    return {"actual": actual, "ideal": ideal + teacher, "teacher": teacher}
 
 
 def _model_flops_per_token(record: dict) -> int:

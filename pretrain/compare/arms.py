@@ -21,6 +21,28 @@ teacher's forward FLOPs are charged to them (``kd_teacher_flops_per_token`` in t
 
 Every run of a seed uses the same ``--seed``, so all read the same data in the same order (the
 corpus must hold the longest run without a second epoch: ``check_corpus``).
+
+An imported parent (``--parent``, a released model; recipes with ``imported_parent``) has its own
+runs (``IMPORTED``), every one starting from it at step 0 and training T tokens:
+
+===============  ========================================================================
+``parent``       the parent itself, measured on the same batches (``--skip-train``); free
+``A``            gradual pruning over the recipe's window (default: the first half of T),
+                 the default estimator, global allocation, shrunk in-run, CE only
+``A-KD``         ``A`` distilling from the parent (KL only) for all of T
+``M``            Minitron: one-shot ``--saliency activation`` over the first
+                 ``oneshot_scoring_steps`` (calibration) steps, one event, shrink, KD (KL only)
+``M-CE``         the same one-shot, then CE
+``M-OBS``        the one-shot with ``--prune-compensation obs``, then KD
+``parent-cont``  the parent continued unpruned for T (CE)
+``scratch``      the target shape (``hand_shape`` at the target's parameters) from scratch, T tokens
+``X-ii``         ``X`` extended to the FLOPs of the most expensive pruned arm of its seed: the same
+                 window, more steps after it (matched FLOPs; ``X`` itself is matched tokens)
+===============  ========================================================================
+
+With the parent as teacher the student equals it at the start: the KL and its gradients are 0,
+so M's calibration steps change the weights by weight decay alone (M-CE's train at the warm-up's
+rates); the calibration batches are the first steps' training batches, not a separate set.
 """
 
 from __future__ import annotations
@@ -50,11 +72,68 @@ SWEEP_OF = {"parent": "parent", "A": "parent", "C": "parent", "A0": "A0", "B-fou
 SWEEPS = ("parent", "A0", "B-found", "B-hand")
 # the run each sweep trains (at its shorter horizon, on the first seed)
 SWEEP_RUN = {"parent": "parent", "A0": "A0", "B-found": "B-found-i", "B-hand": "B-hand-i"}
+
+# ---------------------------------------------------------------------- an imported parent's runs
+PRUNED_REAL = ("A", "A-KD", "M", "M-CE", "M-OBS")  # the arms the matched-FLOPs budget comes from
+_EXTENDED = (*PRUNED_REAL, "scratch")
+REAL_RUNS = ("parent", *PRUNED_REAL, "parent-cont", "scratch", *(f"{r}-ii" for r in _EXTENDED))
+REAL_ARMS = {"parent": ("parent",), **{r: (r, f"{r}-ii") for r in PRUNED_REAL}, "parent-cont": ("parent-cont",),
+             "scratch": ("scratch", "scratch-ii")}
+REAL_NEEDS = {**{r: () for r in REAL_RUNS}, **{f"{r}-ii": (r,) for r in _EXTENDED}}
+# learning rates per arm family, chosen on the validation split (seed 0, a shorter horizon)
+REAL_SWEEP_OF = {"parent": None, "A": "A", "A-KD": "A", "M": "M", "M-CE": "M", "M-OBS": "M",
+                 "parent-cont": "parent-cont", "scratch": "scratch"}
+REAL_SWEEP_OF.update({f"{r}-ii": REAL_SWEEP_OF[r] for r in _EXTENDED})
+REAL_SWEEPS = ("A", "M", "parent-cont", "scratch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """The runs of one kind of parent, what each needs and where its learning rate comes from.
+    *Late* runs are planned from earlier results (the B runs from A's shape; the ``-ii`` runs
+    from the FLOPs of every pruned arm of their seed), after every other run of the seed."""
+
+    name: str
+    runs: tuple
+    arms: dict
+    needs: dict
+    sweep_of: dict
+    sweeps: tuple
+    sweep_run: dict
+    opt_in: tuple
+    early_sweeps: tuple  # swept before any run; the others after the first seed's non-late runs
+
+    @property
+    def default_arms(self) -> tuple:
+        return tuple(a for a in self.arms if a not in self.opt_in)
+
+    def late(self, run: str) -> bool:
+        return run.startswith("B-") if self.name == "trained" else run.endswith("-ii")
+
+    def submit_after(self, run: str, wanted: list[str]) -> list[str]:
+        """What a run's job waits for: its needs, and for a late ``-ii`` run every earlier run of the seed
+        (its budget is the most expensive pruned arm's)."""
+        if self.name == "imported" and self.late(run):
+            return [r for r in wanted if r in PRUNED_REAL or r == run[:-3]]
+        return list(self.needs[run])
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def runs_for(arms: list[str]) -> tuple[list[str], list[str]]:
+TRAINED = Family(name="trained", runs=RUNS, arms=ARMS, needs=NEEDS, sweep_of=SWEEP_OF, sweeps=SWEEPS,
+                 sweep_run=SWEEP_RUN, opt_in=OPT_IN, early_sweeps=("parent", "A0"))
+IMPORTED = Family(name="imported", runs=REAL_RUNS, arms=REAL_ARMS, needs=REAL_NEEDS, sweep_of=REAL_SWEEP_OF,
+                  sweeps=REAL_SWEEPS, sweep_run={s: s for s in REAL_SWEEPS}, opt_in=(), early_sweeps=REAL_SWEEPS)
+
+
+def family_of(recipe: Recipe) -> Family:
+    return IMPORTED if recipe.imported_parent else TRAINED
+
+
+def runs_for(arms: list[str], family: Family = TRAINED) -> tuple[list[str], list[str]]:
     """(the runs to do, in order, with what they need; notes on what was added)."""
+    ARMS, NEEDS, RUNS = family.arms, family.needs, family.runs  # noqa: N806
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ConfigError(f"--arms {','.join(unknown)}: no such arm; choose from {', '.join(ARMS)}")
@@ -95,6 +174,8 @@ class Context:
     python: str = sys.executable
     results: dict = dataclasses.field(default_factory=dict)  # (run, seed) -> result of a finished run
     lrs: dict = dataclasses.field(default_factory=dict)  # sweep name -> chosen learning rate
+    parent: str | None = None  # an imported parent's checkpoint (--parent)
+    parent_vocab: int | None = None  # its padded vocabulary
 
     def run_dir(self, run: str, seed: int) -> str:
         return os.path.join(self.out, run, f"seed{seed}")
@@ -178,6 +259,8 @@ def plan_run(recipe: Recipe, ctx: Context, run: str, seed: int, lr: float | None
     """The command of ``run`` for ``seed``; ``sweep``: a shorter learning-rate trial on its own folder.
 
     B runs need A's result (the shape it found, the FLOPs it spent) in ``ctx.results``."""
+    if recipe.imported_parent:
+        return _plan_imported(recipe, ctx, run, seed, lr, sweep)
     lr = lr if lr is not None else ctx.lrs.get(SWEEP_OF[run], recipe.lrs[0])
     folder = ctx.sweep_dir(SWEEP_OF[run], lr) if sweep else ctx.run_dir(run, seed)
     full = total_tokens(recipe)
@@ -225,6 +308,72 @@ def plan_run(recipe: Recipe, ctx: Context, run: str, seed: int, lr: float | None
     flags += ["--train-tokens", str(train)]
     return RunPlan(name=run, seed=seed, folder=folder, flags=flags, train_tokens=train, lr=lr,
                    first_load=first_load, shape_file=shape_file)
+
+
+def _plan_imported(recipe: Recipe, ctx: Context, run: str, seed: int, lr: float | None, sweep: bool) -> RunPlan:
+    """A run from an imported parent (``IMPORTED``): every one starts from ``ctx.parent`` at step 0."""
+    family = REAL_SWEEP_OF[run]
+    lr = lr if lr is not None else ctx.lrs.get(family, recipe.lrs[0])
+    folder = ctx.sweep_dir(family, lr) if sweep else ctx.run_dir(run, seed)
+    scale = recipe.sweep_fraction if sweep else 1.0
+
+    def steps(tokens: float) -> int:  # whole steps, at least one
+        return max(1, int(tokens * scale) // recipe.tokens_per_step) * recipe.tokens_per_step
+
+    flags = _common_flags(recipe, ctx, seed, lr, folder)
+    first_load, shape_file, train = ctx.parent, None, steps(recipe.continue_tokens)
+    base = run[:-3] if run.endswith("-ii") else run
+    if base != "scratch":  # the shape is the parent's; the sequence length is the recipe's
+        flags += ["--seq-length", str(recipe.seq_length)]
+    start, end = recipe.window_tokens
+    calibration = recipe.oneshot_scoring_steps * recipe.tokens_per_step  # not scaled: the same batches
+    if base == "parent":
+        flags.append("--skip-train")
+    elif base in ("A", "A-KD"):
+        flags += _prune_flags(recipe, steps(start) if start else 0, steps(end))
+    elif base in ("M", "M-CE", "M-OBS"):
+        flags += _prune_flags(dataclasses.replace(recipe, saliency="activation"), 0, calibration, oneshot=True)
+        if base == "M-OBS":
+            flags += ["--prune-compensation", "obs", "--prune-compensation-window", str(recipe.oneshot_scoring_steps)]
+    elif base == "scratch":
+        first_load = None
+        model = target_shape(recipe, ctx)
+        flags += shape_flags(model)
+    if base in ("A-KD", "M", "M-OBS"):  # KL only (--kd-weight 1, the default): the parent teaches for all of T
+        flags += ["--kd-teacher", ctx.parent]
+    if run.endswith("-ii") and not sweep:
+        train = matched_flops_tokens_real(recipe, ctx, run, seed)
+    flags += ["--train-tokens", str(train)]
+    return RunPlan(name=run, seed=seed, folder=folder, flags=flags, train_tokens=train, lr=lr,
+                   first_load=first_load, shape_file=shape_file)
+
+
+def target_shape(recipe: Recipe, ctx: Context) -> dict:
+    """The scratch reference's shape: the uniform hand shape at the target's parameter count."""
+    params = int(recipe.target_ratio * parameters(recipe.model, ctx.parent_vocab))
+    return hand_shape(recipe.model, params, ctx.parent_vocab, recipe.tensor_parallel)
+
+
+def flops_budget_real(ctx: Context, seed: int) -> tuple[int, str]:
+    """(the matched-FLOPs budget of a seed, the run that set it): the most expensive finished pruned arm."""
+    done = {r: ctx.results[(r, seed)]["flops"]["actual"] for r in PRUNED_REAL
+            if ctx.results.get((r, seed), {}).get("status") == "ok"}
+    if not done:
+        raise ConfigError(f"seed {seed}: no pruned arm finished, so there is no FLOPs budget to match")
+    top = max(done, key=done.get)
+    return done[top], top
+
+
+def matched_flops_tokens_real(recipe: Recipe, ctx: Context, run: str, seed: int) -> int:
+    """T plus the whole steps at ``run``'s final per-token cost (its last step's, teacher included)
+    that fit between what its matched-tokens run spent and the budget."""
+    base = ctx.results.get((run[:-3], seed))
+    if not base or base.get("status") != "ok":
+        raise ConfigError(f"{run} seed {seed} needs {run[:-3]}'s result for seed {seed}, which is missing or failed")
+    budget, _ = flops_budget_real(ctx, seed)
+    per_token = base["flops_per_token_last_step"]
+    extra = matched_flops_tokens(recipe, max(budget - base["flops"]["actual"], 0), per_token)
+    return base["tokens_trained"] + extra
 
 
 def training_flops(model: dict, vocab_size: int) -> int:

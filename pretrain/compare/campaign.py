@@ -18,7 +18,7 @@ from pretrain.checkpoint import atomic_write_text
 from pretrain.compare import arms
 from pretrain.compare.accounting import cumulative_flops_at, run_flops
 from pretrain.report import read_jsonl
-from pretrain.compare.arms import RUNS, SWEEPS, Context, RunPlan, plan_run
+from pretrain.compare.arms import Context, RunPlan, family_of, plan_run
 from pretrain.compare.recipes import Recipe
 from pretrain.config import ConfigError
 
@@ -36,6 +36,8 @@ def run_local(command: str, log_path: str) -> int:
 
 
 def expected_final_iteration(recipe: Recipe, plan: RunPlan) -> int:
+    if "--skip-train" in plan.flags:  # an imported parent, measured where it is
+        return 0
     if plan.name == "parent" and "--exit-interval" in plan.flags:
         return recipe.iters(recipe.parent_tokens)
     return plan.train_tokens // recipe.tokens_per_step
@@ -45,6 +47,8 @@ def collect(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
     """The result of a finished run from its files (see ``accounting``)."""
     from pretrain import checkpoint as ckpt
 
+    if "--skip-train" in plan.flags:
+        return _collect_measured(recipe, plan, wall_seconds)
     folder = ckpt.find_checkpoint(os.path.join(plan.folder, "ckpt"))
     if folder is None:
         return {"status": "failed", "reason": "no checkpoint was written"}
@@ -69,6 +73,10 @@ def collect(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
         "first_iteration": metrics[0]["iteration"] if metrics else 0, "final_iteration": expected,
         "tokens_trained": len(metrics) * step, "end_tokens": expected * step,
         "flops": flops, "flops_per_token_final": arms.training_flops(model, vocab),
+        # what one more token at the end costs (the teacher's forward included): the -ii extensions
+        "flops_per_token_last_step": (metrics[-1]["flops_per_token"] + metrics[-1].get("kd_teacher_flops_per_token", 0)
+                                      if metrics else 0),
+        "tasks": _tasks(plan.folder),
         "test_loss": final[-1]["test_loss"], "valid_loss": final[-1].get("valid_loss"),
         "wall_seconds": wall_seconds,
         "curve": [{"iteration": e["iteration"], "tokens": e["tokens"], "flops": spent.get(e["iteration"], 0),
@@ -79,12 +87,43 @@ def collect(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
     }
 
 
+def _collect_measured(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
+    """An imported parent measured with --skip-train: its losses at iteration 0, nothing trained or charged."""
+    from pretrain import checkpoint as ckpt
+
+    folder = ckpt.find_checkpoint(plan.first_load)
+    evals = [e for e in read_jsonl(os.path.join(plan.folder, "tb", "evals.jsonl")) if e.get("test_loss") is not None]
+    if folder is None or not evals:
+        return {"status": "failed", "reason": "no test evaluation was written (tb/evals.jsonl)"}
+    state = ckpt.read_trainer_state(folder)
+    model, vocab = state["config"]["model"], state["vocab_size"]
+    return {"status": "ok", "run": plan.name, "seed": plan.seed, "lr": plan.lr, "final_model": model,
+            "vocab_size": vocab, "params": arms.parameters(model, vocab), "first_iteration": 0, "final_iteration": 0,
+            "tokens_trained": 0, "end_tokens": 0, "flops": {"actual": 0, "ideal": 0, "teacher": 0},
+            "flops_per_token_final": arms.training_flops(model, vocab), "flops_per_token_last_step": 0,
+            "test_loss": evals[-1]["test_loss"], "valid_loss": evals[-1].get("valid_loss"),
+            "wall_seconds": wall_seconds, "tasks": _tasks(plan.folder),
+            "curve": [{"iteration": 0, "tokens": 0, "flops": 0, "test_loss": evals[-1]["test_loss"],
+                       "valid_loss": evals[-1].get("valid_loss")}], "pruning": []}
+
+
+# The hook for the common-sense tasks (issue 28 item 2): an evaluator that writes
+# ``{"task": accuracy, ...}`` to this file in a run's folder puts a task table in the report.
+TASKS_FILE = "tasks.json"
+
+
+def _tasks(folder: str) -> dict | None:
+    path = os.path.join(folder, TASKS_FILE)
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
 class Campaign:
     """The sweeps, then every run of every seed, in dependency order; results kept on disk."""
 
     def __init__(self, recipe: Recipe, ctx: Context, seeds: list[int], runs: list[str],
                  execute: Callable[[str, str], int] = run_local):
         self.recipe, self.ctx, self.seeds, self.runs = recipe, ctx, seeds, runs
+        self.family = family_of(recipe)
         self.execute = execute
 
     # ------------------------------------------------------------------ results on disk
@@ -93,12 +132,12 @@ class Campaign:
 
     def load_results(self) -> None:
         """Every finished run's result into ``ctx.results``, and the sweeps' choices into ``ctx.lrs``."""
-        for run in RUNS:
+        for run in self.family.runs:
             for seed in self.seeds:
                 path = os.path.join(self.ctx.run_dir(run, seed), "result.json")
                 if os.path.isfile(path):
                     self.ctx.results[(run, seed)] = json.load(open(path))
-        for sweep in SWEEPS:
+        for sweep in self.family.sweeps:
             chosen = self._chosen_lr(sweep)
             if chosen is not None:
                 self.ctx.lrs[sweep] = chosen
@@ -149,17 +188,34 @@ class Campaign:
         return result
 
     def _run_if_possible(self, run: str, seed: int, sweep: bool = False, lr: float | None = None) -> dict | None:
-        missing = [need for need in arms.NEEDS[run]
+        missing = [need for need in self.family.needs[run]
                    if self.ctx.results.get((need, seed), {}).get("status") != "ok"]
         if missing:
             reason = f"needs {', '.join(missing)} (seed {seed}), which did not finish"
             if not sweep:
                 self._record_missing(run, seed, reason)
             return None
-        plan = plan_run(self.recipe, self.ctx, run, seed, lr=lr, sweep=sweep)
-        result = self.run_one(plan)
+        try:
+            plan = plan_run(self.recipe, self.ctx, run, seed, lr=lr, sweep=sweep)
+        except ConfigError as err:  # a late run whose inputs did not all finish (e.g. no FLOPs budget)
+            if sweep or not self.family.late(run):
+                raise
+            self._record_missing(run, seed, str(err))
+            return None
+        base = self.ctx.results.get((run[:-3], seed)) if self.family.name == "imported" and run.endswith("-ii") else None
+        if base and not sweep and plan.train_tokens == base["tokens_trained"]:
+            result = self._same_as(plan, base)  # the arm that set the budget: matched tokens is matched FLOPs
+        else:
+            result = self.run_one(plan)
         if not sweep:
             self.ctx.results[(run, seed)] = result
+        return result
+
+    def _same_as(self, plan: RunPlan, base: dict) -> dict:
+        result = {**base, "run": plan.name, "same_as": base["run"]}
+        os.makedirs(plan.folder, exist_ok=True)
+        atomic_write_text(self.result_path(plan), json.dumps(result, indent=1))
+        _log(f"{plan.name} seed {plan.seed}: {base['run']} already spent the matched FLOPs; the same run")
         return result
 
     def _record_missing(self, run: str, seed: int, reason: str) -> None:
@@ -174,7 +230,7 @@ class Campaign:
         """Every rate of the recipe at the sweep's shorter horizon, seed 0; the choice goes to ``ctx.lrs``."""
         if len(self.recipe.lrs) == 1 or sweep in self.ctx.lrs:
             return
-        run = arms.SWEEP_RUN[sweep]
+        run = self.family.sweep_run[sweep]
         for lr in self.recipe.lrs:
             self._run_if_possible(run, self.seeds[0], sweep=True, lr=lr)
         chosen = self._chosen_lr(sweep)
@@ -190,20 +246,20 @@ class Campaign:
     # ------------------------------------------------------------------ all of it
     def run_all(self) -> None:
         self.load_results()
-        first = self.seeds[0]
+        family, first = self.family, self.seeds[0]
         wanted = set(self.runs)
-        for sweep in ("parent", "A0"):
-            if any(arms.SWEEP_OF[r] == sweep for r in wanted):
+        for sweep in family.early_sweeps:
+            if any(family.sweep_of[r] == sweep for r in wanted):
                 self._sweep(sweep)
         for seed in self.seeds:
-            for run in [r for r in RUNS if r in wanted and not r.startswith("B-")]:
+            for run in [r for r in family.runs if r in wanted and not family.late(r)]:
                 self._run_if_possible(run, seed)
             if seed == first:  # B's sweeps need A's shape on the first seed
-                for sweep in ("B-found", "B-hand"):
-                    if any(arms.SWEEP_OF[r] == sweep for r in wanted) and \
+                for sweep in family.sweeps:
+                    if sweep not in family.early_sweeps and any(family.sweep_of[r] == sweep for r in wanted) and \
                             self.ctx.results.get(("A", first), {}).get("status") == "ok":
                         self._sweep(sweep)
-            for run in [r for r in RUNS if r in wanted and r.startswith("B-")]:
+            for run in [r for r in family.runs if r in wanted and family.late(r)]:
                 self._run_if_possible(run, seed)
 
 
@@ -277,3 +333,94 @@ def check_corpus(recipe: Recipe, needed_tokens: int, available: int, what: str) 
 
 def format_command(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
+
+
+# ---------------------------------------------------------------------- an imported parent's checks
+def check_parent(parent: str) -> tuple[dict, int, tuple[str, str]]:
+    """(its model config, its padded vocabulary, (tokenizer type, tokenizer path)) of ``--parent``,
+    which must be a checkpoint made by ``tools/convert_from_hf.py`` with its tokenizer beside it."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.hf import checkpoint_tokenizer
+
+    importer = (f"import it first: python tools/convert_from_hf.py --load {parent} --save {parent.rstrip('/')}_ckpt, "
+                "then give that folder as --parent")
+    if not os.path.exists(parent):
+        raise ConfigError(f"--parent {parent} does not exist: give the folder tools/convert_from_hf.py wrote")
+    if parent.endswith(".gguf") or os.path.isfile(os.path.join(parent, "config.json")):
+        raise ConfigError(f"--parent {parent} is a HuggingFace model or GGUF file, not an imported checkpoint: {importer}")
+    folder = ckpt.find_checkpoint(parent)
+    if folder is None:
+        raise ConfigError(f"--parent {parent} holds no valid checkpoint: {importer}")
+    state = ckpt.read_trainer_state(folder)
+    if not state.get("imported_from"):
+        raise ConfigError(f"--parent {parent} is a checkpoint trained here, not a pretrained model imported by "
+                          "tools/convert_from_hf.py: a real-parent recipe starts from a released model (a trained "
+                          "parent is what the cpu-tiny, cpu-small and gpu-1b recipes train themselves)")
+    tokenizer = checkpoint_tokenizer(folder, state)
+    if tokenizer is None or not os.path.exists(tokenizer[1]):
+        where = f" ({tokenizer[1]} is missing)" if tokenizer else ""
+        raise ConfigError(f"--parent {parent} has no tokenizer{where}: the corpus must be tokenized with the parent's "
+                          "own; import the model again with its tokenizer files (tokenizer.json or tokenizer.model "
+                          "beside its config), or a GGUF, which carries one")
+    return state["config"]["model"], int(state["vocab_size"]), tokenizer
+
+
+def check_parent_tokenizer(parent: str, tokenizer: tuple[str, str], data_path: list[str],
+                           test_data_path: list[str]) -> None:
+    """The training and test corpora were made with the parent's tokenizer (their manifests say)."""
+    from pretrain.config import DataConfig
+    from pretrain.data import check_tokenizer_matches_data, load_tokenizer
+
+    data = DataConfig(data_path=data_path, tokenizer_type=tokenizer[0], tokenizer_model=tokenizer[1],
+                      test_data_path=test_data_path)
+    loaded = load_tokenizer(data)
+    for what, config in (("--data-path", data), ("--test-data-path", data.test_data())):
+        try:
+            check_tokenizer_matches_data(config, loaded)
+        except ConfigError as err:
+            raise ConfigError(f"{what} was not made with the tokenizer of --parent {parent} ({tokenizer[1]}): "
+                              f"tokenize the corpus with it (tools/preprocess_data.py --tokenizer-model "
+                              f"{tokenizer[1]}). {err}") from None
+
+
+def smallest_model(recipe: Recipe, vocab: int) -> tuple[int, int, int]:
+    """(parameters, hidden width, align) of the smallest model the solver can leave of the recipe's
+    parent: every type taken down unit by unit by the solver's own rule (``solver._unit_size``, the
+    floors of ``SolverConstraints``) until no unit may go. The solver itself, asked for 0 parameters,
+    gives the same masks one greedy move at a time (half a minute for a 30-layer model)."""
+    from pretrain.config import ModelConfig
+    from pretrain.pruning.masks import ModelShape
+    from pretrain.pruning.solver import SolverConstraints, _unit_size
+
+    shape = ModelShape.from_config(ModelConfig(**recipe.model), vocab)
+    align = recipe.prune_align or (64 if recipe.gpus_per_node else 8)  # the trainer's default per device
+    c = SolverConstraints(tensor_parallel=recipe.tensor_parallel, align=align)
+
+    def floor(kept: int, unit: int, minimum: int) -> int:
+        while size := _unit_size(kept, unit, minimum):
+            kept -= size
+        return kept
+
+    masks = shape.full_masks()
+    for layer in range(shape.num_layers):
+        masks.heads[layer, floor(shape.groups_of(layer), c.group_unit(), max(c.min_groups, c.group_unit())):] = False
+        masks.ffn[layer, floor(shape.ffn_of(layer), c.ffn_unit(), c.min_ffn):] = False
+    hidden = floor(shape.hidden, c.hidden_unit(), c.min_hidden)
+    masks.hidden[hidden:] = False
+    return shape.parameter_count(masks), hidden, align
+
+
+def check_reachable(recipe: Recipe, vocab: int) -> None:
+    """The recipe's target is at or above the smallest model the parent can be pruned to with the
+    recipe's alignment and floors."""
+    from pretrain.config import ModelConfig
+
+    floor, hidden, align = smallest_model(recipe, vocab)
+    total = ModelConfig(**recipe.model).num_parameters(vocab)["total"]
+    target = int(recipe.target_ratio * total)
+    if target < floor:
+        raise ConfigError(
+            f"recipe {recipe.name}: the target, {recipe.target_ratio:g} of the parent's {total:,} parameters "
+            f"({target:,}), is below the smallest model the parent can be pruned to with alignment {align} "
+            f"({floor:,} parameters: hidden {hidden}, at least one query group and {align} FFN channels per layer; "
+            f"the embeddings alone are {vocab * hidden:,}): raise --target-ratio")

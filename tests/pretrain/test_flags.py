@@ -106,6 +106,7 @@ FROZEN = """
 --shrink-every-fraction None
 --shrink-pipeline-model-parallel-size None
 --shrink-tensor-model-parallel-size None
+--skip-train False
 --split '969,30,1'
 --tensor-model-parallel-size 1
 --tensorboard-dir None

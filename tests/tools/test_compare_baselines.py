@@ -47,7 +47,7 @@ def test_ideal_flops_switch_one_step_after_each_event():
     assert small == flops_per_token_of([(1, 2, 64), (2, 4, 192)], 64, 16, 1024, 64)
     out = run_flops(metrics, 10, [{"iteration": 2, "kept_per_layer": kept}], parent, 1024)
     # steps 1 and 2 compute with the full model; 3 and 4 with what the event at 2 kept
-    assert out == {"actual": 40 * full, "ideal": 20 * full + 20 * small}
+    assert out == {"actual": 40 * full, "ideal": 20 * full + 20 * small, "teacher": 0}
     dropped = {"layers": [True, False], "heads": [2, 0], "ffn": [192, 0], "hidden": 32}
     assert kept_flops_per_token(dropped, parent, 1024) == flops_per_token_of([(2, 4, 192)], 32, 16, 1024, 64)
 
@@ -252,8 +252,8 @@ def test_kd_arms_are_opt_in_distil_from_the_parent_and_pay_for_the_teacher(tmp_p
         assert without == [f.replace(base.folder, kd.folder) for f in base.flags]
     metrics = [{"iteration": 1, "flops_per_token": 100, "kd_teacher_flops_per_token": 30},
                {"iteration": 2, "flops_per_token": 100}]
-    assert run_flops(metrics, 10) == {"actual": 2300, "ideal": 2300}
+    assert run_flops(metrics, 10) == {"actual": 2300, "ideal": 2300, "teacher": 300}
     # a step that also ran the CE pass of its own for saliency (issue 28) pays for it
     metrics[0]["lm_pass_flops_per_token"] = 100
-    assert run_flops(metrics, 10) == {"actual": 3300, "ideal": 3300}
+    assert run_flops(metrics, 10) == {"actual": 3300, "ideal": 3300, "teacher": 300}
     assert cumulative_flops_at(metrics, 10) == {1: 2300, 2: 3300}

@@ -1,0 +1,197 @@
+"""tools/compare_baselines.py from a released model (issue 28): the real-parent recipes' plans,
+their checks, the gpu-real Slurm dry run, and cpu-tiny-real end to end on a tiny Llama imported by
+tools/convert_from_hf.py (every arm trains; tokens, FLOPs and the teacher's FLOPs match a hand
+count; the parent is charged to no one; the report has the matched-tokens and matched-FLOPs tables)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.compare import arms
+from pretrain.compare.campaign import check_reachable, smallest_model
+from pretrain.compare.recipes import RECIPES, get_recipe
+from pretrain.config import ConfigError
+from tests.tools.real_parent_fixture import corpus_split, import_parent, tiny_hf_llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(ROOT, "tools", "compare_baselines.py")
+REAL = [name for name, r in RECIPES.items() if r.imported_parent]
+# the tiny parent's shape as the imported checkpoint records it (tiny_hf_llama)
+TINY = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "kv_channels": 16,
+        "ffn_hidden_size": 192, "seq_length": 64}
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> dict:
+    root = str(tmp_path_factory.mktemp("real"))
+    data = corpus_split(root)
+    hf = tiny_hf_llama(os.path.join(root, "hf"), data["tok"])
+    return {**data, "hf": hf, "parent": import_parent(hf, os.path.join(root, "parent"))}
+
+
+def _tool(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env)
+
+
+def test_real_recipes_validate_and_refuse_a_budget_too_small_for_the_window():
+    assert set(REAL) == {"cpu-tiny-real", "cpu-real", "cpu-real-70", "gpu-real"}
+    for name in REAL:
+        recipe = get_recipe(name)
+        assert recipe.parent_tokens == 0 and recipe.window == (0.0, 0.5)
+    assert get_recipe("cpu-real-70").target_ratio == 0.7
+    gpu = get_recipe("gpu-real")
+    assert 2e9 <= gpu.continue_tokens <= 5e9 and gpu.nproc_per_node * gpu.nodes == 8
+    with pytest.raises(ConfigError, match="too small for the window; raise T"):
+        get_recipe("cpu-tiny-real", continue_tokens=4 * 512, prune_interval=4)  # a window of 2 steps < one interval
+    with pytest.raises(ConfigError, match="calibrate for 2 steps"):
+        get_recipe("cpu-tiny-real", continue_tokens=2 * 512, prune_interval=1)
+
+
+def test_every_real_arm_starts_from_the_parent_with_its_recipe(tmp_path):
+    recipe = get_recipe("cpu-tiny-real").with_parent_model(TINY)
+    ctx = arms.Context(out=str(tmp_path), data=arms.Data(data_path=["d"], tokenizer_model="p/tokenizer",
+                                                         test_data_path=["x"]), parent="/p", parent_vocab=1024)
+    runs, notes = arms.runs_for(["M-CE"], arms.IMPORTED)
+    assert runs == ["M-CE", "M-CE-ii"] and not notes
+    assert arms.runs_for(list(arms.IMPORTED.default_arms), arms.IMPORTED)[0] == list(arms.REAL_RUNS)
+    plans = {r: arms.plan_run(recipe, ctx, r, 0) for r in arms.REAL_RUNS if not r.endswith("-ii")}
+
+    def value(plan, flag):
+        return plan.flags[plan.flags.index(flag) + 1] if flag in plan.flags else None
+
+    step, t = recipe.tokens_per_step, recipe.continue_tokens
+    for run, plan in plans.items():
+        assert value(plan, "--seed") == "0" and value(plan, "--train-tokens") == str(t)
+        assert plan.first_load == (None if run == "scratch" else "/p")
+        assert value(plan, "--kd-teacher") == ("/p" if run in ("A-KD", "M", "M-OBS") else None)
+        assert value(plan, "--kd-weight") is None  # the default, 1: KL only
+    assert "--skip-train" in plans["parent"].flags and value(plans["parent-cont"], "--prune-target-ratio") is None
+    for run in ("A", "A-KD"):  # gradual over the first half of T, the default estimator, global, in-run shrink
+        p = plans[run]
+        assert (value(p, "--prune-start-tokens"), value(p, "--prune-end-tokens")) == ("0", str(t // 2))
+        assert value(p, "--saliency") == "taylor" and value(p, "--prune-allocation") is None
+        assert value(p, "--shrink-at") == "auto" and value(p, "--prune-interval") == "1"
+    for run in ("M", "M-CE", "M-OBS"):  # one event after the calibration steps, removing all at once
+        p = plans[run]
+        assert value(p, "--saliency") == "activation" and value(p, "--prune-max-step-fraction") == "1.0"
+        assert value(p, "--prune-end-tokens") == str(recipe.oneshot_scoring_steps * step)
+        assert value(p, "--prune-compensation") == ("obs" if run == "M-OBS" else None)
+    shape = {**TINY, "hidden_size": int(value(plans["scratch"], "--hidden-size")),
+             "ffn_hidden_size": int(value(plans["scratch"], "--ffn-hidden-size"))}
+    shape.pop("kv_channels")
+    target = 0.5 * arms.parameters(TINY, 1024)
+    assert abs(arms.parameters(shape, 1024) - target) <= 0.02 * target
+
+
+def test_a_target_below_the_smallest_aligned_model_is_refused():
+    import torch
+
+    from pretrain.config import ModelConfig
+    from pretrain.pruning.masks import GroupScores, ModelShape
+    from pretrain.pruning.solver import SolverConstraints, solve
+
+    recipe = get_recipe("cpu-tiny-real").with_parent_model(TINY)
+    check_reachable(recipe, 1024)
+    # the floor is the solver's own: asked for 0 parameters with no saliency, it stops at the same model
+    for tp, align in ((1, 8), (2, 16)):
+        r = dataclasses.replace(recipe, tensor_parallel=tp, prune_align=align)
+        shape = ModelShape.from_config(ModelConfig(**r.model), 1024)
+        masks, _ = solve(shape, shape.full_masks(), GroupScores.zeros(shape), 0,
+                         SolverConstraints(tensor_parallel=tp, align=align, max_step_fraction=1.0))
+        assert smallest_model(r, 1024) == (shape.parameter_count(masks), int(masks.hidden.sum()), align)
+        assert torch.equal(masks.ffn.sum(1), torch.full((2,), tp * align))
+    # align 8: hidden 8 (embedding 1024 * 8 = 8192), per layer one query group (2*2+2)*16*8 = 768, 8 FFN
+    # channels 3*8*8 = 192 and two norms 16; the final norm 8: 8192 + 2 * 976 + 8 = 10,152 (6.2% of 164,160)
+    with pytest.raises(ConfigError, match=r"below the smallest model the parent can be pruned to with alignment 8 "
+                                          r"\(10,152 parameters"):
+        check_reachable(get_recipe("cpu-tiny-real", target_ratio=0.05).with_parent_model(TINY), 1024)
+
+
+def test_gpu_real_sbatch_imports_the_parent_and_checks_every_flag_for_8_gpus(real, tmp_path):
+    hf = tiny_hf_llama(str(tmp_path / "hf256"), real["tok"], hidden=256)  # align 64 leaves room for 50%
+    out = str(tmp_path / "g")
+    env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "RECIPE": "gpu-real", "PARENT": hf,
+           "DATA_PATH": real["train"], "TEST_DATA_PATH": real["test"], "OUT": out, "PYTHONWARNINGS": "ignore"}
+    env.pop("TOKENIZER_MODEL", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "compare_baselines.sbatch")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert os.path.isfile(os.path.join(out + "_parent", "tokenizer", "tokenizer.model"))  # imported beside OUT
+    for run in arms.REAL_RUNS:
+        if not run.endswith("-ii"):
+            assert f"checked {run}: flags valid for 8 ranks" in proc.stdout, proc.stdout
+    assert "WARNING (a real run stops here)" in proc.stdout  # 2.5 B tokens are not in the tiny corpus
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("sbatch")]
+    job = {line.split("--job-name=")[1].split()[0]: f"DRYRUN{i + 1}" for i, line in enumerate(lines)}
+    assert len([n for n in job if n.startswith("cmp-sweep-")]) == 4 * 2  # A, M, parent-cont, scratch x 2 rates
+    assert len(lines) == 8 + 14 * 3 + 1
+    extended = next(line for line in lines if "--job-name=cmp-M-CE-ii:1" in line)
+    for need in ("A:1", "A-KD:1", "M:1", "M-CE:1", "M-OBS:1"):
+        assert job[f"cmp-{need}"] in extended.split("--dependency=afterany:")[1].split()[0]
+    assert "--gpus-per-node=8" in extended and f"--parent {out}_parent" in extended
+    assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
+    out = str(tmp_path / "cmp")
+    args = ["--recipe", "cpu-tiny-real", "--parent", real["parent"], "--data-path", real["train"],
+            "--test-data-path", real["test"], "--seeds", "1", "--out", out]
+    proc = _tool(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recipe = get_recipe("cpu-tiny-real")
+    results = {run: json.load(open(os.path.join(out, run, "seed0", "result.json"))) for run in arms.REAL_RUNS}
+    assert {run: r["status"] for run, r in results.items()} == {run: "ok" for run in arms.REAL_RUNS}
+    step, t = recipe.tokens_per_step, recipe.continue_tokens
+    parent = results["parent"]
+    vocab = parent["vocab_size"]
+    # the parent is measured, never trained, and charged to no one
+    assert parent["tokens_trained"] == 0 and parent["flops"] == {"actual": 0, "ideal": 0, "teacher": 0}
+    assert parent["final_model"]["hidden_size"] == 64 and vocab == 1024
+    # the full parent per token, by hand: q/k/v 64*16*(4+2*2) + output 4*16*64 + SwiGLU 3*64*192 = 49152
+    # weights; attention 2*(2*4*16)*32 = 8192; forward 2*(2*49152 + 8192) + 2*1024*64 = 344064; x3 to train
+    full = 3 * (2 * (2 * 49152 + 8192) + 2 * 1024 * 64)
+    assert full == 1032192
+    teacher = full // 3  # the teacher's forward pass per token
+    for run in ("A", "A-KD", "M", "M-CE", "M-OBS", "parent-cont", "scratch"):
+        assert results[run]["tokens_trained"] == t, run
+    assert results["parent-cont"]["flops"]["actual"] == t * full
+    assert results["scratch"]["flops"]["actual"] == t * results["scratch"]["flops_per_token_final"]
+    calibration = recipe.oneshot_scoring_steps * step
+    window = recipe.window_tokens[1]
+    for run, full_tokens in (("A", window), ("A-KD", window), ("M", calibration), ("M-CE", calibration),
+                             ("M-OBS", calibration)):
+        r = results[run]
+        kd = teacher * t if run in ("A-KD", "M", "M-OBS") else 0
+        # the full size until the in-run shrink at the end of the pruning, the shrunk size after it
+        assert r["flops"]["teacher"] == kd, run
+        assert r["flops"]["actual"] == full_tokens * full + (t - full_tokens) * r["flops_per_token_final"] + kd, run
+        assert r["pruning"][-1]["tokens"] == full_tokens, run
+        assert abs(r["params"] - recipe.target_ratio * parent["params"]) <= 0.02 * parent["params"], run
+    assert len(results["M"]["pruning"]) == 1 and len(results["A"]["pruning"]) == window // step
+    # matched FLOPs: every -ii run within one of its last steps under the most expensive pruned arm
+    budget = max(results[r]["flops"]["actual"] for r in arms.PRUNED_REAL)
+    for run in [r for r in arms.REAL_RUNS if r.endswith("-ii")]:
+        r, base = results[run], results[run[:-3]]
+        assert r["flops"]["actual"] <= budget < r["flops"]["actual"] + r["flops_per_token_last_step"] * step, run
+        assert r["tokens_trained"] >= base["tokens_trained"] and r["lr"] == base["lr"]
+    assert any(r.get("same_as") for r in results.values())  # the arm that set the budget
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["runs"]["A"]["flops_with_parent"] == report["runs"]["A"]["flops_actual"]  # the parent is free
+    assert report["runs"]["A"]["minus_M"]["per_seed"]["0"] == pytest.approx(
+        results["A"]["test_loss"] - results["M"]["test_loss"])
+    text = open(os.path.join(out, "report.md")).read()
+    tokens_table, flops_table = text.split("## At matched tokens")[1].split("## At matched FLOPs")
+    for run in arms.REAL_RUNS:
+        assert f"| {run} |" in (flops_table if run.endswith("-ii") else tokens_table), run
+    assert os.path.getsize(os.path.join(out, "test_loss_vs_flops.png")) > 1000
+    proc = _tool(*args, "--resume")  # a finished comparison: nothing runs again
+    assert proc.returncode == 0 and "bash " not in proc.stdout, proc.stdout[-2000:]
