@@ -212,7 +212,8 @@ def inrun_worker(data, root):
     # resuming the shrunk run with the flags that started it adopts the checkpoint's smaller shape
     more = cfg(True, f"{root}/s")
     more.train = dataclasses.replace(more.train, train_iters=12)
-    more.checkpoint = dataclasses.replace(more.checkpoint, load=f"{root}/s")
+    # two more iterations at the end of the checkpoint's schedule (a longer run must say which)
+    more.checkpoint = dataclasses.replace(more.checkpoint, load=f"{root}/s", use_checkpoint_opt_param_scheduler=True)
     resumed = run(more)
     return {"masked": losses_of(masked), "shrunk": losses_of(shrunk), "segments": shrunk.get("segments"),
             "final_hidden": shrunk["trainer"].config.model.hidden_size,
@@ -268,7 +269,8 @@ def per_layer_worker(data, root):
     masked = run(cfg(False, f"{root}/m"))
     shrunk = run(cfg(True, f"{root}/s"))
     more = cfg(True, f"{root}/s", iters=12)
-    more.checkpoint = dataclasses.replace(more.checkpoint, load=f"{root}/s")
+    # two more iterations at the end of the checkpoint's schedule (a longer run must say which)
+    more.checkpoint = dataclasses.replace(more.checkpoint, load=f"{root}/s", use_checkpoint_opt_param_scheduler=True)
     resumed = run(more)
     model = shrunk["trainer"].config.model
     return {"masked": losses_of(masked), "shrunk": losses_of(shrunk), "segments": shrunk.get("segments"),
