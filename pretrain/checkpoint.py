@@ -26,7 +26,7 @@ Every pickle a checkpoint holds is read without running code: our own files with
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import io
 import json
 import os
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from pretrain.distributed import is_rank0
+from pretrain.outputs import DISK_FULL, require_writable, write_error_reason, write_failure
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
@@ -104,6 +105,27 @@ def publish_folder(tmp: str, save: str) -> None:
     if os.path.isdir(save):
         os.rmdir(save)
     os.replace(tmp, save)
+
+
+@contextlib.contextmanager
+def staged_output(save: str, flag: str = "--save"):
+    """``with staged_output(save) as tmp:`` write a whole new output folder into ``tmp``; on a
+    clean exit it is published as ``save``, on any failure removed. A write failure (a read-only
+    or full disk) becomes one OutputError naming ``flag``; ``save`` was checked writable already
+    (``require_writable``), so this is for what shows only while writing."""
+    require_writable(save, flag)
+    tmp = None
+    try:
+        tmp = staging_folder(save)
+        yield tmp
+        publish_folder(tmp, save)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_failure(err, save, flag, under=tmp)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def _fsync_dir(path: str) -> None:
@@ -380,17 +402,8 @@ def save_failure_message(err: BaseException, tmp: str) -> str:
 def is_disk_full(err: BaseException, tmp: str) -> bool:
     """ENOSPC anywhere in the error's chain (DCP wraps the writer's error per rank; torch.save
     reports only 'file write failed'), or a disk left with (almost) no free space."""
-    seen, todo = set(), [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
-            return True
-        todo += [e.__cause__, e.__context__]
-        for failure in getattr(e, "failures", {}).values():  # CheckpointException: rank -> error
-            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    if write_error_reason(err) == DISK_FULL:
+        return True
     try:
         return shutil.disk_usage(os.path.dirname(tmp) or ".").free < _HASH_CHUNK_BYTES
     except OSError:

@@ -30,6 +30,7 @@ import time
 import torch
 
 from pretrain.config import PretrainConfig
+from pretrain.outputs import require_new_folder
 
 
 class EngineConversionError(RuntimeError):
@@ -149,8 +150,7 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     engine_dir = os.path.join(folder, ckpt.ENGINE_DIR)
     if not os.path.isdir(engine_dir):
         raise EngineConversionError(f"{folder} is already a megatron-engine checkpoint (no {ckpt.ENGINE_DIR}/)")
-    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
-        raise EngineConversionError(f"--save {save} already exists; choose a new folder or remove it")
+    require_new_folder(save, "--save")
     state = ckpt.read_trainer_state(folder)
     cfg = PretrainConfig.from_dict(state["config"])
     vocab = int(state["vocab_size"])
@@ -182,14 +182,9 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     new_state = {**state, "config": dataclasses.replace(cfg, parallel=parallel).to_dict(), "layout": {},
                  "optimizer_state": False,
                  "converted_from": {"path": os.path.abspath(folder), "engine": "deepspeed"}}
-    tmp = ckpt.staging_folder(save)
-    try:
+    with ckpt.staged_output(save) as tmp:
         written = ckpt.save_checkpoint(tmp, int(state["iteration"]), [model], ModelSpaceAdam([model], adam, step),
                                        new_state)
-        ckpt.publish_folder(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"folder": os.path.join(save, os.path.basename(written)), "iteration": int(state["iteration"]),
             "parameters": sum(p.numel() for p in model.parameters()), "tp": tp, "seconds": time.time() - start,
             "adam_step": step,
@@ -211,16 +206,14 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
     if os.path.isdir(os.path.join(folder, ckpt.ENGINE_DIR)):
         raise EngineConversionError(f"{folder} is already a DeepSpeed checkpoint")
     carries = has_adam_state(folder)
-    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
-        raise EngineConversionError(f"--save {save} already exists; choose a new folder or remove it")
+    require_new_folder(save, "--save")
     state = ckpt.read_trainer_state(folder)
     cfg = PretrainConfig.from_dict(state["config"])
     parallel = dataclasses.replace(cfg.parallel, engine="deepspeed", pipeline_model_parallel_size=1)
     iteration = int(state["iteration"])
     new_state = {**state, "config": dataclasses.replace(cfg, parallel=parallel).to_dict(), "optimizer_state": False,
                  "converted_from": {"path": os.path.abspath(folder), "engine": "megatron"}}
-    tmp = ckpt.staging_folder(save)
-    try:
+    with ckpt.staged_output(save) as tmp:
         staged = tmp + "/" + os.path.basename(ckpt.iteration_dir(tmp, iteration)) + ".tmp"
         # the DCP folder (weights and megatron-core's model-space AdamW state, which a DeepSpeed run
         # reads) and the RNG states
@@ -229,10 +222,6 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
             shutil.copytree(os.path.join(folder, "rng"), os.path.join(staged, "rng"))
         torch.save(new_state, os.path.join(staged, ckpt.TRAINER_STATE))
         ckpt.publish_checkpoint(tmp, iteration, staged)
-        ckpt.publish_folder(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"folder": ckpt.iteration_dir(save, iteration), "iteration": iteration,
             "parameters": cfg.model.num_parameters(int(state["vocab_size"]))["total"], "tp": None,
             "seconds": time.time() - start,

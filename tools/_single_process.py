@@ -15,13 +15,15 @@ def quiet_start() -> None:
 
 
 def run_reporting_errors(fn, errors: tuple):
-    """``(fn(), 0)``, or ``(None, 1)`` after printing an error of the given types; the process
-    group the tool opened is torn down either way."""
+    """``(fn(), 0)``, or ``(None, 1)`` after printing an error of the given types or an output
+    that cannot be written (``OutputError``); the process group the tool opened is torn down
+    either way."""
     from pretrain.distributed import destroy_distributed
+    from pretrain.outputs import OutputError
 
     try:
         return fn(), 0
-    except errors as err:
+    except (*errors, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None, 1
     finally:

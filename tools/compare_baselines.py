@@ -35,6 +35,7 @@ from pretrain.compare.campaign import (Campaign, check_corpus, check_test_set, f
                                        training_tokens_available)
 from pretrain.compare.recipes import RECIPES, get_recipe  # noqa: E402
 from pretrain.config import ConfigError  # noqa: E402
+from pretrain.outputs import require_writable  # noqa: E402
 
 # what must not change when a comparison is resumed
 _SETTINGS = ("recipe", "data_path", "tokenizer_model", "tokenizer_type", "test_data_path", "seeds")
@@ -77,6 +78,8 @@ def _check_out(args: argparse.Namespace) -> None:
                               f"comparison in {args.out} ({plan_path}); resume with the same settings")
     elif os.path.isdir(args.out) and os.listdir(args.out) and not args.dry_run:
         raise ConfigError(f"--out {args.out} is not empty and holds no comparison: give an empty or new folder")
+    if not args.dry_run:
+        require_writable(args.out, "--out")
 
 
 def _validate(args: argparse.Namespace):

@@ -33,11 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     args = p.parse_args(argv)
     quiet_start()
+    from pretrain.checkpoint import CheckpointError
     from pretrain.hf import ConversionError, import_hf
 
     r, status = run_reporting_errors(lambda: import_hf(
         args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-        args.make_vocab_size_divisible_by), (ConversionError,))
+        args.make_vocab_size_divisible_by), (ConversionError, CheckpointError))
     if status:
         return status
     m = r["config"].model

@@ -91,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bool(args.load) == bool(args.hf_model):
         p.error("give either --load (with --data-path) for perplexity, or --hf-model for lm-eval tasks")
+    from pretrain.outputs import OutputError, require_writable, write_output_file
+
+    try:
+        if args.output:  # before the evaluation, not after it
+            require_writable(args.output, "--output", folder=False)
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import warnings
 
@@ -122,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         print_rank0(f"{results['checkpoint']}: loss {results['loss']:.4f}, perplexity {results['perplexity']:.3f} "
                     f"over {results['samples']} sequences ({results['tokens']:,} tokens)")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+        try:
+            write_output_file(args.output, json.dumps(results, indent=2), "--output")
+        except OutputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     return 0
 
 
