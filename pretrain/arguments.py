@@ -211,6 +211,8 @@ def _per_split_paths(args: argparse.Namespace) -> dict:
     """Megatron-LM's --per-split-data-args-path: {"train": [...], "valid": [...], "test": [...]}."""
     import json
 
+    from pretrain.config import parse_blend
+
     path = args.per_split_data_args_path
     if path is None:
         return {}
@@ -230,6 +232,8 @@ def _per_split_paths(args: argparse.Namespace) -> dict:
             not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in splits.values()):
         raise ConfigError(f"--per-split-data-args-path {path}: expected an object with a non-empty \"train\" list "
                           "and optional \"valid\" and \"test\" lists of strings (as --data-path takes them)")
+    for split, items in splits.items():
+        parse_blend(items, f"--per-split-data-args-path {path} {split!r}")  # its own name in the message
     return {"train_data_path": splits["train"], "valid_data_path": splits.get("valid") or [],
             "test_data_path": splits.get("test") or []}
 

@@ -417,49 +417,30 @@ class DataConfig:
     # megatron-core builds the index files of several datasets of a blend in parallel (rank 0 first)
     num_dataset_builder_threads: int = flag(1, help="threads building the datasets of a blend at start-up")
 
-    def blend(self) -> tuple[list[str], list[float] | None]:
-        """Megatron-LM's ``--data-path`` forms: ``PREFIX``, ``W1 PREFIX1 W2 PREFIX2 ...``, or
-        ``PREFIX1 PREFIX2 ...`` (no weights: each dataset once, weighted by its size)."""
-        items = self.data_path
-        if len(items) == 1:
-            return [items[0]], None
-        if not any(_is_number(item) for item in items):
-            return list(items), None
-        _require(
-            len(items) % 2 == 0,
-            "--data-path takes one prefix, or weight/prefix pairs: W1 PREFIX1 W2 PREFIX2 ...",
-        )
-        weights, prefixes = [], []
-        for weight, prefix in zip(items[0::2], items[1::2]):
-            try:
-                weights.append(float(weight))
-            except ValueError:
-                raise ConfigError(f"--data-path: {weight!r} is not a weight (pairs are W PREFIX)") from None
-            _require(weights[-1] >= 0, f"--data-path: weight {weight} must be >= 0")
-            prefixes.append(prefix)
-        return prefixes, weights
+    def blend(self, flag: str = "--data-path") -> tuple[list[str], list[float] | None]:
+        """Megatron-LM's ``--data-path`` forms (``parse_blend``) of ``data_path``."""
+        return parse_blend(self.data_path, flag)
 
     @property
     def per_split(self) -> bool:
         """Training (and validation) data given per split, not cut from --data-path by --split."""
         return bool(self.train_data_path)
 
-    def _blend_of(self, items: list[str]) -> tuple[list[str], list[float] | None]:
-        return dataclasses.replace(self, data_path=list(items)).blend()
-
     def training_blend(self) -> tuple[list[str], list[float] | None]:
         """What training reads: --train-data-path's blend, else --data-path's."""
-        return self._blend_of(self.train_data_path) if self.per_split else self.blend()
+        return parse_blend(self.train_data_path, "--train-data-path") if self.per_split else self.blend()
 
     def blend_per_split(self) -> list:
         """megatron-core's ``blend_per_split``: [train, valid, test] (the test set is built apart)."""
-        return [self.training_blend(), self._blend_of(self.valid_data_path) if self.valid_data_path else None, None]
+        valid = parse_blend(self.valid_data_path, "--valid-data-path") if self.valid_data_path else None
+        return [self.training_blend(), valid, None]
 
     def all_prefixes(self) -> list[str]:
         """Every dataset training or validation reads (not --test-data-path)."""
         if not self.per_split:
             return self.blend()[0]
-        return self.training_blend()[0] + (self._blend_of(self.valid_data_path)[0] if self.valid_data_path else [])
+        valid = parse_blend(self.valid_data_path, "--valid-data-path")[0] if self.valid_data_path else []
+        return self.training_blend()[0] + valid
 
     def test_data(self) -> "DataConfig":
         """The --test-data-path set as a dataset config of its own (all of it is test data)."""
@@ -480,7 +461,7 @@ class DataConfig:
             _require(bool(self.data_path), "--data-path is required (or --train-data-path, or --mock-data for "
                      "synthetic data)")
         prefixes = self.all_prefixes()
-        test_prefixes = self.test_data().blend()[0] if self.test_data_path else []
+        test_prefixes = parse_blend(self.test_data_path, "--test-data-path")[0] if self.test_data_path else []
         training_flag = "--train-data-path/--valid-data-path" if self.per_split else "--data-path"
         for flag, group in ((training_flag, prefixes), ("--test-data-path", test_prefixes)):
             for prefix in group:
@@ -514,6 +495,29 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def parse_blend(items: list[str], flag: str) -> tuple[list[str], list[float] | None]:
+    """Megatron-LM's ``--data-path`` forms: ``PREFIX``, ``W1 PREFIX1 W2 PREFIX2 ...``, or
+    ``PREFIX1 PREFIX2 ...`` (no weights: each dataset once, weighted by its size). Every weight
+    must be a finite number > 0: megatron-core's blend never finishes sampling a dataset of weight
+    0 (``_get_num_epochs`` loops forever), and a negative one has no meaning."""
+    if len(items) == 1:
+        return [items[0]], None
+    if not any(_is_number(item) for item in items):
+        return list(items), None
+    _require(len(items) % 2 == 0, f"{flag} takes one prefix, or weight/prefix pairs: W1 PREFIX1 W2 PREFIX2 ...")
+    weights, prefixes = [], []
+    for weight, prefix in zip(items[0::2], items[1::2]):
+        try:
+            weights.append(float(weight))
+        except ValueError:
+            raise ConfigError(f"{flag}: {weight!r} is not a weight (pairs are W PREFIX)") from None
+        _require(math.isfinite(weights[-1]) and weights[-1] > 0,
+                 f"{flag}: weight {weight} of {prefix}: a weight must be a number > 0; leave the dataset out of "
+                 "the blend to not train on it")
+        prefixes.append(prefix)
+    return prefixes, weights
+
+
 def read_data_args(path: str) -> list[str]:
     """Megatron-LM's ``--data-args-path``: a file holding what ``--data-path`` would (weights and
     prefixes separated by any whitespace, e.g. one ``W PREFIX`` a line), for blends too long for a
@@ -524,6 +528,7 @@ def read_data_args(path: str) -> list[str]:
     except OSError as err:
         raise ConfigError(f"--data-args-path {path}: cannot read it ({err.strerror or err})") from None
     _require(bool(items), f"--data-args-path {path}: the file is empty; list 'W PREFIX' pairs or prefixes in it")
+    parse_blend(items, f"--data-args-path {path}")  # its own name in the message, not --data-path's
     return items
 
 
