@@ -553,10 +553,24 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
     return LoadedCheckpoint(folder=folder, trainer_state=trainer_state, local_state=local_state)
 
 
+def deepspeed_only(folder: str) -> str | None:
+    """The advice for a reader of weights in the layout-free (megatron) format (evaluation, HF
+    export, the reshard tool, a distillation teacher) given a DeepSpeed checkpoint; None for
+    any other checkpoint."""
+    if not os.path.isdir(os.path.join(folder, ENGINE_DIR)):
+        return None
+    return (f"{folder} is a DeepSpeed checkpoint: its weights are in ZeRO partitions that only an --engine "
+            "deepspeed run on the layout that wrote them reads. Convert it once: python "
+            f"tools/convert_checkpoint.py --load {folder} --save NEW --to megatron, and give NEW instead "
+            "(under either engine)")
+
+
 def _load_engine_state(folder: str, optimizer, load_optim: bool, layout: dict) -> None:
     """A checkpoint in an engine's own format (DeepSpeed): only that engine reads it, under the
     layout that wrote it (its ZeRO partitions are per TP and DP rank)."""
     written_by = "deepspeed" if os.path.isdir(os.path.join(folder, ENGINE_DIR)) else "megatron"
+    if optimizer is None and written_by == "deepspeed":  # weights alone: evaluation, export, a teacher
+        raise CheckpointError(deepspeed_only(folder))
     if not hasattr(optimizer, "load_engine_state") or written_by != "deepspeed":
         running = "deepspeed" if hasattr(optimizer, "load_engine_state") else "megatron"
         raise CheckpointError(
@@ -568,8 +582,9 @@ def _load_engine_state(folder: str, optimizer, load_optim: bool, layout: dict) -
         raise CheckpointError(
             f"{folder}: a DeepSpeed checkpoint of world {saved[0]} = TP {saved[1]} x PP {saved[2]} x DP {saved[3]} "
             f"cannot load under world {now[0]} = TP {now[1]} x PP {now[2]} x DP {now[3]} (ZeRO partitions are per "
-            "rank). Resume on the same layout, or convert it through the consolidated weights: "
-            f"python tools/convert_checkpoint.py --load {folder} --save NEW --to deepspeed")
+            "rank). Resume on the same layout, or re-partition it for any layout (through the consolidated "
+            f"weights and AdamW state): python tools/convert_checkpoint.py --load {folder} --save NEW --to "
+            "deepspeed, then --load NEW")
     engine_dir = os.path.join(folder, ENGINE_DIR)
     # DeepSpeed unpickles its files with weights_only=False: check first that they hold data only
     # (each rank checks its share of the files; a refusal on any stops every rank)

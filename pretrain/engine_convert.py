@@ -16,7 +16,9 @@ evaluation and a megatron-engine resume (any TP/PP/DP) read it.
 ``--to deepspeed``: a megatron checkpoint is copied with its config set to ``--engine deepspeed``;
 a DeepSpeed run started with ``--load`` of it (or of any megatron-format checkpoint) loads the
 weights and the model-space AdamW state before DeepSpeed partitions them (``train.py``), then the
-trainer state, under any TP/DP layout (the DCP tensors reshard).
+trainer state, under any TP/DP layout (the DCP tensors reshard). ``--to deepspeed`` of a
+DeepSpeed checkpoint goes through the megatron format (``_repartition_deepspeed``): the way to
+continue a DeepSpeed run on another layout (its ZeRO partitions are per rank).
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
     if folder is None:
         raise EngineConversionError(f"--load {load}: no valid checkpoint there")
     if os.path.isdir(os.path.join(folder, ckpt.ENGINE_DIR)):
-        raise EngineConversionError(f"{folder} is already a DeepSpeed checkpoint")
+        return _repartition_deepspeed(folder, save)
     carries = has_adam_state(folder)
     require_new_folder(save, "--save")
     state = ckpt.read_trainer_state(folder)
@@ -228,6 +230,23 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
             "note": f"start it with python -m pretrain --engine deepspeed --load {save} (any TP x DP, PP 1); "
                     + ("the AdamW state carries over" if carries else
                        "it holds no AdamW state (weights only): the Adam moments start at zero")}
+
+
+def _repartition_deepspeed(folder: str, save: str) -> dict:
+    """A DeepSpeed checkpoint for ``--engine deepspeed`` on any layout (its ZeRO partitions are
+    per rank of the layout that wrote it): through the layout-free megatron format, in a
+    temporary folder beside ``save`` that is removed afterwards."""
+    start = time.time()
+    require_new_folder(save, "--save")
+    via = os.path.abspath(save).rstrip("/") + ".megatron.tmp"
+    shutil.rmtree(via, ignore_errors=True)
+    try:
+        deepspeed_to_megatron(folder, via)
+        summary = megatron_to_deepspeed(via, save)
+    finally:
+        shutil.rmtree(via, ignore_errors=True)
+    return {**summary, "seconds": time.time() - start, "note": "re-partitioned (the DeepSpeed checkpoint's ZeRO partitions consolidated, any "
+                               "layout can load it); " + summary["note"]}
 
 
 def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:

@@ -71,6 +71,8 @@ def load_full_weights(load: str) -> FullWeights:
     folder = ckpt.find_checkpoint(load)
     if folder is None:
         raise ConversionError(f"--load {load}: no valid checkpoint there")
+    if ckpt.deepspeed_only(folder):
+        raise ConversionError(ckpt.deepspeed_only(folder))
     state = ckpt.read_trainer_state(folder)
     cfg = PretrainConfig.from_dict(state["config"])
     vocab = int(state["vocab_size"])

@@ -109,6 +109,8 @@ def _source_checkpoint(load: str, save: str, overwrite: bool) -> str:
     if folder is None:
         reasons = f" ({'; '.join(skipped)})" if skipped else ""
         raise ShrinkError(f"--load {load}: no valid checkpoint there{reasons}")
+    if ckpt.deepspeed_only(folder):
+        raise ShrinkError(ckpt.deepspeed_only(folder))
     if os.path.abspath(save) == os.path.abspath(load):
         raise ShrinkError("--save must differ from --load (the source checkpoint is kept)")
     _check_save_folder(save, overwrite)
