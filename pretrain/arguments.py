@@ -245,4 +245,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     tokenizer_type, tokenizer_model = _tokenizer_values(args, peeked)
     data = DataConfig(**{**_section_values(args, DataConfig), "tokenizer_type": tokenizer_type,
                          "tokenizer_model": tokenizer_model, "data_path": _data_path(args), **_per_split_paths(args)})
+    if args.split is not None and data.per_split:
+        raise ConfigError(f"--split {args.split} cuts --data-path into training, validation and test data; with "
+                          "--train-data-path (or --per-split-data-args-path) each split has data of its own and "
+                          "--split would be ignored: drop it")
     return PretrainConfig(model=ModelConfig(**_model_values(args, peeked)), data=data, **sections)

@@ -32,6 +32,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.config import ranged  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_TASKS = REPO / "eval" / "lm_eval_tasks"
 
@@ -78,15 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-path", nargs="+", help="indexed dataset prefix(es), as for pretraining")
     p.add_argument("--tokenizer-type")
     p.add_argument("--tokenizer-model", help="default: the tokenizer recorded in the checkpoint")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--seq-length", type=int)
-    p.add_argument("--max-samples", type=int, help="evaluate at most this many sequences")
+    p.add_argument("--tensor-model-parallel-size", type=ranged(int, at_least=1), default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=ranged(int, at_least=1), default=1)
+    p.add_argument("--micro-batch-size", type=ranged(int, at_least=1), default=1)
+    p.add_argument("--seq-length", type=ranged(int, at_least=1))
+    p.add_argument("--max-samples", type=ranged(int, at_least=1), help="evaluate at most this many sequences")
     p.add_argument("--hf-model", help="HuggingFace folder for lm-evaluation-harness tasks")
     p.add_argument("--tasks", default="pydoc_next_sentence", help="comma-separated lm-eval task names")
-    p.add_argument("--limit", type=int, help="lm-eval: at most this many documents per task")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--limit", type=ranged(int, at_least=1), help="lm-eval: at most this many documents per task")
+    p.add_argument("--batch-size", type=ranged(int, at_least=1), default=8, help="lm-eval batch size")
     p.add_argument("--output", help="write the results here as JSON")
     args = p.parse_args(argv)
     if bool(args.load) == bool(args.hf_model):

@@ -105,7 +105,7 @@ FROZEN = """
 --shrink-every-fraction None
 --shrink-pipeline-model-parallel-size None
 --shrink-tensor-model-parallel-size None
---split '969,30,1'
+--split None (then '969,30,1')
 --tensor-model-parallel-size 1
 --tensorboard-dir None
 --test-data-path []
