@@ -424,7 +424,7 @@ def _make_save_helpers_die_with_us() -> None:
     from torch import multiprocessing as mp
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    from pretrain.distributed import die_with_parent
+    from data_prep.processes import die_with_parent
 
     manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
