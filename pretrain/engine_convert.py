@@ -32,6 +32,7 @@ import time
 import torch
 
 from pretrain.config import PretrainConfig
+from pretrain.memory import check_model_fits
 from pretrain.outputs import require_new_folder
 
 
@@ -156,6 +157,9 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     state = ckpt.read_trainer_state(folder)
     cfg = PretrainConfig.from_dict(state["config"])
     vocab = int(state["vocab_size"])
+    check_model_fits(cfg.model.num_parameters(vocab)["total"], 8, folder,
+                     "two fp32 copies (consolidated, and the model) in one process",
+                     "convert it on a machine with more memory")
     tp = int((state.get("layout") or {}).get("tp_size") or cfg.parallel.tensor_model_parallel_size)
     # zero_to_fp32 unpickles with weights_only=False: every file must hold data only
     tag_dir = os.path.join(engine_dir, ckpt.ENGINE_TAG)

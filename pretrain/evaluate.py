@@ -14,6 +14,7 @@ import math
 import torch
 
 from pretrain.config import ConfigError, DataConfig, ParallelConfig, PretrainConfig, TrainConfig
+from pretrain.memory import check_model_fits, local_ranks
 
 
 def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | None = None,
@@ -32,6 +33,10 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     parallel.validate(model_cfg, launch_environment()[1])
     tokenizer = load_tokenizer(data)
     vocab = checkpoint_vocab((folder, state), tokenizer.vocab_size, tensor_parallel)
+    check_model_fits(model_cfg.num_parameters(vocab)["total"] / (tensor_parallel * pipeline_parallel),
+                     2 if saved.train.bf16 else 4, folder, "each rank's share of the weights",
+                     "evaluate it over more ranks (--tensor/pipeline-model-parallel-size)", local_ranks=local_ranks(),
+                     device=True)
 
     layout = init_distributed(tensor_parallel, pipeline_parallel)
     # before the model is built and loaded: unreadable data, or ids the model cannot embed

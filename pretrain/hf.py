@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import ConfigError, DataConfig, ModelConfig, ParallelConfig, PretrainConfig
+from pretrain.memory import check_model_fits
 from pretrain.outputs import require_new_folder
 
 SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
@@ -76,6 +77,8 @@ def load_full_weights(load: str) -> FullWeights:
     state = ckpt.read_trainer_state(folder)
     cfg = PretrainConfig.from_dict(state["config"])
     vocab = int(state["vocab_size"])
+    check_model_fits(cfg.model.num_parameters(vocab)["total"], 4, folder, "fp32 weights in one process",
+                     "convert it on a machine with more memory")
     model = _build_single(cfg.model, vocab)
     ckpt.load_checkpoint(folder, [model], None, load_optim=False, load_rng=False)
     tensors = {name: p.detach() for name, p in model.named_parameters()}
@@ -528,9 +531,11 @@ def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tens
     except ConfigError as err:
         raise ConversionError(f"the model does not fit --tensor-model-parallel-size {tensor_parallel} x "
                               f"--pipeline-model-parallel-size {pipeline_parallel}: {err}") from None
-    tensors = tensors or _HFTensors(load)
     hf_vocab = int(hf["vocab_size"])
     vocab = model_cfg.padded_vocab_size(hf_vocab, tensor_parallel)
+    check_model_fits(model_cfg.num_parameters(vocab)["total"], 4, config_path, "fp32 weights in one process",
+                     "import it on a machine with more memory")
+    tensors = tensors or _HFTensors(load)
     model = _build_single(model_cfg, vocab)
     _copy_hf_weights(model, tensors, model_cfg, hf_vocab, load)
     _check_all_used(tensors, model_cfg, load)

@@ -143,6 +143,9 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     _print_plan(cfg, layout, vocab_size, counts, peeked, pruning_note)
     if cfg.train.dry_run:
         return {"dry_run": True, "parameters": counts, "layout": layout}
+    from pretrain.memory import check_training_memory
+
+    check_training_memory(cfg, vocab_size, layout["dp_size"], teacher)  # before anything is allocated
 
     model_chunks, optimizer, scheduler = _build_model_and_optimizer(cfg, vocab_size, plain_megatron_spec, peeked)
     resume = _load_checkpoint(cfg, peeked, model_chunks, optimizer)

@@ -15,15 +15,15 @@ def quiet_start() -> None:
 
 
 def run_reporting_errors(fn, errors: tuple):
-    """``(fn(), 0)``, or ``(None, 1)`` after printing an error of the given types or an output
-    that cannot be written (``OutputError``); the process group the tool opened is torn down
-    either way."""
+    """``(fn(), 0)``, or ``(None, 1)`` after printing an error of the given types or a
+    ``ConfigError`` (an output that cannot be written, a model too big for memory, ...); the
+    process group the tool opened is torn down either way."""
+    from pretrain.config import ConfigError
     from pretrain.distributed import destroy_distributed
-    from pretrain.outputs import OutputError
 
     try:
         return fn(), 0
-    except (*errors, OutputError) as err:
+    except (*errors, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None, 1
     finally:
