@@ -95,10 +95,16 @@ def check_training_memory(cfg, vocab_size: int, data_parallel: int, teacher=None
     ``--kd-teacher``'s weights (``teacher``: its Teacher), against each rank's memory."""
     model_parallel = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
     weight = 2 if cfg.train.bf16 else 4
-    sharded = cfg.parallel.use_distributed_optimizer or cfg.parallel.engine == "deepspeed"
-    optimizer = (8 + (4 if cfg.train.bf16 else 0)) / (data_parallel if sharded else 1)  # moments (+ fp32 master)
+    optimizer = 8 + (4 if cfg.train.bf16 else 0)  # Adam's moments (+ the fp32 master of bf16 weights)
+    if cfg.parallel.engine == "deepspeed":  # ZeRO shards the optimizer, then the gradients, then the weights
+        stage, offload = cfg.parallel.deepspeed_zero()
+        per_param = (weight / (data_parallel if stage >= 3 else 1) + weight / (data_parallel if stage >= 2 else 1)
+                     + (0 if offload != "none" else optimizer / data_parallel))  # offloaded: in host memory
+    else:
+        sharded = cfg.parallel.use_distributed_optimizer
+        per_param = 2 * weight + optimizer / (data_parallel if sharded else 1)
     params = cfg.model.num_parameters(vocab_size)["total"]
-    need = params / model_parallel * (2 * weight + optimizer)
+    need = params / model_parallel * per_param
     what = f"the model ({describe_parameters(params)}: weights, gradients and Adam state"
     if teacher is not None:
         teacher_params = teacher.model.num_parameters(teacher.vocab_size)["total"]

@@ -23,11 +23,13 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     pruning callback asks for a shrink, the checkpoint is rewritten into the smaller model, and
     the next segment continues from it (same step, data position and LR schedule).
     """
+    from pretrain.data import require_index_cache
     from pretrain.outputs import require_writable
 
     for flag, path in (("--save", cfg.checkpoint.save), ("--tensorboard-dir", cfg.logging.tensorboard_dir)):
         if path:  # found now, not at the first save after hours of training
             require_writable(path, flag)
+    require_index_cache(cfg.data)
     segments = []
     while True:
         summary = _run_segment(cfg, extra_callbacks, plain_megatron_spec)

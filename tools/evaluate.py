@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch-size", type=ranged(int, at_least=1), default=1)
     p.add_argument("--seq-length", type=ranged(int, at_least=1))
     p.add_argument("--max-samples", type=ranged(int, at_least=1), help="evaluate at most this many sequences")
+    p.add_argument("--data-cache-path", help="where the dataset's index cache goes (default: beside the dataset)")
     p.add_argument("--hf-model", help="HuggingFace folder for lm-evaluation-harness tasks")
     p.add_argument("--tasks", default="pydoc_next_sentence", help="comma-separated lm-eval task names")
     p.add_argument("--limit", type=ranged(int, at_least=1), help="lm-eval: at most this many documents per task")
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             results = evaluate_perplexity(
                 args.load, args.data_path, args.tokenizer_type, args.tokenizer_model,
                 args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.micro_batch_size,
-                args.seq_length, args.max_samples)
+                args.seq_length, args.max_samples, args.data_cache_path)
         except (ConfigError, CheckpointError, TokenizerError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
