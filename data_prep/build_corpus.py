@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    if (args.min_chars is not None and args.min_chars < 0) or args.min_total_chars < 0:
+        parser.error("--min-chars and --min-total-chars must be >= 0")
     if args.text_dir and args.source != "builtin":
         parser.error("--text-dir and --source debian-docs are two different sources; give one")
     if args.source != "debian-docs" and (args.fetch_packages or args.debian_docs_dir):

@@ -42,15 +42,28 @@ class MergeSummary:
     note: str | None = None  # why no manifest was written
 
 
+def _is_prefix(item: str) -> bool:
+    return os.path.isfile(item + ".bin") and os.path.isfile(item + ".idx")
+
+
 def find_prefixes(inputs: list[str], exclude: str | None = None) -> list[str]:
     """Dataset prefixes from ``--input``: a folder stands for every ``NAME.bin``/``NAME.idx`` pair
-    in it, sorted by name (Megatron-LM's ``merge_datasets.py``); anything else is a prefix."""
+    in it, sorted by name (Megatron-LM's ``merge_datasets.py``); anything else is a prefix, and so
+    is a folder without datasets beside ``ITEM.bin``/``ITEM.idx`` (megatron-core's index cache)."""
     prefixes: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
-            names = sorted(os.listdir(item))
-            found = sorted({os.path.splitext(n)[0] for n in names
+            found = sorted({os.path.splitext(n)[0] for n in os.listdir(item)
                             if n.endswith((".bin", ".idx")) and ".tmp-" not in n})
+            if not found and _is_prefix(item):
+                # a prefix that has been trained on: megatron-core's index cache is the folder
+                # PREFIX/cache/ beside PREFIX.bin/.idx, and holds no dataset of its own
+                prefixes.append(item)
+                continue
+            if found and _is_prefix(item):
+                raise MergeError(f"--input {item}: both a dataset prefix ({item}.bin/.idx) and a folder of "
+                                 f"datasets ({', '.join(found[:3])}): give the folder's datasets as prefixes "
+                                 "or move them, so that the input means one thing")
             for name in found:
                 prefix = os.path.join(item, name)
                 if exclude and os.path.abspath(prefix) == os.path.abspath(exclude):

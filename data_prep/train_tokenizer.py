@@ -128,6 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.vocab_size < 260 + 4:
         parser.error("--vocab-size must be at least 264 (256 byte pieces + 4 special tokens + merges)")
+    for name, value in (("--input-sentence-size", args.input_sentence_size), ("--num-threads", args.num_threads)):
+        if value is not None and value < 1:
+            parser.error(f"{name} must be >= 1, not {value}")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be in [0, 2^32), not {args.seed}")
     try:
         path = train_tokenizer(args.input, args.output, args.vocab_size, args.json_key, args.seed,
                                args.input_sentence_size, num_threads=args.num_threads)

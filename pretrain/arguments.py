@@ -234,6 +234,8 @@ def _per_split_paths(args: argparse.Namespace) -> dict:
     """Megatron-LM's --per-split-data-args-path: {"train": [...], "valid": [...], "test": [...]}."""
     import json
 
+    from pretrain.config import parse_blend
+
     path = args.per_split_data_args_path
     if path is None:
         return {}
@@ -253,6 +255,8 @@ def _per_split_paths(args: argparse.Namespace) -> dict:
             not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in splits.values()):
         raise ConfigError(f"--per-split-data-args-path {path}: expected an object with a non-empty \"train\" list "
                           "and optional \"valid\" and \"test\" lists of strings (as --data-path takes them)")
+    for split, items in splits.items():
+        parse_blend(items, f"--per-split-data-args-path {path} {split!r}")  # its own name in the message
     return {"train_data_path": splits["train"], "valid_data_path": splits.get("valid") or [],
             "test_data_path": splits.get("test") or []}
 
@@ -264,6 +268,10 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     tokenizer_type, tokenizer_model = _tokenizer_values(args, peeked)
     data = DataConfig(**{**_section_values(args, DataConfig), "tokenizer_type": tokenizer_type,
                          "tokenizer_model": tokenizer_model, "data_path": _data_path(args), **_per_split_paths(args)})
+    if args.split is not None and data.per_split:
+        raise ConfigError(f"--split {args.split} cuts --data-path into training, validation and test data; with "
+                          "--train-data-path (or --per-split-data-args-path) each split has data of its own and "
+                          "--split would be ignored: drop it")
     cfg = PretrainConfig(model=ModelConfig(**_model_values(args, peeked)), data=data, **sections)
     given = getattr(args, "given_flags", None)  # None: a namespace not from build_parser: all its values count
     return cfg if peeked is None or given is None else keep_checkpoint_settings(cfg, peeked[1], given)

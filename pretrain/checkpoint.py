@@ -26,7 +26,7 @@ Every pickle a checkpoint holds is read without running code: our own files with
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import io
 import json
 import os
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from pretrain.distributed import is_rank0
+from pretrain.outputs import DISK_FULL, require_writable, write_error_reason, write_failure
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
@@ -104,6 +105,27 @@ def publish_folder(tmp: str, save: str) -> None:
     if os.path.isdir(save):
         os.rmdir(save)
     os.replace(tmp, save)
+
+
+@contextlib.contextmanager
+def staged_output(save: str, flag: str = "--save"):
+    """``with staged_output(save) as tmp:`` write a whole new output folder into ``tmp``; on a
+    clean exit it is published as ``save``, on any failure removed. A write failure (a read-only
+    or full disk) becomes one OutputError naming ``flag``; ``save`` was checked writable already
+    (``require_writable``), so this is for what shows only while writing."""
+    require_writable(save, flag)
+    tmp = None
+    try:
+        tmp = staging_folder(save)
+        yield tmp
+        publish_folder(tmp, save)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_failure(err, save, flag, under=tmp)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def _fsync_dir(path: str) -> None:
@@ -380,17 +402,8 @@ def save_failure_message(err: BaseException, tmp: str) -> str:
 def is_disk_full(err: BaseException, tmp: str) -> bool:
     """ENOSPC anywhere in the error's chain (DCP wraps the writer's error per rank; torch.save
     reports only 'file write failed'), or a disk left with (almost) no free space."""
-    seen, todo = set(), [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
-            return True
-        todo += [e.__cause__, e.__context__]
-        for failure in getattr(e, "failures", {}).values():  # CheckpointException: rank -> error
-            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    if write_error_reason(err) == DISK_FULL:
+        return True
     try:
         return shutil.disk_usage(os.path.dirname(tmp) or ".").free < _HASH_CHUNK_BYTES
     except OSError:
@@ -411,7 +424,7 @@ def _make_save_helpers_die_with_us() -> None:
     from torch import multiprocessing as mp
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    from pretrain.distributed import die_with_parent
+    from data_prep.processes import die_with_parent
 
     manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
@@ -540,10 +553,24 @@ def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool =
     return LoadedCheckpoint(folder=folder, trainer_state=trainer_state, local_state=local_state)
 
 
+def deepspeed_only(folder: str) -> str | None:
+    """The advice for a reader of weights in the layout-free (megatron) format (evaluation, HF
+    export, the reshard tool, a distillation teacher) given a DeepSpeed checkpoint; None for
+    any other checkpoint."""
+    if not os.path.isdir(os.path.join(folder, ENGINE_DIR)):
+        return None
+    return (f"{folder} is a DeepSpeed checkpoint: its weights are in ZeRO partitions that only an --engine "
+            "deepspeed run on the layout that wrote them reads. Convert it once: python "
+            f"tools/convert_checkpoint.py --load {folder} --save NEW --to megatron, and give NEW instead "
+            "(under either engine)")
+
+
 def _load_engine_state(folder: str, optimizer, load_optim: bool, layout: dict) -> None:
     """A checkpoint in an engine's own format (DeepSpeed): only that engine reads it, under the
     layout that wrote it (its ZeRO partitions are per TP and DP rank)."""
     written_by = "deepspeed" if os.path.isdir(os.path.join(folder, ENGINE_DIR)) else "megatron"
+    if optimizer is None and written_by == "deepspeed":  # weights alone: evaluation, export, a teacher
+        raise CheckpointError(deepspeed_only(folder))
     if not hasattr(optimizer, "load_engine_state") or written_by != "deepspeed":
         running = "deepspeed" if hasattr(optimizer, "load_engine_state") else "megatron"
         raise CheckpointError(
@@ -555,8 +582,9 @@ def _load_engine_state(folder: str, optimizer, load_optim: bool, layout: dict) -
         raise CheckpointError(
             f"{folder}: a DeepSpeed checkpoint of world {saved[0]} = TP {saved[1]} x PP {saved[2]} x DP {saved[3]} "
             f"cannot load under world {now[0]} = TP {now[1]} x PP {now[2]} x DP {now[3]} (ZeRO partitions are per "
-            "rank). Resume on the same layout, or convert it through the consolidated weights: "
-            f"python tools/convert_checkpoint.py --load {folder} --save NEW --to deepspeed")
+            "rank). Resume on the same layout, or re-partition it for any layout (through the consolidated "
+            f"weights and AdamW state): python tools/convert_checkpoint.py --load {folder} --save NEW --to "
+            "deepspeed, then --load NEW")
     engine_dir = os.path.join(folder, ENGINE_DIR)
     # DeepSpeed unpickles its files with weights_only=False: check first that they hold data only
     # (each rank checks its share of the files; a refusal on any stops every rank)

@@ -39,6 +39,32 @@ class Flag:
     # the tokenizer file); the field's own default applies when nothing else gives it
     resolved_later: bool = False
     expand: Callable | None = None  # value -> {field: value} for a flag that sets several fields
+    # the range of a numeric flag (issue 31): every int/float flag declares one (its test walks them
+    # all); ``check_ranges`` refuses a value outside it, and NaN/inf always
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+
+    def range_words(self) -> str:
+        """``>= 1``, ``> 0``, ``in [0, 1)``: the range as a message says it."""
+        def text(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        low = (f"[{text(self.at_least)}" if self.at_least is not None else
+               f"({text(self.above)}" if self.above is not None else None)
+        high = (f"{text(self.at_most)}]" if self.at_most is not None else
+                f"{text(self.below)})" if self.below is not None else None)
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        return ("<= " if high[-1] == "]" else "< ") + high[:-1] if high else "a finite number"
+
+    def in_range(self, value: float) -> bool:
+        return (math.isfinite(value)
+                and (self.at_least is None or value >= self.at_least) and (self.above is None or value > self.above)
+                and (self.at_most is None or value <= self.at_most) and (self.below is None or value < self.below))
 
 
 def flag(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, **spec):
@@ -50,6 +76,35 @@ def flag_of(cls, name: str) -> str:
     """The command-line flag of field ``name`` of config class ``cls``."""
     spec = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["flag"]
     return spec.name or "--" + name.replace("_", "-")
+
+
+def ranged(kind: type, **bounds) -> Callable[[str], int | float]:
+    """The argparse ``type`` of a tool's numeric flag (the tools' own flags are not config fields):
+    ``kind`` (int also in scientific notation, 4e8) within ``bounds`` (``Flag``'s ``at_least``,
+    ``above``, ``at_most``, ``below``), else a usage error naming the flag and the range."""
+    spec = Flag(**bounds)
+
+    def parse(text: str) -> int | float:
+        value = whole_number(text) if kind is int else _number(text)
+        if not spec.in_range(value):
+            raise argparse.ArgumentTypeError(f"{text}: must be {spec.range_words()}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+def check_ranges(section) -> None:
+    """Refuse a numeric field of ``section`` (a config dataclass) outside its flag's range
+    (``Flag.at_least`` ...), naming the flag: a value the code would otherwise take silently (a
+    negative minimum, a NaN epsilon) or read as "not given" (0 for an optional size)."""
+    for f in dataclasses.fields(section):
+        spec = f.metadata.get("flag")
+        value = getattr(section, f.name)
+        if spec is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        name = spec.name or "--" + f.name.replace("_", "-")
+        _require(spec.in_range(value), f"{name} {value}: must be {spec.range_words()}")
 
 
 def choices(cls, name: str) -> tuple:
@@ -77,14 +132,20 @@ def token_count(text: str) -> int:
 
 def whole_number(text: str) -> int:
     """An integer, also in scientific notation (4e8); range checks are the config's."""
-    return int(_number(text))
+    value = _number(text)
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number")
+    return int(value)
 
 
 def _number(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def comma_list(text: str) -> tuple:
@@ -133,26 +194,28 @@ class ModelConfig:
 
     # the command line leaves every model flag unset unless given: a --model preset or the --load
     # checkpoint fills the rest (pretrain.arguments)
-    num_layers: int = flag(resolved_later=True)
-    hidden_size: int = flag(resolved_later=True)
-    num_attention_heads: int = flag(resolved_later=True)
-    ffn_hidden_size: int = flag(resolved_later=True)
+    num_layers: int = flag(resolved_later=True, at_least=1)
+    hidden_size: int = flag(resolved_later=True, at_least=1)
+    num_attention_heads: int = flag(resolved_later=True, at_least=1)
+    ffn_hidden_size: int = flag(resolved_later=True, at_least=1)
     num_query_groups: int | None = flag(
-        None, resolved_later=True, help="GQA groups (default: one per head, or 1 with --group-query-attention)")
-    kv_channels: int | None = flag(None, resolved_later=True, help="head size (default hidden/heads)")
-    seq_length: int = flag(2048, resolved_later=True)
-    max_position_embeddings: int | None = flag(None, resolved_later=True)
-    vocab_size: int | None = flag(None, resolved_later=True, help="model vocabulary (default: tokenizer's, padded)")
-    make_vocab_size_divisible_by: int = flag(128, resolved_later=True)
+        None, resolved_later=True, at_least=1,
+        help="GQA groups (default: one per head, or 1 with --group-query-attention)")
+    kv_channels: int | None = flag(None, resolved_later=True, help="head size (default hidden/heads)", at_least=1)
+    seq_length: int = flag(2048, resolved_later=True, at_least=1)
+    max_position_embeddings: int | None = flag(None, resolved_later=True, at_least=1)
+    vocab_size: int | None = flag(None, resolved_later=True, at_least=1,
+                                  help="model vocabulary (default: tokenizer's, padded)")
+    make_vocab_size_divisible_by: int = flag(128, resolved_later=True, at_least=1)
     untie_embeddings_and_output_weights: bool = flag(False)
     add_qkv_bias: bool = flag(False, help="biases on q, k and v (Qwen2); no other linear has one")
-    rotary_base: float = flag(10000.0, resolved_later=True)
+    rotary_base: float = flag(10000.0, resolved_later=True, above=0)
     # megatron-core's Llama 3.x RoPE scaling (Megatron-LM's --use-rope-scaling / --rope-scaling-factor)
     use_rope_scaling: bool = flag(
         False, help="Llama 3.x RoPE scaling (low/high frequency factors 1 and 4, original context 8192)")
-    rope_scaling_factor: float = flag(8.0, resolved_later=True, help="with --use-rope-scaling")
-    norm_epsilon: float = flag(1e-5, resolved_later=True)
-    init_method_std: float = flag(0.02, resolved_later=True)
+    rope_scaling_factor: float = flag(8.0, resolved_later=True, help="with --use-rope-scaling", at_least=1)
+    norm_epsilon: float = flag(1e-5, resolved_later=True, above=0)
+    init_method_std: float = flag(0.02, resolved_later=True, above=0)
     # a heterogeneous model (after a per-layer shrink): per layer {num_query_groups,
     # num_attention_heads, ffn_hidden_size}; the fields above then hold the widest layer's
     layer_shapes: list | None = flag(
@@ -186,6 +249,7 @@ class ModelConfig:
                 _require(shape["num_query_groups"] >= 1 and shape["ffn_hidden_size"] >= 1
                          and shape["num_attention_heads"] == shape["num_query_groups"] * hpg,
                          f"layer {i}: inconsistent per-layer shape {shape}")
+        check_ranges(self)
 
     def layer_widths(self) -> list[tuple[int, int, int]]:
         """(query groups, heads, FFN width) of every layer."""
@@ -262,8 +326,8 @@ MODEL_PRESETS: dict[str, dict] = {
 class ParallelConfig:
     cli_group: ClassVar[str] = "parallelism"
 
-    tensor_model_parallel_size: int = flag(1)
-    pipeline_model_parallel_size: int = flag(1)
+    tensor_model_parallel_size: int = flag(1, at_least=1)
+    pipeline_model_parallel_size: int = flag(1, at_least=1)
     use_distributed_optimizer: bool = flag(True, name="--no-use-distributed-optimizer", action="store_false",
                                            help="plain DDP optimizer instead of the distributed one")
     # issue 17: the DeepSpeed engine (ZeRO 1/2/3, optimizer offload) under the same trainer
@@ -273,7 +337,7 @@ class ParallelConfig:
     zero_stage: int | None = flag(
         None,
         help="--engine deepspeed: ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters) sharded "
-             "over data parallel; default: the --deepspeed-config's, else 1")
+             "over data parallel; default: the --deepspeed-config's, else 1", at_least=1, at_most=3)
     deepspeed_config: str | None = flag(
         None, metavar="FILE.json",
         help="--engine deepspeed: a DeepSpeed JSON config for everything else it offers; where it and our "
@@ -286,7 +350,8 @@ class ParallelConfig:
     def validate(self, model: ModelConfig, world_size: int) -> None:
         self.validate_engine()
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        _require(tp >= 1 and pp >= 1, "--tensor/pipeline-model-parallel-size must be >= 1")
+        _require(tp >= 1 and pp >= 1, f"--tensor-model-parallel-size {tp} and --pipeline-model-parallel-size {pp}: "
+                 "both must be >= 1")
         _require(
             world_size % (tp * pp) == 0,
             f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
@@ -401,7 +466,9 @@ class DataConfig:
     cli_group: ClassVar[str] = "data"
 
     data_path: list[str] = flag(default_factory=list, help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
-    split: str = flag("969,30,1")
+    # left None by the command line, so that a --split beside per-split data is seen (and refused)
+    split: str = flag("969,30,1", resolved_later=True, help="train,valid,test shares of --data-path "
+                      "(default 969,30,1)")
     # the command line leaves both to the --load checkpoint's recorded tokenizer, else infers the
     # type from the model file (pretrain.arguments)
     tokenizer_type: str = flag(
@@ -411,7 +478,8 @@ class DataConfig:
     tokenizer_model: str | None = flag(
         None, resolved_later=True, help="a sentencepiece model, a HF tokenizer folder or a tokenizer.json; "
         "default: the tokenizer recorded in the --load checkpoint")
-    vocab_size_for_null_tokenizer: int | None = flag(None, name="--null-vocab-size", help="vocabulary of NullTokenizer")
+    vocab_size_for_null_tokenizer: int | None = flag(None, name="--null-vocab-size", at_least=1,
+                                                     help="vocabulary of NullTokenizer")
     mock_data: bool = flag(False, help="synthetic data (no --data-path)")
     data_cache_path: str | None = flag(None)
     # Megatron-LM's --test-data-path: a separate held-out set (the --split test share is then
@@ -426,51 +494,32 @@ class DataConfig:
     valid_data_path: list[str] = flag(default_factory=list, help="validation data of its own (with "
                                       "--train-data-path)")
     # megatron-core builds the index files of several datasets of a blend in parallel (rank 0 first)
-    num_dataset_builder_threads: int = flag(1, help="threads building the datasets of a blend at start-up")
+    num_dataset_builder_threads: int = flag(1, help="threads building the datasets of a blend at start-up", at_least=1)
 
-    def blend(self) -> tuple[list[str], list[float] | None]:
-        """Megatron-LM's ``--data-path`` forms: ``PREFIX``, ``W1 PREFIX1 W2 PREFIX2 ...``, or
-        ``PREFIX1 PREFIX2 ...`` (no weights: each dataset once, weighted by its size)."""
-        items = self.data_path
-        if len(items) == 1:
-            return [items[0]], None
-        if not any(_is_number(item) for item in items):
-            return list(items), None
-        _require(
-            len(items) % 2 == 0,
-            "--data-path takes one prefix, or weight/prefix pairs: W1 PREFIX1 W2 PREFIX2 ...",
-        )
-        weights, prefixes = [], []
-        for weight, prefix in zip(items[0::2], items[1::2]):
-            try:
-                weights.append(float(weight))
-            except ValueError:
-                raise ConfigError(f"--data-path: {weight!r} is not a weight (pairs are W PREFIX)") from None
-            _require(weights[-1] >= 0, f"--data-path: weight {weight} must be >= 0")
-            prefixes.append(prefix)
-        return prefixes, weights
+    def blend(self, flag: str = "--data-path") -> tuple[list[str], list[float] | None]:
+        """Megatron-LM's ``--data-path`` forms (``parse_blend``) of ``data_path``."""
+        return parse_blend(self.data_path, flag)
 
     @property
     def per_split(self) -> bool:
         """Training (and validation) data given per split, not cut from --data-path by --split."""
         return bool(self.train_data_path)
 
-    def _blend_of(self, items: list[str]) -> tuple[list[str], list[float] | None]:
-        return dataclasses.replace(self, data_path=list(items)).blend()
-
     def training_blend(self) -> tuple[list[str], list[float] | None]:
         """What training reads: --train-data-path's blend, else --data-path's."""
-        return self._blend_of(self.train_data_path) if self.per_split else self.blend()
+        return parse_blend(self.train_data_path, "--train-data-path") if self.per_split else self.blend()
 
     def blend_per_split(self) -> list:
         """megatron-core's ``blend_per_split``: [train, valid, test] (the test set is built apart)."""
-        return [self.training_blend(), self._blend_of(self.valid_data_path) if self.valid_data_path else None, None]
+        valid = parse_blend(self.valid_data_path, "--valid-data-path") if self.valid_data_path else None
+        return [self.training_blend(), valid, None]
 
     def all_prefixes(self) -> list[str]:
         """Every dataset training or validation reads (not --test-data-path)."""
         if not self.per_split:
             return self.blend()[0]
-        return self.training_blend()[0] + (self._blend_of(self.valid_data_path)[0] if self.valid_data_path else [])
+        valid = parse_blend(self.valid_data_path, "--valid-data-path")[0] if self.valid_data_path else []
+        return self.training_blend()[0] + valid
 
     def test_data(self) -> "DataConfig":
         """The --test-data-path set as a dataset config of its own (all of it is test data)."""
@@ -491,7 +540,7 @@ class DataConfig:
             _require(bool(self.data_path), "--data-path is required (or --train-data-path, or --mock-data for "
                      "synthetic data)")
         prefixes = self.all_prefixes()
-        test_prefixes = self.test_data().blend()[0] if self.test_data_path else []
+        test_prefixes = parse_blend(self.test_data_path, "--test-data-path")[0] if self.test_data_path else []
         training_flag = "--train-data-path/--valid-data-path" if self.per_split else "--data-path"
         for flag, group in ((training_flag, prefixes), ("--test-data-path", test_prefixes)):
             for prefix in group:
@@ -525,6 +574,29 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def parse_blend(items: list[str], flag: str) -> tuple[list[str], list[float] | None]:
+    """Megatron-LM's ``--data-path`` forms: ``PREFIX``, ``W1 PREFIX1 W2 PREFIX2 ...``, or
+    ``PREFIX1 PREFIX2 ...`` (no weights: each dataset once, weighted by its size). Every weight
+    must be a finite number > 0: megatron-core's blend never finishes sampling a dataset of weight
+    0 (``_get_num_epochs`` loops forever), and a negative one has no meaning."""
+    if len(items) == 1:
+        return [items[0]], None
+    if not any(_is_number(item) for item in items):
+        return list(items), None
+    _require(len(items) % 2 == 0, f"{flag} takes one prefix, or weight/prefix pairs: W1 PREFIX1 W2 PREFIX2 ...")
+    weights, prefixes = [], []
+    for weight, prefix in zip(items[0::2], items[1::2]):
+        try:
+            weights.append(float(weight))
+        except ValueError:
+            raise ConfigError(f"{flag}: {weight!r} is not a weight (pairs are W PREFIX)") from None
+        _require(math.isfinite(weights[-1]) and weights[-1] > 0,
+                 f"{flag}: weight {weight} of {prefix}: a weight must be a number > 0; leave the dataset out of "
+                 "the blend to not train on it")
+        prefixes.append(prefix)
+    return prefixes, weights
+
+
 def read_data_args(path: str) -> list[str]:
     """Megatron-LM's ``--data-args-path``: a file holding what ``--data-path`` would (weights and
     prefixes separated by any whitespace, e.g. one ``W PREFIX`` a line), for blends too long for a
@@ -535,6 +607,7 @@ def read_data_args(path: str) -> list[str]:
     except OSError as err:
         raise ConfigError(f"--data-args-path {path}: cannot read it ({err.strerror or err})") from None
     _require(bool(items), f"--data-args-path {path}: the file is empty; list 'W PREFIX' pairs or prefixes in it")
+    parse_blend(items, f"--data-args-path {path}")  # its own name in the message, not --data-path's
     return items
 
 
@@ -542,15 +615,15 @@ def read_data_args(path: str) -> list[str]:
 class OptimConfig:
     cli_group: ClassVar[str] = "optimizer"
 
-    lr: float = flag(3e-4)
-    min_lr: float = flag(3e-5)
-    weight_decay: float = flag(0.1)
-    adam_beta1: float = flag(0.9)
-    adam_beta2: float = flag(0.95)
-    adam_eps: float = flag(1e-8)
-    clip_grad: float = flag(1.0)
-    lr_warmup_iters: int = flag(0)
-    lr_decay_iters: int | None = flag(None, help="default: the training length")
+    lr: float = flag(3e-4, above=0)
+    min_lr: float = flag(3e-5, at_least=0)
+    weight_decay: float = flag(0.1, at_least=0)
+    adam_beta1: float = flag(0.9, at_least=0, below=1)
+    adam_beta2: float = flag(0.95, at_least=0, below=1)
+    adam_eps: float = flag(1e-8, above=0)
+    clip_grad: float = flag(1.0, at_least=0)
+    lr_warmup_iters: int = flag(0, at_least=0)
+    lr_decay_iters: int | None = flag(None, help="default: the training length", at_least=1)
     lr_decay_style: Literal["cosine", "linear", "constant", "WSD", "inverse-square-root"] = flag("cosine")
 
     def validate(self) -> None:
@@ -565,16 +638,16 @@ class OptimConfig:
 class TrainConfig:
     cli_group: ClassVar[str] = "training"
 
-    micro_batch_size: int = flag(1)
-    global_batch_size: int = flag(8)
-    train_iters: int | None = flag(None)
-    train_tokens: int | None = flag(None, parse=token_count, help="e.g. 5e10 (instead of --train-iters)")
-    seed: int = flag(1234)
+    micro_batch_size: int = flag(1, at_least=1)
+    global_batch_size: int = flag(8, at_least=1)
+    train_iters: int | None = flag(None, at_least=1)
+    train_tokens: int | None = flag(None, parse=token_count, help="e.g. 5e10 (instead of --train-iters)", at_least=1)
+    seed: int = flag(1234, at_least=0, at_most=2**32 - 1)
     bf16: bool = flag(False)
-    eval_interval: int = flag(0, help="0: no evaluation during training")
-    eval_iters: int = flag(10)
-    log_interval: int = flag(10)
-    exit_interval: int | None = flag(None, help="save and exit at this iteration")
+    eval_interval: int = flag(0, help="0: no evaluation during training", at_least=0)
+    eval_iters: int = flag(10, at_least=0)
+    log_interval: int = flag(10, at_least=1)
+    exit_interval: int | None = flag(None, help="save and exit at this iteration", at_least=1)
     dry_run: bool = flag(False, help="build everything, print the plan, exit")
     # Megatron-LM's flag: measure a checkpoint (a released parent) on the run's own validation and
     # test batches, so its losses compare with the runs trained from it
@@ -582,7 +655,7 @@ class TrainConfig:
                                         "(--eval-iters batches), save nothing, exit")
     max_skipped_nonfinite_steps: int = flag(
         3, help="skip a step whose loss or gradients are NaN/inf (no update); after this many in one run, "
-                "stop with an error (the last checkpoint stays the newest)")
+                "stop with an error (the last checkpoint stays the newest)", at_least=0)
 
     def validate(self, data_parallel_size: int, seq_length: int) -> None:
         _require(self.micro_batch_size > 0, "--micro-batch-size must be positive")
@@ -595,7 +668,8 @@ class TrainConfig:
         )
         _require((self.train_iters is None) != (self.train_tokens is None),
                  "give exactly one of --train-iters and --train-tokens")
-        _require(self.total_iters(seq_length) > 0, "training length must be at least one iteration")
+        _require(self.total_iters(seq_length) > 0,
+                 "--train-iters/--train-tokens: the training length must be at least one iteration")
         _require(self.log_interval > 0, "--log-interval must be positive")
         _require(self.eval_interval >= 0 and self.eval_iters >= 0, "--eval-interval/--eval-iters must be >= 0")
         _require(self.max_skipped_nonfinite_steps >= 0, "--max-skipped-nonfinite-steps must be >= 0")
@@ -612,11 +686,11 @@ class CheckpointConfig:
 
     save: str | None = flag(None)
     load: str | None = flag(None)
-    save_interval: int | None = flag(None)
+    save_interval: int | None = flag(None, at_least=1)
     no_load_optim: bool = flag(False)
     no_load_rng: bool = flag(False)
     finetune: bool = flag(False, help="load weights only; start at iteration 0 with a fresh optimizer")
-    keep_last: int | None = flag(None, help="keep only the newest N checkpoints")
+    keep_last: int | None = flag(None, help="keep only the newest N checkpoints", at_least=1)
     use_checkpoint_args: bool = flag(
         False, help="take the model shape from the --load checkpoint (e.g. after a shrink)")
     # Megatron-LM's names and meaning; without either, a resume whose schedule flags differ from
@@ -653,34 +727,36 @@ class PruneConfig:
     cli_group: ClassVar[str] = "pruning-aware pretraining (off unless a target is given)"
 
     target_params: int | None = flag(None, name="--prune-target-params", parse=whole_number,
-                                     help="final parameter count (e.g. 4e8)")
-    target_ratio: float | None = flag(None, name="--prune-target-ratio", help="final parameters / initial parameters")
+                                     help="final parameter count (e.g. 4e8)", at_least=1)
+    target_ratio: float | None = flag(None, name="--prune-target-ratio", above=0, below=1,
+                                      help="final parameters / initial parameters")
     # resuming a checkpoint that carries pruning state: it is kept and applied (and, without
     # --prune-* flags, its own pruning settings continue) unless one of these says otherwise
     end_pruning: bool = flag(
         False, help="with --load of a pruning checkpoint: keep its masks, remove no further groups")
     drop_state: bool = flag(False, name="--drop-pruning-state",
                             help="with --load of a pruning checkpoint: discard its masks (pruned groups train again)")
-    start_tokens: int = flag(0, name="--prune-start-tokens", parse=whole_number)
+    start_tokens: int = flag(0, name="--prune-start-tokens", parse=whole_number, at_least=0)
     end_tokens: int | None = flag(None, name="--prune-end-tokens", parse=whole_number,
-                                  help="default: the end of training")
-    interval: int = flag(10, name="--prune-interval", help="steps between pruning events")
+                                  help="default: the end of training", at_least=1)
+    interval: int = flag(10, name="--prune-interval", help="steps between pruning events", at_least=1)
     ramp: Literal["linear", "cubic"] = flag("linear", name="--prune-ramp")
     saliency: Literal["taylor", "fisher", "obs", "activation"] = flag("taylor")
     # vector-form sums cancel like sqrt(group size): README, issue 21
     taylor_form: Literal["vector", "element"] = flag("element", name="--saliency-taylor-form")
-    saliency_ema: float = flag(0.9, help="EMA factor across scoring steps")
+    saliency_ema: float = flag(0.9, help="EMA factor across scoring steps", at_least=0, below=1)
     obs_exact: bool = flag(False, name="--saliency-obs-exact",
                            help="obs: exact inverse of the layer-input Hessian (small layers)")
     types: tuple[PruneType, ...] = flag(
         ("heads", "ffn", "hidden"), name="--prune-types", parse=comma_list,
         help="comma-separated: heads, ffn, hidden, and optionally layers (whole layers)")
     granularity: Literal["uniform", "per-layer"] = flag("per-layer", name="--prune-granularity")
-    align: int | None = flag(None, name="--prune-align", help="channel alignment (default 8 on CPU, 64 on GPU)")
-    min_heads: int = flag(1, name="--prune-min-heads", help="minimum query groups per layer")
-    min_ffn: int = flag(0, name="--prune-min-ffn")
-    min_hidden: int = flag(0, name="--prune-min-hidden")
-    min_layers: int = flag(1, name="--prune-min-layers")
+    align: int | None = flag(None, name="--prune-align", at_least=1,
+                             help="channel alignment (default 8 on CPU, 64 on GPU)")
+    min_heads: int = flag(1, name="--prune-min-heads", help="minimum query groups per layer", at_least=1)
+    min_ffn: int = flag(0, name="--prune-min-ffn", at_least=0)
+    min_hidden: int = flag(0, name="--prune-min-hidden", at_least=0)
+    min_layers: int = flag(1, name="--prune-min-layers", at_least=1)
     # in-run shrink: token counts, or "auto" (end of pruning, and each time the kept parameter
     # fraction has fallen by shrink_every_fraction since the last shrink); --shrink-at sets both
     shrink_at: tuple = flag(
@@ -690,14 +766,14 @@ class PruneConfig:
     shrink_auto: bool = False
     shrink_every_fraction: float | None = flag(
         None, help="with --shrink-at auto: also shrink whenever the kept parameter fraction has fallen by "
-                   "this much since the last shrink")
+                   "this much since the last shrink", above=0, below=1)
     # the layout to continue on after an in-run shrink (None: keep the current one)
     shrink_tensor_parallel_size: int | None = flag(
         None, name="--shrink-tensor-model-parallel-size",
-        help="continue on this TP size after an in-run shrink (default: unchanged)")
+        help="continue on this TP size after an in-run shrink (default: unchanged)", at_least=1)
     shrink_pipeline_parallel_size: int | None = flag(
         None, name="--shrink-pipeline-model-parallel-size",
-        help="continue on this PP size after an in-run shrink (default: unchanged)")
+        help="continue on this PP size after an in-run shrink (default: unchanged)", at_least=1)
     # issue 21: allocation across types and safety on real pretrained models
     allocation: Literal["global", "proportional"] = flag(
         "global", name="--prune-allocation",
@@ -705,11 +781,11 @@ class PruneConfig:
              "the same fraction (a baseline)")
     max_step_fraction: float = flag(
         0.25, name="--prune-max-step-fraction",
-        help="one pruning event removes at most this fraction of the model's parameters")
+        help="one pruning event removes at most this fraction of the model's parameters", above=0, at_most=1)
     loss_jump_warn: float = flag(
         0.5, name="--prune-loss-jump-warn",
         help="warn (log, tensorboard, history) when the loss rises by more than this many nats from the step "
-             "before a pruning event to the step after it")
+             "before a pruning event to the step after it", above=0)
     # issue 16: OBS compensation of the surviving weights at each event (pretrain/pruning/compensation.py)
     compensation: Literal["none", "obs"] = flag(
         "none", name="--prune-compensation",
@@ -717,10 +793,11 @@ class PruneConfig:
              "removed channels (SparseGPT's OBS update with the input Hessian of recent steps)")
     compensation_window: int = flag(
         1, name="--prune-compensation-window",
-        help="--prune-compensation obs: steps before each event whose layer inputs form the Hessian")
+        help="--prune-compensation obs: steps before each event whose layer inputs form the Hessian", at_least=1)
     compensation_damp: float = flag(
         0.01, name="--prune-compensation-damp",
-        help="--prune-compensation obs: damping added to the Hessian's diagonal, as a fraction of its mean")
+        help="--prune-compensation obs: damping added to the Hessian's diagonal, as a fraction of its mean",
+        above=0, below=1e3)
     compensation_probe: bool = flag(
         False, name="--prune-compensation-probe",
         help="--prune-compensation obs: at each event, the --test-data-path loss (first --eval-iters batches) "
@@ -784,10 +861,11 @@ class DistillConfig:
                                help="a checkpoint (ours, or tools/convert_from_hf.py's) to distil from: frozen, "
                                     "same vocabulary and tokenizer; its own shape")
     weight: float = flag(1.0, name="--kd-weight", help="α: the KL's share of the loss, in [0, 1] "
-                                                        "(1: distillation only, Minitron's recipe)")
-    temperature: float = flag(1.0, name="--kd-temperature", help="T of both softmaxes")
+                                                        "(1: distillation only, Minitron's recipe)",
+                   at_least=0, at_most=1)
+    temperature: float = flag(1.0, name="--kd-temperature", help="T of both softmaxes", above=0)
     until_tokens: int | None = flag(None, name="--kd-until-tokens", parse=whole_number,
-                                    help="distil until this many training tokens, then train on CE alone")
+                                    help="distil until this many training tokens, then train on CE alone", at_least=1)
 
     @property
     def enabled(self) -> bool:
@@ -839,6 +917,9 @@ class PretrainConfig:
         if self.prune.enabled and self.prune.compensation_probe:
             _require(bool(self.data.test_data_path) and self.train.eval_iters > 0,
                      "--prune-compensation-probe needs --test-data-path (and --eval-iters > 0): it evaluates there")
+        for section in (self.model, self.parallel, self.data, self.optim, self.train, self.checkpoint, self.prune,
+                        self.distill):
+            check_ranges(section)  # after each section's own checks, which say more where they exist
         if self.parallel.engine == "deepspeed":
             self._validate_deepspeed_batch(world_size)
             self._validate_deepspeed_optimizer()

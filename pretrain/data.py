@@ -239,6 +239,21 @@ def index_cache_folder(data: DataConfig) -> str:
     return data.data_cache_path or os.path.join(data.all_prefixes()[0], "cache", "GPTDataset_indices")
 
 
+def require_index_cache(data: DataConfig) -> None:
+    """The index cache can be written where megatron-core will write it (beside the first dataset
+    unless --data-cache-path): a read-only dataset folder otherwise fails deep inside megatron-core
+    when the indices are built. A cache folder that exists already is left to megatron-core: it may
+    hold the indices of an earlier run, which are only read."""
+    from pretrain.outputs import require_writable
+
+    if data.mock_data:
+        return
+    folder = index_cache_folder(data)
+    if not os.path.isdir(folder):
+        require_writable(folder, "--data-cache-path" if data.data_cache_path else
+                         "the dataset index cache (default: beside the first dataset; --data-cache-path sets it)")
+
+
 def _builds_a_node_cache(data: DataConfig) -> bool:
     """Whether this rank builds the dataset indices into its node's cache although it is not
     global rank 0. megatron-core builds them on global rank 0 alone, and the other ranks, after a

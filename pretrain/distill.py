@@ -107,6 +107,8 @@ def resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer, world_size:
     if folder is None:
         raise ConfigError(f"--kd-teacher {path}: no checkpoint there (give a --save folder or one of its "
                           "iter_* folders, or a tools/convert_from_hf.py output)")
+    if ckpt.deepspeed_only(folder):  # before any process group, not at the teacher's load
+        raise ConfigError(f"--kd-teacher {path}: {ckpt.deepspeed_only(folder)}")
     state = ckpt.read_trainer_state(folder)
     teacher_vocab = state.get("vocab_size")
     if teacher_vocab is not None and int(teacher_vocab) != vocab_size:

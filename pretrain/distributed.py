@@ -174,18 +174,3 @@ def set_random_seed(seed: int) -> None:
     np.random.seed(stage_seed % (2**32))
     torch.manual_seed(stage_seed)
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In a helper process (the checkpoint save server): ask Linux for SIGKILL when the
-    parent dies, so a rank killed with SIGKILL leaves nothing running; exit if it already died."""
-    import ctypes
-    import signal
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the manager outlives a killed parent, as before
-        return
-    if os.getppid() != parent_pid:
-        os._exit(0)

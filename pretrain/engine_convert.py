@@ -16,7 +16,9 @@ evaluation and a megatron-engine resume (any TP/PP/DP) read it.
 ``--to deepspeed``: a megatron checkpoint is copied with its config set to ``--engine deepspeed``;
 a DeepSpeed run started with ``--load`` of it (or of any megatron-format checkpoint) loads the
 weights and the model-space AdamW state before DeepSpeed partitions them (``train.py``), then the
-trainer state, under any TP/DP layout (the DCP tensors reshard).
+trainer state, under any TP/DP layout (the DCP tensors reshard). ``--to deepspeed`` of a
+DeepSpeed checkpoint goes through the megatron format (``_repartition_deepspeed``): the way to
+continue a DeepSpeed run on another layout (its ZeRO partitions are per rank).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import time
 import torch
 
 from pretrain.config import PretrainConfig
+from pretrain.memory import check_model_fits
+from pretrain.outputs import require_new_folder
 
 
 class EngineConversionError(RuntimeError):
@@ -149,11 +153,13 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     engine_dir = os.path.join(folder, ckpt.ENGINE_DIR)
     if not os.path.isdir(engine_dir):
         raise EngineConversionError(f"{folder} is already a megatron-engine checkpoint (no {ckpt.ENGINE_DIR}/)")
-    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
-        raise EngineConversionError(f"--save {save} already exists; choose a new folder or remove it")
+    require_new_folder(save, "--save")
     state = ckpt.read_trainer_state(folder)
     cfg = PretrainConfig.from_dict(state["config"])
     vocab = int(state["vocab_size"])
+    check_model_fits(cfg.model.num_parameters(vocab)["total"], 8, folder,
+                     "two fp32 copies (consolidated, and the model) in one process",
+                     "convert it on a machine with more memory")
     tp = int((state.get("layout") or {}).get("tp_size") or cfg.parallel.tensor_model_parallel_size)
     # zero_to_fp32 unpickles with weights_only=False: every file must hold data only
     tag_dir = os.path.join(engine_dir, ckpt.ENGINE_TAG)
@@ -182,14 +188,9 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     new_state = {**state, "config": dataclasses.replace(cfg, parallel=parallel).to_dict(), "layout": {},
                  "optimizer_state": False,
                  "converted_from": {"path": os.path.abspath(folder), "engine": "deepspeed"}}
-    tmp = ckpt.staging_folder(save)
-    try:
+    with ckpt.staged_output(save) as tmp:
         written = ckpt.save_checkpoint(tmp, int(state["iteration"]), [model], ModelSpaceAdam([model], adam, step),
                                        new_state)
-        ckpt.publish_folder(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"folder": os.path.join(save, os.path.basename(written)), "iteration": int(state["iteration"]),
             "parameters": sum(p.numel() for p in model.parameters()), "tp": tp, "seconds": time.time() - start,
             "adam_step": step,
@@ -209,18 +210,16 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
     if folder is None:
         raise EngineConversionError(f"--load {load}: no valid checkpoint there")
     if os.path.isdir(os.path.join(folder, ckpt.ENGINE_DIR)):
-        raise EngineConversionError(f"{folder} is already a DeepSpeed checkpoint")
+        return _repartition_deepspeed(folder, save)
     carries = has_adam_state(folder)
-    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
-        raise EngineConversionError(f"--save {save} already exists; choose a new folder or remove it")
+    require_new_folder(save, "--save")
     state = ckpt.read_trainer_state(folder)
     cfg = PretrainConfig.from_dict(state["config"])
     parallel = dataclasses.replace(cfg.parallel, engine="deepspeed", pipeline_model_parallel_size=1)
     iteration = int(state["iteration"])
     new_state = {**state, "config": dataclasses.replace(cfg, parallel=parallel).to_dict(), "optimizer_state": False,
                  "converted_from": {"path": os.path.abspath(folder), "engine": "megatron"}}
-    tmp = ckpt.staging_folder(save)
-    try:
+    with ckpt.staged_output(save) as tmp:
         staged = tmp + "/" + os.path.basename(ckpt.iteration_dir(tmp, iteration)) + ".tmp"
         # the DCP folder (weights and megatron-core's model-space AdamW state, which a DeepSpeed run
         # reads) and the RNG states
@@ -229,16 +228,29 @@ def megatron_to_deepspeed(load: str, save: str) -> dict:
             shutil.copytree(os.path.join(folder, "rng"), os.path.join(staged, "rng"))
         torch.save(new_state, os.path.join(staged, ckpt.TRAINER_STATE))
         ckpt.publish_checkpoint(tmp, iteration, staged)
-        ckpt.publish_folder(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"folder": ckpt.iteration_dir(save, iteration), "iteration": iteration,
             "parameters": cfg.model.num_parameters(int(state["vocab_size"]))["total"], "tp": None,
             "seconds": time.time() - start,
             "note": f"start it with python -m pretrain --engine deepspeed --load {save} (any TP x DP, PP 1); "
                     + ("the AdamW state carries over" if carries else
                        "it holds no AdamW state (weights only): the Adam moments start at zero")}
+
+
+def _repartition_deepspeed(folder: str, save: str) -> dict:
+    """A DeepSpeed checkpoint for ``--engine deepspeed`` on any layout (its ZeRO partitions are
+    per rank of the layout that wrote it): through the layout-free megatron format, in a
+    temporary folder beside ``save`` that is removed afterwards."""
+    start = time.time()
+    require_new_folder(save, "--save")
+    via = os.path.abspath(save).rstrip("/") + ".megatron.tmp"
+    shutil.rmtree(via, ignore_errors=True)
+    try:
+        deepspeed_to_megatron(folder, via)
+        summary = megatron_to_deepspeed(via, save)
+    finally:
+        shutil.rmtree(via, ignore_errors=True)
+    return {**summary, "seconds": time.time() - start, "note": "re-partitioned (the DeepSpeed checkpoint's ZeRO partitions consolidated, any "
+                               "layout can load it); " + summary["note"]}
 
 
 def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:

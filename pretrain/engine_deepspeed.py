@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import torch
 
@@ -158,9 +159,12 @@ def build_deepspeed_engine(cfg: PretrainConfig, model) -> "DeepSpeedEngine":
 
     from megatron.core import parallel_state as ps
 
-    from pretrain.distributed import print_rank0
+    from pretrain.distributed import launch_environment, print_rank0
 
     _quiet_cpu_comm()
+    # DeepSpeed asserts on LOCAL_RANK, which only torchrun sets: a plain `python -m pretrain`
+    # (a world of one) or another launcher has its local rank from launch_environment
+    os.environ.setdefault("LOCAL_RANK", str(launch_environment()[2]))
     settings, notes = deepspeed_settings(cfg, ps.get_data_parallel_world_size())
     for note in notes:
         print_rank0(note)

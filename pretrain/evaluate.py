@@ -14,25 +14,32 @@ import math
 import torch
 
 from pretrain.config import ConfigError, DataConfig, ParallelConfig, PretrainConfig, TrainConfig
+from pretrain.memory import check_model_fits, local_ranks
 
 
 def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | None = None,
                         tokenizer_model: str | None = None, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                         micro_batch_size: int = 1, seq_length: int | None = None,
-                        max_samples: int | None = None) -> dict:
+                        max_samples: int | None = None, data_cache_path: str | None = None) -> dict:
     from megatron.core import parallel_state as ps
 
-    from pretrain.data import MicroBatchIterator, build_datasets, check_datasets, load_tokenizer
+    from pretrain.data import MicroBatchIterator, build_datasets, check_datasets, load_tokenizer, require_index_cache
     from pretrain.distributed import init_distributed, launch_environment, set_random_seed
     from pretrain.resume import checkpoint_vocab
 
     folder, state, saved, data = _checkpoint_and_data(load, data_path, tokenizer_type, tokenizer_model)
+    data = dataclasses.replace(data, data_cache_path=data_cache_path)
     model_cfg = dataclasses.replace(saved.model, seq_length=seq_length or saved.model.seq_length)
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
     parallel.validate(model_cfg, launch_environment()[1])
     tokenizer = load_tokenizer(data)
     vocab = checkpoint_vocab((folder, state), tokenizer.vocab_size, tensor_parallel)
+    check_model_fits(model_cfg.num_parameters(vocab)["total"] / (tensor_parallel * pipeline_parallel),
+                     2 if saved.train.bf16 else 4, folder, "each rank's share of the weights",
+                     "evaluate it over more ranks (--tensor/pipeline-model-parallel-size)", local_ranks=local_ranks(),
+                     device=True)
 
+    require_index_cache(data)
     layout = init_distributed(tensor_parallel, pipeline_parallel)
     # before the model is built and loaded: unreadable data, or ids the model cannot embed
     # (which TP>1 would mask in silence, reporting a perplexity of other data), stop here

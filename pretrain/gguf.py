@@ -76,6 +76,17 @@ def check_gguf(path: str) -> collections.Counter:
     return types
 
 
+def _check_fits(hf: dict, path: str) -> None:
+    """The shape in the GGUF header against memory, before anything is dequantized: transformers'
+    fp32 model and our copy of its state are held at once."""
+    from pretrain.hf import model_config_from_hf
+    from pretrain.memory import check_model_fits
+
+    model = model_config_from_hf(hf, path)
+    check_model_fits(model.num_parameters(int(hf["vocab_size"]))["total"], 8, path,
+                     "two fp32 copies (dequantized) in one process", "import it on a machine with more memory")
+
+
 def read_gguf(path: str) -> tuple[dict, dict, str, dict]:
     """(HF config dict, dequantized fp32 state dict, a temporary folder with its tokenizer, tensors
     per quantization type). The caller removes the tokenizer folder."""
@@ -85,7 +96,12 @@ def read_gguf(path: str) -> tuple[dict, dict, str, dict]:
     types = check_gguf(path)
     folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)  # the header only
+    except (ValueError, KeyError, NotImplementedError, OSError) as err:
+        raise ConversionError(f"{path}: transformers cannot read this GGUF's header ({type(err).__name__}: "
+                              f"{str(err)[:300]})") from None
+    _check_fits(config.to_dict(), path)
+    try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError, OSError) as err:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import ConfigError, DataConfig, ModelConfig, ParallelConfig, PretrainConfig
+from pretrain.memory import check_model_fits
+from pretrain.outputs import require_new_folder
 
 SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 _REMOTE_CODE = os.path.join(os.path.dirname(__file__), "hf_remote_code")
@@ -70,9 +72,13 @@ def load_full_weights(load: str) -> FullWeights:
     folder = ckpt.find_checkpoint(load)
     if folder is None:
         raise ConversionError(f"--load {load}: no valid checkpoint there")
+    if ckpt.deepspeed_only(folder):
+        raise ConversionError(ckpt.deepspeed_only(folder))
     state = ckpt.read_trainer_state(folder)
     cfg = PretrainConfig.from_dict(state["config"])
     vocab = int(state["vocab_size"])
+    check_model_fits(cfg.model.num_parameters(vocab)["total"], 4, folder, "fp32 weights in one process",
+                     "convert it on a machine with more memory")
     model = _build_single(cfg.model, vocab)
     ckpt.load_checkpoint(folder, [model], None, load_optim=False, load_rng=False)
     tensors = {name: p.detach() for name, p in model.named_parameters()}
@@ -92,11 +98,6 @@ def load_full_weights(load: str) -> FullWeights:
 
 
 # --- export ---------------------------------------------------------------------------------------
-
-def _check_new_folder(save: str) -> None:
-    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
-        raise ConversionError(f"--save {save} already exists; choose a new folder or remove it")
-
 
 def _export_tokenizer(weights: FullWeights, tokenizer_model: str | None, tmp: str):
     from data_prep.tokenizers import TokenizerError, build_tokenizer, infer_tokenizer_type
@@ -235,13 +236,12 @@ def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise ConversionError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16")
-    _check_new_folder(save)
+    require_new_folder(save, "--save")
     weights = load_full_weights(load)
     model = weights.config.model
-    from pretrain.checkpoint import publish_folder, staging_folder
+    from pretrain.checkpoint import staged_output
 
-    tmp = staging_folder(save)
-    try:
+    with staged_output(save) as tmp:
         tokenizer, special_ids = _export_tokenizer(weights, tokenizer_model, tmp) if export_tokenizer else (None, {})
         imported = weights.trainer_state.get("imported_from") or {}
         # the real vocabulary: the padding rows megatron adds for TP are not part of the model
@@ -263,10 +263,6 @@ def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | 
         tensors = hf_state_dict(weights, vocab, zero_o_proj_bias=config["model_type"] == "llama"
                                 and bool(config.get("attention_bias")))
         files = save_safetensors(tensors, tmp, torch_dtype, shard_bytes)
-        publish_folder(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"folder": save, "architecture": config["architectures"][0], "vocab_size": vocab,
             "shrunk": weights.shrunk, "files": files, "source": weights.folder,
             "parameters": sum(t.numel() for t in tensors.values()), "tokenizer": tokenizer is not None}
@@ -470,7 +466,7 @@ def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel:
 
     gguf_file = find_gguf(load)
     if gguf_file is not None:
-        _check_new_folder(save)
+        require_new_folder(save, "--save")
         hf, loaded, tokenizer_dir, quantization = read_gguf(gguf_file)
         try:
             summary = _import(hf, _HFTensors(gguf_file, loaded), gguf_file, tokenizer_dir, save,
@@ -480,7 +476,7 @@ def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel:
         return {**summary, "quantization": quantization}
     hf = _read_hf_config(load)
     model_config_from_hf(hf, os.path.join(load, "config.json"))  # refused before any weight is read
-    _check_new_folder(save)
+    require_new_folder(save, "--save")
     return _import(hf, None, load, load, save, tensor_parallel, pipeline_parallel, make_vocab_size_divisible_by)
 
 
@@ -535,16 +531,15 @@ def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tens
     except ConfigError as err:
         raise ConversionError(f"the model does not fit --tensor-model-parallel-size {tensor_parallel} x "
                               f"--pipeline-model-parallel-size {pipeline_parallel}: {err}") from None
-    tensors = tensors or _HFTensors(load)
     hf_vocab = int(hf["vocab_size"])
     vocab = model_cfg.padded_vocab_size(hf_vocab, tensor_parallel)
+    check_model_fits(model_cfg.num_parameters(vocab)["total"], 4, config_path, "fp32 weights in one process",
+                     "import it on a machine with more memory")
+    tensors = tensors or _HFTensors(load)
     model = _build_single(model_cfg, vocab)
     _copy_hf_weights(model, tensors, model_cfg, hf_vocab, load)
     _check_all_used(tensors, model_cfg, load)
-    from pretrain.checkpoint import publish_folder, staging_folder
-
-    tmp = staging_folder(save)
-    try:
+    with ckpt.staged_output(save) as tmp:
         # the tokenizer goes inside the checkpoint: training, evaluation and export find it there
         recorded = copy_tokenizer(tokenizer_source, os.path.join(tmp, "tokenizer"))
         _checked_tokenizer(recorded, hf_vocab, load)
@@ -556,10 +551,6 @@ def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tens
                  "imported_from": {"path": os.path.abspath(load), "vocab_size": hf_vocab,
                                    "architecture": (hf.get("architectures") or ["?"])[0]}}
         folder = ckpt.save_checkpoint(tmp, 0, [model], None, state)
-        publish_folder(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"folder": os.path.join(save, os.path.basename(folder)), "vocab_size": vocab, "hf_vocab_size": hf_vocab,
             "parameters": sum(p.numel() for p in model.parameters()), "config": cfg,
             "tokenizer": final_tokenizer if recorded else None}

@@ -157,15 +157,11 @@ def activation_memory_lower_bound(model_cfg: ModelConfig, micro_batch_size: int,
 
 
 def available_memory_per_rank(local_world_size: int) -> int | None:
-    """Bytes this rank may use: the GPU's total, or this node's available RAM shared by its ranks."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[1])
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024 // max(local_world_size, 1)
-    except (OSError, KeyError, ValueError):
-        return None
+    """Bytes this rank may use: the GPU's total, or its share of the host's (cgroup limit included)."""
+    from pretrain.memory import memory_available
+
+    have = memory_available(local_world_size, device=True)
+    return have[0] if have else None
 
 
 def check_activation_memory(model_cfg: ModelConfig, train: TrainConfig, vocab_size: int,

@@ -31,6 +31,7 @@ import torch
 from pretrain import layout
 from pretrain.config import ConfigError, PretrainConfig
 from pretrain.dcp_stream import DCPFormatError
+from pretrain.outputs import OutputError, require_writable, write_failure
 
 
 class ShrinkError(ValueError):
@@ -54,6 +55,7 @@ def _check_save_folder(save: str, overwrite: bool) -> None:
     replaced and its ``latest`` rewound) unless asked to; ``.tmp`` leftovers of an interrupted
     reshard do not count."""
     if not os.path.exists(save):
+        _require_writable(save)
         return
     if not os.path.isdir(save):
         raise ShrinkError(f"--save {save} exists and is not a folder; choose a new folder")
@@ -63,6 +65,14 @@ def _check_save_folder(save: str, overwrite: bool) -> None:
                           f"{', ...' if len(entries) > 3 else ''}): choose a new folder, or pass --overwrite "
                           "to replace the checkpoint of the same iteration there and point its latest file "
                           "at the new one")
+    _require_writable(save)
+
+
+def _require_writable(save: str) -> None:
+    try:
+        require_writable(save, "--save")
+    except OutputError as err:
+        raise ShrinkError(str(err)) from None
 
 
 def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: int | None = None,
@@ -99,6 +109,8 @@ def _source_checkpoint(load: str, save: str, overwrite: bool) -> str:
     if folder is None:
         reasons = f" ({'; '.join(skipped)})" if skipped else ""
         raise ShrinkError(f"--load {load}: no valid checkpoint there{reasons}")
+    if ckpt.deepspeed_only(folder):
+        raise ShrinkError(ckpt.deepspeed_only(folder))
     if os.path.abspath(save) == os.path.abspath(load):
         raise ShrinkError("--save must differ from --load (the source checkpoint is kept)")
     _check_save_folder(save, overwrite)
@@ -201,7 +213,10 @@ def _as_shrink_error(err: BaseException, tmp: str) -> BaseException:
 
     if isinstance(err, DCPFormatError):
         return ShrinkError(str(err))
-    if isinstance(err, (OSError, CheckpointException)) or (isinstance(err, RuntimeError) and ckpt.is_disk_full(err, tmp)):
+    failure = write_failure(err, os.path.dirname(tmp), "--save", under=tmp)
+    if failure is not None:
+        return ShrinkError(str(failure))
+    if isinstance(err, (OSError, CheckpointException)):
         return ShrinkError(f"{ckpt.save_failure_message(err, tmp)}; the incomplete folder was removed")
     return err
 

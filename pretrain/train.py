@@ -24,7 +24,13 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     the next segment continues from it (same step, data position and LR schedule).
     """
     from pretrain import run_lock
+    from pretrain.data import require_index_cache
+    from pretrain.outputs import require_writable
 
+    for flag, path in (("--save", cfg.checkpoint.save), ("--tensorboard-dir", cfg.logging.tensorboard_dir)):
+        if path:  # found now, not at the first save after hours of training
+            require_writable(path, flag)
+    require_index_cache(cfg.data)
     segments = []
     try:
         while True:
@@ -149,6 +155,9 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     _print_plan(cfg, layout, vocab_size, counts, peeked, pruning_note)
     if cfg.train.dry_run:
         return {"dry_run": True, "parameters": counts, "layout": layout}
+    from pretrain.memory import check_training_memory
+
+    check_training_memory(cfg, vocab_size, layout["dp_size"], teacher)  # before anything is allocated
 
     model_chunks, optimizer, scheduler = _build_model_and_optimizer(cfg, vocab_size, plain_megatron_spec, peeked)
     resume = _load_checkpoint(cfg, peeked, model_chunks, optimizer)
@@ -523,6 +532,15 @@ def _pruning_warnings(cfg: PretrainConfig, counts: dict, total_iters: int, peeke
     if prune.start_tokens >= run_tokens:
         notes.append(f"WARNING: the pruning window starts at {prune.start_tokens:,} tokens "
                      f"(--prune-start-tokens), after this run's last token ({run_tokens:,}): this run prunes nothing")
+    elif prune.end_tokens is not None and prune.end_tokens > run_tokens:
+        done = (run_tokens - prune.start_tokens) / (prune.end_tokens - prune.start_tokens)
+        notes.append(f"WARNING: --prune-end-tokens {prune.end_tokens:,} is past this run's last token "
+                     f"({run_tokens:,}): it stops {done:.0%} of the way through the pruning window, above the target; "
+                     "continue it with --load and a longer --train-iters/--train-tokens to reach the target")
+    late = [t for t in prune.shrink_at if t > run_tokens]
+    if late:
+        notes.append(f"WARNING: --shrink-at {','.join(map(str, late))}: past this run's last token ({run_tokens:,}), "
+                     "so no shrink there in this run (a resumed, longer run does it)")
     resumed = bool(peeked) and PruningState.stored_dict(peeked[1]) is not None
     if prune.target_params is not None and not resumed and prune.target_params >= counts["total"]:
         notes.append(f"WARNING: --prune-target-params {prune.target_params:,} is not below the model's "

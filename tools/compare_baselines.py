@@ -45,7 +45,8 @@ from pretrain.compare.arms import ARMS, Context, Data, family_of  # noqa: E402
 from pretrain.compare.campaign import (Campaign, check_corpus, check_parent, check_parent_tokenizer,  # noqa: E402
                                        check_reachable, check_test_set, format_command, training_tokens_available)
 from pretrain.compare.recipes import RECIPES, get_recipe  # noqa: E402
-from pretrain.config import ConfigError  # noqa: E402
+from pretrain.config import ConfigError, ranged  # noqa: E402
+from pretrain.outputs import require_writable  # noqa: E402
 
 # what must not change when a comparison is resumed
 _SETTINGS = ("recipe", "data_path", "tokenizer_model", "tokenizer_type", "test_data_path", "seeds", "parent",
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-type", help="default: from the tokenizer file, as in python -m pretrain")
     p.add_argument("--test-data-path", nargs="+", required=True,
                    help="held-out data that no run trains or selects on (not a --data-path prefix)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; every run is repeated per seed")
+    p.add_argument("--seeds", type=ranged(int, at_least=1), default=3, help="seeds 0..N-1; every run is repeated per seed")
     p.add_argument("--out", required=True, help="folder of the comparison")
     p.add_argument("--arms", help=f"comma-separated, from {', '.join(ARMS)} (what they need is added; "
                    f"{', '.join(arms.OPT_IN)} only when named); a real-parent recipe: from "
@@ -97,6 +98,8 @@ def _check_out(args: argparse.Namespace) -> None:
                               f"comparison in {args.out} ({plan_path}); resume with the same settings")
     elif os.path.isdir(args.out) and os.listdir(args.out) and not args.dry_run:
         raise ConfigError(f"--out {args.out} is not empty and holds no comparison: give an empty or new folder")
+    if not args.dry_run:
+        require_writable(args.out, "--out")
 
 
 def _validate(args: argparse.Namespace):
@@ -240,21 +243,21 @@ def _submit_slurm(args, recipe, runs: list[str], seeds: list[int], dry_run: bool
     submit("report", list(job_ids), None, 1)
 
 
-def _run_only(campaign: Campaign, only: str) -> None:
-    """One run (a Slurm job): plan it from the results on disk, run it."""
+def _run_only(campaign: Campaign, only: str) -> dict | None:
+    """One run (a Slurm job): plan it from the results on disk, run it; its result (None: it
+    could not start, its prerequisites did not finish)."""
     campaign.load_results()
     parts = only.split(":")
     family = campaign.family
     if parts[0] == "sweep":
         sweep, lr = parts[1], float(parts[2])
-        campaign._run_if_possible(family.sweep_run[sweep], campaign.seeds[0], sweep=True, lr=lr)
-        return
+        return campaign._run_if_possible(family.sweep_run[sweep], campaign.seeds[0], sweep=True, lr=lr)
     run, seed = parts[0], int(parts[1])
     if run not in family.runs:
         raise ConfigError(f"--only {only}: no run {run}")
     for sweep in family.sweeps:  # a sweep whose rates all finished decides; otherwise the recipe's first
         campaign.ctx.lrs.setdefault(sweep, campaign._chosen_lr(sweep) or campaign.recipe.lrs[0])
-    campaign._run_if_possible(run, seed)
+    return campaign._run_if_possible(run, seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,8 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only:
         _save_plan(args, recipe, runs, seeds)
     try:
-        if args.only:
-            _run_only(campaign, args.only)
+        if args.only:  # a Slurm job: its exit code says whether its run finished
+            result = _run_only(campaign, args.only)
+            if not result or result.get("status") != "ok":
+                print(f"error: --only {args.only}: " + (result or {}).get("reason", "it could not start"),
+                      file=sys.stderr)
+                return 1
             return 0
         if not args.report_only:
             campaign.run_all()
@@ -320,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
 
     write_report(ctx.out, recipe, seeds, ctx.results, ctx.lrs, notes, command)
     print(f"report: {os.path.join(ctx.out, 'report.md')}")
+    unfinished = sorted(f"{run}:{seed}" for (run, seed), r in ctx.results.items() if r.get("status") != "ok")
+    if unfinished and not args.report_only:  # the report holds what finished; the exit code says not all did
+        print(f"error: {len(unfinished)} run(s) did not finish ({', '.join(unfinished[:6])}"
+              f"{' ...' if len(unfinished) > 6 else ''}): see the report; --resume retries them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,7 +7,8 @@ checkpoint through DeepSpeed's consolidated ZeRO partitions: the weights, the fp
 both Adam moments and the Adam step, with the same iteration, data position, LR schedule and
 pruning state; the shrink tool, HF export, evaluation and ``--engine megatron`` then read it.
 ``--to deepspeed``: a megatron checkpoint (weights and AdamW state) is copied for a DeepSpeed
-run, which reads both; the command says how to start from it.
+run, which reads both; the command says how to start from it. ``--to deepspeed`` of a DeepSpeed
+checkpoint re-partitions it for any layout (a run on another DP/TP size than the one that saved it).
 Runs in one process.
 """
 

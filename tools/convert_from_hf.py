@@ -22,22 +22,24 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools._single_process import quiet_start, run_reporting_errors  # noqa: E402
+from pretrain.config import ranged  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="HuggingFace model folder (config.json + safetensors), or a .gguf file (or a folder holding one)")
     p.add_argument("--save", required=True, help="new checkpoint folder")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--tensor-model-parallel-size", type=ranged(int, at_least=1), default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=ranged(int, at_least=1), default=1)
+    p.add_argument("--make-vocab-size-divisible-by", type=ranged(int, at_least=1), default=128)
     args = p.parse_args(argv)
     quiet_start()
+    from pretrain.checkpoint import CheckpointError
     from pretrain.hf import ConversionError, import_hf
 
     r, status = run_reporting_errors(lambda: import_hf(
         args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-        args.make_vocab_size_divisible_by), (ConversionError,))
+        args.make_vocab_size_divisible_by), (ConversionError, CheckpointError))
     if status:
         return status
     m = r["config"].model

@@ -17,6 +17,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools._single_process import quiet_start, run_reporting_errors  # noqa: E402
+from pretrain.config import ranged  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--tokenizer-model", help="the tokenizer, when the path in the checkpoint is stale")
     p.add_argument("--no-tokenizer", action="store_true", help="export the model without a tokenizer")
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    p.add_argument("--max-shard-size-gb", type=ranged(float, above=0), default=5.0,
+                   help="largest safetensors file (GB)")
     args = p.parse_args(argv)
     quiet_start()
     from pretrain.checkpoint import CheckpointError

@@ -40,6 +40,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.config import ranged  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_TASKS = REPO / "eval" / "lm_eval_tasks"
 
@@ -133,31 +135,24 @@ def _benchmark_scalars(tensorboard_dir: str, folder: str, results: dict) -> None
     writer.close()
 
 
-def _write_json_atomically(path: str, results: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", help="checkpoint for held-out perplexity")
     p.add_argument("--data-path", nargs="+", help="indexed dataset prefix(es), as for pretraining")
     p.add_argument("--tokenizer-type")
     p.add_argument("--tokenizer-model", help="default: the tokenizer recorded in the checkpoint")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--seq-length", type=int)
-    p.add_argument("--max-samples", type=int, help="evaluate at most this many sequences")
+    p.add_argument("--tensor-model-parallel-size", type=ranged(int, at_least=1), default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=ranged(int, at_least=1), default=1)
+    p.add_argument("--micro-batch-size", type=ranged(int, at_least=1), default=1)
+    p.add_argument("--seq-length", type=ranged(int, at_least=1))
+    p.add_argument("--max-samples", type=ranged(int, at_least=1), help="evaluate at most this many sequences")
+    p.add_argument("--data-cache-path", help="where the dataset's index cache goes (default: beside the dataset)")
     p.add_argument("--hf-model", help="HuggingFace folder for lm-evaluation-harness tasks")
     p.add_argument("--tasks", help="with --hf-model: comma-separated lm-eval task names (default "
                    "pydoc_next_sentence); with --load: benchmarks of pretrain.benchmarks (paper = the seven "
                    "common-sense tasks; mmlu)")
     p.add_argument("--limit", type=int, help="at most this many documents per task (the first ones)")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size; with --load --tasks: rows per batch")
+    p.add_argument("--batch-size", type=ranged(int, at_least=1), default=8, help="lm-eval batch size; with --load --tasks: rows per batch")
     p.add_argument("--num-fewshot", type=int, default=0, choices=(0, 5),
                    help="--load --tasks: 0- or 5-shot requests (the benchmark data has these two)")
     p.add_argument("--per-document", action="store_true", help="--load --tasks: every document's scores in --output")
@@ -171,13 +166,25 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         code, results = run_benchmarks(args)
         if results is not None and args.output:
-            _write_json_atomically(args.output, results)
+            from pretrain.outputs import write_output_file
+
+            write_output_file(args.output, json.dumps(results, indent=2), "--output")
         return code
     if args.load and args.tasks and args.data_path:
         p.error("give --tasks (benchmarks) or --data-path (perplexity) with --load, not both")
     args.tasks = args.tasks or "pydoc_next_sentence"
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit {args.limit}: give a positive number of documents per task")
     if bool(args.load) == bool(args.hf_model):
         p.error("give either --load (with --data-path) for perplexity, or --hf-model for lm-eval tasks")
+    from pretrain.outputs import OutputError, require_writable, write_output_file
+
+    try:
+        if args.output:  # before the evaluation, not after it
+            require_writable(args.output, "--output", folder=False)
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import warnings
 
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             results = evaluate_perplexity(
                 args.load, args.data_path, args.tokenizer_type, args.tokenizer_model,
                 args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.micro_batch_size,
-                args.seq_length, args.max_samples)
+                args.seq_length, args.max_samples, args.data_cache_path)
         except (ConfigError, CheckpointError, TokenizerError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -209,8 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         print_rank0(f"{results['checkpoint']}: loss {results['loss']:.4f}, perplexity {results['perplexity']:.3f} "
                     f"over {results['samples']} sequences ({results['tokens']:,} tokens)")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+        try:
+            write_output_file(args.output, json.dumps(results, indent=2), "--output")
+        except OutputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     return 0
 
 

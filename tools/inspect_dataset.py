@@ -22,6 +22,7 @@ from data_prep.indexed_dataset import (  # noqa: E402
     DatasetError, DatasetManifest, manifest_path, max_token_id, read_index_header, read_manifest,
 )
 from data_prep.tokenizers import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
+from pretrain.config import ranged  # noqa: E402
 
 
 def describe_manifest(prefix: str, manifest: DatasetManifest | None, max_sources: int = 10) -> list[str]:
@@ -100,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("prefix", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
     p.add_argument("--tokenizer-model")
-    p.add_argument("--vocab-size", type=int)
-    p.add_argument("--num-docs", type=int, default=3)
-    p.add_argument("--max-chars", type=int, default=500)
+    p.add_argument("--vocab-size", type=ranged(int, at_least=1))
+    p.add_argument("--num-docs", type=ranged(int, at_least=0), default=3)
+    p.add_argument("--max-chars", type=ranged(int, at_least=1), default=500)
     args = p.parse_args(argv)
     tokenizer = None
     try:

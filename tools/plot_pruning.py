@@ -13,6 +13,12 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.outputs import require_writable  # noqa: E402
 
 
 def load_history(run_dir: str) -> list[dict]:
@@ -36,6 +42,7 @@ def plot(run_dir: str, out_dir: str | None = None) -> list[str]:
         raise ValueError("the pruning history is empty")
     base = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
     out_dir = out_dir or os.path.join(base, "plots")
+    require_writable(out_dir, "--out")
     os.makedirs(out_dir, exist_ok=True)
     tokens = [r["tokens"] / 1e6 for r in history]
     written = []
@@ -76,7 +83,7 @@ def main(argv=None) -> int:
     try:
         for path in plot(args.run_dir, args.out):
             print(f"wrote {path}")
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # OutputError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -62,6 +62,8 @@ from data_prep.merge import MergeError, merge_datasets  # noqa: E402
 from data_prep.tokenizers import (  # noqa: E402
     TOKENIZER_TYPES, TokenizerError, build_tokenizer, infer_tokenizer_type,
 )
+from data_prep.processes import die_with_parent  # noqa: E402
+from pretrain.config import ranged  # noqa: E402
 
 
 class PreprocessError(Exception):
@@ -108,6 +110,13 @@ def _init_worker(tokenizer_args: dict, json_keys: list[str], append_eod: bool,
         tokenizer=build_tokenizer(**tokenizer_args), json_keys=json_keys, append_eod=append_eod,
         skip_bad_lines=skip_bad_lines, dtype=dtype, threads=threads,
     )
+
+
+def _init_pool_worker(parent_pid: int, *init_args) -> None:
+    """A pool worker: dies with the process that owns the pool (a SIGKILLed preprocess or
+    --partitions share leaves no encoder behind), then the encoder's state."""
+    die_with_parent(parent_pid)
+    _init_worker(*init_args)
 
 
 def _tokenize_batch(tokenizer, texts: list[str], threads: int) -> list[list[int]]:
@@ -397,10 +406,11 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
     return f"{output_prefix}_{key}_document"
 
 
-def remove_stale_outputs(prefixes: list[str]) -> list[str]:
-    """Remove the temporaries that a killed run left under these prefixes (one-line note)."""
-    removed = [path for prefix in prefixes for final in (prefix + ".bin", prefix + ".idx", manifest_path(prefix))
-               for path in remove_stale_temporaries(final)]
+def remove_stale_outputs(prefixes: list[str], folders: tuple[str, ...] = ()) -> list[str]:
+    """Remove the temporaries that a killed run left under these prefixes, and its ``FOLDER.tmp-PID``
+    working folders (--partitions), those of a process still alive excepted (one-line note)."""
+    finals = [final for prefix in prefixes for final in (prefix + ".bin", prefix + ".idx", manifest_path(prefix))]
+    removed = [path for final in (*finals, *folders) for path in remove_stale_temporaries(final)]
     if removed:
         print(f"removed {len(removed)} temporary file(s) of an earlier run that is no longer running: "
               f"{', '.join(removed)}", file=sys.stderr)
@@ -494,7 +504,8 @@ def preprocess(
         dtype=np.uint16 if tokenizer.vocab_size < 65500 else np.int32, json_keys=tuple(json_keys),
         append_eod=append_eod, skip_bad_lines=skip_bad_lines, chunk_bytes=chunk_bytes,
         log_interval=log_interval, threads_per_worker=threads_per_worker)
-    remove_stale_outputs([output_prefix_for(output_prefix, k) for k in json_keys] + [output_prefix + ".partitions"])
+    remove_stale_outputs([output_prefix_for(output_prefix, k) for k in json_keys],
+                         folders=(output_prefix + ".partitions",))
     start = time.time()
     if partitions == 1:
         summary = _encode([Segment(f) for f in files], output_prefix, settings, workers, progress,
@@ -536,7 +547,7 @@ def _encode(segments: list[Segment], output_prefix: str, settings: _Settings, wo
             results: Iterator[ChunkResult] = map(encode_chunk, chunks)
         else:
             pool = get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-                workers, initializer=_init_worker, initargs=init_args)
+                workers, initializer=_init_pool_worker, initargs=(os.getpid(), *init_args))
             results = _ordered_bounded(pool, chunks, 2 * workers)
         next_log = settings.log_interval
         for result in results:
@@ -599,8 +610,9 @@ def _manifest_fields(summary: Summary, settings: _Settings, key: str) -> dict:
 
 
 def _partition_main(conn, segments: list[Segment], prefix: str, settings: _Settings, workers: int,
-                    index: int) -> None:
+                    index: int, parent_pid: int) -> None:
     """One --partitions share, in its own process: its Summary (or its error) goes to ``conn``."""
+    die_with_parent(parent_pid)  # a SIGKILLed preprocess must not leave its shares encoding
     # stopped by the parent (another share failed): unwind, so that the pool and temporaries go too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -632,7 +644,7 @@ def _encode_partitioned(files: list[str], output_prefix: str, settings: _Setting
             receiver, sender = context.Pipe(duplex=False)
             process = context.Process(target=_partition_main, args=(
                 sender, segments, os.path.join(workdir, f"part{index:04d}"), settings,
-                workers // partitions, index))
+                workers // partitions, index, os.getpid()))
             process.start()
             sender.close()
             running.append((index, process, receiver))
@@ -727,8 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: HuggingFaceTokenizer for a HF folder or tokenizer.json, else "
                         "GPTSentencePieceTokenizer (as the trainer infers it)")
     g.add_argument("--tokenizer-model", help="sentencepiece .model, or tokenizer.json / its folder")
-    g.add_argument("--vocab-size", type=int, default=None, help="for NullTokenizer")
-    g.add_argument("--eod-id", type=int, default=None, help="override the end-of-document id")
+    g.add_argument("--vocab-size", type=ranged(int, at_least=1), default=None, help="for NullTokenizer")
+    g.add_argument("--eod-id", type=ranged(int, at_least=0), default=None, help="override the end-of-document id")
     g.add_argument("--append-eod", action="store_true", help="append the eod token to each document")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True,
@@ -746,10 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the input's document order with --partitions > 1 (Megatron-LM's flag). "
                         "Partitions here are contiguous shares, so the order is always kept; accepted "
                         "so that Megatron-LM command lines run unchanged")
-    g.add_argument("--threads-per-worker", type=int, default=None,
+    g.add_argument("--threads-per-worker", type=ranged(int, at_least=1), default=None,
                    help="sentencepiece encoding threads per worker (default: cores // workers)")
-    g.add_argument("--chunk-bytes", type=int, default=1 << 20, help="input bytes per worker task")
-    g.add_argument("--log-interval", type=int, default=10000,
+    g.add_argument("--chunk-bytes", type=ranged(int, at_least=1), default=1 << 20, help="input bytes per worker task")
+    g.add_argument("--log-interval", type=ranged(int, at_least=0), default=10000,
                    help="documents between progress lines when stderr is not a terminal")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

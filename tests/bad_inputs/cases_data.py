@@ -85,6 +85,20 @@ def _shard_list_with_missing_file(d: Path, f: Fixtures) -> list[str]:
             f"PYTHON={python()[0]}", "bash", "slurm/preprocess.sbatch"]
 
 
+def _train_with(f: Fixtures, *data_flags: str) -> list[str]:
+    """A training command whose data is given by ``data_flags`` alone."""
+    return python("-m", "pretrain", "--model", "debug", "--seq-length", "32", *data_flags, "--tokenizer-model",
+                  f.tokenizer, "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2")
+
+
+def _per_split_json(d: Path, f: Fixtures) -> str:
+    import json
+
+    return _write(d / "splits.json", json.dumps({"train": [f.dataset], "valid": ["1", f.dataset, "0", f.dataset]}))
+
+
+_WEIGHT = r"weight {w} of .*: a weight must be a number > 0; leave the dataset out of the blend"
+
 CASES = [
     BadInput("data-merge-different-tokenizers", _merge_other_tokenizer,
              message=r"b was made with another tokenizer than .*a .*Preprocess them with one tokenizer",
@@ -133,4 +147,29 @@ CASES = [
                                  "--output", str(d / "out" / "big.jsonl")),
              message=r"needs 23 Debian package\(s\) not unpacked in .*no-cache: linux-doc-6\.1 [\s\S]*"
                      r"Add --fetch-packages", leftovers=("out/big.jsonl",)),
+    # issue 31 item 7: a weight of 0 hung megatron-core's blend forever; every blend input is checked
+    BadInput("data-blend-zero-weight",
+             lambda d, f: _train_with(f, "--data-path", "0", f.dataset, "1", f.dataset),
+             message=r"--data-path: " + _WEIGHT.format(w="0"), timeout=60),
+    BadInput("data-blend-infinite-weight",
+             lambda d, f: _train_with(f, "--data-path", "inf", f.dataset, "1", f.dataset),
+             message=r"--data-path: " + _WEIGHT.format(w="inf"), timeout=60),
+    BadInput("data-blend-negative-weight-in-data-args-path",
+             lambda d, f: _train_with(f, "--data-args-path",
+                                      _write(d / "blend.txt", f"1 {f.dataset}\n-0.5 {f.dataset}\n")),
+             message=r"--data-args-path .*blend\.txt: " + _WEIGHT.format(w="-0.5"), timeout=60),
+    BadInput("data-blend-zero-weight-train-data-path",
+             lambda d, f: _train_with(f, "--train-data-path", "1", f.dataset, "0.0", f.dataset),
+             message=r"--train-data-path: " + _WEIGHT.format(w="0.0"), timeout=60),
+    BadInput("data-blend-zero-weight-per-split-json",
+             lambda d, f: _train_with(f, "--per-split-data-args-path", _per_split_json(d, f)),
+             message=r"--per-split-data-args-path .*splits\.json 'valid': " + _WEIGHT.format(w="0"), timeout=60),
+    BadInput("data-blend-zero-weight-test-data-path",
+             lambda d, f: _train_with(f, "--data-path", f.dataset, "--test-data-path", "0", _dataset_copy(d, f), "1",
+                                      _dataset_copy(d, f)),
+             message=r"--test-data-path: " + _WEIGHT.format(w="0"), timeout=60),
+    BadInput("data-blend-zero-weight-evaluate",
+             lambda d, f: tool("evaluate.py", "--load", f.checkpoint, "--data-path", "0", f.dataset, "1",
+                               f.dataset, "--seq-length", "32", "--max-samples", "4"),
+             message=r"--data-path: " + _WEIGHT.format(w="0"), timeout=60),
 ]

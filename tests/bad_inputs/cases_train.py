@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.bad_inputs.harness import BadInput, python
+from tests.bad_inputs.harness import BadInput, python, tool
 
 
 def _train(f, *extra: str) -> list[str]:
@@ -13,7 +13,7 @@ def _train(f, *extra: str) -> list[str]:
 
 CASES = [
     BadInput("train-tensor-parallel-zero", lambda d, f: _train(f, "--tensor-model-parallel-size", "0"),
-             message=r"--tensor/pipeline-model-parallel-size must be >= 1"),
+             message=r"--tensor-model-parallel-size 0 and --pipeline-model-parallel-size 1: both must be >= 1"),
     BadInput("train-shrink-at-not-a-number", lambda d, f: _train(f, "--shrink-at", "1e6,soon"),
              message=r"argument --shrink-at: 'soon' is not a number"),
     BadInput("train-shrink-without-pruning",
@@ -33,4 +33,27 @@ CASES = [
                                  "--max-skipped-nonfinite-steps", "1", "--save", str(d / "ckpt"),
                                  "--save-interval", "100"),
              message=r"more than --max-skipped-nonfinite-steps 1", leftovers=("ckpt/iter_0000030",)),
+    # issue 31 item 13: flags taken silently (or read as "not given") are refused, naming the flag
+    BadInput("train-split-beside-per-split-data",
+             lambda d, f: python("-m", "pretrain", "--model", "debug", "--seq-length", "32", "--train-data-path",
+                                 f.dataset, "--valid-data-path", f.dataset, "--tokenizer-model", f.tokenizer,
+                                 "--split", "98,2,0", "--micro-batch-size", "2", "--global-batch-size", "2",
+                                 "--train-iters", "2"),
+             message=r"--split 98,2,0 cuts --data-path .* each split has data of its own .* drop it"),
+    BadInput("train-query-groups-zero", lambda d, f: _train(f, "--num-query-groups", "0"),
+             message=r"--num-query-groups 0: must be >= 1"),
+    BadInput("train-seed-negative", lambda d, f: _train(f, "--seed", "-1"),
+             message=r"--seed -1: must be in \[0, 4294967295\]"),
+    BadInput("train-norm-epsilon-nan", lambda d, f: _train(f, "--norm-epsilon", "nan"),
+             message=r"--norm-epsilon nan: must be > 0"),
+    BadInput("train-prune-end-tokens-infinite",
+             lambda d, f: _train(f, "--prune-target-ratio", "0.5", "--prune-end-tokens", "inf"),
+             message=r"argument --prune-end-tokens: 'inf' is not a finite number"),
+    BadInput("tool-export-negative-shard-size",
+             lambda d, f: tool("convert_to_hf.py", "--load", f.checkpoint, "--save", str(d / "hf"),
+                               "--max-shard-size-gb", "-1"),
+             message=r"argument --max-shard-size-gb: -1: must be > 0", leftovers=("hf",)),
+    BadInput("tool-evaluate-zero-samples",
+             lambda d, f: tool("evaluate.py", "--load", f.checkpoint, "--data-path", f.dataset, "--max-samples", "0"),
+             message=r"argument --max-samples: 0: must be >= 1"),
 ]

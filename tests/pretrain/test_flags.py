@@ -107,7 +107,7 @@ FROZEN = """
 --shrink-pipeline-model-parallel-size None
 --shrink-tensor-model-parallel-size None
 --skip-train False
---split '969,30,1'
+--split None (then '969,30,1')
 --tensor-model-parallel-size 1
 --tensorboard-dir None
 --test-data-path []

@@ -141,6 +141,29 @@ def test_bad_merges_are_refused_and_write_nothing(shards, tiny_dataset, tmp_path
     assert not [n for n in os.listdir(tmp_path) if n.startswith("out")], "nothing may be written"
 
 
+def test_a_trained_on_prefix_is_a_prefix_not_a_folder(shards, tmp_path):
+    """Training leaves megatron-core's index cache in the folder PREFIX/ beside PREFIX.bin/.idx
+    (issue 31 item 11): ``--input PREFIX`` still means the dataset."""
+    from pretrain.config import DataConfig
+    from pretrain.data import index_cache_folder
+
+    a, b, _ = find_prefixes([shards["out"]])
+    for prefix, name in ((a, "a"), (b, "b")):
+        _shard_copy(prefix, str(tmp_path / name))
+        cache = index_cache_folder(DataConfig(data_path=[str(tmp_path / name)]))  # where training puts it
+        os.makedirs(cache)
+        open(os.path.join(cache, "x-GPTDataset-train-document_index.npy"), "wb").close()
+    inputs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert find_prefixes(inputs) == inputs
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "merge_datasets.py"), "--input", *inputs,
+                           "--output-prefix", str(tmp_path / "ab")], capture_output=True, text=True)
+    assert done.returncode == 0 and os.path.exists(tmp_path / "ab.idx"), done.stderr
+    # a folder of datasets that is also a prefix is ambiguous
+    _shard_copy(a, str(tmp_path / "a" / "inner"))
+    with pytest.raises(MergeError, match="both a dataset prefix .* and a folder of datasets"):
+        find_prefixes([str(tmp_path / "a")])
+
+
 def test_inputs_without_manifest_merge_without_one(shards, tmp_path):
     a, b, _ = find_prefixes([shards["out"]])
     for prefix, name in ((a, "a"), (b, "b")):

@@ -248,3 +248,58 @@ def test_stale_temporaries_of_dead_runs_are_removed_live_ones_kept(tiny_dataset,
     note = capsys.readouterr().err
     assert "removed 3 temporary file(s)" in note and str(live) not in note
     assert os.path.getsize(str(prefix) + ".bin") > 0
+
+
+def _session_processes(session: int) -> list[int]:
+    """The live processes of a session (what a killed process group leaves behind, reparented)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == session and fields[0] != "Z":  # field 6 of stat: the session id
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux's")
+def test_sigkill_with_partitions_leaves_no_process_and_a_rerun_cleans_up(tiny_dataset, tmp_path):
+    """Issue 31 item 8: SIGKILL of ``--partitions 2 --workers 2`` takes its shares and their encoders
+    with it, and the next run removes the killed run's working folder (not a live run's)."""
+    import signal
+    import time
+
+    big = tmp_path / "big.jsonl"
+    with open(tiny_dataset["corpus"], "rb") as src:
+        corpus = src.read()
+    big.write_bytes(corpus * 30)  # ~25 MB: the shares encode for many seconds after the kill
+    out = tmp_path / "out"
+    argv = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--output-prefix", str(out),
+            "--tokenizer-model", tiny_dataset["tokenizer"], "--partitions", "2", "--workers", "2"]
+    run = subprocess.Popen([*argv, "--input", str(big)], start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    workdir = tmp_path / f"out.partitions.tmp-{run.pid}"
+    deadline = time.time() + 120
+    while not (workdir.is_dir() and any(workdir.glob("part*"))) and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    assert run.poll() is None, "the run ended before it could be killed: give it more input"
+    time.sleep(0.5)  # the shares' pools have started
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.time() + 3  # the parent-death signal is immediate; orphans would encode on
+    while _session_processes(run.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    left = _session_processes(run.pid)
+    for pid in left:  # clean up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} process(es) of the killed run still running"
+    assert workdir.is_dir(), "the killed run's working folder should be there for the rerun to remove"
+    live = tmp_path / f"out.partitions.tmp-{os.getpid()}"  # a run still going (this process): kept
+    live.mkdir()
+    done = subprocess.run([*argv, "--input", tiny_dataset["corpus"]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not workdir.exists() and live.is_dir()
+    assert f"removed 1 temporary file(s) of an earlier run that is no longer running: {workdir}" in done.stderr
