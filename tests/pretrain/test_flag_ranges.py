@@ -103,7 +103,7 @@ def test_a_comparison_job_whose_run_failed_exits_non_zero(monkeypatch, tmp_path,
     from pretrain.compare.recipes import get_recipe
     from tools import compare_baselines
 
-    monkeypatch.setattr(compare_baselines, "_validate", lambda args: (get_recipe("cpu-tiny"), ["parent"], [], 0))
+    monkeypatch.setattr(compare_baselines, "_validate", lambda args: (get_recipe("cpu-tiny"), ["parent"], [], 0, None))
     monkeypatch.setattr(campaign.Campaign, "load_results", lambda self: None)
     monkeypatch.setattr(campaign.Campaign, "_run_if_possible",
                         lambda self, run, seed, **kw: {"status": "failed", "reason": "exit code 1; see log.txt"})
