@@ -180,6 +180,17 @@ class ModelConfig:
                 _require(shape["num_query_groups"] >= 1 and shape["ffn_hidden_size"] >= 1
                          and shape["num_attention_heads"] == shape["num_query_groups"] * hpg,
                          f"layer {i}: inconsistent per-layer shape {shape}")
+                self._check_layer_within_global(i, shape)
+
+    def _check_layer_within_global(self, i: int, shape: dict) -> None:
+        """The global flags are the widest layer's: the parameter count, the HF export and every
+        rebuild read them, so a wider layer would train and then break everything after."""
+        for key, widest in (("num_query_groups", self.query_groups), ("num_attention_heads", self.num_attention_heads),
+                            ("ffn_hidden_size", self.ffn_hidden_size)):
+            flag_name = "--" + key.replace("_", "-")
+            _require(shape[key] <= widest,
+                     f"--layer-shapes: layer {i} has {key} {shape[key]}, more than {flag_name} {widest}; the "
+                     f"global flags must give the widest layer: raise {flag_name} to at least {shape[key]}")
 
     def layer_widths(self) -> list[tuple[int, int, int]]:
         """(query groups, heads, FFN width) of every layer."""
