@@ -155,6 +155,13 @@ class ModelConfig:
              "{num_query_groups, num_attention_heads, ffn_hidden_size} per layer; the flags above then give "
              "the widest layer")
 
+    # not a flag: the vocabulary the softmax covers (the tokenizer's, or an imported model's own),
+    # set by the run (pretrain.resume.with_unpadded_vocab) and saved with the config. The rows past
+    # it are megatron's padding (--make-vocab-size-divisible-by x TP): their logits are -inf
+    # (pretrain.model.mask_padded_logits), so the model trained is the one exported. None: a
+    # checkpoint from before it was recorded.
+    unpadded_vocab_size: int | None = None
+
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length"):
             _require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")

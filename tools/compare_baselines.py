@@ -31,8 +31,8 @@ if __package__ in (None, ""):
 from pretrain.checkpoint import atomic_write_text  # noqa: E402
 from pretrain.compare import arms  # noqa: E402
 from pretrain.compare.arms import ARMS, RUNS, Context, Data  # noqa: E402
-from pretrain.compare.campaign import (Campaign, check_corpus, check_test_set, format_command,  # noqa: E402
-                                       training_tokens_available)
+from pretrain.compare.campaign import (Campaign, check_corpus, check_test_set, check_tokenizer,  # noqa: E402
+                                       format_command, training_tokens_available)
 from pretrain.compare.recipes import RECIPES, get_recipe  # noqa: E402
 from pretrain.config import ConfigError  # noqa: E402
 
@@ -86,9 +86,11 @@ def _validate(args: argparse.Namespace):
     runs, notes = arms.runs_for([a.strip() for a in args.arms.split(",") if a.strip()])
     from pretrain.config import DataConfig
 
-    DataConfig(data_path=args.data_path, tokenizer_model=args.tokenizer_model,
-               tokenizer_type=args.tokenizer_type or "GPTSentencePieceTokenizer",
-               test_data_path=args.test_data_path).validate()
+    data = DataConfig(data_path=args.data_path, tokenizer_model=args.tokenizer_model,
+                      tokenizer_type=args.tokenizer_type or "GPTSentencePieceTokenizer",
+                      test_data_path=args.test_data_path)
+    data.validate()
+    check_tokenizer(data)
     check_test_set(args.data_path, args.test_data_path)
     available = training_tokens_available(args.data_path, recipe.split)
     full = arms.total_tokens(recipe)
