@@ -318,7 +318,8 @@ def _load_adam_state(optimizer, model_chunks: list, tensors: dict, step: int, fo
 def _build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_callbacks: list,
                      lineage: dict) -> list:
     """Pruning first (its step-end numbers feed the log line), checkpointing last (it saves what
-    the others have updated, and ``lineage``: a shrunk or imported model stays marked as such)."""
+    the others have updated, and ``lineage``: a shrunk or imported model stays marked as such, and
+    the tokenizer's identity, ``resume.tokenizer_record``)."""
     from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
     from pretrain.flops import training_flops_per_token
 
