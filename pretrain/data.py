@@ -134,11 +134,16 @@ class TokenizerIdentity:
 
     vocab_size: int
     sha256: str | None = None
+    # the same tokenizer in other files: an HF export's tokenizer.model beside its tokenizer.json
+    # (the export checks that both encode alike), so a re-imported model trains on the data the
+    # sentencepiece model made
+    also: tuple = ()
 
 
-def tokenizer_identity(tokenizer: TextTokenizer) -> TokenizerIdentity:
+def tokenizer_identity(tokenizer: TextTokenizer, also: tuple = ()) -> TokenizerIdentity:
     path = getattr(tokenizer, "path", None)
-    return TokenizerIdentity(int(tokenizer.vocab_size), _cached_sha256(path) if path and os.path.isfile(path) else None)
+    return TokenizerIdentity(int(tokenizer.vocab_size), _cached_sha256(path) if path and os.path.isfile(path) else None,
+                             tuple(_cached_sha256(p) for p in also))
 
 
 def tokenizer_identity_problem(source: str, made: str, recorded: TokenizerIdentity, where: str,
@@ -153,7 +158,8 @@ def tokenizer_identity_problem(source: str, made: str, recorded: TokenizerIdenti
     path = getattr(tokenizer, "path", None)
     if recorded.vocab_size != tokenizer.vocab_size:
         found = f"{recorded.vocab_size} tokens"
-    elif recorded.sha256 and path and os.path.isfile(path) and _cached_sha256(path) != recorded.sha256:
+    elif recorded.sha256 and path and os.path.isfile(path) and _cached_sha256(path) not in (recorded.sha256,
+                                                                                          *recorded.also):
         found = f"another tokenizer file (sha256 {recorded.sha256[:12]}...)"
     else:
         return None

@@ -472,7 +472,12 @@ def _checked_tokenizer(recorded: tuple[str, str] | None, hf_vocab: int, load: st
     if tokenizer.vocab_size > hf_vocab:
         raise ConversionError(f"{load}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
                               f"vocabulary ({hf_vocab}): it is not this model's tokenizer")
-    return tokenizer_record(tokenizer)
+    # a sentencepiece model beside the tokenizer.json (our export writes both, checked to encode alike;
+    # HF folders hold the two forms of one tokenizer): data it made fits the imported model too
+    folder = recorded[1] if os.path.isdir(recorded[1]) else os.path.dirname(recorded[1])
+    other = os.path.join(folder, "tokenizer.model")
+    also = (other,) if os.path.isfile(other) and os.path.abspath(other) != getattr(tokenizer, "path", None) else ()
+    return tokenizer_record(tokenizer, also)
 
 
 def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,

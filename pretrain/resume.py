@@ -50,11 +50,12 @@ def checkpoint_vocab(peeked: Peeked | None, tokenizer_vocab: int, tp: int) -> in
     return int(vocab)
 
 
-def tokenizer_record(tokenizer) -> dict:
-    """What a checkpoint records of the tokenizer it was trained with (``trainer_state["tokenizer"]``)."""
+def tokenizer_record(tokenizer, also: tuple = ()) -> dict:
+    """What a checkpoint records of the tokenizer it was trained with (``trainer_state["tokenizer"]``);
+    ``also``: files of the same tokenizer in another format (``pretrain.data.TokenizerIdentity``)."""
     from pretrain.data import tokenizer_identity
 
-    return {} if tokenizer is None else {"tokenizer": dataclasses.asdict(tokenizer_identity(tokenizer))}
+    return {} if tokenizer is None else {"tokenizer": dataclasses.asdict(tokenizer_identity(tokenizer, also))}
 
 
 def checkpoint_tokenizer_identity(folder: str, trainer_state: dict) -> tuple | None:
@@ -66,7 +67,9 @@ def checkpoint_tokenizer_identity(folder: str, trainer_state: dict) -> tuple | N
     from pretrain.hf import checkpoint_tokenizer
 
     if trainer_state.get("tokenizer"):
-        return TokenizerIdentity(**trainer_state["tokenizer"]), "recorded in its trainer state"
+        record = trainer_state["tokenizer"]
+        return (TokenizerIdentity(record["vocab_size"], record.get("sha256"), tuple(record.get("also", ()))),
+                "recorded in its trainer state")
     recorded = checkpoint_tokenizer(folder, trainer_state)
     if recorded is None:
         return None
