@@ -146,3 +146,5 @@ def test_one_tokenizer_identity_rule_for_checkpoints(tmp_path):
                                               r"tokens\): its token ids would mean other tokens"):
             check_checkpoint_tokenizer("--load", "ckpt/iter_0", state, other)
     check_checkpoint_tokenizer("--load", "ckpt/iter_0", _state(), other)  # nothing recorded: nothing to compare
+    # an import records the other form of its tokenizer (a tokenizer.model beside the tokenizer.json)
+    check_checkpoint_tokenizer("--load", "ckpt/iter_0", _state(**tokenizer_record(other, also=(ours.path,))), ours)
