@@ -224,6 +224,13 @@ class ModelConfig:
              "{num_query_groups, num_attention_heads, ffn_hidden_size} per layer; the flags above then give "
              "the widest layer")
 
+    # not a flag: the vocabulary the softmax covers (the tokenizer's, or an imported model's own),
+    # set by the run (pretrain.resume.with_unpadded_vocab) and saved with the config. The rows past
+    # it are megatron's padding (--make-vocab-size-divisible-by x TP): their logits are -inf
+    # (pretrain.model.mask_padded_logits), so the model trained is the one exported. None: a
+    # checkpoint from before it was recorded.
+    unpadded_vocab_size: int | None = None
+
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length"):
             _require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
@@ -249,7 +256,18 @@ class ModelConfig:
                 _require(shape["num_query_groups"] >= 1 and shape["ffn_hidden_size"] >= 1
                          and shape["num_attention_heads"] == shape["num_query_groups"] * hpg,
                          f"layer {i}: inconsistent per-layer shape {shape}")
+                self._check_layer_within_global(i, shape)
         check_ranges(self)
+
+    def _check_layer_within_global(self, i: int, shape: dict) -> None:
+        """The global flags are the widest layer's: the parameter count, the HF export and every
+        rebuild read them, so a wider layer would train and then break everything after."""
+        for key, widest in (("num_query_groups", self.query_groups), ("num_attention_heads", self.num_attention_heads),
+                            ("ffn_hidden_size", self.ffn_hidden_size)):
+            flag_name = "--" + key.replace("_", "-")
+            _require(shape[key] <= widest,
+                     f"--layer-shapes: layer {i} has {key} {shape[key]}, more than {flag_name} {widest}; the "
+                     f"global flags must give the widest layer: raise {flag_name} to at least {shape[key]}")
 
     def layer_widths(self) -> list[tuple[int, int, int]]:
         """(query groups, heads, FFN width) of every layer."""

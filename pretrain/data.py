@@ -4,6 +4,7 @@ order from a consumed-samples position (so a resumed run sees exactly the sample
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 
@@ -84,12 +85,14 @@ def check_datasets(data: DataConfig, tokenizer: TextTokenizer) -> None:
 
 
 def check_tokenizer_matches_data(data: DataConfig, tokenizer: TextTokenizer) -> None:
-    """The tokenizer against the manifest of every ``--data-path`` dataset, on every rank and
-    before any process group exists: the manifests are small files, every rank reaches the same
-    verdict, and a mismatch stops the run with its message instead of a collective timing out."""
+    """The tokenizer against the manifest of every dataset (``--data-path`` and its kin, and
+    ``--test-data-path``), on every rank and before any process group exists: the manifests are
+    small files, every rank reaches the same verdict, and a mismatch stops the run with its
+    message instead of a collective timing out."""
     if data.mock_data:
         return
-    problem = _tokenizer_mismatch(data.all_prefixes(), tokenizer)
+    test = data.test_data().all_prefixes() if data.test_data_path else []
+    problem = _tokenizer_mismatch(data.all_prefixes() + test, tokenizer)
     if problem:
         raise ConfigError(problem)
 
@@ -123,13 +126,53 @@ def _cached_sha256(path: str) -> str:
     return _TOKENIZER_DIGESTS[key]
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizerIdentity:
+    """What tells two tokenizers apart: the vocabulary size and the sha256 of the model file
+    (None where it is not known). A dataset's manifest records it, and so does every checkpoint
+    (``trainer_state["tokenizer"]``)."""
+
+    vocab_size: int
+    sha256: str | None = None
+    # the same tokenizer in other files: an HF export's tokenizer.model beside its tokenizer.json
+    # (the export checks that both encode alike), so a re-imported model trains on the data the
+    # sentencepiece model made
+    also: tuple = ()
+
+
+def tokenizer_identity(tokenizer: TextTokenizer, also: tuple = ()) -> TokenizerIdentity:
+    path = getattr(tokenizer, "path", None)
+    return TokenizerIdentity(int(tokenizer.vocab_size), _cached_sha256(path) if path and os.path.isfile(path) else None,
+                             tuple(_cached_sha256(p) for p in also))
+
+
+def tokenizer_identity_problem(source: str, made: str, recorded: TokenizerIdentity, where: str,
+                               tokenizer: TextTokenizer) -> str | None:
+    """The one tokenizer-identity rule (DESIGN invariant 9) of every entry point: training (its
+    data and its --load checkpoint), evaluation, the distillation teacher, the HF export and the
+    comparison tool. ``recorded`` (a manifest's, a checkpoint's) is another tokenizer than
+    ``tokenizer`` when the vocabulary sizes differ, or the sha256 of both files are known and
+    differ: its ids would mean other tokens, in silence. ``source`` names the flag and file,
+    ``made`` says what was done with the recorded one ('the data was made'), ``where`` where it
+    is recorded."""
+    path = getattr(tokenizer, "path", None)
+    if recorded.vocab_size != tokenizer.vocab_size:
+        found = f"{recorded.vocab_size} tokens"
+    elif recorded.sha256 and path and os.path.isfile(path) and _cached_sha256(path) not in (recorded.sha256,
+                                                                                          *recorded.also):
+        found = f"another tokenizer file (sha256 {recorded.sha256[:12]}...)"
+    else:
+        return None
+    return (f"{source}: {made} with {found} ({where}), not with the tokenizer {path or tokenizer.name} "
+            f"({tokenizer.vocab_size} tokens): its token ids would mean other tokens. Use one tokenizer for the "
+            "data, the checkpoints and the teacher (--tokenizer-model; without it a --load checkpoint's own), "
+            "or preprocess the data with this one")
+
+
 def _tokenizer_mismatch(prefixes: list[str], tokenizer: TextTokenizer) -> str | None:
-    """The data's manifest names the tokenizer that made it (sha256, vocabulary): another one
-    would train on ids that mean other tokens, in silence (DESIGN invariant 9)."""
+    """The data's manifest names the tokenizer that made it (sha256, vocabulary)."""
     from data_prep.indexed_dataset import manifest_path
 
-    path = getattr(tokenizer, "path", None)
-    digest = None
     for prefix in prefixes:
         try:
             manifest = _cached_manifest(prefix)
@@ -137,18 +180,11 @@ def _tokenizer_mismatch(prefixes: list[str], tokenizer: TextTokenizer) -> str | 
             return f"--data-path: {err}"
         if manifest is None:
             continue
-        if manifest.vocab_size != tokenizer.vocab_size:
-            found = f"{manifest.vocab_size} tokens"
-        elif manifest.tokenizer_model_sha256 and path:
-            digest = digest or _cached_sha256(path)
-            if digest == manifest.tokenizer_model_sha256:
-                continue
-            found = f"another tokenizer file (sha256 {manifest.tokenizer_model_sha256[:12]}...)"
-        else:
-            continue
-        return (f"--data-path {prefix}: the data was made with {found} ({manifest_path(prefix)}), not with "
-                f"the tokenizer {path or tokenizer.name} ({tokenizer.vocab_size} tokens): give the tokenizer that "
-                "made the data (--tokenizer-model), or preprocess the data with this one")
+        problem = tokenizer_identity_problem(
+            f"--data-path {prefix}", "the data was made",
+            TokenizerIdentity(manifest.vocab_size, manifest.tokenizer_model_sha256), manifest_path(prefix), tokenizer)
+        if problem:
+            return problem
     return None
 
 

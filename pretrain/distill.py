@@ -60,7 +60,8 @@ class _VocabParallelKL(torch.autograd.Function):
         log_q = _vocab_parallel_log_softmax(student.to(dtype) / temperature, group)
         log_p = _vocab_parallel_log_softmax(teacher.to(dtype) / temperature, group)
         p = log_p.exp()
-        kl = (p * (log_p - log_q)).sum(dim=-1)
+        # padded vocabulary rows: -inf logits in both (pretrain.model.mask_padded_logits), 0 * (-inf + inf)
+        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
         _all_reduce(kl, torch.distributed.ReduceOp.SUM, group)
         # d KL / d s = (q - p) / T (sum p = 1): one saved tensor, the size of the local logits
         ctx.save_for_backward(log_q.exp_().sub_(p))
@@ -115,10 +116,9 @@ def resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer, world_size:
         raise ConfigError(f"--kd-teacher {folder}: its vocabulary ({teacher_vocab} padded) differs from the "
                           f"student's ({vocab_size}): distillation compares the two softmaxes token by "
                           "token, so both must use one tokenizer and one padded vocabulary")
-    problem = _tokenizer_difference(folder, state, tokenizer)
-    if problem:
-        raise ConfigError(f"--kd-teacher {folder}: {problem}; distil only from a teacher trained with the "
-                          "student's tokenizer")
+    from pretrain.resume import check_checkpoint_tokenizer
+
+    check_checkpoint_tokenizer("--kd-teacher", folder, state, tokenizer)
     if _has_pruned_groups(state):
         raise ConfigError(f"--kd-teacher {folder}: its weights carry pruning masks with removed groups; "
                           "shrink it first (tools/reshard_checkpoint.py --shrink) and use the shrunk checkpoint")
@@ -126,42 +126,14 @@ def resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer, world_size:
     # no weight depends on the sequence length: the teacher reads the student's sequences
     model = dataclasses.replace(saved, seq_length=cfg.model.seq_length,
                                 max_position_embeddings=max(saved.max_position_embeddings or 0,
-                                                            cfg.model.seq_length) or None)
+                                                            cfg.model.seq_length) or None,
+                                # the KL runs over the student's vocabulary: the same padded logits masked
+                                unpadded_vocab_size=cfg.model.unpadded_vocab_size)
     try:
         cfg.parallel.validate(model, world_size)
     except ConfigError as err:
         raise ConfigError(f"--kd-teacher {folder}: the teacher's shape does not fit this layout: {err}") from None
     return Teacher(folder=folder, model=model, vocab_size=vocab_size)
-
-
-def _tokenizer_difference(folder: str, state: dict, tokenizer) -> str:
-    """'' when the teacher's recorded tokenizer is the student's (or nothing tells them apart)."""
-    from pretrain.hf import checkpoint_tokenizer
-
-    recorded = checkpoint_tokenizer(folder, state)
-    if recorded is None or tokenizer is None:
-        return ""
-    theirs, ours = recorded[1], getattr(tokenizer, "path", None)
-    if not ours or not os.path.exists(theirs):
-        return ""
-    if os.path.abspath(theirs) == os.path.abspath(ours):
-        return ""
-    if os.path.isfile(theirs) and os.path.isfile(ours):
-        from data_prep.indexed_dataset import file_sha256
-
-        if file_sha256(theirs) != file_sha256(ours):
-            return f"it was trained with the tokenizer {theirs}, not with the student's {ours} (the files differ)"
-        return ""
-    from data_prep.tokenizers import TokenizerError, build_tokenizer
-
-    try:
-        other = build_tokenizer(*recorded)
-    except TokenizerError:
-        return ""
-    if other.vocab_size != tokenizer.vocab_size:
-        return (f"its tokenizer {theirs} has {other.vocab_size} tokens, the student's {ours} has "
-                f"{tokenizer.vocab_size}")
-    return ""
 
 
 def _has_pruned_groups(state: dict) -> bool:

@@ -23,16 +23,19 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
                         max_samples: int | None = None, data_cache_path: str | None = None) -> dict:
     from megatron.core import parallel_state as ps
 
-    from pretrain.data import MicroBatchIterator, build_datasets, check_datasets, load_tokenizer, require_index_cache
+    from pretrain.data import (TEST_SET_SEED, MicroBatchIterator, build_datasets, check_datasets, load_tokenizer,
+                               require_index_cache)
     from pretrain.distributed import init_distributed, launch_environment, set_random_seed
-    from pretrain.resume import checkpoint_vocab
+    from pretrain.resume import check_checkpoint_tokenizer, checkpoint_vocab, unpadded_vocab
 
     folder, state, saved, data = _checkpoint_and_data(load, data_path, tokenizer_type, tokenizer_model)
     data = dataclasses.replace(data, data_cache_path=data_cache_path)
-    model_cfg = dataclasses.replace(saved.model, seq_length=seq_length or saved.model.seq_length)
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
-    parallel.validate(model_cfg, launch_environment()[1])
     tokenizer = load_tokenizer(data)
+    check_checkpoint_tokenizer("--load", folder, state, tokenizer)
+    model_cfg = dataclasses.replace(saved.model, seq_length=seq_length or saved.model.seq_length,
+                                    unpadded_vocab_size=unpadded_vocab(saved.model, state, tokenizer.vocab_size))
+    parallel.validate(model_cfg, launch_environment()[1])
     vocab = checkpoint_vocab((folder, state), tokenizer.vocab_size, tensor_parallel)
     check_model_fits(model_cfg.num_parameters(vocab)["total"] / (tensor_parallel * pipeline_parallel),
                      2 if saved.train.bf16 else 4, folder, "each rank's share of the weights",
@@ -48,7 +51,9 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     chunks = _load_model(folder, state, model_cfg, parallel, saved, vocab)
 
     dp = layout["dp_size"]
-    test = build_datasets(data, tokenizer, model_cfg.seq_length, saved.train.seed, (0, 0, None))[2]
+    # the sequences do not depend on the checkpoint's --seed: every checkpoint (a run's, its export's
+    # re-import, another arm's) is scored on the same ones
+    test = build_datasets(data, tokenizer, model_cfg.seq_length, TEST_SET_SEED, (0, 0, None))[2]
     if test is None or len(test) == 0:
         raise ConfigError(f"--data-path {' '.join(data_path)}: no sequence of {model_cfg.seq_length} tokens")
     global_batch = micro_batch_size * dp

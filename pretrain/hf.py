@@ -112,6 +112,12 @@ def _export_tokenizer(weights: FullWeights, tokenizer_model: str | None, tmp: st
     except TokenizerError as err:
         raise ConversionError(f"{err} (the checkpoint's tokenizer; pass --tokenizer-model to point at it, "
                               "or --no-tokenizer)") from None
+    from pretrain.resume import check_checkpoint_tokenizer
+
+    try:
+        check_checkpoint_tokenizer("--load", weights.folder, weights.trainer_state, tokenizer)
+    except ConfigError as err:
+        raise ConversionError(str(err)) from None
     from data_prep.hf_tokenizer import export_hf_tokenizer
 
     try:
@@ -240,14 +246,17 @@ def export_hf(load: str, save: str, dtype: str = "fp32", tokenizer_model: str | 
     weights = load_full_weights(load)
     model = weights.config.model
     from pretrain.checkpoint import staged_output
+    from pretrain.resume import unpadded_vocab
 
     with staged_output(save) as tmp:
         tokenizer, special_ids = _export_tokenizer(weights, tokenizer_model, tmp) if export_tokenizer else (None, {})
-        imported = weights.trainer_state.get("imported_from") or {}
-        # the real vocabulary: the padding rows megatron adds for TP are not part of the model
-        # (an imported model keeps its own vocabulary, which may have rows its tokenizer never uses)
-        vocab = imported.get("vocab_size") or (tokenizer.vocab_size if tokenizer else weights.vocab_size)
-        vocab = max(vocab, tokenizer.vocab_size) if tokenizer else vocab
+        # the real vocabulary, the one the model's softmax covers: the padding rows megatron adds
+        # for TP are not part of the model (their logits are -inf); an imported model keeps its own
+        # vocabulary, which may have rows its tokenizer never uses
+        vocab = unpadded_vocab(model, weights.trainer_state, tokenizer.vocab_size if tokenizer else weights.vocab_size)
+        if tokenizer is not None and tokenizer.vocab_size > vocab:
+            raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's vocabulary "
+                                  f"is {vocab}: pass the tokenizer the model was trained with")
         if vocab > weights.vocab_size:
             raise ConversionError(f"the tokenizer has {vocab} tokens but the checkpoint's vocabulary is "
                                   f"{weights.vocab_size}: pass the tokenizer the model was trained with")
@@ -444,18 +453,27 @@ def checkpoint_tokenizer(folder: str, state: dict) -> tuple[str, str] | None:
     return data.tokenizer_type, data.tokenizer_model
 
 
-def _checked_tokenizer(recorded: tuple[str, str] | None, hf_vocab: int, load: str):
+def _checked_tokenizer(recorded: tuple[str, str] | None, hf_vocab: int, load: str) -> dict:
+    """The tokenizer record of the import (``pretrain.resume.tokenizer_record``); it must fit the vocabulary."""
     if recorded is None:
-        return
+        return {}
     from data_prep.tokenizers import TokenizerError, build_tokenizer
 
+    from pretrain.resume import tokenizer_record
+
     try:
-        vocab = build_tokenizer(*recorded).vocab_size
+        tokenizer = build_tokenizer(*recorded)
     except TokenizerError as err:
         raise ConversionError(f"{load}: its tokenizer cannot be read ({err})") from None
-    if vocab > hf_vocab:
-        raise ConversionError(f"{load}: the tokenizer has {vocab} tokens, more than the model's vocabulary "
-                              f"({hf_vocab}): it is not this model's tokenizer")
+    if tokenizer.vocab_size > hf_vocab:
+        raise ConversionError(f"{load}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                              f"vocabulary ({hf_vocab}): it is not this model's tokenizer")
+    # a sentencepiece model beside the tokenizer.json (our export writes both, checked to encode alike;
+    # HF folders hold the two forms of one tokenizer): data it made fits the imported model too
+    folder = recorded[1] if os.path.isdir(recorded[1]) else os.path.dirname(recorded[1])
+    other = os.path.join(folder, "tokenizer.model")
+    also = (other,) if os.path.isfile(other) and os.path.abspath(other) != getattr(tokenizer, "path", None) else ()
+    return tokenizer_record(tokenizer, also)
 
 
 def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
@@ -524,7 +542,9 @@ def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tens
 
     config_path = load if tensors is not None else os.path.join(load, "config.json")
     model_cfg = model_config_from_hf(hf, config_path)
-    model_cfg = dataclasses.replace(model_cfg, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    # the HF model's vocabulary is the one its softmax covers: our padding rows beyond it are masked
+    model_cfg = dataclasses.replace(model_cfg, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                                    unpadded_vocab_size=int(hf["vocab_size"]))
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
     try:
         parallel.validate(model_cfg, tensor_parallel * pipeline_parallel)
@@ -542,12 +562,12 @@ def _import(hf: dict, tensors, load: str, tokenizer_source: str, save: str, tens
     with ckpt.staged_output(save) as tmp:
         # the tokenizer goes inside the checkpoint: training, evaluation and export find it there
         recorded = copy_tokenizer(tokenizer_source, os.path.join(tmp, "tokenizer"))
-        _checked_tokenizer(recorded, hf_vocab, load)
+        tokenizer = _checked_tokenizer(recorded, hf_vocab, load)
         final_tokenizer = os.path.join(os.path.abspath(save), "tokenizer")
         data = DataConfig(tokenizer_type=recorded[0], tokenizer_model=final_tokenizer) if recorded else DataConfig()
         cfg = PretrainConfig(model=model_cfg, parallel=parallel, data=data)
         state = {"iteration": 0, "consumed_samples": 0, "config": cfg.to_dict(), "vocab_size": vocab,
-                 "layout": {}, "weights_only": True,
+                 "layout": {}, "weights_only": True, **tokenizer,
                  "imported_from": {"path": os.path.abspath(load), "vocab_size": hf_vocab,
                                    "architecture": (hf.get("architectures") or ["?"])[0]}}
         folder = ckpt.save_checkpoint(tmp, 0, [model], None, state)

@@ -101,6 +101,7 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainCo
         rope_scaling_factor=model_cfg.rope_scaling_factor,
     )
     model.spec_kind = "plain-megatron" if plain_megatron_spec else spec_kind.value  # for logs and reports
+    mask_padded_logits(model, model_cfg.unpadded_vocab_size, vocab_size)
     if hidden_masking and not plain_megatron_spec:
         from pretrain.pruning.invariants import check_hidden_masking_invariants
         from pretrain.pruning.masks import ModelShape
@@ -116,6 +117,54 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainCo
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)]
+
+
+def local_padded_rows(unpadded: int | None, padded: int) -> tuple[int, int] | None:
+    """[lo, hi) of this TP rank's vocabulary rows (embedding, output layer, logits) that are
+    padding, in local indices; None when this rank holds none (megatron-core splits the padded
+    vocabulary evenly over TP in rank order: the padding sits on the last ranks)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.utils import VocabUtility
+
+    if unpadded is None or unpadded >= padded:
+        return None
+    first, last = VocabUtility.vocab_range_from_global_vocab_size(
+        padded, ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+    lo = max(unpadded, first)
+    return (lo - first, last - first) if lo < last else None
+
+
+def mask_padded_logits(model, unpadded: int | None, padded: int) -> None:
+    """The padded logits are -inf: they take no part in the softmax of the loss, the evaluation,
+    distillation or generation (which can then never pick a token the tokenizer does not have),
+    get no gradient, and the model computes exactly what its export (the unpadded rows) computes.
+    A forward hook on the output layer, registered first, so every later hook (distillation's)
+    sees the masked logits; filled in place (no second logits-sized tensor): the output layer's
+    backward does not read its output."""
+    rows = local_padded_rows(unpadded, padded) if getattr(model, "post_process", False) else None
+    if rows is None:
+        return
+    lo, hi = rows
+
+    def hook(module, args, output):
+        logits = output[0] if isinstance(output, tuple) else output
+        logits[..., lo:hi] = float("-inf")
+        return output
+
+    model.output_layer.register_forward_hook(hook)
+
+
+@torch.no_grad()
+def zero_padded_vocab_rows(model, unpadded: int | None, padded: int) -> None:
+    """Zero the padded rows of the embedding and an untied output layer (a fresh model's): with
+    their logits masked they get no gradient, so they stay zero, score nothing in saliency, and
+    an export (which cuts them) and its re-import (which pads with zeros) hold the same weights."""
+    rows = local_padded_rows(unpadded, padded)
+    if rows is None:
+        return
+    for name, param in model.named_parameters():
+        if name.endswith(("embedding.word_embeddings.weight", "output_layer.weight")):
+            param[rows[0]:rows[1]].zero_()
 
 
 def check_supported_megatron_core() -> str:

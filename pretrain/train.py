@@ -136,12 +136,12 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     """One stretch of training on one model: from the config and the --load checkpoint to a stop."""
     from pretrain.distributed import init_distributed, set_random_seed
     from pretrain.nodes import check_run_folders
-    from pretrain.resume import peek_checkpoint, with_checkpoint_schedule
+    from pretrain.resume import peek_checkpoint, tokenizer_record, with_checkpoint_schedule
 
     peeked = peek_checkpoint(cfg.checkpoint.load)
     cfg, pruning_note = _resolve_config(cfg, peeked)
-    tokenizer, vocab_size = _tokenizer_and_vocab(cfg, peeked)
-    _check_tokenizer(cfg, tokenizer)  # before any process group work
+    cfg, tokenizer, vocab_size = _tokenizer_and_vocab(cfg, peeked)
+    _check_tokenizer(cfg, tokenizer, peeked)  # before any process group work
     teacher = _resolve_teacher(cfg, vocab_size, tokenizer)  # --kd-teacher: checked before any process group
     layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     _hold_output_folders(cfg)  # one run per --save: before anything is written there
@@ -161,7 +161,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
 
     model_chunks, optimizer, scheduler = _build_model_and_optimizer(cfg, vocab_size, plain_megatron_spec, peeked)
     resume = _load_checkpoint(cfg, peeked, model_chunks, optimizer)
-    callbacks = _build_callbacks(cfg, layout, vocab_size, extra_callbacks, resume.lineage)
+    callbacks = _build_callbacks(cfg, layout, vocab_size, extra_callbacks, {**resume.lineage,
+                                                                            **tokenizer_record(tokenizer)})
     if teacher is not None:
         from pretrain.distill import add_distillation
         from pretrain.pruning.state import PruningState
@@ -227,15 +228,16 @@ def _resolve_config(cfg: PretrainConfig, peeked) -> tuple[PretrainConfig, str]:
 
 
 def _tokenizer_and_vocab(cfg: PretrainConfig, peeked) -> tuple:
-    """The tokenizer (None for mock data without one) and the model's padded vocabulary."""
+    """The config with the model's unpadded vocabulary, the tokenizer (None for mock data without
+    one) and the model's padded vocabulary."""
     from pretrain.data import load_tokenizer
-    from pretrain.resume import checkpoint_vocab
+    from pretrain.resume import checkpoint_vocab, with_unpadded_vocab
 
     tokenizer = load_tokenizer(cfg.data) if not cfg.data.mock_data or cfg.data.tokenizer_model else None
     tp = cfg.parallel.tensor_model_parallel_size
     tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
     vocab_size = checkpoint_vocab(peeked, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
-    return tokenizer, vocab_size
+    return with_unpadded_vocab(cfg, peeked, tokenizer_vocab), tokenizer, vocab_size
 
 
 def _resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer):
@@ -249,15 +251,16 @@ def _resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer):
     return teacher
 
 
-def _check_tokenizer(cfg: PretrainConfig, tokenizer) -> None:
-    """The tokenizer against every dataset's manifest, on every rank (a mismatch stops all ranks
-    with its message before a collective could hang)."""
+def _check_tokenizer(cfg: PretrainConfig, tokenizer, peeked) -> None:
+    """The tokenizer against every dataset's manifest and the --load checkpoint's, on every rank
+    (a mismatch stops all ranks with its message before a collective could hang)."""
     from pretrain.data import check_tokenizer_matches_data
+    from pretrain.resume import check_checkpoint_tokenizer
 
-    if tokenizer is not None and not cfg.data.mock_data:
+    if tokenizer is not None:
         check_tokenizer_matches_data(cfg.data, tokenizer)
-        if cfg.data.test_data_path:
-            check_tokenizer_matches_data(cfg.data.test_data(), tokenizer)
+    if peeked:
+        check_checkpoint_tokenizer("--load", *peeked, tokenizer)
 
 
 def _check_data(cfg: PretrainConfig, tokenizer) -> None:
@@ -290,7 +293,7 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
     from pretrain.init import deterministic_init
     from pretrain.pruning.invariants import hidden_masking_possible
     from pretrain.pruning.state import PruningState
-    from pretrain.model import build_model, check_activation_memory, unwrap
+    from pretrain.model import build_model, check_activation_memory, unwrap, zero_padded_vocab_rows
     from pretrain.nodes import ranks_on_this_host
     from pretrain.optim import build_optimizer, build_scheduler
 
@@ -304,6 +307,7 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
                                wrap_ddp=cfg.parallel.engine != "deepspeed")  # DeepSpeed does DP itself
     for chunk in model_chunks:
         deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
+        zero_padded_vocab_rows(unwrap(chunk), cfg.model.unpadded_vocab_size, vocab_size)
     if cfg.parallel.engine == "deepspeed":
         from pretrain.engine_deepspeed import build_deepspeed_engine
 
@@ -370,7 +374,8 @@ def _load_adam_state(optimizer, model_chunks: list, tensors: dict, step: int, fo
 def _build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_callbacks: list,
                      lineage: dict) -> list:
     """Pruning first (its step-end numbers feed the log line), checkpointing last (it saves what
-    the others have updated, and ``lineage``: a shrunk or imported model stays marked as such)."""
+    the others have updated, and ``lineage``: a shrunk or imported model stays marked as such, and
+    the tokenizer's identity, ``resume.tokenizer_record``)."""
     from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
     from pretrain.flops import training_flops_per_token
 

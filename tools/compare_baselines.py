@@ -43,7 +43,8 @@ from pretrain.checkpoint import atomic_write_text  # noqa: E402
 from pretrain.compare import arms  # noqa: E402
 from pretrain.compare.arms import ARMS, Context, Data, family_of  # noqa: E402
 from pretrain.compare.campaign import (Campaign, check_corpus, check_parent, check_parent_tokenizer,  # noqa: E402
-                                       check_reachable, check_test_set, format_command, training_tokens_available)
+                                       check_reachable, check_test_set, check_tokenizer,
+                                       format_command, training_tokens_available)
 from pretrain.compare.recipes import RECIPES, get_recipe  # noqa: E402
 from pretrain.config import ConfigError, ranged  # noqa: E402
 from pretrain.outputs import require_writable  # noqa: E402
@@ -133,8 +134,11 @@ def _validate(args: argparse.Namespace):
         if not args.tokenizer_model:
             raise ConfigError(f"--recipe {recipe.name} needs --tokenizer-model (the tokenizer that made the data)")
         tokenizer_type, tokenizer_model = args.tokenizer_type or "GPTSentencePieceTokenizer", args.tokenizer_model
-    DataConfig(data_path=args.data_path, tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type,
-               test_data_path=args.test_data_path).validate()
+    data = DataConfig(data_path=args.data_path, tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type,
+                      test_data_path=args.test_data_path)
+    data.validate()
+    if not recipe.imported_parent:  # a real parent's tokenizer is checked against the data by check_parent_tokenizer
+        check_tokenizer(data)
     check_test_set(args.data_path, args.test_data_path)
     if parent:
         check_parent_tokenizer(args.parent, parent["tokenizer"], args.data_path, args.test_data_path)

@@ -264,6 +264,15 @@ class Campaign:
 
 
 # ---------------------------------------------------------------------- checks before any training
+def check_tokenizer(data) -> None:
+    """Every arm trains with the comparison's --tokenizer-model: the training and test data must be
+    made with it (the tokenizer identity rule, ``pretrain.data.tokenizer_identity_problem``),
+    refused here before any run starts."""
+    from pretrain.data import check_tokenizer_matches_data, load_tokenizer
+
+    check_tokenizer_matches_data(data, load_tokenizer(data))
+
+
 def check_test_set(data_path: list[str], test_data_path: list[str]) -> None:
     """The test set must be data no arm trains on: not a --data-path prefix, not the same bytes,
     and not made from the same source files (when the manifests name them)."""

@@ -129,6 +129,9 @@ class ModelShape:
     layer_groups: tuple | None = None
     layer_ffn: tuple | None = None
     qkv_bias: bool = False  # linear_qkv has a bias (Qwen2): (heads_per_group + 2) * head_dim per group
+    # the rows of ``vocab`` the softmax covers (ModelConfig.unpadded_vocab_size); the rest are padding:
+    # zero, -inf logits, no evidence to score. None: all of them
+    unpadded_vocab: int | None = None
 
     @property
     def heads_per_group(self) -> int:
@@ -143,7 +146,7 @@ class ModelShape:
                    tied=not model_cfg.untie_embeddings_and_output_weights,
                    layer_groups=tuple(w[0] for w in widths) if model_cfg.layer_shapes else None,
                    layer_ffn=tuple(w[2] for w in widths) if model_cfg.layer_shapes else None,
-                   qkv_bias=model_cfg.add_qkv_bias)
+                   qkv_bias=model_cfg.add_qkv_bias, unpadded_vocab=model_cfg.unpadded_vocab_size)
 
     def groups_of(self, layer: int) -> int:
         return self.layer_groups[layer] if self.layer_groups else self.num_groups

@@ -410,7 +410,9 @@ def reduce_table(partial: GroupScores, shape: ModelShape, signed: bool) -> Group
         flat = flat.cuda() if nccl else flat.cpu()
         torch.distributed.all_reduce(flat)
     table = GroupScores.unpack(flat.cpu(), shape)
-    table = GroupScores(table.heads, table.ffn, fold_embedding(table, shape.vocab))
+    # the padded rows are not rows the model has (pretrain.model.mask_padded_logits): not scored as unseen ones
+    rows = min(shape.vocab, shape.unpadded_vocab or shape.vocab)
+    table = GroupScores(table.heads, table.ffn, fold_embedding(table, rows))
     return table.abs() if signed else table
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from tests.bad_inputs.harness import BadInput, python, tool
 
 
@@ -11,7 +14,20 @@ def _train(f, *extra: str) -> list[str]:
                   "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", *extra)
 
 
+def _wider_layer_shapes(d: Path) -> str:
+    """The debug model's 4 layers, the second wider than --ffn-hidden-size 384."""
+    path = d / "layer_shapes.json"
+    shapes = [{"num_query_groups": 2, "num_attention_heads": 4, "ffn_hidden_size": 384}] * 4
+    shapes[1] = {**shapes[1], "ffn_hidden_size": 512}
+    path.write_text(json.dumps(shapes))
+    return str(path)
+
+
 CASES = [
+    BadInput("train-layer-shapes-wider-than-flags",
+             lambda d, f: _train(f, "--layer-shapes", _wider_layer_shapes(d), "--save", str(d / "ckpt")),
+             message=r"--layer-shapes: layer 1 has ffn_hidden_size 512, more than --ffn-hidden-size 384",
+             leftovers=("ckpt",)),
     BadInput("train-tensor-parallel-zero", lambda d, f: _train(f, "--tensor-model-parallel-size", "0"),
              message=r"--tensor-model-parallel-size 0 and --pipeline-model-parallel-size 1: both must be >= 1"),
     BadInput("train-shrink-at-not-a-number", lambda d, f: _train(f, "--shrink-at", "1e6,soon"),

@@ -124,3 +124,27 @@ def test_data_made_with_another_tokenizer_is_refused(tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match=r"made with another tokenizer file \(sha256"):
         check_datasets(data, same_size)
     assert json.load(open(tiny_dataset["prefix"] + ".json"))["vocab_size"] == 1000
+
+
+def test_one_tokenizer_identity_rule_for_checkpoints(tmp_path):
+    """Issue 31 item 5: a checkpoint's tokenizer (recorded identity, or for a checkpoint from before
+    that, the file its config names) against the one a command gives, by the rule the data manifests
+    use: another tokenizer of the same vocabulary size is refused, with the one message."""
+    from data_prep.tokenizers import build_tokenizer
+    from pretrain.resume import check_checkpoint_tokenizer, tokenizer_record
+
+    words = ("a", "b", "</s>")
+    ours = build_tokenizer("HuggingFaceTokenizer", _hf_tokenizer(tmp_path / "ours", words))
+    other = build_tokenizer("HuggingFaceTokenizer", _hf_tokenizer(tmp_path / "other", ("x", "y", "</s>")))
+    assert other.vocab_size == ours.vocab_size
+    recorded = _state(**tokenizer_record(ours))
+    old = _state(data=DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "ours")))
+    for state in (recorded, old):
+        check_checkpoint_tokenizer("--load", "ckpt/iter_0", state, ours)  # its own: fine
+        with pytest.raises(ConfigError, match=r"--load ckpt/iter_0: the checkpoint was trained with another tokenizer "
+                                              r"file \(sha256 .*\), not with the tokenizer .*other/tokenizer\.json \(4 "
+                                              r"tokens\): its token ids would mean other tokens"):
+            check_checkpoint_tokenizer("--load", "ckpt/iter_0", state, other)
+    check_checkpoint_tokenizer("--load", "ckpt/iter_0", _state(), other)  # nothing recorded: nothing to compare
+    # an import records the other form of its tokenizer (a tokenizer.model beside the tokenizer.json)
+    check_checkpoint_tokenizer("--load", "ckpt/iter_0", _state(**tokenizer_record(other, also=(ours.path,))), ours)

@@ -83,3 +83,24 @@ def test_layer_shapes_file_is_read_and_bad_ones_are_usage_errors(tmp_path, capsy
             build_parser().parse_args(base + ["--layer-shapes", str(bad)])
         err = capsys.readouterr().err
         assert "--layer-shapes" in err and str(bad) in err and message in err, err
+
+
+def test_layer_shapes_wider_than_the_global_flags_are_refused(tmp_path):
+    """Issue 31 item 6: the global flags give the widest layer (parameter count, export, rebuilds)."""
+    import json
+
+    from pretrain.arguments import build_parser, config_from_args
+    from pretrain.config import ConfigError
+
+    base = ["--model", "debug", "--num-layers", "2", "--mock-data", "--train-iters", "1"]
+    for i, key, flag_name, value in ((1, "ffn_hidden_size", "--ffn-hidden-size", 512),
+                                     (0, "num_query_groups", "--num-query-groups", 4)):
+        shapes = [{"num_query_groups": 2, "num_attention_heads": 4, "ffn_hidden_size": 384} for _ in range(2)]
+        shapes[i][key] = value
+        if key == "num_query_groups":
+            shapes[i]["num_attention_heads"] = 2 * value  # consistent heads per group
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps(shapes))
+        args = build_parser().parse_args(base + ["--layer-shapes", str(path)])
+        with pytest.raises(ConfigError, match=rf"--layer-shapes: layer {i} has {key} {value}, more than {flag_name}"):
+            config_from_args(args).validate(1)

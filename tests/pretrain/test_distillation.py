@@ -44,6 +44,24 @@ def test_kl_and_its_gradient_match_the_full_softmax():
     assert kl16.dtype == torch.float32 and s16.grad.dtype == torch.bfloat16
 
 
+def test_kl_over_a_padded_vocabulary_is_the_kl_over_the_real_one():
+    """Issue 31 item 4: padded logits are -inf in student and teacher (pretrain.model.mask_padded_logits);
+    the KL and its gradient are those of the unpadded vocabulary, finite (not 0 * inf = NaN)."""
+    torch.manual_seed(1)
+    real, padded = 37, 40
+    student = 3 * torch.randn(2, 5, padded, dtype=torch.float64)
+    teacher = 3 * torch.randn(2, 5, padded, dtype=torch.float64)
+    student[..., real:] = teacher[..., real:] = float("-inf")
+    student.requires_grad_()
+    for temperature in (1.0, 0.5):
+        ours = vocab_parallel_kl(student, teacher, temperature)
+        ref = _reference_kl(student[..., :real], teacher[..., :real], temperature)
+        assert torch.allclose(ours, ref, atol=1e-12)
+        (grad,) = torch.autograd.grad(ours.sum(), student)
+        (g_ref,) = torch.autograd.grad(ref.sum(), student)
+        assert torch.allclose(grad[..., :real], g_ref[..., :real], atol=1e-12) and not grad[..., real:].any()
+
+
 def test_kd_flags_are_checked():
     with pytest.raises(ConfigError, match=r"--kd-weight 1.5: must be in \[0, 1\]"):
         DistillConfig(teacher="t", weight=1.5).validate()

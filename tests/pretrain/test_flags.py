@@ -130,6 +130,7 @@ FROZEN = """
 NOT_FLAGS = {
     "checkpoint.exit_signal_handler",  # the command line always saves and stops cleanly on a signal
     "prune.shrink_auto",  # set by --shrink-at auto
+    "model.unpadded_vocab_size",  # the tokenizer's (or an imported model's) vocabulary, set by the run
 }
 
 

@@ -341,7 +341,7 @@ def test_bad_inputs_are_refused(exported, tiny_dataset, tmp_path):
     big = train_tokenizer([tiny_dataset["corpus"]], str(tmp_path / "big"), vocab_size=1100, num_threads=1)
     r = _tool("convert_to_hf.py", "--load", f"{root}/mha", "--save", str(tmp_path / "hf_big"),
               "--tokenizer-model", big)
-    assert r.returncode == 1 and "tokenizer has 1100 tokens" in r.stderr, r.stderr
+    assert r.returncode == 1 and "the checkpoint was trained with 1000 tokens" in r.stderr, r.stderr
     assert not (tmp_path / "hf_big").exists() and not (tmp_path / "hf_big.tmp").exists()
 
 
@@ -354,6 +354,64 @@ def test_local_lm_eval_task_runs_on_an_export(exported):
     assert "pydoc_next_sentence: acc" in r.stdout
     acc = json.load(open(f"{root}/lm_eval.json"))["pydoc_next_sentence"]["acc"]
     assert 0.0 <= acc <= 1.0
+
+
+def padded_vocab_loss_worker(data, root):
+    """Issue 31 item 4, world size 2: the loss of the `mha` checkpoint (vocabulary 1000 padded to
+    1024; at TP=2 the 24 padded rows sit on the last TP rank) evaluated at TP=2, of its HF export
+    through transformers, and of the re-import of that export evaluated at PP=2, on the same
+    samples; and the padded rows of the trained checkpoint."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from data_prep.indexed_dataset import file_sha256
+    from data_prep.tokenizers import build_tokenizer
+    from pretrain.data import TEST_SET_SEED, MicroBatchIterator, build_datasets
+    from pretrain.evaluate import _checkpoint_and_data, evaluate_perplexity
+    from pretrain.hf import load_full_weights
+
+    kw = dict(micro_batch_size=1, seq_length=64, max_samples=12)
+    checkpoint = evaluate_perplexity(f"{root}/mha", [data["prefix"]], tensor_parallel=2, **kw)["loss"]
+    # the re-import carries the exported tokenizer.json (the same tokens, test_tokenizer_goes_along...,
+    # another file): the same data, its manifest naming that file
+    prefix = f"{root}/padded_vocab_data"
+    if torch.distributed.get_rank() == 0:
+        for ext in (".bin", ".idx"):
+            shutil.copy(data["prefix"] + ext, prefix + ext)
+        with open(data["prefix"] + ".json") as f:
+            manifest = json.load(f)
+        manifest["tokenizer_model_sha256"] = file_sha256(f"{root}/back_mha/tokenizer/tokenizer.json")
+        with open(prefix + ".json", "w") as f:
+            json.dump(manifest, f)
+    torch.distributed.barrier()
+    reimport = evaluate_perplexity(f"{root}/back_mha", [prefix], pipeline_parallel=2, **kw)["loss"]
+    # the same samples, in the same order, as evaluate_perplexity reads them
+    config = _checkpoint_and_data(f"{root}/mha", [data["prefix"]], None, None)[3]
+    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    test = build_datasets(config, tokenizer, 64, TEST_SET_SEED, (0, 0, None))[2]
+    hf = AutoModelForCausalLM.from_pretrained(f"{root}/hf_mha").eval()
+    batches, losses = MicroBatchIterator(test, 0, 1, 0, 1), []
+    with torch.no_grad():
+        for _ in range(12):
+            b = next(batches)
+            per_token = F.cross_entropy(hf(b["tokens"]).logits[0].float(), b["labels"][0], reduction="none")
+            losses.append(float((per_token * b["loss_mask"][0]).sum() / b["loss_mask"][0].sum()))
+    weights = load_full_weights(f"{root}/mha")
+    padded = {n: float(weights.tensors[n][1000:].abs().max()) for n in ("embedding.word_embeddings.weight",
+                                                                        "output_layer.weight")}
+    return {"checkpoint": checkpoint, "export": sum(losses) / len(losses), "reimport": reimport,
+            "hf_vocab": hf.config.vocab_size, "padded_vocab": weights.vocab_size, "padded_rows": padded}
+
+
+def test_padded_vocabulary_takes_no_part_checkpoint_export_and_reimport_agree(exported, tiny_dataset):
+    """The model we train is the one we export: the padded logits are -inf (in training too: the
+    padded rows start at zero and get no gradient), so the checkpoint (TP=2), its HF export
+    (transformers) and the re-import (PP=2) give one loss on the same samples."""
+    root, _ = exported
+    res = run_distributed(padded_vocab_loss_worker, 2, tiny_dataset, root)[0]
+    assert res["hf_vocab"] == 1000 and res["padded_vocab"] == 1024, res
+    assert abs(res["checkpoint"] - res["export"]) < 1e-5 and abs(res["checkpoint"] - res["reimport"]) < 1e-5, res
+    assert res["padded_rows"] == {"embedding.word_embeddings.weight": 0.0, "output_layer.weight": 0.0}, res
 
 
 def perplexity_worker(data, load, tp, pp):

@@ -62,6 +62,18 @@ def test_embedding_rows_without_signal_do_not_change_a_fully_seen_table():
                           torch.full((shape.hidden,), 2.0, dtype=torch.float64))
 
 
+def test_padded_vocabulary_rows_score_nothing():
+    """Issue 31 item 4: the padded rows (zero, -inf logits) are no rows the model has: a hidden
+    channel's embedding share is folded over the unpadded rows only, its padded ones score zero."""
+    import dataclasses
+
+    shape = dataclasses.replace(BIG_VOCAB, unpadded_vocab=4000)
+    table = reduce_table(_uniform_partial_table(shape, 2.0, seen_rows=4000), shape, signed=False)
+    padding = shape.vocab - shape.unpadded_vocab
+    assert torch.allclose(table.hidden, torch.full((shape.hidden,), 2.0 * (shape.hidden_channel_cost(
+        shape.full_masks()) - padding), dtype=torch.float64))
+
+
 def _random_scores(shape, seed):
     gen = torch.Generator().manual_seed(seed)
     return GroupScores(torch.rand(shape.num_layers, shape.num_groups, generator=gen, dtype=torch.float64),
