@@ -282,7 +282,7 @@ def require_index_cache(data: DataConfig) -> None:
     hold the indices of an earlier run, which are only read."""
     from pretrain.outputs import require_writable
 
-    if data.mock_data:
+    if data.mock_data or not data.all_prefixes():  # no data: validate() says so
         return
     folder = index_cache_folder(data)
     if not os.path.isdir(folder):
