@@ -44,12 +44,14 @@ def test_deepspeed_checkpoint_advice_is_followed_to_success(tiny_dataset, tmp_pa
     assert rc == 0, out[-3000:]
 
     # resumed on DP=1: the advised --to deepspeed re-partitions it, and the resume then runs
-    rc, out = _run(_train(tiny_dataset, "--train-iters", "2", "--load", ds))
+    # (one more iteration than the checkpoint's schedule: said so, as a longer resume must)
+    rc, out = _run(_train(tiny_dataset, "--train-iters", "2", "--load", ds, "--use-checkpoint-opt_param-scheduler"))
     assert rc != 0 and "Traceback" not in out and "cannot load under world 1" in out, out[-3000:]
     repartitioned = str(tmp_path / "repartitioned")
     rc, out = _run(_advised(out, repartitioned))
     assert rc == 0, out[-3000:]
-    rc, out = _run(_train(tiny_dataset, "--train-iters", "2", "--load", repartitioned))
+    rc, out = _run(_train(tiny_dataset, "--train-iters", "2", "--load", repartitioned,
+                          "--use-checkpoint-opt_param-scheduler"))
     assert rc == 0 and re.search(r"iteration +2/2", out), out[-3000:]
 
     # as a teacher under --engine deepspeed: refused before any process group, advised --to megatron
