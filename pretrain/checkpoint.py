@@ -414,9 +414,13 @@ def _make_save_helpers_die_with_us() -> None:
     """megatron-core's torch_dist writer starts a ``multiprocessing.Manager`` server (for its
     results queue) on the first save and keeps it for the life of the process; a rank killed with
     SIGKILL would leave that server running forever (outside Slurm's cgroups). Start the server
-    ourselves, with the parent-death signal set, so it dies with this process."""
+    ourselves, with the parent-death signal set, so it dies with this process; and give the
+    writer processes it forks at every save the same signal."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    from data_prep.processes import die_with_parent, forked_children_die_with_us
+
+    forked_children_die_with_us()  # its writers are forked per save, and must not outlive a killed rank
     if filesystem_async._results_queue is not None:
         return
     from multiprocessing.managers import SyncManager
@@ -424,7 +428,6 @@ def _make_save_helpers_die_with_us() -> None:
     from torch import multiprocessing as mp
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    from data_prep.processes import die_with_parent
 
     manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
