@@ -193,8 +193,20 @@ forward() {
     if [ "$LAUNCHER" = srun ]; then
         scancel --signal=USR1 "$SLURM_JOB_ID"  # every job step (the ranks), not this shell
     else  # torchrun would die on USR1: signal its workers (started as python -u -m pretrain)
-        srun --overlap --ntasks-per-node=1 --ntasks="$NNODES" pkill -USR1 -f -- "-u -m pretrain " || true
+        srun --overlap --ntasks-per-node=1 --ntasks="$NNODES" \
+            bash -c "$(declare -f signal_job_workers); signal_job_workers $SLURM_JOB_ID" || true
     fi
+}
+# This job's torchrun workers on this node, and no one else's: a node shared with other jobs (or
+# other users' runs) has more `python -u -m pretrain` processes, so the command line alone is not
+# enough; the job id in each process's environment (inherited from srun) is.
+signal_job_workers() {
+    local pid
+    for pid in $(pgrep -f -- "-u -m pretrain "); do
+        if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_JOB_ID=$1"; then
+            kill -USR1 "$pid" 2>/dev/null || true
+        fi
+    done
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
