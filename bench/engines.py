@@ -87,7 +87,7 @@ def _worker(args: dict, names: list) -> dict:
 
     import torch
 
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     out = {}
     for name in names:

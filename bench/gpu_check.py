@@ -86,10 +86,10 @@ def masked_equals_shrunk(layers: int | None) -> dict:
 
     from pretrain.config import ParallelConfig, TrainConfig
     from pretrain.distributed import destroy_distributed, init_distributed, set_random_seed
-    from pretrain.init import deterministic_init
-    from pretrain.model import build_model
+    from pretrain.model.init import deterministic_init
+    from pretrain.model.build import build_model
     from pretrain.pruning.masks import ModelShape, build_local_masks
-    from pretrain.state_adapter import shrink_parameter, shrunk_model_config, source_name
+    from pretrain.model.shrunk import shrink_parameter, shrunk_model_config, source_name
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     init_distributed(1, 1)
@@ -141,8 +141,8 @@ def _train_cfg(model_cfg, iters: int, mbs: int, prune: bool, bf16: bool = True, 
 
 def bf16_masked_state(layers: int | None) -> dict:
     """Masked master weights, Adam moments and bf16 weights stay zero (distributed optimizer)."""
-    from pretrain.pruning.optim_state import iter_param_slots
-    from pretrain.train import run
+    from pretrain.engines.slots import iter_param_slots
+    from pretrain.run.train import run
 
     cfg = _train_cfg(_model_cfg("smollm-135m", 512, layers or 6), 8, 4, prune=True)
     cfg.prune = dataclasses.replace(cfg.prune, target_ratio=0.6, end_tokens=6 * 4 * 512)
@@ -166,7 +166,7 @@ def bf16_masked_state(layers: int | None) -> dict:
 
 
 def throughput(preset: str, layers: int | None, iters: int, mbs: int, seq: int, peak: float | None) -> list[dict]:
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     model_cfg = _model_cfg(preset, seq, layers)
     rows = []
@@ -183,7 +183,7 @@ def throughput(preset: str, layers: int | None, iters: int, mbs: int, seq: int, 
 
 
 def shrink_speedup(layers: int | None, iters: int, seq: int) -> dict:
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     with tempfile.TemporaryDirectory() as save:
         cfg = _train_cfg(_model_cfg("smollm-360m", seq, layers), iters, 4, prune=True)

@@ -72,7 +72,7 @@ def prepare_model(work: str) -> tuple[str, str]:
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, hf_dir)
     if not os.path.isdir(ckpt):
-        from pretrain.hf import import_hf
+        from pretrain.interop.hf import import_hf
 
         print("importing into a megatron-core checkpoint ...", flush=True)
         import_hf(hf_dir, ckpt)
@@ -161,10 +161,10 @@ def _per_type_saliency(shape, table) -> dict:
 
 def _worker(ckpt: str, hf_dir: str, data: dict, estimators: list, batches: int, eval_batches: int,
             seq_length: int, align: int) -> list:
-    from pretrain.model import unwrap
+    from pretrain.model.build import unwrap
     from pretrain.pruning.masks import GroupScores, build_local_masks
     from pretrain.pruning.solver import SolverConstraints, solve
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     heldout = _heldout_batches(data["heldout"], seq_length, eval_batches)
     rows = []

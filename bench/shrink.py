@@ -39,7 +39,7 @@ def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: i
     from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig,
                                  ParallelConfig, PretrainConfig, PruneConfig, TrainConfig)
     from pretrain.shrink import reshard_checkpoint
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     seq, gbs = 128, 8
     model = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=8, num_query_groups=4,
@@ -77,7 +77,7 @@ def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: i
                             f"    assert not e.code, e.code")
     cli_s = time.time() - t
     import_peak = _peak_rss_of(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import tools._single_process; "
-                               "import pretrain.shrink, pretrain.dcp_stream, pretrain.pruning.masks, "
+                               "import pretrain.shrink, pretrain.checkpoint.stream, pretrain.pruning.masks, "
                                "pretrain.checkpoint")
     small_model = r["config"].model
 

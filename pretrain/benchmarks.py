@@ -336,7 +336,7 @@ def _output_layer_at(model, rows: torch.Tensor, positions: torch.Tensor):
     hidden states at (``rows``, ``positions``): logits [1, N, V/TP] in place of [b, s, V/TP].
     megatron-core has no option for this outside its inference engine, and the full logits cost a
     fifth of a 135M model's forward and b x s x V floats of memory (2 GB for 8 x 512 x 128k)."""
-    from pretrain.model import unwrap
+    from pretrain.model.build import unwrap
 
     inner = unwrap(model)
     layer = getattr(inner, "output_layer", None) if getattr(inner, "post_process", False) else None
@@ -445,7 +445,7 @@ def load_for_benchmarks(load: str, tensor_parallel: int = 1, pipeline_parallel: 
     from pretrain.config import ParallelConfig, PretrainConfig
     from pretrain.distributed import init_distributed, launch_environment, set_random_seed
     from pretrain.evaluate import _load_model
-    from pretrain.hf import checkpoint_tokenizer
+    from pretrain.interop.hf import checkpoint_tokenizer
     from pretrain.resume import checkpoint_vocab
 
     folder = ckpt.find_checkpoint(load)
@@ -467,7 +467,7 @@ def load_for_benchmarks(load: str, tensor_parallel: int = 1, pipeline_parallel: 
     layout = init_distributed(tensor_parallel, pipeline_parallel)
     set_random_seed(saved.train.seed)
     chunks = _load_model(folder, state, saved.model, parallel, saved, vocab)
-    # the vocabulary an export keeps (pretrain.hf.export_hf): an imported model's own, else the tokenizer's
+    # the vocabulary an export keeps (pretrain.interop.hf.export_hf): an imported model's own, else the tokenizer's
     imported = (state.get("imported_from") or {}).get("vocab_size")
     real_vocab = min(max(imported or tokenizer.vocab_size, tokenizer.vocab_size), vocab)
     return LoadedModel(chunks, tokenizer, real_vocab, saved.model.max_position_embeddings or saved.model.seq_length,

@@ -60,7 +60,7 @@ class _VocabParallelKL(torch.autograd.Function):
         log_q = _vocab_parallel_log_softmax(student.to(dtype) / temperature, group)
         log_p = _vocab_parallel_log_softmax(teacher.to(dtype) / temperature, group)
         p = log_p.exp()
-        # padded vocabulary rows: -inf logits in both (pretrain.model.mask_padded_logits), 0 * (-inf + inf)
+        # padded vocabulary rows: -inf logits in both (pretrain.model.build.mask_padded_logits), 0 * (-inf + inf)
         kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
         _all_reduce(kl, torch.distributed.ReduceOp.SUM, group)
         # d KL / d s = (q - p) / T (sum p = 1): one saved tensor, the size of the local logits
@@ -157,7 +157,7 @@ def build_teacher(teacher: Teacher, cfg: PretrainConfig, hidden_masking: bool) -
     no optimizer. ``hidden_masking``: the student's spec choice, so the checkpoint's keys load the
     same way the student's would."""
     from pretrain import checkpoint as ckpt
-    from pretrain.model import build_model
+    from pretrain.model.build import build_model
 
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):  # build_model reseeds: the student's RNG stream goes on
@@ -203,7 +203,7 @@ class DistillationCallback(Callback):
     def on_train_begin(self, trainer) -> None:
         from megatron.core import parallel_state as ps
 
-        from pretrain.model import unwrap
+        from pretrain.model.build import unwrap
 
         if ps.is_pipeline_last_stage():
             # the student's vocab-parallel logits, as its own CE sees them ([seq, batch, vocab / TP])
@@ -319,13 +319,13 @@ class DistillationCallback(Callback):
 def add_distillation(cfg: PretrainConfig, teacher: Teacher | None, callbacks: list, stored_pruning: dict | None) -> list:
     """Collective. ``callbacks`` with the distillation callback before the logger (its numbers go
     into the step's log record), the teacher built and loaded; unchanged without a teacher."""
-    from pretrain.pruning.invariants import hidden_masking_possible
+    from pretrain.model.invariants import hidden_masking_possible
 
     if teacher is None:
         return callbacks
     chunks = build_teacher(teacher, cfg, hidden_masking_possible(cfg.prune, stored_pruning))
     logger = next((c for c in callbacks if c.name == "logging"), None)
-    from pretrain.flops import training_flops_per_token
+    from pretrain.model.flops import training_flops_per_token
 
     forward_flops = training_flops_per_token(teacher.model, teacher.vocab_size) // 3
     callback = DistillationCallback(cfg.distill, chunks, logger, teacher_flops_per_token=forward_flops)

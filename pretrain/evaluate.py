@@ -14,7 +14,7 @@ import math
 import torch
 
 from pretrain.config import ConfigError, DataConfig, ParallelConfig, PretrainConfig, TrainConfig
-from pretrain.memory import check_model_fits, local_ranks
+from pretrain.model.memory import check_model_fits, local_ranks
 
 
 def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | None = None,
@@ -74,7 +74,7 @@ def _checkpoint_and_data(load: str, data_path: list[str], tokenizer_type: str | 
     (the tokenizer the checkpoint recorded unless one is given)."""
     from data_prep.tokenizers import infer_tokenizer_type
     from pretrain import checkpoint as ckpt
-    from pretrain.hf import checkpoint_tokenizer
+    from pretrain.interop.hf import checkpoint_tokenizer
 
     folder = ckpt.find_checkpoint(load)
     if folder is None:
@@ -95,7 +95,7 @@ def _load_model(folder: str, state: dict, model_cfg, parallel: ParallelConfig, s
     """The checkpoint's model in eval mode; a masked checkpoint computes as its masks say (the
     hidden mask lives in the norms)."""
     from pretrain import checkpoint as ckpt
-    from pretrain.model import build_model
+    from pretrain.model.build import build_model
     from pretrain.pruning.masks import ModelShape, build_local_masks
     from pretrain.pruning.state import PruningState
 

@@ -3,7 +3,7 @@
 The checkpoint is peeked at once (its folder and trainer state, no weights); from it come the
 model shape (``--use-checkpoint-args``, a shrunk or an imported checkpoint), the padded vocabulary
 and the pruning settings that continue (DESIGN invariant 9). Used by the entry point
-(``pretrain.train``), the command line (``pretrain.arguments``) and evaluation
+(``pretrain.run.train``), the command line (``pretrain.run.arguments``) and evaluation
 (``pretrain.evaluate``); it imports only the configs and the checkpoint reader.
 """
 
@@ -65,7 +65,7 @@ def checkpoint_tokenizer_identity(folder: str, trainer_state: dict) -> tuple | N
     from the tokenizer file its config names; None when nothing tells."""
     from data_prep.tokenizers import TokenizerError, build_tokenizer
     from pretrain.data import TokenizerIdentity, tokenizer_identity
-    from pretrain.hf import checkpoint_tokenizer
+    from pretrain.interop.hf import checkpoint_tokenizer
 
     if trainer_state.get("tokenizer"):
         record = trainer_state["tokenizer"]
@@ -265,7 +265,7 @@ def with_checkpoint_schedule(cfg: PretrainConfig, peeked: Peeked | None) -> tupl
     checkpoint's (and the config says so, for the plan line), --override-opt_param-scheduler
     follows this command's from the checkpoint's iteration on, and neither stops the run naming
     each difference and what each choice would do. Returns the config and a note for the log."""
-    from pretrain.optim import SCHEDULE_KEYS, learning_rate_at, schedule_settings
+    from pretrain.engines.optim import SCHEDULE_KEYS, learning_rate_at, schedule_settings
 
     if peeked is None or cfg.checkpoint.finetune or peeked[1].get("weights_only") or "scheduler" not in peeked[1]:
         return cfg, ""

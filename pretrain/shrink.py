@@ -1,9 +1,9 @@
 """Rewrite a checkpoint into the physically smaller architecture (and/or another TP/PP layout).
 
 Streaming: no model is built. The source checkpoint's DCP folder is read key by key, region by
-region (``pretrain.dcp_stream``): every weight, its fp32 master copy and both Adam moments
+region (``pretrain.checkpoint.stream``): every weight, its fp32 master copy and both Adam moments
 (``optimizer.state.{param,exp_avg,exp_avg_sq}.<key>``) are cut to the kept groups one layer at a
-time with ``pretrain.state_adapter.kept_indices``, dropped layers are left out and the rest
+time with ``pretrain.model.shrunk.kept_indices``, dropped layers are left out and the rest
 renumbered, and the result is written chunk by chunk. Memory stays at about one layer of one
 tensor (plus one output file's buffer, ``max_file_bytes``), whatever the checkpoint's size.
 
@@ -28,9 +28,9 @@ import time
 
 import torch
 
-from pretrain import layout
+from pretrain.model import layout
 from pretrain.config import ConfigError, PretrainConfig
-from pretrain.dcp_stream import DCPFormatError
+from pretrain.checkpoint.stream import DCPFormatError
 from pretrain.outputs import OutputError, require_writable, write_failure
 
 
@@ -140,7 +140,7 @@ def _pruning_to_shrink(folder: str, state: dict, cfg: PretrainConfig, shape):
 def _target_config(cfg: PretrainConfig, masks, shape, vocab: int, target_tp: int | None,
                    target_pp: int | None) -> PretrainConfig:
     """The config of the written checkpoint (shrunk when ``masks`` are given), checked to fit its layout."""
-    from pretrain.state_adapter import shrunk_model_config
+    from pretrain.model.shrunk import shrunk_model_config
 
     model = shrunk_model_config(cfg.model, masks, shape) if masks is not None else cfg.model
     tp = target_tp if target_tp is not None else cfg.parallel.tensor_model_parallel_size
@@ -178,7 +178,7 @@ def _write_checkpoint(folder: str, save: str, new_state: dict, masks, shape, sta
     """Write ``iter_N.tmp`` under ``save`` (the DCP folder shrunk when ``masks`` are given, else
     copied) and publish it; returns its path and the model parameters (before, after)."""
     from pretrain import checkpoint as ckpt
-    from pretrain.dcp_stream import CheckpointReader
+    from pretrain.checkpoint.stream import CheckpointReader
 
     iteration = new_state["iteration"]
     tmp = ckpt.iteration_dir(save, iteration) + ".tmp"
@@ -258,8 +258,8 @@ class _Progress:
 def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool, progress: bool,
                    max_file_bytes: int) -> tuple[int, int]:
     """Write the shrunk DCP folder; returns (model parameters before, after)."""
-    from pretrain.dcp_stream import CheckpointReader, write_lazily
-    from pretrain.state_adapter import kept_indices, kept_layers
+    from pretrain.checkpoint.stream import CheckpointReader, write_lazily
+    from pretrain.model.shrunk import kept_indices, kept_layers
 
     reader = CheckpointReader(source_dir)
     kept = kept_layers(masks)
@@ -322,7 +322,7 @@ def _sorted_keys(reader, source_dir: str, shape, indices_of) -> tuple[dict, list
 
 def _kept_layer(reader, source: tuple[str, bool], name: str, layer: int, indices_of) -> tuple:
     """(size, produce, dtype) of one kept layer's slice of one tensor."""
-    from pretrain.state_adapter import slice_to
+    from pretrain.model.shrunk import slice_to
 
     key, is_stacked = source
     md = reader.tensor_meta(key)
@@ -340,7 +340,7 @@ def _kept_layer(reader, source: tuple[str, bool], name: str, layer: int, indices
 
 def _layer_outputs(prefix: str, rest: str, per_layer: list, stacked: bool) -> list:
     """One layer tensor's outputs: stacked ``[layers, ...]`` (a uniform model) or one key per layer."""
-    from pretrain.dcp_stream import OutTensor
+    from pretrain.checkpoint.stream import OutTensor
 
     if not stacked:
         return [OutTensor(prefix + layout.layer_name(i, rest), size, dtype, [((0,) * len(size), size)],
@@ -359,8 +359,8 @@ def _layer_outputs(prefix: str, rest: str, per_layer: list, stacked: bool) -> li
 def _global_output(reader, key: str, md, index: tuple):
     """A tensor outside the decoder layers (embedding, output layer, final norm); 2-D ones whose
     rows are all kept are rewritten in row blocks to bound memory."""
-    from pretrain.dcp_stream import OutTensor
-    from pretrain.state_adapter import slice_to
+    from pretrain.checkpoint.stream import OutTensor
+    from pretrain.model.shrunk import slice_to
 
     size = tuple(md.size)
     out_size = tuple(len(ix) if ix is not None else n for ix, n in zip(index, size))

@@ -132,7 +132,7 @@ class Trainer:
         self.num_microbatches = num_microbatches
         self.total_iters = total_iters
         self.state = TrainerState()
-        # an engine adapter in place of megatron-core's optimizer (pretrain.engine_deepspeed): it runs
+        # an engine adapter in place of megatron-core's optimizer (pretrain.engines.deepspeed): it runs
         # the micro-batches and the step; None: megatron-core's schedule, DDP and optimizer
         self.engine = optimizer if hasattr(optimizer, "forward_backward") else None
         if self.engine is None:
@@ -142,7 +142,7 @@ class Trainer:
     def _configure_model_hooks(self) -> None:
         from megatron.core.distributed import finalize_model_grads
 
-        from pretrain.model import unwrap
+        from pretrain.model.build import unwrap
 
         mcfg = unwrap(self.model_chunks[0]).config
         mcfg.finalize_model_grads_func = finalize_model_grads

@@ -165,7 +165,7 @@ def _validate_flags(recipe, ctx: Context, runs: list[str], seed: int) -> list[st
     """Each planned run's flags through ``python -m pretrain``'s own parser and config checks, at
     the recipe's world size (what a dry run can check before any job starts). B runs are planned
     once A has run; they are checked then."""
-    from pretrain.arguments import build_parser as pretrain_parser, config_from_args
+    from pretrain.run.arguments import build_parser as pretrain_parser, config_from_args
 
     lines = []
     family = family_of(recipe)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     quiet_start()
     from pretrain.checkpoint import CheckpointError
-    from pretrain.engine_convert import EngineConversionError, deepspeed_to_megatron, megatron_to_deepspeed
+    from pretrain.engines.convert import EngineConversionError, deepspeed_to_megatron, megatron_to_deepspeed
 
     convert = deepspeed_to_megatron if args.to == "megatron" else megatron_to_deepspeed
     r, status = run_reporting_errors(lambda: convert(args.load, args.save),

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     quiet_start()
     from pretrain.checkpoint import CheckpointError
-    from pretrain.hf import ConversionError, import_hf
+    from pretrain.interop.hf import ConversionError, import_hf
 
     r, status = run_reporting_errors(lambda: import_hf(
         args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,

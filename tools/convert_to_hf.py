@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     quiet_start()
     from pretrain.checkpoint import CheckpointError
-    from pretrain.hf import ConversionError, export_hf
+    from pretrain.interop.hf import ConversionError, export_hf
 
     r, status = run_reporting_errors(lambda: export_hf(
         args.load, args.save, args.dtype, args.tokenizer_model, not args.no_tokenizer,

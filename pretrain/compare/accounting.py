@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from pretrain.flops import flops_per_token_of
+from pretrain.model.flops import flops_per_token_of
 
 
 def kept_flops_per_token(kept: dict, model: dict, vocab_size: int) -> int:

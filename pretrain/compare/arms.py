@@ -377,7 +377,7 @@ def matched_flops_tokens_real(recipe: Recipe, ctx: Context, run: str, seed: int)
 
 
 def training_flops(model: dict, vocab_size: int) -> int:
-    from pretrain.flops import training_flops_per_token
+    from pretrain.model.flops import training_flops_per_token
 
     return training_flops_per_token(ModelConfig(**model), vocab_size)
 

@@ -19,7 +19,7 @@ import torch
 from pretrain.distributed import device, is_rank0, print_rank0
 from pretrain.pruning.compensation import Compensator, probe_uncompensated_loss
 from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
-from pretrain.pruning.optim_state import zero_masked_grads, zero_masked_state
+from pretrain.engines.slots import zero_masked_grads, zero_masked_state
 from pretrain.pruning.saliency import SaliencyEstimator, nonfinite_parts, reduce_table, table_problem
 from pretrain.pruning.schedule import target_params
 from pretrain.pruning.solver import SolverConstraints, check_constraints, solve

@@ -44,12 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain import layout
-from pretrain.layout import local_parameters
-from pretrain.pruning.optim_state import iter_param_slots, whole_weight
+from pretrain.model import layout
+from pretrain.model.layout import local_parameters
+from pretrain.engines.slots import iter_param_slots, whole_weight
 
 COMPENSATIONS = ("none", "obs")
-# the linears whose input channels a pruning type removes (roles of pretrain.layout)
+# the linears whose input channels a pruning type removes (roles of pretrain.model.layout)
 _CONSUMERS = {"heads": ("proj",), "ffn": ("fc2",), "hidden": ("qkv", "fc1", "output")}
 MIN_TOKENS_PER_INPUT = 4  # fewer captured tokens per input feature than this: warn (``compensate``)
 

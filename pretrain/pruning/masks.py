@@ -3,7 +3,7 @@
 The masks are global (every layer, every group), identical on every rank and independent of the
 TP/PP layout, so they are checkpointed once with the pruning state and survive resharding.
 ``build_local_masks`` turns them into per-parameter masks for the weights this rank holds; which
-elements of which weight belong to which group is ``pretrain.layout``'s to say.
+elements of which weight belong to which group is ``pretrain.model.layout``'s to say.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) 
     """Per-parameter masks for this rank's model chunks (call again after the masks change)."""
     from megatron.core import parallel_state as ps
 
-    from pretrain.layout import local_parameters, param_mask
+    from pretrain.model.layout import local_parameters, param_mask
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     out = LocalModelMasks()
@@ -257,7 +257,7 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) 
         # a norm that is not mask-aware, or a parameter without a mask, would keep dropped hidden
         # channels alive (DESIGN invariant 1). build_model's start-up check refuses such a model
         # whenever the hidden mask can change, so this cannot happen; if it does, it stops here.
-        from pretrain.pruning.invariants import check_masks_cover_model, check_norms_mask_aware
+        from pretrain.model.invariants import check_masks_cover_model, check_norms_mask_aware
 
         check_norms_mask_aware(model_chunks)
         check_masks_cover_model(model_chunks, out.param_masks)

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain import layout
-from pretrain.layout import ParamLayout, local_parameters
+from pretrain.model import layout
+from pretrain.model.layout import ParamLayout, local_parameters
 from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape
-from pretrain.pruning.optim_state import is_distributed, iter_param_slots, whole_weight
+from pretrain.engines.slots import is_distributed, iter_param_slots, whole_weight
 
 ESTIMATORS = ("taylor", "fisher", "obs", "activation")
 _LINEARS = ("qkv", "proj", "fc1", "fc2", "output")  # the weights whose inputs obs/activation read
@@ -172,11 +172,11 @@ class SaliencyEstimator:
           embedding's, which is scored on the first stage;
         * a norm fused into a Transformer Engine linear (``layer_norm_weight``): it would only
           count for hidden channels, and a model with such norms is refused at start-up when the
-          hidden dimension can be pruned (``pretrain.pruning.invariants``), so its hidden scores
+          hidden dimension can be pruned (``pretrain.model.invariants``), so its hidden scores
           are never used.
 
         Anything else the layout does not know stops the run: its scores would be missing."""
-        from pretrain.model import unwrap
+        from pretrain.model.build import unwrap
 
         known = {e.param for e in self.entries if e.param is not None}
         unscored = set()
@@ -193,8 +193,8 @@ class SaliencyEstimator:
                 else:
                     raise RuntimeError(
                         f"saliency: parameter {name!r} ({tuple(param.shape)}) is not a Llama weight that "
-                        "pretrain/layout.py knows, so pruning could not score it. The layer spec built a "
-                        "module the layout does not describe; extend pretrain/layout.py for it")
+                        "pretrain/model/layout.py knows, so pruning could not score it. The layer spec built a "
+                        "module the layout does not describe; extend pretrain/model/layout.py for it")
         return unscored
 
     def _gradient_scores(self, table: GroupScores, tp: int, tp_rank: int, dp: int) -> None:
@@ -410,7 +410,7 @@ def reduce_table(partial: GroupScores, shape: ModelShape, signed: bool) -> Group
         flat = flat.cuda() if nccl else flat.cpu()
         torch.distributed.all_reduce(flat)
     table = GroupScores.unpack(flat.cpu(), shape)
-    # the padded rows are not rows the model has (pretrain.model.mask_padded_logits): not scored as unseen ones
+    # the padded rows are not rows the model has (pretrain.model.build.mask_padded_logits): not scored as unseen ones
     rows = min(shape.vocab, shape.unpadded_vocab or shape.vocab)
     table = GroupScores(table.heads, table.ffn, fold_embedding(table, rows))
     return table.abs() if signed else table

@@ -175,7 +175,7 @@ def run_to_completion(cmd: list[str], run_id: str, log_path: Path, kill=None, ma
 
 def outcome(save: Path, tensorboard: Path) -> Outcome:
     from pretrain.checkpoint import find_checkpoint, read_trainer_state
-    from pretrain.dcp_stream import CheckpointReader
+    from pretrain.checkpoint.stream import CheckpointReader
 
     losses = {}
     for line in (tensorboard / "metrics.jsonl").read_text().splitlines():

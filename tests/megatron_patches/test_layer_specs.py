@@ -84,8 +84,8 @@ def keys_worker(tmp):
     from megatron_patches.layer_specs import LayerModules, gpt_block_spec, local_modules
     from pretrain.config import ModelConfig, MODEL_PRESETS, ParallelConfig, TrainConfig
     from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.init import _iter_sharded_tensors
-    from pretrain.model import build_transformer_config
+    from pretrain.model.init import _iter_sharded_tensors
+    from pretrain.model.build import build_transformer_config
 
     init_distributed(1, 1)
     set_random_seed(1)

@@ -32,7 +32,7 @@ def test_unsupported_version_fails_with_a_message(monkeypatch):
 def test_build_model_turns_it_into_a_config_error(monkeypatch):
     import megatron_patches.versions as versions
     from pretrain.config import ConfigError
-    from pretrain.model import check_supported_megatron_core
+    from pretrain.model.build import check_supported_megatron_core
 
     monkeypatch.delenv(versions.ALLOW_ENV, raising=False)
     monkeypatch.setattr(versions, "installed_megatron_core_version", lambda: "0.21.0")

@@ -31,8 +31,8 @@ def losses_of(summary: dict) -> list[float]:
 
 def full_params(summary: dict) -> dict:
     """Every parameter gathered into its full (TP=1, PP=1) form, keyed by checkpoint key."""
-    from pretrain.model import unwrap
-    from pretrain.init import _iter_sharded_tensors
+    from pretrain.model.build import unwrap
+    from pretrain.model.init import _iter_sharded_tensors
 
     trainer = summary["trainer"]
     out = {}
@@ -44,7 +44,7 @@ def full_params(summary: dict) -> dict:
 
 def train_layouts(data: dict, layouts: list, iters: int) -> dict:
     """Rank worker: train the same run under several (tp, pp) layouts; losses per layout."""
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     results = {}
     for tp, pp in layouts:
@@ -74,7 +74,7 @@ def copy_shrunk_weights(small, masked_model, masks, shape) -> None:
     weights, in memory: the shrink's per-parameter slicing without a checkpoint."""
     import torch
 
-    from pretrain.state_adapter import shrink_parameter, source_name
+    from pretrain.model.shrunk import shrink_parameter, source_name
 
     full = dict(masked_model.named_parameters())
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Where a megatron-format checkpoint records the Adam step (``pretrain.adam_state._step_in``).
+"""Where a megatron-format checkpoint records the Adam step (``pretrain.engines.adam_state._step_in``).
 
 The moments themselves are checked end to end by the engine tests (tests/pretrain/
 test_engine_deepspeed.py): a checkpoint converted either way, or shrunk in-run under ZeRO, continues
@@ -6,7 +6,7 @@ the other run's losses step for step, which needs the masters, both moments and 
 
 from __future__ import annotations
 
-from pretrain.adam_state import MARKER, _step_in
+from pretrain.engines.adam_state import MARKER, _step_in
 
 
 def test_step_of_megatron_cores_optimizer_param_groups():

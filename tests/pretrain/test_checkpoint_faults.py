@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint as ckpt
-from pretrain.dcp_stream import DCPFormatError, OutTensor, read_dcp_metadata, write_lazily
+from pretrain.checkpoint.stream import DCPFormatError, OutTensor, read_dcp_metadata, write_lazily
 from pretrain.shrink import ShrinkError, _check_save_folder, _check_target_sizes
 from tests.dist_helper import subprocess_env
 

@@ -19,7 +19,7 @@ def test_vocab_padding_follows_megatron():
 
 
 def test_rope_scaling_flags_follow_megatron_lm():
-    from pretrain.arguments import build_parser, config_from_args
+    from pretrain.run.arguments import build_parser, config_from_args
 
     base = ["--model", "debug", "--train-iters", "2", "--mock-data"]
     plain = config_from_args(build_parser().parse_args(base)).model

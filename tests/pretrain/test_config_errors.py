@@ -2,7 +2,7 @@
 
 import pytest
 
-from pretrain.train import main
+from pretrain.run.train import main
 
 BASE = ["--model", "debug", "--train-iters", "2", "--mock-data"]
 
@@ -67,7 +67,7 @@ def test_dry_run_prints_plan(tiny_dataset, monkeypatch, capsys):
 def test_layer_shapes_file_is_read_and_bad_ones_are_usage_errors(tmp_path, capsys):
     import json
 
-    from pretrain.arguments import build_parser, config_from_args
+    from pretrain.run.arguments import build_parser, config_from_args
 
     shapes = [{"num_query_groups": 2, "num_attention_heads": 4, "ffn_hidden_size": 384},
               {"num_query_groups": 1, "num_attention_heads": 2, "ffn_hidden_size": 64}]
@@ -89,7 +89,7 @@ def test_layer_shapes_wider_than_the_global_flags_are_refused(tmp_path):
     """Issue 31 item 6: the global flags give the widest layer (parameter count, export, rebuilds)."""
     import json
 
-    from pretrain.arguments import build_parser, config_from_args
+    from pretrain.run.arguments import build_parser, config_from_args
     from pretrain.config import ConfigError
 
     base = ["--model", "debug", "--num-layers", "2", "--mock-data", "--train-iters", "1"]

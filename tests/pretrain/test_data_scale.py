@@ -47,7 +47,7 @@ def test_tokenizer_mismatch_stops_before_the_process_group(tiny_dataset, tmp_pat
 
 
 def test_data_args_path_reads_the_blend_from_a_file(tiny_dataset, tmp_path):
-    from pretrain.arguments import build_parser, config_from_args
+    from pretrain.run.arguments import build_parser, config_from_args
 
     listing = tmp_path / "blend.txt"
     listing.write_text(f"0.3 {tiny_dataset['prefix']}\n0.7 {tiny_dataset['prefix']}\n")
@@ -96,7 +96,7 @@ def test_per_split_data_trains_on_all_of_its_training_set(tiny_dataset, tmp_path
 
     import torch
 
-    from pretrain.arguments import build_parser, config_from_args
+    from pretrain.run.arguments import build_parser, config_from_args
     from pretrain.data import build_datasets, load_tokenizer
     from tools.preprocess_data import preprocess
 

@@ -45,7 +45,7 @@ def test_kl_and_its_gradient_match_the_full_softmax():
 
 
 def test_kl_over_a_padded_vocabulary_is_the_kl_over_the_real_one():
-    """Issue 31 item 4: padded logits are -inf in student and teacher (pretrain.model.mask_padded_logits);
+    """Issue 31 item 4: padded logits are -inf in student and teacher (pretrain.model.build.mask_padded_logits);
     the KL and its gradient are those of the unpadded vocabulary, finite (not 0 * inf = NaN)."""
     torch.manual_seed(1)
     real, padded = 37, 40
@@ -118,7 +118,7 @@ def _curve(summary: dict) -> dict:
 
 
 def _kd_worker(data: dict, root: str) -> dict:
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     def cfg(**kw):
         return debug_config(data, iters=ITERS, gbs=4, seq_length=32, **kw)

@@ -49,7 +49,7 @@ def _config(data: dict, engine: str, stage: int | None, **parallel):
 
 def _train_engines(data: dict, runs: list) -> dict:
     """Rank worker: one training run per (engine, stage); its losses, norms and pruning tables."""
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     out = {}
     for engine, stage in runs:
@@ -76,7 +76,7 @@ def _masked_nonzero(trainer, pruning) -> dict:
     this rank holds (the pruning invariant: all must be zero)."""
     import torch
 
-    from pretrain.pruning.optim_state import iter_param_slots
+    from pretrain.engines.slots import iter_param_slots
 
     counts = {"weights": 0, "master": 0, "exp_avg": 0, "exp_avg_sq": 0, "slots": 0}
     masks = pruning.local.param_masks
@@ -132,7 +132,7 @@ def _resume_runs(data: dict, root: str, variants: list) -> dict:
     import torch
 
     from pretrain.checkpoint import LATEST_FILE, atomic_write_text, iteration_dir
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     out = {}
     for name, stage, offload in variants:
@@ -190,7 +190,7 @@ def _change_engine(data: dict, cfg, save: str, root: str, name: str) -> dict:
     import torch
 
     from pretrain.checkpoint import LATEST_FILE, atomic_write_text, iteration_dir
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     converted, small, hf = (os.path.join(root, f"{name}-{what}") for what in ("megatron", "small", "hf"))
     tools = {}
@@ -224,7 +224,7 @@ def _from_megatron(cfg, root: str, name: str) -> dict:
     import torch
 
     from pretrain.checkpoint import LATEST_FILE, atomic_write_text, iteration_dir
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     save, converted = os.path.join(root, f"{name}-from-megatron"), os.path.join(root, f"{name}-to-deepspeed")
     whole = run(dataclasses.replace(
@@ -285,7 +285,7 @@ def _shrink_under(data: dict, root: str, stage: int) -> dict:
     """Rank worker: a masked ZeRO-``stage`` run, and the same run shrunk in-run after step 2."""
     import os
 
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     cfg = _config(data, "deepspeed", stage)
     masked = run(cfg)
@@ -312,8 +312,8 @@ def _round_trips(data: dict, runs: list) -> dict:
     model space, changed, scattered back into the engine and gathered again."""
     import torch
 
-    from pretrain.adam_state import adam_step, gather_from_engine, scatter_into_engine
-    from pretrain.train import run
+    from pretrain.engines.adam_state import adam_step, gather_from_engine, scatter_into_engine
+    from pretrain.run.train import run
 
     out = {}
     for engine, stage, bf16 in runs:
@@ -358,7 +358,7 @@ def _from_plain_optimizer(data: dict, root: str) -> dict:
     import torch
 
     from pretrain.checkpoint import LATEST_FILE, atomic_write_text, iteration_dir
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     save = os.path.join(root, "plain")
     cfg = _config(data, "megatron", None, use_distributed_optimizer=False)

@@ -53,8 +53,8 @@ def _callback(summary: dict, name: str):
 
 def _whole_weights(trainer) -> dict:
     """This rank's whole (TP-local) weights by name, fp32 copies (ZeRO-3: gathered; collective)."""
-    from pretrain.model import unwrap
-    from pretrain.pruning.optim_state import whole_weight
+    from pretrain.model.build import unwrap
+    from pretrain.engines.slots import whole_weight
 
     return {name: whole_weight(trainer.optimizer, p).float().clone()
             for name, p in unwrap(trainer.model_chunks[0]).named_parameters()}
@@ -65,7 +65,7 @@ def _masked_nonzero(trainer, pruning) -> dict:
     holds, and the largest |master - weight| over its owned ranges (the masters got every update)."""
     import torch
 
-    from pretrain.pruning.optim_state import iter_param_slots
+    from pretrain.engines.slots import iter_param_slots
 
     counts = {"weights": 0, "master": 0, "exp_avg": 0, "exp_avg_sq": 0, "slots": 0, "master_gap": 0.0}
     masks = pruning.local.param_masks
@@ -141,7 +141,7 @@ def _nonfinite(data: dict, engine: str, stage: int | None, save: str | None) -> 
     import contextlib
     import io
 
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     poison = PoisonedStep(iteration=1, rank=3)  # step 2, on TP rank 1 of DP rank 1
     cfg = _config(data, engine, stage, iters=3)
@@ -164,7 +164,7 @@ def _fisher_resume(data: dict, root: str, stage: int) -> dict:
     import torch
 
     from pretrain.checkpoint import LATEST_FILE, atomic_write_text, iteration_dir
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     save = os.path.join(root, f"fisher-zero{stage}")
     cfg = _config(data, "deepspeed", stage, prune={"saliency": "fisher"})
@@ -183,7 +183,7 @@ def _scenarios(data: dict, root: str, names: tuple) -> dict:
     import os
     import time
 
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     out: dict = {}
 

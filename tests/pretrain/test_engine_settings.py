@@ -24,7 +24,7 @@ def _cfg(tmp_path, settings: dict | None, **parallel) -> PretrainConfig:
 
 
 def test_flags_win_over_the_file_with_a_note(tmp_path):
-    from pretrain.engine_deepspeed import deepspeed_settings
+    from pretrain.engines.deepspeed import deepspeed_settings
 
     cfg = _cfg(tmp_path, {"zero_optimization": {"stage": 2, "overlap_comm": False}, "gradient_clipping": 5.0,
                           "wall_clock_breakdown": True}, zero_stage=3, offload_optimizer="cpu")
@@ -40,7 +40,7 @@ def test_flags_win_over_the_file_with_a_note(tmp_path):
 
 
 def test_the_file_decides_what_no_flag_gave(tmp_path):
-    from pretrain.engine_deepspeed import deepspeed_settings
+    from pretrain.engines.deepspeed import deepspeed_settings
 
     cfg = _cfg(tmp_path, {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
     cfg.validate(2)

@@ -11,8 +11,8 @@ import dataclasses
 
 import pytest
 
-from pretrain import arguments
-from pretrain.arguments import build_parser, config_from_args, flag_name, flagged_fields
+from pretrain.run import arguments
+from pretrain.run.arguments import build_parser, config_from_args, flag_name, flagged_fields
 
 FROZEN = """
 --adam-beta1 0.9

@@ -1,4 +1,4 @@
-"""The layout module (pretrain/layout.py) as plain functions, no processes.
+"""The layout module (pretrain/model/layout.py) as plain functions, no processes.
 
 For every TP/PP split of a few shapes (uniform GQA, MHA, per-layer widths, q/k/v biases), each
 weight's indices are labelled here, written out from megatron-core's documented layout, with the
@@ -11,7 +11,7 @@ every rank.
 import pytest
 import torch
 
-from pretrain import layout
+from pretrain.model import layout
 from pretrain.pruning.masks import GroupMasks, ModelShape
 
 SHAPES = {
@@ -127,7 +127,7 @@ def test_local_masks_and_folds_follow_the_written_out_layout(name, tp):
 
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_kept_indices_of_the_shrink_are_the_kept_labels(name):
-    from pretrain.state_adapter import kept_indices
+    from pretrain.model.shrunk import kept_indices
 
     shape = SHAPES[name]
     masks = _random_masks(shape, seed=3)

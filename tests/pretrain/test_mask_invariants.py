@@ -11,7 +11,7 @@ from tests.dist_helper import run_distributed
 
 def test_hidden_masking_possible():
     from pretrain.config import PruneConfig
-    from pretrain.pruning.invariants import hidden_masking_possible
+    from pretrain.model.invariants import hidden_masking_possible
 
     on = PruneConfig(target_ratio=0.5)
     assert hidden_masking_possible(on)
@@ -37,8 +37,8 @@ def invariants_worker():
     import megatron_patches.layer_specs as specs
     from pretrain.config import ConfigError, MODEL_PRESETS, ModelConfig, ParallelConfig, TrainConfig
     from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.model import build_model, build_transformer_config
-    from pretrain.pruning.invariants import (MaskInvariantError, check_hidden_masking_invariants,
+    from pretrain.model.build import build_model, build_transformer_config
+    from pretrain.model.invariants import (MaskInvariantError, check_hidden_masking_invariants,
                                              check_masks_cover_model)
     from pretrain.pruning.masks import ModelShape
 
@@ -106,8 +106,8 @@ def fused_norm_worker():
     from megatron_patches.layer_specs import LayerModules, gpt_block_spec
     from pretrain.config import MODEL_PRESETS, ModelConfig, ParallelConfig, TrainConfig
     from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.model import build_transformer_config
-    from pretrain.pruning.invariants import norms_not_mask_aware
+    from pretrain.model.build import build_transformer_config
+    from pretrain.model.invariants import norms_not_mask_aware
     from tests.megatron_patches.test_layer_specs import _fused_standin
 
     init_distributed(1, 1)

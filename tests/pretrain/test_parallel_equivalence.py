@@ -1,6 +1,6 @@
 """TP=2, PP=2, TP=2xPP=2 and DP=2 give the losses of TP=1/PP=1 for the same seed and data.
 
-Every layout starts from the same weights (pretrain.init draws each full tensor from a keyed
+Every layout starts from the same weights (pretrain.model.init draws each full tensor from a keyed
 generator and keeps the local slice) and reads the same global batches, so the loss curves must
 agree to float tolerance step by step.
 """

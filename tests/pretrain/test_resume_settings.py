@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
-from pretrain import arguments
+from pretrain.run import arguments
 from pretrain.config import (ConfigError, DistillConfig, ModelConfig, OptimConfig, PretrainConfig, PruneConfig,
                              TrainConfig, MODEL_PRESETS)
-from pretrain.optim import learning_rate_at, schedule_settings
+from pretrain.engines.optim import learning_rate_at, schedule_settings
 from pretrain.resume import with_checkpoint_distill, with_checkpoint_pruning, with_checkpoint_schedule
 from tests.dist_helper import run_distributed
 from tests.pretrain.common import debug_config
@@ -92,7 +92,7 @@ def test_a_changed_schedule_is_refused_unless_the_user_says_which_to_follow(monk
 
 
 def schedule_worker(data, root):
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     def config(iters, **checkpoint):
         cfg = debug_config(data, iters=iters, save=f"{root}/run", load=f"{root}/run")

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from pretrain import run_lock
+from pretrain.run import run_lock
 from tests.dist_helper import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HOLDER = ("import sys, time; from pretrain import run_lock; run_lock.acquire(sys.argv[1], '--save', 'holder'); "
+HOLDER = ("import sys, time; from pretrain.run import run_lock; run_lock.acquire(sys.argv[1], '--save', 'holder'); "
           "print('held', flush=True); time.sleep(600)")
 
 

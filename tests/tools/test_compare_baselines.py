@@ -15,7 +15,7 @@ from pretrain.compare import arms
 from pretrain.compare.accounting import cumulative_flops_at, kept_flops_per_token, run_flops
 from pretrain.compare.recipes import RECIPES, get_recipe
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.flops import flops_per_token_of, training_flops_per_token
+from pretrain.model.flops import flops_per_token_of, training_flops_per_token
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "compare_baselines.py")

@@ -1,4 +1,4 @@
-"""HF interop (tools/convert_to_hf.py, tools/convert_from_hf.py, pretrain/hf.py): exports compute
+"""HF interop (tools/convert_to_hf.py, tools/convert_from_hf.py, pretrain/interop/hf.py): exports compute
 what our model computes, imports compute what the HF model computes, round trips are exact, pruned
 exports load with ``from_pretrained`` and generate, the tokenizer goes along, bad inputs are refused."""
 
@@ -33,7 +33,7 @@ def _pruned(data, granularity, **kw):
 def train_worker(data, root):
     """Checkpoints to export: uniform pruning at TP=2, per-layer pruning at PP=2, an unpruned
     untied MHA model at TP=2 (world size 2)."""
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     run(_pruned(data, "uniform", tp=2, save=f"{root}/uniform"))
     # sequences of 128: the lm-eval task's continuations need more than 64 positions
@@ -54,7 +54,7 @@ def _our_logits(load, ids):
     """Logits of the checkpoint as it trains: full shape at TP=1, masks applied."""
     from pretrain import checkpoint as ckpt
     from pretrain.config import PretrainConfig
-    from pretrain.hf import _build_single
+    from pretrain.interop.hf import _build_single
     from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
 
     folder = ckpt.find_checkpoint(load)
@@ -74,7 +74,7 @@ def export_worker(data, root):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data_prep.tokenizers import build_tokenizer
-    from pretrain.hf import export_hf, import_hf, load_full_weights
+    from pretrain.interop.hf import export_hf, import_hf, load_full_weights
 
     ids = _batch()
     ours_tok = build_tokenizer("GPTSentencePieceTokenizer", data["tokenizer"])
@@ -198,7 +198,7 @@ def hf_import_worker(root):
     attention_bias whose o_proj biases are zero."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from pretrain.hf import ConversionError, _build_single, export_hf, import_hf, load_full_weights
+    from pretrain.interop.hf import ConversionError, _build_single, export_hf, import_hf, load_full_weights
 
     out = {}
     llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -277,7 +277,7 @@ def test_import_computes_what_hf_computes_and_round_trips(tmp_path):
 
 def start_from_import_worker(data, root, imported):
     """pretrain --load of an imported checkpoint: starts at iteration 0 from its weights."""
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     from_import = run(debug_config(data, iters=2, load=imported))
     fresh = run(debug_config(data, iters=2))
@@ -316,7 +316,7 @@ def test_bad_inputs_are_refused(exported, tiny_dataset, tmp_path):
     assert r.returncode == 1 and "not supported" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
     # ... and by the config reader it calls first (the others; saves a process start each)
-    from pretrain.hf import ConversionError, model_config_from_hf
+    from pretrain.interop.hf import ConversionError, model_config_from_hf
 
     for change, message in (({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
                                                "high_freq_factor": 4.0,
@@ -368,7 +368,7 @@ def padded_vocab_loss_worker(data, root):
     from data_prep.tokenizers import build_tokenizer
     from pretrain.data import TEST_SET_SEED, MicroBatchIterator, build_datasets
     from pretrain.evaluate import _checkpoint_and_data, evaluate_perplexity
-    from pretrain.hf import load_full_weights
+    from pretrain.interop.hf import load_full_weights
 
     kw = dict(micro_batch_size=1, seq_length=64, max_samples=12)
     checkpoint = evaluate_perplexity(f"{root}/mha", [data["prefix"]], tensor_parallel=2, **kw)["loss"]

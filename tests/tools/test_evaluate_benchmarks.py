@@ -41,7 +41,7 @@ def layouts_worker(data, root):
 
     from pretrain.benchmarks import load_for_benchmarks, score_documents
     from pretrain.shrink import reshard_checkpoint
-    from pretrain.train import run
+    from pretrain.run.train import run
 
     run(_pruned(data, "per-layer", tp=2, save=f"{root}/masked", num_layers=2))
     if torch.distributed.get_rank() == 0:
@@ -83,7 +83,7 @@ def reference_worker(data, root):
     from lm_eval.tasks import TaskManager
 
     from pretrain.benchmarks import document_scores, load_for_benchmarks, score_documents
-    from pretrain.hf import export_hf
+    from pretrain.interop.hf import export_hf
 
     docs = _documents()
     model = load_for_benchmarks(f"{root}/masked")

@@ -116,10 +116,10 @@ def _tokens(vocab, seed, batch=16, seq=64):
 def layer_outputs(data):
     """Rank worker (TP=1): errors of every consuming linear on held-out inputs, with and without
     compensation, and the compensated masked model against its shrunk copy."""
-    from pretrain.layout import axis_mask
+    from pretrain.model.layout import axis_mask
     from pretrain.pruning.compensation import Compensator
     from pretrain.pruning.masks import build_local_masks
-    from pretrain.state_adapter import shrunk_model_config
+    from pretrain.model.shrunk import shrunk_model_config
     from tests.pretrain.pruning.test_masked_equals_shrunk import _build, _setup
 
     cfg, vocab, shape = _setup(data, 1, 1)
@@ -181,7 +181,7 @@ def _config(data, *, compensation="obs", window=1, types=("heads", "ffn", "hidde
 
 
 def _flat_params(summary):
-    from pretrain.model import unwrap
+    from pretrain.model.build import unwrap
 
     return torch.cat([p.detach().float().reshape(-1) for chunk in summary["trainer"].model_chunks
                       for p in unwrap(chunk).parameters()])
@@ -191,7 +191,7 @@ def _master_gap(summary):
     """The largest |fp32 master - model parameter| over this rank's owned ranges, relative to the
     parameter's scale. A run whose last step was an event: a master the update missed would still
     hold the old value (the next step would copy it back over the update)."""
-    from pretrain.pruning.optim_state import iter_param_slots
+    from pretrain.engines.slots import iter_param_slots
 
     gap = 0.0
     for slot in iter_param_slots(summary["trainer"].optimizer):
@@ -206,7 +206,7 @@ def _master_gap(summary):
 def training_worker(data, root):
     from megatron.core import parallel_state as ps
 
-    from pretrain.train import run
+    from pretrain.run.train import run
     from tests.pretrain.pruning.test_pruning_distributed import _pruner, _zero_violations
 
     out = {"layer": layer_outputs(data)}

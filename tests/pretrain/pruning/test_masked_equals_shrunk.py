@@ -2,7 +2,7 @@
 
 Uniform masks (every group type alone and all together) and per-layer masks (a heterogeneous
 result) are applied to the debug model; the
-model is then rebuilt at the smaller shape with its weights sliced by ``pretrain.state_adapter``.
+model is then rebuilt at the smaller shape with its weights sliced by ``pretrain.model.shrunk``.
 Logits agree at TP=1, and the masked loss under TP=2 and TP=2 x PP=2 equals the small model's.
 Removing groups whose weights are zero therefore changes no output.
 """
@@ -60,8 +60,8 @@ def _setup(data, tp, pp):
 
 
 def _build(cfg, vocab, model_cfg=None):
-    from pretrain.init import deterministic_init
-    from pretrain.model import build_model
+    from pretrain.model.init import deterministic_init
+    from pretrain.model.build import build_model
 
     chunks = build_model(model_cfg or cfg.model, cfg.parallel, cfg.train, vocab, wrap_ddp=False)
     deterministic_init(chunks[0], cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
@@ -92,7 +92,7 @@ def _loss(chunks, batch, seq):
 
 def reference_worker(data):
     from pretrain.pruning.masks import build_local_masks
-    from pretrain.state_adapter import shrunk_model_config
+    from pretrain.model.shrunk import shrunk_model_config
 
     cfg, vocab, shape = _setup(data, 1, 1)
     seq = cfg.model.seq_length

@@ -20,8 +20,8 @@ def worker():
     import megatron_patches.layer_specs as specs
     from pretrain.config import MODEL_PRESETS, ModelConfig, ParallelConfig, TrainConfig
     from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.model import build_model, build_transformer_config
-    from pretrain.pruning.invariants import MaskInvariantError
+    from pretrain.model.build import build_model, build_transformer_config
+    from pretrain.model.invariants import MaskInvariantError
     from pretrain.pruning.masks import ModelShape, build_local_masks
     from pretrain.pruning.saliency import SaliencyEstimator
 
@@ -83,5 +83,5 @@ def test_dropped_hidden_channels_on_a_model_without_norms_stop_the_mask_builder(
 
 def test_scoring_a_parameter_the_layout_does_not_know_stops(results):
     message = results.get("unknown_parameter", "")
-    assert "decoder.layers.1.mlp.extra_scale" in message and "pretrain/layout.py" in message, message
+    assert "decoder.layers.1.mlp.extra_scale" in message and "pretrain/model/layout.py" in message, message
     assert results["scored"]

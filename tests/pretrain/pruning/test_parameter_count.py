@@ -1,5 +1,5 @@
 """The one parameter count (``ModelShape``; ``ModelConfig.num_parameters`` delegates to it) against
-the ``numel`` of real megatron-core models built by ``pretrain.model.build_model`` in a world of
+the ``numel`` of real megatron-core models built by ``pretrain.model.build.build_model`` in a world of
 one: uniform, MHA, per-layer widths, q/k/v biases, untied embeddings, and masks with dropped
 layers (counted masked, then built at the shrunk shape)."""
 
@@ -38,7 +38,7 @@ def _pruned_masks(shape):
 
 def _pruned_configs():
     from pretrain.pruning.masks import ModelShape
-    from pretrain.state_adapter import shrunk_model_config
+    from pretrain.model.shrunk import shrunk_model_config
 
     out = {}
     for name in ("uniform", "untied", "qkv-bias", "per-layer"):
@@ -51,7 +51,7 @@ def _pruned_configs():
 def numel_worker(configs: dict) -> dict:
     from pretrain.config import ParallelConfig, TrainConfig
     from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.model import build_model
+    from pretrain.model.build import build_model
 
     init_distributed(1, 1)
     set_random_seed(0)
@@ -99,7 +99,7 @@ def test_masked_count_equals_the_numel_of_the_shrunk_model(built):
 
 
 def test_every_parameter_of_a_real_model_has_a_layout(built):
-    from pretrain import layout
+    from pretrain.model import layout
 
     for name, shapes in built[0].items():
         for param, size in shapes.items():
@@ -129,7 +129,7 @@ def test_a_unit_costs_what_removing_it_removes():
 
 def test_shrinking_nothing_keeps_the_count():
     from pretrain.pruning.masks import ModelShape
-    from pretrain.state_adapter import shrunk_model_config
+    from pretrain.model.shrunk import shrunk_model_config
 
     for cfg in CONFIGS.values():
         shape = ModelShape.from_config(cfg, VOCAB)

@@ -22,8 +22,8 @@ def prune_event_worker() -> dict:
 def _prune_event(disagree: bool) -> dict:
     from pretrain.config import ModelConfig, OptimConfig, ParallelConfig, PruneConfig, TrainConfig
     from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.model import build_model
-    from pretrain.optim import build_optimizer
+    from pretrain.model.build import build_model
+    from pretrain.engines.optim import build_optimizer
     from pretrain.pruning.callback import PruningCallback
     from pretrain.pruning.masks import GroupScores, ModelShape
     from pretrain.pruning.schedule import target_params

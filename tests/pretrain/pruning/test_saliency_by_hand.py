@@ -5,7 +5,7 @@ biases, 8 FFN channels, vocabulary 16, tied embeddings) runs two scoring steps t
 in a world of one. The test then recomputes every table entry in plain torch from the weights, the
 gradients and the linears' inputs, with each group's weights listed here from FACTS.md (the q, k
 and v rows of query group g, the gate and up rows of FFN channel c, the columns and rows of
-hidden channel j), not through ``pretrain.layout``. The numbers must agree, not only the tables
+hidden channel j), not through ``pretrain.model.layout``. The numbers must agree, not only the tables
 across layouts (tests/pretrain/pruning/test_pruning_distributed.py).
 """
 
@@ -28,9 +28,9 @@ def scoring_worker(cases):
     """Per case: (the estimator's reduced table, the weights, per-step gradients and linear inputs)."""
     from pretrain.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
     from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.init import deterministic_init
-    from pretrain.model import build_model, unwrap
-    from pretrain.optim import build_optimizer
+    from pretrain.model.init import deterministic_init
+    from pretrain.model.build import build_model, unwrap
+    from pretrain.engines.optim import build_optimizer
     from pretrain.pruning.masks import ModelShape
     from pretrain.pruning.saliency import SaliencyEstimator, reduce_table
 

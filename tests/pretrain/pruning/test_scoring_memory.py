@@ -29,8 +29,8 @@ def _parts(table) -> dict:
 def measuring_worker(cases, distributed_optimizer):
     from pretrain.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
     from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.model import build_model, unwrap
-    from pretrain.optim import build_optimizer
+    from pretrain.model.build import build_model, unwrap
+    from pretrain.engines.optim import build_optimizer
     from pretrain.pruning.masks import ModelShape
     from pretrain.pruning import saliency
     from pretrain.pruning.saliency import SaliencyEstimator

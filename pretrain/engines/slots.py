@@ -47,7 +47,7 @@ def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
 
 def iter_param_slots(optimizer) -> Iterator[ParamSlot]:
     """Every model parameter this rank owns (part of), with its master values and Adam state."""
-    if hasattr(optimizer, "param_slots"):  # an engine adapter (pretrain.engine_deepspeed)
+    if hasattr(optimizer, "param_slots"):  # an engine adapter (pretrain.engines.deepspeed)
         yield from optimizer.param_slots()
         return
     for opt in inner_optimizers(optimizer):

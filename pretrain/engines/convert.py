@@ -1,7 +1,7 @@
 """Convert a checkpoint between the engines (``tools/convert_checkpoint.py``).
 
 Both directions carry the whole training state: weights, the fp32 master weights and AdamW's
-moments and step (in model space, ``pretrain.adam_state``), and the trainer state (iteration, data
+moments and step (in model space, ``pretrain.engines.adam_state``), and the trainer state (iteration, data
 position, LR schedule, pruning state: masks, EMA, schedule ends; lineage).
 
 ``--to megatron``: a DeepSpeed checkpoint (``--engine deepspeed``) is consolidated through
@@ -32,7 +32,7 @@ import time
 import torch
 
 from pretrain.config import PretrainConfig
-from pretrain.memory import check_model_fits
+from pretrain.model.memory import check_model_fits
 from pretrain.outputs import require_new_folder
 
 
@@ -127,7 +127,7 @@ def _consolidated_per_tp_rank(engine_dir: str, tag: str, tp: int) -> tuple[list[
 
 def _join_tp(name: str, param: torch.nn.Parameter, shards: list[torch.Tensor]) -> torch.Tensor:
     """The TP=1 tensor of ``param`` from its TP shards (in rank order)."""
-    from pretrain import layout
+    from pretrain.model import layout
 
     if len(shards) == 1 or not getattr(param, "tensor_model_parallel", False):
         return shards[0]
@@ -142,9 +142,9 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     """Write ``save`` (a new folder) as a megatron-engine checkpoint of the DeepSpeed checkpoint
     under ``load`` (its newest valid one). Returns what was written."""
     from pretrain import checkpoint as ckpt
-    from pretrain.adam_state import ModelSpaceAdam
-    from pretrain.engine_deepspeed import checkpoint_pickle_globals
-    from pretrain.hf import _build_single
+    from pretrain.engines.adam_state import ModelSpaceAdam
+    from pretrain.engines.deepspeed import checkpoint_pickle_globals
+    from pretrain.interop.hf import _build_single
 
     start = time.time()
     folder = ckpt.find_checkpoint(load)
@@ -203,7 +203,7 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
 def megatron_to_deepspeed(load: str, save: str) -> dict:
     """Copy the megatron-format checkpoint under ``load`` to ``save`` for ``--engine deepspeed``."""
     from pretrain import checkpoint as ckpt
-    from pretrain.adam_state import has_adam_state
+    from pretrain.engines.adam_state import has_adam_state
 
     start = time.time()
     folder = ckpt.find_checkpoint(load)
@@ -255,7 +255,7 @@ def _repartition_deepspeed(folder: str, save: str) -> dict:
 
 def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:
     """Collective: this DeepSpeed run's weights and AdamW state (model space, gathered from the
-    ZeRO partitions: ``pretrain.adam_state``) as a megatron-format checkpoint under
+    ZeRO partitions: ``pretrain.engines.adam_state``) as a megatron-format checkpoint under
     ``root/for_shrink``, with the trainer state: what the in-run shrink slices. The shrunk model
     continues under DeepSpeed with its weights, sliced fp32 masters and Adam moments, data
     position, LR schedule and pruning state. Returns the folder written."""
@@ -263,7 +263,7 @@ def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:
 
     import deepspeed
 
-    from pretrain.adam_state import ModelSpaceAdam, gather_from_engine
+    from pretrain.engines.adam_state import ModelSpaceAdam, gather_from_engine
     from pretrain.checkpoint import save_checkpoint
 
     engine = trainer.optimizer

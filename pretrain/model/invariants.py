@@ -107,7 +107,7 @@ def check_masks_cover_model(model_chunks: list, param_masks: dict) -> None:
             "no mask from pretrain/pruning/masks.py: " + ", ".join(missing[:8])
             + (" ..." if len(missing) > 8 else "")
             + ". The layer spec has a module the mask builder does not know; extend the builder "
-            "(and pretrain/state_adapter.py's layout) for it before pruning the hidden dimension")
+            "(and pretrain/model/shrunk.py's layout) for it before pruning the hidden dimension")
 
 
 def check_hidden_masking_invariants(model_chunks: list, shape) -> None:

@@ -1,7 +1,7 @@
 """Typed configs, one per component; each validates itself with a message that names the flag.
 
 Every command-line flag is declared here, once, on the field it sets (``flag(...)``: Megatron-LM's
-name where one exists, default, help; choices are ``Literal`` types). ``pretrain/arguments.py``
+name where one exists, default, help; choices are ``Literal`` types). ``pretrain/run/arguments.py``
 builds the parser from these declarations and only fills the configs; nothing reads a global
 namespace. This module is the bottom layer: it imports nothing else of the project.
 """
@@ -193,7 +193,7 @@ class ModelConfig:
     cli_group: ClassVar[str] = "model"
 
     # the command line leaves every model flag unset unless given: a --model preset or the --load
-    # checkpoint fills the rest (pretrain.arguments)
+    # checkpoint fills the rest (pretrain.run.arguments)
     num_layers: int = flag(resolved_later=True, at_least=1)
     hidden_size: int = flag(resolved_later=True, at_least=1)
     num_attention_heads: int = flag(resolved_later=True, at_least=1)
@@ -227,7 +227,7 @@ class ModelConfig:
     # not a flag: the vocabulary the softmax covers (the tokenizer's, or an imported model's own),
     # set by the run (pretrain.resume.with_unpadded_vocab) and saved with the config. The rows past
     # it are megatron's padding (--make-vocab-size-divisible-by x TP): their logits are -inf
-    # (pretrain.model.mask_padded_logits), so the model trained is the one exported. None: a
+    # (pretrain.model.build.mask_padded_logits), so the model trained is the one exported. None: a
     # checkpoint from before it was recorded.
     unpadded_vocab_size: int | None = None
 
@@ -488,7 +488,7 @@ class DataConfig:
     split: str = flag("969,30,1", resolved_later=True, help="train,valid,test shares of --data-path "
                       "(default 969,30,1)")
     # the command line leaves both to the --load checkpoint's recorded tokenizer, else infers the
-    # type from the model file (pretrain.arguments)
+    # type from the model file (pretrain.run.arguments)
     tokenizer_type: str = flag(
         "GPTSentencePieceTokenizer", resolved_later=True,
         help="default: the --load checkpoint's, else HuggingFaceTokenizer for a HF folder or tokenizer.json, "

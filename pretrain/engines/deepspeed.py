@@ -28,7 +28,7 @@ import os
 import torch
 
 from pretrain.config import PretrainConfig, read_deepspeed_json
-from pretrain.pruning.optim_state import ParamSlot
+from pretrain.engines.slots import ParamSlot
 
 
 def deepspeed_settings(cfg: PretrainConfig, data_parallel_size: int) -> tuple[dict, list[str]]:

@@ -23,7 +23,7 @@
 * per-layer widths come from the shape (``ModelShape.groups_of`` / ``ffn_of``).
 
 Masks (``pretrain.pruning.masks``), saliency (``pretrain.pruning.saliency``), the shrink and the
-HF conversion (``pretrain.state_adapter``) ask these functions; none works the layout out again.
+HF conversion (``pretrain.model.shrunk``) ask these functions; none works the layout out again.
 ``shape`` arguments are anything with ``heads_per_group``, ``head_dim``, ``groups_of(layer)`` and
 ``ffn_of(layer)`` (``pretrain.pruning.masks.ModelShape``); ``masks`` anything with ``heads``,
 ``ffn``, ``hidden`` and ``layers`` (``GroupMasks``).
@@ -239,7 +239,7 @@ def local_parameters(model_chunks: list) -> list[LocalParam]:
     from megatron.core import parallel_state as ps
 
     from megatron_patches.norms import RMSNorm
-    from pretrain.model import unwrap
+    from pretrain.model.build import unwrap
 
     out = []
 
@@ -260,7 +260,7 @@ def local_parameters(model_chunks: list) -> list[LocalParam]:
             found = [layer.layer_number - 1 for layer in layers]
             if found != list(expected):
                 raise RuntimeError(f"megatron-core placed layers {found} on this stage; the layout expects "
-                                   f"{list(expected)} (pretrain/layout.py stage_layers)")
+                                   f"{list(expected)} (pretrain/model/layout.py stage_layers)")
         for layer in layers:
             i = layer.layer_number - 1
             attn, mlp = layer.self_attention, layer.mlp

@@ -23,7 +23,7 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     pruning callback asks for a shrink, the checkpoint is rewritten into the smaller model, and
     the next segment continues from it (same step, data position and LR schedule).
     """
-    from pretrain import run_lock
+    from pretrain.run import run_lock
     from pretrain.data import require_index_cache
     from pretrain.outputs import require_writable
 
@@ -79,7 +79,7 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     it = trainer.state.iteration
     source = iteration_dir(cfg.checkpoint.save, it)
     if cfg.parallel.engine == "deepspeed":
-        from pretrain.engine_convert import save_weights_for_shrink
+        from pretrain.engines.convert import save_weights_for_shrink
 
         # the shrink slices the resharding (megatron) format: the weights go there too (collective)
         source = save_weights_for_shrink(trainer, cfg.checkpoint.save, next(
@@ -155,7 +155,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     _print_plan(cfg, layout, vocab_size, counts, peeked, pruning_note)
     if cfg.train.dry_run:
         return {"dry_run": True, "parameters": counts, "layout": layout}
-    from pretrain.memory import check_training_memory
+    from pretrain.model.memory import check_training_memory
 
     check_training_memory(cfg, vocab_size, layout["dp_size"], teacher)  # before anything is allocated
 
@@ -183,10 +183,10 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
 
 
 def _hold_output_folders(cfg: PretrainConfig) -> None:
-    """--save and --tensorboard-dir for this run alone (``pretrain.run_lock``): rank 0 takes their
+    """--save and --tensorboard-dir for this run alone (``pretrain.run.run_lock``): rank 0 takes their
     locks, and every rank stops with the same message when another live run holds one or a folder
     cannot be written (found now, not at the first save after hours of training)."""
-    from pretrain import run_lock
+    from pretrain.run import run_lock
     from pretrain.distributed import is_rank0
 
     message = ""
@@ -290,12 +290,12 @@ def _num_microbatches(cfg: PretrainConfig, layout: dict) -> int:
 
 
 def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megatron_spec: bool, peeked) -> tuple:
-    from pretrain.init import deterministic_init
-    from pretrain.pruning.invariants import hidden_masking_possible
+    from pretrain.model.init import deterministic_init
+    from pretrain.model.invariants import hidden_masking_possible
     from pretrain.pruning.state import PruningState
-    from pretrain.model import build_model, check_activation_memory, unwrap, zero_padded_vocab_rows
+    from pretrain.model.build import build_model, check_activation_memory, unwrap, zero_padded_vocab_rows
     from pretrain.nodes import ranks_on_this_host
-    from pretrain.optim import build_optimizer, build_scheduler
+    from pretrain.engines.optim import build_optimizer, build_scheduler
 
     check_activation_memory(cfg.model, cfg.train, vocab_size, cfg.parallel.tensor_model_parallel_size,
                             ranks_on_this_host())
@@ -309,7 +309,7 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
         deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
         zero_padded_vocab_rows(unwrap(chunk), cfg.model.unpadded_vocab_size, vocab_size)
     if cfg.parallel.engine == "deepspeed":
-        from pretrain.engine_deepspeed import build_deepspeed_engine
+        from pretrain.engines.deepspeed import build_deepspeed_engine
 
         adam = _weights_before_engine(cfg, peeked, model_chunks)
         # the adapter stands in for the optimizer: the trainer, the schedule and pruning ask it
@@ -350,9 +350,9 @@ def _starts_fresh(cfg: PretrainConfig, peeked) -> bool:
 
 
 def _read_adam_state(folder: str, model_chunks: list) -> tuple | None:
-    """(tensors, step) of ``folder``'s model-space AdamW state (``pretrain.adam_state``; collective);
+    """(tensors, step) of ``folder``'s model-space AdamW state (``pretrain.engines.adam_state``; collective);
     None, said, when it holds none: the Adam moments then start at zero."""
-    from pretrain import adam_state
+    from pretrain.engines import adam_state
     from pretrain.distributed import print_rank0
 
     if adam_state.has_adam_state(folder):
@@ -362,8 +362,8 @@ def _read_adam_state(folder: str, model_chunks: list) -> tuple | None:
 
 
 def _load_adam_state(optimizer, model_chunks: list, tensors: dict, step: int, folder: str) -> None:
-    """Model-space AdamW state (``pretrain.adam_state``) into the engine's own layout."""
-    from pretrain.adam_state import scatter_into_engine
+    """Model-space AdamW state (``pretrain.engines.adam_state``) into the engine's own layout."""
+    from pretrain.engines.adam_state import scatter_into_engine
     from pretrain.distributed import print_rank0
 
     written = scatter_into_engine(optimizer, model_chunks, tensors, step)
@@ -377,7 +377,7 @@ def _build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_c
     the others have updated, and ``lineage``: a shrunk or imported model stays marked as such, and
     the tokenizer's identity, ``resume.tokenizer_record``)."""
     from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
-    from pretrain.flops import training_flops_per_token
+    from pretrain.model.flops import training_flops_per_token
 
     # what this model computes per token (a masked model computes at its full size)
     logger = LoggingCallback(cfg.train.log_interval, cfg.logging.tensorboard_dir,
@@ -423,7 +423,7 @@ def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, optimizer)
         return _Resume()
     finetune = _starts_fresh(cfg, peeked)
     # False: not megatron-core's optimizer format (a checkpoint converted between engines, or the
-    # DeepSpeed in-run shrink's); its AdamW state, if any, is in model space (pretrain.adam_state)
+    # DeepSpeed in-run shrink's); its AdamW state, if any, is in model space (pretrain.engines.adam_state)
     has_optimizer = not peeked or peeked[1].get("optimizer_state", True)
     load_optim = not (cfg.checkpoint.no_load_optim or finetune)
     if peeked and cfg.parallel.engine == "deepspeed" and not os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
@@ -508,7 +508,7 @@ def _print_end(cfg: PretrainConfig, state) -> None:
 
 def _segment_summary(cfg: PretrainConfig, trainer, layout: dict) -> dict:
     from pretrain.distributed import device
-    from pretrain.model import unwrap
+    from pretrain.model.build import unwrap
 
     # a ZeRO-3 parameter holds a partition; ds_numel is its full size
     params = sum(getattr(p, "ds_numel", p.numel()) for c in trainer.model_chunks for p in unwrap(c).parameters())
@@ -619,7 +619,7 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     from data_prep.tokenizers import TokenizerError
-    from pretrain.arguments import build_parser, config_from_args
+    from pretrain.run.arguments import build_parser, config_from_args
     from pretrain.checkpoint import CheckpointError
     from pretrain.trainer import NonFiniteError
 

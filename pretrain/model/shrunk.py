@@ -1,9 +1,9 @@
 """Names and shapes of whole checkpoints: the shrink of a parameter, the shrunk model's config, and
 HuggingFace Llama names. Every layout fact (which rows are a query group's, ``[gate; up]``, what
-each dimension indexes) comes from ``pretrain.layout``; this module only applies it to names.
+each dimension indexes) comes from ``pretrain.model.layout``; this module only applies it to names.
 
 The shrink (``kept_indices``, ``shrink_parameter``, ``pretrain.shrink``) and HF conversion
-(``to_hf``, ``from_hf``, ``pretrain.hf``) use these functions.
+(``to_hf``, ``from_hf``, ``pretrain.interop.hf``) use these functions.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from pretrain import layout
+from pretrain.model import layout
 
 
 def kept_indices(name: str, masks, shape) -> tuple:

@@ -20,7 +20,7 @@ than the one just written, and counts only valid ones towards the number kept.
 
 Every pickle a checkpoint holds is read without running code: our own files with
 ``torch.load(weights_only=True)``, DCP's ``.metadata`` through an allowlist
-(``pretrain.dcp_stream.read_dcp_metadata``), DCP's byte objects and ``common.pt`` checked with
+(``pretrain.checkpoint.stream.read_dcp_metadata``), DCP's byte objects and ``common.pt`` checked with
 ``weights_only=True`` before megatron-core (which unpickles them freely) reads them.
 """
 
@@ -293,7 +293,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _model_sharded_state_dict(model_chunks: list) -> dict:
-    from pretrain.model import unwrap
+    from pretrain.model.build import unwrap
 
     if len(model_chunks) == 1:
         return unwrap(model_chunks[0]).sharded_state_dict(metadata=_sharding_metadata())
@@ -302,7 +302,7 @@ def _model_sharded_state_dict(model_chunks: list) -> dict:
 
 
 def _load_model_state(model_chunks: list, state: dict) -> None:
-    from pretrain.model import unwrap
+    from pretrain.model.build import unwrap
 
     if len(model_chunks) == 1:
         unwrap(model_chunks[0]).load_state_dict(state, strict=True)
@@ -525,7 +525,7 @@ def _unalias_adam_steps(optimizer) -> None:
     into every parameter's torch-Adam state; torch Adam increments it in place once per parameter,
     so the bias correction after a resume would be wrong (losses drift from the unbroken run).
     """
-    from pretrain.pruning.optim_state import torch_optimizers
+    from pretrain.engines.slots import torch_optimizers
 
     for torch_opt in torch_optimizers(optimizer):
         for state in torch_opt.state.values():
@@ -620,7 +620,7 @@ def _load_dcp_state(folder: str, model_chunks: list, optimizer, load_optim: bool
     if load_optim and optimizer is not None:
         # megatron-core's DistributedOptimizer.state_dict reads state["step"] when neither apex nor
         # Transformer Engine provides Adam: a fresh torch Adam needs the state its first step makes
-        from pretrain.adam_state import ensure_adam_state
+        from pretrain.engines.adam_state import ensure_adam_state
 
         ensure_adam_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
@@ -654,7 +654,7 @@ def check_dcp_pickles(dcp_dir: str) -> None:
     """Refuse a DCP folder whose pickles would run code when megatron-core/torch read them:
     ``.metadata`` (read by DCP with plain ``pickle.load``), its byte objects (read by DCP with
     ``weights_only=False``) and ``*.pt`` files (``common.pt``, sharded objects)."""
-    from pretrain.dcp_stream import CheckpointReader, DCPFormatError
+    from pretrain.checkpoint.stream import CheckpointReader, DCPFormatError
 
     try:
         reader = CheckpointReader(dcp_dir)  # reads .metadata through an allowlist

@@ -14,7 +14,7 @@ checkpoints store it (``optimizer.state.<key>.<model key>`` tensors sharded like
   engine wrote (distributed optimizer or not; its step from the checkpoint's common state);
 * ``tools/convert_checkpoint.py`` writes this form from DeepSpeed's ZeRO files.
 
-Engines are reached only through ``pretrain.pruning.optim_state.iter_param_slots`` (the range of
+Engines are reached only through ``pretrain.engines.slots.iter_param_slots`` (the range of
 each flattened parameter this rank owns, with views of its master and moments), so moving state
 needs no engine-specific code here: a gather is a sum over data-parallel ranks of zero-filled
 tensors, a scatter writes each rank's own range.
@@ -35,7 +35,7 @@ MARKER = "model_space_adam"
 def adam_step(optimizer) -> int:
     """The Adam step count of ``optimizer`` (0 before its first step): torch's Adam keeps it per
     state, the fused Adams of apex and Transformer Engine per param group."""
-    from pretrain.pruning.optim_state import torch_optimizers
+    from pretrain.engines.slots import torch_optimizers
 
     steps = set()
     for opt in torch_optimizers(optimizer):
@@ -45,7 +45,7 @@ def adam_step(optimizer) -> int:
 
 
 def _set_adam_step(optimizer, step: int) -> None:
-    from pretrain.pruning.optim_state import torch_optimizers
+    from pretrain.engines.slots import torch_optimizers
 
     for opt in torch_optimizers(optimizer):
         for state in opt.state.values():
@@ -63,7 +63,7 @@ def ensure_adam_state(optimizer) -> None:
     step would create (zero moments, step 0) where it has none yet, so it can be written:
     megatron-core's own ``init_state_fn`` where the optimizer has one (it knows fused and
     precision-aware Adams), then the ``step`` torch's Adam keeps per state."""
-    from pretrain.pruning.optim_state import inner_optimizers, torch_optimizers
+    from pretrain.engines.slots import inner_optimizers, torch_optimizers
 
     for opt in inner_optimizers(optimizer):
         init = getattr(opt, "init_state_fn", None)
@@ -88,7 +88,7 @@ def ensure_adam_state(optimizer) -> None:
 def param_names(model_chunks: list) -> dict:
     """{parameter: name} over this rank's model chunks (names prefixed by the chunk's index when
     there are several: virtual pipeline stages reuse the same local names)."""
-    from pretrain.model import unwrap
+    from pretrain.model.build import unwrap
 
     prefix = len(model_chunks) > 1
     return {p: (f"chunk{i}." if prefix else "") + n
@@ -115,7 +115,7 @@ def gather_from_engine(optimizer, model_chunks: list, everywhere: bool = True) -
     and the other ranks get placeholders of the right shape (``torch.empty``: pages never
     touched, so no host memory; their contents are never read)."""
     from pretrain.distributed import device
-    from pretrain.pruning.optim_state import iter_param_slots
+    from pretrain.engines.slots import iter_param_slots
 
     names = {p: n for p, n in param_names(model_chunks).items() if p.requires_grad}
     owned: dict[str, list] = {}  # name -> this rank's slots of it (views: nothing is copied yet)
@@ -153,7 +153,7 @@ def scatter_into_engine(optimizer, model_chunks: list, tensors: dict, step: int)
     names it); a ``param`` entry (fp32 master) is optional: without it the master stays what the
     engine made of the loaded weights (an fp32 run's master is the weight)."""
     from pretrain.distributed import print_rank0
-    from pretrain.pruning.optim_state import iter_param_slots
+    from pretrain.engines.slots import iter_param_slots
 
     ensure_adam_state(optimizer)
     names = param_names(model_chunks)

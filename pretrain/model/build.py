@@ -42,7 +42,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
         # CPU: the full master weight is initialised on CPU and split, so that every TP/PP layout
-        # starts from the same weights (see pretrain.model.build_model).
+        # starts from the same weights (see pretrain.model.build.build_model).
         use_cpu_initialization=True,
         perform_initialization=True,
         # fusions are CUDA kernels; keep them off on CPU
@@ -64,7 +64,7 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainCo
 
     ``use_te``: None picks Transformer Engine whenever it is usable (a GPU and TE importable).
     ``hidden_masking``: whether this run's hidden mask can change or is already partly False
-    (``pretrain.pruning.invariants.hidden_masking_possible``). None assumes it can: the TE spec then
+    (``pretrain.model.invariants.hidden_masking_possible``). None assumes it can: the TE spec then
     keeps separate mask-aware norms (correct whatever the run does, a little slower than the fused
     one). When it is true, the model is checked at build (every norm mask-aware, every parameter
     masked) and a model that could not be masked correctly stops the run here.
@@ -103,7 +103,7 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainCo
     model.spec_kind = "plain-megatron" if plain_megatron_spec else spec_kind.value  # for logs and reports
     mask_padded_logits(model, model_cfg.unpadded_vocab_size, vocab_size)
     if hidden_masking and not plain_megatron_spec:
-        from pretrain.pruning.invariants import check_hidden_masking_invariants
+        from pretrain.model.invariants import check_hidden_masking_invariants
         from pretrain.pruning.masks import ModelShape
 
         check_hidden_masking_invariants([model], ModelShape.from_config(model_cfg, vocab_size))
@@ -207,7 +207,7 @@ def activation_memory_lower_bound(model_cfg: ModelConfig, micro_batch_size: int,
 
 def available_memory_per_rank(local_world_size: int) -> int | None:
     """Bytes this rank may use: the GPU's total, or its share of the host's (cgroup limit included)."""
-    from pretrain.memory import memory_available
+    from pretrain.model.memory import memory_available
 
     have = memory_available(local_world_size, device=True)
     return have[0] if have else None

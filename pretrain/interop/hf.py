@@ -2,7 +2,7 @@
 
 Export (``export_hf``): the checkpoint (any TP/PP; ``dist_checkpointing`` reshards on load) is read
 into a TP=1/PP=1 model; a checkpoint with pruning masks is shrunk first (the weights only, with
-``pretrain.state_adapter``); names and the qkv/fc1 layouts are mapped by ``state_adapter.to_hf``.
+``pretrain.model.shrunk``); names and the qkv/fc1 layouts are mapped by ``state_adapter.to_hf``.
 Uniform shapes give a stock ``LlamaForCausalLM`` folder; per-layer shapes give a
 ``PrunedLlamaForCausalLM`` (``pretrain/hf_remote_code``, built on transformers' Llama modules)
 loaded with ``trust_remote_code=True``. The tokenizer goes along (``data_prep.hf_tokenizer``).
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import ConfigError, DataConfig, ModelConfig, ParallelConfig, PretrainConfig
-from pretrain.memory import check_model_fits
+from pretrain.model.memory import check_model_fits
 from pretrain.outputs import require_new_folder
 
 SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
@@ -54,7 +54,7 @@ class FullWeights:
 def _build_single(model_cfg: ModelConfig, vocab: int, dtype: torch.dtype = torch.float32):
     from pretrain.config import TrainConfig
     from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.model import build_model
+    from pretrain.model.build import build_model
 
     init_distributed(1, 1)
     set_random_seed(0)  # megatron's RNG tracker must exist before a forward pass
@@ -67,7 +67,7 @@ def load_full_weights(load: str) -> FullWeights:
     from pretrain import checkpoint as ckpt
     from pretrain.pruning.masks import ModelShape
     from pretrain.pruning.state import PruningState
-    from pretrain.state_adapter import shrink_parameter, shrunk_model_config, shrunk_name
+    from pretrain.model.shrunk import shrink_parameter, shrunk_model_config, shrunk_name
 
     folder = ckpt.find_checkpoint(load)
     if folder is None:
@@ -191,7 +191,7 @@ def hf_state_dict(weights: FullWeights, vocab: int, zero_o_proj_bias: bool = Fal
     """HF-named tensors of ``weights``, the vocabulary cut to ``vocab`` rows (and zero
     ``o_proj.bias`` tensors for a Llama config with ``attention_bias``)."""
     from pretrain.pruning.masks import ModelShape
-    from pretrain.state_adapter import to_hf
+    from pretrain.model.shrunk import to_hf
 
     model = weights.config.model
     shape = ModelShape.from_config(model, weights.vocab_size)
@@ -480,7 +480,7 @@ def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel:
               make_vocab_size_divisible_by: int = 128) -> dict:
     """Write a weights-only checkpoint (iteration 0) of the HF model in ``load`` (a folder, or a
     ``.gguf`` file / a folder holding one), with a copy of its tokenizer in ``save/tokenizer``."""
-    from pretrain.gguf import find_gguf, read_gguf
+    from pretrain.interop.gguf import find_gguf, read_gguf
 
     gguf_file = find_gguf(load)
     if gguf_file is not None:
@@ -501,7 +501,7 @@ def import_hf(load: str, save: str, tensor_parallel: int = 1, pipeline_parallel:
 def _copy_hf_weights(model, tensors, model_cfg, hf_vocab: int, load: str) -> None:
     """Every parameter of ``model`` from the HF tensors (the vocabulary padding rows stay zero)."""
     from pretrain.pruning.masks import ModelShape
-    from pretrain.state_adapter import from_hf
+    from pretrain.model.shrunk import from_hf
 
     shape = ModelShape.from_config(model_cfg, model.embedding.word_embeddings.weight.shape[0])
     with torch.no_grad():

@@ -1,0 +1,1 @@
+"""What differs between megatron-core and DeepSpeed."""

@@ -1,0 +1,1 @@
+"""HF transformers and GGUF, both ways."""

@@ -1,0 +1,1 @@
+"""The model: shapes, weight layout, build, init, FLOPs, memory checks."""

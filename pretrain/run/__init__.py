@@ -1,0 +1,1 @@
+"""The command line and the run (segments, the in-run shrink)."""
