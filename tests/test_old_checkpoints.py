@@ -2,9 +2,9 @@
 ``tests/fixtures/make_old_checkpoints.py``) are read by the code in the tree, and what it writes
 keeps their format (issue 30: "the checkpoint format byte for byte"):
 
-- the megatron (TP=2, masks in progress) and DeepSpeed ZeRO-3 (DP=2) ones resume for one step and
-  save a checkpoint with the same file names (iteration numbers aside), trainer-state key paths
-  and DCP keys as the old one;
+- the megatron (TP=2, masks in progress) and DeepSpeed ZeRO-3 (DP=2) ones resume for two steps
+  with the losses the old code's resume had, and save checkpoints with the same file names
+  (iteration numbers aside), trainer-state key paths and DCP keys as the old ones;
 - the DeepSpeed one converts to the megatron engine into the format the old conversion wrote;
 - the megatron one reshards (shrink, TP 2 -> 1) into a model whose held-out loss is the masked
   checkpoint's, as the old code evaluated it;
@@ -27,7 +27,8 @@ import sys
 
 import pytest
 
-from tests.fixtures.checkpoint_format import describe, differences, hf_loss
+from tests.fixtures.fixture_checks import (RESUMED_ITERATIONS, describe, differences, hf_loss, resume_command,
+                                           train_losses)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,21 +86,18 @@ def test_fixtures_are_as_recorded():
 
 
 @pytest.mark.parametrize("kind", ["megatron", "deepspeed_zero3"])
-def test_resume_writes_the_old_format(work, kind):
-    """One more step from the old checkpoint, under the command that wrote it (the LR schedule
-    kept: the checkpoint's, over its 4 iterations)."""
-    command = KINDS[kind]["command"]
-    args = list(command["args"])
-    args[args.index("--save") + 1] = f"resumed_{kind}"
-    args[args.index("--train-iters") + 1] = "5"
-    args[args.index("--save-interval") + 1] = "1"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                str(command["ranks"])]
-    _run([*launcher, "-m", "pretrain", *args, "--load", kind, "--use-checkpoint-opt_param-scheduler",
-          "--data-cache-path", os.path.join(work, "cache")], work)
+def test_resume_continues_and_writes_the_old_format(work, kind):
+    """Two more steps from the old checkpoint, under the command that wrote it: the losses the old
+    code's resume had (weights, optimizer state, LR schedule, data position read alike), and
+    checkpoints in the old format."""
     folder = os.path.join(work, f"resumed_{kind}")
+    tensorboard = os.path.join(work, f"tb_{kind}")
+    _run(resume_command(KINDS[kind]["command"], kind, folder, tensorboard, os.path.join(work, "cache")), work)
+    for actual, expected in zip(train_losses(tensorboard), KINDS[kind]["resumed_losses"], strict=True):
+        _assert_loss(actual, expected, f"{kind}, resumed")
     # resumed at 4: a run from scratch would have saved iterations 1 to 4 as well
-    assert sorted(os.listdir(folder)) == ["iter_0000005", "latest_checkpointed_iteration.txt"], os.listdir(folder)
+    expected_files = [f"iter_{4 + i:07d}" for i in range(1, RESUMED_ITERATIONS + 1)]
+    assert sorted(os.listdir(folder)) == [*expected_files, "latest_checkpointed_iteration.txt"], os.listdir(folder)
     _assert_format(kind, folder)
 
 
