@@ -47,7 +47,7 @@ def held_out_worker(gguf, ckpt, prefix):
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from pretrain.interop.hf import _build_single, load_full_weights
+    from pretrain.checkpoint.full_weights import build_single as _build_single, load_full_weights
 
     tokens = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r")
     windows = torch.from_numpy(np.array(tokens[-4 * (SEQ + 1):], dtype=np.int64)).view(4, SEQ + 1)
