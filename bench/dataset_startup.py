@@ -31,7 +31,7 @@ SEQ = 2048
 
 
 def make_dataset(prefix: str, tokens: int, rng: np.random.Generator, mean_doc: int = 1000) -> None:
-    from tools.preprocess_data import IndexedDatasetWriter
+    from data_prep.preprocess import IndexedDatasetWriter
 
     if os.path.exists(prefix + ".idx"):
         return

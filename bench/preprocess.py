@@ -63,7 +63,7 @@ def megatron_style(corpus: str, model: str, out_prefix: str, workers: int) -> di
 
 
 def ours(corpus: str, model: str, out_prefix: str, workers: int) -> dict:
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     start = time.time()
     s = preprocess([corpus], out_prefix, "GPTSentencePieceTokenizer", model, append_eod=True,

@@ -82,7 +82,7 @@ def prepare_model(work: str) -> tuple[str, str]:
 def prepare_data(work: str, hf_dir: str, documents: int) -> dict:
     """The built-in corpus, split by document into a scoring part (90%) and a held-out part."""
     from data_prep.build_corpus import builtin_documents
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     out = {}
     for part in ("score", "heldout"):

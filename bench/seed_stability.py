@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 def _build_data(root: str, documents: int) -> dict:
     from data_prep.build_corpus import builtin_documents
     from data_prep.train_tokenizer import train_tokenizer
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     corpus = os.path.join(root, "corpus.jsonl")
     with open(corpus, "w") as f:

@@ -13,7 +13,7 @@ def build_tiny_corpus(root: str, train_documents: int, held_out_documents: int, 
     held out; returns the dataset prefixes ``train`` and ``held_out`` and the ``tokenizer`` model."""
     from data_prep.build_corpus import builtin_documents
     from data_prep.train_tokenizer import train_tokenizer
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     docs = list(itertools.islice(builtin_documents(), train_documents + held_out_documents))
     paths = {}

@@ -42,12 +42,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep import debian_docs
+from data_prep.text import duplicate_key
+
 DEFAULT_MIN_CHARS = 200
 _SKIPPED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
-
-
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
 
 
 def _clean_docstring(text: str) -> str:
@@ -109,7 +108,7 @@ def builtin_documents(min_chars: int = DEFAULT_MIN_CHARS) -> Iterator[dict]:
         text = _clean_docstring(text)
         if len(text) < min_chars:
             return
-        digest = hashlib.sha1(_normalise(text).encode("utf-8")).hexdigest()
+        digest = duplicate_key(text)
         if digest in seen:
             return
         seen.add(digest)
@@ -308,8 +307,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _debian_documents(cache_dir: str | None, fetch: bool, min_chars: int) -> Iterator[dict]:
-    from data_prep import debian_docs
-
     cache = Path(cache_dir) if cache_dir else debian_docs.DEFAULT_CACHE_DIR
     try:
         missing = debian_docs.missing_packages(cache, list(debian_docs.DEBIAN_DOC_PACKAGES))

@@ -36,7 +36,6 @@ pages and perl's pod, plain reading for text files; ``.gz`` files are decompress
 from __future__ import annotations
 
 import gzip
-import hashlib
 import html.parser
 import os
 import re
@@ -47,7 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.build_corpus import _normalise
+from data_prep.text import duplicate_key
 
 MAX_DOCUMENT_CHARS = 50_000
 DEFAULT_CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -511,7 +510,7 @@ def debian_doc_documents(
             for k, part in enumerate(parts):
                 if len(part) < min_chars:
                     continue
-                digest = hashlib.sha1(_normalise(part).encode("utf-8")).hexdigest()
+                digest = duplicate_key(part)
                 if digest in seen:
                     continue
                 seen.add(digest)

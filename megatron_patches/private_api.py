@@ -14,6 +14,8 @@ import importlib
 import inspect
 from dataclasses import dataclass
 
+from megatron_patches.versions import installed_megatron_core_version
+
 
 @dataclass(frozen=True)
 class PrivateName:
@@ -107,8 +109,6 @@ def missing_names() -> list[tuple[PrivateName, str]]:
 
 
 def main() -> int:
-    from megatron_patches.versions import installed_megatron_core_version
-
     missing = missing_names()
     print(f"megatron-core {installed_megatron_core_version()}: {len(PRIVATE_NAMES) - len(missing)} of "
           f"{len(PRIVATE_NAMES)} private names resolve")

@@ -445,7 +445,7 @@ def load_for_benchmarks(load: str, tensor_parallel: int = 1, pipeline_parallel: 
     from pretrain.config import ParallelConfig, PretrainConfig
     from pretrain.distributed import init_distributed, launch_environment, set_random_seed
     from pretrain.evaluate import _load_model
-    from pretrain.interop.hf import checkpoint_tokenizer
+    from pretrain.checkpoint.tokenizer import checkpoint_tokenizer
     from pretrain.resume import checkpoint_vocab
 
     folder = ckpt.find_checkpoint(load)

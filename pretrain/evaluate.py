@@ -74,7 +74,7 @@ def _checkpoint_and_data(load: str, data_path: list[str], tokenizer_type: str | 
     (the tokenizer the checkpoint recorded unless one is given)."""
     from data_prep.tokenizers import infer_tokenizer_type
     from pretrain import checkpoint as ckpt
-    from pretrain.interop.hf import checkpoint_tokenizer
+    from pretrain.checkpoint.tokenizer import checkpoint_tokenizer
 
     folder = ckpt.find_checkpoint(load)
     if folder is None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from pretrain.checkpoint.tokenizer import (  # noqa: F401  (re-exported: their old home)
+    check_checkpoint_tokenizer, checkpoint_tokenizer_identity, tokenizer_record, unpadded_vocab)
 from pretrain.config import ConfigError, PretrainConfig, flag_of
 
 # trainer-state keys that say where the model came from; carried into every later checkpoint
@@ -49,59 +51,6 @@ def checkpoint_vocab(peeked: Peeked | None, tokenizer_vocab: int, tp: int) -> in
         raise ConfigError(f"--load {folder}: its padded vocabulary ({vocab}) is not divisible by "
                           f"--tensor-model-parallel-size {tp}")
     return int(vocab)
-
-
-def tokenizer_record(tokenizer, also: tuple = ()) -> dict:
-    """What a checkpoint records of the tokenizer it was trained with (``trainer_state["tokenizer"]``);
-    ``also``: files of the same tokenizer in another format (``pretrain.data.TokenizerIdentity``)."""
-    from pretrain.data import tokenizer_identity
-
-    return {} if tokenizer is None else {"tokenizer": dataclasses.asdict(tokenizer_identity(tokenizer, also))}
-
-
-def checkpoint_tokenizer_identity(folder: str, trainer_state: dict) -> tuple | None:
-    """(identity, where it is recorded) of the tokenizer a checkpoint was trained with
-    (``pretrain.data.TokenizerIdentity``): recorded in it, or (a checkpoint from before that) read
-    from the tokenizer file its config names; None when nothing tells."""
-    from data_prep.tokenizers import TokenizerError, build_tokenizer
-    from pretrain.data import TokenizerIdentity, tokenizer_identity
-    from pretrain.interop.hf import checkpoint_tokenizer
-
-    if trainer_state.get("tokenizer"):
-        record = trainer_state["tokenizer"]
-        return (TokenizerIdentity(record["vocab_size"], record.get("sha256"), tuple(record.get("also", ()))),
-                "recorded in its trainer state")
-    recorded = checkpoint_tokenizer(folder, trainer_state)
-    if recorded is None:
-        return None
-    try:
-        return tokenizer_identity(build_tokenizer(*recorded)), f"its config names {recorded[1]}"
-    except (TokenizerError, OSError):
-        return None  # moved or deleted: nothing to compare with
-
-
-def check_checkpoint_tokenizer(flag: str, folder: str, trainer_state: dict, tokenizer) -> None:
-    """The tokenizer identity rule (``pretrain.data.tokenizer_identity_problem``) for a checkpoint
-    given as ``flag`` (--load, --kd-teacher): its embeddings mean the tokens of the tokenizer it
-    was trained with, and no other."""
-    from pretrain.data import tokenizer_identity_problem
-
-    recorded = checkpoint_tokenizer_identity(folder, trainer_state) if tokenizer is not None else None
-    problem = recorded and tokenizer_identity_problem(f"{flag} {folder}", "the checkpoint was trained",
-                                                      *recorded, tokenizer)
-    if problem:
-        raise ConfigError(problem)
-
-
-def unpadded_vocab(model_cfg, trainer_state: dict | None, tokenizer_vocab: int) -> int:
-    """The vocabulary the model's softmax covers (``ModelConfig.unpadded_vocab_size``): the
-    checkpoint's recorded one, an imported model's own (a checkpoint from before it was
-    recorded), else the tokenizer's (the one the checkpoint was trained with: the tokenizer
-    identity rule, ``check_checkpoint_tokenizer``, holds it to that)."""
-    if model_cfg.unpadded_vocab_size is not None:
-        return int(model_cfg.unpadded_vocab_size)
-    imported = (trainer_state or {}).get("imported_from") or {}
-    return int(imported.get("vocab_size") or tokenizer_vocab)
 
 
 def with_unpadded_vocab(cfg: PretrainConfig, peeked: Peeked | None, tokenizer_vocab: int) -> PretrainConfig:

@@ -39,7 +39,7 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> dict:
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     prefix = str(tmp_path_factory.mktemp("data") / "tiny")
     summary = preprocess([tiny_corpus], prefix, "GPTSentencePieceTokenizer", tiny_tokenizer,

@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+from pretrain.config import ConfigError
+
 
 def quiet_start() -> None:
     """No torch.compile warm-ups (megatron's jit fusions) and no library warnings in the output."""
@@ -18,8 +20,7 @@ def run_reporting_errors(fn, errors: tuple):
     """``(fn(), 0)``, or ``(None, 1)`` after printing an error of the given types or a
     ``ConfigError`` (an output that cannot be written, a model too big for memory, ...); the
     process group the tool opened is torn down either way."""
-    from pretrain.config import ConfigError
-    from pretrain.distributed import destroy_distributed
+    from pretrain.distributed import destroy_distributed  # lazy: torch loads after quiet_start()
 
     try:
         return fn(), 0

@@ -46,8 +46,10 @@ from pretrain.compare.campaign import (Campaign, check_corpus, check_parent, che
                                        check_reachable, check_test_set, check_tokenizer,
                                        format_command, training_tokens_available)
 from pretrain.compare.recipes import RECIPES, get_recipe  # noqa: E402
-from pretrain.config import ConfigError, ranged  # noqa: E402
+from pretrain.compare.report import write_report  # noqa: E402
+from pretrain.config import ConfigError, DataConfig, ranged  # noqa: E402
 from pretrain.outputs import require_writable  # noqa: E402
+from pretrain.run.arguments import build_parser as pretrain_parser, config_from_args  # noqa: E402
 
 # what must not change when a comparison is resumed
 _SETTINGS = ("recipe", "data_path", "tokenizer_model", "tokenizer_type", "test_data_path", "seeds", "parent",
@@ -113,8 +115,6 @@ def _validate(args: argparse.Namespace):
     wanted = args.arms or ",".join(family.default_arms)
     runs, notes = arms.runs_for([a.strip() for a in wanted.split(",") if a.strip()], family)
     parent = None
-    from pretrain.config import DataConfig
-
     if recipe.imported_parent:
         if not args.parent:
             raise ConfigError(f"--recipe {recipe.name} starts from a released model: give --parent CKPT, a checkpoint "
@@ -165,8 +165,6 @@ def _validate_flags(recipe, ctx: Context, runs: list[str], seed: int) -> list[st
     """Each planned run's flags through ``python -m pretrain``'s own parser and config checks, at
     the recipe's world size (what a dry run can check before any job starts). B runs are planned
     once A has run; they are checked then."""
-    from pretrain.run.arguments import build_parser as pretrain_parser, config_from_args
-
     lines = []
     family = family_of(recipe)
     for run in runs:
@@ -327,8 +325,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from pretrain.compare.report import write_report
-
     write_report(ctx.out, recipe, seeds, ctx.results, ctx.lrs, notes, command)
     print(f"report: {os.path.join(ctx.out, 'report.md')}")
     unfinished = sorted(f"{run}:{seed}" for (run, seed), r in ctx.results.items() if r.get("status") != "ok")

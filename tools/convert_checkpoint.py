@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", required=True, choices=["megatron", "deepspeed"], help="the engine to convert for")
     args = p.parse_args(argv)
     quiet_start()
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.engines.convert import EngineConversionError, deepspeed_to_megatron, megatron_to_deepspeed
+    from pretrain.checkpoint import CheckpointError  # lazy: torch after quiet_start()
+    from pretrain.engines.convert import (  # lazy: likewise
+        EngineConversionError, deepspeed_to_megatron, megatron_to_deepspeed)
 
     convert = deepspeed_to_megatron if args.to == "megatron" else megatron_to_deepspeed
     r, status = run_reporting_errors(lambda: convert(args.load, args.save),

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--make-vocab-size-divisible-by", type=ranged(int, at_least=1), default=128)
     args = p.parse_args(argv)
     quiet_start()
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.interop.hf import ConversionError, import_hf
+    from pretrain.checkpoint import CheckpointError  # lazy: torch after quiet_start()
+    from pretrain.interop.hf import ConversionError, import_hf  # lazy: likewise
 
     r, status = run_reporting_errors(lambda: import_hf(
         args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,

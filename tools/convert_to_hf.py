@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest safetensors file (GB)")
     args = p.parse_args(argv)
     quiet_start()
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.interop.hf import ConversionError, export_hf
+    from pretrain.checkpoint import CheckpointError  # lazy: torch after quiet_start()
+    from pretrain.interop.hf import ConversionError, export_hf  # lazy: likewise
 
     r, status = run_reporting_errors(lambda: export_hf(
         args.load, args.save, args.dtype, args.tokenizer_model, not args.no_tokenizer,

@@ -40,7 +40,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.config import ranged  # noqa: E402
+from data_prep.tokenizers import TokenizerError  # noqa: E402
+from pretrain.config import ConfigError, ranged  # noqa: E402
+from pretrain.outputs import OutputError, require_writable, write_output_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_TASKS = REPO / "eval" / "lm_eval_tasks"
@@ -85,11 +87,10 @@ def run_lm_eval(hf_model: str, tasks: list[str], limit: int | None = None, batch
 def run_benchmarks(args: argparse.Namespace) -> tuple[int, dict | None]:
     """``--load CKPT --tasks ...``: the benchmarks of pretrain.benchmarks on the checkpoint; prints
     the table, writes the JSON and tensorboard scalars (rank 0). Returns (exit code, results)."""
-    from data_prep.tokenizers import TokenizerError
-    from pretrain.benchmarks import evaluate_tasks, format_table, load_for_benchmarks, load_tasks, parse_tasks
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.config import ConfigError
-    from pretrain.distributed import destroy_distributed, is_rank0, print_rank0
+    from pretrain.benchmarks import (  # lazy: torch after TORCHDYNAMO_DISABLE is set
+        evaluate_tasks, format_table, load_for_benchmarks, load_tasks, parse_tasks)
+    from pretrain.checkpoint import CheckpointError  # lazy: torch after TORCHDYNAMO_DISABLE is set
+    from pretrain.distributed import destroy_distributed, is_rank0, print_rank0  # lazy: torch after TORCHDYNAMO_DISABLE is set
 
     try:
         tasks = parse_tasks(args.tasks)
@@ -123,7 +124,7 @@ def _benchmark_scalars(tensorboard_dir: str, folder: str, results: dict) -> None
     """benchmarks/<task>/<metric> at the checkpoint's iteration."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from pretrain import checkpoint as ckpt
+    from pretrain import checkpoint as ckpt  # lazy: torch after TORCHDYNAMO_DISABLE is set
 
     step = int(ckpt.read_trainer_state(folder).get("iteration", 0))
     writer = SummaryWriter(tensorboard_dir)
@@ -166,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         code, results = run_benchmarks(args)
         if results is not None and args.output:
-            from pretrain.outputs import write_output_file
-
             write_output_file(args.output, json.dumps(results, indent=2), "--output")
         return code
     if args.load and args.tasks and args.data_path:
@@ -177,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--limit {args.limit}: give a positive number of documents per task")
     if bool(args.load) == bool(args.hf_model):
         p.error("give either --load (with --data-path) for perplexity, or --hf-model for lm-eval tasks")
-    from pretrain.outputs import OutputError, require_writable, write_output_file
-
     try:
         if args.output:  # before the evaluation, not after it
             require_writable(args.output, "--output", folder=False)
@@ -196,11 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.data_path:
             p.error("--load needs --data-path (an indexed dataset to evaluate on)")
-        from data_prep.tokenizers import TokenizerError
-        from pretrain.checkpoint import CheckpointError
-        from pretrain.config import ConfigError
-        from pretrain.distributed import destroy_distributed, print_rank0
-        from pretrain.evaluate import evaluate_perplexity
+        from pretrain.checkpoint import CheckpointError  # lazy: torch after TORCHDYNAMO_DISABLE is set
+        from pretrain.distributed import destroy_distributed, print_rank0  # lazy: torch after TORCHDYNAMO_DISABLE is set
+        from pretrain.evaluate import evaluate_perplexity  # lazy: torch after TORCHDYNAMO_DISABLE is set
 
         try:
             results = evaluate_perplexity(

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                         "replaced (atomically) and its latest file points at the new one")
     args = p.parse_args(argv)
     quiet_start()
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.shrink import ShrinkError, reshard_checkpoint
+    from pretrain.checkpoint import CheckpointError  # lazy: torch after quiet_start()
+    from pretrain.shrink import ShrinkError, reshard_checkpoint  # lazy: likewise
 
     r, status = run_reporting_errors(lambda: reshard_checkpoint(
         args.load, args.save, args.shrink, args.target_tensor_parallel_size,

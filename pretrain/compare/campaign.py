@@ -349,7 +349,7 @@ def check_parent(parent: str) -> tuple[dict, int, tuple[str, str]]:
     """(its model config, its padded vocabulary, (tokenizer type, tokenizer path)) of ``--parent``,
     which must be a checkpoint made by ``tools/convert_from_hf.py`` with its tokenizer beside it."""
     from pretrain import checkpoint as ckpt
-    from pretrain.interop.hf import checkpoint_tokenizer
+    from pretrain.checkpoint.tokenizer import checkpoint_tokenizer
 
     importer = (f"import it first: python tools/convert_from_hf.py --load {parent} --save {parent.rstrip('/')}_ckpt, "
                 "then give that folder as --parent")

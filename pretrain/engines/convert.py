@@ -144,7 +144,7 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     from pretrain import checkpoint as ckpt
     from pretrain.engines.adam_state import ModelSpaceAdam
     from pretrain.engines.deepspeed import checkpoint_pickle_globals
-    from pretrain.interop.hf import _build_single
+    from pretrain.checkpoint.full_weights import build_single
 
     start = time.time()
     folder = ckpt.find_checkpoint(load)
@@ -168,7 +168,7 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
             if name.endswith(".pt"):
                 ckpt.load_without_code(os.path.join(tag_dir, name), os.path.join(tag_dir, name))
     per_rank, step = _consolidated_per_tp_rank(engine_dir, ckpt.ENGINE_TAG, tp)
-    model = _build_single(cfg.model, vocab)
+    model = build_single(cfg.model, vocab)
     adam = {}
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -2,7 +2,7 @@
 
 transformers' GGUF loader (the ``gguf`` package) dequantizes the tensors and undoes llama.cpp's
 q/k row permutation; the result is a HF Llama state dict, its config and its tokenizer, which
-``pretrain.interop.hf.import_hf`` imports like a HF folder. The import therefore computes exactly what the
+``pretrain.interop.hf_import.import_hf`` imports like a HF folder. The import therefore computes exactly what the
 dequantized GGUF computes: the quantization error is the GGUF's own, reported, not added to.
 Architectures and quantization types are checked from the file's header first, so an unsupported
 file is refused in a second, before anything is dequantized.
@@ -14,7 +14,8 @@ import collections
 import os
 import tempfile
 
-from pretrain.interop.hf import ConversionError
+from pretrain.interop.hf_config import ConversionError, model_config_from_hf
+from pretrain.model.memory import check_model_fits
 
 # GGUF general.architecture values that are Llama-family models our model computes
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -79,9 +80,6 @@ def check_gguf(path: str) -> collections.Counter:
 def _check_fits(hf: dict, path: str) -> None:
     """The shape in the GGUF header against memory, before anything is dequantized: transformers'
     fp32 model and our copy of its state are held at once."""
-    from pretrain.interop.hf import model_config_from_hf
-    from pretrain.model.memory import check_model_fits
-
     model = model_config_from_hf(hf, path)
     check_model_fits(model.num_parameters(int(hf["vocab_size"]))["total"], 8, path,
                      "two fp32 copies (dequantized) in one process", "import it on a machine with more memory")

@@ -198,7 +198,7 @@ def _model_values(args: argparse.Namespace, peeked: tuple[str, dict] | None) -> 
 def _tokenizer_values(args: argparse.Namespace, peeked: tuple[str, dict] | None) -> tuple[str, str | None]:
     """(--tokenizer-type, --tokenizer-model): the flags, else the --load checkpoint's recorded tokenizer."""
     from data_prep.tokenizers import infer_tokenizer_type
-    from pretrain.interop.hf import checkpoint_tokenizer
+    from pretrain.checkpoint.tokenizer import checkpoint_tokenizer
 
     model = args.tokenizer_model
     if model is None and peeked is not None and not args.mock_data and args.tokenizer_type != "NullTokenizer":

@@ -27,7 +27,7 @@ def _parent(f: Fixtures) -> tuple[str, str]:
 
 def _test_set(d: Path, f: Fixtures, tokenizer: str | None = None) -> str:
     """Held-out data: other documents than the training set's source file."""
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     lines = Path(f.corpus).read_text().splitlines()[:40]
     (d / "held_out.jsonl").write_text("\n".join(lines) + "\n")
@@ -60,7 +60,7 @@ def parent_without_tokenizer(d: Path, f: Fixtures) -> list[str]:
 
 def corpus_of_another_tokenizer(d: Path, f: Fixtures) -> list[str]:
     from data_prep.train_tokenizer import train_tokenizer
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     lines = Path(f.corpus).read_text().splitlines()
     (d / "other.jsonl").write_text("\n".join(lines[40:]) + "\n")

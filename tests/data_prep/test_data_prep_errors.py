@@ -75,7 +75,7 @@ def test_build_corpus_into_a_full_or_read_only_folder(tmp_path, capsys, options,
 
 
 def test_preprocessing_into_a_full_folder(tiny_dataset, tmp_path):
-    from tools.preprocess_data import PreprocessError, preprocess
+    from data_prep.preprocess import PreprocessError, preprocess
 
     with _small_tmpfs(tmp_path / "disk", "size=64k") as disk:
         with pytest.raises(PreprocessError, match=r"cannot write the dataset \(No space left on device\)"):

@@ -15,7 +15,7 @@ from tests.faults.campaign import ROOT, campaign
 def _tiny_data(folder: Path) -> tuple[str, str]:
     from data_prep.build_corpus import builtin_documents
     from data_prep.train_tokenizer import train_tokenizer
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     corpus = folder / "corpus.jsonl"
     with open(corpus, "w") as f:

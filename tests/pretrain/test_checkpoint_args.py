@@ -92,7 +92,7 @@ def test_the_checkpoints_tokenizer_is_adopted_unless_one_is_given(monkeypatch, t
 
 
 def test_a_moved_checkpoint_finds_its_tokenizer_beside_it(tmp_path):
-    from pretrain.interop.hf import checkpoint_tokenizer
+    from pretrain.checkpoint.tokenizer import checkpoint_tokenizer
 
     moved = _hf_tokenizer(tmp_path / "moved" / "tokenizer")
     state = _state(data=DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="/gone/ckpt/tokenizer"))

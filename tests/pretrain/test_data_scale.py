@@ -98,7 +98,7 @@ def test_per_split_data_trains_on_all_of_its_training_set(tiny_dataset, tmp_path
 
     from pretrain.run.arguments import build_parser, config_from_args
     from pretrain.data import build_datasets, load_tokenizer
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     test_jsonl = tmp_path / "held.jsonl"
     test_jsonl.write_text("".join(json.dumps({"text": f"held out document number {i} " * 20}) + "\n"

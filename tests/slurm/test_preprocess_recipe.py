@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.slurm.test_slurm import _env, _wait, cluster  # noqa: F401 (cluster: the fixture)
-from tools.preprocess_data import preprocess
+from data_prep.preprocess import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = os.path.join(ROOT, "slurm", "preprocess.sbatch")

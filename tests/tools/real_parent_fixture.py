@@ -41,7 +41,7 @@ def corpus_split(root: str, tokenizer_model: str | None = None, documents: int =
     ``tokenizer_model`` (a new sentencepiece tokenizer of 1,000 tokens when None)."""
     from data_prep.build_corpus import builtin_documents
     from data_prep.train_tokenizer import train_tokenizer
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     docs = list(itertools.islice(builtin_documents(), documents))
     cut = int(documents * 0.85)

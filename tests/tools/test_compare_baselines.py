@@ -87,7 +87,7 @@ def split_data(tmp_path_factory) -> dict:
     """Training and held-out test data from disjoint documents of the built-in corpus."""
     from data_prep.build_corpus import builtin_documents
     from data_prep.train_tokenizer import train_tokenizer
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("cmp")
     docs = list(itertools.islice(builtin_documents(), 1000))
@@ -119,7 +119,7 @@ def test_bad_input_is_refused_before_any_training(split_data, tmp_path):
     copy = os.path.join(split_data["root"], "copy_of_train")
     for ext in (".bin", ".idx"):
         shutil.copy(split_data["train"] + ext, copy + ext)
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     # the training documents again, without end-of-document tokens: other bytes, the same source file
     same_source = preprocess([os.path.join(split_data["root"], "train.jsonl")], os.path.join(split_data["root"], "again"),

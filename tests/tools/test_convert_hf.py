@@ -54,7 +54,7 @@ def _our_logits(load, ids):
     """Logits of the checkpoint as it trains: full shape at TP=1, masks applied."""
     from pretrain import checkpoint as ckpt
     from pretrain.config import PretrainConfig
-    from pretrain.interop.hf import _build_single
+    from pretrain.checkpoint.full_weights import build_single as _build_single
     from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
 
     folder = ckpt.find_checkpoint(load)
@@ -198,7 +198,8 @@ def hf_import_worker(root):
     attention_bias whose o_proj biases are zero."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from pretrain.interop.hf import ConversionError, _build_single, export_hf, import_hf, load_full_weights
+    from pretrain.checkpoint.full_weights import build_single as _build_single
+    from pretrain.interop.hf import ConversionError, export_hf, import_hf, load_full_weights
 
     out = {}
     llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

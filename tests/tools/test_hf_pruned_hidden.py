@@ -14,7 +14,7 @@ from pretrain.config import ModelConfig
 def test_hidden_not_a_multiple_of_the_heads_exports_and_loads(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pretrain.interop.hf import _REMOTE_CODE, hf_config_dict
+    from pretrain.interop.hf import REMOTE_CODE as _REMOTE_CODE, hf_config_dict
 
     model = ModelConfig(num_layers=2, hidden_size=40, num_attention_heads=3, num_query_groups=1,
                         ffn_hidden_size=64, kv_channels=16, seq_length=32)

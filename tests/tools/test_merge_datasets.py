@@ -15,7 +15,7 @@ import pytest
 from data_prep import merge as merge_module
 from data_prep.indexed_dataset import read_manifest
 from data_prep.merge import MergeError, find_prefixes, merge_datasets
-from tools.preprocess_data import PreprocessError, plan_partitions, preprocess
+from data_prep.preprocess import PreprocessError, plan_partitions, preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_prep.tokenizers import build_tokenizer
-from tools.preprocess_data import PreprocessError, preprocess
+from data_prep.preprocess import PreprocessError, preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -47,7 +47,7 @@ def held_out_worker(gguf, ckpt, prefix):
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from pretrain.interop.hf import _build_single, load_full_weights
+    from pretrain.checkpoint.full_weights import build_single as _build_single, load_full_weights
 
     tokens = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r")
     windows = torch.from_numpy(np.array(tokens[-4 * (SEQ + 1):], dtype=np.int64)).view(4, SEQ + 1)
@@ -69,7 +69,7 @@ def held_out_worker(gguf, ckpt, prefix):
 
 def test_prune_a_pretrained_gguf_model_to_half_and_export(tmp_path):
     from data_prep.build_corpus import builtin_documents
-    from tools.preprocess_data import preprocess
+    from data_prep.preprocess import preprocess
 
     gguf = _smollm2_gguf()
     ckpt, run_dir, hf_dir = str(tmp_path / "ckpt"), str(tmp_path / "run"), str(tmp_path / "hf")
