@@ -87,9 +87,9 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[int, dict | None]:
     the table, writes the JSON and tensorboard scalars (rank 0). Returns (exit code, results)."""
     from data_prep.tokenizers import TokenizerError
     from pretrain.benchmarks import evaluate_tasks, format_table, load_for_benchmarks, load_tasks, parse_tasks
-    from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
     from pretrain.distributed import destroy_distributed, is_rank0, print_rank0
+    from pretrain.errors import UserError
 
     try:
         tasks = parse_tasks(args.tasks)
@@ -105,7 +105,7 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[int, dict | None]:
         results = evaluate_tasks(model, tasks, args.num_fewshot, args.limit, args.batch_size,
                                  per_document=args.per_document, docs=docs)
         speaks = is_rank0()  # asked before the world is torn down (after that every rank is "rank 0")
-    except (ConfigError, CheckpointError, TokenizerError) as err:
+    except (UserError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1, None
     finally:
@@ -197,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.data_path:
             p.error("--load needs --data-path (an indexed dataset to evaluate on)")
         from data_prep.tokenizers import TokenizerError
-        from pretrain.checkpoint import CheckpointError
-        from pretrain.config import ConfigError
         from pretrain.distributed import destroy_distributed, print_rank0
+        from pretrain.errors import UserError
         from pretrain.evaluate import evaluate_perplexity
 
         try:
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.load, args.data_path, args.tokenizer_type, args.tokenizer_model,
                 args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.micro_batch_size,
                 args.seq_length, args.max_samples, args.data_cache_path)
-        except (ConfigError, CheckpointError, TokenizerError) as err:
+        except (UserError, TokenizerError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         finally:

@@ -16,9 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal
 
-
-class ConfigError(ValueError):
-    """A bad setting; the message names the flag and what to do."""
+from pretrain.errors import ConfigError
 
 
 def _require(condition: bool, message: str) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.errors import ConversionError
 from pretrain.config import ConfigError, DataConfig, ModelConfig, ParallelConfig, PretrainConfig
 from pretrain.model.memory import check_model_fits
 from pretrain.outputs import require_new_folder
@@ -33,10 +34,6 @@ from pretrain.outputs import require_new_folder
 SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 _REMOTE_CODE = os.path.join(os.path.dirname(__file__), "hf_remote_code")
 _SUPPORTED_TYPES = ("llama", "qwen2", "pruned_llama")
-
-
-class ConversionError(ValueError):
-    """The conversion cannot be done as asked; the message says why and what to do."""
 
 
 @dataclass

@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import ConfigError
-
-
-class MaskInvariantError(ConfigError):
-    """The model cannot be masked correctly for hidden pruning."""
+from pretrain.errors import MaskInvariantError
 
 
 def hidden_masking_possible(prune_cfg=None, checkpoint_pruning_state: dict | None = None) -> bool:

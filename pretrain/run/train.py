@@ -14,6 +14,7 @@ import sys
 import torch
 
 from pretrain.config import ConfigError, PretrainConfig
+from pretrain.errors import UserError
 
 
 def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
@@ -620,8 +621,6 @@ def _is_out_of_memory(err: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     from data_prep.tokenizers import TokenizerError
     from pretrain.run.arguments import build_parser, config_from_args
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.trainer import NonFiniteError
 
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     args = build_parser().parse_args(argv)
@@ -629,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         run(cfg)
-    except (ConfigError, TokenizerError, CheckpointError, NonFiniteError) as err:
+    except (UserError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
