@@ -298,7 +298,7 @@ class ModelConfig:
     def num_parameters(self, vocab_size: int) -> dict[str, int]:
         """Parameter counts by part (tied embeddings counted once; ``per_layer``, ``attention`` and
         ``mlp`` are the first layer's). The formula is ``ModelShape``'s, the one the pruning uses."""
-        from pretrain.pruning.masks import ModelShape
+        from pretrain.model.shape import ModelShape  # lazy: torch, which importing the configs (every --help) must not pay for
 
         shape = ModelShape.from_config(self, vocab_size)
         full = shape.full_masks()

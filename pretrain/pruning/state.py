@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape
+from pretrain.model.shape import GroupMasks, ModelShape
+from pretrain.pruning.masks import GroupScores
 
 # where the pruning callback's state sits in a checkpoint's trainer state
 CHECKPOINT_KEY = "pruning"
