@@ -83,7 +83,7 @@ def load_full_weights(load: str) -> FullWeights:
     if masks is None:
         return FullWeights(cfg, vocab, tensors, state, folder, shrunk=False)
     shape = ModelShape.from_config(cfg.model, vocab)
-    if shape.parameter_count(masks) == shape.parameter_count(shape.full_masks()):
+    if not PruningState.removes_groups(masks, shape):
         return FullWeights(cfg, vocab, tensors, state, folder, shrunk=False)
     small = {}
     for name, tensor in tensors.items():

@@ -89,6 +89,13 @@ class PruningState:
                    loss_before_event=tuple(pending) if pending is not None else None)
 
     @staticmethod
+    def removes_groups(masks: GroupMasks, shape: ModelShape) -> bool:
+        """Whether ``masks`` remove anything from the model ``shape`` describes: the one rule (the
+        HF export, a distillation teacher, the pruning callback). Not "any mask False": a per-layer
+        shrunk model's masks are False past each narrower layer's width, entries that do not exist."""
+        return not masks.equal(shape.full_masks())
+
+    @staticmethod
     def stored_masks(trainer_state: dict) -> GroupMasks | None:
         """Only the masks of a checkpoint's pruning state (None: the checkpoint has none); for
         readers that need nothing else (evaluation, export) and may meet any layout of the state."""
