@@ -690,6 +690,11 @@ class TrainConfig:
         _require(self.eval_interval >= 0 and self.eval_iters >= 0, "--eval-interval/--eval-iters must be >= 0")
         _require(self.max_skipped_nonfinite_steps >= 0, "--max-skipped-nonfinite-steps must be >= 0")
 
+    def micro_batches_per_step(self, data_parallel_size: int) -> int:
+        """Micro-batches each data-parallel rank runs per step (gradient accumulation steps): the one
+        count the trainer, the DeepSpeed engine's settings and the plan use."""
+        return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
+
     def total_iters(self, seq_length: int) -> int:
         if self.train_iters is not None:
             return self.train_iters
@@ -967,7 +972,7 @@ class PretrainConfig:
         ours = {"train_batch_size": ("--global-batch-size", self.train.global_batch_size),
                 "train_micro_batch_size_per_gpu": ("--micro-batch-size", self.train.micro_batch_size),
                 "gradient_accumulation_steps": ("--global-batch-size / (--micro-batch-size x data parallel)",
-                                                self.train.global_batch_size // (self.train.micro_batch_size * dp))}
+                                                self.train.micro_batches_per_step(dp))}
         for key, (flag_name, value) in ours.items():
             _require(key not in settings or settings[key] == value,
                      f"--deepspeed-config {self.parallel.deepspeed_config}: {key} {settings.get(key)!r} contradicts "

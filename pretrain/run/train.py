@@ -287,7 +287,7 @@ def _print_plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict
 
 
 def _num_microbatches(cfg: PretrainConfig, layout: dict) -> int:
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout["dp_size"])
+    return cfg.train.micro_batches_per_step(layout["dp_size"])
 
 
 def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megatron_spec: bool, peeked) -> tuple:
