@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.errors import ConversionError
 from pretrain.config import ConfigError, DataConfig, ModelConfig, ParallelConfig, PretrainConfig
+from pretrain.errors import ConversionError
 from pretrain.model.memory import check_model_fits
 from pretrain.outputs import require_new_folder
 
