@@ -5,8 +5,9 @@ One formula counts the parameters of a shape under masks (``ModelShape.parameter
 masks are global (every layer, every group), identical on every rank and independent of the TP/PP
 layout, so they are checkpointed once with the pruning state and survive resharding.
 
-This module imports nothing of the project: the configs (which must stay free of the model and of
-torch at import, for every ``--help``) count parameters through it.
+This module imports nothing of the project, so the configs (layer 2, below the rest of the model)
+may ask it for ``ModelConfig.num_parameters``; they import it lazily: it needs torch, which
+importing the configs (every ``--help``) must not pay for.
 """
 
 from __future__ import annotations
