@@ -34,14 +34,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from pretrain.config import ConfigError
+from pretrain.errors import BenchmarkError
 
 INSTALL_HINT = "pip install --no-deps -r requirements-nodeps.txt (make setup does)"
 UNCONDITIONAL_OFFSET = 1_000_000  # OLMES' unconditional requests (empty context): not used here
-
-
-class BenchmarkError(ConfigError):
-    """Bad benchmark input: the message names the flag or file and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

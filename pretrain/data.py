@@ -11,14 +11,15 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from data_prep.indexed_dataset import DatasetError, max_token_id
-from data_prep.tokenizers import TextTokenizer, build_tokenizer
+from data_prep.indexed_dataset import (DatasetError, file_sha256, manifest_path, max_token_id, read_index_header,
+                                      read_manifest)
+from data_prep.tokenizers import TextTokenizer, TokenizerError, build_tokenizer
 from pretrain.config import ConfigError, DataConfig
+from pretrain.nodes import folder_leaders
+from pretrain.outputs import require_writable
 
 
 def load_tokenizer(data: DataConfig) -> TextTokenizer:
-    from data_prep.tokenizers import TokenizerError
-
     try:
         return build_tokenizer(data.tokenizer_type, data.tokenizer_model,
                                vocab_size=data.vocab_size_for_null_tokenizer)
@@ -104,8 +105,6 @@ _TOKENIZER_DIGESTS: dict[tuple, str] = {}
 
 
 def _cached_manifest(prefix: str):
-    from data_prep.indexed_dataset import manifest_path, read_manifest
-
     try:
         st = os.stat(manifest_path(prefix))
     except FileNotFoundError:
@@ -117,8 +116,6 @@ def _cached_manifest(prefix: str):
 
 
 def _cached_sha256(path: str) -> str:
-    from data_prep.indexed_dataset import file_sha256
-
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _TOKENIZER_DIGESTS:
@@ -171,8 +168,6 @@ def tokenizer_identity_problem(source: str, made: str, recorded: TokenizerIdenti
 
 def _tokenizer_mismatch(prefixes: list[str], tokenizer: TextTokenizer) -> str | None:
     """The data's manifest names the tokenizer that made it (sha256, vocabulary)."""
-    from data_prep.indexed_dataset import manifest_path
-
     for prefix in prefixes:
         try:
             manifest = _cached_manifest(prefix)
@@ -230,8 +225,6 @@ def blend_report(data: DataConfig, train_samples: int, seq_length: int, max_line
     """Lines for the log: the tokens of each blend component (its manifest, else its ``.bin``'s
     size) and about how many times the run will read its training share (weight x tokens the run
     draws / the component's training tokens), with a warning for each component that repeats."""
-    from data_prep.indexed_dataset import read_index_header
-
     if data.mock_data or not train_samples:
         return []
     prefixes, weights = data.training_blend()
@@ -280,8 +273,6 @@ def require_index_cache(data: DataConfig) -> None:
     unless --data-cache-path): a read-only dataset folder otherwise fails deep inside megatron-core
     when the indices are built. A cache folder that exists already is left to megatron-core: it may
     hold the indices of an earlier run, which are only read."""
-    from pretrain.outputs import require_writable
-
     if data.mock_data or not data.all_prefixes():  # no data: validate() says so
         return
     folder = index_cache_folder(data)
@@ -300,8 +291,6 @@ def _builds_a_node_cache(data: DataConfig) -> bool:
         return False
     if torch.distributed.get_world_size() == 1:
         return False
-    from pretrain.nodes import folder_leaders
-
     rank = torch.distributed.get_rank()
     leaders, _ = folder_leaders(index_cache_folder(data), "--data-cache-path")
     return rank != 0 and leaders[rank] == rank

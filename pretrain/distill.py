@@ -29,6 +29,8 @@ from functools import partial
 import torch
 
 from pretrain.config import ConfigError, DistillConfig, ModelConfig, PretrainConfig
+from pretrain.model.shape import ModelShape
+from pretrain.pruning.state import PruningState
 from pretrain.trainer import Callback, StepMetrics
 
 
@@ -119,10 +121,11 @@ def resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer, world_size:
     from pretrain.resume import check_checkpoint_tokenizer
 
     check_checkpoint_tokenizer("--kd-teacher", folder, state, tokenizer)
-    if _has_pruned_groups(state):
+    saved = PretrainConfig.from_dict(state["config"]).model
+    masks = PruningState.stored_masks(state)
+    if masks is not None and PruningState.removes_groups(masks, ModelShape.from_config(saved, vocab_size)):
         raise ConfigError(f"--kd-teacher {folder}: its weights carry pruning masks with removed groups; "
                           "shrink it first (tools/reshard_checkpoint.py --shrink) and use the shrunk checkpoint")
-    saved = PretrainConfig.from_dict(state["config"]).model
     # no weight depends on the sequence length: the teacher reads the student's sequences
     model = dataclasses.replace(saved, seq_length=cfg.model.seq_length,
                                 max_position_embeddings=max(saved.max_position_embeddings or 0,
@@ -134,13 +137,6 @@ def resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer, world_size:
     except ConfigError as err:
         raise ConfigError(f"--kd-teacher {folder}: the teacher's shape does not fit this layout: {err}") from None
     return Teacher(folder=folder, model=model, vocab_size=vocab_size)
-
-
-def _has_pruned_groups(state: dict) -> bool:
-    from pretrain.pruning.state import PruningState
-
-    masks = (PruningState.stored_dict(state) or {}).get("masks") or {}
-    return any(not bool(torch.as_tensor(m).bool().all()) for m in masks.values() if m is not None)
 
 
 def plan_line(config: DistillConfig, teacher: Teacher) -> str:

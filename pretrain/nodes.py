@@ -16,6 +16,7 @@ import time
 import torch
 
 from pretrain.config import ConfigError
+from pretrain.distributed import launch_environment
 
 _MARKER = ".node-view-"
 
@@ -30,8 +31,6 @@ def folder_leaders(folder: str, flag: str) -> tuple[list[int], list[str]]:
     """For every rank, the lowest rank that sees the same contents of ``folder`` (created if
     missing), and every rank's host. Collective; a rank that cannot create or write the folder
     stops every rank with a ConfigError naming ``flag``."""
-    from pretrain.distributed import launch_environment
-
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     token = [f"{os.getpid()}-{time.time_ns()}"]  # this check's markers, not an earlier run's
     torch.distributed.broadcast_object_list(token, src=0)

@@ -15,17 +15,12 @@ import errno
 import os
 import tempfile
 
-from pretrain.config import ConfigError
+from pretrain.errors import OutputError
 
 # errors that say the place cannot take the output, whichever file was being written
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 _WRITE_REASONS = tuple(os.strerror(e) for e in _WRITE_ERRNOS)
 DISK_FULL = os.strerror(errno.ENOSPC)
-
-
-class OutputError(ConfigError):
-    """An output that cannot be written; the message names the flag, the path and what to do (a
-    ConfigError: every entry point already reports those as one line)."""
 
 
 def require_writable(path: str, flag: str, folder: bool = True) -> None:

@@ -31,11 +31,8 @@ import torch
 from pretrain.model import layout
 from pretrain.config import ConfigError, PretrainConfig
 from pretrain.checkpoint.stream import DCPFormatError
+from pretrain.errors import ShrinkError
 from pretrain.outputs import OutputError, require_writable, write_failure
-
-
-class ShrinkError(ValueError):
-    """The checkpoint cannot be shrunk/resharded as asked; the message says why and what to do."""
 
 
 def _shape_of(cfg: PretrainConfig, vocab: int):

@@ -14,6 +14,8 @@ from functools import partial
 
 import torch
 
+from pretrain.errors import NonFiniteError
+
 
 @dataclass
 class TrainerState:
@@ -29,10 +31,6 @@ class TrainerState:
     failed: bool = False
     # this step's loss or gradients are not finite: callbacks must not learn from it
     nonfinite_step: bool = False
-
-
-class NonFiniteError(RuntimeError):
-    """Too many steps with a NaN/inf loss or gradient: training stopped (nothing saved after)."""
 
 
 @dataclass

@@ -26,6 +26,8 @@ LAYERS: dict[str, int] = {
     "pretrain.distributed": 2,
     "pretrain.outputs": 2,
     "pretrain.report": 2,
+    # the parameter count of a shape: ModelConfig.num_parameters asks it (imports nothing of the project)
+    "pretrain.model.shape": 2,
     # 3: the model (shape, layout, build, init, FLOPs, memory) and what the model carries: masks
     "pretrain.model": 3,
     "pretrain.pruning.masks": 3,

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 
-from pretrain.config import ConfigError
+from pretrain.errors import UserError
 
 
 def quiet_start() -> None:
@@ -18,13 +18,13 @@ def quiet_start() -> None:
 
 def run_reporting_errors(fn, errors: tuple):
     """``(fn(), 0)``, or ``(None, 1)`` after printing an error of the given types or a
-    ``ConfigError`` (an output that cannot be written, a model too big for memory, ...); the
+    ``UserError`` (an output that cannot be written, a model too big for memory, ...); the
     process group the tool opened is torn down either way."""
     from pretrain.distributed import destroy_distributed  # lazy: torch loads after quiet_start()
 
     try:
         return fn(), 0
-    except (*errors, ConfigError) as err:
+    except (*errors, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None, 1
     finally:

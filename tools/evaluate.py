@@ -42,6 +42,7 @@ if __package__ in (None, ""):
 
 from data_prep.tokenizers import TokenizerError  # noqa: E402
 from pretrain.config import ConfigError, ranged  # noqa: E402
+from pretrain.errors import UserError  # noqa: E402
 from pretrain.outputs import OutputError, require_writable, write_output_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +90,6 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[int, dict | None]:
     the table, writes the JSON and tensorboard scalars (rank 0). Returns (exit code, results)."""
     from pretrain.benchmarks import (  # lazy: torch after TORCHDYNAMO_DISABLE is set
         evaluate_tasks, format_table, load_for_benchmarks, load_tasks, parse_tasks)
-    from pretrain.checkpoint import CheckpointError  # lazy: torch after TORCHDYNAMO_DISABLE is set
     from pretrain.distributed import destroy_distributed, is_rank0, print_rank0  # lazy: torch after TORCHDYNAMO_DISABLE is set
 
     try:
@@ -106,7 +106,7 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[int, dict | None]:
         results = evaluate_tasks(model, tasks, args.num_fewshot, args.limit, args.batch_size,
                                  per_document=args.per_document, docs=docs)
         speaks = is_rank0()  # asked before the world is torn down (after that every rank is "rank 0")
-    except (ConfigError, CheckpointError, TokenizerError) as err:
+    except (UserError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1, None
     finally:
@@ -193,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.data_path:
             p.error("--load needs --data-path (an indexed dataset to evaluate on)")
-        from pretrain.checkpoint import CheckpointError  # lazy: torch after TORCHDYNAMO_DISABLE is set
         from pretrain.distributed import destroy_distributed, print_rank0  # lazy: torch after TORCHDYNAMO_DISABLE is set
         from pretrain.evaluate import evaluate_perplexity  # lazy: torch after TORCHDYNAMO_DISABLE is set
 
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.load, args.data_path, args.tokenizer_type, args.tokenizer_model,
                 args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.micro_batch_size,
                 args.seq_length, args.max_samples, args.data_cache_path)
-        except (ConfigError, CheckpointError, TokenizerError) as err:
+        except (UserError, TokenizerError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         finally:

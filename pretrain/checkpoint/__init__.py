@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from pretrain.distributed import is_rank0
+from pretrain.errors import CheckpointError
 from pretrain.outputs import DISK_FULL, require_writable, write_error_reason, write_failure
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -62,10 +63,6 @@ def _sharding_metadata() -> dict:
     group of the first layout, and a later layout in the same process (an in-run shrink onto
     another TP/PP) would then give every DP rank replica id 0 and fail to load."""
     return {"distrib_optim_sharding_type": _SHARDING_TYPE}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message says which file and what to do."""
 
 
 def iteration_dir(root: str, iteration: int) -> str:

@@ -16,15 +16,12 @@ import torch
 from pretrain import checkpoint as ckpt
 from pretrain.config import ModelConfig, ParallelConfig, PretrainConfig, TrainConfig
 from pretrain.distributed import init_distributed, set_random_seed
+from pretrain.errors import ConversionError
 from pretrain.model.build import build_model
 from pretrain.model.memory import check_model_fits
 from pretrain.model.shrunk import shrink_parameter, shrunk_model_config, shrunk_name
 from pretrain.pruning.masks import ModelShape
 from pretrain.pruning.state import PruningState
-
-
-class ConversionError(ValueError):
-    """The conversion cannot be done as asked; the message says why and what to do."""
 
 
 @dataclass
@@ -66,7 +63,7 @@ def load_full_weights(load: str) -> FullWeights:
     if masks is None:
         return FullWeights(cfg, vocab, tensors, state, folder, shrunk=False)
     shape = ModelShape.from_config(cfg.model, vocab)
-    if shape.parameter_count(masks) == shape.parameter_count(shape.full_masks()):
+    if not PruningState.removes_groups(masks, shape):
         return FullWeights(cfg, vocab, tensors, state, folder, shrunk=False)
     small = {}
     for name, tensor in tensors.items():

@@ -41,9 +41,7 @@ from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPl
                                                   TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-
-class DCPFormatError(ValueError):
-    """A DCP folder is corrupt or holds a pickle that would run code; the message names the file."""
+from pretrain.errors import DCPFormatError
 
 
 class _NotAllowed(pickle.UnpicklingError):

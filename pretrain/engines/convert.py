@@ -32,12 +32,9 @@ import time
 import torch
 
 from pretrain.config import PretrainConfig
+from pretrain.errors import EngineConversionError
 from pretrain.model.memory import check_model_fits
 from pretrain.outputs import require_new_folder
-
-
-class EngineConversionError(RuntimeError):
-    """A checkpoint that cannot be converted as asked; the message says why."""
 
 
 def _zero_keys(stage: int) -> tuple[str, str]:

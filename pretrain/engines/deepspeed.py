@@ -59,7 +59,7 @@ def deepspeed_settings(cfg: PretrainConfig, data_parallel_size: int) -> tuple[di
     t = cfg.train
     settings["train_batch_size"] = t.global_batch_size
     settings["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-    settings["gradient_accumulation_steps"] = t.global_batch_size // (t.micro_batch_size * data_parallel_size)
+    settings["gradient_accumulation_steps"] = t.micro_batches_per_step(data_parallel_size)
     # the client optimizer is torch's AdamW (megatron-core's "adam" without apex/TE); DeepSpeed's
     # CPU Adam is a compiled extension (not built here), so an offloaded torch AdamW is allowed
     settings.setdefault("zero_allow_untested_optimizer", True)

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from pretrain.checkpoint.full_weights import ConversionError
+from pretrain.errors import ConversionError
 from pretrain.config import ConfigError, ModelConfig
 
 __all__ = ["ConversionError", "hf_config_dict", "model_config_from_hf", "read_hf_config"]

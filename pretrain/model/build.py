@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import ModelConfig, ParallelConfig, TrainConfig
+from megatron_patches.optimizer_compat import apply_torch_adam_step_fix
+from megatron_patches.versions import UnsupportedVersionError, check_megatron_core_version
+from pretrain.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from pretrain.model.memory import memory_available
+from pretrain.model.params import unwrap  # noqa: F401 (its old home: callers import it from here)
+from pretrain.model.shape import ModelShape
+from pretrain.pruning.masks import check_hidden_masking_invariants
 
 
 def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig):
@@ -15,7 +21,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
     config_cls = TransformerConfig
     extra = {}
     if model.layer_shapes:
-        from megatron_patches.per_layer_config import PerLayerTransformerConfig
+        from megatron_patches.per_layer_config import PerLayerTransformerConfig  # lazy: megatron-core is heavy
 
         config_cls, extra = PerLayerTransformerConfig, {"layer_shapes": list(model.layer_shapes)}
     return config_cls(
@@ -73,8 +79,8 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainCo
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_patches.layer_specs import choose_spec_kind, gpt_block_spec, transformer_engine_available
-    from megatron_patches.optimizer_compat import apply_torch_adam_step_fix
+    from megatron_patches.layer_specs import (choose_spec_kind, gpt_block_spec,  # lazy: megatron-core is heavy
+                                              transformer_engine_available)
 
     check_supported_megatron_core()
     # before any optimizer exists: loading its checkpoint state needs it (torch Adam, any device)
@@ -103,9 +109,6 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainCo
     model.spec_kind = "plain-megatron" if plain_megatron_spec else spec_kind.value  # for logs and reports
     mask_padded_logits(model, model_cfg.unpadded_vocab_size, vocab_size)
     if hidden_masking and not plain_megatron_spec:
-        from pretrain.model.invariants import check_hidden_masking_invariants
-        from pretrain.pruning.masks import ModelShape
-
         check_hidden_masking_invariants([model], ModelShape.from_config(model_cfg, vocab_size))
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
@@ -169,10 +172,6 @@ def zero_padded_vocab_rows(model, unpadded: int | None, padded: int) -> None:
 
 def check_supported_megatron_core() -> str:
     """The installed megatron-core version, or a ConfigError saying what to install."""
-    from megatron_patches.versions import UnsupportedVersionError, check_megatron_core_version
-
-    from pretrain.config import ConfigError
-
     try:
         return check_megatron_core_version()
     except UnsupportedVersionError as err:
@@ -183,12 +182,6 @@ def _plain_spec():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return get_gpt_layer_local_spec(normalization="RMSNorm")
-
-
-def unwrap(model_chunk):
-    while hasattr(model_chunk, "module"):
-        model_chunk = model_chunk.module
-    return model_chunk
 
 
 def activation_memory_lower_bound(model_cfg: ModelConfig, micro_batch_size: int, vocab_size: int,
@@ -207,8 +200,6 @@ def activation_memory_lower_bound(model_cfg: ModelConfig, micro_batch_size: int,
 
 def available_memory_per_rank(local_world_size: int) -> int | None:
     """Bytes this rank may use: the GPU's total, or its share of the host's (cgroup limit included)."""
-    from pretrain.model.memory import memory_available
-
     have = memory_available(local_world_size, device=True)
     return have[0] if have else None
 
@@ -217,9 +208,7 @@ def check_activation_memory(model_cfg: ModelConfig, train: TrainConfig, vocab_si
                             tensor_parallel: int, local_world_size: int) -> None:
     """Refuse, before anything is built, a micro-batch that cannot fit: otherwise the first step
     dies deep inside torch, or the kernel's out-of-memory killer ends the run without a word."""
-    from megatron_patches.layer_specs import transformer_engine_available
-
-    from pretrain.config import ConfigError
+    from megatron_patches.layer_specs import transformer_engine_available  # lazy: megatron-core is heavy
 
     fused = torch.cuda.is_available() and transformer_engine_available()
     need = activation_memory_lower_bound(model_cfg, train.micro_batch_size, vocab_size, tensor_parallel, fused)

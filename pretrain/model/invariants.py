@@ -10,18 +10,18 @@ channels), a masked model only computes what the shrunk model computes if
   dimension, so a parameter that the mask builder does not know would keep pruned channels alive.
 
 Both checks raise ``MaskInvariantError`` naming the module or parameter. They run on the model
-itself (not on the spec that built it), so they hold whichever spec or engine built the model.
+itself (not on the spec that built it), so they hold whichever spec or engine built the model;
+``pretrain.pruning.masks.check_hidden_masking_invariants`` runs both at build, over the masks the
+builder makes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pretrain.config import ConfigError
-
-
-class MaskInvariantError(ConfigError):
-    """The model cannot be masked correctly for hidden pruning."""
+from megatron_patches.norms import RMSNorm
+from pretrain.errors import MaskInvariantError
+from pretrain.model.params import unwrap
 
 
 def hidden_masking_possible(prune_cfg=None, checkpoint_pruning_state: dict | None = None) -> bool:
@@ -39,25 +39,17 @@ def hidden_masking_possible(prune_cfg=None, checkpoint_pruning_state: dict | Non
     return hidden is not None and not dropping_state and not bool(torch.as_tensor(hidden).bool().all())
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _chunk_prefix(model_chunks: list, index: int) -> str:
     return f"model{index}." if len(model_chunks) > 1 else ""
 
 
 def norms_not_mask_aware(model_chunks: list) -> list[str]:
     """Names of the modules that normalise the hidden states without our hidden mask."""
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
-    from megatron_patches.norms import RMSNorm
+    from megatron.core.transformer.transformer_layer import TransformerLayer  # lazy: megatron-core is heavy
 
     bad: dict[str, str] = {}  # module name -> what it is
     for i, chunk in enumerate(model_chunks):
-        model, prefix = _unwrap(chunk), _chunk_prefix(model_chunks, i)
+        model, prefix = unwrap(chunk), _chunk_prefix(model_chunks, i)
         for name, module in model.named_modules():
             full = prefix + name
             if isinstance(module, RMSNorm) or full in bad:
@@ -93,7 +85,7 @@ def unmasked_parameters(model_chunks: list, param_masks: dict) -> list[str]:
     missing = []
     for i, chunk in enumerate(model_chunks):
         prefix = _chunk_prefix(model_chunks, i)
-        for name, param in _unwrap(chunk).named_parameters():
+        for name, param in unwrap(chunk).named_parameters():
             if param not in param_masks:
                 missing.append(prefix + name)
     return missing
@@ -108,15 +100,3 @@ def check_masks_cover_model(model_chunks: list, param_masks: dict) -> None:
             + (" ..." if len(missing) > 8 else "")
             + ". The layer spec has a module the mask builder does not know; extend the builder "
             "(and pretrain/model/shrunk.py's layout) for it before pruning the hidden dimension")
-
-
-def check_hidden_masking_invariants(model_chunks: list, shape) -> None:
-    """Both checks on this rank's model chunks. ``shape``: the pruning ``ModelShape``.
-
-    The mask builder runs with all-True masks, which leaves the weights and the norms' masks as
-    they are (an all-True hidden mask is stored as None)."""
-    from pretrain.pruning.masks import build_local_masks
-
-    check_norms_mask_aware(model_chunks)
-    local = build_local_masks(model_chunks, shape.full_masks(), shape)
-    check_masks_cover_model(model_chunks, local.param_masks)

@@ -25,7 +25,7 @@
 Masks (``pretrain.pruning.masks``), saliency (``pretrain.pruning.saliency``), the shrink and the
 HF conversion (``pretrain.model.shrunk``) ask these functions; none works the layout out again.
 ``shape`` arguments are anything with ``heads_per_group``, ``head_dim``, ``groups_of(layer)`` and
-``ffn_of(layer)`` (``pretrain.pruning.masks.ModelShape``); ``masks`` anything with ``heads``,
+``ffn_of(layer)`` (``pretrain.model.shape.ModelShape``); ``masks`` anything with ``heads``,
 ``ffn``, ``hidden`` and ``layers`` (``GroupMasks``).
 """
 
@@ -213,7 +213,7 @@ def merge_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.cat([gate, up])
 
 
-# --- pipeline stages and this rank's parameters ---------------------------------------------------
+# --- pipeline stages (this rank's parameters: pretrain.model.params) ------------------------------
 
 def stage_layers(num_layers: int, pipeline_parallel: int, stage: int) -> range:
     """The global indices of the layers pipeline stage ``stage`` holds."""
@@ -221,67 +221,3 @@ def stage_layers(num_layers: int, pipeline_parallel: int, stage: int) -> range:
         raise ValueError(f"{num_layers} layers do not split over pipeline parallelism {pipeline_parallel}")
     per_stage = num_layers // pipeline_parallel
     return range(stage * per_stage, (stage + 1) * per_stage)
-
-
-@dataclass
-class LocalParam:
-    """One parameter this rank holds, with what it is and the module that applies it."""
-
-    param: torch.nn.Parameter | None  # None: the tied output layer (its weight is the embedding)
-    layout: ParamLayout
-    module: torch.nn.Module | None  # the linear (or norm) holding it; its input is what obs/activation read
-    applied_weight: torch.Tensor | None = None  # the weight multiplying the module's input
-
-
-def local_parameters(model_chunks: list) -> list[LocalParam]:
-    """The Llama parameters of this rank's model chunks (norms only where they are our mask-aware
-    ``RMSNorm``); layers carry their global index, checked against ``stage_layers``."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_patches.norms import RMSNorm
-    from pretrain.model.build import unwrap
-
-    out = []
-
-    def add(param, name, layer=None, module=None, applied=None):
-        rest = name if layer is None else layer_name(layer, name)
-        out.append(LocalParam(param, param_layout(rest), module, applied))
-
-    for chunk in model_chunks:
-        model = unwrap(chunk)
-        tied = getattr(model, "share_embeddings_and_output_weights", False)
-        if getattr(model, "pre_process", False):
-            add(model.embedding.word_embeddings.weight, "embedding.word_embeddings.weight",
-                module=model.embedding.word_embeddings)
-        layers = model.decoder.layers
-        if len(layers):
-            expected = stage_layers(model.config.num_layers, ps.get_pipeline_model_parallel_world_size(),
-                                    ps.get_pipeline_model_parallel_rank())
-            found = [layer.layer_number - 1 for layer in layers]
-            if found != list(expected):
-                raise RuntimeError(f"megatron-core placed layers {found} on this stage; the layout expects "
-                                   f"{list(expected)} (pretrain/model/layout.py stage_layers)")
-        for layer in layers:
-            i = layer.layer_number - 1
-            attn, mlp = layer.self_attention, layer.mlp
-            add(attn.linear_qkv.weight, "self_attention.linear_qkv.weight", i, attn.linear_qkv)
-            if isinstance(getattr(attn.linear_qkv, "bias", None), torch.nn.Parameter):
-                add(attn.linear_qkv.bias, "self_attention.linear_qkv.bias", i, attn.linear_qkv)
-            add(attn.linear_proj.weight, "self_attention.linear_proj.weight", i, attn.linear_proj)
-            add(mlp.linear_fc1.weight, "mlp.linear_fc1.weight", i, mlp.linear_fc1)
-            add(mlp.linear_fc2.weight, "mlp.linear_fc2.weight", i, mlp.linear_fc2)
-            for rest in ("input_layernorm", "pre_mlp_layernorm"):
-                norm = getattr(layer, rest)
-                if isinstance(norm, RMSNorm):
-                    add(norm.weight, f"{rest}.weight", i, norm)
-        final = getattr(model.decoder, "final_layernorm", None)
-        if isinstance(final, RMSNorm):
-            add(final.weight, "decoder.final_layernorm.weight", module=final)
-        if getattr(model, "post_process", False):
-            # its own weight (untied), the last stage's copy of the embedding (tied, PP > 1: its
-            # gradient is synced with the embedding's, counted there), or the embedding itself
-            # (tied, PP = 1: counted as the embedding)
-            weight = model.output_layer.weight
-            applied = weight if weight is not None else model.shared_embedding_or_output_weight()
-            add(None if tied else weight, "output_layer.weight", module=model.output_layer, applied=applied)
-    return out

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import os
 
-from pretrain.config import ConfigError
+from pretrain.errors import InsufficientMemory
 
 _CGROUP_FILES = (  # (limit, usage): cgroup v2, then v1
     ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
     ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
 )
-
-
-class InsufficientMemory(ConfigError):
-    """A described model cannot fit; the message names the size and what to do."""
 
 
 def _read_int(path: str) -> int | None:

@@ -118,7 +118,7 @@ class PruningCallback(Callback):
 
     def _refresh_local(self, trainer) -> None:
         self.local = build_local_masks(trainer.model_chunks, self.masks, self.shape)
-        if not self.masks.equal(self.shape.full_masks()):
+        if PruningState.removes_groups(self.masks, self.shape):
             self.local.apply_to_weights()
             zero_masked_state(trainer.optimizer, self.local.param_masks)
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.model import layout
-from pretrain.model.layout import local_parameters
+from pretrain.model.params import local_parameters
 from pretrain.engines.slots import iter_param_slots, whole_weight
 
 COMPENSATIONS = ("none", "obs")

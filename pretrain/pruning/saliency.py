@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.model import layout
-from pretrain.model.layout import ParamLayout, local_parameters
+from pretrain.model.layout import ParamLayout
+from pretrain.model.params import local_parameters
 from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape
 from pretrain.engines.slots import is_distributed, iter_param_slots, whole_weight
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.pruning.masks import PRUNE_TYPES, GroupMasks, GroupScores, ModelShape
+from pretrain.model.shape import GROUP_TYPES, GroupMasks, ModelShape
+from pretrain.pruning.masks import GroupScores
 
 ALLOCATIONS = ("global", "proportional")
 
@@ -229,7 +230,7 @@ def _give_back(shape: ModelShape, new: GroupMasks, moves: list[dict], target_par
                 continue
             if c.allocation == "proportional":  # only the type kept least goes back: fractions stay level
                 kept = _kept_fractions(shape, new)
-                if kept[m["type"]] > min(kept[t] for t in PRUNE_TYPES if t in c.prune_types) + 1e-12:
+                if kept[m["type"]] > min(kept[t] for t in GROUP_TYPES if t in c.prune_types) + 1e-12:
                     continue
             trial = new.clone()
             _drop(trial, m["type"], m["layers"], m["_picks"], keep=True)

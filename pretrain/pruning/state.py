@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape
+from pretrain.model.shape import GroupMasks, ModelShape
+from pretrain.pruning.masks import GroupScores
 
 # where the pruning callback's state sits in a checkpoint's trainer state
 CHECKPOINT_KEY = "pruning"
@@ -86,6 +87,13 @@ class PruningState:
                    shrink_points_done=list(d.get("shrink_points_done", [])),
                    shrink_requested_at=d.get("shrink_requested_at"),
                    loss_before_event=tuple(pending) if pending is not None else None)
+
+    @staticmethod
+    def removes_groups(masks: GroupMasks, shape: ModelShape) -> bool:
+        """Whether ``masks`` remove anything from the model ``shape`` describes: the one rule (the
+        HF export, a distillation teacher, the pruning callback). Not "any mask False": a per-layer
+        shrunk model's masks are False past each narrower layer's width, entries that do not exist."""
+        return not masks.equal(shape.full_masks())
 
     @staticmethod
     def stored_masks(trainer_state: dict) -> GroupMasks | None:

@@ -26,13 +26,11 @@ import json
 import os
 import socket
 
+from pretrain.errors import FolderInUseError
+
 LOCK_NAME = "run.lock"
 
 _held: dict[str, tuple[int, bool]] = {}  # folder (absolute) -> (descriptor of its lock, whether we made the folder)
-
-
-class FolderInUseError(RuntimeError):
-    """Another live run holds the folder (its host and pid are in the message)."""
 
 
 def _owner_text(owner: dict) -> str:

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from pretrain.config import ConfigError, PretrainConfig
+from pretrain.errors import UserError
 
 
 def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
@@ -286,7 +287,7 @@ def _print_plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict
 
 
 def _num_microbatches(cfg: PretrainConfig, layout: dict) -> int:
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout["dp_size"])
+    return cfg.train.micro_batches_per_step(layout["dp_size"])
 
 
 def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megatron_spec: bool, peeked) -> tuple:
@@ -620,8 +621,6 @@ def _is_out_of_memory(err: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     from data_prep.tokenizers import TokenizerError
     from pretrain.run.arguments import build_parser, config_from_args
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.trainer import NonFiniteError
 
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     args = build_parser().parse_args(argv)
@@ -629,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         run(cfg)
-    except (ConfigError, TokenizerError, CheckpointError, NonFiniteError) as err:
+    except (UserError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

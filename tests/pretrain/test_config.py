@@ -28,3 +28,15 @@ def test_rope_scaling_flags_follow_megatron_lm():
     assert not plain.use_rope_scaling
     assert scaled.use_rope_scaling and scaled.rope_scaling_factor == 32.0
     assert ModelConfig(**MODEL_PRESETS["llama-3.2-1b"]).use_rope_scaling
+
+
+def test_micro_batches_per_step_is_one_count():
+    """Issue 30: the trainer, the DeepSpeed settings and the plan read one count."""
+    from pretrain.config import ParallelConfig, PretrainConfig, TrainConfig
+    from pretrain.engines.deepspeed import deepspeed_settings
+
+    train = TrainConfig(micro_batch_size=2, global_batch_size=16, train_iters=1)
+    assert [train.micro_batches_per_step(dp) for dp in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    cfg = PretrainConfig(model=ModelConfig(**MODEL_PRESETS["debug"]), parallel=ParallelConfig(engine="deepspeed"),
+                         train=train)
+    assert deepspeed_settings(cfg, 4)[0]["gradient_accumulation_steps"] == 2

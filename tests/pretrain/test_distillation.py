@@ -76,6 +76,41 @@ def test_kd_flags_are_checked():
     DistillConfig(teacher="t", weight=0.0, temperature=2.0, until_tokens=10).validate()
 
 
+def test_a_per_layer_shrunk_teacher_is_taken_and_a_pruned_one_refused(tmp_path):
+    """Issue 30: the teacher check is ``PruningState.removes_groups``, the one rule. A per-layer
+    shrink stores masks that are False past each narrower layer's width (entries that do not
+    exist), so a rule of "any False mask" refused such a teacher as pruned but not shrunk. The
+    checkpoints are trainer states only, made by the shrink's own functions: the check reads no weight."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.distill import resolve_teacher
+    from pretrain.model.shape import ModelShape
+    from pretrain.pruning.state import PruningState
+    from pretrain.shrink import _new_trainer_state, _target_config
+
+    vocab = 256
+    cfg = debug_config({"prefix": str(tmp_path / "data"), "tokenizer": None})
+    shape = ModelShape.from_config(cfg.model, vocab)
+    pruning = PruningState.fresh(shape, None, 0.5)
+    pruning.masks.heads[0, 1] = False  # layer 0 keeps 1 of 2 query groups, layer 1 half its FFN
+    pruning.masks.ffn[1, 192:] = False
+    pruned = {"iteration": 3, "vocab_size": vocab, "config": cfg.to_dict(), "callbacks": {"pruning": pruning.to_dict()}}
+    shrunk_cfg = _target_config(cfg, pruning.masks, shape, vocab, None, None)
+    shrunk = _new_trainer_state(pruned, cfg, shrunk_cfg, pruning, shape)
+    assert shrunk_cfg.model.layer_shapes and not bool(shrunk["callbacks"]["pruning"]["masks"]["heads"].all())
+    for name, state in (("pruned", pruned), ("shrunk", shrunk)):
+        tmp = tmp_path / name / "iter_0000003.tmp"
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / ckpt.TRAINER_STATE)
+        ckpt.publish_checkpoint(str(tmp_path / name), 3, str(tmp))
+
+    def teacher_of(folder: str):
+        return resolve_teacher(dataclasses.replace(cfg, distill=DistillConfig(teacher=folder)), vocab, None, 1)
+
+    assert teacher_of(str(tmp_path / "shrunk")).model.layer_shapes == shrunk_cfg.model.layer_shapes
+    with pytest.raises(ConfigError, match="its weights carry pruning masks with removed groups; shrink it first"):
+        teacher_of(str(tmp_path / "pruned"))
+
+
 def _split_kl_worker(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, temperature: float):
     torch.distributed.init_process_group("gloo")  # the two ranks are one TP group
     rank, part = torch.distributed.get_rank(), student.shape[-1] // 2

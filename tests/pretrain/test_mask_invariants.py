@@ -38,9 +38,8 @@ def invariants_worker():
     from pretrain.config import ConfigError, MODEL_PRESETS, ModelConfig, ParallelConfig, TrainConfig
     from pretrain.distributed import init_distributed, set_random_seed
     from pretrain.model.build import build_model, build_transformer_config
-    from pretrain.model.invariants import (MaskInvariantError, check_hidden_masking_invariants,
-                                             check_masks_cover_model)
-    from pretrain.pruning.masks import ModelShape
+    from pretrain.model.invariants import MaskInvariantError, check_masks_cover_model
+    from pretrain.pruning.masks import ModelShape, check_hidden_masking_invariants
 
     init_distributed(1, 1)
     set_random_seed(1)

@@ -80,3 +80,19 @@ def test_stored_in_replaces_only_the_pruning_part():
     assert torch.equal(PruningState.stored_masks(written).ffn, state.masks.ffn)
     assert trainer_state["callbacks"]["pruning"] == {"old": True}  # the input is not modified
     assert PruningState.stored_masks({"callbacks": {}}) is None
+
+
+def test_removes_groups_is_about_the_groups_the_shape_has():
+    """Issue 30: one rule for "do these masks remove anything" (HF export, a distillation teacher,
+    the pruning callback). A per-layer shape's full masks are False past each narrower layer's
+    width; those entries do not exist, so they remove nothing."""
+    per_layer = ModelShape(num_layers=2, hidden=64, num_heads=4, num_groups=2, head_dim=16, ffn=128, vocab=512,
+                           tied=True, layer_groups=(1, 2), layer_ffn=(128, 64))
+    assert not PruningState.removes_groups(SHAPE.full_masks(), SHAPE)
+    assert not PruningState.removes_groups(per_layer.full_masks(), per_layer)
+    assert PruningState.removes_groups(per_layer.full_masks(), SHAPE)  # the same masks on the full-width model
+    for drop in (lambda m: m.heads[1].__setitem__(1, False), lambda m: m.ffn[0].__setitem__(127, False),
+                 lambda m: m.hidden.__setitem__(0, False), lambda m: m.drop_layer(1)):
+        masks = per_layer.full_masks()
+        drop(masks)
+        assert PruningState.removes_groups(masks, per_layer)
