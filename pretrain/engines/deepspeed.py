@@ -6,8 +6,9 @@ DeepSpeed's data-parallel group *is* megatron-core's DP group and its gradient n
 TP-split weight once per TP rank and a replicated one once (``tensor_model_parallel``
 attribute). The optimizer is the same AdamW (same no-decay groups) the megatron engine builds,
 handed to DeepSpeed as a client optimizer, and the LR schedule stays megatron-core's
-``OptimizerParamScheduler`` driving ``param_groups``. The ``Trainer`` calls this adapter for
-forward/backward/step only: callbacks, data position and checkpoints stay the same.
+``OptimizerParamScheduler`` driving ``param_groups``. ``DeepSpeedEngine`` is the trainer's
+``Engine`` (``pretrain.engines.base``), as ``MegatronEngine`` is the default's: callbacks, data
+position and checkpoints stay the same.
 
 Pruning reaches the partitioned state through ``ParamSlot``s (``param_slots``): for ZeRO-1/2 the
 fragment mapping DeepSpeed's own ``safe_get_full_*`` accessors read (``param._hp_mapping``: this
