@@ -13,7 +13,19 @@ import sys
 
 import torch
 
+from pretrain import checkpoint as ckpt
+from pretrain.checkpoint import adam as checkpoint_adam
 from pretrain.config import ConfigError, PretrainConfig
+from pretrain.distributed import print_rank0
+from pretrain.engines.adam_state import scatter_into_engine
+from pretrain.engines.deepspeed import build_deepspeed_engine
+from pretrain.engines.megatron import MegatronEngine
+from pretrain.engines.optim import build_scheduler
+from pretrain.model.build import build_model, check_activation_memory, unwrap, zero_padded_vocab_rows
+from pretrain.model.init import deterministic_init
+from pretrain.model.invariants import hidden_masking_possible
+from pretrain.nodes import ranks_on_this_host
+from pretrain.pruning.state import PruningState
 
 
 def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
@@ -291,14 +303,6 @@ def _num_microbatches(cfg: PretrainConfig, layout: dict) -> int:
 
 def _build_model_and_engine(cfg: PretrainConfig, vocab_size: int, plain_megatron_spec: bool, peeked) -> tuple:
     """(this rank's model chunks, the engine that trains them, the LR schedule)."""
-    from pretrain.model.init import deterministic_init
-    from pretrain.model.invariants import hidden_masking_possible
-    from pretrain.pruning.state import PruningState
-    from pretrain.model.build import build_model, check_activation_memory, unwrap, zero_padded_vocab_rows
-    from pretrain.nodes import ranks_on_this_host
-    from pretrain.engines.megatron import MegatronEngine
-    from pretrain.engines.optim import build_scheduler
-
     check_activation_memory(cfg.model, cfg.train, vocab_size, cfg.parallel.tensor_model_parallel_size,
                             ranks_on_this_host())
     # a model whose hidden mask can change needs mask-aware norms (not TE's fused ones)
@@ -311,12 +315,10 @@ def _build_model_and_engine(cfg: PretrainConfig, vocab_size: int, plain_megatron
         deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
         zero_padded_vocab_rows(unwrap(chunk), cfg.model.unpadded_vocab_size, vocab_size)
     if cfg.parallel.engine == "deepspeed":
-        from pretrain.engines.deepspeed import build_deepspeed_engine
-
-        adam = _weights_before_engine(cfg, peeked, model_chunks)
+        carried = _weights_before_engine(cfg, peeked, model_chunks)
         engine = build_deepspeed_engine(cfg, unwrap(model_chunks[0]))
-        if adam is not None:
-            _load_adam_state(engine, engine.model_chunks, *adam, peeked[0])
+        if carried is not None:
+            _load_adam_state(engine, engine.model_chunks, *carried, peeked[0])
     else:
         engine = MegatronEngine.build(cfg, model_chunks)
     # the engine stands in for the optimizer: the trainer, the schedule, checkpoints and pruning ask it
@@ -330,9 +332,6 @@ def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> t
     wraps it (and copies them into its fp32 masters), and its AdamW state is read while the model
     still holds whole (TP-local) parameters: returned as (tensors, step) for ``_load_adam_state``
     once DeepSpeed has partitioned the optimizer; None when there is none to carry."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.distributed import print_rank0
-
     if not peeked or os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
         return None
     finetune = _starts_fresh(cfg, peeked)
@@ -351,20 +350,14 @@ def _starts_fresh(cfg: PretrainConfig, peeked) -> bool:
 def _read_adam_state(folder: str, model_chunks: list) -> tuple | None:
     """(tensors, step) of ``folder``'s model-space AdamW state (``pretrain.engines.adam_state``; collective);
     None, said, when it holds none: the Adam moments then start at zero."""
-    from pretrain.checkpoint import adam
-    from pretrain.distributed import print_rank0
-
-    if adam.has_adam_state(folder):
-        return adam.read_checkpoint(folder, model_chunks)
+    if checkpoint_adam.has_adam_state(folder):
+        return checkpoint_adam.read_checkpoint(folder, model_chunks)
     print_rank0(f"{folder} holds no optimizer state: the Adam moments start at zero")
     return None
 
 
 def _load_adam_state(engine, model_chunks: list, tensors: dict, step: int, folder: str) -> None:
     """Model-space AdamW state (``pretrain.engines.adam_state``) into the engine's own layout."""
-    from pretrain.engines.adam_state import scatter_into_engine
-    from pretrain.distributed import print_rank0
-
     written = scatter_into_engine(engine, model_chunks, tensors, step)
     print_rank0(f"loaded the fp32 master weights and Adam moments of {folder} (Adam step {step}) into this engine's "
                 f"optimizer state ({written:,} elements on rank 0)")
@@ -414,8 +407,6 @@ class _Resume:
 
 
 def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, engine) -> _Resume:
-    from pretrain import checkpoint as ckpt
-    from pretrain.distributed import print_rank0
     from pretrain.resume import lineage
 
     if not cfg.checkpoint.load:
