@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from pretrain.checkpoint import save_checkpoint
 from pretrain.distributed import device, is_rank0
 from pretrain.trainer import Callback, StepMetrics, Trainer
 
@@ -185,11 +186,9 @@ class CheckpointCallback(Callback):
         return bool(flag.item() > 0)
 
     def save_now(self, trainer: Trainer) -> None:
-        from pretrain.checkpoint import save_checkpoint
-
         if not self.save or self.last_saved_iteration == trainer.state.iteration:
             return
-        save_checkpoint(self.save, trainer.state.iteration, trainer.model_chunks, trainer.optimizer,
+        save_checkpoint(self.save, trainer.state.iteration, trainer.model_chunks, trainer.engine,
                         self.snapshot_fn(trainer), keep_last=self.keep_last,
                         local_state=trainer.local_state_dict())
         self.last_saved_iteration = trainer.state.iteration

@@ -1,8 +1,9 @@
 """The generic training loop. Features (logging, evaluation, checkpoints, pruning) are callbacks.
 
-``Trainer.fit`` is the whole algorithm: take a global batch, run megatron-core's
-forward/backward schedule over its micro-batches (pipeline-parallel when PP > 1), step the
-optimizer and the LR schedule, advance the data position, and let the callbacks act.
+``Trainer.fit`` is the whole algorithm: take a global batch, let the engine
+(``pretrain.engines.base.Engine``: megatron-core or DeepSpeed) run the forward/backward over its
+micro-batches and step the optimizer, step the LR schedule, advance the data position, and let the
+callbacks act.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from functools import partial
 import torch
 
 from pretrain.errors import NonFiniteError
+from pretrain.distributed import device, print_rank0
+from pretrain.engines.base import Engine
 
 
 @dataclass
@@ -103,8 +106,6 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     """megatron-core's forward-step contract: run one micro-batch, return (output, loss_func)."""
-    from pretrain.distributed import device
-
     batch = next(data_iterator)
     dev = device()
     tokens = batch["tokens"].to(dev)
@@ -115,12 +116,12 @@ def forward_step(data_iterator, model):
 
 
 class Trainer:
-    def __init__(self, *, config, model_chunks: list, optimizer, scheduler, train_iterator,
+    def __init__(self, *, config, model_chunks: list, engine: Engine, scheduler, train_iterator,
                  valid_dataset_iterator_factory=None, test_iterator_factory=None, test_batches: int = 0,
                  callbacks: list[Callback] = (), num_microbatches: int, total_iters: int):
         self.config = config
         self.model_chunks = model_chunks
-        self.optimizer = optimizer
+        self.engine = engine
         self.scheduler = scheduler
         self.train_iterator = train_iterator
         self.valid_iterator_factory = valid_dataset_iterator_factory
@@ -130,23 +131,12 @@ class Trainer:
         self.num_microbatches = num_microbatches
         self.total_iters = total_iters
         self.state = TrainerState()
-        # an engine adapter in place of megatron-core's optimizer (pretrain.engines.deepspeed): it runs
-        # the micro-batches and the step; None: megatron-core's schedule, DDP and optimizer
-        self.engine = optimizer if hasattr(optimizer, "forward_backward") else None
-        if self.engine is None:
-            self._configure_model_hooks()
 
-    # -- megatron-core plumbing: DP grad sync and the tied-embedding grad across PP stages
-    def _configure_model_hooks(self) -> None:
-        from megatron.core.distributed import finalize_model_grads
-
-        from pretrain.model.build import unwrap
-
-        mcfg = unwrap(self.model_chunks[0]).config
-        mcfg.finalize_model_grads_func = finalize_model_grads
-        mcfg.grad_scale_func = self.optimizer.scale_loss
-        no_sync = [chunk.no_sync for chunk in self.model_chunks]
-        mcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    @property
+    def optimizer(self) -> Engine:
+        """The engine, under the name the callers that hand it on use (it stands in for the optimizer:
+        checkpoints, pruning and the model-space Adam state take an engine or megatron-core's optimizer)."""
+        return self.engine
 
     @property
     def tokens_per_step(self) -> int:
@@ -167,44 +157,23 @@ class Trainer:
         self.state.nonfinite_step = not finite
         for cb in self.callbacks:
             cb.on_before_optimizer_step(self)
-        if self.state.nonfinite_step and self.engine is None:
-            # no update from this batch (an engine steps anyway: DeepSpeed skips non-finite gradients
-            # itself and keeps its micro-step count): the weights, moments and LR schedule stay as they were
-            update_successful, grad_norm = False, float("nan")
-        else:
-            update_successful, grad_norm, _ = self.optimizer.step()
+        # no update from a non-finite batch: the weights, moments and LR schedule stay as they were
+        update_successful, grad_norm = self.engine.step(not self.state.nonfinite_step)
         if update_successful:
             self.scheduler.step(increment=1)
         return StepMetrics(
-            loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            lr=self.optimizer.param_groups[0]["lr"], skipped=not update_successful,
+            loss=loss, grad_norm=grad_norm,
+            lr=self.engine.param_groups[0]["lr"], skipped=not update_successful,
             seconds=time.time() - start, tokens=self.tokens_per_step, lm_pass=lm_pass,
         )
 
     def _forward_backward(self, step_func, data_iterator) -> tuple[float, bool]:
         """One forward/backward of the global batch from zero gradients, reduced over data parallel:
         its mean language-model loss, and whether that and the gradients are finite on every rank."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        if self.engine is not None:
-            losses = self.engine.forward_backward(step_func, data_iterator, self.num_microbatches)
-        else:
-            for chunk in self.model_chunks:
-                chunk.train()
-                chunk.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            losses = get_forward_backward_func()(
-                forward_step_func=step_func,
-                data_iterator=data_iterator,
-                model=self.model_chunks,
-                num_microbatches=self.num_microbatches,
-                seq_length=self.config.model.seq_length,
-                micro_batch_size=self.config.train.micro_batch_size,
-                forward_only=False,
-            )
+        losses = self.engine.forward_backward(step_func, data_iterator, self.num_microbatches,
+                                              self.config.model.seq_length, self.config.train.micro_batch_size)
         loss = global_mean_loss(losses)
-        finite = self._gradients_finite if self.engine is None else self.engine.gradients_finite
-        return loss, math.isfinite(loss) and finite()
+        return loss, math.isfinite(loss) and self.engine.gradients_finite()
 
     def _lm_gradient_pass_due(self) -> bool:
         return (any(cb.replaces_lm_loss(self) for cb in self.callbacks)
@@ -219,31 +188,11 @@ class Trainer:
         self.state.nonfinite_step = not self._forward_backward(forward_step, iter(batches))[1]
         for cb in self.callbacks:
             cb.on_lm_gradients(self)
-        if self.engine is not None:  # megatron-core's buffers are zeroed by the next pass itself
-            self.engine.discard_gradients()
+        self.engine.discard_gradients()
         return iter(batches)
-
-    def _gradients_finite(self) -> bool:
-        """Whether every rank's reduced gradients are finite (one flag all-reduced over the world)."""
-        from pretrain.distributed import device
-
-        checks = []
-        for chunk in self.model_chunks:
-            for param in chunk.parameters():
-                grad = getattr(param, "main_grad", None)
-                grad = param.grad if grad is None else grad
-                if grad is not None:
-                    checks.append(torch.isfinite(grad).all())
-        # one device-to-host sync for all parameters, not one each
-        flag = (torch.stack(checks).all() if checks else torch.tensor(True)).float().reshape(1).to(device())
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item() > 0)
 
     def _count_nonfinite_step(self, metrics: StepMetrics) -> None:
         """Skip-and-count policy for a step whose loss or gradients were not finite."""
-        from pretrain.distributed import print_rank0
-
         self.state.skipped_nonfinite_steps += 1
         limit = self.config.train.max_skipped_nonfinite_steps
         print_rank0(f"WARNING: iteration {self.state.iteration}: loss {metrics.loss} / gradients not finite; "
@@ -358,8 +307,6 @@ class Trainer:
 def global_mean_loss(losses: list) -> float:
     """Mean loss over the global batch, on every rank (only the last PP stage computes it)."""
     from megatron.core import parallel_state as ps
-
-    from pretrain.distributed import device
 
     local = torch.zeros(2, dtype=torch.float64, device=device())  # NCCL refuses host tensors
     if ps.is_pipeline_last_stage() and losses:

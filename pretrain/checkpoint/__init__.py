@@ -43,6 +43,8 @@ import torch
 
 from pretrain.distributed import is_rank0
 from pretrain.errors import CheckpointError
+from pretrain.engines.base import Engine
+from pretrain.engines.megatron import as_engine
 from pretrain.outputs import DISK_FULL, require_writable, write_error_reason, write_failure
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -352,8 +354,8 @@ def _write_checkpoint_files(tmp: str, model_chunks: list, optimizer, trainer_sta
                             local_state: dict | None) -> None:
     from megatron.core import dist_checkpointing
 
-    if hasattr(optimizer, "save_engine_state"):  # an engine with its own format (DeepSpeed)
-        optimizer.save_engine_state(os.path.join(tmp, ENGINE_DIR), ENGINE_TAG)
+    if isinstance(optimizer, Engine) and optimizer.own_checkpoint_files:  # DeepSpeed
+        optimizer.save_files(os.path.join(tmp, ENGINE_DIR), ENGINE_TAG)
     else:
         model_sd = _model_sharded_state_dict(model_chunks)
         sharded = {"model": model_sd}
@@ -515,32 +517,20 @@ def read_trainer_state(folder: str) -> dict:
     return state
 
 
-def _unalias_adam_steps(optimizer) -> None:
-    """Give every parameter its own Adam ``step`` tensor.
-
-    Without apex/TE, megatron-core's DistributedOptimizer.load_state_dict puts *one* step tensor
-    into every parameter's torch-Adam state; torch Adam increments it in place once per parameter,
-    so the bias correction after a resume would be wrong (losses drift from the unbroken run).
-    """
-    from pretrain.engines.slots import torch_optimizers
-
-    for torch_opt in torch_optimizers(optimizer):
-        for state in torch_opt.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].detach().clone()
-
-
 def load_checkpoint(load: str, model_chunks: list, optimizer, load_optim: bool = True,
                     load_rng: bool = True) -> LoadedCheckpoint | None:
-    """Collective. Loads the newest valid checkpoint under ``load``; None if there is none."""
+    """Collective. Loads the newest valid checkpoint under ``load``; None if there is none.
+    ``optimizer``: the engine (or megatron-core's optimizer) whose state is loaded too; None for
+    the weights alone."""
     folder = find_checkpoint(load)
     if folder is None:
         return None
     trainer_state = read_trainer_state(folder)
-    if hasattr(optimizer, "load_engine_state") or os.path.isdir(os.path.join(folder, ENGINE_DIR)):
-        _load_engine_state(folder, optimizer, load_optim, trainer_state.get("layout") or {})
+    engine = as_engine(optimizer, model_chunks) if optimizer is not None else None
+    if (engine is not None and engine.own_checkpoint_files) or os.path.isdir(os.path.join(folder, ENGINE_DIR)):
+        _load_engine_state(folder, engine, load_optim, trainer_state.get("layout") or {})
     else:
-        _load_dcp_state(folder, model_chunks, optimizer, load_optim)
+        _load_dcp_state(folder, model_chunks, engine, load_optim)
     rng_path = os.path.join(folder, "rng", f"rank_{_rank():05d}.pt")
     same_layout = _layout_sizes(trainer_state.get("layout") or {}) == _layout_sizes(_current_layout())
     local_state = None
@@ -565,14 +555,14 @@ def deepspeed_only(folder: str) -> str | None:
             "(under either engine)")
 
 
-def _load_engine_state(folder: str, optimizer, load_optim: bool, layout: dict) -> None:
+def _load_engine_state(folder: str, engine: Engine | None, load_optim: bool, layout: dict) -> None:
     """A checkpoint in an engine's own format (DeepSpeed): only that engine reads it, under the
     layout that wrote it (its ZeRO partitions are per TP and DP rank)."""
     written_by = "deepspeed" if os.path.isdir(os.path.join(folder, ENGINE_DIR)) else "megatron"
-    if optimizer is None and written_by == "deepspeed":  # weights alone: evaluation, export, a teacher
+    if engine is None and written_by == "deepspeed":  # weights alone: evaluation, export, a teacher
         raise CheckpointError(deepspeed_only(folder))
-    if not hasattr(optimizer, "load_engine_state") or written_by != "deepspeed":
-        running = "deepspeed" if hasattr(optimizer, "load_engine_state") else "megatron"
+    if not engine.own_checkpoint_files or written_by != "deepspeed":
+        running = engine.name
         raise CheckpointError(
             f"{folder} was written by --engine {written_by}; this run uses --engine {running}. Resume with "
             f"--engine {written_by}, or convert it: python tools/convert_checkpoint.py --load {folder} "
@@ -592,7 +582,7 @@ def _load_engine_state(folder: str, optimizer, load_optim: bool, layout: dict) -
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     failure = None
     try:
-        with torch.serialization.safe_globals(optimizer.checkpoint_pickle_globals()):
+        with torch.serialization.safe_globals(engine.checkpoint_pickle_globals()):
             for name in names[_rank()::world]:
                 path = os.path.join(engine_dir, ENGINE_TAG, name)
                 load_without_code(path, path)
@@ -604,24 +594,18 @@ def _load_engine_state(folder: str, optimizer, load_optim: bool, layout: dict) -
         torch.distributed.all_gather_object(failures, failure)
     if any(failures):
         raise CheckpointError(next(f for f in failures if f))
-    if not optimizer.load_engine_state(engine_dir, ENGINE_TAG, load_optim):
+    if not engine.load_files(engine_dir, ENGINE_TAG, load_optim):
         raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint under {engine_dir} (tag {ENGINE_TAG})")
 
 
-def _load_dcp_state(folder: str, model_chunks: list, optimizer, load_optim: bool) -> None:
+def _load_dcp_state(folder: str, model_chunks: list, engine: Engine | None, load_optim: bool) -> None:
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
     model_sd = _model_sharded_state_dict(model_chunks)
     sharded = {"model": model_sd}
-    if load_optim and optimizer is not None:
-        # megatron-core's DistributedOptimizer.state_dict reads state["step"] when neither apex nor
-        # Transformer Engine provides Adam: a fresh torch Adam needs the state its first step makes
-        from pretrain.engines.adam_state import ensure_adam_state
-
-        ensure_adam_state(optimizer)
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                            metadata=_sharding_metadata())
+    if load_optim and engine is not None:
+        sharded["optimizer"] = engine.sharded_state_dict(model_sd, is_loading=True, metadata=_sharding_metadata())
     check_dcp_pickles(os.path.join(folder, MODEL_OPTIM_DIR))
     try:
         state = dist_checkpointing.load(sharded, os.path.join(folder, MODEL_OPTIM_DIR))
@@ -633,8 +617,7 @@ def _load_dcp_state(folder: str, model_chunks: list, optimizer, load_optim: bool
         ) from None
     _load_model_state(model_chunks, state["model"])
     if "optimizer" in sharded:
-        optimizer.load_state_dict(state["optimizer"])
-        _unalias_adam_steps(optimizer)
+        engine.load_state_dict(state["optimizer"])
 
 
 def _first_failure(err: BaseException) -> str:

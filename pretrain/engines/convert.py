@@ -31,8 +31,14 @@ import time
 
 import torch
 
+from pretrain import checkpoint as ckpt
+from pretrain.checkpoint.adam import has_adam_state
 from pretrain.config import PretrainConfig
 from pretrain.errors import EngineConversionError
+from pretrain.engines.adam_state import ModelSpaceAdam, gather_from_engine
+from pretrain.engines.deepspeed import checkpoint_pickle_globals
+from pretrain.checkpoint.full_weights import build_single
+from pretrain.model import layout
 from pretrain.model.memory import check_model_fits
 from pretrain.outputs import require_new_folder
 
@@ -124,8 +130,6 @@ def _consolidated_per_tp_rank(engine_dir: str, tag: str, tp: int) -> tuple[list[
 
 def _join_tp(name: str, param: torch.nn.Parameter, shards: list[torch.Tensor]) -> torch.Tensor:
     """The TP=1 tensor of ``param`` from its TP shards (in rank order)."""
-    from pretrain.model import layout
-
     if len(shards) == 1 or not getattr(param, "tensor_model_parallel", False):
         return shards[0]
     dim = param.partition_dim
@@ -138,11 +142,6 @@ def _join_tp(name: str, param: torch.nn.Parameter, shards: list[torch.Tensor]) -
 def deepspeed_to_megatron(load: str, save: str) -> dict:
     """Write ``save`` (a new folder) as a megatron-engine checkpoint of the DeepSpeed checkpoint
     under ``load`` (its newest valid one). Returns what was written."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.engines.adam_state import ModelSpaceAdam
-    from pretrain.engines.deepspeed import checkpoint_pickle_globals
-    from pretrain.checkpoint.full_weights import build_single
-
     start = time.time()
     folder = ckpt.find_checkpoint(load)
     if folder is None:
@@ -199,9 +198,6 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
 
 def megatron_to_deepspeed(load: str, save: str) -> dict:
     """Copy the megatron-format checkpoint under ``load`` to ``save`` for ``--engine deepspeed``."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.engines.adam_state import has_adam_state
-
     start = time.time()
     folder = ckpt.find_checkpoint(load)
     if folder is None:
@@ -260,15 +256,12 @@ def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:
 
     import deepspeed
 
-    from pretrain.engines.adam_state import ModelSpaceAdam, gather_from_engine
-    from pretrain.checkpoint import save_checkpoint
-
-    engine = trainer.optimizer
+    engine = trainer.engine
     tensors, step = gather_from_engine(engine, trainer.model_chunks, everywhere=False)
     params = list(engine.model.parameters())
     # ZeRO-3 holds partitions: gather the full (TP-local) tensors for megatron's sharded save
     gathered = deepspeed.zero.GatheredParameters(params) if engine.stage == 3 else contextlib.nullcontext()
     with gathered:
-        return save_checkpoint(os.path.join(root, "for_shrink"), trainer.state.iteration, trainer.model_chunks,
+        return ckpt.save_checkpoint(os.path.join(root, "for_shrink"), trainer.state.iteration, trainer.model_chunks,
                                ModelSpaceAdam(trainer.model_chunks, tensors, step),
                                {**trainer_state, "optimizer_state": False}, keep_last=1)

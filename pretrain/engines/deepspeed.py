@@ -6,8 +6,9 @@ DeepSpeed's data-parallel group *is* megatron-core's DP group and its gradient n
 TP-split weight once per TP rank and a replicated one once (``tensor_model_parallel``
 attribute). The optimizer is the same AdamW (same no-decay groups) the megatron engine builds,
 handed to DeepSpeed as a client optimizer, and the LR schedule stays megatron-core's
-``OptimizerParamScheduler`` driving ``param_groups``. The ``Trainer`` calls this adapter for
-forward/backward/step only: callbacks, data position and checkpoints stay the same.
+``OptimizerParamScheduler`` driving ``param_groups``. ``DeepSpeedEngine`` is the trainer's
+``Engine`` (``pretrain.engines.base``), as ``MegatronEngine`` is the default's: callbacks, data
+position and checkpoints stay the same.
 
 Pruning reaches the partitioned state through ``ParamSlot``s (``param_slots``): for ZeRO-1/2 the
 fragment mapping DeepSpeed's own ``safe_get_full_*`` accessors read (``param._hp_mapping``: this
@@ -28,7 +29,8 @@ import os
 import torch
 
 from pretrain.config import PretrainConfig, read_deepspeed_json
-from pretrain.engines.slots import ParamSlot
+from pretrain.distributed import launch_environment, print_rank0
+from pretrain.engines.base import Engine, ParamSlot, ensure_adam_moments
 
 
 def deepspeed_settings(cfg: PretrainConfig, data_parallel_size: int) -> tuple[dict, list[str]]:
@@ -159,8 +161,6 @@ def build_deepspeed_engine(cfg: PretrainConfig, model) -> "DeepSpeedEngine":
 
     from megatron.core import parallel_state as ps
 
-    from pretrain.distributed import launch_environment, print_rank0
-
     _quiet_cpu_comm()
     # DeepSpeed asserts on LOCAL_RANK, which only torchrun sets: a plain `python -m pretrain`
     # (a world of one) or another launcher has its local rank from launch_environment
@@ -177,13 +177,18 @@ def build_deepspeed_engine(cfg: PretrainConfig, model) -> "DeepSpeedEngine":
     return DeepSpeedEngine(engine, int(zero["stage"]), offload)
 
 
-class DeepSpeedEngine:
-    """What the trainer and the pruning code need of a DeepSpeed engine."""
+class DeepSpeedEngine(Engine):
+    """A DeepSpeed ZeRO engine as the trainer's ``Engine``."""
+
+    name = "deepspeed"
+    # DeepSpeed's own files (model and ZeRO partitions) under the checkpoint's deepspeed/ folder
+    own_checkpoint_files = True
 
     def __init__(self, engine, stage: int, offload: str):
         self.engine, self.stage, self.offload = engine, stage, offload
         self.optimizer = engine.optimizer  # ZeRO's optimizer: its param_groups drive the LR schedule
         self.model = engine.module
+        self.model_chunks = [engine.module]
 
     @property
     def torch_optimizer(self) -> torch.optim.Optimizer:
@@ -196,15 +201,34 @@ class DeepSpeedEngine:
         zero = self.optimizer
         return list(zero.fp32_partitioned_groups_flat if self.stage == 3 else zero.single_partition_of_fp32_groups)
 
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.torch_optimizer]
+
     @property
-    def param_groups(self) -> list:
-        return self.optimizer.param_groups
+    def partitions_state(self) -> bool:
+        return True  # every ZeRO stage partitions the optimizer state over DP
+
+    def init_optimizer_state(self) -> None:
+        ensure_adam_moments(self.torch_optimizer, self.optimizer_state_params())
+
+    def reload_master_weights(self) -> None:
+        """Nothing to do: DeepSpeed copies the weights into its fp32 masters when it wraps the model,
+        and reads its masters with its own files; weights alone are loaded before it wraps the model
+        (``pretrain.run.train``)."""
+
+    def full_shape(self, param: torch.nn.Parameter) -> tuple:
+        return tuple(getattr(param, "ds_shape", None) or param.shape)  # a ZeRO-3 partition keeps it there
+
+    def whole_weight(self, param: torch.nn.Parameter) -> torch.Tensor:
+        return self.gathered_weight(param) if hasattr(param, "ds_tensor") else param.detach()
 
     # -- the training step
-    def forward_backward(self, forward_step, data_iterator, num_microbatches: int) -> list:
+    def forward_backward(self, forward_step, data_iterator, num_microbatches: int, seq_length: int = 0,
+                         micro_batch_size: int = 0) -> list:
         """Every micro-batch's forward and ``engine.backward`` (DeepSpeed scales by the number of
         micro-batches and reduces over DP on the last); the optimizer has not stepped after it.
-        Returns the micro-batches' loss dicts, as megatron-core's schedule does."""
+        Returns the micro-batches' loss dicts, as megatron-core's schedule does (the sequence
+        length and micro-batch size are the batches' own here)."""
         self.engine.train()
         losses = []
         for i in range(num_microbatches):
@@ -249,29 +273,28 @@ class DeepSpeedEngine:
         this rank's gradient partitions, max over DP and TP)."""
         return not self.engine.optimizer.has_overflow(partition_gradients=True)
 
-    def step(self) -> tuple[bool, float, None]:
-        """One optimizer step (DeepSpeed clips by the global norm and skips a non-finite step
-        itself); the megatron optimizer's ``(update_successful, grad_norm, _)``."""
+    def step(self, finite: bool = True) -> tuple[bool, float]:
+        """One optimizer step, whether ``finite`` or not: DeepSpeed clips by the global norm and
+        skips a non-finite step itself (and keeps its micro-step count)."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return bool(self.engine.was_step_applied()) and math.isfinite(norm), norm, None
+        return bool(self.engine.was_step_applied()) and math.isfinite(norm), norm
 
     # -- checkpoints: DeepSpeed's own files, inside our atomic folder (pretrain.checkpoint)
-    def save_engine_state(self, folder: str, tag: str) -> None:
+    def save_files(self, folder: str, tag: str) -> None:
         """Collective: every rank writes its model/ZeRO partition files under ``folder/tag``."""
         # no 'latest' file of DeepSpeed's: our manifest and latest pointer decide what is complete
         self.engine.save_checkpoint(folder, tag=tag, client_state={}, save_latest=False)
 
-    def load_engine_state(self, folder: str, tag: str, load_optim: bool) -> bool:
+    def load_files(self, folder: str, tag: str, load_optim: bool) -> bool:
         """Collective: weights, and (``load_optim``) the ZeRO partitions of the fp32 masters and
         Adam moments. False when DeepSpeed found nothing to load."""
         path, _ = self.engine.load_checkpoint(folder, tag=tag, load_optimizer_states=load_optim,
                                               load_lr_scheduler_states=False, load_module_only=not load_optim)
         return path is not None
 
-    @staticmethod
-    def checkpoint_pickle_globals() -> list:
+    def checkpoint_pickle_globals(self) -> list:
         return checkpoint_pickle_globals()
 
     # -- partitioned state, for pruning
@@ -360,8 +383,7 @@ class DeepSpeedEngine:
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             return param.detach().clone()
 
-    @staticmethod
-    def release_gathered(param) -> None:
+    def release_gathered(self, param) -> None:
         """Free the gathered whole weight of a ZeRO-3 parameter (its partition stays), so that the
         next forward gathers the partition again: after the partition was written."""
         param.partition(param_list=[param], has_been_updated=False)

@@ -19,6 +19,8 @@ import torch
 from pretrain.distributed import device, is_rank0, print_rank0
 from pretrain.pruning.compensation import Compensator, probe_uncompensated_loss
 from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
+from pretrain.engines.base import Engine
+from pretrain.engines.megatron import as_engine
 from pretrain.engines.slots import zero_masked_grads, zero_masked_state
 from pretrain.pruning.saliency import SaliencyEstimator, nonfinite_parts, reduce_table, table_problem
 from pretrain.pruning.schedule import target_params
@@ -54,6 +56,7 @@ class PruningCallback(Callback):
         self.end_tokens = prune_cfg.end_tokens if prune_cfg.end_tokens is not None else total_tokens
         self.log_dir = log_dir
         self.estimator: SaliencyEstimator | None = None
+        self.engine: Engine | None = None  # the trainer's, from on_train_begin
         self.local = None
         self._scoring = False
         # the language-model loss's table of this step, where a pass of its own gave it (distillation)
@@ -98,12 +101,13 @@ class PruningCallback(Callback):
 
     # ------------------------------------------------------------------ trainer hooks
     def on_train_begin(self, trainer) -> None:
+        self.engine = as_engine(trainer.optimizer, trainer.model_chunks)
         self.estimator = SaliencyEstimator(self.cfg.saliency, self.shape, trainer.model_chunks,
-                                           trainer.optimizer, self.cfg.taylor_form, self.cfg.obs_exact)
+                                           self.engine, self.cfg.taylor_form, self.cfg.obs_exact)
         if self.cfg.compensation == "obs":
             from megatron.core import parallel_state as ps
 
-            self.compensator = Compensator(self.shape, trainer.model_chunks, trainer.optimizer,
+            self.compensator = Compensator(self.shape, trainer.model_chunks, self.engine,
                                            tuple(self.cfg.types), self.cfg.compensation_damp)
             print_rank0(f"pruning compensation: obs, Hessian of the last {self.cfg.compensation_window} step(s) "
                         f"before each event, damping {self.cfg.compensation_damp}; "
@@ -117,10 +121,10 @@ class PruningCallback(Callback):
             trainer.request_stop("shrink")
 
     def _refresh_local(self, trainer) -> None:
-        self.local = build_local_masks(trainer.model_chunks, self.masks, self.shape)
+        self.local = build_local_masks(trainer.model_chunks, self.masks, self.shape, self.engine.full_shape)
         if PruningState.removes_groups(self.masks, self.shape):
             self.local.apply_to_weights()
-            zero_masked_state(trainer.optimizer, self.local.param_masks)
+            zero_masked_state(self.engine, self.local.param_masks)
 
     def on_step_begin(self, trainer) -> None:
         tokens_before = trainer.state.tokens_seen
@@ -154,7 +158,7 @@ class PruningCallback(Callback):
         self._lm_pass, self._lm_table = False, None
         if self.local is not None and self.current_params() < self.initial_params:
             self.local.apply_to_grads()
-            zero_masked_grads(trainer.optimizer, self.local.param_masks)  # an engine's partitioned gradients
+            zero_masked_grads(self.engine, self.local.param_masks)  # an engine's partitioned gradients
 
     def _add_to_ema(self, table, iteration: int) -> None:
         bad = nonfinite_parts(table)
@@ -414,7 +418,8 @@ class PruningCallback(Callback):
             return
         if self.compensator is not None and state.get("compensation"):
             self.compensator.load_state_dict(state["compensation"])
-        params = list(build_local_masks(self.estimator._model_chunks, self.masks, self.shape).param_masks)
+        params = list(build_local_masks(self.estimator._model_chunks, self.masks, self.shape,
+                                        self.engine.full_shape).param_masks)
         self.estimator.fisher_count = state.get("fisher_count", 0)
         self.estimator.fisher = {params[i]: v for i, v in state.get("fisher", {}).items() if i < len(params)}
 

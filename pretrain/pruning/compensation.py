@@ -44,9 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.distributed import print_rank0
+from pretrain.engines.base import Engine
+from pretrain.engines.megatron import as_engine
 from pretrain.model import layout
 from pretrain.model.params import local_parameters
-from pretrain.engines.slots import iter_param_slots, whole_weight
+from pretrain.pruning.masks import build_local_masks
 
 COMPENSATIONS = ("none", "obs")
 # the linears whose input channels a pruning type removes (roles of pretrain.model.layout)
@@ -116,7 +119,10 @@ class Compensator:
     """Captures the consuming linears' input Hessians and applies the OBS update at an event."""
 
     def __init__(self, shape, model_chunks: list, optimizer, types: tuple, damp: float = 0.01):
-        self.shape, self.optimizer, self.damp = shape, optimizer, damp
+        """``optimizer``: the engine (or megatron-core's optimizer) whose master weights receive the
+        update; None: the weights alone (a model without an optimizer)."""
+        self.shape, self.damp = shape, damp
+        self.engine = as_engine(optimizer, model_chunks) if optimizer is not None else None
         roles = {role for t in types for role in _CONSUMERS.get(t, ())}
         self.targets: list[_Target] = []
         for entry in local_parameters(model_chunks):
@@ -191,7 +197,7 @@ class Compensator:
         dist = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         hessian_bytes = self.hessian_bytes
         slots: dict = {}
-        for slot in iter_param_slots(self.optimizer) if self.optimizer is not None else ():
+        for slot in self.engine.param_slots() if self.engine is not None else ():
             if slot.end > slot.start:
                 slots.setdefault(slot.param, []).append(slot)
         sums: dict = {}  # name -> [num before, num after, den]: summed over TP for one ratio
@@ -208,7 +214,7 @@ class Compensator:
                 continue
             stats = self._sums.pop(index, None)
             device = target.param.device
-            d = tuple(getattr(target.param, "ds_shape", target.param.shape))[-1]  # ZeRO-3: a partition
+            d = self._full_shape(target.param)[-1]  # ZeRO-3: the parameter holds a partition
             h = stats[0] if stats is not None else torch.zeros(d, d, dtype=torch.float32, device=device)
             tokens = torch.tensor([float(stats[1]) if stats is not None else 0.0], device=h.device)
             if dist:
@@ -219,13 +225,14 @@ class Compensator:
             removed = (old_kept & ~new_kept).nonzero().flatten().to(device)
             if removed.numel() == 0:
                 continue
-            weight = whole_weight(self.optimizer, target.param).float()  # ZeRO-3: gathered over DP
+            weight = (self.engine.whole_weight(target.param) if self.engine is not None
+                      else target.param.detach()).float()  # ZeRO-3: gathered over DP
             plain = weight.clone()
             plain[:, removed] = 0.0
             new = obs_update(weight, h, removed, self.damp, active=old_kept.to(device))
             before, den = output_error(weight, plain, h)
             after, _ = output_error(weight, new, h)
-            self._write(target.param, new - weight, slots.get(target.param, ()))
+            self._write(target.param, new - weight, slots.get(target.param, ()), self._full_shape(target.param))
             name = f"{target.role}" if layer is None else f"{layer}.{target.role}"
             sums[name] = [before, after, den]
             del h, weight, plain, new
@@ -235,8 +242,6 @@ class Compensator:
         if few_tokens < MIN_TOKENS_PER_INPUT:
             # a refit from fewer samples than a few per unknown fits the noise of those samples
             # (measured: it made held-out outputs worse on a tiny model); say so, once per event
-            from pretrain.distributed import print_rank0
-
             print_rank0(f"WARNING: OBS compensation used only {few_tokens:.1f} captured tokens per input feature "
                         f"of a linear (fewer than {MIN_TOKENS_PER_INPUT}): the update may fit noise. Raise "
                         "--prune-compensation-window or --prune-compensation-damp")
@@ -262,8 +267,11 @@ class Compensator:
             torch.distributed.all_reduce(h, group=group)
         return h
 
+    def _full_shape(self, param: torch.nn.Parameter) -> tuple:
+        return self.engine.full_shape(param) if self.engine is not None else tuple(param.shape)
+
     @staticmethod
-    def _write(param: torch.nn.Parameter, delta: torch.Tensor, param_slots) -> None:
+    def _write(param: torch.nn.Parameter, delta: torch.Tensor, param_slots, full_shape: tuple) -> None:
         """Add ``delta`` (fp32, the local shape) to the parameter and to its fp32 master copy (the owned
         range; a master that is the weight's own storage is updated once, through the weight). A ZeRO-3
         parameter's source of truth is its slot's ``values`` (its partition): each DP rank updates its
@@ -277,7 +285,7 @@ class Compensator:
             if slot.values is not None:  # rounded as the whole parameter is below
                 part = flat[slot.start:slot.end].to(slot.values.device)
                 slot.values.copy_((slot.values.float() + part).to(slot.values.dtype))
-        if param.data.numel() == getattr(param, "ds_numel", param.data.numel()):  # not a released partition
+        if tuple(param.data.shape) == tuple(full_shape):  # not a released partition
             param.data.copy_((param.detach().float() + delta).to(param.dtype))
 
     @staticmethod
@@ -317,18 +325,17 @@ def probe_uncompensated_loss(trainer, shape, old_masks, new_masks, batches: int)
     """The held-out (``--test-data-path``) loss of the model with ``new_masks`` applied and no update:
     every weight is copied, masked, evaluated and put back, and the norms get ``old_masks`` again
     (a full copy of this rank's weights for the time of one evaluation; ``--prune-compensation-probe``)."""
-    from pretrain.pruning.masks import build_local_masks
-
     chunks = trainer.model_chunks
+    engine: Engine = as_engine(trainer.optimizer, chunks)
     params = [p for chunk in chunks for p in chunk.parameters()]
     saved = [p.detach().clone() for p in params]
     # a ZeRO-3 parameter's weights are its slot's partition (``values``); its engine masks those
-    partitions = [slot.values for slot in iter_param_slots(trainer.optimizer) if slot.values is not None]
+    partitions = [slot.values for slot in engine.param_slots() if slot.values is not None]
     saved_partitions = [values.clone() for values in partitions]
-    local = build_local_masks(chunks, new_masks, shape)
+    local = build_local_masks(chunks, new_masks, shape, engine.full_shape)
     local.apply_to_weights()
     if partitions:
-        trainer.optimizer.mask_weights(local.param_masks)
+        engine.mask_weights(local.param_masks)
     loss = trainer.evaluate_test(batches)
     for values, s in zip(partitions, saved_partitions):
         values.copy_(s)
@@ -336,6 +343,6 @@ def probe_uncompensated_loss(trainer, shape, old_masks, new_masks, batches: int)
         if p.data.shape == s.shape:
             p.data.copy_(s)
         else:  # a ZeRO-3 parameter the evaluation gathered (masked): the next forward gathers it again
-            trainer.optimizer.release_gathered(p)
-    build_local_masks(chunks, old_masks, shape)  # the norms' hidden mask back to what the weights have
+            engine.release_gathered(p)
+    build_local_masks(chunks, old_masks, shape, engine.full_shape)  # the norms' hidden mask back to what the weights have
     return loss

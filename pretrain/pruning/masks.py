@@ -7,6 +7,7 @@ elements of which weight belong to which group is ``pretrain.model.layout``'s to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -96,8 +97,11 @@ class LocalModelMasks:
                 grad.mul_(mask)
 
 
-def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) -> LocalModelMasks:
-    """Per-parameter masks for this rank's model chunks (call again after the masks change)."""
+def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape,
+                      full_shape: Callable[[torch.nn.Parameter], tuple] | None = None) -> LocalModelMasks:
+    """Per-parameter masks for this rank's model chunks (call again after the masks change).
+    ``full_shape``: a parameter's shape as the model defines it, where its engine holds only part of
+    it (``Engine.full_shape``: a ZeRO-3 partition); the parameter's own shape by default."""
     from megatron.core import parallel_state as ps  # lazy: megatron-core is heavy
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -107,9 +111,8 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape) 
         # already), or the last pipeline stage's copy of it, which must stay equal to the embedding
         weight = local.param if local.param is not None else local.applied_weight
         if isinstance(weight, torch.nn.Parameter) and weight not in out.param_masks:
-            # a ZeRO-3 partitioned parameter keeps its full shape in ds_shape
-            mask = param_mask(local.layout, tuple(getattr(weight, "ds_shape", weight.shape)), masks, shape, tp,
-                              tp_rank)
+            mask = param_mask(local.layout, full_shape(weight) if full_shape else tuple(weight.shape), masks, shape,
+                              tp, tp_rank)
             out.param_masks[weight] = mask.to(weight.device)
         if local.layout.role == "norm":  # our RMSNorm: it also needs the hidden mask itself
             out.norms.append(local.module)

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.engines.megatron import as_engine
 from pretrain.model import layout
 from pretrain.model.layout import ParamLayout
-from pretrain.model.params import local_parameters
+from pretrain.model.params import local_parameters, unwrap
 from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape
-from pretrain.engines.slots import is_distributed, iter_param_slots, whole_weight
 
 ESTIMATORS = ("taylor", "fisher", "obs", "activation")
 _LINEARS = ("qkv", "proj", "fc1", "fc2", "output")  # the weights whose inputs obs/activation read
@@ -70,7 +70,8 @@ class SaliencyEstimator:
             raise ValueError(f"--saliency {kind!r}: choose one of {', '.join(ESTIMATORS)}")
         if taylor_form not in ("vector", "element"):
             raise ValueError(f"--saliency-taylor-form {taylor_form!r}: vector or element")
-        self.kind, self.shape, self.optimizer = kind, shape, optimizer
+        self.kind, self.shape = kind, shape
+        self.engine = as_engine(optimizer, model_chunks)  # an engine, or megatron-core's optimizer
         self.taylor_form, self.obs_exact, self.obs_damp = taylor_form, obs_exact, obs_damp
         self.entries = local_parameters(model_chunks)
         self.fisher: dict = {}  # param -> running mean of g^2 over the owned range
@@ -177,8 +178,6 @@ class SaliencyEstimator:
           are never used.
 
         Anything else the layout does not know stops the run: its scores would be missing."""
-        from pretrain.model.build import unwrap
-
         known = {e.param for e in self.entries if e.param is not None}
         unscored = set()
         for chunk in self._model_chunks:
@@ -200,14 +199,14 @@ class SaliencyEstimator:
 
     def _gradient_scores(self, table: GroupScores, tp: int, tp_rank: int, dp: int) -> None:
         # each element counts once over all ranks: owned by one DP rank, or 1/DP on each
-        count_weight = 1.0 if is_distributed(self.optimizer) else 1.0 / dp
+        count_weight = 1.0 if self.engine.partitions_state else 1.0 / dp
         # Fisher's 1/2 is applied to the sums, not to every element
         scale = count_weight * (0.5 if self.kind == "fisher" else 1.0)
         if self._plans is None:
             self._plans = self._plan_parameters()
         seen = set()
         self.fisher_count += 1
-        for slot in iter_param_slots(self.optimizer):
+        for slot in self.engine.param_slots():
             param = slot.param
             if slot.end <= slot.start or param in seen:
                 continue
@@ -237,7 +236,7 @@ class SaliencyEstimator:
             param = entry.param
             if param is None or param in unscored:
                 continue
-            full = tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition keeps its shape there
+            full = self.engine.full_shape(param)  # a ZeRO-3 partition is part of it
             if len(full) not in (1, 2):
                 raise RuntimeError(f"saliency: {entry.layout} has {len(full)} dimensions; the layout knows 1 or 2")
             wanted = tuple(layout.UNIT[axis] is not None for axis in entry.layout.axes)
@@ -327,7 +326,7 @@ class SaliencyEstimator:
                     continue  # the full hidden input is replicated across TP
             else:
                 weight = entry.applied_weight if entry.applied_weight is not None else entry.param
-                w2 = _squares_per_column(whole_weight(self.optimizer, weight))  # ZeRO-3: gathered
+                w2 = _squares_per_column(self.engine.whole_weight(weight))  # ZeRO-3: gathered
                 if self.obs_exact:
                     h = second / tokens
                     damp = self.obs_damp * torch.diagonal(h).mean().clamp(min=1e-12)

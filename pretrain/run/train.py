@@ -13,8 +13,20 @@ import sys
 
 import torch
 
+from pretrain import checkpoint as ckpt
+from pretrain.checkpoint import adam as checkpoint_adam
 from pretrain.config import ConfigError, PretrainConfig
 from pretrain.errors import UserError
+from pretrain.distributed import print_rank0
+from pretrain.engines.adam_state import scatter_into_engine
+from pretrain.engines.deepspeed import build_deepspeed_engine
+from pretrain.engines.megatron import MegatronEngine
+from pretrain.engines.optim import build_scheduler
+from pretrain.model.build import build_model, check_activation_memory, unwrap, zero_padded_vocab_rows
+from pretrain.model.init import deterministic_init
+from pretrain.model.invariants import hidden_masking_possible
+from pretrain.nodes import ranks_on_this_host
+from pretrain.pruning.state import PruningState
 
 
 def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
@@ -160,8 +172,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
 
     check_training_memory(cfg, vocab_size, layout["dp_size"], teacher)  # before anything is allocated
 
-    model_chunks, optimizer, scheduler = _build_model_and_optimizer(cfg, vocab_size, plain_megatron_spec, peeked)
-    resume = _load_checkpoint(cfg, peeked, model_chunks, optimizer)
+    model_chunks, engine, scheduler = _build_model_and_engine(cfg, vocab_size, plain_megatron_spec, peeked)
+    resume = _load_checkpoint(cfg, peeked, model_chunks, engine)
     callbacks = _build_callbacks(cfg, layout, vocab_size, extra_callbacks, {**resume.lineage,
                                                                             **tokenizer_record(tokenizer)})
     if teacher is not None:
@@ -169,7 +181,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
         from pretrain.pruning.state import PruningState
 
         callbacks = add_distillation(cfg, teacher, callbacks, PruningState.stored_dict(peeked[1] if peeked else None))
-    trainer = _build_trainer(cfg, layout, tokenizer, vocab_size, model_chunks, optimizer, scheduler,
+    trainer = _build_trainer(cfg, layout, tokenizer, vocab_size, model_chunks, engine, scheduler,
                              callbacks, resume)
     _restore_state(cfg, trainer, resume, peeked)
     if cfg.train.skip_train:  # --skip-train: the loaded model measured on the run's batches, nothing saved
@@ -290,14 +302,8 @@ def _num_microbatches(cfg: PretrainConfig, layout: dict) -> int:
     return cfg.train.micro_batches_per_step(layout["dp_size"])
 
 
-def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megatron_spec: bool, peeked) -> tuple:
-    from pretrain.model.init import deterministic_init
-    from pretrain.model.invariants import hidden_masking_possible
-    from pretrain.pruning.state import PruningState
-    from pretrain.model.build import build_model, check_activation_memory, unwrap, zero_padded_vocab_rows
-    from pretrain.nodes import ranks_on_this_host
-    from pretrain.engines.optim import build_optimizer, build_scheduler
-
+def _build_model_and_engine(cfg: PretrainConfig, vocab_size: int, plain_megatron_spec: bool, peeked) -> tuple:
+    """(this rank's model chunks, the engine that trains them, the LR schedule)."""
     check_activation_memory(cfg.model, cfg.train, vocab_size, cfg.parallel.tensor_model_parallel_size,
                             ranks_on_this_host())
     # a model whose hidden mask can change needs mask-aware norms (not TE's fused ones)
@@ -310,20 +316,15 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
         deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
         zero_padded_vocab_rows(unwrap(chunk), cfg.model.unpadded_vocab_size, vocab_size)
     if cfg.parallel.engine == "deepspeed":
-        from pretrain.engines.deepspeed import build_deepspeed_engine
-
-        adam = _weights_before_engine(cfg, peeked, model_chunks)
-        # the adapter stands in for the optimizer: the trainer, the schedule and pruning ask it
+        carried = _weights_before_engine(cfg, peeked, model_chunks)
         engine = build_deepspeed_engine(cfg, unwrap(model_chunks[0]))
-        if adam is not None:
-            _load_adam_state(engine, [engine.model], *adam, peeked[0])
-        return [engine.model], engine, build_scheduler(engine, cfg.optim, cfg.total_iters(), cfg.checkpoint.override_opt_param_scheduler)
-    optimizer = build_optimizer(model_chunks, cfg.optim, cfg.parallel, cfg.train)
-    # the optimizer holds fp32 master copies (bf16) made before our init: refresh them
-    if hasattr(optimizer, "reload_model_params"):
-        optimizer.reload_model_params()
-    return model_chunks, optimizer, build_scheduler(optimizer, cfg.optim, cfg.total_iters(),
-                                                     cfg.checkpoint.override_opt_param_scheduler)
+        if carried is not None:
+            _load_adam_state(engine, engine.model_chunks, *carried, peeked[0])
+    else:
+        engine = MegatronEngine.build(cfg, model_chunks)
+    # the engine stands in for the optimizer: the trainer, the schedule, checkpoints and pruning ask it
+    return engine.model_chunks, engine, build_scheduler(engine.optimizer, cfg.optim, cfg.total_iters(),
+                                                        cfg.checkpoint.override_opt_param_scheduler)
 
 
 def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> tuple | None:
@@ -332,9 +333,6 @@ def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> t
     wraps it (and copies them into its fp32 masters), and its AdamW state is read while the model
     still holds whole (TP-local) parameters: returned as (tensors, step) for ``_load_adam_state``
     once DeepSpeed has partitioned the optimizer; None when there is none to carry."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.distributed import print_rank0
-
     if not peeked or os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
         return None
     finetune = _starts_fresh(cfg, peeked)
@@ -353,21 +351,15 @@ def _starts_fresh(cfg: PretrainConfig, peeked) -> bool:
 def _read_adam_state(folder: str, model_chunks: list) -> tuple | None:
     """(tensors, step) of ``folder``'s model-space AdamW state (``pretrain.engines.adam_state``; collective);
     None, said, when it holds none: the Adam moments then start at zero."""
-    from pretrain.engines import adam_state
-    from pretrain.distributed import print_rank0
-
-    if adam_state.has_adam_state(folder):
-        return adam_state.read_checkpoint(folder, model_chunks)
+    if checkpoint_adam.has_adam_state(folder):
+        return checkpoint_adam.read_checkpoint(folder, model_chunks)
     print_rank0(f"{folder} holds no optimizer state: the Adam moments start at zero")
     return None
 
 
-def _load_adam_state(optimizer, model_chunks: list, tensors: dict, step: int, folder: str) -> None:
+def _load_adam_state(engine, model_chunks: list, tensors: dict, step: int, folder: str) -> None:
     """Model-space AdamW state (``pretrain.engines.adam_state``) into the engine's own layout."""
-    from pretrain.engines.adam_state import scatter_into_engine
-    from pretrain.distributed import print_rank0
-
-    written = scatter_into_engine(optimizer, model_chunks, tensors, step)
+    written = scatter_into_engine(engine, model_chunks, tensors, step)
     print_rank0(f"loaded the fp32 master weights and Adam moments of {folder} (Adam step {step}) into this engine's "
                 f"optimizer state ({written:,} elements on rank 0)")
 
@@ -415,9 +407,7 @@ class _Resume:
     lineage: dict = dataclasses.field(default_factory=dict)
 
 
-def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, optimizer) -> _Resume:
-    from pretrain import checkpoint as ckpt
-    from pretrain.distributed import print_rank0
+def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, engine) -> _Resume:
     from pretrain.resume import lineage
 
     if not cfg.checkpoint.load:
@@ -433,14 +423,13 @@ def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, optimizer)
         loaded = ckpt.LoadedCheckpoint(peeked[0], ckpt.read_trainer_state(peeked[0]))
     else:
         loaded = ckpt.load_checkpoint(
-            peeked[0] if peeked else cfg.checkpoint.load, model_chunks, optimizer,
+            peeked[0] if peeked else cfg.checkpoint.load, model_chunks, engine,
             load_optim=has_optimizer and load_optim, load_rng=not (cfg.checkpoint.no_load_rng or finetune))
         if loaded is not None and not has_optimizer:
-            if hasattr(optimizer, "reload_model_params"):
-                optimizer.reload_model_params()  # fp32 masters (bf16 runs) from the loaded weights, not the init's
+            engine.reload_master_weights()  # fp32 masters (bf16 runs) from the loaded weights, not the init's
             adam = _read_adam_state(loaded.folder, model_chunks) if load_optim else None
             if adam is not None:  # converted from DeepSpeed: its AdamW state in model space
-                _load_adam_state(optimizer, model_chunks, *adam, loaded.folder)
+                _load_adam_state(engine, model_chunks, *adam, loaded.folder)
     if loaded is None:
         print_rank0(f"no checkpoint found under --load {cfg.checkpoint.load}; starting from scratch")
         return _Resume()
@@ -448,7 +437,7 @@ def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, optimizer)
     return _Resume(loaded, None if finetune else loaded.trainer_state, lineage(loaded.trainer_state))
 
 
-def _build_trainer(cfg: PretrainConfig, layout: dict, tokenizer, vocab_size: int, model_chunks: list, optimizer,
+def _build_trainer(cfg: PretrainConfig, layout: dict, tokenizer, vocab_size: int, model_chunks: list, engine,
                    scheduler, callbacks: list, resume: _Resume):
     from megatron.core import parallel_state as ps
 
@@ -467,7 +456,7 @@ def _build_trainer(cfg: PretrainConfig, layout: dict, tokenizer, vocab_size: int
 
     consumed = resume.trainer_state["consumed_samples"] if resume.trainer_state else 0
     trainer = Trainer(
-        config=cfg, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
+        config=cfg, model_chunks=model_chunks, engine=engine, scheduler=scheduler,
         train_iterator=batches(train_ds, consumed),
         valid_dataset_iterator_factory=(lambda consumed_valid: batches(valid_ds, consumed_valid))
         if valid_ds is not None else None,
@@ -511,8 +500,8 @@ def _segment_summary(cfg: PretrainConfig, trainer, layout: dict) -> dict:
     from pretrain.distributed import device
     from pretrain.model.build import unwrap
 
-    # a ZeRO-3 parameter holds a partition; ds_numel is its full size
-    params = sum(getattr(p, "ds_numel", p.numel()) for c in trainer.model_chunks for p in unwrap(c).parameters())
+    # a partitioned parameter (ZeRO-3) holds part of itself: count its full shape
+    params = sum(math.prod(trainer.engine.full_shape(p)) for c in trainer.model_chunks for p in unwrap(c).parameters())
     if torch.distributed.is_initialized():
         t = torch.tensor([float(params)], device=device())
         torch.distributed.all_reduce(t)  # summed over all ranks; divide out the DP replicas
