@@ -28,7 +28,8 @@ import torch
 
 from pretrain.config import ConfigError, DataConfig, ModelConfig, ParallelConfig, PretrainConfig
 from pretrain.model.memory import check_model_fits
-from pretrain.outputs import require_new_folder
+from pretrain.checkpoint.atomic import require_new_folder
+from pretrain.checkpoint.stored import checkpoint_tokenizer
 
 SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 _REMOTE_CODE = os.path.join(os.path.dirname(__file__), "hf_remote_code")
@@ -438,19 +439,6 @@ def copy_tokenizer(source: str, target: str) -> tuple[str, str] | None:
     for file in files:
         shutil.copyfile(os.path.join(source, file), os.path.join(target, file))
     return infer_tokenizer_type(target), target
-
-
-def checkpoint_tokenizer(folder: str, state: dict) -> tuple[str, str] | None:
-    """(--tokenizer-type, --tokenizer-model) recorded in a checkpoint; a recorded copy that moved
-    with its checkpoint folder (``ROOT/tokenizer``) is found beside it."""
-    data = PretrainConfig.from_dict(state["config"]).data
-    if not data.tokenizer_model or data.tokenizer_type == "NullTokenizer":
-        return None
-    if not os.path.exists(data.tokenizer_model) and os.path.basename(data.tokenizer_model.rstrip("/")) == "tokenizer":
-        moved = os.path.join(os.path.dirname(os.path.abspath(folder)), "tokenizer")
-        if os.path.isdir(moved):
-            return data.tokenizer_type, moved
-    return data.tokenizer_type, data.tokenizer_model
 
 
 def _checked_tokenizer(recorded: tuple[str, str] | None, hf_vocab: int, load: str) -> dict:

@@ -13,7 +13,17 @@ import sys
 
 import torch
 
+from pretrain import checkpoint as ckpt
+from pretrain.checkpoint.stored import StoredCheckpoint, lineage
 from pretrain.config import ConfigError, PretrainConfig
+from pretrain.data import check_tokenizer_matches_data, load_tokenizer
+from pretrain.distill import add_distillation, plan_line, resolve_teacher
+from pretrain.distributed import init_distributed, launch_environment, print_rank0, set_random_seed
+from pretrain.model.memory import check_training_memory
+from pretrain.nodes import check_run_folders
+from pretrain.resume import (check_checkpoint_tokenizer, checkpoint_vocab, tokenizer_record, with_checkpoint_distill,
+                             with_checkpoint_model, with_checkpoint_pruning, with_checkpoint_schedule,
+                             with_unpadded_vocab)
 
 
 def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
@@ -134,48 +144,38 @@ def _shrink_checkpoint(source: str, target: str, parallel) -> str:
 
 def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
     """One stretch of training on one model: from the config and the --load checkpoint to a stop."""
-    from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.nodes import check_run_folders
-    from pretrain.resume import peek_checkpoint, tokenizer_record, with_checkpoint_schedule
-
-    peeked = peek_checkpoint(cfg.checkpoint.load)
-    cfg, pruning_note = _resolve_config(cfg, peeked)
-    cfg, tokenizer, vocab_size = _tokenizer_and_vocab(cfg, peeked)
-    _check_tokenizer(cfg, tokenizer, peeked)  # before any process group work
+    stored = StoredCheckpoint.find(cfg.checkpoint.load)  # the one look for it: every step below reads this
+    cfg, pruning_note = _resolve_config(cfg, stored)
+    cfg, tokenizer, vocab_size = _tokenizer_and_vocab(cfg, stored)
+    _check_tokenizer(cfg, tokenizer, stored)  # before any process group work
     teacher = _resolve_teacher(cfg, vocab_size, tokenizer)  # --kd-teacher: checked before any process group
     layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     _hold_output_folders(cfg)  # one run per --save: before anything is written there
     # several nodes: shared folders, not node-local ones (a dry run creates nothing)
-    check_run_folders(None if cfg.train.dry_run else cfg.checkpoint.save, cfg.checkpoint.load, peeked)
+    check_run_folders(None if cfg.train.dry_run else cfg.checkpoint.save, cfg.checkpoint.load,
+                      (stored.folder, stored.trainer_state) if stored else None)
     _check_data(cfg, tokenizer)  # before anything heavy is built
-    cfg, schedule_note = with_checkpoint_schedule(cfg, peeked)  # after the data: a wrong dataset is the worse news
+    cfg, schedule_note = with_checkpoint_schedule(cfg, stored)  # after the data: a wrong dataset is the worse news
     pruning_note = "\n".join(n for n in (pruning_note, schedule_note) if n)
     set_random_seed(cfg.train.seed)
     counts = cfg.model.num_parameters(vocab_size)
-    _print_plan(cfg, layout, vocab_size, counts, peeked, pruning_note)
+    _print_plan(cfg, layout, vocab_size, counts, stored, pruning_note)
     if cfg.train.dry_run:
         return {"dry_run": True, "parameters": counts, "layout": layout}
-    from pretrain.model.memory import check_training_memory
-
     check_training_memory(cfg, vocab_size, layout["dp_size"], teacher)  # before anything is allocated
 
-    model_chunks, optimizer, scheduler = _build_model_and_optimizer(cfg, vocab_size, plain_megatron_spec, peeked)
-    resume = _load_checkpoint(cfg, peeked, model_chunks, optimizer)
+    model_chunks, optimizer, scheduler = _build_model_and_optimizer(cfg, vocab_size, plain_megatron_spec, stored)
+    resume = _load_checkpoint(cfg, stored, model_chunks, optimizer)
     callbacks = _build_callbacks(cfg, layout, vocab_size, extra_callbacks, {**resume.lineage,
                                                                             **tokenizer_record(tokenizer)})
     if teacher is not None:
-        from pretrain.distill import add_distillation
-        from pretrain.pruning.state import PruningState
-
-        callbacks = add_distillation(cfg, teacher, callbacks, PruningState.stored_dict(peeked[1] if peeked else None))
+        callbacks = add_distillation(cfg, teacher, callbacks, stored.pruning if stored else None)
     trainer = _build_trainer(cfg, layout, tokenizer, vocab_size, model_chunks, optimizer, scheduler,
                              callbacks, resume)
-    _restore_state(cfg, trainer, resume, peeked)
+    _restore_state(cfg, trainer, resume, stored)
     if cfg.train.skip_train:  # --skip-train: the loaded model measured on the run's batches, nothing saved
         return {"skip_train": True, "evaluation": _callback(trainer, "eval").evaluate_now(trainer), "layout": layout}
     if cfg.prune.enabled:
-        from pretrain.distributed import print_rank0
-
         print_rank0(_callback(trainer, "pruning").plan_line())  # after the restore: the schedule's true ends
     state = trainer.fit()
     _print_end(cfg, state)
@@ -214,36 +214,28 @@ def _hold_output_folders(cfg: PretrainConfig) -> None:
         raise ConfigError(message)
 
 
-def _resolve_config(cfg: PretrainConfig, peeked) -> tuple[PretrainConfig, str]:
+def _resolve_config(cfg: PretrainConfig, stored: StoredCheckpoint | None) -> tuple[PretrainConfig, str]:
     """The run's config with what the --load checkpoint decides (shape, pruning), validated."""
-    from pretrain.distributed import launch_environment
-    from pretrain.resume import with_checkpoint_distill, with_checkpoint_model, with_checkpoint_pruning
-
-    cfg = with_checkpoint_model(cfg, peeked)
-    cfg, pruning_note = with_checkpoint_pruning(cfg, peeked)
-    cfg, distill_note = with_checkpoint_distill(cfg, peeked)
+    cfg = with_checkpoint_model(cfg, stored)
+    cfg, pruning_note = with_checkpoint_pruning(cfg, stored)
+    cfg, distill_note = with_checkpoint_distill(cfg, stored)
     pruning_note = "\n".join(n for n in (pruning_note, distill_note) if n)
     cfg.validate(launch_environment()[1])
     return cfg, pruning_note
 
 
-def _tokenizer_and_vocab(cfg: PretrainConfig, peeked) -> tuple:
+def _tokenizer_and_vocab(cfg: PretrainConfig, stored: StoredCheckpoint | None) -> tuple:
     """The config with the model's unpadded vocabulary, the tokenizer (None for mock data without
     one) and the model's padded vocabulary."""
-    from pretrain.data import load_tokenizer
-    from pretrain.resume import checkpoint_vocab, with_unpadded_vocab
 
     tokenizer = load_tokenizer(cfg.data) if not cfg.data.mock_data or cfg.data.tokenizer_model else None
     tp = cfg.parallel.tensor_model_parallel_size
     tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
-    vocab_size = checkpoint_vocab(peeked, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
-    return with_unpadded_vocab(cfg, peeked, tokenizer_vocab), tokenizer, vocab_size
+    vocab_size = checkpoint_vocab(stored, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
+    return with_unpadded_vocab(cfg, stored, tokenizer_vocab), tokenizer, vocab_size
 
 
 def _resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer):
-    from pretrain.distill import plan_line, resolve_teacher
-    from pretrain.distributed import launch_environment
-
     rank, world_size, _ = launch_environment()
     teacher = resolve_teacher(cfg, vocab_size, tokenizer, world_size)
     if teacher is not None and rank == 0:
@@ -251,16 +243,13 @@ def _resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer):
     return teacher
 
 
-def _check_tokenizer(cfg: PretrainConfig, tokenizer, peeked) -> None:
+def _check_tokenizer(cfg: PretrainConfig, tokenizer, stored: StoredCheckpoint | None) -> None:
     """The tokenizer against every dataset's manifest and the --load checkpoint's, on every rank
     (a mismatch stops all ranks with its message before a collective could hang)."""
-    from pretrain.data import check_tokenizer_matches_data
-    from pretrain.resume import check_checkpoint_tokenizer
-
     if tokenizer is not None:
         check_tokenizer_matches_data(cfg.data, tokenizer)
-    if peeked:
-        check_checkpoint_tokenizer("--load", *peeked, tokenizer)
+    if stored:
+        check_checkpoint_tokenizer("--load", stored.folder, stored.trainer_state, tokenizer)
 
 
 def _check_data(cfg: PretrainConfig, tokenizer) -> None:
@@ -272,7 +261,8 @@ def _check_data(cfg: PretrainConfig, tokenizer) -> None:
             check_datasets(cfg.data.test_data(), tokenizer)
 
 
-def _print_plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, peeked, pruning_note: str) -> None:
+def _print_plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, stored: StoredCheckpoint | None,
+                pruning_note: str) -> None:
     from pretrain.distributed import is_rank0, print_rank0
 
     from pretrain.data import blend_report
@@ -281,7 +271,7 @@ def _print_plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict
     if is_rank0():  # the report reads every dataset's index: once, not on every rank
         for line in blend_report(cfg.data, cfg.total_iters() * cfg.train.global_batch_size, cfg.model.seq_length):
             print_rank0(line)
-    for note in ([pruning_note] if pruning_note else []) + _pruning_warnings(cfg, counts, cfg.total_iters(), peeked):
+    for note in ([pruning_note] if pruning_note else []) + _pruning_warnings(cfg, counts, cfg.total_iters(), stored):
         print_rank0(note)
 
 
@@ -289,10 +279,10 @@ def _num_microbatches(cfg: PretrainConfig, layout: dict) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout["dp_size"])
 
 
-def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megatron_spec: bool, peeked) -> tuple:
+def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megatron_spec: bool,
+                               stored_checkpoint: StoredCheckpoint | None) -> tuple:
     from pretrain.model.init import deterministic_init
     from pretrain.model.invariants import hidden_masking_possible
-    from pretrain.pruning.state import PruningState
     from pretrain.model.build import build_model, check_activation_memory, unwrap, zero_padded_vocab_rows
     from pretrain.nodes import ranks_on_this_host
     from pretrain.engines.optim import build_optimizer, build_scheduler
@@ -300,7 +290,7 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
     check_activation_memory(cfg.model, cfg.train, vocab_size, cfg.parallel.tensor_model_parallel_size,
                             ranks_on_this_host())
     # a model whose hidden mask can change needs mask-aware norms (not TE's fused ones)
-    stored = PruningState.stored_dict(peeked[1] if peeked else None)
+    stored = stored_checkpoint.pruning if stored_checkpoint else None
     model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size,
                                hidden_masking=hidden_masking_possible(cfg.prune, stored),
                                plain_megatron_spec=plain_megatron_spec,
@@ -311,11 +301,11 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
     if cfg.parallel.engine == "deepspeed":
         from pretrain.engines.deepspeed import build_deepspeed_engine
 
-        adam = _weights_before_engine(cfg, peeked, model_chunks)
+        adam = _weights_before_engine(cfg, stored_checkpoint, model_chunks)
         # the adapter stands in for the optimizer: the trainer, the schedule and pruning ask it
         engine = build_deepspeed_engine(cfg, unwrap(model_chunks[0]))
         if adam is not None:
-            _load_adam_state(engine, [engine.model], *adam, peeked[0])
+            _load_adam_state(engine, [engine.model], *adam, stored_checkpoint.folder)
         return [engine.model], engine, build_scheduler(engine, cfg.optim, cfg.total_iters(), cfg.checkpoint.override_opt_param_scheduler)
     optimizer = build_optimizer(model_chunks, cfg.optim, cfg.parallel, cfg.train)
     # the optimizer holds fp32 master copies (bf16) made before our init: refresh them
@@ -325,28 +315,25 @@ def _build_model_and_optimizer(cfg: PretrainConfig, vocab_size: int, plain_megat
                                                      cfg.checkpoint.override_opt_param_scheduler)
 
 
-def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> tuple | None:
+def _weights_before_engine(cfg: PretrainConfig, stored: StoredCheckpoint | None, model_chunks: list) -> tuple | None:
     """--engine deepspeed with --load of a megatron-format checkpoint (a run changing engine, a
     converted checkpoint, or the in-run shrink's): its weights go into the model before DeepSpeed
     wraps it (and copies them into its fp32 masters), and its AdamW state is read while the model
     still holds whole (TP-local) parameters: returned as (tensors, step) for ``_load_adam_state``
     once DeepSpeed has partitioned the optimizer; None when there is none to carry."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.distributed import print_rank0
-
-    if not peeked or os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
+    if not stored or stored.engine == "deepspeed":
         return None
-    finetune = _starts_fresh(cfg, peeked)
-    ckpt.load_checkpoint(peeked[0], model_chunks, None, load_optim=False,
+    finetune = _starts_fresh(cfg, stored)
+    ckpt.load_checkpoint(stored, model_chunks, None, load_optim=False,
                          load_rng=not (cfg.checkpoint.no_load_rng or finetune))
-    print_rank0(f"loaded the weights of megatron-format checkpoint {peeked[0]} before DeepSpeed wraps the model")
-    return None if finetune or cfg.checkpoint.no_load_optim else _read_adam_state(peeked[0], model_chunks)
+    print_rank0(f"loaded the weights of megatron-format checkpoint {stored.folder} before DeepSpeed wraps the model")
+    return None if finetune or cfg.checkpoint.no_load_optim else _read_adam_state(stored.folder, model_chunks)
 
 
-def _starts_fresh(cfg: PretrainConfig, peeked) -> bool:
+def _starts_fresh(cfg: PretrainConfig, stored: StoredCheckpoint | None) -> bool:
     """Whether the --load checkpoint gives weights only (--finetune; an imported convert_from_hf
     checkpoint holds nothing else): no optimizer state, no trainer state, no RNG."""
-    return cfg.checkpoint.finetune or bool(peeked and peeked[1].get("weights_only"))
+    return cfg.checkpoint.finetune or bool(stored and stored.weights_only)
 
 
 def _read_adam_state(folder: str, model_chunks: list) -> tuple | None:
@@ -414,25 +401,21 @@ class _Resume:
     lineage: dict = dataclasses.field(default_factory=dict)
 
 
-def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, optimizer) -> _Resume:
-    from pretrain import checkpoint as ckpt
-    from pretrain.distributed import print_rank0
-    from pretrain.resume import lineage
-
+def _load_checkpoint(cfg: PretrainConfig, stored: StoredCheckpoint | None, model_chunks: list, optimizer) -> _Resume:
     if not cfg.checkpoint.load:
         return _Resume()
-    finetune = _starts_fresh(cfg, peeked)
+    finetune = _starts_fresh(cfg, stored)
     # False: not megatron-core's optimizer format (a checkpoint converted between engines, or the
     # DeepSpeed in-run shrink's); its AdamW state, if any, is in model space (pretrain.engines.adam_state)
-    has_optimizer = not peeked or peeked[1].get("optimizer_state", True)
+    has_optimizer = not stored or stored.has_megatron_optimizer
     load_optim = not (cfg.checkpoint.no_load_optim or finetune)
-    if peeked and cfg.parallel.engine == "deepspeed" and not os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
+    if stored and cfg.parallel.engine == "deepspeed" and stored.engine != "deepspeed":
         # its weights and Adam state are in the engine already (_weights_before_engine): only the
         # trainer state is read here
-        loaded = ckpt.LoadedCheckpoint(peeked[0], ckpt.read_trainer_state(peeked[0]))
+        loaded = ckpt.LoadedCheckpoint(stored.folder, stored.trainer_state)
     else:
         loaded = ckpt.load_checkpoint(
-            peeked[0] if peeked else cfg.checkpoint.load, model_chunks, optimizer,
+            stored or cfg.checkpoint.load, model_chunks, optimizer,
             load_optim=has_optimizer and load_optim, load_rng=not (cfg.checkpoint.no_load_rng or finetune))
         if loaded is not None and not has_optimizer:
             if hasattr(optimizer, "reload_model_params"):
@@ -478,18 +461,16 @@ def _build_trainer(cfg: PretrainConfig, layout: dict, tokenizer, vocab_size: int
     return trainer
 
 
-def _restore_state(cfg: PretrainConfig, trainer, resume: _Resume, peeked) -> None:
+def _restore_state(cfg: PretrainConfig, trainer, resume: _Resume, stored: StoredCheckpoint | None) -> None:
     """The checkpoint's trainer state (iteration, data position, schedule, callbacks)."""
-    from pretrain.pruning.state import PruningState
-
     if resume.trainer_state is not None:
         trainer.load_state_dict(resume.trainer_state)
         if resume.loaded.local_state:
             trainer.load_local_state_dict(resume.loaded.local_state)
         _callback(trainer, "checkpoint").last_saved_iteration = trainer.state.iteration
-    elif cfg.prune.enabled and peeked and PruningState.stored_dict(peeked[1]) is not None:
+    elif cfg.prune.enabled and stored and stored.pruning is not None:
         # --finetune starts a fresh run, but the weights it loaded are pruned: keep their masks
-        _callback(trainer, "pruning").load_state_dict(PruningState.stored_dict(peeked[1]))
+        _callback(trainer, "pruning").load_state_dict(stored.pruning)
 
 
 def _callback(trainer, name: str):
@@ -525,10 +506,9 @@ def _segment_summary(cfg: PretrainConfig, trainer, layout: dict) -> dict:
                                   "end": tps * _steps_per_second(history, last=True)}}
 
 
-def _pruning_warnings(cfg: PretrainConfig, counts: dict, total_iters: int, peeked) -> list[str]:
+def _pruning_warnings(cfg: PretrainConfig, counts: dict, total_iters: int,
+                      stored: StoredCheckpoint | None) -> list[str]:
     """Pruning settings that would silently do nothing in this run."""
-    from pretrain.pruning.state import PruningState
-
     prune = cfg.prune
     if not prune.enabled or prune.end_pruning:
         return []
@@ -546,7 +526,7 @@ def _pruning_warnings(cfg: PretrainConfig, counts: dict, total_iters: int, peeke
     if late:
         notes.append(f"WARNING: --shrink-at {','.join(map(str, late))}: past this run's last token ({run_tokens:,}), "
                      "so no shrink there in this run (a resumed, longer run does it)")
-    resumed = bool(peeked) and PruningState.stored_dict(peeked[1]) is not None
+    resumed = bool(stored) and stored.pruning is not None
     if prune.target_params is not None and not resumed and prune.target_params >= counts["total"]:
         notes.append(f"WARNING: --prune-target-params {prune.target_params:,} is not below the model's "
                      f"{counts['total']:,} parameters: nothing will be pruned")
