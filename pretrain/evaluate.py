@@ -55,7 +55,7 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     # (which TP>1 would mask in silence, reporting a perplexity of other data), stop here
     check_datasets(data, tokenizer)
     set_random_seed(saved.train.seed)
-    chunks = _load_model(stored, model_cfg, parallel, vocab)
+    chunks = load_model(stored, model_cfg, parallel, vocab)
 
     dp = layout["dp_size"]
     # the sequences do not depend on the checkpoint's --seed: every checkpoint (a run's, its export's
@@ -89,7 +89,7 @@ def _checkpoint_and_data(load: str, data_path: list[str], tokenizer_type: str | 
     return stored, data
 
 
-def _load_model(stored: StoredCheckpoint, model_cfg, parallel: ParallelConfig, vocab: int) -> list:
+def load_model(stored: StoredCheckpoint, model_cfg, parallel: ParallelConfig, vocab: int) -> list:
     """The checkpoint's model in eval mode; a masked checkpoint computes as its masks say (the
     hidden mask lives in the norms)."""
     chunks = build_model(model_cfg, parallel, TrainConfig(bf16=stored.config.train.bf16), vocab, wrap_ddp=False)

@@ -53,9 +53,10 @@ import os
 import shlex
 import sys
 
-from pretrain.checkpoint import atomic_write_text
+from pretrain.checkpoint.atomic import atomic_write_text
 from pretrain.compare.recipes import Recipe
 from pretrain.config import ConfigError, ModelConfig
+from pretrain.model.flops import training_flops_per_token
 
 RUNS = ("parent", "A", "A0", "C", "B-found-i", "B-found-ii", "B-hand-i", "B-hand-ii", "A-KD", "C-KD")
 ARMS = {"parent": ("parent",), "A": ("A",), "A0": ("A0",), "C": ("C",),
@@ -377,8 +378,6 @@ def matched_flops_tokens_real(recipe: Recipe, ctx: Context, run: str, seed: int)
 
 
 def training_flops(model: dict, vocab_size: int) -> int:
-    from pretrain.model.flops import training_flops_per_token
-
     return training_flops_per_token(ModelConfig(**model), vocab_size)
 
 
