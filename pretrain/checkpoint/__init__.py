@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# the names of files/atomic/stored/trust, re-exported: their callers import them from here
 from pretrain.checkpoint.atomic import (atomic_write_text, describe_files_collectively, file_crc32, find_checkpoint,
                                         is_disk_full, prune_old_checkpoints, publish_checkpoint, publish_folder,
                                         require_new_folder, save_failure_message, staged, staged_checkpoint,

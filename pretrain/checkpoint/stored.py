@@ -10,7 +10,6 @@ weights are read here.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -171,10 +170,3 @@ class StoredCheckpoint:
     def tokenizer_identity(self) -> tuple | None:
         """``checkpoint_tokenizer_identity``: (identity, where recorded), or None."""
         return checkpoint_tokenizer_identity(self.folder, self.trainer_state)
-
-    def describe(self) -> str:
-        """'FOLDER (iteration N)': which checkpoint a rank found, to compare across ranks."""
-        return f"{self.folder} (iteration {self.trainer_state.get('iteration')})"
-
-    def with_state(self, trainer_state: dict) -> StoredCheckpoint:
-        return dataclasses.replace(self, given_state=trainer_state)
