@@ -16,7 +16,7 @@ import torch
 from data_prep.tokenizers import infer_tokenizer_type
 from pretrain import checkpoint as ckpt
 from pretrain.checkpoint.stored import StoredCheckpoint
-from pretrain.config import ConfigError, DataConfig, ParallelConfig, TrainConfig
+from pretrain.config import ConfigError, DataConfig, ParallelConfig, PretrainConfig, TrainConfig
 from pretrain.data import (TEST_SET_SEED, MicroBatchIterator, build_datasets, check_datasets, load_tokenizer,
                            require_index_cache)
 from pretrain.distributed import init_distributed, launch_environment, set_random_seed
@@ -34,8 +34,8 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
                         max_samples: int | None = None, data_cache_path: str | None = None) -> dict:
     from megatron.core import parallel_state as ps
 
-    stored, data = _checkpoint_and_data(load, data_path, tokenizer_type, tokenizer_model)
-    folder, state, saved = stored.folder, stored.trainer_state, stored.config
+    stored, state, saved, data = _checkpoint_and_data(load, data_path, tokenizer_type, tokenizer_model)
+    folder = stored.folder
     data = dataclasses.replace(data, data_cache_path=data_cache_path)
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
     tokenizer = load_tokenizer(data)
@@ -76,9 +76,9 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
 
 
 def _checkpoint_and_data(load: str, data_path: list[str], tokenizer_type: str | None,
-                         tokenizer_model: str | None) -> tuple[StoredCheckpoint, DataConfig]:
-    """The checkpoint, and the data config to score it on (the tokenizer the checkpoint recorded
-    unless one is given)."""
+                         tokenizer_model: str | None) -> tuple[StoredCheckpoint, dict, PretrainConfig, DataConfig]:
+    """The checkpoint (its trainer state and config), and the data config to score it on (the
+    tokenizer the checkpoint recorded unless one is given)."""
     stored = StoredCheckpoint.open(load, "--load", ConfigError)
     recorded_type, recorded_model = stored.tokenizer_files or (stored.config.data.tokenizer_type, None)
     data = DataConfig(data_path=list(data_path), split="0,0,100",
@@ -86,7 +86,7 @@ def _checkpoint_and_data(load: str, data_path: list[str], tokenizer_type: str | 
                                                         infer_tokenizer_type(tokenizer_model)),
                       tokenizer_model=tokenizer_model or recorded_model)
     data.validate()
-    return stored, data
+    return stored, stored.trainer_state, stored.config, data
 
 
 def load_model(stored: StoredCheckpoint, model_cfg, parallel: ParallelConfig, vocab: int) -> list:

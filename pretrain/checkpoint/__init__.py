@@ -30,6 +30,7 @@ from pretrain.checkpoint.atomic import (atomic_write_text, describe_files_collec
                                         is_disk_full, prune_old_checkpoints, publish_checkpoint, publish_folder,
                                         require_new_folder, save_failure_message, staged, staged_checkpoint,
                                         staged_output, staging_folder, verify_checkpoint)
+from pretrain.checkpoint.atomic import this_rank as _rank
 from pretrain.checkpoint.files import (ENGINE_DIR, ENGINE_TAG, LATEST_FILE, MANIFEST, MODEL_OPTIM_DIR, TRAINER_STATE,
                                        RNG_DIR, CheckpointError, engine_of, iteration_dir, rng_file)
 from pretrain.checkpoint.stored import StoredCheckpoint, deepspeed_only, read_trainer_state
@@ -50,10 +51,6 @@ def _sharding_metadata() -> dict:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _rng_state() -> dict:

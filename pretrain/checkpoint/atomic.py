@@ -29,7 +29,8 @@ from pretrain.outputs import DISK_FULL, OutputError, require_writable, write_err
 _HASH_CHUNK_BYTES = 8 * 2**20
 
 
-def _rank() -> int:
+def this_rank() -> int:
+    """This process's rank in the world (0 without one)."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
@@ -179,9 +180,9 @@ def describe_files_collectively(folder: str) -> dict[str, dict]:
     names = _files_of(folder)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     try:
-        mine: dict | str = _describe_files(folder, names[_rank()::world])
+        mine: dict | str = _describe_files(folder, names[this_rank()::world])
     except OSError as err:
-        mine = f"rank {_rank()}: cannot read back {folder} to checksum it ({err})"
+        mine = f"rank {this_rank()}: cannot read back {folder} to checksum it ({err})"
     shares = [mine]
     if world > 1:
         shares = [None] * world

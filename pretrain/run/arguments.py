@@ -262,6 +262,12 @@ def _per_split_paths(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    return config_and_checkpoint_from_args(args)[0]
+
+
+def config_and_checkpoint_from_args(args: argparse.Namespace) -> tuple[PretrainConfig, StoredCheckpoint | None]:
+    """The run's config, and the --load checkpoint it was resolved against (found here, once: the
+    run goes on with the same one)."""
     stored = StoredCheckpoint.of(peek_checkpoint(args.load))
     sections = {name: cls(**_section_values(args, cls)) for name, cls in _sections()
                 if cls not in (ModelConfig, DataConfig)}
@@ -274,4 +280,5 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
                           "--split would be ignored: drop it")
     cfg = PretrainConfig(model=ModelConfig(**_model_values(args, stored)), data=data, **sections)
     given = getattr(args, "given_flags", None)  # None: a namespace not from build_parser: all its values count
-    return cfg if stored is None or given is None else keep_checkpoint_settings(cfg, stored.trainer_state, given)
+    return (cfg if stored is None or given is None else keep_checkpoint_settings(cfg, stored.trainer_state, given),
+            stored)

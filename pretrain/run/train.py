@@ -13,30 +13,42 @@ import sys
 
 import torch
 
+from data_prep.tokenizers import TokenizerError
 from pretrain import checkpoint as ckpt
+from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
+from pretrain.checkpoint.files import iteration_dir
 from pretrain.checkpoint.stored import StoredCheckpoint, lineage
 from pretrain.config import ConfigError, PretrainConfig
-from pretrain.data import check_tokenizer_matches_data, load_tokenizer
+from pretrain.data import (MicroBatchIterator, blend_report, build_datasets, build_test_dataset, check_datasets,
+                           check_tokenizer_matches_data, load_tokenizer, require_index_cache)
 from pretrain.distill import add_distillation, plan_line, resolve_teacher
-from pretrain.distributed import init_distributed, launch_environment, print_rank0, set_random_seed
+from pretrain.distributed import (destroy_distributed, device, init_distributed, is_rank0, launch_environment,
+                                  print_rank0, set_random_seed)
+from pretrain.model.flops import training_flops_per_token
 from pretrain.model.memory import check_training_memory
 from pretrain.nodes import check_run_folders
+from pretrain.outputs import require_writable
+from pretrain.pruning.callback import PruningCallback
+from pretrain.pruning.masks import ModelShape
 from pretrain.resume import (check_checkpoint_tokenizer, checkpoint_vocab, tokenizer_record, with_checkpoint_distill,
                              with_checkpoint_model, with_checkpoint_pruning, with_checkpoint_schedule,
                              with_unpadded_vocab)
+from pretrain.run import run_lock
+from pretrain.run.arguments import build_parser, config_and_checkpoint_from_args
+from pretrain.shrink import ShrinkError, reshard_checkpoint
+from pretrain.trainer import NonFiniteError, Trainer
 
 
-def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
+def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False,
+        checkpoint: StoredCheckpoint | None = None) -> dict:
     """Train per ``cfg`` in this process (one rank of the launched world). Returns a summary.
+    ``checkpoint``: the --load checkpoint when the caller found it already (the command line
+    does), so that a run looks for it once.
 
     With in-run shrinking (``--shrink-at``) training runs in segments: a segment stops when the
     pruning callback asks for a shrink, the checkpoint is rewritten into the smaller model, and
     the next segment continues from it (same step, data position and LR schedule).
     """
-    from pretrain.run import run_lock
-    from pretrain.data import require_index_cache
-    from pretrain.outputs import require_writable
-
     for flag, path in (("--save", cfg.checkpoint.save), ("--tensorboard-dir", cfg.logging.tensorboard_dir)):
         if path:  # found now, not at the first save after hours of training
             require_writable(path, flag)
@@ -44,7 +56,8 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     segments = []
     try:
         while True:
-            summary = _run_segment(cfg, extra_callbacks, plain_megatron_spec)
+            summary = _run_segment(cfg, extra_callbacks, plain_megatron_spec, checkpoint)
+            checkpoint = None  # the next segment loads another checkpoint: the shrunk one
             segments.append(summary)
             if summary.get("stop_reason") != "shrink":
                 break
@@ -67,8 +80,6 @@ def _steps_per_second(history: list, last: bool) -> float:
 
 
 def _print_shrink_speedup(segments: list) -> None:
-    from pretrain.distributed import print_rank0
-
     segments = [s for s in segments if s["tokens_per_second"]["end"] > 0]  # a resumed shrink trains no step first
     if len(segments) < 2:
         return
@@ -81,9 +92,6 @@ def _print_shrink_speedup(segments: list) -> None:
 
 def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     """Save, rewrite the checkpoint into the smaller model (rank 0), continue from it."""
-    from pretrain.checkpoint import iteration_dir
-    from pretrain.distributed import device, is_rank0, print_rank0
-
     trainer = summary.pop("trainer")
     next(c for c in trainer.callbacks if c.name == "checkpoint").save_now(trainer)
     it = trainer.state.iteration
@@ -128,13 +136,10 @@ def _parallel_after_shrink(cfg: PretrainConfig):
 
 def _shrink_checkpoint(source: str, target: str, parallel) -> str:
     """Shrink ``source`` into ``target`` (rank 0 only); returns '' or what went wrong."""
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.shrink import ShrinkError, reshard_checkpoint
-
     try:
         r = reshard_checkpoint(source, target, shrink=True, target_tp=parallel.tensor_model_parallel_size,
                                target_pp=parallel.pipeline_model_parallel_size, overwrite=True)
-    except (ShrinkError, CheckpointError, OSError) as err:
+    except (ShrinkError, ckpt.CheckpointError, OSError) as err:
         print(f"error: in-run shrink of {source}: {err}", flush=True)
         return str(err)
     print(f"wrote {r['folder']} (iteration {r['iteration']}): {r['params_before'] / 1e6:.3f} M -> "
@@ -142,9 +147,11 @@ def _shrink_checkpoint(source: str, target: str, parallel) -> str:
     return ""
 
 
-def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
+def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False,
+                 checkpoint: StoredCheckpoint | None = None) -> dict:
     """One stretch of training on one model: from the config and the --load checkpoint to a stop."""
-    stored = StoredCheckpoint.find(cfg.checkpoint.load)  # the one look for it: every step below reads this
+    # the one look for it (unless the command line looked already): every step below reads this one
+    stored = checkpoint or StoredCheckpoint.find(cfg.checkpoint.load)
     cfg, pruning_note = _resolve_config(cfg, stored)
     cfg, tokenizer, vocab_size = _tokenizer_and_vocab(cfg, stored)
     _check_tokenizer(cfg, tokenizer, stored)  # before any process group work
@@ -186,9 +193,6 @@ def _hold_output_folders(cfg: PretrainConfig) -> None:
     """--save and --tensorboard-dir for this run alone (``pretrain.run.run_lock``): rank 0 takes their
     locks, and every rank stops with the same message when another live run holds one or a folder
     cannot be written (found now, not at the first save after hours of training)."""
-    from pretrain.run import run_lock
-    from pretrain.distributed import is_rank0
-
     message = ""
     if is_rank0():
         for folder, flag in ((cfg.checkpoint.save, "--save"), (cfg.logging.tensorboard_dir, "--tensorboard-dir")):
@@ -253,8 +257,6 @@ def _check_tokenizer(cfg: PretrainConfig, tokenizer, stored: StoredCheckpoint | 
 
 
 def _check_data(cfg: PretrainConfig, tokenizer) -> None:
-    from pretrain.data import check_datasets
-
     if tokenizer is not None and not cfg.data.mock_data:
         check_datasets(cfg.data, tokenizer)
         if cfg.data.test_data_path:
@@ -263,10 +265,6 @@ def _check_data(cfg: PretrainConfig, tokenizer) -> None:
 
 def _print_plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, stored: StoredCheckpoint | None,
                 pruning_note: str) -> None:
-    from pretrain.distributed import is_rank0, print_rank0
-
-    from pretrain.data import blend_report
-
     print_rank0(_plan(cfg, layout, vocab_size, counts, _num_microbatches(cfg, layout)))
     if is_rank0():  # the report reads every dataset's index: once, not on every rank
         for line in blend_report(cfg.data, cfg.total_iters() * cfg.train.global_batch_size, cfg.model.seq_length):
@@ -363,9 +361,6 @@ def _build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_c
     """Pruning first (its step-end numbers feed the log line), checkpointing last (it saves what
     the others have updated, and ``lineage``: a shrunk or imported model stays marked as such, and
     the tokenizer's identity, ``resume.tokenizer_record``)."""
-    from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
-    from pretrain.model.flops import training_flops_per_token
-
     # what this model computes per token (a masked model computes at its full size)
     logger = LoggingCallback(cfg.train.log_interval, cfg.logging.tensorboard_dir,
                              flops_per_token=training_flops_per_token(cfg.model, vocab_size))
@@ -381,9 +376,6 @@ def _build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_c
 
 
 def _pruning_callback(cfg: PretrainConfig, vocab_size: int):
-    from pretrain.pruning.callback import PruningCallback
-    from pretrain.pruning.masks import ModelShape
-
     tp, pp, prune = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, cfg.prune
     # kept widths (and layers) must divide over every layout the run will use
     return PruningCallback(prune, ModelShape.from_config(cfg.model, vocab_size),
@@ -434,9 +426,6 @@ def _build_trainer(cfg: PretrainConfig, layout: dict, tokenizer, vocab_size: int
                    scheduler, callbacks: list, resume: _Resume):
     from megatron.core import parallel_state as ps
 
-    from pretrain.data import MicroBatchIterator, build_datasets, build_test_dataset
-    from pretrain.trainer import Trainer
-
     t, dp, dp_rank = cfg.train, layout["dp_size"], ps.get_data_parallel_rank()
     eval_runs = (cfg.total_iters() // t.eval_interval + 1) if t.eval_interval else 0
     train_ds, valid_ds, _ = build_datasets(
@@ -478,8 +467,6 @@ def _callback(trainer, name: str):
 
 
 def _print_end(cfg: PretrainConfig, state) -> None:
-    from pretrain.distributed import print_rank0
-
     if state.stop_reason:
         print_rank0(f"stopped at iteration {state.iteration}: {state.stop_reason}")
     if cfg.logging.tensorboard_dir:
@@ -598,18 +585,13 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_prep.tokenizers import TokenizerError
-    from pretrain.run.arguments import build_parser, config_from_args
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.trainer import NonFiniteError
-
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     args = build_parser().parse_args(argv)
     os.environ["PRETRAIN_LAUNCHER"] = args.launcher  # read by launch_environment
     try:
-        cfg = config_from_args(args)
-        run(cfg)
-    except (ConfigError, TokenizerError, CheckpointError, NonFiniteError) as err:
+        cfg, checkpoint = config_and_checkpoint_from_args(args)
+        run(cfg, checkpoint=checkpoint)
+    except (ConfigError, TokenizerError, ckpt.CheckpointError, NonFiniteError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
@@ -624,8 +606,6 @@ def main(argv: list[str] | None = None) -> int:
               "the model over more ranks (--tensor/pipeline-model-parallel-size)", file=sys.stderr, flush=True)
         return 2
     finally:
-        from pretrain.distributed import destroy_distributed
-
         destroy_distributed()
     return 0
 

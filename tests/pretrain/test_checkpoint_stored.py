@@ -100,3 +100,26 @@ def test_staged_leaves_nothing_on_failure(tmp_path):
     with atomic.staged_checkpoint(str(tmp_path / "root"), 5) as folder:
         torch.save({"iteration": 5}, os.path.join(folder, TRAINER_STATE))
     assert StoredCheckpoint.find(str(tmp_path / "root")).iteration == 5
+
+
+def test_a_run_looks_for_its_load_checkpoint_once(tmp_path, monkeypatch, capsys):
+    """The command line resolves the config against the --load checkpoint and the run goes on with
+    the same one: an invalid newer checkpoint is skipped (and said) once, not once per reader."""
+    from pretrain.run import arguments
+    from pretrain.run.train import main
+
+    flags = ["--model", "debug", "--train-iters", "2", "--mock-data"]
+    cfg = arguments.config_from_args(arguments.build_parser().parse_args(flags))
+    root = tmp_path / "ckpt"
+    tmp = root / "iter_0000002.tmp"
+    tmp.mkdir(parents=True)
+    torch.save({"iteration": 2, "consumed_samples": 0, "config": cfg.to_dict()}, tmp / TRAINER_STATE)
+    publish_checkpoint(str(root), 2, str(tmp))
+    (root / "iter_0000004").mkdir()  # newer, never completed: no manifest
+    (root / "latest_checkpointed_iteration.txt").write_text("4")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert main([*flags, "--load", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipping invalid checkpoint") == 1, out
+    assert f"load {root}" in out
