@@ -13,8 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from pretrain.checkpoint.stored import (LINEAGE_KEYS, StoredCheckpoint, checkpoint_tokenizer_identity,  # noqa: F401
-                                        lineage)
+from pretrain.checkpoint.stored import StoredCheckpoint, checkpoint_tokenizer_identity
 from pretrain.config import ConfigError, PretrainConfig, flag_of
 from pretrain.data import tokenizer_identity, tokenizer_identity_problem
 from pretrain.engines.optim import SCHEDULE_KEYS, learning_rate_at, schedule_settings

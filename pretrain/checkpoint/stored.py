@@ -97,14 +97,14 @@ class StoredCheckpoint:
         return None if folder is None else cls(folder)
 
     @classmethod
-    def open(cls, path: str, flag: str, error: type[Exception] = CheckpointError, hint: str = "") -> StoredCheckpoint:
-        """``find``, or ``error`` saying that ``flag path`` holds no valid checkpoint (with why
-        each candidate was skipped, and ``hint``: what to give instead)."""
+    def open(cls, path: str, flag: str, error: type[Exception] = CheckpointError) -> StoredCheckpoint:
+        """``find``, or ``error`` saying that ``flag path`` holds no valid checkpoint (and why each
+        candidate there was skipped)."""
         skipped: list[str] = []
         found = cls.find(path, skipped) if os.path.exists(path) else None
         if found is None:
             reasons = f" ({'; '.join(skipped)})" if skipped else ""
-            raise error(f"{flag} {path}: no valid checkpoint there{reasons}{hint}")
+            raise error(f"{flag} {path}: no valid checkpoint there{reasons}")
         return found
 
     @classmethod
