@@ -24,6 +24,7 @@ from pretrain.data import (MicroBatchIterator, blend_report, build_datasets, bui
 from pretrain.distill import add_distillation, plan_line, resolve_teacher
 from pretrain.distributed import (destroy_distributed, device, init_distributed, is_rank0, launch_environment,
                                   print_rank0, set_random_seed)
+from pretrain.engines.convert import save_weights_for_shrink
 from pretrain.model.flops import training_flops_per_token
 from pretrain.model.memory import check_training_memory
 from pretrain.nodes import check_run_folders
@@ -97,8 +98,6 @@ def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     it = trainer.state.iteration
     source = iteration_dir(cfg.checkpoint.save, it)
     if cfg.parallel.engine == "deepspeed":
-        from pretrain.engines.convert import save_weights_for_shrink
-
         # the shrink slices the resharding (megatron) format: the weights go there too (collective)
         source = save_weights_for_shrink(trainer, cfg.checkpoint.save, next(
             c for c in trainer.callbacks if c.name == "checkpoint").snapshot_fn(trainer))
