@@ -35,6 +35,13 @@ from typing import Callable, Iterable
 import torch
 
 from pretrain.errors import BenchmarkError
+from data_prep.tokenizers import TokenizerError, build_tokenizer, infer_tokenizer_type
+from pretrain.checkpoint.stored import StoredCheckpoint
+from pretrain.config import ParallelConfig
+from pretrain.distributed import device, init_distributed, is_rank0, launch_environment, set_random_seed
+from pretrain.evaluate import load_model
+from pretrain.model.build import unwrap
+from pretrain.resume import checkpoint_vocab
 
 INSTALL_HINT = "pip install --no-deps -r requirements-nodeps.txt (make setup does)"
 UNCONDITIONAL_OFFSET = 1_000_000  # OLMES' unconditional requests (empty context): not used here
@@ -332,8 +339,6 @@ def _output_layer_at(model, rows: torch.Tensor, positions: torch.Tensor):
     hidden states at (``rows``, ``positions``): logits [1, N, V/TP] in place of [b, s, V/TP].
     megatron-core has no option for this outside its inference engine, and the full logits cost a
     fifth of a 135M model's forward and b x s x V floats of memory (2 GB for 8 x 512 x 128k)."""
-    from pretrain.model.build import unwrap
-
     inner = unwrap(model)
     layer = getattr(inner, "output_layer", None) if getattr(inner, "post_process", False) else None
     if layer is None:
@@ -353,8 +358,6 @@ def _output_layer_at(model, rows: torch.Tensor, positions: torch.Tensor):
 
 def _forward_step(real_vocab: int):
     from functools import partial
-
-    from pretrain.distributed import device
 
     def step(data_iterator, model):
         batch = next(data_iterator)
@@ -436,21 +439,9 @@ def load_for_benchmarks(load: str, tensor_parallel: int = 1, pipeline_parallel: 
                         tokenizer_model: str | None = None) -> LoadedModel:
     """The checkpoint under ``load`` (any layout it was saved in; masked, shrunk, per-layer or
     imported) on this world's TP/PP layout, with the tokenizer it records."""
-    from data_prep.tokenizers import TokenizerError, build_tokenizer, infer_tokenizer_type
-    from pretrain import checkpoint as ckpt
-    from pretrain.config import ParallelConfig, PretrainConfig
-    from pretrain.distributed import init_distributed, launch_environment, set_random_seed
-    from pretrain.evaluate import _load_model
-    from pretrain.checkpoint.tokenizer import checkpoint_tokenizer
-    from pretrain.resume import checkpoint_vocab
-
-    folder = ckpt.find_checkpoint(load)
-    if folder is None:
-        raise BenchmarkError(f"--load {load}: no valid checkpoint there")
-    state = ckpt.read_trainer_state(folder)
-    saved = PretrainConfig.from_dict(state["config"])
-    recorded = (infer_tokenizer_type(tokenizer_model), tokenizer_model) if tokenizer_model else \
-        checkpoint_tokenizer(folder, state)
+    stored = StoredCheckpoint.open(load, "--load", BenchmarkError)
+    folder, state, saved = stored.folder, stored.trainer_state, stored.config
+    recorded = (infer_tokenizer_type(tokenizer_model), tokenizer_model) if tokenizer_model else stored.tokenizer_files
     if recorded is None:
         raise BenchmarkError(f"--load {load}: the checkpoint records no tokenizer; pass --tokenizer-model")
     try:
@@ -459,10 +450,10 @@ def load_for_benchmarks(load: str, tensor_parallel: int = 1, pipeline_parallel: 
         raise BenchmarkError(f"--load {load}: its tokenizer cannot be read ({err}); pass --tokenizer-model") from None
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
     parallel.validate(saved.model, launch_environment()[1])
-    vocab = checkpoint_vocab((folder, state), tokenizer.vocab_size, tensor_parallel)
+    vocab = checkpoint_vocab(stored, tokenizer.vocab_size, tensor_parallel)
     layout = init_distributed(tensor_parallel, pipeline_parallel)
     set_random_seed(saved.train.seed)
-    chunks = _load_model(folder, state, saved.model, parallel, saved, vocab)
+    chunks = load_model(stored, saved.model, parallel, vocab)
     # the vocabulary an export keeps (pretrain.interop.hf.export_hf): an imported model's own, else the tokenizer's
     imported = (state.get("imported_from") or {}).get("vocab_size")
     real_vocab = min(max(imported or tokenizer.vocab_size, tokenizer.vocab_size), vocab)
@@ -541,8 +532,6 @@ def score_documents(model: LoadedModel, docs: dict[str, list[Document]], batch_s
 
 def _progress_bar(total: int, enabled: bool):
     import sys
-
-    from pretrain.distributed import is_rank0
 
     if not enabled or not is_rank0():
         return None

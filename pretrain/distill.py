@@ -28,9 +28,16 @@ from functools import partial
 
 import torch
 
+from pretrain import checkpoint as ckpt
+from pretrain.checkpoint.stored import StoredCheckpoint
 from pretrain.config import ConfigError, DistillConfig, ModelConfig, PretrainConfig
 from pretrain.model.shape import ModelShape
+from pretrain.distributed import device
+from pretrain.model.build import build_model, unwrap
+from pretrain.model.flops import training_flops_per_token
+from pretrain.model.invariants import hidden_masking_possible
 from pretrain.pruning.state import PruningState
+from pretrain.checkpoint.tokenizer import check_checkpoint_tokenizer
 from pretrain.trainer import Callback, StepMetrics
 
 
@@ -101,27 +108,22 @@ def resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer, world_size:
     missing, another vocabulary or tokenizer, pruned but not shrunk, or a shape the student's
     TP/PP layout cannot hold. Reads only the checkpoint's trainer state: runs before any process
     group exists, so every rank stops with the same message."""
-    from pretrain import checkpoint as ckpt
-
     path = cfg.distill.teacher
     if path is None:
         return None
-    folder = ckpt.find_checkpoint(path) if os.path.exists(path) else None
-    if folder is None:
+    stored = StoredCheckpoint.find(path) if os.path.exists(path) else None
+    if stored is None:
         raise ConfigError(f"--kd-teacher {path}: no checkpoint there (give a --save folder or one of its "
                           "iter_* folders, or a tools/convert_from_hf.py output)")
-    if ckpt.deepspeed_only(folder):  # before any process group, not at the teacher's load
-        raise ConfigError(f"--kd-teacher {path}: {ckpt.deepspeed_only(folder)}")
-    state = ckpt.read_trainer_state(folder)
-    teacher_vocab = state.get("vocab_size")
-    if teacher_vocab is not None and int(teacher_vocab) != vocab_size:
+    if stored.deepspeed_only:  # before any process group, not at the teacher's load
+        raise ConfigError(f"--kd-teacher {path}: {stored.deepspeed_only}")
+    folder, state, teacher_vocab = stored.folder, stored.trainer_state, stored.vocab_size
+    if teacher_vocab is not None and teacher_vocab != vocab_size:
         raise ConfigError(f"--kd-teacher {folder}: its vocabulary ({teacher_vocab} padded) differs from the "
                           f"student's ({vocab_size}): distillation compares the two softmaxes token by "
                           "token, so both must use one tokenizer and one padded vocabulary")
-    from pretrain.resume import check_checkpoint_tokenizer
-
     check_checkpoint_tokenizer("--kd-teacher", folder, state, tokenizer)
-    saved = PretrainConfig.from_dict(state["config"]).model
+    saved = stored.config.model
     masks = PruningState.stored_masks(state)
     if masks is not None and PruningState.removes_groups(masks, ModelShape.from_config(saved, vocab_size)):
         raise ConfigError(f"--kd-teacher {folder}: its weights carry pruning masks with removed groups; "
@@ -152,9 +154,6 @@ def build_teacher(teacher: Teacher, cfg: PretrainConfig, hidden_masking: bool) -
     layout and dtype), loaded from its checkpoint, frozen: eval mode, no gradients, no DDP wrapper,
     no optimizer. ``hidden_masking``: the student's spec choice, so the checkpoint's keys load the
     same way the student's would."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.model.build import build_model
-
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):  # build_model reseeds: the student's RNG stream goes on
         chunks = build_model(teacher.model, cfg.parallel, cfg.train, teacher.vocab_size, wrap_ddp=False,
@@ -199,8 +198,6 @@ class DistillationCallback(Callback):
     def on_train_begin(self, trainer) -> None:
         from megatron.core import parallel_state as ps
 
-        from pretrain.model.build import unwrap
-
         if ps.is_pipeline_last_stage():
             # the student's vocab-parallel logits, as its own CE sees them ([seq, batch, vocab / TP])
             self._hook = unwrap(trainer.model_chunks[-1]).output_layer.register_forward_hook(self._catch)
@@ -234,8 +231,6 @@ class DistillationCallback(Callback):
     def _run_teacher(self, trainer) -> list[torch.Tensor]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from pretrain.distributed import device
-
         logits: list[torch.Tensor] = []
 
         def keep(output: torch.Tensor):
@@ -263,8 +258,6 @@ class DistillationCallback(Callback):
     def _loss(self, loss_func, index: int, output_tensor: torch.Tensor):
         from megatron.core import parallel_state as ps
 
-        from pretrain.distributed import device
-
         ce, reported = loss_func(output_tensor)
         student, self._captured = self._captured, None
         teacher = self._teacher_logits[index]
@@ -285,8 +278,6 @@ class DistillationCallback(Callback):
     def on_step_end(self, trainer, metrics: StepMetrics) -> None:
         if self._next == 0:  # not a distilled step
             return
-        from pretrain.distributed import device
-
         local = torch.zeros(2, dtype=torch.float64, device=device())
         if self._kl_parts:
             local[0] = torch.stack(self._kl_parts).double().sum()
@@ -315,14 +306,10 @@ class DistillationCallback(Callback):
 def add_distillation(cfg: PretrainConfig, teacher: Teacher | None, callbacks: list, stored_pruning: dict | None) -> list:
     """Collective. ``callbacks`` with the distillation callback before the logger (its numbers go
     into the step's log record), the teacher built and loaded; unchanged without a teacher."""
-    from pretrain.model.invariants import hidden_masking_possible
-
     if teacher is None:
         return callbacks
     chunks = build_teacher(teacher, cfg, hidden_masking_possible(cfg.prune, stored_pruning))
     logger = next((c for c in callbacks if c.name == "logging"), None)
-    from pretrain.model.flops import training_flops_per_token
-
     forward_flops = training_flops_per_token(teacher.model, teacher.vocab_size) // 3
     callback = DistillationCallback(cfg.distill, chunks, logger, teacher_flops_per_token=forward_flops)
     at = callbacks.index(logger) if logger is not None else len(callbacks) - 1

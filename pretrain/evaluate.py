@@ -13,8 +13,19 @@ import math
 
 import torch
 
+from data_prep.tokenizers import infer_tokenizer_type
+from pretrain import checkpoint as ckpt
+from pretrain.checkpoint.stored import StoredCheckpoint
 from pretrain.config import ConfigError, DataConfig, ParallelConfig, PretrainConfig, TrainConfig
+from pretrain.data import (TEST_SET_SEED, MicroBatchIterator, build_datasets, check_datasets, load_tokenizer,
+                           require_index_cache)
+from pretrain.distributed import init_distributed, launch_environment, set_random_seed
+from pretrain.model.build import build_model
 from pretrain.model.memory import check_model_fits, local_ranks
+from pretrain.pruning.masks import ModelShape, build_local_masks
+from pretrain.pruning.state import PruningState
+from pretrain.resume import check_checkpoint_tokenizer, checkpoint_vocab, unpadded_vocab
+from pretrain.trainer import forward_step, global_mean_loss
 
 
 def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | None = None,
@@ -23,12 +34,8 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
                         max_samples: int | None = None, data_cache_path: str | None = None) -> dict:
     from megatron.core import parallel_state as ps
 
-    from pretrain.data import (TEST_SET_SEED, MicroBatchIterator, build_datasets, check_datasets, load_tokenizer,
-                               require_index_cache)
-    from pretrain.distributed import init_distributed, launch_environment, set_random_seed
-    from pretrain.resume import check_checkpoint_tokenizer, checkpoint_vocab, unpadded_vocab
-
-    folder, state, saved, data = _checkpoint_and_data(load, data_path, tokenizer_type, tokenizer_model)
+    stored, state, saved, data = _checkpoint_and_data(load, data_path, tokenizer_type, tokenizer_model)
+    folder = stored.folder
     data = dataclasses.replace(data, data_cache_path=data_cache_path)
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
     tokenizer = load_tokenizer(data)
@@ -36,7 +43,7 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     model_cfg = dataclasses.replace(saved.model, seq_length=seq_length or saved.model.seq_length,
                                     unpadded_vocab_size=unpadded_vocab(saved.model, state, tokenizer.vocab_size))
     parallel.validate(model_cfg, launch_environment()[1])
-    vocab = checkpoint_vocab((folder, state), tokenizer.vocab_size, tensor_parallel)
+    vocab = checkpoint_vocab(stored, tokenizer.vocab_size, tensor_parallel)
     check_model_fits(model_cfg.num_parameters(vocab)["total"] / (tensor_parallel * pipeline_parallel),
                      2 if saved.train.bf16 else 4, folder, "each rank's share of the weights",
                      "evaluate it over more ranks (--tensor/pipeline-model-parallel-size)", local_ranks=local_ranks(),
@@ -48,7 +55,7 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
     # (which TP>1 would mask in silence, reporting a perplexity of other data), stop here
     check_datasets(data, tokenizer)
     set_random_seed(saved.train.seed)
-    chunks = _load_model(folder, state, model_cfg, parallel, saved, vocab)
+    chunks = load_model(stored, model_cfg, parallel, vocab)
 
     dp = layout["dp_size"]
     # the sequences do not depend on the checkpoint's --seed: every checkpoint (a run's, its export's
@@ -69,39 +76,25 @@ def evaluate_perplexity(load: str, data_path: list[str], tokenizer_type: str | N
 
 
 def _checkpoint_and_data(load: str, data_path: list[str], tokenizer_type: str | None,
-                         tokenizer_model: str | None) -> tuple:
-    """(folder, trainer state, config) of the checkpoint, and the data config to score it on
-    (the tokenizer the checkpoint recorded unless one is given)."""
-    from data_prep.tokenizers import infer_tokenizer_type
-    from pretrain import checkpoint as ckpt
-    from pretrain.checkpoint.tokenizer import checkpoint_tokenizer
-
-    folder = ckpt.find_checkpoint(load)
-    if folder is None:
-        raise ConfigError(f"--load {load}: no valid checkpoint there")
-    state = ckpt.read_trainer_state(folder)
-    saved = PretrainConfig.from_dict(state["config"])
-    recorded_type, recorded_model = checkpoint_tokenizer(folder, state) or (saved.data.tokenizer_type, None)
+                         tokenizer_model: str | None) -> tuple[StoredCheckpoint, dict, PretrainConfig, DataConfig]:
+    """The checkpoint (its trainer state and config), and the data config to score it on (the
+    tokenizer the checkpoint recorded unless one is given)."""
+    stored = StoredCheckpoint.open(load, "--load", ConfigError)
+    recorded_type, recorded_model = stored.tokenizer_files or (stored.config.data.tokenizer_type, None)
     data = DataConfig(data_path=list(data_path), split="0,0,100",
                       tokenizer_type=tokenizer_type or (recorded_type if not tokenizer_model else
                                                         infer_tokenizer_type(tokenizer_model)),
                       tokenizer_model=tokenizer_model or recorded_model)
     data.validate()
-    return folder, state, saved, data
+    return stored, stored.trainer_state, stored.config, data
 
 
-def _load_model(folder: str, state: dict, model_cfg, parallel: ParallelConfig, saved: PretrainConfig,
-                vocab: int) -> list:
+def load_model(stored: StoredCheckpoint, model_cfg, parallel: ParallelConfig, vocab: int) -> list:
     """The checkpoint's model in eval mode; a masked checkpoint computes as its masks say (the
     hidden mask lives in the norms)."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.model.build import build_model
-    from pretrain.pruning.masks import ModelShape, build_local_masks
-    from pretrain.pruning.state import PruningState
-
-    chunks = build_model(model_cfg, parallel, TrainConfig(bf16=saved.train.bf16), vocab, wrap_ddp=False)
-    ckpt.load_checkpoint(folder, chunks, None, load_optim=False, load_rng=False)
-    masks = PruningState.stored_masks(state)
+    chunks = build_model(model_cfg, parallel, TrainConfig(bf16=stored.config.train.bf16), vocab, wrap_ddp=False)
+    ckpt.load_checkpoint(stored, chunks, None, load_optim=False, load_rng=False)
+    masks = PruningState.stored_masks(stored.trainer_state)
     if masks is not None:
         build_local_masks(chunks, masks, ModelShape.from_config(model_cfg, vocab)).apply_to_weights()
     for chunk in chunks:
@@ -111,8 +104,6 @@ def _load_model(folder: str, state: dict, model_cfg, parallel: ParallelConfig, s
 
 def _mean_loss(chunks: list, iterator, steps: int, seq_length: int, micro_batch_size: int) -> float:
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from pretrain.trainer import forward_step, global_mean_loss
 
     total = 0.0
     with torch.no_grad():

@@ -46,14 +46,6 @@ def require_writable(path: str, flag: str, folder: bool = True) -> None:
                           "folder") from None
 
 
-def require_new_folder(path: str, flag: str) -> None:
-    """``require_writable`` for an output folder that must not exist yet (or be empty): a
-    conversion never mixes its files with what is there."""
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise OutputError(f"{flag} {path} already exists; choose a new folder or remove it")
-    require_writable(path, flag)
-
-
 def write_error_reason(err: BaseException, under: str | None = None) -> str | None:
     """Why writing failed, when ``err`` (or anything in its chain, DCP's per-rank failures included)
     says the output's place cannot take it: a full or read-only disk, a quota, or any ``OSError``

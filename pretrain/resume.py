@@ -1,10 +1,11 @@
 """What a ``--load`` checkpoint decides about the run that loads it.
 
-The checkpoint is peeked at once (its folder and trainer state, no weights); from it come the
-model shape (``--use-checkpoint-args``, a shrunk or an imported checkpoint), the padded vocabulary
-and the pruning settings that continue (DESIGN invariant 9). Used by the entry point
-(``pretrain.run.train``), the command line (``pretrain.run.arguments``) and evaluation
-(``pretrain.evaluate``); it imports only the configs and the checkpoint reader.
+The checkpoint is found once (``pretrain.checkpoint.stored.StoredCheckpoint``: its folder and
+trainer state, no weights); from it come the model shape (``--use-checkpoint-args``, a shrunk or an
+imported checkpoint), the padded vocabulary and the pruning settings that continue (DESIGN
+invariant 9). Used by the entry point (``pretrain.run.train``), the command line
+(``pretrain.run.arguments``) and evaluation (``pretrain.evaluate``). Each function taking a
+checkpoint accepts a StoredCheckpoint or a ``(folder, trainer state)`` pair.
 """
 
 from __future__ import annotations
@@ -14,68 +15,63 @@ import math
 
 from pretrain.checkpoint.tokenizer import (  # noqa: F401  (re-exported: their old home)
     check_checkpoint_tokenizer, checkpoint_tokenizer_identity, tokenizer_record, unpadded_vocab)
+from pretrain.checkpoint.stored import StoredCheckpoint
 from pretrain.config import ConfigError, PretrainConfig, flag_of
+from pretrain.engines.optim import SCHEDULE_KEYS, learning_rate_at, schedule_settings
+from pretrain.pruning.state import PruningState
 
-# trainer-state keys that say where the model came from; carried into every later checkpoint
-LINEAGE_KEYS = ("shrink_history", "imported_from")
-
-Peeked = tuple  # (checkpoint folder, its trainer state)
-
-
-def peek_checkpoint(load: str | None) -> Peeked | None:
-    """(folder, trainer state) of the checkpoint under ``load``, or None when there is none yet."""
-    from pretrain import checkpoint as ckpt
-
-    folder = ckpt.find_checkpoint(load) if load else None
-    return None if folder is None else (folder, ckpt.read_trainer_state(folder))
+Stored = StoredCheckpoint | tuple[str, dict] | None
 
 
-def lineage(trainer_state: dict) -> dict:
-    """The keys saying a model was shrunk or imported, to carry into every later checkpoint."""
-    return {k: trainer_state[k] for k in LINEAGE_KEYS if trainer_state.get(k)}
+def peek_checkpoint(load: str | None) -> StoredCheckpoint | None:
+    """The checkpoint under ``load`` (its trainer state read on first use), or None when there is none yet."""
+    return StoredCheckpoint.find(load)
 
 
-def checkpoint_vocab(peeked: Peeked | None, tokenizer_vocab: int, tp: int) -> int | None:
+def checkpoint_vocab(stored: Stored, tokenizer_vocab: int, tp: int) -> int | None:
     """The padded vocabulary of the checkpoint to load, when it fits this TP size.
 
     Padding depends on TP (a multiple of make_vocab_size_divisible_by x TP); a checkpoint padded
     for another TP keeps its own size when that divides the new TP, so it loads unchanged.
     """
-    if peeked is None or peeked[1].get("vocab_size") is None:
+    stored = StoredCheckpoint.of(stored)
+    if stored is None or stored.vocab_size is None:
         return None
-    folder, vocab = peeked[0], peeked[1]["vocab_size"]
+    folder, vocab = stored.folder, stored.vocab_size
     if vocab < tokenizer_vocab:
         raise ConfigError(f"--load {folder}: its vocabulary ({vocab}) is smaller than the tokenizer's "
                           f"({tokenizer_vocab}); use the tokenizer the checkpoint was trained with")
     if vocab % tp:
         raise ConfigError(f"--load {folder}: its padded vocabulary ({vocab}) is not divisible by "
                           f"--tensor-model-parallel-size {tp}")
-    return int(vocab)
+    return vocab
 
 
-def with_unpadded_vocab(cfg: PretrainConfig, peeked: Peeked | None, tokenizer_vocab: int) -> PretrainConfig:
+def with_unpadded_vocab(cfg: PretrainConfig, stored: Stored, tokenizer_vocab: int) -> PretrainConfig:
     """``cfg`` with the model's unpadded vocabulary set (see ``unpadded_vocab``)."""
-    vocab = unpadded_vocab(cfg.model, peeked[1] if peeked else None, tokenizer_vocab)
+    stored = StoredCheckpoint.of(stored)
+    vocab = unpadded_vocab(cfg.model, stored.trainer_state if stored else None, tokenizer_vocab)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, unpadded_vocab_size=vocab))
 
 
-def with_checkpoint_model(cfg: PretrainConfig, peeked: Peeked | None) -> PretrainConfig:
+def with_checkpoint_model(cfg: PretrainConfig, stored: Stored) -> PretrainConfig:
     """The model shape saved in the checkpoint: with --use-checkpoint-args, or always for a shrunk
     checkpoint (it carries its smaller shape; the run's flags describe the original model) and an
     imported one (its shape is the HF model's)."""
-    use = cfg.checkpoint.use_checkpoint_args or (peeked is not None and bool(lineage(peeked[1])))
+    stored = StoredCheckpoint.of(stored)
+    use = cfg.checkpoint.use_checkpoint_args or (stored is not None and bool(stored.lineage))
     if not use:
         return cfg
-    if peeked is None:
+    if stored is None:
         raise ConfigError("--use-checkpoint-args needs a valid checkpoint under --load")
-    saved = PretrainConfig.from_dict(peeked[1]["config"])
+    saved = stored.config
     if cfg.checkpoint.use_checkpoint_args:
         return dataclasses.replace(cfg, model=saved.model)
     # the shape is the checkpoint's; the sequence length (no weights depend on it) stays the run's
     return dataclasses.replace(cfg, model=dataclasses.replace(saved.model, seq_length=cfg.model.seq_length))
 
 
-def with_checkpoint_pruning(cfg: PretrainConfig, peeked: Peeked | None) -> tuple[PretrainConfig, str]:
+def with_checkpoint_pruning(cfg: PretrainConfig, checkpoint: Stored) -> tuple[PretrainConfig, str]:
     """A checkpoint's pruning state is never dropped silently (DESIGN invariant 9).
 
     Resumed without --prune-* flags, the checkpoint's own pruning settings continue; with them,
@@ -84,27 +80,26 @@ def with_checkpoint_pruning(cfg: PretrainConfig, peeked: Peeked | None) -> tuple
     nothing more; --drop-pruning-state discards them. Returns the config and a note for the log
     saying which of these happened.
     """
-    from pretrain.pruning.state import PruningState
-
+    checkpoint = StoredCheckpoint.of(checkpoint)
     prune = cfg.prune
-    stored = PruningState.stored_dict(peeked[1]) if peeked else None
+    stored = checkpoint.pruning if checkpoint else None
     if prune.end_pruning and prune.drop_state:
         raise ConfigError("--end-pruning and --drop-pruning-state exclude each other: pick one")
     if stored is None:
         if prune.end_pruning or prune.drop_state:
             flag = "--end-pruning" if prune.end_pruning else "--drop-pruning-state"
-            where = f"the checkpoint {peeked[0]}" if peeked else "no checkpoint (--load)"
+            where = f"the checkpoint {checkpoint.folder}" if checkpoint else "no checkpoint (--load)"
             raise ConfigError(f"{flag} applies to a checkpoint with pruning state, and {where} has none")
         return cfg, ""
-    folder = peeked[0]
+    folder = checkpoint.folder
     if prune.drop_state:
         off = dataclasses.replace(prune, target_params=None, target_ratio=None, drop_state=True)
         return dataclasses.replace(cfg, prune=off), (
             f"--drop-pruning-state: the pruning state of {folder} is discarded; its pruned groups "
             "(zero weights) train again")
-    saved = PretrainConfig.from_dict(peeked[1]["config"]).prune
+    saved = checkpoint.config.prune
     if not prune.enabled:
-        cfg = dataclasses.replace(cfg, prune=_adopted_pruning(cfg, PretrainConfig.from_dict(peeked[1]["config"])))
+        cfg = dataclasses.replace(cfg, prune=_adopted_pruning(cfg, checkpoint.config))
         source = "its own pruning settings (no --prune-* flags given)"
     else:
         changes = changed_settings(saved, cfg.prune, skip=_PER_RESUME)
@@ -132,21 +127,22 @@ def _adopted_pruning(cfg: PretrainConfig, saved: PretrainConfig):
     return adopted
 
 
-def with_checkpoint_distill(cfg: PretrainConfig, peeked: Peeked | None) -> tuple[PretrainConfig, str]:
+def with_checkpoint_distill(cfg: PretrainConfig, stored: Stored) -> tuple[PretrainConfig, str]:
     """A checkpoint trained with a teacher keeps it: resumed without --kd-teacher, its --kd-*
     settings continue (the teacher is reloaded from the recorded path). With --kd-teacher, the
     command's settings apply. Returns the config and a note for the log."""
-    if peeked is None:
+    stored = StoredCheckpoint.of(stored)
+    if stored is None:
         return cfg, ""
-    saved = PretrainConfig.from_dict(peeked[1]["config"]).distill
+    saved = stored.config.distill
     if not saved.enabled:
         return cfg, ""
     if cfg.distill.enabled:
         changes = changed_settings(saved, cfg.distill)
-        return cfg, (f"distillation settings of {peeked[0]} changed by this command: {'; '.join(changes)}"
+        return cfg, (f"distillation settings of {stored.folder} changed by this command: {'; '.join(changes)}"
                      if changes else "")
     return dataclasses.replace(cfg, distill=saved), (
-        f"resuming distillation from the teacher {saved.teacher} recorded in {peeked[0]} "
+        f"resuming distillation from the teacher {saved.teacher} recorded in {stored.folder} "
         f"(--kd-weight {saved.weight:g}, --kd-temperature {saved.temperature:g}"
         + (f", --kd-until-tokens {saved.until_tokens:,}" if saved.until_tokens is not None else "") + ")")
 
@@ -168,8 +164,6 @@ def keep_checkpoint_settings(cfg: PretrainConfig, state: dict, given: frozenset[
     Exceptions, each the meaning of a flag: --end-pruning and --drop-pruning-state act on this
     resume only; --end-pruning without --shrink-* keeps the masks unshrunk (the shrink is asked
     for explicitly); and --drop-pruning-state discards the checkpoint's pruning settings too."""
-    from pretrain.pruning.state import PruningState
-
     if "config" not in state:
         return cfg
     saved = PretrainConfig.from_dict(state["config"])
@@ -206,7 +200,7 @@ def _shown(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def with_checkpoint_schedule(cfg: PretrainConfig, peeked: Peeked | None) -> tuple[PretrainConfig, str]:
+def with_checkpoint_schedule(cfg: PretrainConfig, checkpoint: Stored) -> tuple[PretrainConfig, str]:
     """The LR schedule of a resumed run is never changed silently (issue 31, item 2; Megatron-LM's
     convention). The checkpoint stores the schedule it was trained on; when this command's
     (--lr, --min-lr, --lr-warmup-iters, --lr-decay-style, --lr-decay-iters or, without it, the
@@ -214,16 +208,16 @@ def with_checkpoint_schedule(cfg: PretrainConfig, peeked: Peeked | None) -> tupl
     checkpoint's (and the config says so, for the plan line), --override-opt_param-scheduler
     follows this command's from the checkpoint's iteration on, and neither stops the run naming
     each difference and what each choice would do. Returns the config and a note for the log."""
-    from pretrain.engines.optim import SCHEDULE_KEYS, learning_rate_at, schedule_settings
-
-    if peeked is None or cfg.checkpoint.finetune or peeked[1].get("weights_only") or "scheduler" not in peeked[1]:
+    checkpoint = StoredCheckpoint.of(checkpoint)
+    if (checkpoint is None or cfg.checkpoint.finetune or checkpoint.weights_only
+            or "scheduler" not in checkpoint.trainer_state):
         return cfg, ""
-    folder, stored = peeked[0], peeked[1]["scheduler"]
+    folder, stored = checkpoint.folder, checkpoint.trainer_state["scheduler"]
     ours = schedule_settings(cfg.optim, cfg.total_iters())
     differ = [k for k in SCHEDULE_KEYS if k in stored and not _same(stored[k], ours[k])]
     if not differ:
         return cfg, ""
-    step = int(stored.get("num_steps", peeked[1].get("iteration", 0)))
+    step = int(stored.get("num_steps", checkpoint.trainer_state.get("iteration", 0)))
     described = "; ".join(_schedule_change(key, stored, ours, cfg) for key in differ
                           if not (key in ("end_wd", "wd_incr_steps") and _implied(key, differ)))
     theirs_lr, ours_lr = learning_rate_at(stored, step), learning_rate_at(ours, step)

@@ -28,16 +28,22 @@ import time
 
 import torch
 
-from pretrain.model import layout
+from torch.distributed.checkpoint.api import CheckpointException
+
+from pretrain.checkpoint.atomic import publish_checkpoint, require_new_folder, save_failure_message, staged
+from pretrain.checkpoint.files import MODEL_OPTIM_DIR, TRAINER_STATE, iteration_dir
+from pretrain.checkpoint.stored import StoredCheckpoint
+from pretrain.checkpoint.stream import CheckpointReader, DCPFormatError, OutTensor, write_lazily
 from pretrain.config import ConfigError, PretrainConfig
-from pretrain.checkpoint.stream import DCPFormatError
 from pretrain.errors import ShrinkError
-from pretrain.outputs import OutputError, require_writable, write_failure
+from pretrain.model import layout
+from pretrain.model.shrunk import kept_indices, kept_layers, shrunk_model_config, slice_to
+from pretrain.outputs import OutputError, write_failure
+from pretrain.pruning.masks import GroupMasks, GroupScores, ModelShape
+from pretrain.pruning.state import PruningState
 
 
 def _shape_of(cfg: PretrainConfig, vocab: int):
-    from pretrain.pruning.masks import ModelShape
-
     return ModelShape.from_config(cfg.model, vocab)
 
 
@@ -51,23 +57,8 @@ def _check_save_folder(save: str, overwrite: bool) -> None:
     """Refuse to write into an existing non-empty folder (another run's checkpoints would be
     replaced and its ``latest`` rewound) unless asked to; ``.tmp`` leftovers of an interrupted
     reshard do not count."""
-    if not os.path.exists(save):
-        _require_writable(save)
-        return
-    if not os.path.isdir(save):
-        raise ShrinkError(f"--save {save} exists and is not a folder; choose a new folder")
-    entries = sorted(n for n in os.listdir(save) if not n.endswith(".tmp"))
-    if entries and not overwrite:
-        raise ShrinkError(f"--save {save} already exists and is not empty ({', '.join(entries[:3])}"
-                          f"{', ...' if len(entries) > 3 else ''}): choose a new folder, or pass --overwrite "
-                          "to replace the checkpoint of the same iteration there and point its latest file "
-                          "at the new one")
-    _require_writable(save)
-
-
-def _require_writable(save: str) -> None:
     try:
-        require_writable(save, "--save")
+        require_new_folder(save, "--save", overwrite)
     except OutputError as err:
         raise ShrinkError(str(err)) from None
 
@@ -78,14 +69,10 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
     """Importable entry point. Runs in the calling process alone: it issues no collective (its DCP
     reads and writes are single-process), so rank 0 of a running world may call it (the in-run
     shrink does) and a plain ``python`` process needs no world at all. Returns a summary."""
-    from pretrain import checkpoint as ckpt
-
     start = time.time()
     _check_target_sizes(target_tp, target_pp)
-    folder = _source_checkpoint(load, save, overwrite)
-    state = ckpt.read_trainer_state(folder)
-    cfg = PretrainConfig.from_dict(state["config"])
-    vocab = int(state["vocab_size"])
+    stored = _source_checkpoint(load, save, overwrite)
+    folder, state, cfg, vocab = stored.folder, stored.trainer_state, stored.config, int(stored.trainer_state["vocab_size"])
     shape = _shape_of(cfg, vocab)
     pruning = _pruning_to_shrink(folder, state, cfg, shape) if shrink else None
     new_cfg = _target_config(cfg, pruning.masks if shrink else None, shape, vocab, target_tp, target_pp)
@@ -97,27 +84,19 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
             "seconds": time.time() - start, "config": new_cfg}
 
 
-def _source_checkpoint(load: str, save: str, overwrite: bool) -> str:
-    """The checkpoint folder under ``load``, once ``save`` is known to be a place to write to."""
-    from pretrain import checkpoint as ckpt
-
-    skipped: list[str] = []
-    folder = ckpt.find_checkpoint(load, skipped)
-    if folder is None:
-        reasons = f" ({'; '.join(skipped)})" if skipped else ""
-        raise ShrinkError(f"--load {load}: no valid checkpoint there{reasons}")
-    if ckpt.deepspeed_only(folder):
-        raise ShrinkError(ckpt.deepspeed_only(folder))
+def _source_checkpoint(load: str, save: str, overwrite: bool) -> StoredCheckpoint:
+    """The checkpoint under ``load``, once ``save`` is known to be a place to write to."""
+    stored = StoredCheckpoint.open(load, "--load", ShrinkError)
+    if stored.deepspeed_only:
+        raise ShrinkError(stored.deepspeed_only)
     if os.path.abspath(save) == os.path.abspath(load):
         raise ShrinkError("--save must differ from --load (the source checkpoint is kept)")
     _check_save_folder(save, overwrite)
-    return folder
+    return stored
 
 
 def _pruning_to_shrink(folder: str, state: dict, cfg: PretrainConfig, shape):
     """The checkpoint's PruningState, checked to describe its model and to keep something."""
-    from pretrain.pruning.state import PruningState
-
     # an older checkpoint's missing pruning keys are those of a schedule starting on its model
     pruning = PruningState.in_checkpoint(state, fallback=PruningState.fresh(
         shape, cfg.prune.target_params, cfg.prune.target_ratio))
@@ -137,8 +116,6 @@ def _pruning_to_shrink(folder: str, state: dict, cfg: PretrainConfig, shape):
 def _target_config(cfg: PretrainConfig, masks, shape, vocab: int, target_tp: int | None,
                    target_pp: int | None) -> PretrainConfig:
     """The config of the written checkpoint (shrunk when ``masks`` are given), checked to fit its layout."""
-    from pretrain.model.shrunk import shrunk_model_config
-
     model = shrunk_model_config(cfg.model, masks, shape) if masks is not None else cfg.model
     tp = target_tp if target_tp is not None else cfg.parallel.tensor_model_parallel_size
     pp = target_pp if target_pp is not None else cfg.parallel.pipeline_model_parallel_size
@@ -174,28 +151,23 @@ def _write_checkpoint(folder: str, save: str, new_state: dict, masks, shape, sta
                       max_file_bytes: int) -> tuple[str, tuple[int, int]]:
     """Write ``iter_N.tmp`` under ``save`` (the DCP folder shrunk when ``masks`` are given, else
     copied) and publish it; returns its path and the model parameters (before, after)."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.checkpoint.stream import CheckpointReader
-
     iteration = new_state["iteration"]
-    tmp = ckpt.iteration_dir(save, iteration) + ".tmp"
-    source_dir = os.path.join(folder, ckpt.MODEL_OPTIM_DIR)
-    target_dir = os.path.join(tmp, ckpt.MODEL_OPTIM_DIR)
+    tmp = iteration_dir(save, iteration) + ".tmp"
+    source_dir = os.path.join(folder, MODEL_OPTIM_DIR)
     created_save = not os.path.exists(save)
     os.makedirs(save, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
-        if masks is not None:
-            counts = _stream_shrink(source_dir, target_dir, masks, shape, stacked=stacked, progress=progress,
-                                    max_file_bytes=max_file_bytes)
-        else:
-            shutil.copytree(source_dir, target_dir)
-            counts = (_model_numel(CheckpointReader(source_dir)),) * 2
-        torch.save(new_state, os.path.join(tmp, ckpt.TRAINER_STATE))
-        return ckpt.publish_checkpoint(save, iteration, tmp), counts
+        with staged(tmp):
+            target_dir = os.path.join(tmp, MODEL_OPTIM_DIR)
+            if masks is not None:
+                counts = _stream_shrink(source_dir, target_dir, masks, shape, stacked=stacked, progress=progress,
+                                        max_file_bytes=max_file_bytes)
+            else:
+                shutil.copytree(source_dir, target_dir)
+                counts = (_model_numel(CheckpointReader(source_dir)),) * 2
+            torch.save(new_state, os.path.join(tmp, TRAINER_STATE))
+            return publish_checkpoint(save, iteration, tmp), counts
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         if created_save and not os.listdir(save):
             os.rmdir(save)
         raise _as_shrink_error(err, tmp) from None
@@ -204,17 +176,13 @@ def _write_checkpoint(folder: str, save: str, new_state: dict, masks, shape, sta
 def _as_shrink_error(err: BaseException, tmp: str) -> BaseException:
     """A failure while writing ``tmp`` as a ShrinkError the user can act on (a corrupt source, a
     full disk, an unwritable folder); anything else (a bug) is returned unchanged."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from pretrain import checkpoint as ckpt
-
     if isinstance(err, DCPFormatError):
         return ShrinkError(str(err))
     failure = write_failure(err, os.path.dirname(tmp), "--save", under=tmp)
     if failure is not None:
         return ShrinkError(str(failure))
     if isinstance(err, (OSError, CheckpointException)):
-        return ShrinkError(f"{ckpt.save_failure_message(err, tmp)}; the incomplete folder was removed")
+        return ShrinkError(f"{save_failure_message(err, tmp)}; the incomplete folder was removed")
     return err
 
 
@@ -255,9 +223,6 @@ class _Progress:
 def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool, progress: bool,
                    max_file_bytes: int) -> tuple[int, int]:
     """Write the shrunk DCP folder; returns (model parameters before, after)."""
-    from pretrain.checkpoint.stream import CheckpointReader, write_lazily
-    from pretrain.model.shrunk import kept_indices, kept_layers
-
     reader = CheckpointReader(source_dir)
     kept = kept_layers(masks)
 
@@ -319,8 +284,6 @@ def _sorted_keys(reader, source_dir: str, shape, indices_of) -> tuple[dict, list
 
 def _kept_layer(reader, source: tuple[str, bool], name: str, layer: int, indices_of) -> tuple:
     """(size, produce, dtype) of one kept layer's slice of one tensor."""
-    from pretrain.model.shrunk import slice_to
-
     key, is_stacked = source
     md = reader.tensor_meta(key)
     layer_size = tuple(md.size[1:]) if is_stacked else tuple(md.size)
@@ -337,8 +300,6 @@ def _kept_layer(reader, source: tuple[str, bool], name: str, layer: int, indices
 
 def _layer_outputs(prefix: str, rest: str, per_layer: list, stacked: bool) -> list:
     """One layer tensor's outputs: stacked ``[layers, ...]`` (a uniform model) or one key per layer."""
-    from pretrain.checkpoint.stream import OutTensor
-
     if not stacked:
         return [OutTensor(prefix + layout.layer_name(i, rest), size, dtype, [((0,) * len(size), size)],
                           lambda _, produce=produce: produce())
@@ -356,9 +317,6 @@ def _layer_outputs(prefix: str, rest: str, per_layer: list, stacked: bool) -> li
 def _global_output(reader, key: str, md, index: tuple):
     """A tensor outside the decoder layers (embedding, output layer, final norm); 2-D ones whose
     rows are all kept are rewritten in row blocks to bound memory."""
-    from pretrain.checkpoint.stream import OutTensor
-    from pretrain.model.shrunk import slice_to
-
     size = tuple(md.size)
     out_size = tuple(len(ix) if ix is not None else n for ix, n in zip(index, size))
     if len(size) == 2 and index[0] is None:
@@ -414,8 +372,6 @@ def _shrunk_pruning_state(pruning, params_after: int):
     """The pruning state re-expressed at the smaller shape: everything kept is now 'all'
     (per layer, the first kept-count entries; the rest, for narrower layers, do not exist). The
     schedule's ends and history stay those of the model the schedule started from."""
-    from pretrain.pruning.masks import GroupMasks, GroupScores
-
     masks = pruning.masks
     alive = masks.layers
     groups, ffn = masks.heads[alive].sum(1), masks.ffn[alive].sum(1)

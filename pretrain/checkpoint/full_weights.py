@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain import checkpoint as ckpt
+from pretrain.checkpoint.stored import StoredCheckpoint
 from pretrain.config import ModelConfig, ParallelConfig, PretrainConfig, TrainConfig
 from pretrain.distributed import init_distributed, set_random_seed
 from pretrain.errors import ConversionError
@@ -46,18 +47,14 @@ def build_single(model_cfg: ModelConfig, vocab: int, dtype: torch.dtype = torch.
 
 def load_full_weights(load: str) -> FullWeights:
     """Read a checkpoint's weights; a checkpoint with pruning masks comes back shrunk."""
-    folder = ckpt.find_checkpoint(load)
-    if folder is None:
-        raise ConversionError(f"--load {load}: no valid checkpoint there")
-    if ckpt.deepspeed_only(folder):
-        raise ConversionError(ckpt.deepspeed_only(folder))
-    state = ckpt.read_trainer_state(folder)
-    cfg = PretrainConfig.from_dict(state["config"])
-    vocab = int(state["vocab_size"])
+    stored = StoredCheckpoint.open(load, "--load", ConversionError)
+    if stored.deepspeed_only:
+        raise ConversionError(stored.deepspeed_only)
+    folder, state, cfg, vocab = stored.folder, stored.trainer_state, stored.config, int(stored.vocab_size)
     check_model_fits(cfg.model.num_parameters(vocab)["total"], 4, folder, "fp32 weights in one process",
                      "convert it on a machine with more memory")
     model = build_single(cfg.model, vocab)
-    ckpt.load_checkpoint(folder, [model], None, load_optim=False, load_rng=False)
+    ckpt.load_checkpoint(stored, [model], None, load_optim=False, load_rng=False)
     tensors = {name: p.detach() for name, p in model.named_parameters()}
     masks = PruningState.stored_masks(state)
     if masks is None:

@@ -53,9 +53,11 @@ import os
 import shlex
 import sys
 
-from pretrain.checkpoint import atomic_write_text
+from pretrain.checkpoint.atomic import atomic_write_text
+from pretrain.checkpoint.files import LATEST_FILE
 from pretrain.compare.recipes import Recipe
 from pretrain.config import ConfigError, ModelConfig
+from pretrain.model.flops import training_flops_per_token
 
 RUNS = ("parent", "A", "A0", "C", "B-found-i", "B-found-ii", "B-hand-i", "B-hand-ii", "A-KD", "C-KD")
 ARMS = {"parent": ("parent",), "A": ("A",), "A0": ("A0",), "C": ("C",),
@@ -377,8 +379,6 @@ def matched_flops_tokens_real(recipe: Recipe, ctx: Context, run: str, seed: int)
 
 
 def training_flops(model: dict, vocab_size: int) -> int:
-    from pretrain.model.flops import training_flops_per_token
-
     return training_flops_per_token(ModelConfig(**model), vocab_size)
 
 
@@ -441,7 +441,7 @@ def write_command(plan: RunPlan, recipe: Recipe, ctx: Context) -> str:
         lines.append(f"export OMP_NUM_THREADS={recipe.threads}")
     lines.append(f"LOAD={shlex.quote(own)}")
     if plan.first_load:
-        lines.append(f'[ -f "$LOAD/latest_checkpointed_iteration.txt" ] || LOAD={shlex.quote(plan.first_load)}')
+        lines.append(f'[ -f "$LOAD/{LATEST_FILE}" ] || LOAD={shlex.quote(plan.first_load)}')
     launch = _launch_prefix(recipe, ctx)
     body = " \\\n    ".join(" ".join(shlex.quote(f) for f in group) for group in _flag_groups(plan.flags))
     lines.append(f'exec {launch} \\\n    {body} \\\n    --load "$LOAD"')

@@ -14,13 +14,17 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from pretrain.checkpoint import atomic_write_text
+from pretrain.checkpoint.atomic import atomic_write_text
+from pretrain.checkpoint.stored import StoredCheckpoint
 from pretrain.compare import arms
 from pretrain.compare.accounting import cumulative_flops_at, run_flops
 from pretrain.report import read_jsonl
 from pretrain.compare.arms import Context, RunPlan, family_of, plan_run
 from pretrain.compare.recipes import Recipe
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, DataConfig, ModelConfig
+from pretrain.data import check_tokenizer_matches_data, load_tokenizer
+from pretrain.pruning.masks import ModelShape
+from pretrain.pruning.solver import SolverConstraints, _unit_size
 
 
 def _log(message: str) -> None:
@@ -45,14 +49,12 @@ def expected_final_iteration(recipe: Recipe, plan: RunPlan) -> int:
 
 def collect(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
     """The result of a finished run from its files (see ``accounting``)."""
-    from pretrain import checkpoint as ckpt
-
     if "--skip-train" in plan.flags:
         return _collect_measured(recipe, plan, wall_seconds)
-    folder = ckpt.find_checkpoint(os.path.join(plan.folder, "ckpt"))
-    if folder is None:
+    stored = StoredCheckpoint.find(os.path.join(plan.folder, "ckpt"))
+    if stored is None:
         return {"status": "failed", "reason": "no checkpoint was written"}
-    state = ckpt.read_trainer_state(folder)
+    state = stored.trainer_state
     expected = expected_final_iteration(recipe, plan)
     if state["iteration"] != expected:
         return {"status": "failed", "reason": f"stopped at iteration {state['iteration']} of {expected}"}
@@ -89,13 +91,11 @@ def collect(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
 
 def _collect_measured(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
     """An imported parent measured with --skip-train: its losses at iteration 0, nothing trained or charged."""
-    from pretrain import checkpoint as ckpt
-
-    folder = ckpt.find_checkpoint(plan.first_load)
+    stored = StoredCheckpoint.find(plan.first_load)
     evals = [e for e in read_jsonl(os.path.join(plan.folder, "tb", "evals.jsonl")) if e.get("test_loss") is not None]
-    if folder is None or not evals:
+    if stored is None or not evals:
         return {"status": "failed", "reason": "no test evaluation was written (tb/evals.jsonl)"}
-    state = ckpt.read_trainer_state(folder)
+    state = stored.trainer_state
     model, vocab = state["config"]["model"], state["vocab_size"]
     return {"status": "ok", "run": plan.name, "seed": plan.seed, "lr": plan.lr, "final_model": model,
             "vocab_size": vocab, "params": arms.parameters(model, vocab), "first_iteration": 0, "final_iteration": 0,
@@ -268,16 +268,12 @@ def check_tokenizer(data) -> None:
     """Every arm trains with the comparison's --tokenizer-model: the training and test data must be
     made with it (the tokenizer identity rule, ``pretrain.data.tokenizer_identity_problem``),
     refused here before any run starts."""
-    from pretrain.data import check_tokenizer_matches_data, load_tokenizer
-
     check_tokenizer_matches_data(data, load_tokenizer(data))
 
 
 def check_test_set(data_path: list[str], test_data_path: list[str]) -> None:
     """The test set must be data no arm trains on: not a --data-path prefix, not the same bytes,
     and not made from the same source files (when the manifests name them)."""
-    from pretrain.config import DataConfig
-
     train = DataConfig(data_path=data_path).blend()[0]
     test = DataConfig(data_path=test_data_path).blend()[0]
     for t in test:
@@ -315,8 +311,6 @@ def training_tokens_available(data_path: list[str], split: str) -> int:
     """Tokens in the training share of --data-path's documents (megatron-core splits by document)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from pretrain.config import DataConfig
-
     prefixes, weights = DataConfig(data_path=data_path).blend()
     shares = [float(x) for x in split.replace("/", ",").split(",")]
     train_share = shares[0] / sum(shares)
@@ -348,24 +342,21 @@ def format_command(argv: list[str]) -> str:
 def check_parent(parent: str) -> tuple[dict, int, tuple[str, str]]:
     """(its model config, its padded vocabulary, (tokenizer type, tokenizer path)) of ``--parent``,
     which must be a checkpoint made by ``tools/convert_from_hf.py`` with its tokenizer beside it."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.checkpoint.tokenizer import checkpoint_tokenizer
-
     importer = (f"import it first: python tools/convert_from_hf.py --load {parent} --save {parent.rstrip('/')}_ckpt, "
                 "then give that folder as --parent")
     if not os.path.exists(parent):
         raise ConfigError(f"--parent {parent} does not exist: give the folder tools/convert_from_hf.py wrote")
     if parent.endswith(".gguf") or os.path.isfile(os.path.join(parent, "config.json")):
         raise ConfigError(f"--parent {parent} is a HuggingFace model or GGUF file, not an imported checkpoint: {importer}")
-    folder = ckpt.find_checkpoint(parent)
-    if folder is None:
+    stored = StoredCheckpoint.find(parent)
+    if stored is None:
         raise ConfigError(f"--parent {parent} holds no valid checkpoint: {importer}")
-    state = ckpt.read_trainer_state(folder)
+    state = stored.trainer_state
     if not state.get("imported_from"):
         raise ConfigError(f"--parent {parent} is a checkpoint trained here, not a pretrained model imported by "
                           "tools/convert_from_hf.py: a real-parent recipe starts from a released model (a trained "
                           "parent is what the cpu-tiny, cpu-small and gpu-1b recipes train themselves)")
-    tokenizer = checkpoint_tokenizer(folder, state)
+    tokenizer = stored.tokenizer_files
     if tokenizer is None or not os.path.exists(tokenizer[1]):
         where = f" ({tokenizer[1]} is missing)" if tokenizer else ""
         raise ConfigError(f"--parent {parent} has no tokenizer{where}: the corpus must be tokenized with the parent's "
@@ -377,9 +368,6 @@ def check_parent(parent: str) -> tuple[dict, int, tuple[str, str]]:
 def check_parent_tokenizer(parent: str, tokenizer: tuple[str, str], data_path: list[str],
                            test_data_path: list[str]) -> None:
     """The training and test corpora were made with the parent's tokenizer (their manifests say)."""
-    from pretrain.config import DataConfig
-    from pretrain.data import check_tokenizer_matches_data, load_tokenizer
-
     data = DataConfig(data_path=data_path, tokenizer_type=tokenizer[0], tokenizer_model=tokenizer[1],
                       test_data_path=test_data_path)
     loaded = load_tokenizer(data)
@@ -397,10 +385,6 @@ def smallest_model(recipe: Recipe, vocab: int) -> tuple[int, int, int]:
     parent: every type taken down unit by unit by the solver's own rule (``solver._unit_size``, the
     floors of ``SolverConstraints``) until no unit may go. The solver itself, asked for 0 parameters,
     gives the same masks one greedy move at a time (half a minute for a 30-layer model)."""
-    from pretrain.config import ModelConfig
-    from pretrain.pruning.masks import ModelShape
-    from pretrain.pruning.solver import SolverConstraints, _unit_size
-
     shape = ModelShape.from_config(ModelConfig(**recipe.model), vocab)
     align = recipe.prune_align or (64 if recipe.gpus_per_node else 8)  # the trainer's default per device
     c = SolverConstraints(tensor_parallel=recipe.tensor_parallel, align=align)
@@ -422,8 +406,6 @@ def smallest_model(recipe: Recipe, vocab: int) -> tuple[int, int, int]:
 def check_reachable(recipe: Recipe, vocab: int) -> None:
     """The recipe's target is at or above the smallest model the parent can be pruned to with the
     recipe's alignment and floors."""
-    from pretrain.config import ModelConfig
-
     floor, hidden, align = smallest_model(recipe, vocab)
     total = ModelConfig(**recipe.model).num_parameters(vocab)["total"]
     target = int(recipe.target_ratio * total)

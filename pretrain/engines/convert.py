@@ -33,14 +33,16 @@ import torch
 
 from pretrain import checkpoint as ckpt
 from pretrain.checkpoint.adam import has_adam_state
-from pretrain.config import PretrainConfig
-from pretrain.errors import EngineConversionError
+from pretrain.checkpoint.atomic import require_new_folder, staged, staged_checkpoint, staged_output
+from pretrain.checkpoint.files import ENGINE_DIR, ENGINE_TAG, MODEL_OPTIM_DIR, RNG_DIR, TRAINER_STATE, iteration_dir
+from pretrain.checkpoint.full_weights import build_single
+from pretrain.checkpoint.stored import StoredCheckpoint
+from pretrain.checkpoint.trust import load_without_code
 from pretrain.engines.adam_state import ModelSpaceAdam, gather_from_engine
 from pretrain.engines.deepspeed import checkpoint_pickle_globals
-from pretrain.checkpoint.full_weights import build_single
+from pretrain.errors import EngineConversionError
 from pretrain.model import layout
 from pretrain.model.memory import check_model_fits
-from pretrain.outputs import require_new_folder
 
 
 def _zero_keys(stage: int) -> tuple[str, str]:
@@ -143,27 +145,23 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     """Write ``save`` (a new folder) as a megatron-engine checkpoint of the DeepSpeed checkpoint
     under ``load`` (its newest valid one). Returns what was written."""
     start = time.time()
-    folder = ckpt.find_checkpoint(load)
-    if folder is None:
-        raise EngineConversionError(f"--load {load}: no valid checkpoint there")
-    engine_dir = os.path.join(folder, ckpt.ENGINE_DIR)
-    if not os.path.isdir(engine_dir):
-        raise EngineConversionError(f"{folder} is already a megatron-engine checkpoint (no {ckpt.ENGINE_DIR}/)")
+    stored = StoredCheckpoint.open(load, "--load", EngineConversionError)
+    folder, state, cfg, vocab = stored.folder, stored.trainer_state, stored.config, stored.vocab_size
+    engine_dir = os.path.join(folder, ENGINE_DIR)
+    if stored.engine != "deepspeed":
+        raise EngineConversionError(f"{folder} is already a megatron-engine checkpoint (no {ENGINE_DIR}/)")
     require_new_folder(save, "--save")
-    state = ckpt.read_trainer_state(folder)
-    cfg = PretrainConfig.from_dict(state["config"])
-    vocab = int(state["vocab_size"])
     check_model_fits(cfg.model.num_parameters(vocab)["total"], 8, folder,
                      "two fp32 copies (consolidated, and the model) in one process",
                      "convert it on a machine with more memory")
     tp = int((state.get("layout") or {}).get("tp_size") or cfg.parallel.tensor_model_parallel_size)
     # zero_to_fp32 unpickles with weights_only=False: every file must hold data only
-    tag_dir = os.path.join(engine_dir, ckpt.ENGINE_TAG)
+    tag_dir = os.path.join(engine_dir, ENGINE_TAG)
     with torch.serialization.safe_globals(checkpoint_pickle_globals()):
         for name in sorted(os.listdir(tag_dir)):
             if name.endswith(".pt"):
-                ckpt.load_without_code(os.path.join(tag_dir, name), os.path.join(tag_dir, name))
-    per_rank, step = _consolidated_per_tp_rank(engine_dir, ckpt.ENGINE_TAG, tp)
+                load_without_code(os.path.join(tag_dir, name), os.path.join(tag_dir, name))
+    per_rank, step = _consolidated_per_tp_rank(engine_dir, ENGINE_TAG, tp)
     model = build_single(cfg.model, vocab)
     adam = {}
     with torch.no_grad():
@@ -184,7 +182,7 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
     new_state = {**state, "config": dataclasses.replace(cfg, parallel=parallel).to_dict(), "layout": {},
                  "optimizer_state": False,
                  "converted_from": {"path": os.path.abspath(folder), "engine": "deepspeed"}}
-    with ckpt.staged_output(save) as tmp:
+    with staged_output(save) as tmp:
         written = ckpt.save_checkpoint(tmp, int(state["iteration"]), [model], ModelSpaceAdam([model], adam, step),
                                        new_state)
     return {"folder": os.path.join(save, os.path.basename(written)), "iteration": int(state["iteration"]),
@@ -199,30 +197,25 @@ def deepspeed_to_megatron(load: str, save: str) -> dict:
 def megatron_to_deepspeed(load: str, save: str) -> dict:
     """Copy the megatron-format checkpoint under ``load`` to ``save`` for ``--engine deepspeed``."""
     start = time.time()
-    folder = ckpt.find_checkpoint(load)
-    if folder is None:
-        raise EngineConversionError(f"--load {load}: no valid checkpoint there")
-    if os.path.isdir(os.path.join(folder, ckpt.ENGINE_DIR)):
-        return _repartition_deepspeed(folder, save)
+    stored = StoredCheckpoint.open(load, "--load", EngineConversionError)
+    if stored.engine == "deepspeed":
+        return _repartition_deepspeed(stored.folder, save)
+    folder, state, cfg = stored.folder, stored.trainer_state, stored.config
     carries = has_adam_state(folder)
     require_new_folder(save, "--save")
-    state = ckpt.read_trainer_state(folder)
-    cfg = PretrainConfig.from_dict(state["config"])
     parallel = dataclasses.replace(cfg.parallel, engine="deepspeed", pipeline_model_parallel_size=1)
     iteration = int(state["iteration"])
     new_state = {**state, "config": dataclasses.replace(cfg, parallel=parallel).to_dict(), "optimizer_state": False,
                  "converted_from": {"path": os.path.abspath(folder), "engine": "megatron"}}
-    with ckpt.staged_output(save) as tmp:
-        staged = tmp + "/" + os.path.basename(ckpt.iteration_dir(tmp, iteration)) + ".tmp"
+    with staged_output(save) as tmp, staged_checkpoint(tmp, iteration) as staging:
         # the DCP folder (weights and megatron-core's model-space AdamW state, which a DeepSpeed run
         # reads) and the RNG states
-        shutil.copytree(os.path.join(folder, ckpt.MODEL_OPTIM_DIR), os.path.join(staged, ckpt.MODEL_OPTIM_DIR))
-        if os.path.isdir(os.path.join(folder, "rng")):
-            shutil.copytree(os.path.join(folder, "rng"), os.path.join(staged, "rng"))
-        torch.save(new_state, os.path.join(staged, ckpt.TRAINER_STATE))
-        ckpt.publish_checkpoint(tmp, iteration, staged)
-    return {"folder": ckpt.iteration_dir(save, iteration), "iteration": iteration,
-            "parameters": cfg.model.num_parameters(int(state["vocab_size"]))["total"], "tp": None,
+        shutil.copytree(os.path.join(folder, MODEL_OPTIM_DIR), os.path.join(staging, MODEL_OPTIM_DIR))
+        if os.path.isdir(os.path.join(folder, RNG_DIR)):
+            shutil.copytree(os.path.join(folder, RNG_DIR), os.path.join(staging, RNG_DIR))
+        torch.save(new_state, os.path.join(staging, TRAINER_STATE))
+    return {"folder": iteration_dir(save, iteration), "iteration": iteration,
+            "parameters": cfg.model.num_parameters(stored.vocab_size)["total"], "tp": None,
             "seconds": time.time() - start,
             "note": f"start it with python -m pretrain --engine deepspeed --load {save} (any TP x DP, PP 1); "
                     + ("the AdamW state carries over" if carries else
@@ -235,13 +228,9 @@ def _repartition_deepspeed(folder: str, save: str) -> dict:
     temporary folder beside ``save`` that is removed afterwards."""
     start = time.time()
     require_new_folder(save, "--save")
-    via = os.path.abspath(save).rstrip("/") + ".megatron.tmp"
-    shutil.rmtree(via, ignore_errors=True)
-    try:
+    with staged(os.path.abspath(save).rstrip("/") + ".megatron.tmp", temporary=True) as via:
         deepspeed_to_megatron(folder, via)
         summary = megatron_to_deepspeed(via, save)
-    finally:
-        shutil.rmtree(via, ignore_errors=True)
     return {**summary, "seconds": time.time() - start, "note": "re-partitioned (the DeepSpeed checkpoint's ZeRO partitions consolidated, any "
                                "layout can load it); " + summary["note"]}
 
@@ -263,5 +252,5 @@ def save_weights_for_shrink(trainer, root: str, trainer_state: dict) -> str:
     gathered = deepspeed.zero.GatheredParameters(params) if engine.stage == 3 else contextlib.nullcontext()
     with gathered:
         return ckpt.save_checkpoint(os.path.join(root, "for_shrink"), trainer.state.iteration, trainer.model_chunks,
-                               ModelSpaceAdam(trainer.model_chunks, tensors, step),
-                               {**trainer_state, "optimizer_state": False}, keep_last=1)
+                                    ModelSpaceAdam(trainer.model_chunks, tensors, step),
+                                    {**trainer_state, "optimizer_state": False}, keep_last=1)

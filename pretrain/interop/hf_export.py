@@ -26,7 +26,7 @@ from pretrain.config import ConfigError
 from pretrain.interop.hf_config import ConversionError, hf_config_dict
 from pretrain.interop.hf_files import SHARD_BYTES, save_safetensors
 from pretrain.interop.hf_names import to_hf
-from pretrain.outputs import require_new_folder
+from pretrain.checkpoint.atomic import require_new_folder
 from pretrain.pruning.masks import ModelShape
 
 # the per-layer model's config and modeling files, copied into a per-layer export

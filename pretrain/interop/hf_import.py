@@ -25,7 +25,7 @@ from pretrain.interop.hf_config import ConversionError, model_config_from_hf, re
 from pretrain.interop.hf_files import HFTensors, copy_tokenizer
 from pretrain.interop.hf_names import from_hf
 from pretrain.model.memory import check_model_fits
-from pretrain.outputs import require_new_folder
+from pretrain.checkpoint.atomic import require_new_folder
 from pretrain.pruning.masks import ModelShape
 
 

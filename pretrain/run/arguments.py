@@ -22,6 +22,7 @@ from pretrain.config import (
     ModelConfig,
     PretrainConfig,
 )
+from pretrain.checkpoint.stored import StoredCheckpoint
 from pretrain.resume import keep_checkpoint_settings, peek_checkpoint
 
 
@@ -178,14 +179,14 @@ def checkpoint_model_values(saved: ModelConfig, given: dict, sources: dict, fold
     return values
 
 
-def _model_values(args: argparse.Namespace, peeked: tuple[str, dict] | None) -> dict:
+def _model_values(args: argparse.Namespace, stored: StoredCheckpoint | None) -> dict:
     given, sources = _given_model_values(args)
-    if peeked is not None:
-        folder, state = peeked
+    if stored is not None:
+        folder, state = stored.folder, stored.trainer_state
         # a shrunk checkpoint is smaller than the flags of the run that made it, which describe its parent;
         # --use-checkpoint-args takes the checkpoint's shape whatever the flags say
         check = not (args.use_checkpoint_args or state.get("shrink_history"))
-        return checkpoint_model_values(PretrainConfig.from_dict(state["config"]).model, given, sources, folder, check)
+        return checkpoint_model_values(stored.config.model, given, sources, folder, check)
     missing = [n for n in _REQUIRED_SHAPE if n not in given]
     if missing:
         raise ConfigError(
@@ -195,14 +196,13 @@ def _model_values(args: argparse.Namespace, peeked: tuple[str, dict] | None) -> 
     return given
 
 
-def _tokenizer_values(args: argparse.Namespace, peeked: tuple[str, dict] | None) -> tuple[str, str | None]:
+def _tokenizer_values(args: argparse.Namespace, stored: StoredCheckpoint | None) -> tuple[str, str | None]:
     """(--tokenizer-type, --tokenizer-model): the flags, else the --load checkpoint's recorded tokenizer."""
     from data_prep.tokenizers import infer_tokenizer_type
-    from pretrain.checkpoint.tokenizer import checkpoint_tokenizer
 
     model = args.tokenizer_model
-    if model is None and peeked is not None and not args.mock_data and args.tokenizer_type != "NullTokenizer":
-        recorded = checkpoint_tokenizer(*peeked)
+    if model is None and stored is not None and not args.mock_data and args.tokenizer_type != "NullTokenizer":
+        recorded = stored.tokenizer_files
         if recorded is not None:
             return args.tokenizer_type or recorded[0], recorded[1]
     return args.tokenizer_type or infer_tokenizer_type(model), model
@@ -262,16 +262,23 @@ def _per_split_paths(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    peeked = peek_checkpoint(args.load)
+    return config_and_checkpoint_from_args(args)[0]
+
+
+def config_and_checkpoint_from_args(args: argparse.Namespace) -> tuple[PretrainConfig, StoredCheckpoint | None]:
+    """The run's config, and the --load checkpoint it was resolved against (found here, once: the
+    run goes on with the same one)."""
+    stored = StoredCheckpoint.of(peek_checkpoint(args.load))
     sections = {name: cls(**_section_values(args, cls)) for name, cls in _sections()
                 if cls not in (ModelConfig, DataConfig)}
-    tokenizer_type, tokenizer_model = _tokenizer_values(args, peeked)
+    tokenizer_type, tokenizer_model = _tokenizer_values(args, stored)
     data = DataConfig(**{**_section_values(args, DataConfig), "tokenizer_type": tokenizer_type,
                          "tokenizer_model": tokenizer_model, "data_path": _data_path(args), **_per_split_paths(args)})
     if args.split is not None and data.per_split:
         raise ConfigError(f"--split {args.split} cuts --data-path into training, validation and test data; with "
                           "--train-data-path (or --per-split-data-args-path) each split has data of its own and "
                           "--split would be ignored: drop it")
-    cfg = PretrainConfig(model=ModelConfig(**_model_values(args, peeked)), data=data, **sections)
+    cfg = PretrainConfig(model=ModelConfig(**_model_values(args, stored)), data=data, **sections)
     given = getattr(args, "given_flags", None)  # None: a namespace not from build_parser: all its values count
-    return cfg if peeked is None or given is None else keep_checkpoint_settings(cfg, peeked[1], given)
+    return (cfg if stored is None or given is None else keep_checkpoint_settings(cfg, stored.trainer_state, given),
+            stored)

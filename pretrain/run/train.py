@@ -13,33 +13,52 @@ import sys
 
 import torch
 
+from data_prep.tokenizers import TokenizerError
 from pretrain import checkpoint as ckpt
+from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
 from pretrain.checkpoint import adam as checkpoint_adam
+from pretrain.checkpoint.files import iteration_dir
+from pretrain.checkpoint.stored import StoredCheckpoint, lineage
 from pretrain.config import ConfigError, PretrainConfig
-from pretrain.errors import UserError
-from pretrain.distributed import print_rank0
+from pretrain.data import (MicroBatchIterator, blend_report, build_datasets, build_test_dataset, check_datasets,
+                           check_tokenizer_matches_data, load_tokenizer, require_index_cache)
+from pretrain.distill import add_distillation, plan_line, resolve_teacher
+from pretrain.distributed import (destroy_distributed, device, init_distributed, is_rank0, launch_environment,
+                                  print_rank0, set_random_seed)
 from pretrain.engines.adam_state import scatter_into_engine
+from pretrain.engines.convert import save_weights_for_shrink
 from pretrain.engines.deepspeed import build_deepspeed_engine
 from pretrain.engines.megatron import MegatronEngine
 from pretrain.engines.optim import build_scheduler
+from pretrain.errors import UserError
 from pretrain.model.build import build_model, check_activation_memory, unwrap, zero_padded_vocab_rows
+from pretrain.model.flops import training_flops_per_token
 from pretrain.model.init import deterministic_init
 from pretrain.model.invariants import hidden_masking_possible
-from pretrain.nodes import ranks_on_this_host
-from pretrain.pruning.state import PruningState
+from pretrain.model.memory import check_training_memory
+from pretrain.nodes import check_run_folders, ranks_on_this_host
+from pretrain.outputs import require_writable
+from pretrain.pruning.callback import PruningCallback
+from pretrain.pruning.masks import ModelShape
+from pretrain.resume import (check_checkpoint_tokenizer, checkpoint_vocab, tokenizer_record, with_checkpoint_distill,
+                             with_checkpoint_model, with_checkpoint_pruning, with_checkpoint_schedule,
+                             with_unpadded_vocab)
+from pretrain.run import run_lock
+from pretrain.run.arguments import build_parser, config_and_checkpoint_from_args
+from pretrain.shrink import ShrinkError, reshard_checkpoint
+from pretrain.trainer import Trainer
 
 
-def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
+def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False,
+        checkpoint: StoredCheckpoint | None = None) -> dict:
     """Train per ``cfg`` in this process (one rank of the launched world). Returns a summary.
+    ``checkpoint``: the --load checkpoint when the caller found it already (the command line
+    does), so that a run looks for it once.
 
     With in-run shrinking (``--shrink-at``) training runs in segments: a segment stops when the
     pruning callback asks for a shrink, the checkpoint is rewritten into the smaller model, and
     the next segment continues from it (same step, data position and LR schedule).
     """
-    from pretrain.run import run_lock
-    from pretrain.data import require_index_cache
-    from pretrain.outputs import require_writable
-
     for flag, path in (("--save", cfg.checkpoint.save), ("--tensorboard-dir", cfg.logging.tensorboard_dir)):
         if path:  # found now, not at the first save after hours of training
             require_writable(path, flag)
@@ -47,7 +66,8 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
     segments = []
     try:
         while True:
-            summary = _run_segment(cfg, extra_callbacks, plain_megatron_spec)
+            summary = _run_segment(cfg, extra_callbacks, plain_megatron_spec, checkpoint)
+            checkpoint = None  # the next segment loads another checkpoint: the shrunk one
             segments.append(summary)
             if summary.get("stop_reason") != "shrink":
                 break
@@ -70,8 +90,6 @@ def _steps_per_second(history: list, last: bool) -> float:
 
 
 def _print_shrink_speedup(segments: list) -> None:
-    from pretrain.distributed import print_rank0
-
     segments = [s for s in segments if s["tokens_per_second"]["end"] > 0]  # a resumed shrink trains no step first
     if len(segments) < 2:
         return
@@ -84,16 +102,11 @@ def _print_shrink_speedup(segments: list) -> None:
 
 def _shrink_in_run(cfg: PretrainConfig, summary: dict) -> PretrainConfig:
     """Save, rewrite the checkpoint into the smaller model (rank 0), continue from it."""
-    from pretrain.checkpoint import iteration_dir
-    from pretrain.distributed import device, is_rank0, print_rank0
-
     trainer = summary.pop("trainer")
     next(c for c in trainer.callbacks if c.name == "checkpoint").save_now(trainer)
     it = trainer.state.iteration
     source = iteration_dir(cfg.checkpoint.save, it)
     if cfg.parallel.engine == "deepspeed":
-        from pretrain.engines.convert import save_weights_for_shrink
-
         # the shrink slices the resharding (megatron) format: the weights go there too (collective)
         source = save_weights_for_shrink(trainer, cfg.checkpoint.save, next(
             c for c in trainer.callbacks if c.name == "checkpoint").snapshot_fn(trainer))
@@ -131,13 +144,10 @@ def _parallel_after_shrink(cfg: PretrainConfig):
 
 def _shrink_checkpoint(source: str, target: str, parallel) -> str:
     """Shrink ``source`` into ``target`` (rank 0 only); returns '' or what went wrong."""
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.shrink import ShrinkError, reshard_checkpoint
-
     try:
         r = reshard_checkpoint(source, target, shrink=True, target_tp=parallel.tensor_model_parallel_size,
                                target_pp=parallel.pipeline_model_parallel_size, overwrite=True)
-    except (ShrinkError, CheckpointError, OSError) as err:
+    except (ShrinkError, ckpt.CheckpointError, OSError) as err:
         print(f"error: in-run shrink of {source}: {err}", flush=True)
         return str(err)
     print(f"wrote {r['folder']} (iteration {r['iteration']}): {r['params_before'] / 1e6:.3f} M -> "
@@ -145,50 +155,42 @@ def _shrink_checkpoint(source: str, target: str, parallel) -> str:
     return ""
 
 
-def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False) -> dict:
+def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bool = False,
+                 checkpoint: StoredCheckpoint | None = None) -> dict:
     """One stretch of training on one model: from the config and the --load checkpoint to a stop."""
-    from pretrain.distributed import init_distributed, set_random_seed
-    from pretrain.nodes import check_run_folders
-    from pretrain.resume import peek_checkpoint, tokenizer_record, with_checkpoint_schedule
-
-    peeked = peek_checkpoint(cfg.checkpoint.load)
-    cfg, pruning_note = _resolve_config(cfg, peeked)
-    cfg, tokenizer, vocab_size = _tokenizer_and_vocab(cfg, peeked)
-    _check_tokenizer(cfg, tokenizer, peeked)  # before any process group work
+    # the one look for it (unless the command line looked already): every step below reads this one
+    stored = checkpoint or StoredCheckpoint.find(cfg.checkpoint.load)
+    cfg, pruning_note = _resolve_config(cfg, stored)
+    cfg, tokenizer, vocab_size = _tokenizer_and_vocab(cfg, stored)
+    _check_tokenizer(cfg, tokenizer, stored)  # before any process group work
     teacher = _resolve_teacher(cfg, vocab_size, tokenizer)  # --kd-teacher: checked before any process group
     layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     _hold_output_folders(cfg)  # one run per --save: before anything is written there
     # several nodes: shared folders, not node-local ones (a dry run creates nothing)
-    check_run_folders(None if cfg.train.dry_run else cfg.checkpoint.save, cfg.checkpoint.load, peeked)
+    check_run_folders(None if cfg.train.dry_run else cfg.checkpoint.save, cfg.checkpoint.load,
+                      (stored.folder, stored.trainer_state) if stored else None)
     _check_data(cfg, tokenizer)  # before anything heavy is built
-    cfg, schedule_note = with_checkpoint_schedule(cfg, peeked)  # after the data: a wrong dataset is the worse news
+    cfg, schedule_note = with_checkpoint_schedule(cfg, stored)  # after the data: a wrong dataset is the worse news
     pruning_note = "\n".join(n for n in (pruning_note, schedule_note) if n)
     set_random_seed(cfg.train.seed)
     counts = cfg.model.num_parameters(vocab_size)
-    _print_plan(cfg, layout, vocab_size, counts, peeked, pruning_note)
+    _print_plan(cfg, layout, vocab_size, counts, stored, pruning_note)
     if cfg.train.dry_run:
         return {"dry_run": True, "parameters": counts, "layout": layout}
-    from pretrain.model.memory import check_training_memory
-
     check_training_memory(cfg, vocab_size, layout["dp_size"], teacher)  # before anything is allocated
 
-    model_chunks, engine, scheduler = _build_model_and_engine(cfg, vocab_size, plain_megatron_spec, peeked)
-    resume = _load_checkpoint(cfg, peeked, model_chunks, engine)
+    model_chunks, engine, scheduler = _build_model_and_engine(cfg, vocab_size, plain_megatron_spec, stored)
+    resume = _load_checkpoint(cfg, stored, model_chunks, engine)
     callbacks = _build_callbacks(cfg, layout, vocab_size, extra_callbacks, {**resume.lineage,
                                                                             **tokenizer_record(tokenizer)})
     if teacher is not None:
-        from pretrain.distill import add_distillation
-        from pretrain.pruning.state import PruningState
-
-        callbacks = add_distillation(cfg, teacher, callbacks, PruningState.stored_dict(peeked[1] if peeked else None))
+        callbacks = add_distillation(cfg, teacher, callbacks, stored.pruning if stored else None)
     trainer = _build_trainer(cfg, layout, tokenizer, vocab_size, model_chunks, engine, scheduler,
                              callbacks, resume)
-    _restore_state(cfg, trainer, resume, peeked)
+    _restore_state(cfg, trainer, resume, stored)
     if cfg.train.skip_train:  # --skip-train: the loaded model measured on the run's batches, nothing saved
         return {"skip_train": True, "evaluation": _callback(trainer, "eval").evaluate_now(trainer), "layout": layout}
     if cfg.prune.enabled:
-        from pretrain.distributed import print_rank0
-
         print_rank0(_callback(trainer, "pruning").plan_line())  # after the restore: the schedule's true ends
     state = trainer.fit()
     _print_end(cfg, state)
@@ -199,9 +201,6 @@ def _hold_output_folders(cfg: PretrainConfig) -> None:
     """--save and --tensorboard-dir for this run alone (``pretrain.run.run_lock``): rank 0 takes their
     locks, and every rank stops with the same message when another live run holds one or a folder
     cannot be written (found now, not at the first save after hours of training)."""
-    from pretrain.run import run_lock
-    from pretrain.distributed import is_rank0
-
     message = ""
     if is_rank0():
         for folder, flag in ((cfg.checkpoint.save, "--save"), (cfg.logging.tensorboard_dir, "--tensorboard-dir")):
@@ -227,36 +226,28 @@ def _hold_output_folders(cfg: PretrainConfig) -> None:
         raise ConfigError(message)
 
 
-def _resolve_config(cfg: PretrainConfig, peeked) -> tuple[PretrainConfig, str]:
+def _resolve_config(cfg: PretrainConfig, stored: StoredCheckpoint | None) -> tuple[PretrainConfig, str]:
     """The run's config with what the --load checkpoint decides (shape, pruning), validated."""
-    from pretrain.distributed import launch_environment
-    from pretrain.resume import with_checkpoint_distill, with_checkpoint_model, with_checkpoint_pruning
-
-    cfg = with_checkpoint_model(cfg, peeked)
-    cfg, pruning_note = with_checkpoint_pruning(cfg, peeked)
-    cfg, distill_note = with_checkpoint_distill(cfg, peeked)
+    cfg = with_checkpoint_model(cfg, stored)
+    cfg, pruning_note = with_checkpoint_pruning(cfg, stored)
+    cfg, distill_note = with_checkpoint_distill(cfg, stored)
     pruning_note = "\n".join(n for n in (pruning_note, distill_note) if n)
     cfg.validate(launch_environment()[1])
     return cfg, pruning_note
 
 
-def _tokenizer_and_vocab(cfg: PretrainConfig, peeked) -> tuple:
+def _tokenizer_and_vocab(cfg: PretrainConfig, stored: StoredCheckpoint | None) -> tuple:
     """The config with the model's unpadded vocabulary, the tokenizer (None for mock data without
     one) and the model's padded vocabulary."""
-    from pretrain.data import load_tokenizer
-    from pretrain.resume import checkpoint_vocab, with_unpadded_vocab
 
     tokenizer = load_tokenizer(cfg.data) if not cfg.data.mock_data or cfg.data.tokenizer_model else None
     tp = cfg.parallel.tensor_model_parallel_size
     tokenizer_vocab = tokenizer.vocab_size if tokenizer else (cfg.model.vocab_size or 8192)
-    vocab_size = checkpoint_vocab(peeked, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
-    return with_unpadded_vocab(cfg, peeked, tokenizer_vocab), tokenizer, vocab_size
+    vocab_size = checkpoint_vocab(stored, tokenizer_vocab, tp) or cfg.model.padded_vocab_size(tokenizer_vocab, tp)
+    return with_unpadded_vocab(cfg, stored, tokenizer_vocab), tokenizer, vocab_size
 
 
 def _resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer):
-    from pretrain.distill import plan_line, resolve_teacher
-    from pretrain.distributed import launch_environment
-
     rank, world_size, _ = launch_environment()
     teacher = resolve_teacher(cfg, vocab_size, tokenizer, world_size)
     if teacher is not None and rank == 0:
@@ -264,37 +255,29 @@ def _resolve_teacher(cfg: PretrainConfig, vocab_size: int, tokenizer):
     return teacher
 
 
-def _check_tokenizer(cfg: PretrainConfig, tokenizer, peeked) -> None:
+def _check_tokenizer(cfg: PretrainConfig, tokenizer, stored: StoredCheckpoint | None) -> None:
     """The tokenizer against every dataset's manifest and the --load checkpoint's, on every rank
     (a mismatch stops all ranks with its message before a collective could hang)."""
-    from pretrain.data import check_tokenizer_matches_data
-    from pretrain.resume import check_checkpoint_tokenizer
-
     if tokenizer is not None:
         check_tokenizer_matches_data(cfg.data, tokenizer)
-    if peeked:
-        check_checkpoint_tokenizer("--load", *peeked, tokenizer)
+    if stored:
+        check_checkpoint_tokenizer("--load", stored.folder, stored.trainer_state, tokenizer)
 
 
 def _check_data(cfg: PretrainConfig, tokenizer) -> None:
-    from pretrain.data import check_datasets
-
     if tokenizer is not None and not cfg.data.mock_data:
         check_datasets(cfg.data, tokenizer)
         if cfg.data.test_data_path:
             check_datasets(cfg.data.test_data(), tokenizer)
 
 
-def _print_plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, peeked, pruning_note: str) -> None:
-    from pretrain.distributed import is_rank0, print_rank0
-
-    from pretrain.data import blend_report
-
+def _print_plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, stored: StoredCheckpoint | None,
+                pruning_note: str) -> None:
     print_rank0(_plan(cfg, layout, vocab_size, counts, _num_microbatches(cfg, layout)))
     if is_rank0():  # the report reads every dataset's index: once, not on every rank
         for line in blend_report(cfg.data, cfg.total_iters() * cfg.train.global_batch_size, cfg.model.seq_length):
             print_rank0(line)
-    for note in ([pruning_note] if pruning_note else []) + _pruning_warnings(cfg, counts, cfg.total_iters(), peeked):
+    for note in ([pruning_note] if pruning_note else []) + _pruning_warnings(cfg, counts, cfg.total_iters(), stored):
         print_rank0(note)
 
 
@@ -302,12 +285,13 @@ def _num_microbatches(cfg: PretrainConfig, layout: dict) -> int:
     return cfg.train.micro_batches_per_step(layout["dp_size"])
 
 
-def _build_model_and_engine(cfg: PretrainConfig, vocab_size: int, plain_megatron_spec: bool, peeked) -> tuple:
+def _build_model_and_engine(cfg: PretrainConfig, vocab_size: int, plain_megatron_spec: bool,
+                            stored_checkpoint: StoredCheckpoint | None) -> tuple:
     """(this rank's model chunks, the engine that trains them, the LR schedule)."""
     check_activation_memory(cfg.model, cfg.train, vocab_size, cfg.parallel.tensor_model_parallel_size,
                             ranks_on_this_host())
     # a model whose hidden mask can change needs mask-aware norms (not TE's fused ones)
-    stored = PruningState.stored_dict(peeked[1] if peeked else None)
+    stored = stored_checkpoint.pruning if stored_checkpoint else None
     model_chunks = build_model(cfg.model, cfg.parallel, cfg.train, vocab_size,
                                hidden_masking=hidden_masking_possible(cfg.prune, stored),
                                plain_megatron_spec=plain_megatron_spec,
@@ -316,10 +300,10 @@ def _build_model_and_engine(cfg: PretrainConfig, vocab_size: int, plain_megatron
         deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
         zero_padded_vocab_rows(unwrap(chunk), cfg.model.unpadded_vocab_size, vocab_size)
     if cfg.parallel.engine == "deepspeed":
-        carried = _weights_before_engine(cfg, peeked, model_chunks)
+        carried = _weights_before_engine(cfg, stored_checkpoint, model_chunks)
         engine = build_deepspeed_engine(cfg, unwrap(model_chunks[0]))
         if carried is not None:
-            _load_adam_state(engine, engine.model_chunks, *carried, peeked[0])
+            _load_adam_state(engine, engine.model_chunks, *carried, stored_checkpoint.folder)
     else:
         engine = MegatronEngine.build(cfg, model_chunks)
     # the engine stands in for the optimizer: the trainer, the schedule, checkpoints and pruning ask it
@@ -327,25 +311,25 @@ def _build_model_and_engine(cfg: PretrainConfig, vocab_size: int, plain_megatron
                                                         cfg.checkpoint.override_opt_param_scheduler)
 
 
-def _weights_before_engine(cfg: PretrainConfig, peeked, model_chunks: list) -> tuple | None:
+def _weights_before_engine(cfg: PretrainConfig, stored: StoredCheckpoint | None, model_chunks: list) -> tuple | None:
     """--engine deepspeed with --load of a megatron-format checkpoint (a run changing engine, a
     converted checkpoint, or the in-run shrink's): its weights go into the model before DeepSpeed
     wraps it (and copies them into its fp32 masters), and its AdamW state is read while the model
     still holds whole (TP-local) parameters: returned as (tensors, step) for ``_load_adam_state``
     once DeepSpeed has partitioned the optimizer; None when there is none to carry."""
-    if not peeked or os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
+    if not stored or stored.engine == "deepspeed":
         return None
-    finetune = _starts_fresh(cfg, peeked)
-    ckpt.load_checkpoint(peeked[0], model_chunks, None, load_optim=False,
+    finetune = _starts_fresh(cfg, stored)
+    ckpt.load_checkpoint(stored, model_chunks, None, load_optim=False,
                          load_rng=not (cfg.checkpoint.no_load_rng or finetune))
-    print_rank0(f"loaded the weights of megatron-format checkpoint {peeked[0]} before DeepSpeed wraps the model")
-    return None if finetune or cfg.checkpoint.no_load_optim else _read_adam_state(peeked[0], model_chunks)
+    print_rank0(f"loaded the weights of megatron-format checkpoint {stored.folder} before DeepSpeed wraps the model")
+    return None if finetune or cfg.checkpoint.no_load_optim else _read_adam_state(stored.folder, model_chunks)
 
 
-def _starts_fresh(cfg: PretrainConfig, peeked) -> bool:
+def _starts_fresh(cfg: PretrainConfig, stored: StoredCheckpoint | None) -> bool:
     """Whether the --load checkpoint gives weights only (--finetune; an imported convert_from_hf
     checkpoint holds nothing else): no optimizer state, no trainer state, no RNG."""
-    return cfg.checkpoint.finetune or bool(peeked and peeked[1].get("weights_only"))
+    return cfg.checkpoint.finetune or bool(stored and stored.weights_only)
 
 
 def _read_adam_state(folder: str, model_chunks: list) -> tuple | None:
@@ -369,9 +353,6 @@ def _build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_c
     """Pruning first (its step-end numbers feed the log line), checkpointing last (it saves what
     the others have updated, and ``lineage``: a shrunk or imported model stays marked as such, and
     the tokenizer's identity, ``resume.tokenizer_record``)."""
-    from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
-    from pretrain.model.flops import training_flops_per_token
-
     # what this model computes per token (a masked model computes at its full size)
     logger = LoggingCallback(cfg.train.log_interval, cfg.logging.tensorboard_dir,
                              flops_per_token=training_flops_per_token(cfg.model, vocab_size))
@@ -387,9 +368,6 @@ def _build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_c
 
 
 def _pruning_callback(cfg: PretrainConfig, vocab_size: int):
-    from pretrain.pruning.callback import PruningCallback
-    from pretrain.pruning.masks import ModelShape
-
     tp, pp, prune = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, cfg.prune
     # kept widths (and layers) must divide over every layout the run will use
     return PruningCallback(prune, ModelShape.from_config(cfg.model, vocab_size),
@@ -407,23 +385,21 @@ class _Resume:
     lineage: dict = dataclasses.field(default_factory=dict)
 
 
-def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, engine) -> _Resume:
-    from pretrain.resume import lineage
-
+def _load_checkpoint(cfg: PretrainConfig, stored: StoredCheckpoint | None, model_chunks: list, engine) -> _Resume:
     if not cfg.checkpoint.load:
         return _Resume()
-    finetune = _starts_fresh(cfg, peeked)
+    finetune = _starts_fresh(cfg, stored)
     # False: not megatron-core's optimizer format (a checkpoint converted between engines, or the
     # DeepSpeed in-run shrink's); its AdamW state, if any, is in model space (pretrain.engines.adam_state)
-    has_optimizer = not peeked or peeked[1].get("optimizer_state", True)
+    has_optimizer = not stored or stored.has_megatron_optimizer
     load_optim = not (cfg.checkpoint.no_load_optim or finetune)
-    if peeked and cfg.parallel.engine == "deepspeed" and not os.path.isdir(os.path.join(peeked[0], ckpt.ENGINE_DIR)):
+    if stored and cfg.parallel.engine == "deepspeed" and stored.engine != "deepspeed":
         # its weights and Adam state are in the engine already (_weights_before_engine): only the
         # trainer state is read here
-        loaded = ckpt.LoadedCheckpoint(peeked[0], ckpt.read_trainer_state(peeked[0]))
+        loaded = ckpt.LoadedCheckpoint(stored.folder, stored.trainer_state)
     else:
         loaded = ckpt.load_checkpoint(
-            peeked[0] if peeked else cfg.checkpoint.load, model_chunks, engine,
+            stored or cfg.checkpoint.load, model_chunks, engine,
             load_optim=has_optimizer and load_optim, load_rng=not (cfg.checkpoint.no_load_rng or finetune))
         if loaded is not None and not has_optimizer:
             engine.reload_master_weights()  # fp32 masters (bf16 runs) from the loaded weights, not the init's
@@ -440,9 +416,6 @@ def _load_checkpoint(cfg: PretrainConfig, peeked, model_chunks: list, engine) ->
 def _build_trainer(cfg: PretrainConfig, layout: dict, tokenizer, vocab_size: int, model_chunks: list, engine,
                    scheduler, callbacks: list, resume: _Resume):
     from megatron.core import parallel_state as ps
-
-    from pretrain.data import MicroBatchIterator, build_datasets, build_test_dataset
-    from pretrain.trainer import Trainer
 
     t, dp, dp_rank = cfg.train, layout["dp_size"], ps.get_data_parallel_rank()
     eval_runs = (cfg.total_iters() // t.eval_interval + 1) if t.eval_interval else 0
@@ -468,18 +441,16 @@ def _build_trainer(cfg: PretrainConfig, layout: dict, tokenizer, vocab_size: int
     return trainer
 
 
-def _restore_state(cfg: PretrainConfig, trainer, resume: _Resume, peeked) -> None:
+def _restore_state(cfg: PretrainConfig, trainer, resume: _Resume, stored: StoredCheckpoint | None) -> None:
     """The checkpoint's trainer state (iteration, data position, schedule, callbacks)."""
-    from pretrain.pruning.state import PruningState
-
     if resume.trainer_state is not None:
         trainer.load_state_dict(resume.trainer_state)
         if resume.loaded.local_state:
             trainer.load_local_state_dict(resume.loaded.local_state)
         _callback(trainer, "checkpoint").last_saved_iteration = trainer.state.iteration
-    elif cfg.prune.enabled and peeked and PruningState.stored_dict(peeked[1]) is not None:
+    elif cfg.prune.enabled and stored and stored.pruning is not None:
         # --finetune starts a fresh run, but the weights it loaded are pruned: keep their masks
-        _callback(trainer, "pruning").load_state_dict(PruningState.stored_dict(peeked[1]))
+        _callback(trainer, "pruning").load_state_dict(stored.pruning)
 
 
 def _callback(trainer, name: str):
@@ -487,8 +458,6 @@ def _callback(trainer, name: str):
 
 
 def _print_end(cfg: PretrainConfig, state) -> None:
-    from pretrain.distributed import print_rank0
-
     if state.stop_reason:
         print_rank0(f"stopped at iteration {state.iteration}: {state.stop_reason}")
     if cfg.logging.tensorboard_dir:
@@ -515,10 +484,9 @@ def _segment_summary(cfg: PretrainConfig, trainer, layout: dict) -> dict:
                                   "end": tps * _steps_per_second(history, last=True)}}
 
 
-def _pruning_warnings(cfg: PretrainConfig, counts: dict, total_iters: int, peeked) -> list[str]:
+def _pruning_warnings(cfg: PretrainConfig, counts: dict, total_iters: int,
+                      stored: StoredCheckpoint | None) -> list[str]:
     """Pruning settings that would silently do nothing in this run."""
-    from pretrain.pruning.state import PruningState
-
     prune = cfg.prune
     if not prune.enabled or prune.end_pruning:
         return []
@@ -536,7 +504,7 @@ def _pruning_warnings(cfg: PretrainConfig, counts: dict, total_iters: int, peeke
     if late:
         notes.append(f"WARNING: --shrink-at {','.join(map(str, late))}: past this run's last token ({run_tokens:,}), "
                      "so no shrink there in this run (a resumed, longer run does it)")
-    resumed = bool(peeked) and PruningState.stored_dict(peeked[1]) is not None
+    resumed = bool(stored) and stored.pruning is not None
     if prune.target_params is not None and not resumed and prune.target_params >= counts["total"]:
         notes.append(f"WARNING: --prune-target-params {prune.target_params:,} is not below the model's "
                      f"{counts['total']:,} parameters: nothing will be pruned")
@@ -608,15 +576,12 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_prep.tokenizers import TokenizerError
-    from pretrain.run.arguments import build_parser, config_from_args
-
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     args = build_parser().parse_args(argv)
     os.environ["PRETRAIN_LAUNCHER"] = args.launcher  # read by launch_environment
     try:
-        cfg = config_from_args(args)
-        run(cfg)
+        cfg, checkpoint = config_and_checkpoint_from_args(args)
+        run(cfg, checkpoint=checkpoint)
     except (UserError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -632,8 +597,6 @@ def main(argv: list[str] | None = None) -> int:
               "the model over more ranks (--tensor/pipeline-model-parallel-size)", file=sys.stderr, flush=True)
         return 2
     finally:
-        from pretrain.distributed import destroy_distributed
-
         destroy_distributed()
     return 0
 

@@ -42,7 +42,8 @@ def _flip_one_byte(path: Path, offset: int = 100) -> None:
 
 def _republish(folder: Path) -> None:
     """Rewrite the manifest to match the files (as someone handing us a crafted checkpoint would)."""
-    from pretrain.checkpoint import MANIFEST, _describe_files, _files_of
+    from pretrain.checkpoint import MANIFEST
+    from pretrain.checkpoint.atomic import _describe_files, _files_of
 
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["files"] = _describe_files(str(folder), _files_of(str(folder)))
