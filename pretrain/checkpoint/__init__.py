@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data_prep.processes import die_with_parent, forked_children_die_with_us
 # the names of files/atomic/stored/trust, re-exported: their callers import them from here
 from pretrain.checkpoint.atomic import (atomic_write_text, describe_files_collectively, file_crc32, find_checkpoint,
                                         is_disk_full, prune_old_checkpoints, publish_checkpoint, publish_folder,
@@ -32,11 +33,13 @@ from pretrain.checkpoint.atomic import (atomic_write_text, describe_files_collec
                                         staged_output, staging_folder, verify_checkpoint)
 from pretrain.checkpoint.atomic import this_rank as _rank
 from pretrain.checkpoint.files import (ENGINE_DIR, ENGINE_TAG, LATEST_FILE, MANIFEST, MODEL_OPTIM_DIR, TRAINER_STATE,
-                                       RNG_DIR, CheckpointError, engine_of, iteration_dir, rng_file)
+                                       RNG_DIR, engine_of, iteration_dir, rng_file)
 from pretrain.checkpoint.stored import StoredCheckpoint, deepspeed_only, read_trainer_state
 from pretrain.checkpoint.trust import check_dcp_pickles, load_without_code
 from pretrain.distributed import is_rank0
+from pretrain.distributed import layout as process_layout
 from pretrain.errors import CheckpointError
+from pretrain.model.params import unwrap
 from pretrain.engines.base import Engine
 from pretrain.engines.megatron import as_engine
 from pretrain.outputs import DISK_FULL, require_writable, write_error_reason, write_failure
@@ -83,8 +86,6 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _model_sharded_state_dict(model_chunks: list) -> dict:
-    from pretrain.model.build import unwrap
-
     if len(model_chunks) == 1:
         return unwrap(model_chunks[0]).sharded_state_dict(metadata=_sharding_metadata())
     return {f"model{i}": unwrap(c).sharded_state_dict(metadata=_sharding_metadata())
@@ -92,8 +93,6 @@ def _model_sharded_state_dict(model_chunks: list) -> dict:
 
 
 def _load_model_state(model_chunks: list, state: dict) -> None:
-    from pretrain.model.build import unwrap
-
     if len(model_chunks) == 1:
         unwrap(model_chunks[0]).load_state_dict(state, strict=True)
     else:
@@ -189,8 +188,6 @@ def _make_save_helpers_die_with_us() -> None:
     ourselves, with the parent-death signal set, so it dies with this process; and give the
     writer processes it forks at every save the same signal."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    from data_prep.processes import die_with_parent, forked_children_die_with_us
 
     forked_children_die_with_us()  # its writers are forked per save, and must not outlive a killed rank
     if filesystem_async._results_queue is not None:
@@ -318,6 +315,4 @@ def _layout_sizes(layout: dict) -> tuple:
 
 
 def _current_layout() -> dict:
-    from pretrain.distributed import layout
-
-    return layout() if torch.distributed.is_initialized() else {}
+    return process_layout() if torch.distributed.is_initialized() else {}

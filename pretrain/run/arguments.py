@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from typing import Literal
 
+from data_prep.tokenizers import infer_tokenizer_type
 from pretrain.config import (
     MODEL_PRESETS,
     ConfigError,
@@ -21,8 +23,11 @@ from pretrain.config import (
     Flag,
     ModelConfig,
     PretrainConfig,
+    parse_blend,
+    read_data_args,
 )
 from pretrain.checkpoint.stored import StoredCheckpoint
+from pretrain.distributed import LAUNCHERS
 from pretrain.resume import keep_checkpoint_settings, peek_checkpoint
 
 
@@ -102,8 +107,6 @@ def _shown(value) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _RecordingParser(prog="python -m pretrain", description="Pruning-aware pretraining on megatron-core.")
-    from pretrain.distributed import LAUNCHERS
-
     groups: dict[str, argparse._ArgumentGroup] = {}
     model = groups["model"] = p.add_argument_group("model")
     model.add_argument("--model", choices=sorted(MODEL_PRESETS), default=None,
@@ -198,8 +201,6 @@ def _model_values(args: argparse.Namespace, stored: StoredCheckpoint | None) -> 
 
 def _tokenizer_values(args: argparse.Namespace, stored: StoredCheckpoint | None) -> tuple[str, str | None]:
     """(--tokenizer-type, --tokenizer-model): the flags, else the --load checkpoint's recorded tokenizer."""
-    from data_prep.tokenizers import infer_tokenizer_type
-
     model = args.tokenizer_model
     if model is None and stored is not None and not args.mock_data and args.tokenizer_type != "NullTokenizer":
         recorded = stored.tokenizer_files
@@ -221,8 +222,6 @@ def _section_values(args: argparse.Namespace, cls) -> dict:
 
 
 def _data_path(args: argparse.Namespace) -> list[str]:
-    from pretrain.config import read_data_args
-
     if args.data_args_path is None:
         return args.data_path
     if args.data_path:
@@ -232,10 +231,6 @@ def _data_path(args: argparse.Namespace) -> list[str]:
 
 def _per_split_paths(args: argparse.Namespace) -> dict:
     """Megatron-LM's --per-split-data-args-path: {"train": [...], "valid": [...], "test": [...]}."""
-    import json
-
-    from pretrain.config import parse_blend
-
     path = args.per_split_data_args_path
     if path is None:
         return {}

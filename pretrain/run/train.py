@@ -466,9 +466,6 @@ def _print_end(cfg: PretrainConfig, state) -> None:
 
 
 def _segment_summary(cfg: PretrainConfig, trainer, layout: dict) -> dict:
-    from pretrain.distributed import device
-    from pretrain.model.build import unwrap
-
     # a partitioned parameter (ZeRO-3) holds part of itself: count its full shape
     params = sum(math.prod(trainer.engine.full_shape(p)) for c in trainer.model_chunks for p in unwrap(c).parameters())
     if torch.distributed.is_initialized():
