@@ -48,7 +48,7 @@ def _worker(data: dict, start_iters: int, iters: int, interval: int, ratio: floa
     from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig,
                                  PretrainConfig, TrainConfig, MODEL_PRESETS)
     from pretrain.pruning.callback import PruningCallback
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     def config(train_iters: int, load: str | None = None, save: str | None = None):
         return PretrainConfig(
@@ -106,7 +106,7 @@ def _real_worker(ckpt: str, hf_dir: str, data: dict, calibration: int, eval_batc
     from pretrain.pruning.compensation import Compensator
     from pretrain.pruning.masks import GroupScores, build_local_masks
     from pretrain.pruning.solver import SolverConstraints, solve
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     summary = run(_config(ckpt, hf_dir, data, "obs", 2, seq_length))
     pruner = next(c for c in summary["trainer"].callbacks if c.name == "pruning")

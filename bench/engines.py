@@ -87,7 +87,7 @@ def _worker(args: dict, names: list) -> dict:
 
     import torch
 
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     out = {}
     for name in names:

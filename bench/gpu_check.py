@@ -142,7 +142,7 @@ def _train_cfg(model_cfg, iters: int, mbs: int, prune: bool, bf16: bool = True, 
 def bf16_masked_state(layers: int | None) -> dict:
     """Masked master weights, Adam moments and bf16 weights stay zero (distributed optimizer)."""
     from pretrain.engines.slots import iter_param_slots
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     cfg = _train_cfg(_model_cfg("smollm-135m", 512, layers or 6), 8, 4, prune=True)
     cfg.prune = dataclasses.replace(cfg.prune, target_ratio=0.6, end_tokens=6 * 4 * 512)
@@ -166,7 +166,7 @@ def bf16_masked_state(layers: int | None) -> dict:
 
 
 def throughput(preset: str, layers: int | None, iters: int, mbs: int, seq: int, peak: float | None) -> list[dict]:
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     model_cfg = _model_cfg(preset, seq, layers)
     rows = []
@@ -183,7 +183,7 @@ def throughput(preset: str, layers: int | None, iters: int, mbs: int, seq: int, 
 
 
 def shrink_speedup(layers: int | None, iters: int, seq: int) -> dict:
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     with tempfile.TemporaryDirectory() as save:
         cfg = _train_cfg(_model_cfg("smollm-360m", seq, layers), iters, 4, prune=True)

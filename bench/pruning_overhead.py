@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 def _worker(saliency: str, rounds: int, iters: int, seq: int):
     from pretrain.config import (DataConfig, ModelConfig, OptimConfig, ParallelConfig,
                                  PretrainConfig, TrainConfig, MODEL_PRESETS)
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     def cfg(prune: bool):
         c = PretrainConfig(

@@ -164,7 +164,7 @@ def _worker(ckpt: str, hf_dir: str, data: dict, estimators: list, batches: int, 
     from pretrain.model.build import unwrap
     from pretrain.pruning.masks import GroupScores, build_local_masks
     from pretrain.pruning.solver import SolverConstraints, solve
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     heldout = _heldout_batches(data["heldout"], seq_length, eval_batches)
     rows = []

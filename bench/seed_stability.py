@@ -47,7 +47,7 @@ def _worker(data: dict, seeds: list, iters: int, ratio: float, granularity: str,
 
     from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig,
                                  PretrainConfig, TrainConfig, MODEL_PRESETS)
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     def config(seed: int, train_iters: int, load: str | None = None, save: str | None = None):
         return PretrainConfig(

@@ -39,7 +39,7 @@ def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: i
     from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig,
                                  ParallelConfig, PretrainConfig, PruneConfig, TrainConfig)
     from pretrain.shrink import reshard_checkpoint
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     seq, gbs = 128, 8
     model = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=8, num_query_groups=4,

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 def _worker(model: dict, gbs: int, mbs: int, iters: int, profile: bool) -> dict:
     from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig,
                                  PretrainConfig, TrainConfig)
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     cfg = PretrainConfig(model=ModelConfig(**{**model, "vocab_size": model.get("vocab_size") or 4032}),
                          parallel=ParallelConfig(), data=DataConfig(mock_data=True, split="100,0,0"),

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 def _worker(layout, iters, mock_seq, model, bf16, mbs, gbs):
     from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig,
                                  ParallelConfig, PretrainConfig, TrainConfig, MODEL_PRESETS)
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     tp, pp = layout
     m = dict(MODEL_PRESETS[model], seq_length=mock_seq)

@@ -1,6 +1,6 @@
 import sys
 
-from pretrain.run.train import main
+from pretrain.run.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

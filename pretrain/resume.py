@@ -3,7 +3,7 @@
 The checkpoint is found once (``pretrain.checkpoint.stored.StoredCheckpoint``: its folder and
 trainer state, no weights); from it come the model shape (``--use-checkpoint-args``, a shrunk or an
 imported checkpoint), the padded vocabulary and the pruning settings that continue (DESIGN
-invariant 9). Used by the entry point (``pretrain.run.train``), the command line
+invariant 9). Used by the run (``pretrain.run.build``), the command line
 (``pretrain.run.arguments``) and evaluation (``pretrain.evaluate``). Each function taking a
 checkpoint accepts a StoredCheckpoint or a ``(folder, trainer state)`` pair.
 """

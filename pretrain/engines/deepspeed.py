@@ -214,7 +214,7 @@ class DeepSpeedEngine(Engine):
     def reload_master_weights(self) -> None:
         """Nothing to do: DeepSpeed copies the weights into its fp32 masters when it wraps the model,
         and reads its masters with its own files; weights alone are loaded before it wraps the model
-        (``pretrain.run.train``)."""
+        (``pretrain.run.build``)."""
 
     def full_shape(self, param: torch.nn.Parameter) -> tuple:
         return tuple(getattr(param, "ds_shape", None) or param.shape)  # a ZeRO-3 partition keeps it there

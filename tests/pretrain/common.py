@@ -44,7 +44,7 @@ def full_params(summary: dict) -> dict:
 
 def train_layouts(data: dict, layouts: list, iters: int) -> dict:
     """Rank worker: train the same run under several (tp, pp) layouts; losses per layout."""
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     results = {}
     for tp, pp in layouts:

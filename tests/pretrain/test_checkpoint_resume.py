@@ -19,7 +19,7 @@ ITERS = 6
 
 
 def _resume_worker(data: dict, root: str) -> dict:
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     straight = run(debug_config(data, tp=2, iters=ITERS, save=f"{root}/straight"))
     first = run(debug_config(data, tp=2, iters=ITERS, save=f"{root}/broken", exit_interval=3))

@@ -106,7 +106,7 @@ def test_a_run_looks_for_its_load_checkpoint_once(tmp_path, monkeypatch, capsys)
     """The command line resolves the config against the --load checkpoint and the run goes on with
     the same one: an invalid newer checkpoint is skipped (and said) once, not once per reader."""
     from pretrain.run import arguments
-    from pretrain.run.train import main
+    from pretrain.run.cli import main
 
     flags = ["--model", "debug", "--train-iters", "2", "--mock-data"]
     cfg = arguments.config_from_args(arguments.build_parser().parse_args(flags))

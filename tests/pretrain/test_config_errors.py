@@ -2,7 +2,7 @@
 
 import pytest
 
-from pretrain.run.train import main
+from pretrain.run.cli import main
 
 BASE = ["--model", "debug", "--train-iters", "2", "--mock-data"]
 

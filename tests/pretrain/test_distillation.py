@@ -153,7 +153,7 @@ def _curve(summary: dict) -> dict:
 
 
 def _kd_worker(data: dict, root: str) -> dict:
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     def cfg(**kw):
         return debug_config(data, iters=ITERS, gbs=4, seq_length=32, **kw)

@@ -49,7 +49,7 @@ def _config(data: dict, engine: str, stage: int | None, **parallel):
 
 def _train_engines(data: dict, runs: list) -> dict:
     """Rank worker: one training run per (engine, stage); its losses, norms and pruning tables."""
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     out = {}
     for engine, stage in runs:
@@ -132,7 +132,7 @@ def _resume_runs(data: dict, root: str, variants: list) -> dict:
     import torch
 
     from pretrain.checkpoint import LATEST_FILE, atomic_write_text, iteration_dir
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     out = {}
     for name, stage, offload in variants:
@@ -190,7 +190,7 @@ def _change_engine(data: dict, cfg, save: str, root: str, name: str) -> dict:
     import torch
 
     from pretrain.checkpoint import LATEST_FILE, atomic_write_text, iteration_dir
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     converted, small, hf = (os.path.join(root, f"{name}-{what}") for what in ("megatron", "small", "hf"))
     tools = {}
@@ -224,7 +224,7 @@ def _from_megatron(cfg, root: str, name: str) -> dict:
     import torch
 
     from pretrain.checkpoint import LATEST_FILE, atomic_write_text, iteration_dir
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     save, converted = os.path.join(root, f"{name}-from-megatron"), os.path.join(root, f"{name}-to-deepspeed")
     whole = run(dataclasses.replace(
@@ -285,7 +285,7 @@ def _shrink_under(data: dict, root: str, stage: int) -> dict:
     """Rank worker: a masked ZeRO-``stage`` run, and the same run shrunk in-run after step 2."""
     import os
 
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     cfg = _config(data, "deepspeed", stage)
     masked = run(cfg)
@@ -313,7 +313,7 @@ def _round_trips(data: dict, runs: list) -> dict:
     import torch
 
     from pretrain.engines.adam_state import adam_step, gather_from_engine, scatter_into_engine
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     out = {}
     for engine, stage, bf16 in runs:
@@ -358,7 +358,7 @@ def _from_plain_optimizer(data: dict, root: str) -> dict:
     import torch
 
     from pretrain.checkpoint import LATEST_FILE, atomic_write_text, iteration_dir
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     save = os.path.join(root, "plain")
     cfg = _config(data, "megatron", None, use_distributed_optimizer=False)

@@ -141,7 +141,7 @@ def _nonfinite(data: dict, engine: str, stage: int | None, save: str | None) -> 
     import contextlib
     import io
 
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     poison = PoisonedStep(iteration=1, rank=3)  # step 2, on TP rank 1 of DP rank 1
     cfg = _config(data, engine, stage, iters=3)
@@ -164,7 +164,7 @@ def _fisher_resume(data: dict, root: str, stage: int) -> dict:
     import torch
 
     from pretrain.checkpoint import LATEST_FILE, atomic_write_text, iteration_dir
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     save = os.path.join(root, f"fisher-zero{stage}")
     cfg = _config(data, "deepspeed", stage, prune={"saliency": "fisher"})
@@ -183,7 +183,7 @@ def _scenarios(data: dict, root: str, names: tuple) -> dict:
     import os
     import time
 
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     out: dict = {}
 

@@ -81,7 +81,7 @@ def test_scientific_whole_numbers_refuse_fractions_and_infinity():
 def test_pruning_window_and_shrink_points_past_the_end_are_warned_about(tiny_dataset, monkeypatch, capsys):
     """A window or a shrink past this run's last token is kept (a resumed, longer run reaches it)
     but never silent: the plan says what this run will and will not do."""
-    from pretrain.run.train import main
+    from pretrain.run.cli import main
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)

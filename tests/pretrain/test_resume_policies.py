@@ -37,7 +37,7 @@ def _saved_pruning(folder):
 
 
 def resume_worker(data, root):
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     straight = run(_config(data, WINDOW, save=f"{root}/straight"))
     first = run(_config(data, WINDOW, save=f"{root}/run", exit_interval=5))
@@ -67,7 +67,7 @@ def test_pruning_state_is_kept_unless_the_user_ends_it(tiny_dataset, tmp_path):
 
 def nonfinite_worker(data, root):
     from pretrain.trainer import NonFiniteError
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     cfg = _config(data, save=f"{root}/nan", save_interval=1)
     cfg.optim = dataclasses.replace(cfg.optim, lr=1e8, clip_grad=0.0, lr_warmup_iters=0)
@@ -91,7 +91,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tiny_dataset, tmp_path):
 
 
 def test_pruning_that_would_do_nothing_is_warned_about(tiny_dataset):
-    from pretrain.run.train import _pruning_warnings
+    from pretrain.run.plan import pruning_warnings as _pruning_warnings
 
     cfg = _config(tiny_dataset, {**WINDOW, "start_tokens": 10**9, "end_tokens": 2 * 10**9})
     counts = {"total": 919_000}

@@ -92,7 +92,7 @@ def test_a_changed_schedule_is_refused_unless_the_user_says_which_to_follow(monk
 
 
 def schedule_worker(data, root):
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     def config(iters, **checkpoint):
         cfg = debug_config(data, iters=iters, save=f"{root}/run", load=f"{root}/run")

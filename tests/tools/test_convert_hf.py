@@ -33,7 +33,7 @@ def _pruned(data, granularity, **kw):
 def train_worker(data, root):
     """Checkpoints to export: uniform pruning at TP=2, per-layer pruning at PP=2, an unpruned
     untied MHA model at TP=2 (world size 2)."""
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     run(_pruned(data, "uniform", tp=2, save=f"{root}/uniform"))
     # sequences of 128: the lm-eval task's continuations need more than 64 positions
@@ -278,7 +278,7 @@ def test_import_computes_what_hf_computes_and_round_trips(tmp_path):
 
 def start_from_import_worker(data, root, imported):
     """pretrain --load of an imported checkpoint: starts at iteration 0 from its weights."""
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     from_import = run(debug_config(data, iters=2, load=imported))
     fresh = run(debug_config(data, iters=2))

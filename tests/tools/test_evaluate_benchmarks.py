@@ -41,7 +41,7 @@ def layouts_worker(data, root):
 
     from pretrain.benchmarks import load_for_benchmarks, score_documents
     from pretrain.shrink import reshard_checkpoint
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     run(_pruned(data, "per-layer", tp=2, save=f"{root}/masked", num_layers=2))
     if torch.distributed.get_rank() == 0:

@@ -28,7 +28,7 @@ def _cfg(data, granularity="uniform", **kw):
 
 
 def masked_worker(data, root, tp, pp):
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     # pruning ends at step 6; save at 8 and keep going to 12 on the masked model
     full = run(_cfg(data, tp=tp, pp=pp, iters=12, save=f"{root}/masked", save_interval=8))
@@ -45,7 +45,7 @@ def shrink_worker(root, target_tp):
 
 
 def resume_worker(data, root, tp, pp):
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     cfg = _cfg(data, tp=tp, pp=pp, iters=12, load=f"{root}/small")
     cfg.checkpoint = dataclasses.replace(cfg.checkpoint, use_checkpoint_args=True)
@@ -122,7 +122,7 @@ def drop_layer_worker(data, root):
 
     from pretrain import checkpoint as ckpt
     from pretrain.pruning.masks import GroupMasks
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     run(_cfg(data, iters=4, save=f"{root}/run", save_interval=4, num_layers=3, add_qkv_bias=True))
     source = f"{root}/run/iter_0000004"
@@ -170,7 +170,7 @@ def test_dropped_layer_shrinks_to_the_same_model(tiny_dataset, tmp_path):
 
 def refuse_worker(data, root):
     from pretrain.shrink import ShrinkError, reshard_checkpoint
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     run(_cfg(data, iters=6, save=f"{root}/pruned"))
     cfg = debug_config(data, iters=2, save=f"{root}/plain")
@@ -200,7 +200,7 @@ def test_bad_inputs_are_refused(tiny_dataset, tmp_path):
 
 
 def inrun_worker(data, root):
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     def cfg(shrink: bool, save: str):
         c = _cfg(data, tp=2, iters=10, save=save, save_interval=100)
@@ -234,7 +234,7 @@ def test_in_run_shrink_continues_the_curve(tiny_dataset, tmp_path):
 
 def layout_change_worker(data, root):
     """In-run shrink that continues on another layout in the same processes (TP=2 -> TP=1, DP=2)."""
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     def cfg(shrink: bool, save: str):
         c = _cfg(data, tp=2, iters=10, save=save, save_interval=100)
@@ -258,7 +258,7 @@ def test_in_run_shrink_can_continue_on_another_layout(tiny_dataset, tmp_path):
 
 def per_layer_worker(data, root):
     """Per-layer pruning, shrunk in-run several times into heterogeneous models (TP=2)."""
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     def cfg(shrink: bool, save: str, iters: int = 10):
         c = _cfg(data, tp=2, iters=iters, save=save, save_interval=100, granularity="per-layer")

@@ -177,7 +177,7 @@ def embedding_heavy_worker(data, ratios):
 
     from pretrain.model.build import unwrap
     from pretrain.pruning.masks import build_local_masks
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
     from tests.pretrain.common import debug_config
 
     # 400 steps: held-out loss 4.3, well past the unigram stage (5.3 after 150 steps), so the

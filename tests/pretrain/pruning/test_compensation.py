@@ -206,7 +206,7 @@ def _master_gap(summary):
 def training_worker(data, root):
     from megatron.core import parallel_state as ps
 
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
     from tests.pretrain.pruning.test_pruning_distributed import _pruner, _zero_violations
 
     out = {"layer": layer_outputs(data)}

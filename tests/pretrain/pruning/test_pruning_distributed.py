@@ -30,7 +30,7 @@ def _pruner(summary):
 
 
 def tables_worker(data, layouts, with_bias=True):
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     out = {}
     for tp, pp in layouts:
@@ -68,7 +68,7 @@ def _zero_violations(summary):
 
 
 def zero_and_resume_worker(data, root):
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     # many steps with several pruning events under TP=2, then inspect weights and Adam moments
     summary = run(_prune_config(data, tp=2, iters=14, interval=2, end_tokens=8 * 64 * 8, ratio=0.5,
@@ -125,7 +125,7 @@ def test_masked_state_stays_zero_and_resume_mid_pruning(tiny_dataset, tmp_path):
 def bf16_worker(data):
     import dataclasses as dc
 
-    from pretrain.run.train import run
+    from pretrain.run.segments import run
 
     cfg = _prune_config(data, iters=8, interval=2, end_tokens=6 * 64 * 8, ratio=0.6, saliency="fisher")
     cfg.train = dc.replace(cfg.train, bf16=True)
