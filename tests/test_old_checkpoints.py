@@ -102,8 +102,8 @@ def test_resume_continues_and_writes_the_old_format(work, kind):
 
 
 def test_engine_conversion_writes_the_old_format(work):
-    # an absolute --load: a relative one leaves the DeepSpeed reader's links to the ZeRO files dangling
-    _run(_tool("convert_checkpoint.py", "--load", os.path.join(work, "deepspeed_zero3"), "--save", "converted_again",
+    # a relative --load: the DeepSpeed reader's links to the ZeRO files once dangled from a temporary folder
+    _run(_tool("convert_checkpoint.py", "--load", "deepspeed_zero3", "--save", "converted_again",
                "--to", "megatron"), work)
     _assert_format("converted", os.path.join(work, "converted_again"))
 

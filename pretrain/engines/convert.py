@@ -106,7 +106,7 @@ def _consolidated_per_tp_rank(engine_dir: str, tag: str, tp: int) -> tuple[list[
     folder of its own under the names it expects of rank 0."""
     import deepspeed
 
-    source = os.path.join(engine_dir, tag)
+    source = os.path.abspath(os.path.join(engine_dir, tag))  # linked from a temporary folder: an absolute target
     out, step = [], 0
     for rank in range(tp):
         marker = f"mp_rank_{rank:02d}"
