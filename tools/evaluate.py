@@ -124,9 +124,9 @@ def _benchmark_scalars(tensorboard_dir: str, folder: str, results: dict) -> None
     """benchmarks/<task>/<metric> at the checkpoint's iteration."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from pretrain import checkpoint as ckpt  # lazy: torch after TORCHDYNAMO_DISABLE is set
+    from pretrain.checkpoint.stored import StoredCheckpoint  # lazy: torch after TORCHDYNAMO_DISABLE is set
 
-    step = int(ckpt.read_trainer_state(folder).get("iteration", 0))
+    step = StoredCheckpoint(folder).iteration
     writer = SummaryWriter(tensorboard_dir)
     for name, m in results["tasks"].items():
         for metric in ("acc", "acc_norm", "score"):

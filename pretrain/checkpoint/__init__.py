@@ -85,7 +85,7 @@ def _set_rng_state(state: dict) -> None:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _model_sharded_state_dict(model_chunks: list) -> dict:
+def model_sharded_state_dict(model_chunks: list) -> dict:
     if len(model_chunks) == 1:
         return unwrap(model_chunks[0]).sharded_state_dict(metadata=_sharding_metadata())
     return {f"model{i}": unwrap(c).sharded_state_dict(metadata=_sharding_metadata())
@@ -147,7 +147,7 @@ def _write_checkpoint_files(tmp: str, model_chunks: list, optimizer, trainer_sta
     if isinstance(optimizer, Engine) and optimizer.own_checkpoint_files:  # DeepSpeed
         optimizer.save_files(os.path.join(tmp, ENGINE_DIR), ENGINE_TAG)
     else:
-        model_sd = _model_sharded_state_dict(model_chunks)
+        model_sd = model_sharded_state_dict(model_chunks)
         sharded = {"model": model_sd}
         if optimizer is not None:
             sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False,
@@ -282,7 +282,7 @@ def _load_dcp_state(folder: str, model_chunks: list, engine: Engine | None, load
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
-    model_sd = _model_sharded_state_dict(model_chunks)
+    model_sd = model_sharded_state_dict(model_chunks)
     sharded = {"model": model_sd}
     if load_optim and engine is not None:
         sharded["optimizer"] = engine.sharded_state_dict(model_sd, is_loading=True, metadata=_sharding_metadata())

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from pretrain.checkpoint import MODEL_OPTIM_DIR, _model_sharded_state_dict, check_dcp_pickles, load_without_code
+from pretrain.checkpoint import MODEL_OPTIM_DIR, model_sharded_state_dict, check_dcp_pickles, load_without_code
 from pretrain.engines.adam_state import model_sharded_tensors, param_names, recorded_step, state_entry
 
 # where each model-space key is stored: the distributed optimizer's masters are "param", the
@@ -43,7 +43,7 @@ def read_checkpoint(folder: str, model_chunks: list) -> tuple[dict, int]:
     names = param_names(model_chunks)
     stored = _stored_keys(folder)
     request, wanted = {}, {}
-    for i, sh in enumerate(model_sharded_tensors(_model_sharded_state_dict(model_chunks))):
+    for i, sh in enumerate(model_sharded_tensors(model_sharded_state_dict(model_chunks))):
         name = names.get(sh.data)
         if name is None:
             continue

@@ -24,7 +24,7 @@ from pretrain.compare.recipes import Recipe
 from pretrain.config import ConfigError, DataConfig, ModelConfig
 from pretrain.data import check_tokenizer_matches_data, load_tokenizer
 from pretrain.pruning.masks import ModelShape
-from pretrain.pruning.solver import SolverConstraints, _unit_size
+from pretrain.pruning.solver import SolverConstraints, unit_size
 
 
 def _log(message: str) -> None:
@@ -382,7 +382,7 @@ def check_parent_tokenizer(parent: str, tokenizer: tuple[str, str], data_path: l
 
 def smallest_model(recipe: Recipe, vocab: int) -> tuple[int, int, int]:
     """(parameters, hidden width, align) of the smallest model the solver can leave of the recipe's
-    parent: every type taken down unit by unit by the solver's own rule (``solver._unit_size``, the
+    parent: every type taken down unit by unit by the solver's own rule (``solver.unit_size``, the
     floors of ``SolverConstraints``) until no unit may go. The solver itself, asked for 0 parameters,
     gives the same masks one greedy move at a time (half a minute for a 30-layer model)."""
     shape = ModelShape.from_config(ModelConfig(**recipe.model), vocab)
@@ -390,7 +390,7 @@ def smallest_model(recipe: Recipe, vocab: int) -> tuple[int, int, int]:
     c = SolverConstraints(tensor_parallel=recipe.tensor_parallel, align=align)
 
     def floor(kept: int, unit: int, minimum: int) -> int:
-        while size := _unit_size(kept, unit, minimum):
+        while size := unit_size(kept, unit, minimum):
             kept -= size
         return kept
 

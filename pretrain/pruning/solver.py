@@ -58,7 +58,7 @@ class SolverConstraints:
         return self.align
 
 
-def _unit_size(kept: int, unit: int, minimum: int) -> int:
+def unit_size(kept: int, unit: int, minimum: int) -> int:
     """Groups to remove next: back to a multiple of ``unit`` first, else one unit; 0 if at minimum."""
     size = kept % unit or unit
     return size if kept - size >= max(minimum, unit) else 0
@@ -93,7 +93,7 @@ def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: Solv
                         unit_cost: int) -> None:
         """One candidate per layer set: its ``unit`` least salient kept groups of ``kind``."""
         for layers in layer_sets:
-            size = _unit_size(int(kept[layers[0]]), unit, minimum)
+            size = unit_size(int(kept[layers[0]]), unit, minimum)
             if size == 0 or any(int(kept[l]) != int(kept[layers[0]]) for l in layers):
                 continue
             picks = [_lowest(type_scores[l], type_mask[l], size) for l in layers]
@@ -109,7 +109,7 @@ def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: Solv
                         shape.ffn_channel_cost(h_kept))
     if "layers" in c.prune_types:
         kept_layers = torch.nonzero(new.layers).flatten()
-        size = _unit_size(len(kept_layers), c.pipeline_parallel, c.min_layers)
+        size = unit_size(len(kept_layers), c.pipeline_parallel, c.min_layers)
         if size:
             layer_scores = scores.heads.double().mul(new.heads).sum(1) + scores.ffn.double().mul(new.ffn).sum(1)
             order = torch.sort(layer_scores[kept_layers], stable=True).indices[:size]
@@ -118,7 +118,7 @@ def _candidates(shape: ModelShape, new: GroupMasks, scores: GroupScores, c: Solv
             score = float(sum(layer_scores[l] for l in picks_l))
             candidates.append((score / max(cost, 1), 3, picks_l[0], "layers", picks_l, [], cost))
     if "hidden" in c.prune_types:
-        size = _unit_size(h_kept, c.hidden_unit(), c.min_hidden)
+        size = unit_size(h_kept, c.hidden_unit(), c.min_hidden)
         if size:
             pick = _lowest(scores.hidden, new.hidden, size)
             cost = size * shape.hidden_channel_cost(new)
