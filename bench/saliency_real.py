@@ -104,10 +104,10 @@ def prepare_data(work: str, hf_dir: str, documents: int) -> dict:
 def _config(ckpt: str, hf_dir: str, data: dict, estimator: str, batches: int, seq_length: int):
     import dataclasses
 
-    from pretrain import checkpoint as ck
+    from pretrain.checkpoint.stored import StoredCheckpoint
     from pretrain.config import CheckpointConfig, DataConfig, OptimConfig, PretrainConfig, TrainConfig
 
-    saved = PretrainConfig.from_dict(ck.read_trainer_state(ck.find_checkpoint(ckpt))["config"])
+    saved = StoredCheckpoint.open(ckpt, "--parent").config
     cfg = PretrainConfig(
         model=dataclasses.replace(saved.model, seq_length=seq_length),
         data=DataConfig(data_path=[data["score"]], split="100,0,0", tokenizer_type="HuggingFaceTokenizer",

@@ -14,12 +14,11 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from data_prep.tokenizers import TokenizerError, build_tokenizer
 from pretrain.checkpoint.atomic import find_checkpoint
 from pretrain.checkpoint.files import TRAINER_STATE, CheckpointError, engine_of
+from pretrain.checkpoint.tokenizer import checkpoint_tokenizer, checkpoint_tokenizer_identity
 from pretrain.checkpoint.trust import load_without_code
 from pretrain.config import PretrainConfig
-from pretrain.data import TokenizerIdentity, tokenizer_identity
 from pretrain.pruning.state import PruningState
 
 # trainer-state keys that say where the model came from; carried into every later checkpoint
@@ -49,36 +48,6 @@ def deepspeed_only(folder: str) -> str | None:
             "deepspeed run on the layout that wrote them reads. Convert it once: python "
             f"tools/convert_checkpoint.py --load {folder} --save NEW --to megatron, and give NEW instead "
             "(under either engine)")
-
-
-def checkpoint_tokenizer(folder: str, state: dict) -> tuple[str, str] | None:
-    """(--tokenizer-type, --tokenizer-model) recorded in a checkpoint; a recorded copy that moved
-    with its checkpoint folder (``ROOT/tokenizer``) is found beside it."""
-    data = PretrainConfig.from_dict(state["config"]).data
-    if not data.tokenizer_model or data.tokenizer_type == "NullTokenizer":
-        return None
-    if not os.path.exists(data.tokenizer_model) and os.path.basename(data.tokenizer_model.rstrip("/")) == "tokenizer":
-        moved = os.path.join(os.path.dirname(os.path.abspath(folder)), "tokenizer")
-        if os.path.isdir(moved):
-            return data.tokenizer_type, moved
-    return data.tokenizer_type, data.tokenizer_model
-
-
-def checkpoint_tokenizer_identity(folder: str, trainer_state: dict) -> tuple | None:
-    """(identity, where it is recorded) of the tokenizer a checkpoint was trained with
-    (``pretrain.data.TokenizerIdentity``): recorded in it, or (a checkpoint from before that) read
-    from the tokenizer file its config names; None when nothing tells."""
-    if trainer_state.get("tokenizer"):
-        record = trainer_state["tokenizer"]
-        return (TokenizerIdentity(record["vocab_size"], record.get("sha256"), tuple(record.get("also", ()))),
-                "recorded in its trainer state")
-    recorded = checkpoint_tokenizer(folder, trainer_state)
-    if recorded is None:
-        return None
-    try:
-        return tokenizer_identity(build_tokenizer(*recorded)), f"its config names {recorded[1]}"
-    except (TokenizerError, OSError):
-        return None  # moved or deleted: nothing to compare with
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ read a checkpoint's tokenizer here: none of them asks another for it.
 from __future__ import annotations
 
 import dataclasses
+import os
 
-from pretrain.checkpoint.stored import checkpoint_tokenizer, checkpoint_tokenizer_identity  # noqa: F401  (re-exported)
-from pretrain.config import ConfigError
-from pretrain.data import tokenizer_identity, tokenizer_identity_problem
+from data_prep.tokenizers import TokenizerError, build_tokenizer
+from pretrain.config import ConfigError, PretrainConfig
+from pretrain.data import TokenizerIdentity, tokenizer_identity, tokenizer_identity_problem
 
 
 def tokenizer_record(tokenizer, also: tuple = ()) -> dict:
@@ -21,6 +22,35 @@ def tokenizer_record(tokenizer, also: tuple = ()) -> dict:
     ``also``: files of the same tokenizer in another format (``pretrain.data.TokenizerIdentity``)."""
     return {} if tokenizer is None else {"tokenizer": dataclasses.asdict(tokenizer_identity(tokenizer, also))}
 
+
+def checkpoint_tokenizer(folder: str, state: dict) -> tuple[str, str] | None:
+    """(--tokenizer-type, --tokenizer-model) recorded in a checkpoint; a recorded copy that moved
+    with its checkpoint folder (``ROOT/tokenizer``) is found beside it."""
+    data = PretrainConfig.from_dict(state["config"]).data
+    if not data.tokenizer_model or data.tokenizer_type == "NullTokenizer":
+        return None
+    if not os.path.exists(data.tokenizer_model) and os.path.basename(data.tokenizer_model.rstrip("/")) == "tokenizer":
+        moved = os.path.join(os.path.dirname(os.path.abspath(folder)), "tokenizer")
+        if os.path.isdir(moved):
+            return data.tokenizer_type, moved
+    return data.tokenizer_type, data.tokenizer_model
+
+
+def checkpoint_tokenizer_identity(folder: str, trainer_state: dict) -> tuple | None:
+    """(identity, where it is recorded) of the tokenizer a checkpoint was trained with
+    (``pretrain.data.TokenizerIdentity``): recorded in it, or (a checkpoint from before that) read
+    from the tokenizer file its config names; None when nothing tells."""
+    if trainer_state.get("tokenizer"):
+        record = trainer_state["tokenizer"]
+        return (TokenizerIdentity(record["vocab_size"], record.get("sha256"), tuple(record.get("also", ()))),
+                "recorded in its trainer state")
+    recorded = checkpoint_tokenizer(folder, trainer_state)
+    if recorded is None:
+        return None
+    try:
+        return tokenizer_identity(build_tokenizer(*recorded)), f"its config names {recorded[1]}"
+    except (TokenizerError, OSError):
+        return None  # moved or deleted: nothing to compare with
 
 def check_checkpoint_tokenizer(flag: str, folder: str, trainer_state: dict, tokenizer) -> None:
     """The tokenizer identity rule (``pretrain.data.tokenizer_identity_problem``) for a checkpoint

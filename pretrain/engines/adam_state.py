@@ -58,12 +58,6 @@ def _set_adam_step(optimizer, step: int) -> None:
                 group["step"] = int(step)
 
 
-def ensure_adam_state(optimizer) -> None:
-    """Give every Adam inside ``optimizer`` (an engine, or megatron-core's optimizer) the state its
-    first step would create (zero moments, step 0) where it has none yet, so it can be written."""
-    as_engine(optimizer).init_optimizer_state()
-
-
 def param_names(model_chunks: list) -> dict:
     """{parameter: name} over this rank's model chunks (names prefixed by the chunk's index when
     there are several: virtual pipeline stages reuse the same local names)."""

@@ -15,7 +15,7 @@ evaluation and a megatron-engine resume (any TP/PP/DP) read it.
 
 ``--to deepspeed``: a megatron checkpoint is copied with its config set to ``--engine deepspeed``;
 a DeepSpeed run started with ``--load`` of it (or of any megatron-format checkpoint) loads the
-weights and the model-space AdamW state before DeepSpeed partitions them (``train.py``), then the
+weights and the model-space AdamW state before DeepSpeed partitions them (``pretrain.run.build``), then the
 trainer state, under any TP/DP layout (the DCP tensors reshard). ``--to deepspeed`` of a
 DeepSpeed checkpoint goes through the megatron format (``_repartition_deepspeed``): the way to
 continue a DeepSpeed run on another layout (its ZeRO partitions are per rank).

@@ -8,7 +8,7 @@ tokenizer in ``pretrain.checkpoint.tokenizer``.
 from __future__ import annotations
 
 from pretrain.checkpoint.full_weights import FullWeights, build_single, load_full_weights
-from pretrain.checkpoint.stored import checkpoint_tokenizer
+from pretrain.checkpoint.tokenizer import checkpoint_tokenizer
 from pretrain.interop.hf_config import ConversionError, hf_config_dict, model_config_from_hf, read_hf_config
 from pretrain.interop.hf_export import REMOTE_CODE, export_hf, hf_state_dict
 from pretrain.interop.hf_files import SHARD_BYTES, HFTensors, copy_tokenizer, save_safetensors
