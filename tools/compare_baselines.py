@@ -253,13 +253,13 @@ def _run_only(campaign: Campaign, only: str) -> dict | None:
     family = campaign.family
     if parts[0] == "sweep":
         sweep, lr = parts[1], float(parts[2])
-        return campaign._run_if_possible(family.sweep_run[sweep], campaign.seeds[0], sweep=True, lr=lr)
+        return campaign.run_if_possible(family.sweep_run[sweep], campaign.seeds[0], sweep=True, lr=lr)
     run, seed = parts[0], int(parts[1])
     if run not in family.runs:
         raise ConfigError(f"--only {only}: no run {run}")
     for sweep in family.sweeps:  # a sweep whose rates all finished decides; otherwise the recipe's first
-        campaign.ctx.lrs.setdefault(sweep, campaign._chosen_lr(sweep) or campaign.recipe.lrs[0])
-    return campaign._run_if_possible(run, seed)
+        campaign.ctx.lrs.setdefault(sweep, campaign.chosen_lr(sweep) or campaign.recipe.lrs[0])
+    return campaign.run_if_possible(run, seed)
 
 
 def main(argv: list[str] | None = None) -> int:

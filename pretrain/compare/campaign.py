@@ -138,7 +138,7 @@ class Campaign:
                 if os.path.isfile(path):
                     self.ctx.results[(run, seed)] = json.load(open(path))
         for sweep in self.family.sweeps:
-            chosen = self._chosen_lr(sweep)
+            chosen = self.chosen_lr(sweep)
             if chosen is not None:
                 self.ctx.lrs[sweep] = chosen
 
@@ -150,7 +150,7 @@ class Campaign:
                 out[lr] = json.load(open(path))
         return out
 
-    def _chosen_lr(self, sweep: str) -> float | None:
+    def chosen_lr(self, sweep: str) -> float | None:
         """The rate with the lowest validation loss (the training data's split; never the test set)."""
         if len(self.recipe.lrs) == 1:
             return self.recipe.lrs[0]
@@ -187,7 +187,7 @@ class Campaign:
                 else f" ({result['reason']})"))
         return result
 
-    def _run_if_possible(self, run: str, seed: int, sweep: bool = False, lr: float | None = None) -> dict | None:
+    def run_if_possible(self, run: str, seed: int, sweep: bool = False, lr: float | None = None) -> dict | None:
         missing = [need for need in self.family.needs[run]
                    if self.ctx.results.get((need, seed), {}).get("status") != "ok"]
         if missing:
@@ -232,8 +232,8 @@ class Campaign:
             return
         run = self.family.sweep_run[sweep]
         for lr in self.recipe.lrs:
-            self._run_if_possible(run, self.seeds[0], sweep=True, lr=lr)
-        chosen = self._chosen_lr(sweep)
+            self.run_if_possible(run, self.seeds[0], sweep=True, lr=lr)
+        chosen = self.chosen_lr(sweep)
         if chosen is None:
             _log(f"sweep {sweep}: not every rate finished; using the recipe's first, {self.recipe.lrs[0]:g}")
             chosen = self.recipe.lrs[0]
@@ -253,14 +253,14 @@ class Campaign:
                 self._sweep(sweep)
         for seed in self.seeds:
             for run in [r for r in family.runs if r in wanted and not family.late(r)]:
-                self._run_if_possible(run, seed)
+                self.run_if_possible(run, seed)
             if seed == first:  # B's sweeps need A's shape on the first seed
                 for sweep in family.sweeps:
                     if sweep not in family.early_sweeps and any(family.sweep_of[r] == sweep for r in wanted) and \
                             self.ctx.results.get(("A", first), {}).get("status") == "ok":
                         self._sweep(sweep)
             for run in [r for r in family.runs if r in wanted and family.late(r)]:
-                self._run_if_possible(run, seed)
+                self.run_if_possible(run, seed)
 
 
 # ---------------------------------------------------------------------- checks before any training

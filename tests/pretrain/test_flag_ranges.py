@@ -105,7 +105,7 @@ def test_a_comparison_job_whose_run_failed_exits_non_zero(monkeypatch, tmp_path,
 
     monkeypatch.setattr(compare_baselines, "_validate", lambda args: (get_recipe("cpu-tiny"), ["parent"], [], 0, None))
     monkeypatch.setattr(campaign.Campaign, "load_results", lambda self: None)
-    monkeypatch.setattr(campaign.Campaign, "_run_if_possible",
+    monkeypatch.setattr(campaign.Campaign, "run_if_possible",
                         lambda self, run, seed, **kw: {"status": "failed", "reason": "exit code 1; see log.txt"})
     argv = ["--recipe", "cpu-tiny", "--data-path", "d", "--tokenizer-model", "t", "--test-data-path", "x",
             "--out", str(tmp_path / "cmp"), "--only", "parent:0"]
