@@ -213,4 +213,4 @@ def recorded_step(common: dict) -> int | None:
     return int(max(float(s) for s in found)) if found else None
 
 
-_step_in = recorded_step  # the name tests/pretrain/test_adam_state.py reads
+_step_in = recorded_step  # the name tests/pretrain/engines/test_adam_state.py reads

@@ -3,7 +3,7 @@ fields (``pretrain.config.flag``): one declaration per flag, Megatron-LM's names
 
 Besides those, four flags belong to the command line itself: ``--model`` (a preset shape),
 ``--group-query-attention`` (Megatron-LM's switch: GQA with ``--num-query-groups``, default 1),
-``--data-args-path`` (a file standing for ``--data-path``) and ``--launcher``. ``tests/pretrain/test_flags.py`` freezes the whole set.
+``--data-args-path`` (a file standing for ``--data-path``) and ``--launcher``. ``tests/pretrain/config/test_flags.py`` freezes the whole set.
 """
 
 from __future__ import annotations

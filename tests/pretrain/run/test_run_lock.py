@@ -14,7 +14,7 @@ import pytest
 from pretrain.run import run_lock
 from tests.dist_helper import subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 HOLDER = ("import sys, time; from pretrain.run import run_lock; run_lock.acquire(sys.argv[1], '--save', 'holder'); "
           "print('held', flush=True); time.sleep(600)")
 

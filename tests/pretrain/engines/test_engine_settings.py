@@ -76,7 +76,7 @@ def test_engine_flags_need_the_deepspeed_engine():
 
 
 def test_distillation_and_compensation_are_accepted_under_deepspeed(tmp_path):
-    # both run under ZeRO-1/2/3 (tests/pretrain/test_engine_deepspeed_features.py): no longer refused
+    # both run under ZeRO-1/2/3 (tests/pretrain/engines/test_engine_deepspeed_features.py): no longer refused
     cfg = _cfg(tmp_path, None, zero_stage=3)
     cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher="/some/teacher"),
                               prune=dataclasses.replace(cfg.prune, target_ratio=0.5, compensation="obs"))

@@ -22,7 +22,7 @@ from pretrain.checkpoint.stream import DCPFormatError, OutTensor, read_dcp_metad
 from pretrain.shrink import ShrinkError, _check_save_folder, _check_target_sizes
 from tests.dist_helper import subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _publish_fake(root: Path, iteration: int) -> Path:

@@ -10,7 +10,7 @@ from pretrain.engines.base import Engine
 from pretrain.engines.deepspeed import DeepSpeedEngine
 from pretrain.engines.megatron import MegatronEngine, as_engine
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 # ZeRO-3's partition attributes; hasattr on an optimizer, engine or parameter (a model chunk's
 # ``module`` is not an engine question)
