@@ -16,6 +16,7 @@ import torch
 from data_prep.tokenizers import infer_tokenizer_type
 from pretrain import checkpoint as ckpt
 from pretrain.checkpoint.stored import StoredCheckpoint
+from pretrain.checkpoint.tokenizer import check_checkpoint_tokenizer, unpadded_vocab
 from pretrain.config import ConfigError, DataConfig, ParallelConfig, PretrainConfig, TrainConfig
 from pretrain.data import (TEST_SET_SEED, MicroBatchIterator, build_datasets, check_datasets, load_tokenizer,
                            require_index_cache)
@@ -24,7 +25,7 @@ from pretrain.model.build import build_model
 from pretrain.model.memory import check_model_fits, local_ranks
 from pretrain.pruning.masks import ModelShape, build_local_masks
 from pretrain.pruning.state import PruningState
-from pretrain.resume import check_checkpoint_tokenizer, checkpoint_vocab, unpadded_vocab
+from pretrain.resume import checkpoint_vocab
 from pretrain.trainer import forward_step, global_mean_loss
 
 

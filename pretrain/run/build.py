@@ -11,6 +11,7 @@ from pretrain import checkpoint as ckpt
 from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
 from pretrain.checkpoint import adam as checkpoint_adam
 from pretrain.checkpoint.stored import StoredCheckpoint, lineage
+from pretrain.checkpoint.tokenizer import check_checkpoint_tokenizer
 from pretrain.config import PretrainConfig
 from pretrain.data import (MicroBatchIterator, build_datasets, build_test_dataset, check_datasets,
                            check_tokenizer_matches_data, load_tokenizer)
@@ -27,8 +28,8 @@ from pretrain.model.invariants import hidden_masking_possible
 from pretrain.nodes import ranks_on_this_host
 from pretrain.pruning.callback import PruningCallback
 from pretrain.pruning.masks import ModelShape
-from pretrain.resume import (check_checkpoint_tokenizer, checkpoint_vocab, with_checkpoint_distill,
-                             with_checkpoint_model, with_checkpoint_pruning, with_unpadded_vocab)
+from pretrain.resume import (checkpoint_vocab, with_checkpoint_distill, with_checkpoint_model,
+                             with_checkpoint_pruning, with_unpadded_vocab)
 from pretrain.run.plan import num_microbatches
 from pretrain.trainer import Trainer
 

@@ -17,6 +17,7 @@ import torch
 
 from pretrain.checkpoint.files import iteration_dir
 from pretrain.checkpoint.stored import StoredCheckpoint
+from pretrain.checkpoint.tokenizer import tokenizer_record
 from pretrain.config import ConfigError, PretrainConfig
 from pretrain.data import require_index_cache
 from pretrain.distill import add_distillation
@@ -27,7 +28,7 @@ from pretrain.model.build import unwrap
 from pretrain.model.memory import check_training_memory
 from pretrain.nodes import check_run_folders
 from pretrain.outputs import require_writable
-from pretrain.resume import tokenizer_record, with_checkpoint_schedule
+from pretrain.resume import with_checkpoint_schedule
 from pretrain.run import run_lock
 from pretrain.run.build import (build_callbacks, build_model_and_engine, build_trainer, callback_named, check_data,
                                 check_tokenizer, checked_teacher, load_run_checkpoint, resolve_config,
