@@ -251,6 +251,8 @@ class Campaign:
         for sweep in family.early_sweeps:
             if any(family.sweep_of[r] == sweep for r in wanted):
                 self._sweep(sweep)
+        # Every seed's matched-token runs before any late run (a -ii extension, B): the matched-token
+        # table with its seed spread is the first answer a long campaign gives, one session at a time.
         for seed in self.seeds:
             for run in [r for r in family.runs if r in wanted and not family.late(r)]:
                 self.run_if_possible(run, seed)
@@ -259,6 +261,7 @@ class Campaign:
                     if sweep not in family.early_sweeps and any(family.sweep_of[r] == sweep for r in wanted) and \
                             self.ctx.results.get(("A", first), {}).get("status") == "ok":
                         self._sweep(sweep)
+        for seed in self.seeds:
             for run in [r for r in family.runs if r in wanted and family.late(r)]:
                 self.run_if_possible(run, seed)
 
