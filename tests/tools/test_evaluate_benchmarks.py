@@ -59,31 +59,14 @@ def layouts_worker(data, root):
     return out
 
 
-def _lm_eval_task(folder, name, docs):
-    """A local lm-eval task over the same documents (shared contexts only)."""
-    with open(f"{folder}/{name}.jsonl", "w") as f:
-        for d in docs:
-            assert len(set(d.contexts)) == 1 and all(c.startswith(" ") for c in d.continuations)
-            f.write(json.dumps({"context": d.contexts[0], "choices": [c[1:] for c in d.continuations],
-                                "label": d.label}) + "\n")
-    with open(f"{folder}/{name}.yaml", "w") as f:
-        f.write(f"task: bench_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                f"    test: {folder}/{name}.jsonl\ntest_split: test\noutput_type: multiple_choice\n"
-                "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
-                "target_delimiter: ' '\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-
-
 def reference_worker(data, root):
     """By hand: each request alone through the full model (TP=1, masks applied), log-softmax over
     the tokenizer's vocabulary; our TP=1 scorer; lm-eval on the HF export of the same checkpoint."""
     import torch
 
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     from pretrain.benchmarks import document_scores, load_for_benchmarks, score_documents
     from pretrain.interop.hf import export_hf
+    from tools.evaluate import run_lm_eval_on_our_documents
 
     docs = _documents()
     model = load_for_benchmarks(f"{root}/masked")
@@ -105,23 +88,13 @@ def reference_worker(data, root):
                 logliks.append(float(logp[-n:].gather(1, ids[0, -n:, None]).sum()))
             by_hand[name].append(document_scores(doc, logliks))
     export_hf(f"{root}/masked", f"{root}/hf")
-    os.makedirs(f"{root}/lm_eval_tasks")
-    compared = [n for n in REAL_TASKS if n != "winogrande"]  # lm-eval's YAML tasks share one context
-    for name in compared:
-        _lm_eval_task(f"{root}/lm_eval_tasks", name, docs[name])
-    results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={root}/hf,dtype=float32,trust_remote_code=True",
-        tasks=[f"bench_{n}" for n in compared], task_manager=TaskManager(include_path=f"{root}/lm_eval_tasks"),
-        batch_size=4, device="cpu", log_samples=True)
-    lm = {}
-    for name in compared:
-        samples = sorted(results["samples"][f"bench_{name}"], key=lambda s: s["doc_id"])
-        lm[name] = [[float(r[0][0]) for r in s["resps"]] for s in samples]
+    # the same documents through lm-eval (WinoGrande in its multiple-input form), as --hf-model --tasks does
+    lm = run_lm_eval_on_our_documents(f"{root}/hf", list(REAL_TASKS), 0, LIMIT, batch_size=4, per_document=True,
+                                      device="cpu")
     return {"ours": {n: m["per_document"] for n, m in ours["tasks"].items()},
             "ours_metrics": {n: (m["acc"], m["acc_norm"]) for n, m in ours["tasks"].items()},
-            "by_hand": by_hand, "lm_eval": lm,
-            "lm_eval_metrics": {n: (results["results"][f"bench_{n}"]["acc,none"],
-                                    results["results"][f"bench_{n}"]["acc_norm,none"]) for n in compared}}
+            "by_hand": by_hand, "lm_eval": {n: [d["logliks"] for d in m["per_document"]] for n, m in lm["tasks"].items()},
+            "lm_eval_metrics": {n: (m["acc"], m["acc_norm"]) for n, m in lm["tasks"].items()}}
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +134,7 @@ def test_every_layout_and_the_shrunk_model_choose_as_tp1(scored):
 
 def test_lm_eval_on_the_export_chooses_the_same(scored):
     _, _, ref = scored
+    assert sorted(ref["lm_eval"]) == sorted(REAL_TASKS)  # WinoGrande included (multiple-input form)
     for name, docs in ref["lm_eval"].items():
         assert len(docs) == len(ref["ours"][name])
         for ours, theirs in zip(ref["ours"][name], docs):
