@@ -3,6 +3,7 @@
 the datasets' indices from their cache, ...), for a run that resumes from a checkpoint.
 
     python bench/startup.py [--model debug] [--tp 2] [--rounds 2] [--keep DIR]
+    python bench/startup.py --model smollm-135m --model-args "--num-attention-heads 8 --num-query-groups 2 --kv-channels 64"
 
 First one run trains 1 step and saves (not timed) and one more builds the datasets' index cache;
 then each round relaunches the resuming command (``--load``, the same cache) and stops it at its
@@ -78,7 +79,7 @@ def _run_args(args, root: str) -> list[str]:
             "--data-path", str(DATA / "tiny_text_document"), "--split", "98,2,0",
             "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", str(DATA / "tok.model"),
             "--micro-batch-size", "1", "--global-batch-size", "1", "--seq-length", str(args.seq_length),
-            "--data-cache-path", f"{root}/cache", "--eval-iters", "0", "--log-interval", "1"]
+            "--data-cache-path", f"{root}/cache", "--eval-iters", "0", "--log-interval", "1"] + args.model_args.split()
 
 
 def main() -> None:
@@ -87,6 +88,8 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--model-args", default="", help="more model flags, e.g. '--num-attention-heads 8 "
+                   "--num-query-groups 2 --kv-channels 64': SmolLM2-135M's 9 heads do not split over TP=2")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--keep", help="a folder for the checkpoint and cache (kept: later calls reuse them)")
     args = p.parse_args()
