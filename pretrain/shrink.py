@@ -166,7 +166,7 @@ def _write_checkpoint(folder: str, save: str, new_state: dict, masks, shape, sta
                 shutil.copytree(source_dir, target_dir)
                 counts = (_model_numel(CheckpointReader(source_dir)),) * 2
             torch.save(new_state, os.path.join(tmp, TRAINER_STATE))
-            return publish_checkpoint(save, iteration, tmp), counts
+            return publish_checkpoint(save, iteration, tmp, remember_verified=True), counts
     except BaseException as err:
         if created_save and not os.listdir(save):
             os.rmdir(save)

@@ -121,7 +121,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, tr
 
     def publish() -> None:
         if is_rank0():
-            publish_checkpoint(root, iteration, tmp, world_size, files)
+            publish_checkpoint(root, iteration, tmp, world_size, files, remember_verified=True)
             if keep_last:
                 prune_old_checkpoints(root, keep_last, iteration)
             print(f"saved checkpoint {final} in {time.time() - start:.1f}s", flush=True)

@@ -193,9 +193,10 @@ def describe_files_collectively(folder: str) -> dict[str, dict]:
     return {rel: entry for share in shares for rel, entry in share.items()}
 
 
-# checkpoints whose checksums were verified in this process, by the identity of the manifest and
-# of every file (size, mtime): a run reads its checkpoint once to choose it and once to load it,
-# and hashes it only the first time; a file rewritten since then is hashed again
+# checkpoints whose checksums were verified (or computed, by ``publish_checkpoint``) in this process,
+# by the identity of the manifest and of every file (size, mtime): a run reads its checkpoint once
+# to choose it and once to load it, and hashes it only the first time; a file rewritten since then
+# is hashed again
 _verified: set[tuple] = set()
 
 
@@ -271,10 +272,13 @@ def find_checkpoint(root: str, skipped: list[str] | None = None) -> str | None:
 # --- publication and retention -------------------------------------------------------------------
 
 def publish_checkpoint(root: str, iteration: int, tmp: str, world_size: int = 1,
-                       files: dict[str, dict] | None = None) -> str:
+                       files: dict[str, dict] | None = None, remember_verified: bool = False) -> str:
     """Make the complete folder ``tmp`` the checkpoint of ``iteration`` under ``root``: write its
-    manifest (``files``: size and CRC-32 of each file, computed here if not given), rename it into
-    place, then point ``latest`` at it (one process calls this)."""
+    manifest (``files``: size and CRC-32 of each file, read back from them, computed here if not
+    given), rename it into place, then point ``latest`` at it (one process calls this).
+    ``remember_verified``: this process will not hash it again when it loads it (the in-run shrink
+    reads the save it follows, the next segment the shrink's output): those CRCs were just read
+    from these very files, still in the page cache, so a second pass would find what the first did."""
     final = iteration_dir(root, iteration)
     if files is None:
         files = _describe_files(tmp, _files_of(tmp))
@@ -286,6 +290,8 @@ def publish_checkpoint(root: str, iteration: int, tmp: str, world_size: int = 1,
         os.replace(final, replaced)
     os.replace(tmp, final)
     _fsync_dir(root)
+    if remember_verified:
+        _verified.add(_identity(final, sorted(files)))
     atomic_write_text(os.path.join(root, LATEST_FILE), str(iteration))
     if replaced:
         shutil.rmtree(replaced, ignore_errors=True)

@@ -87,6 +87,11 @@ class Engine(ABC):
         """Whether each data-parallel rank owns only part of the optimizer state and reduced
         gradients (each element on exactly one DP rank); False: every rank holds all of it."""
 
+    # whether a ``ParamSlot.grad`` can hold a reduced gradient (DeepSpeed's partition buffers): True
+    # unless an engine knows its gradients live in the parameters (``main_grad``/``grad``) only;
+    # masking the gradients every step asks it before walking the slots for nothing
+    grads_outside_params: bool = True
+
     @abstractmethod
     def init_optimizer_state(self) -> None:
         """Give every Adam the state its first step would create (zero moments, step 0) where it

@@ -34,6 +34,7 @@ class MegatronEngine(Engine):
     """megatron-core's DDP-wrapped model chunks and optimizer."""
 
     name = "megatron"
+    grads_outside_params = False  # reduced gradients are main_grad, views of DDP's grad buffers
 
     def __init__(self, optimizer, model_chunks: list = ()):
         self.optimizer, self.model_chunks = optimizer, list(model_chunks)

@@ -158,7 +158,8 @@ class PruningCallback(Callback):
         self._lm_pass, self._lm_table = False, None
         if self.local is not None and self.current_params() < self.initial_params:
             self.local.apply_to_grads()
-            zero_masked_grads(self.engine, self.local.param_masks)  # an engine's partitioned gradients
+            if self.engine.grads_outside_params:
+                zero_masked_grads(self.engine, self.local.param_masks)  # an engine's partitioned gradients
 
     def _add_to_ema(self, table, iteration: int) -> None:
         bad = nonfinite_parts(table)

@@ -17,7 +17,7 @@ from pretrain.model.layout import param_mask
 from pretrain.model.params import local_parameters
 from pretrain.model.shape import GROUP_TYPES, GroupMasks, ModelShape
 
-__all__ = ["GroupMasks", "GroupScores", "LocalModelMasks", "ModelShape", "build_local_masks",
+__all__ = ["DroppedElements", "GroupMasks", "GroupScores", "LocalModelMasks", "ModelShape", "build_local_masks",
            "check_hidden_masking_invariants"]
 
 
@@ -74,27 +74,82 @@ class GroupScores:
         return cls(d["heads"].double(), d["ffn"].double(), d["hidden"].double())
 
 
+class DroppedElements:
+    """Where a parameter's dropped elements lie, as indices along its dimensions, to zero them in place.
+
+    Every mask the layout makes is a product of one kept-vector per axis (``layout.param_mask``), so
+    the dropped elements are whole rows and whole columns: ``index_fill_`` along each dimension
+    zeroes them without reading a mask per element. On CPU that is 1.7-2x faster than multiplying by
+    the bool mask (which converts it to the tensor's dtype on every call) and ~2x faster than
+    ``masked_fill_`` with the dropped-elements mask (``bench/pruning_overhead.py --kernels``). Filling
+    (not multiplying) also zeroes a NaN or an infinity in a dropped element, where ``0 * nan``
+    stays NaN. A mask that is not such a product (none today) keeps a flat index of its dropped
+    elements."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.shape = tuple(mask.shape)
+        dropped = ~mask
+        self.per_dim: list = []  # (dim, indices) pairs
+        self.flat: torch.Tensor | None = None
+        if not bool(dropped.any()):
+            return
+        if not bool(mask.any()):  # everything dropped (a dropped layer): every index of one dimension
+            self.per_dim = [(0, torch.arange(mask.shape[0], device=mask.device))]
+            return
+        kept_along = [mask.any(dim=[d for d in range(mask.dim()) if d != dim]) if mask.dim() > 1 else mask
+                      for dim in range(mask.dim())]
+        product = torch.ones_like(mask)
+        for dim, kept in enumerate(kept_along):
+            product &= kept.view([-1 if i == dim else 1 for i in range(mask.dim())])
+        if torch.equal(product, mask):
+            self.per_dim = [(dim, (~kept).nonzero().squeeze(1)) for dim, kept in enumerate(kept_along)
+                            if not bool(kept.all())]
+        else:
+            self.flat = dropped.reshape(-1).nonzero().squeeze(1)
+
+    def __bool__(self) -> bool:
+        return bool(self.per_dim) or self.flat is not None
+
+    def zero(self, tensor: torch.Tensor) -> None:
+        """Zero the dropped elements of ``tensor`` (the parameter's shape; a view of a flat buffer
+        is fine: only its own elements are written)."""
+        for dim, index in self.per_dim:
+            tensor.index_fill_(dim, index, 0)
+        if self.flat is not None:
+            tensor.view(-1).index_fill_(0, self.flat, 0)
+
+
 @dataclass
 class LocalModelMasks:
     """Per-parameter masks (bool, the local shape) for the weights this rank holds."""
 
     param_masks: dict = field(default_factory=dict)  # param -> bool tensor
     norms: list = field(default_factory=list)  # our RMSNorm modules (hidden-mask aware)
+    # param -> DroppedElements, for the parameters that drop anything (worked out once per mask)
+    dropped: dict = field(default_factory=dict)
+
+    def add(self, param: torch.nn.Parameter, mask: torch.Tensor) -> None:
+        self.param_masks[param] = mask
+        dropped = DroppedElements(mask)
+        if dropped:
+            self.dropped[param] = dropped
 
     @torch.no_grad()
     def apply_to_weights(self) -> None:
-        for param, mask in self.param_masks.items():
-            if param.data.shape == mask.shape:  # not a ZeRO-3 partition: its engine masks that
-                param.data.mul_(mask)
+        for param, dropped in self.dropped.items():
+            if param.data.shape == dropped.shape:  # not a ZeRO-3 partition: its engine masks that
+                dropped.zero(param.data)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
-        for param, mask in self.param_masks.items():
+        # parameters that keep every element are not touched; megatron-core's main_grad is a view
+        # of its flat grad buffer, written in place
+        for param, dropped in self.dropped.items():
             grad = getattr(param, "main_grad", None)
             if grad is None:
                 grad = param.grad
-            if grad is not None:
-                grad.mul_(mask)
+            if grad is not None and grad.shape == dropped.shape:
+                dropped.zero(grad)
 
 
 def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape,
@@ -113,7 +168,7 @@ def build_local_masks(model_chunks: list, masks: GroupMasks, shape: ModelShape,
         if isinstance(weight, torch.nn.Parameter) and weight not in out.param_masks:
             mask = param_mask(local.layout, full_shape(weight) if full_shape else tuple(weight.shape), masks, shape,
                               tp, tp_rank)
-            out.param_masks[weight] = mask.to(weight.device)
+            out.add(weight, mask.to(weight.device))
         if local.layout.role == "norm":  # our RMSNorm: it also needs the hidden mask itself
             out.norms.append(local.module)
     if not bool(masks.hidden.all()):

@@ -76,7 +76,7 @@ class SaliencyEstimator:
         self.entries = local_parameters(model_chunks)
         self.fisher: dict = {}  # param -> running mean of g^2 over the owned range
         self.fisher_count = 0
-        self._stats: dict = {}  # module -> [sum x^2 (or x x^T), sum |x|, tokens]
+        self._stats: dict = {}  # module -> [sum x^2 (or x x^T): obs, sum |x|: activation, tokens]
         self._hooks = []
         self._capturing = False
         self._model_chunks = model_chunks
@@ -105,19 +105,26 @@ class SaliencyEstimator:
         def hook(mod, args):
             if not self._capturing or not args:
                 return None
-            # per-channel statistics stay on the activations' device (d, or d x d for exact obs)
-            x = args[0].detach().float()
+            # per-channel statistics stay on the activations' device (d, or d x d for exact obs);
+            # only the one the estimator reads is kept (obs: the second moment, activation: mean |x|):
+            # this hook runs on every linear of every micro-batch of a scoring step
+            x = args[0].detach()
             x = x.reshape(-1, x.shape[-1])
+            if x.dtype != torch.float32:
+                x = x.float()
             stats = self._stats.get(module)
             if stats is None:
                 d, exact = x.shape[-1], self.kind == "obs" and self.obs_exact
-                second = torch.zeros((d, d) if exact else (d,), dtype=torch.float64, device=x.device)
-                stats = self._stats[module] = [second, torch.zeros(d, dtype=torch.float64, device=x.device), 0]
-            if self.kind == "obs" and self.obs_exact:
+                stats = self._stats[module] = [
+                    torch.zeros((d, d) if exact else (d,), dtype=torch.float64, device=x.device)
+                    if self.kind == "obs" else None,
+                    torch.zeros(d, dtype=torch.float64, device=x.device) if self.kind == "activation" else None, 0]
+            if self.kind == "activation":
+                stats[1] += x.abs().sum(0)
+            elif self.obs_exact:
                 stats[0] += x.T @ x
             else:
                 stats[0] += x.pow(2).sum(0)
-            stats[1] += x.abs().sum(0)
             stats[2] += x.shape[0]
             return None
 

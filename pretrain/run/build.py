@@ -91,7 +91,11 @@ def build_model_and_engine(cfg: PretrainConfig, vocab_size: int, plain_megatron_
                                plain_megatron_spec=plain_megatron_spec,
                                wrap_ddp=cfg.parallel.engine != "deepspeed")  # DeepSpeed does DP itself
     for chunk in model_chunks:
-        deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
+        if stored_checkpoint is None:
+            # with a --load checkpoint every weight is overwritten by its load (strict: none missing);
+            # drawing them first costs a full-size random tensor per parameter on every rank
+            # (seconds for a 135M model at start-up, bench/startup.py)
+            deterministic_init(unwrap(chunk), cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
         zero_padded_vocab_rows(unwrap(chunk), cfg.model.unpadded_vocab_size, vocab_size)
     if cfg.parallel.engine == "deepspeed":
         carried = _weights_before_engine(cfg, stored_checkpoint, model_chunks)

@@ -130,3 +130,30 @@ def test_checkpoint_keys_identical_for_separate_and_fused_norms(tmp_path):
     assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in names
     assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in names)
     assert res["max_diff"] < 1e-5, res["max_diff"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_without_mask_is_bit_identical_to_the_llama_formula(dtype):
+    """The unmasked norm runs torch's rms_norm kernel (issue 32: fewer ops per step); its output and
+    gradients must stay bit-identical to HF Llama's formula, which the masked path still computes."""
+    from megatron_patches.norms import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(hidden_size=96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=g))
+    norm = norm.to(dtype)
+    x0 = (torch.randn(8, 3, 96, generator=g) * 3).to(dtype)
+    upstream = torch.randn(8, 3, 96, generator=g).to(dtype)
+    x = x0.clone().requires_grad_()
+    y = norm(x)
+    y.backward(upstream)
+    ref_x, ref_w = x0.clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
+    h = ref_x.float()
+    ref = ref_w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    ref.backward(upstream)
+    assert torch.equal(y, ref)
+    assert torch.equal(x.grad, ref_x.grad) and torch.equal(norm.weight.grad, ref_w.grad)
+    # the masked path with every channel kept computes the same numbers
+    norm.hidden_mask, norm._num_kept = torch.ones(96), 96
+    assert torch.equal(norm(x0), ref.detach())

@@ -82,6 +82,33 @@ def test_same_size_corruption_falls_back_and_names_the_file(tmp_path, capsys):
     assert len(skipped) == 2 and "trainer_state.pt is corrupt" in skipped[1]
 
 
+def test_a_checkpoint_this_process_published_is_not_hashed_again(tmp_path, monkeypatch):
+    """Issue 32: the in-run shrink reads the save it follows, the next segment the shrink's output;
+    the CRCs were read back from those files when they were published, so loading them again in the
+    same process does not hash them again. A file replaced since (another inode) is hashed again
+    and its corruption caught."""
+    from pretrain.checkpoint import atomic
+
+    tmp = tmp_path / "iter_0000005.tmp"
+    (tmp / "model_optim").mkdir(parents=True)
+    (tmp / "model_optim" / "a.distcp").write_bytes(bytes(range(256)) * 4)
+    (tmp / "trainer_state.pt").write_bytes(b"y" * 10)
+    final = Path(ckpt.publish_checkpoint(str(tmp_path), 5, str(tmp), remember_verified=True))
+    hashed = []
+    real_crc32 = atomic.file_crc32
+    monkeypatch.setattr(atomic, "file_crc32", lambda path: hashed.append(path) or real_crc32(path))
+    assert ckpt.find_checkpoint(str(tmp_path)) == str(final)
+    assert hashed == []
+    replacement = tmp_path / "replacement"
+    data = bytearray((final / "model_optim" / "a.distcp").read_bytes())
+    data[7] ^= 0xFF
+    replacement.write_bytes(bytes(data))
+    os.replace(replacement, final / "model_optim" / "a.distcp")
+    with pytest.raises(ckpt.CheckpointError, match="a.distcp is corrupt"):
+        ckpt.verify_checkpoint(str(final))
+    assert hashed
+
+
 def test_failed_save_removes_tmp_and_keeps_the_previous(tmp_path, monkeypatch):
     """A disk that fills during a save: one clear message, no .tmp left, latest unchanged."""
     _publish_fake(tmp_path, 10)
