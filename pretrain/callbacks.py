@@ -106,6 +106,7 @@ class EvalCallback(Callback):
         self.tasks = tasks  # --eval-tasks: scored wherever the held-out loss is
         self.last_loss: float | None = None
         self.last_test_loss: float | None = None
+        self.last_benchmarks: dict | None = None  # the record of the last --eval-tasks scoring
 
     def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
         it = trainer.state.iteration
@@ -136,7 +137,7 @@ class EvalCallback(Callback):
                 self.logger.log_scalar("test/loss", loss, it)
         if self.tasks is not None:
             summary = self.tasks.evaluate(trainer)
-            record["benchmarks"] = TaskEvaluation.record(summary)
+            self.last_benchmarks = record["benchmarks"] = TaskEvaluation.record(summary)
             if is_rank0():
                 print(f"benchmarks at iteration {it} | " + " | ".join(
                     f"{name} {m['primary']} {m['score']:.4f}" for name, m in summary["tasks"].items())
