@@ -240,6 +240,8 @@ class Campaign:
         _log(f"{plan.name} seed {plan.seed}: scoring {', '.join(settings['tasks'])} (first {settings['limit']} "
              f"documents each) on {settings['checkpoint']}: bash {command}")
         log = os.path.join(plan.folder, "tasks_log.txt")
+        if os.path.exists(output):
+            os.remove(output)  # an earlier attempt's: only this one's results count
         code = self.execute(command, log)
         try:
             results = json.load(open(output)) if code == 0 else None
