@@ -172,12 +172,16 @@ def _tasks(args: argparse.Namespace, recipe) -> tuple[tuple[str, ...], int | Non
     """(task names, documents per task) that every finished run is scored on: --tasks and
     --task-limit, else the recipe's; no names for --tasks none."""
     from pretrain.benchmarks import data_root, parse_tasks  # lazy: torch only when the tasks are scored
+    from pretrain.errors import BenchmarkError
 
     spec = args.tasks if args.tasks is not None else recipe.tasks
     if spec.strip().lower() == "none":
         return (), None
     names = tuple(parse_tasks(spec))
-    data_root()  # the benchmark data is installed: said now, not after the first run
+    try:
+        data_root()  # the benchmark data is installed: said now, not after the first run
+    except BenchmarkError as err:
+        raise BenchmarkError(f"--tasks {spec}: {err}; or give --tasks none to score no tasks") from None
     return names, args.task_limit if args.task_limit is not None else recipe.task_limit
 
 
