@@ -289,8 +289,8 @@ def _run_only(campaign: Campaign, only: str) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        tasks, task_limit = _tasks(args, get_recipe(args.recipe))  # before the slower checks
         recipe, runs, notes, available, parent = _validate(args)
-        tasks, task_limit = _tasks(args, recipe)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
