@@ -454,10 +454,16 @@ def load_for_benchmarks(load: str, tensor_parallel: int = 1, pipeline_parallel: 
     layout = init_distributed(tensor_parallel, pipeline_parallel)
     set_random_seed(saved.train.seed)
     chunks = load_model(stored, saved.model, parallel, vocab)
-    # the vocabulary an export keeps (pretrain.interop.hf.export_hf): an imported model's own, else the tokenizer's
     imported = (state.get("imported_from") or {}).get("vocab_size")
-    real_vocab = min(max(imported or tokenizer.vocab_size, tokenizer.vocab_size), vocab)
-    return LoadedModel(chunks, tokenizer, real_vocab, max_length(saved.model), folder, layout)
+    return LoadedModel(chunks, tokenizer, scored_vocab(imported, tokenizer.vocab_size, vocab), max_length(saved.model),
+                       folder, layout)
+
+
+def scored_vocab(model_vocab: int | None, tokenizer_vocab: int, padded_vocab: int) -> int:
+    """The entries a log-probability is normalised over: the vocabulary an export keeps
+    (pretrain.interop.hf.export_hf): the model's own (an imported one's), at least the tokenizer's,
+    never megatron's padding rows."""
+    return min(max(model_vocab or tokenizer_vocab, tokenizer_vocab), padded_vocab)
 
 
 def max_length(model_cfg) -> int:

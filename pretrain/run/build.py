@@ -9,7 +9,7 @@ import functools
 import math
 
 from pretrain import checkpoint as ckpt
-from pretrain.benchmarks import load_tasks, max_length, parse_tasks
+from pretrain.benchmarks import load_tasks, max_length, parse_tasks, scored_vocab
 from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback, TaskEvaluation
 from pretrain.checkpoint import adam as checkpoint_adam
 from pretrain.checkpoint.stored import StoredCheckpoint, lineage
@@ -175,8 +175,7 @@ def build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_ca
                              flops_per_token=training_flops_per_token(cfg.model, vocab_size))
     tasks = None
     if task_docs is not None:
-        # the vocabulary an export keeps (benchmarks.load_for_benchmarks): the model's own, at least the tokenizer's
-        real_vocab = min(max(cfg.model.unpadded_vocab_size or 0, tokenizer.vocab_size), vocab_size)
+        real_vocab = scored_vocab(cfg.model.unpadded_vocab_size, tokenizer.vocab_size, vocab_size)
         tasks = TaskEvaluation(task_docs, tokenizer, max_length(cfg.model), real_vocab,
                                cfg.train.eval_tasks_num_fewshot, cfg.train.eval_tasks_limit,
                                batch_size=max(8, cfg.train.micro_batch_size))
