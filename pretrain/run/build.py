@@ -23,6 +23,7 @@ from pretrain.engines.adam_state import scatter_into_engine
 from pretrain.engines.deepspeed import build_deepspeed_engine
 from pretrain.engines.megatron import MegatronEngine
 from pretrain.engines.optim import build_scheduler
+from pretrain.errors import BenchmarkError
 from pretrain.model.build import build_model, check_activation_memory, unwrap, zero_padded_vocab_rows
 from pretrain.model.flops import training_flops_per_token
 from pretrain.model.init import deterministic_init
@@ -83,9 +84,11 @@ def eval_task_documents(cfg: PretrainConfig, tokenizer) -> dict | None:
     if tokenizer is None or cfg.data.tokenizer_type == "NullTokenizer":
         raise ConfigError(f"--eval-tasks {t.eval_tasks}: the tasks are text and this run has no tokenizer to read "
                           "them with: give --tokenizer-model (the one the data was made with), or drop --eval-tasks")
-    # a BenchmarkError (a ConfigError) names the flag, or the task file and how to install the data
-    return _task_documents(tuple(parse_tasks(t.eval_tasks, "--eval-tasks")), t.eval_tasks_num_fewshot,
-                           t.eval_tasks_limit)
+    names = tuple(parse_tasks(t.eval_tasks, "--eval-tasks"))  # an unknown name: a BenchmarkError (ConfigError)
+    try:
+        return _task_documents(names, t.eval_tasks_num_fewshot, t.eval_tasks_limit)
+    except BenchmarkError as err:  # the data missing or damaged: the message says how to install it
+        raise BenchmarkError(f"--eval-tasks {t.eval_tasks}: {err}") from None
 
 
 @functools.lru_cache(maxsize=4)
