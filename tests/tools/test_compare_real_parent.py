@@ -146,7 +146,8 @@ def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
     out = str(tmp_path / "cmp")
     args = ["--recipe", "cpu-tiny-real", "--parent", real["parent"], "--data-path", real["train"],
             "--test-data-path", real["test"], "--seeds", "1", "--out", out]
-    proc = _tool(*args)
+    # ~15 trainings and ~11 scorings (tools/evaluate.py, ~12 s each on an idle machine): a loaded one needs the margin
+    proc = _tool(*args, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recipe = get_recipe("cpu-tiny-real")
     results = {run: json.load(open(os.path.join(out, run, "seed0", "result.json"))) for run in arms.REAL_RUNS}
