@@ -28,7 +28,7 @@ def _tiny_parent(folder, tokenizer_model):
     shutil.copyfile(tokenizer_model, os.path.join(folder, "tokenizer.model"))
 
 
-def test_recipe_imports_the_parent_and_validates(tiny_dataset, tmp_path):
+def test_recipe_imports_the_parent_validates_and_scores_the_tasks(tiny_dataset, tmp_path):
     parent = str(tmp_path / "parent_hf")
     _tiny_parent(parent, tiny_dataset["tokenizer"])
     env = {**os.environ, "REPO": ROOT, "PYTHON": sys.executable, "PARENT": parent,
@@ -56,17 +56,17 @@ def test_recipe_imports_the_parent_and_validates(tiny_dataset, tmp_path):
         r = subprocess.run(["bash", f"{ROOT}/slurm/prune_pretrained.sbatch"], capture_output=True, text=True,
                            env={**env, **bad, "PARENT_CHECKPOINT": str(tmp_path / "never")}, timeout=60)
         assert r.returncode == 1 and says in r.stderr and not (tmp_path / "never").exists(), r.stderr
+    _tasks_after_training(tiny_dataset, tmp_path, parent)
 
 
-def test_tasks_score_the_parent_and_the_result_after_training(tiny_dataset, tmp_path):
-    """A job of three steps (srun: tests/slurm/fake_nodes), then TASKS=boolq,piqa on the parent and
-    the pruned result: TASKS_OUTPUT/{parent,pruned}.json and the run's tensorboard."""
+def _tasks_after_training(tiny_dataset, tmp_path, parent):
+    """A job of three steps (srun: tests/slurm/fake_nodes) from the parent imported above, then
+    TASKS=boolq,piqa on the parent and the pruned result: TASKS_OUTPUT/{parent,pruned}.json and
+    the run's tensorboard."""
     import json
 
     from pretrain.checkpoint.stored import StoredCheckpoint
 
-    parent = str(tmp_path / "parent_hf")
-    _tiny_parent(parent, tiny_dataset["tokenizer"])
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
     save = str(tmp_path / "run")
@@ -93,3 +93,4 @@ def test_tasks_score_the_parent_and_the_result_after_training(tiny_dataset, tmp_
     events.Reload()
     assert [e.step for e in events.Scalars("benchmarks/piqa/acc")] == [0, 3]  # the parent, then the result
     assert "boolq" in r.stdout and "run_tasks/pruned.json exists" not in r.stdout
+    assert f"wrote {tmp_path / 'run_parent'}" not in r.stdout  # imported once, by the dry run above
