@@ -48,6 +48,7 @@ from pretrain.compare.campaign import (Campaign, check_corpus, check_parent, che
 from pretrain.compare.recipes import RECIPES, get_recipe  # noqa: E402
 from pretrain.compare.report import write_report  # noqa: E402
 from pretrain.config import ConfigError, DataConfig, ranged  # noqa: E402
+from pretrain.errors import BenchmarkError  # noqa: E402
 from pretrain.outputs import require_writable  # noqa: E402
 from pretrain.run.arguments import build_parser as pretrain_parser, config_from_args  # noqa: E402
 
@@ -172,8 +173,6 @@ def _tasks(args: argparse.Namespace, recipe) -> tuple[tuple[str, ...], int | Non
     """(task names, documents per task) that every finished run is scored on: --tasks and
     --task-limit, else the recipe's; no names for --tasks none."""
     from pretrain.benchmarks import data_root, parse_tasks  # lazy: torch only when the tasks are scored
-    from pretrain.errors import BenchmarkError
-
     spec = args.tasks if args.tasks is not None else recipe.tasks
     if spec.strip().lower() == "none":
         return (), None
