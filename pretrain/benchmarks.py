@@ -97,20 +97,20 @@ class Document:
         return [max(1, len(c[1:] if c.startswith(" ") else c)) for c in self.continuations]
 
 
-def parse_tasks(spec: str) -> list[str]:
-    """``--tasks`` as a list of task names; ``paper`` stands for its seven tasks."""
+def parse_tasks(spec: str, flag: str = "--tasks") -> list[str]:
+    """``--tasks`` (or ``flag``) as a list of task names; ``paper`` stands for its seven tasks."""
     names: list[str] = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
         for name in ALIASES.get(part, (part,)):
             if name not in TASKS:
-                raise BenchmarkError(f"--tasks {part}: unknown task; known: {', '.join(TASKS)} "
+                raise BenchmarkError(f"{flag} {part}: unknown task; known: {', '.join(TASKS)} "
                                      f"(or {', '.join(ALIASES)} for {', '.join(PAPER_TASKS)})")
             if name not in names:
                 names.append(name)
     if not names:
-        raise BenchmarkError(f"--tasks {spec!r}: no task named; known: {', '.join(TASKS)}")
+        raise BenchmarkError(f"{flag} {spec!r}: no task named; known: {', '.join(TASKS)}")
     return names
 
 
@@ -454,11 +454,30 @@ def load_for_benchmarks(load: str, tensor_parallel: int = 1, pipeline_parallel: 
     layout = init_distributed(tensor_parallel, pipeline_parallel)
     set_random_seed(saved.train.seed)
     chunks = load_model(stored, saved.model, parallel, vocab)
-    # the vocabulary an export keeps (pretrain.interop.hf.export_hf): an imported model's own, else the tokenizer's
     imported = (state.get("imported_from") or {}).get("vocab_size")
-    real_vocab = min(max(imported or tokenizer.vocab_size, tokenizer.vocab_size), vocab)
-    return LoadedModel(chunks, tokenizer, real_vocab, saved.model.max_position_embeddings or saved.model.seq_length,
+    return LoadedModel(chunks, tokenizer, scored_vocab(imported, tokenizer.vocab_size, vocab), max_length(saved.model),
                        folder, layout)
+
+
+def scored_vocab(model_vocab: int | None, tokenizer_vocab: int, padded_vocab: int) -> int:
+    """The entries a log-probability is normalised over: the vocabulary an export keeps
+    (pretrain.interop.hf.export_hf): the model's own (an imported one's), at least the tokenizer's,
+    never megatron's padding rows."""
+    return min(max(model_vocab or tokenizer_vocab, tokenizer_vocab), padded_vocab)
+
+
+def max_length(model_cfg) -> int:
+    """The longest input the model scores (a longer request is left-truncated to it)."""
+    return model_cfg.max_position_embeddings or model_cfg.seq_length
+
+
+def scalars(summary: dict) -> dict[str, float]:
+    """{tensorboard tag: value} of a summary: ``benchmarks/<task>/<metric>`` and the paper average."""
+    out = {f"benchmarks/{name}/{metric}": m[metric] for name, m in summary["tasks"].items()
+           for metric in ("acc", "acc_norm", "score")}
+    if "average" in summary:
+        out["benchmarks/paper_average"] = summary["average"]
+    return out
 
 
 def load_tasks(tasks: Iterable[str], num_fewshot: int = 0, limit: int | None = None) -> dict[str, list[Document]]:
@@ -485,14 +504,30 @@ def score_documents(model: LoadedModel, docs: dict[str, list[Document]], batch_s
                     progress: bool = True, per_document: bool = False, num_fewshot: int = 0) -> dict:
     """``evaluate_tasks`` on given documents ({task name: documents}, ``num_fewshot`` the shots
     their contexts hold; a name outside ``TASKS`` reports acc first)."""
+    prepared = prepare_documents(model.tokenizer, docs, model.max_length, num_fewshot)
+    return score_prepared(model.chunks, prepared, model.real_vocab, batch_size, progress, per_document)
+
+
+@dataclasses.dataclass
+class PreparedTasks:
+    """Documents tokenized into this data-parallel rank's rows: made once, scored any number of
+    times (``--eval-tasks`` scores the same rows at every evaluation of a run)."""
+
+    docs: dict[str, list[Document]]
+    rows: list[Row]
+    num_fewshot: int
+    pad: int  # the token that pads a batch (the tokenizer's end of document)
+    data_parallel: tuple[int, int]  # (rank, size) the share was cut for
+
+
+def prepare_documents(tokenizer, docs: dict[str, list[Document]], max_length: int,
+                      num_fewshot: int = 0) -> PreparedTasks:
+    """This data-parallel rank's share of ``docs`` as rows of at most ``max_length`` + 1 tokens."""
     from megatron.core import parallel_state as ps
 
-    tasks = list(docs)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    start = time.time()
     rows: list[Row] = []
-    tokenizer = model.tokenizer
-    for t, name in enumerate(tasks):
+    for t, name in enumerate(docs):
         mine = list(range(dp_rank, len(docs[name]), dp))  # this rank's share of the documents
         pairs = [(ctx, cont) for d in mine for ctx, cont in zip(docs[name][d].contexts, docs[name][d].continuations)]
         encoded = encode_pair(tokenizer.tokenize_batch, pairs, tokenizer.eod)
@@ -501,33 +536,71 @@ def score_documents(model: LoadedModel, docs: dict[str, list[Document]], batch_s
             n = len(docs[name][d].continuations)
             grouped.append(encoded[i:i + n])
             i += n
-        task_rows = build_rows(t, [docs[name][d] for d in mine], grouped, model.max_length, name)
+        task_rows = build_rows(t, [docs[name][d] for d in mine], grouped, max_length, name)
         for row in task_rows:  # document indices within the task, not within this rank's share
             row.spans = [(tt, mine[d], c, s, cont) for tt, d, c, s, cont in row.spans]
         rows.extend(task_rows)
-    batch_list = batches(rows, batch_size)
+    return PreparedTasks(docs, rows, num_fewshot, tokenizer.eod, (dp_rank, dp))
+
+
+def score_prepared(chunks: list, prepared: PreparedTasks, real_vocab: int, batch_size: int = 16,
+                   progress: bool = True, per_document: bool = False) -> dict:
+    """The metrics of ``prepared`` scored on ``chunks`` (this rank's model: a loaded checkpoint or
+    the training model itself), in eval mode and without gradients; each chunk's mode is restored.
+    Every rank of the world calls this."""
+    from megatron.core import parallel_state as ps
+
+    docs, rows = prepared.docs, prepared.rows
+    start = time.time()
+    batch_list = _equal_batch_counts(batches(rows, batch_size), prepared.pad)
     bar = _progress_bar(len(batch_list), progress)
-    local = score_rows(model.chunks, batch_list, model.real_vocab, tokenizer.eod, bar.update if bar else None)
+    modes = [[m.training for m in chunk.modules()] for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        local = score_rows(chunks, batch_list, real_vocab, prepared.pad, bar.update if bar else None)
+    finally:
+        for chunk, chunk_modes in zip(chunks, modes):
+            for module, mode in zip(chunk.modules(), chunk_modes):
+                module.training = mode
     if bar:
         bar.close()
+    local.pop(_PADDING, None)
     tokens = _gather_sum(sum(len(r.tokens) for r in rows)) // (
         ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size())
     logliks = _gather_dicts(local if ps.get_tensor_model_parallel_rank() == 0 else {})
     seconds = time.time() - start
     results: dict = {}
-    for t, name in enumerate(tasks):
+    for t, name in enumerate(docs):
         per_doc = [document_scores(doc, [logliks[(t, d, c)] for c in range(len(doc.continuations))])
                    for d, doc in enumerate(docs[name])]
-        results[name] = {**task_metrics(name, per_doc, num_fewshot), "num_fewshot": num_fewshot}
+        results[name] = {**task_metrics(name, per_doc, prepared.num_fewshot), "num_fewshot": prepared.num_fewshot}
         if per_document:
             results[name]["per_document"] = per_doc
     n_docs = sum(len(d) for d in docs.values())
-    summary = {"tasks": results, "num_fewshot": num_fewshot, "documents": n_docs,
+    summary = {"tasks": results, "num_fewshot": prepared.num_fewshot, "documents": n_docs,
                "tokens": tokens, "seconds": seconds, "documents_per_second": n_docs / seconds,
                "tokens_per_second": tokens / seconds}
     if all(name in results for name in PAPER_TASKS):
         summary["average"] = sum(results[name]["score"] for name in PAPER_TASKS) / len(PAPER_TASKS)
     return summary
+
+
+_PADDING = (-1, -1, -1)  # the span of a padding batch: scored, then dropped
+
+
+def _equal_batch_counts(batch_list: list[list[Row]], pad: int) -> list[list[Row]]:
+    """``batch_list`` padded with one-token batches to the largest count of any data-parallel rank:
+    every rank then runs as many forwards, which a forward that communicates over data parallel
+    (ZeRO-3 gathers its parameters) needs; the padding's scores are dropped."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() == 1:
+        return batch_list
+    count = torch.tensor([len(batch_list)], dtype=torch.long, device=device())  # NCCL refuses host tensors
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    padding = [Row([pad, pad], [(*_PADDING, 1, [pad])])]
+    return batch_list + [padding] * (int(count.item()) - len(batch_list))
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -555,7 +628,7 @@ def _gather_dicts(local: dict) -> dict:
 def _gather_sum(value: int) -> int:
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long, device=device())  # NCCL refuses host tensors
     torch.distributed.all_reduce(t)
     return int(t.item())
 

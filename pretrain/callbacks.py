@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from pretrain import benchmarks
 from pretrain.checkpoint import save_checkpoint
 from pretrain.distributed import device, is_rank0
 from pretrain.trainer import Callback, StepMetrics, Trainer
@@ -97,12 +98,15 @@ class EvalCallback(Callback):
 
     name = "eval"
 
-    def __init__(self, eval_interval: int, eval_iters: int, logger: LoggingCallback | None = None):
+    def __init__(self, eval_interval: int, eval_iters: int, logger: LoggingCallback | None = None,
+                 tasks: "TaskEvaluation | None" = None):
         self.eval_interval = eval_interval
         self.eval_iters = eval_iters
         self.logger = logger
+        self.tasks = tasks  # --eval-tasks: scored wherever the held-out loss is
         self.last_loss: float | None = None
         self.last_test_loss: float | None = None
+        self.last_benchmarks: dict | None = None  # the record of the last --eval-tasks scoring
 
     def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
         it = trainer.state.iteration
@@ -131,12 +135,63 @@ class EvalCallback(Callback):
                 print(f"test at iteration {it} | loss {loss:.4f}", flush=True)
             if self.logger is not None:
                 self.logger.log_scalar("test/loss", loss, it)
+        if self.tasks is not None:
+            summary = self.tasks.evaluate(trainer)
+            self.last_benchmarks = record["benchmarks"] = TaskEvaluation.record(summary)
+            if is_rank0():
+                print(f"benchmarks at iteration {it} | " + " | ".join(
+                    f"{name} {m['primary']} {m['score']:.4f}" for name, m in summary["tasks"].items())
+                    + (f" | paper average {summary['average']:.4f}" if "average" in summary else "")
+                    + f" | {summary['seconds']:.1f}s", flush=True)
+            if self.logger is not None:
+                for tag, value in benchmarks.scalars(summary).items():
+                    self.logger.log_scalar(tag, value, it)
         record = {"iteration": it, "tokens": trainer.state.tokens_seen, **record}
         if self.logger is not None and self.logger.tensorboard_dir and is_rank0():
             os.makedirs(self.logger.tensorboard_dir, exist_ok=True)
             with open(os.path.join(self.logger.tensorboard_dir, "evals.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         return record
+
+
+class TaskEvaluation:
+    """--eval-tasks: the benchmarks of ``pretrain.benchmarks`` scored on the training model itself
+    (masked or shrunk, any TP/PP, each data-parallel rank a share of the documents, either engine)
+    wherever ``EvalCallback`` evaluates. The documents come read once (``docs``); their tokenization
+    into this rank's rows is made at the first evaluation and kept for the process, so that later
+    evaluations and segments only score. Scoring reads no data, draws no random number and leaves
+    no gradient: the run trains exactly as it would without it."""
+
+    _prepared: dict = {}  # (documents, max length, data-parallel rank and size) -> PreparedTasks
+
+    def __init__(self, docs: dict, tokenizer, max_length: int, real_vocab: int, num_fewshot: int = 0,
+                 limit: int | None = None, batch_size: int = 8):
+        self.docs, self.tokenizer, self.max_length = docs, tokenizer, max_length
+        self.real_vocab, self.num_fewshot, self.limit, self.batch_size = real_vocab, num_fewshot, limit, batch_size
+
+    def evaluate(self, trainer: Trainer) -> dict:
+        """The summary of ``pretrain.benchmarks.score_prepared`` on the trainer's model (collective)."""
+        from megatron.core import parallel_state as ps
+
+        key = (id(self.docs), self.max_length, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = self._prepared[key] = benchmarks.prepare_documents(self.tokenizer, self.docs, self.max_length,
+                                                                          self.num_fewshot)
+        summary = benchmarks.score_prepared(trainer.model_chunks, prepared, self.real_vocab, self.batch_size,
+                                            progress=False)
+        summary["limit"] = self.limit
+        return summary
+
+    @staticmethod
+    def record(summary: dict) -> dict:
+        """What a line of ``evals.jsonl`` keeps of a summary: per task its metrics, and the average."""
+        out = {"tasks": {name: {k: m[k] for k in ("acc", "acc_norm", "primary", "score", "documents")}
+                         for name, m in summary["tasks"].items()},
+               "limit": summary.get("limit"), "num_fewshot": summary["num_fewshot"]}
+        if "average" in summary:
+            out["paper_average"] = summary["average"]
+        return out
 
 
 class CheckpointCallback(Callback):

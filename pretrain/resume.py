@@ -153,13 +153,16 @@ _SHRINK_FIELDS = ("shrink_at", "shrink_auto", "shrink_every_fraction", "shrink_t
                   "shrink_pipeline_parallel_size")
 # fields of which a command gives one: giving one replaces the checkpoint's choice of the pair
 _ALTERNATIVES = (("target_params", "target_ratio"),)
+# --eval-tasks and its settings: a resumed run goes on scoring the same documents (``--eval-tasks none`` stops)
+_EVAL_TASKS = ("eval_tasks", "eval_tasks_limit", "eval_tasks_num_fewshot")
 
 
 def keep_checkpoint_settings(cfg: PretrainConfig, state: dict, given: frozenset[str]) -> PretrainConfig:
     """On resume a flag given changes only itself (issue 31, item 3): the pruning, distillation and
     optimizer settings that the command line (``given``: the config fields its flags set) does not
-    give are the --load checkpoint's, not the flags' defaults. Optimizer settings only when the run
-    continues the checkpoint's training (not --finetune, not an imported model).
+    give are the --load checkpoint's, not the flags' defaults; so are the --eval-tasks settings.
+    Optimizer settings only when the run continues the checkpoint's training (not --finetune, not
+    an imported model).
 
     Exceptions, each the meaning of a flag: --end-pruning and --drop-pruning-state act on this
     resume only; --end-pruning without --shrink-* keeps the masks unshrunk (the shrink is asked
@@ -174,7 +177,8 @@ def keep_checkpoint_settings(cfg: PretrainConfig, state: dict, given: frozenset[
         cfg = dataclasses.replace(cfg, distill=_merged(saved.distill, cfg.distill, given))
     if not (cfg.checkpoint.finetune or state.get("weights_only")):
         cfg = dataclasses.replace(cfg, optim=_merged(saved.optim, cfg.optim, given))
-    return cfg
+    kept = {name: getattr(saved.train, name) for name in _EVAL_TASKS if name not in given}
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **kept))
 
 
 def _merged(saved, command, given: set | frozenset):

@@ -48,6 +48,7 @@ from pretrain.compare.campaign import (Campaign, check_corpus, check_parent, che
 from pretrain.compare.recipes import RECIPES, get_recipe  # noqa: E402
 from pretrain.compare.report import write_report  # noqa: E402
 from pretrain.config import ConfigError, DataConfig, ranged  # noqa: E402
+from pretrain.errors import BenchmarkError  # noqa: E402
 from pretrain.outputs import require_writable  # noqa: E402
 from pretrain.run.arguments import build_parser as pretrain_parser, config_from_args  # noqa: E402
 
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "parent (default: the recipe's)")
     p.add_argument("--target-ratio", type=float, help="the pruned arms' final parameters / the parent's "
                    "(default: the recipe's)")
+    p.add_argument("--tasks", help="the benchmarks each finished run's final checkpoint (and the parent) is scored on "
+                   "by tools/evaluate.py, into RUN/seedK/tasks.json and the report's task table (tools/evaluate.py "
+                   "--tasks names: paper = the seven common-sense tasks, mmlu, ...; none: no scoring; default: the "
+                   "recipe's, paper). Not a setting of the comparison: --resume with other tasks scores them")
+    p.add_argument("--task-limit", type=ranged(int, at_least=1), help="the first N documents of each task, the same "
+                   "for every run (default: the recipe's: 4 for cpu-tiny and cpu-tiny-real, 100 for cpu-small, "
+                   "cpu-real and cpu-real-70, 1000 for the GPU recipes)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--resume", action="store_true", help="continue the comparison in --out")
     p.add_argument("--dry-run", action="store_true", help="print the plan (and sbatch lines), run nothing")
@@ -159,6 +167,21 @@ def _validate(args: argparse.Namespace):
                          f"{available:,}; they are checked exactly once A has run")
     _check_out(args)
     return recipe, runs, notes, available, parent
+
+
+def _tasks(args: argparse.Namespace, recipe) -> tuple[tuple[str, ...], int | None]:
+    """(task names, documents per task) that every finished run is scored on: --tasks and
+    --task-limit, else the recipe's; no names for --tasks none."""
+    from pretrain.benchmarks import data_root, parse_tasks  # lazy: torch only when the tasks are scored
+    spec = args.tasks if args.tasks is not None else recipe.tasks
+    if spec.strip().lower() == "none":
+        return (), None
+    names = tuple(parse_tasks(spec))
+    try:
+        data_root()  # the benchmark data is installed: said now, not after the first run
+    except BenchmarkError as err:
+        raise BenchmarkError(f"--tasks {spec}: {err}; or give --tasks none to score no tasks") from None
+    return names, args.task_limit if args.task_limit is not None else recipe.task_limit
 
 
 def _validate_flags(recipe, ctx: Context, runs: list[str], seed: int) -> list[str]:
@@ -265,6 +288,7 @@ def _run_only(campaign: Campaign, only: str) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        tasks, task_limit = _tasks(args, get_recipe(args.recipe))  # before the slower checks
         recipe, runs, notes, available, parent = _validate(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -278,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                             tokenizer_model=os.path.abspath(tokenizer_model),
                             test_data_path=[os.path.abspath(p) if os.path.exists(p + ".bin") else p
                                             for p in args.test_data_path],
-                            tokenizer_type=args.tokenizer_type))
+                            tokenizer_type=args.tokenizer_type), tasks=tasks, task_limit=task_limit)
     campaign = Campaign(recipe, ctx, seeds, runs)
     command = format_command(["python", "tools/compare_baselines.py", *(argv if argv is not None else sys.argv[1:])])
     for note in notes:
@@ -294,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recipe {recipe.name}: {recipe.summary}")
         print(f"runs {', '.join(runs)} x seeds {seeds}; learning rates {recipe.lrs}; "
               f"training split holds {available:,} tokens")
+        print(f"tasks: {', '.join(tasks)}, the first {task_limit or 'all'} documents of each, scored on every "
+              "finished run (tools/evaluate.py; RUN/seedK/tasks.json)" if tasks else "tasks: none (--tasks none)")
         family = family_of(recipe)
         for run in runs:
             if not family.late(run):

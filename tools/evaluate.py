@@ -158,15 +158,13 @@ def _benchmark_scalars(tensorboard_dir: str, folder: str, results: dict) -> None
     """benchmarks/<task>/<metric> at the checkpoint's iteration."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from pretrain.benchmarks import scalars  # lazy: torch after TORCHDYNAMO_DISABLE is set
     from pretrain.checkpoint.stored import StoredCheckpoint  # lazy: torch after TORCHDYNAMO_DISABLE is set
 
     step = StoredCheckpoint(folder).iteration
     writer = SummaryWriter(tensorboard_dir)
-    for name, m in results["tasks"].items():
-        for metric in ("acc", "acc_norm", "score"):
-            writer.add_scalar(f"benchmarks/{name}/{metric}", m[metric], step)
-    if "average" in results:
-        writer.add_scalar("benchmarks/paper_average", results["average"], step)
+    for tag, value in scalars(results).items():
+        writer.add_scalar(tag, value, step)
     writer.close()
 
 

@@ -178,6 +178,10 @@ class Context:
     lrs: dict = dataclasses.field(default_factory=dict)  # sweep name -> chosen learning rate
     parent: str | None = None  # an imported parent's checkpoint (--parent)
     parent_vocab: int | None = None  # its padded vocabulary
+    # the benchmarks every finished run is scored on (``campaign.Campaign.score_tasks``): task names
+    # (none: no scoring) and the first documents of each
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = None
 
     def run_dir(self, run: str, seed: int) -> str:
         return os.path.join(self.out, run, f"seed{seed}")
@@ -446,6 +450,24 @@ def write_command(plan: RunPlan, recipe: Recipe, ctx: Context) -> str:
     body = " \\\n    ".join(" ".join(shlex.quote(f) for f in group) for group in _flag_groups(plan.flags))
     lines.append(f'exec {launch} \\\n    {body} \\\n    --load "$LOAD"')
     path = os.path.join(plan.folder, "command.sh")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+def write_tasks_command(plan: RunPlan, recipe: Recipe, settings: dict, output: str) -> str:
+    """``FOLDER/tasks.sh``: ``tools/evaluate.py`` scoring the run's checkpoint on the tasks (one
+    process; any checkpoint layout loads into it), rerunnable by hand."""
+    lines = ["#!/usr/bin/env bash",
+             f"# tools/compare_baselines.py, recipe {recipe.name}: the tasks of run {plan.name}, seed {plan.seed}.",
+             "set -euo pipefail", f"cd {shlex.quote(REPO)}", "export TORCHDYNAMO_DISABLE=1 PYTHONUNBUFFERED=1"]
+    if recipe.threads:
+        lines.append(f"export OMP_NUM_THREADS={recipe.threads}")
+    argv = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--load", settings["checkpoint"],
+            "--tasks", ",".join(settings["tasks"]), "--num-fewshot", str(settings["num_fewshot"]),
+            *(["--limit", str(settings["limit"])] if settings["limit"] else []), "--output", output]
+    lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
+    path = os.path.join(plan.folder, "tasks.sh")
     atomic_write_text(path, "\n".join(lines) + "\n")
     os.chmod(path, 0o755)
     return path

@@ -107,14 +107,32 @@ def _collect_measured(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dic
                        "valid_loss": evals[-1].get("valid_loss")}], "pruning": []}
 
 
-# The hook for the common-sense tasks (issue 28 item 2): an evaluator that writes
-# ``{"task": accuracy, ...}`` to this file in a run's folder puts a task table in the report.
+# A run's benchmark scores (issue 27 item 4): ``{"settings": {"tasks", "limit", "num_fewshot",
+# "checkpoint", "primary"}, "scores": {task: primary metric, "average": the paper's seven},
+# "results": tools/evaluate.py's JSON}``. An older file of the form ``{"task": accuracy}`` still reads.
 TASKS_FILE = "tasks.json"
 
 
-def _tasks(folder: str) -> dict | None:
+def _read_tasks_file(folder: str) -> dict | None:
     path = os.path.join(folder, TASKS_FILE)
-    return json.load(open(path)) if os.path.isfile(path) else None
+    try:
+        return json.load(open(path)) if os.path.isfile(path) else None
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged file is scored again
+
+
+def _tasks(folder: str) -> dict | None:
+    """{task: score} of the run's ``TASKS_FILE`` (the report's task table), or None."""
+    data = _read_tasks_file(folder)
+    if not data:
+        return None
+    return data["scores"] if isinstance(data.get("scores"), dict) else data
+
+
+def task_settings(ctx: Context, checkpoint: str) -> dict:
+    """What a ``TASKS_FILE`` must have been made with to stand: the tasks, the documents (the first
+    ``task_limit`` of each: the same for every run) and the checkpoint scored."""
+    return {"tasks": list(ctx.tasks), "limit": ctx.task_limit, "num_fewshot": 0, "checkpoint": checkpoint}
 
 
 class Campaign:
@@ -160,12 +178,14 @@ class Campaign:
         return min(done, key=lambda lr: done[lr]["valid_loss"])
 
     # ------------------------------------------------------------------ one run
-    def run_one(self, plan: RunPlan) -> dict:
+    def run_one(self, plan: RunPlan, score: bool = True) -> dict:
+        """The run's result: read when it finished already, else from running (or resuming) it;
+        then, with ``score``, its final checkpoint scored on the tasks (``score_tasks``)."""
         path = self.result_path(plan)
         if os.path.isfile(path):
             result = json.load(open(path))
             if result.get("status") == "ok":
-                return result
+                return self.score_tasks(plan, result) if score else result
         command = arms.write_command(plan, self.recipe, self.ctx)
         wall_path = os.path.join(plan.folder, "wall_seconds.json")
         wall = json.load(open(wall_path))["seconds"] if os.path.isfile(wall_path) else 0.0
@@ -185,7 +205,59 @@ class Campaign:
         _log(f"{plan.name} seed {plan.seed}: {result['status']}"
              + (f", test loss {result['test_loss']:.4f}, {result['wall_seconds']:.0f} s" if result["status"] == "ok"
                 else f" ({result['reason']})"))
+        return self.score_tasks(plan, result) if score and result["status"] == "ok" else result
+
+    def score_tasks(self, plan: RunPlan, result: dict) -> dict:
+        """A finished run's final checkpoint (an imported parent's: the checkpoint it measured)
+        scored on the campaign's tasks by ``tools/evaluate.py`` (``FOLDER/tasks.sh``), unless its
+        ``TASKS_FILE`` was made with the same tasks, documents and checkpoint: a resumed campaign
+        scores the runs finished before (or under other settings) and nothing twice. The scores go
+        into ``result.json``; a scoring that fails is said and leaves the run's result as it was."""
+        if not self.ctx.tasks:
+            return result
+        stored = StoredCheckpoint.find(plan.first_load if "--skip-train" in plan.flags
+                                       else os.path.join(plan.folder, "ckpt"))
+        if stored is None:
+            return result
+        settings = task_settings(self.ctx, stored.folder)
+        existing = _read_tasks_file(plan.folder)
+        if not existing or {k: v for k, v in (existing.get("settings") or {}).items() if k in settings} != settings:
+            scored = self._run_tasks(plan, settings)
+            if scored is None:
+                return result
+            atomic_write_text(os.path.join(plan.folder, TASKS_FILE), json.dumps(scored, indent=1))
+            existing = scored
+        if result.get("tasks") != existing["scores"] or result.get("tasks_settings") != existing["settings"]:
+            result = {**result, "tasks": existing["scores"], "tasks_settings": existing["settings"]}
+            atomic_write_text(self.result_path(plan), json.dumps(result, indent=1))
         return result
+
+    def _run_tasks(self, plan: RunPlan, settings: dict) -> dict | None:
+        """``tools/evaluate.py --tasks`` on ``settings['checkpoint']``: the ``TASKS_FILE`` contents, or
+        None (said) when it failed."""
+        output = os.path.join(plan.folder, "tasks_results.json")
+        command = arms.write_tasks_command(plan, self.recipe, settings, output)
+        _log(f"{plan.name} seed {plan.seed}: scoring {', '.join(settings['tasks'])} (first {settings['limit']} "
+             f"documents each) on {settings['checkpoint']}: bash {command}")
+        log = os.path.join(plan.folder, "tasks_log.txt")
+        if os.path.exists(output):
+            os.remove(output)  # an earlier attempt's: only this one's results count
+        code = self.execute(command, log)
+        try:
+            results = json.load(open(output)) if code == 0 else None
+        except (OSError, json.JSONDecodeError):
+            results = None
+        if not results:
+            _log(f"{plan.name} seed {plan.seed}: the tasks were not scored (exit code {code}; see {log}); "
+                 "--resume tries again")
+            return None
+        os.remove(output)  # its contents go into TASKS_FILE
+        scores = {name: m["score"] for name, m in results["tasks"].items()}
+        if "average" in results:
+            scores["average"] = results["average"]
+        primary = {name: m["primary"] for name, m in results["tasks"].items()}
+        _log(f"{plan.name} seed {plan.seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        return {"settings": {**settings, "primary": primary}, "scores": scores, "results": results}
 
     def run_if_possible(self, run: str, seed: int, sweep: bool = False, lr: float | None = None) -> dict | None:
         missing = [need for need in self.family.needs[run]
@@ -206,7 +278,7 @@ class Campaign:
         if base and not sweep and plan.train_tokens == base["tokens_trained"]:
             result = self._same_as(plan, base)  # the arm that set the budget: matched tokens is matched FLOPs
         else:
-            result = self.run_one(plan)
+            result = self.run_one(plan, score=not sweep)  # the sweeps choose a rate: no tasks
         if not sweep:
             self.ctx.results[(run, seed)] = result
         return result

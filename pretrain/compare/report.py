@@ -105,7 +105,7 @@ def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict
                                        f"{ref}_better_in": sum(1 for d in paired.values() if d > 0),
                                        "seeds": len(paired)}
             tasks = [r["tasks"] for r in ok.values() if r.get("tasks")]
-            if tasks:  # the campaign's TASKS_FILE hook: mean accuracy per task over the seeds that have it
+            if tasks:  # the campaign's TASKS_FILE: each task's score, mean over the seeds that have it
                 row["tasks"] = {t: statistics.mean(x[t] for x in tasks if t in x) for t in sorted(set().union(*tasks))}
         out[run] = row
     return out
@@ -122,8 +122,9 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
                  command: str) -> dict:
     family = family_of(recipe)
     summary = summarise(results, seeds, family)
+    tasks = task_settings(results)
     report = {"recipe": recipe.name, "seeds": seeds, "command": command, "learning_rates": lrs, "runs": summary,
-              "notes": notes}
+              "notes": notes, **({"tasks": tasks} if tasks else {})}
     atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1, default=str))
     plots = _plots(out, results, seeds, family)
     lines = [f"# Baseline comparison: recipe `{recipe.name}`", "", recipe.summary, "",
@@ -143,7 +144,7 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
     else:
         lines += _imported_lines(recipe, seeds, summary, results, lrs)
     lines += _stability_lines(results, seeds)
-    lines += _tasks_lines(summary)
+    lines += _tasks_lines(summary, tasks)
     lines += [f"![{name}]({os.path.basename(path)})" for name, path in plots.items()]
     if notes:
         lines += ["", "Notes:", *[f"- {n}" for n in notes]]
@@ -213,15 +214,43 @@ def _imported_lines(recipe, seeds: list[int], summary: dict, results: dict, lrs:
     return lines
 
 
-def _tasks_lines(summary: dict) -> list[str]:
-    """The task table, from the runs whose folder has a ``campaign.TASKS_FILE``."""
+def task_settings(results: dict) -> dict | None:
+    """How the runs' tasks were scored (``campaign.task_settings`` less the checkpoint: the tasks,
+    the documents per task, the shots, each task's metric); every scored run the same, since a
+    resumed campaign scores again what other settings made. None when no run is scored."""
+    found = [r["tasks_settings"] for r in results.values()
+             if r and r.get("status") == "ok" and r.get("tasks") and r.get("tasks_settings")]
+    if not found:
+        return None
+    settings = {k: v for k, v in found[-1].items() if k != "checkpoint"}
+    settings["same_for_every_run"] = all({k: v for k, v in f.items() if k != "checkpoint"} == settings
+                                         for f in found[:-1])
+    return settings
+
+
+def _tasks_lines(summary: dict, settings: dict | None) -> list[str]:
+    """The task table: each run's scores (``campaign.TASKS_FILE``), mean over its seeds."""
     rows = {run: row["tasks"] for run, row in summary.items() if row.get("tasks")}
     if not rows:
         return []
-    tasks = sorted(set().union(*rows.values()))
-    lines = ["## Tasks (accuracy, mean over seeds)", "", "| run | " + " | ".join(tasks) + " |",
-             "|---|" + "---|" * len(tasks)]
-    lines += [f"| {run} | " + " | ".join(f"{t.get(k, float('nan')):.3f}" for k in tasks) + " |"
+    names = list(settings["tasks"]) if settings else sorted(set().union(*rows.values()) - {"average"})
+    names += sorted(set().union(*rows.values()) - set(names) - {"average"})  # an older file's other tasks
+    if any("average" in t for t in rows.values()):
+        names.append("average")
+    lines = ["## Tasks (mean over seeds)", ""]
+    if settings:
+        limit = settings.get("limit")
+        metrics = settings.get("primary") or {}
+        lines += [f"Each run's final checkpoint (the parent: the checkpoint it starts from) scored by "
+                  f"`tools/evaluate.py --tasks {','.join(settings['tasks'])}` on "
+                  + (f"the first {limit} documents of each task" if limit else "every document of each task")
+                  + f" ({settings.get('num_fewshot', 0)}-shot), the same documents for every run"
+                  + ("" if settings.get("same_for_every_run", True) else
+                     " (WARNING: not every run was scored with these settings; --resume scores them again)")
+                  + ". Metric per task: " + ", ".join(f"{n} {metrics.get(n, 'acc')}" for n in settings["tasks"])
+                  + ("; average: the mean of the seven common-sense tasks" if "average" in names else "") + ".", ""]
+    lines += ["| run | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {run} | " + " | ".join(f"{t[k]:.3f}" if k in t else "" for k in names) + " |"
               for run, t in rows.items()]
     return lines + [""]
 

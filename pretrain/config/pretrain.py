@@ -39,6 +39,11 @@ class PretrainConfig:
         if self.prune.enabled and self.prune.compensation_probe:
             require(bool(self.data.test_data_path) and self.train.eval_iters > 0,
                      "--prune-compensation-probe needs --test-data-path (and --eval-iters > 0): it evaluates there")
+        if self.train.scores_tasks:
+            require(self.train.eval_interval > 0 or bool(self.data.test_data_path) or self.train.skip_train,
+                     f"--eval-tasks {self.train.eval_tasks}: the tasks are scored where the held-out loss is evaluated, "
+                     "and this run evaluates nowhere: give --eval-interval N (or --test-data-path, evaluated at the "
+                     "end), or --eval-tasks none")
         for section in (self.model, self.parallel, self.data, self.optim, self.train, self.checkpoint, self.prune,
                         self.distill):
             check_ranges(section)  # after each section's own checks, which say more where they exist

@@ -44,6 +44,15 @@ class TrainConfig:
     bf16: bool = flag(False)
     eval_interval: int = flag(0, help="0: no evaluation during training", at_least=0)
     eval_iters: int = flag(10, at_least=0)
+    # no Megatron-LM flag does this: the benchmarks of pretrain.benchmarks scored on the training
+    # model itself wherever the held-out loss is evaluated, so a pruning run shows what it can still do
+    eval_tasks: str | None = flag(None, help="score these benchmarks (tools/evaluate.py --tasks names: paper, mmlu, "
+                                             "arc_easy, ...) on the training model at every --eval-interval and "
+                                             "where the held-out loss is evaluated at the end; none: stop (on resume)")
+    eval_tasks_limit: int | None = flag(None, help="--eval-tasks: the first N documents of each task (default: all)",
+                                        at_least=1)
+    eval_tasks_num_fewshot: int = flag(0, help="--eval-tasks: 0- or 5-shot requests (the benchmark data has these two)",
+                                       at_least=0, at_most=5)
     log_interval: int = flag(10, at_least=1)
     exit_interval: int | None = flag(None, help="save and exit at this iteration", at_least=1)
     dry_run: bool = flag(False, help="build everything, print the plan, exit")
@@ -71,6 +80,13 @@ class TrainConfig:
         require(self.log_interval > 0, "--log-interval must be positive")
         require(self.eval_interval >= 0 and self.eval_iters >= 0, "--eval-interval/--eval-iters must be >= 0")
         require(self.max_skipped_nonfinite_steps >= 0, "--max-skipped-nonfinite-steps must be >= 0")
+        require(self.eval_tasks_num_fewshot in (0, 5), f"--eval-tasks-num-fewshot {self.eval_tasks_num_fewshot}: "
+                "use 0 or 5 (the benchmark data holds 0- and 5-shot requests)")
+
+    @property
+    def scores_tasks(self) -> bool:
+        """Whether --eval-tasks names benchmarks to score (``none`` turns a resumed run's off)."""
+        return bool(self.eval_tasks) and self.eval_tasks.strip().lower() != "none"
 
     def micro_batches_per_step(self, data_parallel_size: int) -> int:
         """Micro-batches each data-parallel rank runs per step (gradient accumulation steps): the one

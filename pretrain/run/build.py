@@ -5,14 +5,16 @@ the checkpoint holds: the restore table), callbacks, trainer, and the trainer st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from pretrain import checkpoint as ckpt
-from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback
+from pretrain.benchmarks import load_tasks, max_length, parse_tasks, scored_vocab
+from pretrain.callbacks import CheckpointCallback, EvalCallback, LoggingCallback, TaskEvaluation
 from pretrain.checkpoint import adam as checkpoint_adam
 from pretrain.checkpoint.stored import StoredCheckpoint, lineage
 from pretrain.checkpoint.tokenizer import check_checkpoint_tokenizer
-from pretrain.config import PretrainConfig
+from pretrain.config import ConfigError, PretrainConfig
 from pretrain.data import (MicroBatchIterator, build_datasets, build_test_dataset, check_datasets,
                            check_tokenizer_matches_data, load_tokenizer)
 from pretrain.distill import plan_line, resolve_teacher
@@ -21,6 +23,7 @@ from pretrain.engines.adam_state import scatter_into_engine
 from pretrain.engines.deepspeed import build_deepspeed_engine
 from pretrain.engines.megatron import MegatronEngine
 from pretrain.engines.optim import build_scheduler
+from pretrain.errors import BenchmarkError
 from pretrain.model.build import build_model, check_activation_memory, unwrap, zero_padded_vocab_rows
 from pretrain.model.flops import training_flops_per_token
 from pretrain.model.init import deterministic_init
@@ -70,6 +73,28 @@ def check_tokenizer(cfg: PretrainConfig, tokenizer, stored: StoredCheckpoint | N
         check_tokenizer_matches_data(cfg.data, tokenizer)
     if stored:
         check_checkpoint_tokenizer("--load", stored.folder, stored.trainer_state, tokenizer)
+
+
+def eval_task_documents(cfg: PretrainConfig, tokenizer) -> dict | None:
+    """--eval-tasks: the tasks' documents, read before any process group, so that an unknown name,
+    a run without a tokenizer or missing task data stops it at once; None without --eval-tasks."""
+    t = cfg.train
+    if not t.scores_tasks:
+        return None
+    if tokenizer is None or cfg.data.tokenizer_type == "NullTokenizer":
+        raise ConfigError(f"--eval-tasks {t.eval_tasks}: the tasks are text and this run has no tokenizer to read "
+                          "them with: give --tokenizer-model (the one the data was made with), or drop --eval-tasks")
+    names = tuple(parse_tasks(t.eval_tasks, "--eval-tasks"))  # an unknown name: a BenchmarkError (ConfigError)
+    try:
+        return _task_documents(names, t.eval_tasks_num_fewshot, t.eval_tasks_limit)
+    except BenchmarkError as err:  # the data missing or damaged: the message says how to install it
+        raise BenchmarkError(f"--eval-tasks {t.eval_tasks}: {err}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _task_documents(names: tuple[str, ...], num_fewshot: int, limit: int | None) -> dict:
+    # read once per process: every segment of a run (the in-run shrink starts a new one) scores them
+    return load_tasks(names, num_fewshot, limit)
 
 
 def check_data(cfg: PretrainConfig, tokenizer) -> None:
@@ -147,14 +172,22 @@ def _load_adam_state(engine, model_chunks: list, tensors: dict, step: int, folde
 
 
 def build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_callbacks: list,
-                    lineage: dict) -> list:
+                    lineage: dict, tokenizer=None, task_docs: dict | None = None) -> list:
     """Pruning first (its step-end numbers feed the log line), checkpointing last (it saves what
     the others have updated, and ``lineage``: a shrunk or imported model stays marked as such, and
-    the tokenizer's identity, ``resume.tokenizer_record``)."""
+    the tokenizer's identity, ``resume.tokenizer_record``). ``task_docs``: what
+    ``eval_task_documents`` read, scored with ``tokenizer`` at each evaluation."""
     # what this model computes per token (a masked model computes at its full size)
     logger = LoggingCallback(cfg.train.log_interval, cfg.logging.tensorboard_dir,
                              flops_per_token=training_flops_per_token(cfg.model, vocab_size))
-    callbacks = [logger, EvalCallback(cfg.train.eval_interval, cfg.train.eval_iters, logger), *extra_callbacks]
+    tasks = None
+    if task_docs is not None:
+        real_vocab = scored_vocab(cfg.model.unpadded_vocab_size, tokenizer.vocab_size, vocab_size)
+        tasks = TaskEvaluation(task_docs, tokenizer, max_length(cfg.model), real_vocab,
+                               cfg.train.eval_tasks_num_fewshot, cfg.train.eval_tasks_limit,
+                               batch_size=max(8, cfg.train.micro_batch_size))
+    callbacks = [logger, EvalCallback(cfg.train.eval_interval, cfg.train.eval_iters, logger, tasks),
+                 *extra_callbacks]
     if cfg.prune.enabled:
         callbacks.insert(0, _pruning_callback(cfg, vocab_size))
     checkpointer = CheckpointCallback(

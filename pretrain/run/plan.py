@@ -76,8 +76,13 @@ def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, num_
                     if cfg.data.per_split else f"{_data_summary(cfg.data.data_path)} split {cfg.data.split}"),
         f"checkpoints: save {cfg.checkpoint.save} every {cfg.checkpoint.save_interval}; "
         f"load {cfg.checkpoint.load}",
-        "=" * 72,
     ]
+    if t.scores_tasks:
+        where = f"every {t.eval_interval} iterations and at the end" if t.eval_interval else "at the end"
+        lines.append(f"benchmarks: {t.eval_tasks}, {t.eval_tasks_num_fewshot}-shot, "
+                     + (f"the first {t.eval_tasks_limit} documents of each" if t.eval_tasks_limit else "every document")
+                     + f", scored on the training model {where} (--eval-tasks)")
+    lines.append("=" * 72)
     return "\n".join(lines)
 
 

@@ -31,7 +31,8 @@ from pretrain.outputs import require_writable
 from pretrain.resume import with_checkpoint_schedule
 from pretrain.run import run_lock
 from pretrain.run.build import (build_callbacks, build_model_and_engine, build_trainer, callback_named, check_data,
-                                check_tokenizer, checked_teacher, load_run_checkpoint, resolve_config,
+                                check_tokenizer, checked_teacher, eval_task_documents, load_run_checkpoint,
+                                resolve_config,
                                 restore_trainer_state, tokenizer_and_vocab)
 from pretrain.run.plan import print_plan
 from pretrain.shrink import ShrinkError, reshard_checkpoint
@@ -151,6 +152,7 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
     cfg, pruning_note = resolve_config(cfg, stored)
     cfg, tokenizer, vocab_size = tokenizer_and_vocab(cfg, stored)
     check_tokenizer(cfg, tokenizer, stored)  # before any process group work
+    task_docs = eval_task_documents(cfg, tokenizer)  # --eval-tasks: bad names or data stop the run here
     teacher = checked_teacher(cfg, vocab_size, tokenizer)  # --kd-teacher: checked before any process group
     layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     _hold_output_folders(cfg)  # one run per --save: before anything is written there
@@ -169,8 +171,8 @@ def _run_segment(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron
 
     model_chunks, engine, scheduler = build_model_and_engine(cfg, vocab_size, plain_megatron_spec, stored)
     resume = load_run_checkpoint(cfg, stored, model_chunks, engine)
-    callbacks = build_callbacks(cfg, layout, vocab_size, extra_callbacks, {**resume.lineage,
-                                                                           **tokenizer_record(tokenizer)})
+    callbacks = build_callbacks(cfg, layout, vocab_size, extra_callbacks,
+                                {**resume.lineage, **tokenizer_record(tokenizer)}, tokenizer, task_docs)
     if teacher is not None:
         callbacks = add_distillation(cfg, teacher, callbacks, stored.pruning if stored else None)
     trainer = build_trainer(cfg, layout, tokenizer, vocab_size, model_chunks, engine, scheduler,

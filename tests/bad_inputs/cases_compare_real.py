@@ -71,6 +71,11 @@ def corpus_of_another_tokenizer(d: Path, f: Fixtures) -> list[str]:
 
 
 CASES: list[BadInput] = [
+    # issue 27 item 4: the tasks every run is scored on, checked before anything else
+    BadInput("compare-unknown-task", lambda d, f: _compare(d, f, _parent(f)[1], "--tasks", "paper,arc"),
+             message=r"--tasks arc: unknown task; known: arc_easy, arc_challenge, .*mmlu", leftovers=("out",)),
+    BadInput("compare-task-limit-zero", lambda d, f: _compare(d, f, _parent(f)[1], "--task-limit", "0"),
+             message=r"argument --task-limit: 0: must be >= 1", leftovers=("out",)),
     BadInput("compare-real-parent-is-a-hf-model", parent_is_a_hf_model,
              message=r"--parent \S+/hf is a HuggingFace model or GGUF file, not an imported checkpoint: import it "
                      r"first: python tools/convert_from_hf.py", leftovers=("out",)),

@@ -56,6 +56,22 @@ def test_a_flag_given_on_resume_changes_only_itself(monkeypatch):
     assert _resumed(monkeypatch, ["--finetune"], _state()).optim == OptimConfig()
 
 
+def test_eval_tasks_are_kept_on_resume(monkeypatch):
+    """--eval-tasks (issue 27 item 4): a resumed run goes on scoring the same tasks and documents;
+    a flag given changes only itself, and --eval-tasks none stops the scoring."""
+    state = _state()
+    saved = PretrainConfig.from_dict(state["config"])
+    state["config"] = dataclasses.replace(saved, train=dataclasses.replace(
+        saved.train, eval_tasks="paper", eval_tasks_limit=20, eval_tasks_num_fewshot=5)).to_dict()
+    cfg = _resumed(monkeypatch, [], state)
+    assert (cfg.train.eval_tasks, cfg.train.eval_tasks_limit, cfg.train.eval_tasks_num_fewshot) == ("paper", 20, 5)
+    cfg = _resumed(monkeypatch, ["--eval-tasks-limit", "50"], state)
+    assert (cfg.train.eval_tasks, cfg.train.eval_tasks_limit, cfg.train.eval_tasks_num_fewshot) == ("paper", 50, 5)
+    cfg = _resumed(monkeypatch, ["--eval-tasks", "none"], state)
+    assert cfg.train.eval_tasks == "none" and not cfg.train.scores_tasks
+    assert _resumed(monkeypatch, [], _state()).train.eval_tasks is None  # a checkpoint without them: none
+
+
 def test_the_log_names_every_change(monkeypatch):
     cfg = _resumed(monkeypatch, ["--prune-target-ratio", "0.6", "--prune-interval", "4"], _state())
     _, note = with_checkpoint_pruning(cfg, ("ckpt/iter_0000020", _state()))

@@ -160,7 +160,7 @@ def test_slurm_dry_run_chains_the_runs_by_dependency(split_data, tmp_path):
 def test_cpu_tiny_runs_every_arm_with_exact_accounting(split_data, tmp_path):
     out = str(tmp_path / "cmp")
     every_arm = ("--arms", ",".join(arms.ARMS))  # the opt-in distillation arms too
-    proc = _tool(*_args(split_data, out, *every_arm))
+    proc = _tool(*_args(split_data, out, *every_arm, "--tasks", "none"))  # tasks: test_compare_real_parent.py
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recipe = get_recipe("cpu-tiny")
     results = {run: json.load(open(os.path.join(out, run, "seed0", "result.json"))) for run in arms.RUNS}
@@ -214,7 +214,7 @@ def test_cpu_tiny_runs_every_arm_with_exact_accounting(split_data, tmp_path):
     for png in ("test_loss_vs_tokens.png", "test_loss_vs_flops.png", "pruning_trajectory.png", "found_shapes.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
     # resuming a finished comparison runs nothing again; a fresh start in the same folder is refused
-    proc = _tool(*_args(split_data, out, *every_arm, "--resume"))
+    proc = _tool(*_args(split_data, out, *every_arm, "--tasks", "none", "--resume"))
     assert proc.returncode == 0 and "bash " not in proc.stdout, proc.stdout[-2000:]
     proc = _tool(*_args(split_data, out, *every_arm))
     assert proc.returncode == 2 and "--resume" in proc.stderr
@@ -257,3 +257,72 @@ def test_kd_arms_are_opt_in_distil_from_the_parent_and_pay_for_the_teacher(tmp_p
     metrics[0]["lm_pass_flops_per_token"] = 100
     assert run_flops(metrics, 10) == {"actual": 3300, "ideal": 3300, "teacher": 300}
     assert cumulative_flops_at(metrics, 10) == {1: 2300, 2: 3300}
+
+
+def test_finished_runs_are_scored_on_the_tasks_once_per_settings(tmp_path, monkeypatch):
+    """Issue 27 item 4: a finished run's checkpoint is scored by tools/evaluate.py (FOLDER/tasks.sh)
+    into tasks.json and result.json; a run scored with the same tasks, documents and checkpoint is
+    not scored again, one scored otherwise (another --task-limit, an older tasks.json) is; a failed
+    scoring leaves the result as it was. The report prints the documents and the table."""
+    import shlex
+    from types import SimpleNamespace
+
+    from pretrain.compare import campaign as campaign_module
+    from pretrain.compare.campaign import Campaign
+    from pretrain.compare.report import _tasks_lines, task_settings
+
+    ckpt = str(tmp_path / "A" / "seed0" / "ckpt" / "iter_0000004")
+    monkeypatch.setattr(campaign_module.StoredCheckpoint, "find", classmethod(
+        lambda cls, path, skipped=None: SimpleNamespace(folder=ckpt)))
+    calls, outcome = [], {"code": 0}
+
+    def execute(command: str, log: str) -> int:  # tools/evaluate.py, as tasks.sh asks it
+        argv = shlex.split(open(command).read().splitlines()[-1])[1:]
+        value = {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--")}
+        calls.append(value)
+        if outcome["code"] == 0:
+            tasks = {t: {"score": 0.25 * (i + 1), "primary": "acc"} for i, t in enumerate(value["--tasks"].split(","))}
+            with open(value["--output"], "w") as f:
+                json.dump({"tasks": tasks, "limit": int(value["--limit"])}, f)
+        return outcome["code"]
+
+    recipe = get_recipe("cpu-tiny")
+    ctx = arms.Context(out=str(tmp_path), data=arms.Data(data_path=["d"], tokenizer_model="t", test_data_path=["x"]),
+                       tasks=("boolq", "piqa"), task_limit=3)
+    camp = Campaign(recipe, ctx, [0], ["A"], execute=execute)
+    folder = str(tmp_path / "A" / "seed0")
+    os.makedirs(folder)
+    plan = SimpleNamespace(name="A", seed=0, folder=folder, flags=[], first_load=None, lr=1e-3)
+    finished = {"status": "ok", "run": "A", "seed": 0, "tasks": None}
+    with open(os.path.join(folder, "result.json"), "w") as f:
+        json.dump(finished, f)
+
+    result = camp.run_one(plan)  # finished before: scored now
+    assert len(calls) == 1 and calls[0]["--load"] == ckpt and calls[0]["--limit"] == "3"
+    assert result["tasks"] == {"boolq": 0.25, "piqa": 0.5}
+    assert json.load(open(os.path.join(folder, "result.json")))["tasks"] == result["tasks"]
+    stored = json.load(open(os.path.join(folder, "tasks.json")))
+    assert stored["settings"]["limit"] == 3 and stored["settings"]["primary"] == {"boolq": "acc", "piqa": "acc"}
+    assert not os.path.exists(os.path.join(folder, "tasks_results.json"))
+    assert camp.run_one(plan) == result and len(calls) == 1  # the same settings: not again
+    import dataclasses
+
+    camp.ctx = ctx = dataclasses.replace(ctx, task_limit=5)
+    assert camp.run_one(plan)["tasks_settings"]["limit"] == 5 and len(calls) == 2  # other documents: again
+    with open(os.path.join(folder, "tasks.json"), "w") as f:
+        json.dump({"boolq": 0.5}, f)  # the older form, settings unknown: scored again
+    outcome["code"] = 1
+    kept = camp.run_one(plan)  # a failed scoring: said, the result untouched, tried again on resume
+    assert len(calls) == 3 and kept["tasks_settings"]["limit"] == 5
+    outcome["code"] = 0
+    result = camp.run_one(plan)
+    assert len(calls) == 4 and json.load(open(os.path.join(folder, "tasks.json")))["settings"]["limit"] == 5
+    assert camp.run_one(plan, score=False) and len(calls) == 4
+    camp.ctx = dataclasses.replace(ctx, tasks=())  # --tasks none
+    assert camp.run_one(plan) == result and len(calls) == 4
+
+    settings = task_settings({("A", 0): result})  # what report.json and report.md say of the tasks
+    assert settings["limit"] == 5 and settings["same_for_every_run"] and "checkpoint" not in settings
+    text = "\n".join(_tasks_lines({"A": {"tasks": result["tasks"]}}, settings))
+    assert "the first 5 documents of each task (0-shot), the same documents for every run" in text
+    assert "| run | boolq | piqa |" in text and "| A | 0.250 | 0.500 |" in text

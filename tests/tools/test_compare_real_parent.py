@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from pretrain.benchmarks import PAPER_TASKS
 from pretrain.compare import arms
 from pretrain.compare.campaign import check_reachable, smallest_model
 from pretrain.compare.recipes import RECIPES, get_recipe
@@ -145,7 +146,8 @@ def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
     out = str(tmp_path / "cmp")
     args = ["--recipe", "cpu-tiny-real", "--parent", real["parent"], "--data-path", real["train"],
             "--test-data-path", real["test"], "--seeds", "1", "--out", out]
-    proc = _tool(*args)
+    # ~15 trainings and ~11 scorings (tools/evaluate.py, ~12 s each on an idle machine): a loaded one needs the margin
+    proc = _tool(*args, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recipe = get_recipe("cpu-tiny-real")
     results = {run: json.load(open(os.path.join(out, run, "seed0", "result.json"))) for run in arms.REAL_RUNS}
@@ -197,5 +199,27 @@ def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
     for run in arms.REAL_RUNS:
         assert f"| {run} |" in (flops_table if run.endswith("-ii") else tokens_table), run
     assert os.path.getsize(os.path.join(out, "test_loss_vs_flops.png")) > 1000
-    proc = _tool(*args, "--resume")  # a finished comparison: nothing runs again
+    # every arm (and the parent) scored on the recipe's tasks: the first 4 documents of the seven (issue 27 item 4)
+    assert report["tasks"]["tasks"] == list(PAPER_TASKS) and report["tasks"]["limit"] == recipe.task_limit == 4
+    tasks_table = text.split("## Tasks")[1]
+    assert "the first 4 documents of each task (0-shot), the same documents for every run" in tasks_table
+    for run in arms.REAL_RUNS:
+        scores = results[run]["tasks"]
+        assert set(scores) == {*PAPER_TASKS, "average"} and all(0 <= v <= 1 for v in scores.values()), run
+        assert report["runs"][run]["tasks"] == scores and f"| {run} | " in tasks_table, run
+        if not results[run].get("same_as"):  # an arm that is another's run shares its scores
+            scored = json.load(open(os.path.join(out, run, "seed0", "tasks.json")))
+            assert scored["scores"] == scores and scored["results"]["tasks"]["boolq"]["documents"] == 4, run
+    assert results["parent"]["tasks_settings"]["checkpoint"].startswith(real["parent"])  # the imported checkpoint
+    proc = _tool(*args, "--resume")  # a finished comparison: nothing runs again, nothing is scored again
     assert proc.returncode == 0 and "bash " not in proc.stdout, proc.stdout[-2000:]
+    # a run finished before the tasks were scored (a campaign of older code): --resume scores it alone
+    os.remove(os.path.join(out, "A", "seed0", "tasks.json"))
+    path = os.path.join(out, "A", "seed0", "result.json")
+    old = {k: v for k, v in results["A"].items() if k not in ("tasks", "tasks_settings")}
+    with open(path, "w") as f:
+        json.dump({**old, "tasks": None}, f)
+    proc = _tool(*args, "--resume")
+    assert proc.returncode == 0 and proc.stdout.count("scoring ") == 1 and "A seed 0: scoring" in proc.stdout, \
+        proc.stdout[-2000:]
+    assert "command.sh" not in proc.stdout and json.load(open(path))["tasks"] == results["A"]["tasks"]

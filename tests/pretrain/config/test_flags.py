@@ -31,6 +31,9 @@ FROZEN = """
 --engine 'megatron' {megatron,deepspeed}
 --eval-interval 0
 --eval-iters 10
+--eval-tasks None
+--eval-tasks-limit None
+--eval-tasks-num-fewshot 0
 --exit-interval None
 --ffn-hidden-size None (then 'required')
 --finetune False

@@ -54,8 +54,10 @@ def _train_engines(data: dict, runs: list) -> dict:
     out = {}
     for engine, stage in runs:
         cfg = _config(data, engine, stage)
-        # one validation batch at the end: evaluation runs the model outside DeepSpeed's engine
-        summary = run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_interval=ITERS, eval_iters=1)))
+        # one validation batch at the end: evaluation runs the model outside DeepSpeed's engine; so
+        # do the benchmarks (--eval-tasks), each DP rank a share (ZeRO-3 gathers in every forward)
+        summary = run(dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, eval_interval=ITERS, eval_iters=1, eval_tasks="boolq,arc_easy", eval_tasks_limit=3)))
         pruning = next(c for c in summary["trainer"].callbacks if c.name == "pruning")
         out[(engine, stage)] = {
             "losses": [h["loss"] for h in summary["history"]],
@@ -66,6 +68,7 @@ def _train_engines(data: dict, runs: list) -> dict:
             "layout": summary["layout"],
             "masked_nonzero": _masked_nonzero(summary["trainer"], pruning),
             "valid": next(c for c in summary["trainer"].callbacks if c.name == "eval").last_loss,
+            "tasks": next(c for c in summary["trainer"].callbacks if c.name == "eval").last_benchmarks,
         }
         del summary
     return out
@@ -114,6 +117,7 @@ def test_zero_stages_match_the_megatron_engine(tiny_dataset, tmp_path):
         _close(got["losses"], ref["losses"], f"ZeRO-{key[1]} losses")
         _close(got["grad_norms"], ref["grad_norms"], f"ZeRO-{key[1]} grad norms")
         assert math.isclose(got["valid"], ref["valid"], rel_tol=TOLERANCE), f"ZeRO-{key[1]}: {got['valid']} vs {ref['valid']}"
+        assert got["tasks"] == ref["tasks"] and ref["tasks"]["tasks"]["boolq"]["documents"] == 3, f"ZeRO-{key[1]}"
         assert got["params"] == ref["params"], f"ZeRO-{key[1]}: parameter count"
         for name, table in ref["ema"].items():
             assert torch.allclose(got["ema"][name], table, rtol=1e-5, atol=1e-9), f"ZeRO-{key[1]}: saliency {name}"
