@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shlex
 import subprocess
 import time
@@ -37,6 +38,14 @@ def run_local(command: str, log_path: str) -> int:
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} bash {command}\n")
         log.flush()
         return subprocess.run(["bash", command], stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of every finished child process and their descendants so far:
+    the difference around a local run is that run's CPU time, which a shared machine's load does
+    not inflate the way it inflates wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def expected_final_iteration(recipe: Recipe, plan: RunPlan) -> int:
@@ -188,18 +197,25 @@ class Campaign:
                 return self.score_tasks(plan, result) if score else result
         command = arms.write_command(plan, self.recipe, self.ctx)
         wall_path = os.path.join(plan.folder, "wall_seconds.json")
-        wall = json.load(open(wall_path))["seconds"] if os.path.isfile(wall_path) else 0.0
+        spent = json.load(open(wall_path)) if os.path.isfile(wall_path) else {"seconds": 0.0, "cpu_seconds": 0.0}
+        wall, cpu = spent["seconds"], spent.get("cpu_seconds")  # None: an attempt before CPU time was kept
         already = collect(self.recipe, plan, wall)
         if already.get("status") != "ok":  # not finished by an earlier attempt: run (or resume) it
             _log(f"{plan.name} seed {plan.seed} (lr {plan.lr:g}, {plan.train_tokens:,} tokens): bash {command}")
-            start = time.time()
+            start, cpu_start = time.time(), children_cpu_seconds()
             code = self.execute(command, os.path.join(plan.folder, "log.txt"))
             wall += time.time() - start
-            atomic_write_text(wall_path, json.dumps({"seconds": wall}))
+            if cpu is not None and self.execute is run_local:  # a Slurm job's CPU time is not this process's child's
+                cpu += children_cpu_seconds() - cpu_start
+            else:
+                cpu = None
+            atomic_write_text(wall_path, json.dumps({"seconds": wall, "cpu_seconds": cpu}))
             result = collect(self.recipe, plan, wall) if code == 0 else {
                 "status": "failed", "reason": f"exit code {code}; see {os.path.join(plan.folder, 'log.txt')}"}
         else:
             result = already
+        if result.get("status") == "ok":
+            result["cpu_seconds"] = cpu
         result.update(run=plan.name, seed=plan.seed, lr=plan.lr, command=command)
         atomic_write_text(path, json.dumps(result, indent=1))
         _log(f"{plan.name} seed {plan.seed}: {result['status']}"

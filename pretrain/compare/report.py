@@ -91,6 +91,8 @@ def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict
                 "flops_teacher": statistics.mean(r["flops"].get("teacher", 0) for r in ok.values()),
                 "flops_with_parent": statistics.mean(charged.values()),
                 "wall_seconds": statistics.mean(r["wall_seconds"] for r in ok.values()),
+                "cpu_seconds": (statistics.mean(r["cpu_seconds"] for r in ok.values())
+                                if all(r.get("cpu_seconds") is not None for r in ok.values()) else None),
                 "lr": any_ok["lr"],
                 "test_loss": dict(zip(("mean", "std"), _mean_std([r["test_loss"] for r in ok.values()]))),
                 "test_loss_per_seed": {s: r["test_loss"] for s, r in ok.items()},
@@ -154,7 +156,7 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
 
 def _table(summary: dict, runs: list[str], ref: str, last_flops: str) -> list[str]:
     """One table of ``runs``: cost, loss and the paired difference to ``ref``."""
-    lines = [f"| run | shape (seed 0) | params | tokens | FLOPs actual | FLOPs ideal | {last_flops} | wall s | "
+    lines = [f"| run | shape (seed 0) | params | tokens | FLOPs actual | FLOPs ideal | {last_flops} | wall s (CPU s) | "
              f"test loss | minus {ref} (paired) | {ref} better |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
@@ -172,7 +174,8 @@ def _table(summary: dict, runs: list[str], ref: str, last_flops: str) -> list[st
         lines.append(
             f"| {run} | {shape} | {_fmt_count(row['params'])} | {_fmt_count(row['tokens'])} | "
             f"{_fmt_count(row['flops_actual'])} | {_fmt_count(row['flops_ideal'])} | "
-            f"{_fmt_count(third)} | {row['wall_seconds']:.0f} | "
+            f"{_fmt_count(third)} | {row['wall_seconds']:.0f}"
+            + (f" ({row['cpu_seconds']:.0f})" if row.get("cpu_seconds") is not None else "") + " | "
             f"{loss['mean']:.4f} ± {loss['std']:.4f} | "
             + (f"{diff['mean']:+.4f} | {diff[f'{ref}_better_in']}/{diff['seeds']} |" if diff else " | |"))
         if row["not_ok"]:

@@ -190,8 +190,11 @@ def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
         assert r["flops"]["actual"] <= budget < r["flops"]["actual"] + r["flops_per_token_last_step"] * step, run
         assert r["tokens_trained"] >= base["tokens_trained"] and r["lr"] == base["lr"]
     assert any(r.get("same_as") for r in results.values())  # the arm that set the budget
+    # CPU seconds beside wall seconds (a shared machine's load inflates only the wall)
+    assert all(0 < r["cpu_seconds"] for run, r in results.items() if not r.get("same_as")), results
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["runs"]["A"]["flops_with_parent"] == report["runs"]["A"]["flops_actual"]  # the parent is free
+    assert report["runs"]["A"]["cpu_seconds"] == results["A"]["cpu_seconds"]
     assert report["runs"]["A"]["minus_M"]["per_seed"]["0"] == pytest.approx(
         results["A"]["test_loss"] - results["M"]["test_loss"])
     text = open(os.path.join(out, "report.md")).read()
