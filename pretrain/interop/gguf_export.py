@@ -71,9 +71,6 @@ def check_expressible(model: ModelConfig, where: str) -> None:
     if model.num_layers > MAX_LAYERS:
         problems.append(f"num_layers {model.num_layers} (llama.cpp holds at most {MAX_LAYERS} layers: "
                         "LLAMA_MAX_LAYERS)")
-    if model.head_dim % 2:
-        problems.append(f"kv_channels {model.head_dim} is odd (llama.cpp's RoPE rotates pairs: "
-                        "rope.dimension_count must be even)")
     if problems:
         raise ConversionError(f"{where}: cannot be written as GGUF: {'; '.join(problems)}")
 
