@@ -9,7 +9,7 @@ Tolerances. f32: the largest absolute difference of a log-probability over the w
 every position of three prompts, below 1e-4 (measured <= 1e-5: the same f32 arithmetic in another
 order), and greedy ids and text identical. q8_0: the largest difference over our top-20 tokens at
 every position below 0.35 (measured 0.17-0.20 on these tiny models, whose weights are sharpened
-to std 0.15: q8_0's own rounding).""""""
+to std 0.15: q8_0's own rounding)."""
 
 from __future__ import annotations
 
