@@ -22,17 +22,19 @@ HF byte-level BPE -> ``gpt2`` with its pre-tokenizer named). The file is written
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+import dataclasses
 
 import numpy as np
 import torch
 
 from data_prep.hf_tokenizer import sentencepiece_proto
 from data_prep.tokenizers import HuggingFaceTokenizer, SentencePieceTokenizer, TextTokenizer
+from pretrain.checkpoint.atomic import is_disk_full
 from pretrain.checkpoint.full_weights import FullWeights, load_full_weights
 from pretrain.checkpoint.tokenizer import unpadded_vocab
 from pretrain.config import ModelConfig
@@ -81,7 +83,7 @@ def check_expressible(model: ModelConfig, where: str) -> None:
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
-@dataclass
+@dataclasses.dataclass
 class GGUFVocab:
     model: str  # tokenizer.ggml.model
     pre: str | None  # tokenizer.ggml.pre
@@ -91,6 +93,7 @@ class GGUFVocab:
     merges: list[str] | None = None
     add_space_prefix: bool | None = None
     chat_template: str | None = None
+    special: dict = dataclasses.field(default_factory=dict)  # bos/eos/pad/unk -> id, over the tokenizer's
 
     def pad_to(self, vocab: int) -> None:
         """Rows of the embedding no token uses (an imported model's vocabulary may be larger than
@@ -123,7 +126,7 @@ def _pre_tokenizer(pre: dict | None, path: str) -> str:
         return p.get("type") == "ByteLevel" and p.get("use_regex", True)
 
     if pre and byte_level(pre):
-        return "gpt2"
+        return "gpt-2"
     steps = (pre or {}).get("pretokenizers") or []
     if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
             and byte_level(steps[1])):
@@ -157,12 +160,20 @@ def _bpe_vocab(tokenizer: HuggingFaceTokenizer) -> GGUFVocab:
         if token is None:
             tokens[i], types[i] = f"[PAD{i}]", _UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    template = None
-    config = os.path.join(os.path.dirname(tokenizer.path), "tokenizer_config.json")
-    if os.path.isfile(config):
-        with open(config) as f:
-            template = json.load(f).get("chat_template")
-    return GGUFVocab("gpt2", pre, tokens, types, merges=merges,
+    folder = os.path.dirname(tokenizer.path)
+    config = {}
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        with open(os.path.join(folder, "tokenizer_config.json")) as f:
+            config = json.load(f)
+    template = config.get("chat_template")
+    if not isinstance(template, str) and os.path.isfile(os.path.join(folder, "chat_template.jinja")):
+        with open(os.path.join(folder, "chat_template.jinja")) as f:  # where transformers 5 saves it
+            template = f.read()
+    # the model's own special tokens (an instruct model ends a turn with its eos, not our EOD)
+    ids = {token: i for i, token in enumerate(tokens)}
+    special = {key: ids[config[f"{key}_token"]] for key in ("bos", "eos", "pad", "unk")
+               if isinstance(config.get(f"{key}_token"), str) and config[f"{key}_token"] in ids}
+    return GGUFVocab("gpt2", pre, tokens, types, merges=merges, special=special,
                      chat_template=template if isinstance(template, str) else None)
 
 
@@ -187,13 +198,13 @@ def _write_vocab(writer, vocab: GGUFVocab, tokenizer: TextTokenizer) -> None:
         writer.add_token_merges(vocab.merges)
     if vocab.add_space_prefix is not None:
         writer.add_add_space_prefix(vocab.add_space_prefix)
-    writer.add_eos_token_id(tokenizer.eod)
-    if tokenizer.bos is not None:
-        writer.add_bos_token_id(tokenizer.bos)
-    if tokenizer.pad is not None:
-        writer.add_pad_token_id(tokenizer.pad)
-    if getattr(tokenizer, "unk", None) is not None and tokenizer.unk >= 0:
-        writer.add_unk_token_id(tokenizer.unk)
+    unk = getattr(tokenizer, "unk", None)
+    special = {"eos": tokenizer.eod, "bos": tokenizer.bos, "pad": tokenizer.pad,
+               "unk": unk if unk is not None and unk >= 0 else None, **vocab.special}
+    for key, add in (("eos", writer.add_eos_token_id), ("bos", writer.add_bos_token_id),
+                     ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
+        if special[key] is not None:
+            add(special[key])
     # our pipeline adds no BOS/EOS when encoding text (the EOD goes between documents)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
@@ -349,6 +360,10 @@ def export_gguf(load: str, save: str, dtype: str = "f16", tokenizer_model: str |
         writer.close()
         os.replace(tmp, save)
     except BaseException as err:
+        # numpy's tofile reports a short write as "N requested and M written", without errno:
+        # whether the disk is full is asked before the partial file is removed
+        if isinstance(err, OSError) and err.errno is None and is_disk_full(err, tmp):
+            err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
         writer.close()
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -263,7 +263,7 @@ def test_what_llama_cpp_cannot_hold_is_refused_naming_the_field():
     with pytest.raises(ConversionError, match=r"ckpt: cannot be written as GGUF: num_layers 513 \(llama\.cpp holds "
                                               r"at most 512 layers"):
         check_expressible(deep, "ckpt")
-    assert _pre_tokenizer({"type": "ByteLevel", "use_regex": True}, "t.json") == "gpt2"
+    assert _pre_tokenizer({"type": "ByteLevel", "use_regex": True}, "t.json") == "gpt-2"
     assert _pre_tokenizer({"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}, "t.json") == "smollm"
     with pytest.raises(ConversionError, match=r"t\.json: its pre_tokenizer .*Metaspace.* is not one llama\.cpp names"):
