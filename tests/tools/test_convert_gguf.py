@@ -268,3 +268,44 @@ def test_what_llama_cpp_cannot_hold_is_refused_naming_the_field():
         {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}, "t.json") == "smollm"
     with pytest.raises(ConversionError, match=r"t\.json: its pre_tokenizer .*Metaspace.* is not one llama\.cpp names"):
         _pre_tokenizer({"type": "Metaspace", "replacement": "▁"}, "t.json")
+
+
+def masked_worker(ckpt: str, tokenizer_model: str, root: str) -> dict:
+    from data_prep.tokenizers import build_tokenizer
+    from pretrain.interop.gguf_export import export_gguf
+    from tests.tools.test_convert_hf import _our_logits
+
+    prompts = [build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model).tokenize(t) for t in TEXTS]
+    summary = export_gguf(ckpt, f"{root}/masked.gguf", "f32", progress=False)
+    cpp = LlamaCpp(f"{root}/masked.gguf")
+    try:
+        diff = 0.0
+        for p in prompts:
+            # the checkpoint as it trains: full shape, masks applied
+            ours = torch.log_softmax(_our_logits(ckpt, torch.tensor([p]))[0, :, :1000].double(), -1)
+            diff = max(diff, float((cpp.log_probs(p) - ours).abs().max()))
+    finally:
+        cpp.close()
+    return {"summary": summary, "max_diff": diff}
+
+
+def test_a_masked_checkpoint_is_shrunk_on_the_way(tiny_dataset, tmp_path):
+    """A pruning run's checkpoint (masks, not shrunk: per-layer heads, FFN and hidden) exports to a
+    GGUF that llama.cpp computes like the masked model it trained."""
+    import subprocess
+    import sys
+
+    from tests.dist_helper import subprocess_env
+
+    save = tmp_path / "ckpt"
+    done = subprocess.run([sys.executable, "-m", "pretrain", "--model", "debug", "--seq-length", "32",
+                           "--data-path", tiny_dataset["prefix"], "--tokenizer-model", tiny_dataset["tokenizer"],
+                           "--split", "98,2,0", "--micro-batch-size", "2", "--global-batch-size", "2",
+                           "--train-iters", "3", "--lr", "1e-3", "--save", str(save), "--save-interval", "3",
+                           "--prune-target-ratio", "0.6", "--prune-start-tokens", "0", "--prune-end-tokens", "128",
+                           "--prune-interval", "1"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    r = run_distributed(masked_worker, 1, str(save), tiny_dataset["tokenizer"], str(tmp_path))[0]
+    assert r["summary"]["shrunk"] and r["summary"]["architecture"] == "deci", r["summary"]
+    assert r["max_diff"] < F32_TOLERANCE, r["max_diff"]
