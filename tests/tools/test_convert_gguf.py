@@ -197,9 +197,9 @@ def export_worker(tokenizer_model: str, root: str) -> dict:
         out[case] = {"summary": summary, "fields": fields, "f32": compare(f"{root}/{case}.gguf", f"{root}/{case}",
                                                                           prompts, 1000)}
         out["text_ours"][case] = [tok.detokenize(p + g) for p, g in zip(prompts, out[case]["f32"]["greedy_ours"])]
-        if case in ("uniform", "per_layer"):
-            q8 = export_gguf(f"{root}/{case}", f"{root}/{case}_q8_0.gguf", "q8_0", progress=False)
-            out[case]["q8_0"] = {"summary": q8, **compare(f"{root}/{case}_q8_0.gguf", f"{root}/{case}", prompts,
+        for dtype in {"uniform": ("q8_0", "f16", "bf16"), "per_layer": ("q8_0",)}.get(case, ()):
+            low = export_gguf(f"{root}/{case}", f"{root}/{case}_{dtype}.gguf", dtype, progress=False)
+            out[case][dtype] = {"summary": low, **compare(f"{root}/{case}_{dtype}.gguf", f"{root}/{case}", prompts,
                                                           1000, greedy=False)}
     # ours -> GGUF -> ours (our GGUF reader, through transformers): the same weights come back
     import_hf(f"{root}/uniform.gguf", f"{root}/back")
@@ -232,6 +232,13 @@ def test_q8_0_stays_close(exported, case):
     # q8_0 where rows are whole 32-value blocks; the per-layer FFN width 48 stays f16; norms f32
     assert r["summary"]["types"].get("Q8_0", 0) >= 8 and r["summary"]["types"]["F32"] >= 5
     assert r["summary"]["bytes"] < 0.4 * exported[case]["summary"]["bytes"]
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_f16_and_bf16_load_and_stay_close(exported, dtype):
+    r = exported["uniform"][dtype]
+    assert F32_TOLERANCE < r["top20_diff"] < Q8_0_TOP20_TOLERANCE, r
+    assert r["summary"]["types"] == {dtype.upper(): 15, "F32": 5}
 
 
 def test_architectures_and_per_layer_arrays(exported):
