@@ -156,15 +156,23 @@ class LlamaCpp:
         self.llm.close()  # before the interpreter exits: its finaliser raises at shutdown otherwise
 
 
+def log_prob_diff(theirs: torch.Tensor, ours: torch.Tensor, top: int | None = None) -> float:
+    """The largest absolute difference of log-probabilities: over the whole vocabulary, or over our
+    ``top`` most likely tokens at each position."""
+    if top is None:
+        return float((theirs - ours).abs().max())
+    idx = ours.topk(top, -1).indices
+    return float((theirs.gather(-1, idx) - ours.gather(-1, idx)).abs().max())
+
+
 def compare(gguf: str, load: str, prompts: list[list[int]], vocab: int, greedy: bool = True) -> dict:
     cpp, ours = LlamaCpp(gguf), OurModel(load, vocab)
     try:
         out = {"max_diff": 0.0, "top20_diff": 0.0}
         for p in prompts:
             theirs, mine = cpp.log_probs(p), ours.log_probs(p)
-            top = mine.topk(20, -1).indices
-            out["max_diff"] = max(out["max_diff"], float((theirs - mine).abs().max()))
-            out["top20_diff"] = max(out["top20_diff"], float((theirs.gather(-1, top) - mine.gather(-1, top)).abs().max()))
+            out["max_diff"] = max(out["max_diff"], log_prob_diff(theirs, mine))
+            out["top20_diff"] = max(out["top20_diff"], log_prob_diff(theirs, mine, top=20))
         if greedy:
             out["greedy_cpp"] = [cpp.greedy(p, GREEDY_TOKENS) for p in prompts]
             out["greedy_ours"] = [ours.greedy(p, GREEDY_TOKENS) for p in prompts]

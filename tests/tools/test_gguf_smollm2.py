@@ -14,10 +14,9 @@ nothing of its own."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.dist_helper import run_distributed
-from tests.tools.test_convert_gguf import LlamaCpp, OurModel
+from tests.tools.test_convert_gguf import LlamaCpp, OurModel, log_prob_diff
 from tests.tools.test_pretrained_parent import _smollm2_gguf
 
 pytestmark = [pytest.mark.slow]
@@ -25,13 +24,6 @@ TEXTS = ("The capital of France is", "def fibonacci(n):\n    if n < 2:\n        
          "Debian is a free operating system, developed by volunteers from 1993 on.")
 VOCAB = 49152
 F32_TOLERANCE = 1e-3
-
-
-def _diff(a: torch.Tensor, b: torch.Tensor, top: int | None = None) -> float:
-    if top is None:
-        return float((a - b).abs().max())
-    idx = b.topk(top, -1).indices
-    return float((a.gather(-1, idx) - b.gather(-1, idx)).abs().max())
 
 
 def smollm2_worker(gguf: str, root: str) -> dict:
@@ -60,15 +52,15 @@ def smollm2_worker(gguf: str, root: str) -> dict:
         try:
             mine = [ours.log_probs(p) for p in prompts]
             theirs = [cpp.log_probs(p) for p in prompts]
-            r = {"summary": summary, "max_diff": max(_diff(t, m) for t, m in zip(theirs, mine)),
+            r = {"summary": summary, "max_diff": max(log_prob_diff(t, m) for t, m in zip(theirs, mine)),
                  "tokens": [cpp.tokenize(t) for t in TEXTS],
                  "greedy_cpp": [cpp.greedy(p, 12) for p in prompts[:2]],
                  "greedy_ours": [ours.greedy(p, 12) for p in prompts[:2]]}
             r["text_cpp"] = [cpp.detokenize(p + g) for p, g in zip(prompts, r["greedy_cpp"])]
             r["text_ours"] = [tok.detokenize(p + g) for p, g in zip(prompts, r["greedy_ours"])]
             if name == "parent":
-                r["q4_1_top20"] = max(_diff(q, m, 20) for q, m in zip(q4_1, mine))
-                r["f32_top20"] = max(_diff(t, m, 20) for t, m in zip(theirs, mine))
+                r["q4_1_top20"] = max(log_prob_diff(q, m, 20) for q, m in zip(q4_1, mine))
+                r["f32_top20"] = max(log_prob_diff(t, m, 20) for t, m in zip(theirs, mine))
             out[name] = r
         finally:
             cpp.close()
