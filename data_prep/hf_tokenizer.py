@@ -26,7 +26,7 @@ _CHECK_TEXTS = (
 )
 
 
-def _sentencepiece_proto(path: str):
+def sentencepiece_proto(path: str):
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -39,7 +39,7 @@ def sentencepiece_to_tokenizers(model_path: str):
     """A ``tokenizers.Tokenizer`` equivalent to the sentencepiece BPE model at ``model_path``."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    proto = _sentencepiece_proto(model_path)
+    proto = sentencepiece_proto(model_path)
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     unsupported = []
     if spec.model_type != spec.BPE:

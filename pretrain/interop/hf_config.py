@@ -22,7 +22,7 @@ _SUPPORTED_TYPES = ("llama", "qwen2", "pruned_llama")
 
 
 # the fixed parts of megatron-core's Llama 3 RoPE scaling (RotaryEmbedding._apply_scaling)
-_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def hf_config_dict(model: ModelConfig, vocab: int, special_ids: dict, dtype: torch.dtype) -> dict:
@@ -47,7 +47,7 @@ def hf_config_dict(model: ModelConfig, vocab: int, special_ids: dict, dtype: tor
         kwargs["hidden_size"] = model.num_attention_heads * math.ceil(model.hidden_size / model.num_attention_heads)
     rope_scaling = None
     if model.use_rope_scaling:
-        rope_scaling = {"rope_type": "llama3", "factor": float(model.rope_scaling_factor), **_LLAMA3_ROPE}
+        rope_scaling = {"rope_type": "llama3", "factor": float(model.rope_scaling_factor), **LLAMA3_ROPE}
         kwargs["rope_scaling"] = rope_scaling
     if model.add_qkv_bias and not remote and model.head_dim * model.num_attention_heads == model.hidden_size:
         # Qwen2 (q/k/v biases; its readers take the head size as hidden / heads)
@@ -112,9 +112,9 @@ def model_config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
     rope = hf.get("rope_scaling") or rope_params
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
     if rope_type == "llama3":
-        found = {k: rope.get(k) for k in _LLAMA3_ROPE}
-        if any(found[k] is None or float(found[k]) != v for k, v in _LLAMA3_ROPE.items()):
-            problems.append(f"Llama 3 RoPE scaling with {found} (megatron-core computes it with {_LLAMA3_ROPE})")
+        found = {k: rope.get(k) for k in LLAMA3_ROPE}
+        if any(found[k] is None or float(found[k]) != v for k, v in LLAMA3_ROPE.items()):
+            problems.append(f"Llama 3 RoPE scaling with {found} (megatron-core computes it with {LLAMA3_ROPE})")
     elif rope_type != "default":
         problems.append(f"RoPE scaling {rope_type!r} (plain RoPE and Llama 3 scaling only)")
     if problems:

@@ -18,7 +18,7 @@ import shutil
 import torch
 
 from data_prep.hf_tokenizer import export_hf_tokenizer
-from data_prep.tokenizers import TokenizerError, build_tokenizer, infer_tokenizer_type
+from data_prep.tokenizers import TextTokenizer, TokenizerError, build_tokenizer, infer_tokenizer_type
 from pretrain.checkpoint import staged_output
 from pretrain.checkpoint.full_weights import FullWeights, load_full_weights
 from pretrain.checkpoint.tokenizer import check_checkpoint_tokenizer, checkpoint_tokenizer, unpadded_vocab
@@ -33,23 +33,32 @@ from pretrain.pruning.masks import ModelShape
 REMOTE_CODE = os.path.join(os.path.dirname(__file__), "hf_remote_code")
 
 
-def _export_tokenizer(weights: FullWeights, tokenizer_model: str | None, tmp: str):
-    cfg = weights.config
+def checkpoint_text_tokenizer(weights: FullWeights, tokenizer_model: str | None,
+                              otherwise: str = ", or --no-tokenizer") -> TextTokenizer | None:
+    """The tokenizer the checkpoint was trained with (``--tokenizer-model`` when its recorded path
+    is stale), held to the tokenizer identity rule; None when the checkpoint names none."""
     recorded = checkpoint_tokenizer(weights.folder, weights.trainer_state)
-    if cfg.data.tokenizer_type == "NullTokenizer" or not (tokenizer_model or recorded):
-        return None, {}
+    if weights.config.data.tokenizer_type == "NullTokenizer" or not (tokenizer_model or recorded):
+        return None
     tokenizer_type, path = (infer_tokenizer_type(tokenizer_model), tokenizer_model) if tokenizer_model else recorded
     try:
         tokenizer = build_tokenizer(tokenizer_type, path)
     except TokenizerError as err:
-        raise ConversionError(f"{err} (the checkpoint's tokenizer; pass --tokenizer-model to point at it, "
-                              "or --no-tokenizer)") from None
+        raise ConversionError(f"{err} (the checkpoint's tokenizer; pass --tokenizer-model to point at it"
+                              f"{otherwise})") from None
     try:
         check_checkpoint_tokenizer("--load", weights.folder, weights.trainer_state, tokenizer)
     except ConfigError as err:
         raise ConversionError(str(err)) from None
+    return tokenizer
+
+
+def _export_tokenizer(weights: FullWeights, tokenizer_model: str | None, tmp: str):
+    tokenizer = checkpoint_text_tokenizer(weights, tokenizer_model)
+    if tokenizer is None:
+        return None, {}
     try:
-        ids = export_hf_tokenizer(tokenizer, tmp, cfg.model.seq_length)
+        ids = export_hf_tokenizer(tokenizer, tmp, weights.config.model.seq_length)
     except TokenizerError as err:
         raise ConversionError(str(err)) from None
     return tokenizer, ids

@@ -57,18 +57,19 @@ def test_tools_on_a_full_disk_and_training_on_a_read_only_one(bad_input_fixtures
         _tool("convert_from_hf.py", "--load", hf, "--save", full / "imported"),
         _tool("convert_checkpoint.py", "--load", f.checkpoint, "--save", full / "ds", "--to", "deepspeed"),
         _tool("reshard_checkpoint.py", "--load", f.checkpoint, "--save", full / "small", "--shrink"),
+        _tool("convert_to_gguf.py", "--load", f.checkpoint, "--save", full / "model.gguf", "--no-progress"),
         train,
         _tool("evaluate.py", "--load", f.checkpoint, "--data-path", data / os.path.basename(f.dataset),
               "--seq-length", "32", "--max-samples", "4")],
         setup=(copy, f"mount -o remount,ro {shlex.quote(str(data))}"))
     assert "Traceback" not in out, out[-4000:]
-    disk_full = (rf"error: --save {re.escape(str(full))}/\w+: cannot write it \(No space left on device\); "
+    disk_full = (rf"error: --save {re.escape(str(full))}/[\w.]+: cannot write it \(No space left on device\); "
                  "nothing was written")
-    assert len(re.findall(disk_full, out)) == 4, out[-4000:]
+    assert len(re.findall(disk_full, out)) == 5, out[-4000:]
     # before building the model: no iteration ran
     assert re.search(rf"error: --save {re.escape(str(read_only))}/run: cannot write in .* \(Read-only file "
                      r"system\)", out) and "rc=2" in out and "iteration " not in out, out[-4000:]
     assert re.search(r"error: the dataset index cache \(default: beside the first dataset; --data-cache-path sets "
                      rf"it\) {re.escape(str(data))}/.*: cannot write in .* \(Read-only file system\)", out), out[-4000:]
-    assert out.count("rc=2") == 1 and out.count("rc=1") == 5, out[-4000:]
+    assert out.count("rc=2") == 1 and out.count("rc=1") == 6, out[-4000:]
     assert re.search(r"^left: *\nleft: *\nleft: \S+\.bin \S+\.idx$", out, re.M), out[-4000:]
