@@ -152,6 +152,7 @@ class Campaign:
         self.recipe, self.ctx, self.seeds, self.runs = recipe, ctx, seeds, runs
         self.family = family_of(recipe)
         self.execute = execute
+        self.undecided_sweeps: set[str] = set()  # a rate failed: the runs it would set the rate of wait
 
     # ------------------------------------------------------------------ results on disk
     def result_path(self, plan: RunPlan) -> str:
@@ -283,6 +284,12 @@ class Campaign:
             if not sweep:
                 self._record_missing(run, seed, reason)
             return None
+        undecided = self.family.sweep_of.get(run)
+        if not sweep and undecided in self.undecided_sweeps:
+            # never trained at a rate the sweep did not choose: its result would stand on a resume
+            self._record_missing(run, seed, f"its learning-rate sweep ({undecided}) did not finish every rate; "
+                                 "--resume retries the failed rate and then this run")
+            return None
         try:
             plan = plan_run(self.recipe, self.ctx, run, seed, lr=lr, sweep=sweep)
         except ConfigError as err:  # a late run whose inputs did not all finish (e.g. no FLOPs budget)
@@ -323,12 +330,16 @@ class Campaign:
             self.run_if_possible(run, self.seeds[0], sweep=True, lr=lr)
         chosen = self.chosen_lr(sweep)
         if chosen is None:
-            _log(f"sweep {sweep}: not every rate finished; using the recipe's first, {self.recipe.lrs[0]:g}")
-            chosen = self.recipe.lrs[0]
-        else:
-            losses = {lr: r["valid_loss"] for lr, r in self._sweep_results(sweep).items()}
-            _log(f"sweep {sweep}: validation loss " + ", ".join(f"lr {lr:g}: {v:.4f}" for lr, v in losses.items())
-                 + f" -> lr {chosen:g}")
+            failed = [f"{lr:g}" for lr in self.recipe.lrs
+                      if self._sweep_results(sweep).get(lr, {}).get("status") != "ok"]
+            _log(f"sweep {sweep}: rate(s) {', '.join(failed)} did not finish (see their log.txt under "
+                 f"{os.path.dirname(self.ctx.sweep_dir(sweep, self.recipe.lrs[0]))}); the runs it decides wait "
+                 "for --resume")
+            self.undecided_sweeps.add(sweep)
+            return
+        losses = {lr: r["valid_loss"] for lr, r in self._sweep_results(sweep).items()}
+        _log(f"sweep {sweep}: validation loss " + ", ".join(f"lr {lr:g}: {v:.4f}" for lr, v in losses.items())
+             + f" -> lr {chosen:g}")
         self.ctx.lrs[sweep] = chosen
 
     # ------------------------------------------------------------------ all of it

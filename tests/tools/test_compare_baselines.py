@@ -326,3 +326,41 @@ def test_finished_runs_are_scored_on_the_tasks_once_per_settings(tmp_path, monke
     text = "\n".join(_tasks_lines({"A": {"tasks": result["tasks"]}}, settings))
     assert "the first 5 documents of each task (0-shot), the same documents for every run" in text
     assert "| run | boolq | piqa |" in text and "| A | 0.250 | 0.500 |" in text
+
+
+def test_a_sweep_rate_that_failed_holds_back_the_runs_it_decides(tmp_path):
+    """A learning-rate sweep with a failed rate decides nothing: the runs whose rate it sets are
+    recorded as waiting (not trained at a rate nobody chose, whose result a resume would keep), and
+    the resume that finishes the rate chooses and runs them."""
+    from pretrain.compare.campaign import Campaign
+
+    recipe = get_recipe("cpu-real")
+    assert len(recipe.lrs) == 2
+    ctx = arms.Context(out=str(tmp_path), data=arms.Data(data_path=["d"], tokenizer_model="t", test_data_path=["x"]))
+    sweep = "parent-cont"
+
+    def sweep_results(statuses):
+        for lr, status in zip(recipe.lrs, statuses):
+            folder = ctx.sweep_dir(sweep, lr)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "result.json"), "w") as f:
+                json.dump({"status": status, "valid_loss": 5.0 if lr == recipe.lrs[1] else 6.0}, f)
+
+    def campaign():
+        camp = Campaign(recipe, ctx, [0], ["parent-cont"], execute=lambda command, log: 1)
+        camp.run_if_possible = lambda run, seed, sweep=False, lr=None, _real=camp.run_if_possible: (
+            None if sweep else _real(run, seed, sweep, lr))  # the rates' runs: their result.json above
+        return camp
+
+    sweep_results(["failed", "ok"])
+    camp = campaign()
+    camp._sweep(sweep)
+    assert sweep not in ctx.lrs and camp.undecided_sweeps == {sweep}
+    ctx.results[("parent", 0)] = {"status": "ok"}
+    assert camp.run_if_possible("parent-cont", 0) is None
+    waiting = json.load(open(os.path.join(ctx.run_dir("parent-cont", 0), "result.json")))
+    assert waiting["status"] == "missing" and "--resume retries" in waiting["reason"], waiting
+    sweep_results(["ok", "ok"])  # the resume finished the failed rate
+    camp = campaign()
+    camp._sweep(sweep)
+    assert ctx.lrs[sweep] == recipe.lrs[1] and not camp.undecided_sweeps
