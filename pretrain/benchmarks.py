@@ -653,6 +653,11 @@ def format_table(summary: dict) -> str:
 # The same documents through lm-evaluation-harness (an HF export): a check of this scorer
 
 
+def _one_context_per_document(task_docs: list[Document]) -> bool:
+    """lm-eval's plain multiple choice (False: its multiple-input form, WinoGrande's)."""
+    return all(len(set(d.contexts)) == 1 for d in task_docs)
+
+
 def write_lm_eval_tasks(folder: str, docs: dict[str, list[Document]]) -> dict[str, str]:
     """lm-eval task definitions (YAML + JSONL under ``folder``) holding exactly ``docs``, so that
     lm-eval scores the documents this module scores, offline. A task whose documents share one
@@ -662,7 +667,7 @@ def write_lm_eval_tasks(folder: str, docs: dict[str, list[Document]]) -> dict[st
     lm-eval's own winogrande task. Returns {our task name: lm-eval task name}."""
     names = {}
     for name, task_docs in docs.items():
-        shared = all(len(set(d.contexts)) == 1 for d in task_docs)
+        shared = _one_context_per_document(task_docs)
         if not shared and not all(len(set(d.continuations)) == 1 for d in task_docs):
             raise BenchmarkError(f"{name}: documents with both contexts and continuations differing per choice "
                                  "have no lm-eval form")
@@ -704,7 +709,7 @@ def lm_eval_summary(results: dict, tasks: dict[str, str], docs: dict[str, list[D
         per_doc = [document_scores(doc, [float(r[0][0]) for r in s["resps"]]) for doc, s in zip(docs[name], samples)]
         metrics = task_metrics(name, per_doc, num_fewshot)
         reported = results["results"][task]
-        shared = all(len(set(d.contexts)) == 1 for d in docs[name])
+        shared = _one_context_per_document(docs[name])
         # lm-eval's acc_norm of a multiple-input task divides by the characters of each *context*
         # (its "choices"); ours, as for every task, by the continuation's (the same for all choices)
         for metric in ("acc", "acc_norm") if shared else ("acc",):
