@@ -146,6 +146,8 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
     else:
         lines += _imported_lines(recipe, seeds, summary, results, lrs)
     lines += _stability_lines(results, seeds)
+    if family.name != "trained":
+        lines += _architecture_lines(results, seeds)
     lines += _tasks_lines(summary, tasks)
     lines += [f"![{name}]({os.path.basename(path)})" for name, path in plots.items()]
     if notes:
@@ -284,6 +286,35 @@ def _stability_lines(results: dict, seeds: list[int]) -> list[str]:
     return lines + [""]
 
 
+def _found(results: dict, run: str, seed: int) -> dict | None:
+    """The last pruning event of a finished run (its kept fractions and per-layer widths), or None."""
+    r = results.get((run, seed)) or {}
+    return r["pruning"][-1] if r.get("status") == "ok" and r.get("pruning") else None
+
+
+def _architecture_lines(results: dict, seeds: list[int]) -> list[str]:
+    """What each pruned arm of an imported parent kept, per seed: the kept fractions per group type
+    and the per-layer widths the shrink built (one recipe's arms differ in how they score and when
+    they prune, so their shapes are the first thing to compare)."""
+    lines = ["## Found architecture per arm (the last pruning event)", "",
+             "| arm | seed | params | kept heads | kept FFN | kept hidden | query groups per layer | "
+             "FFN channels per layer |", "|---|---|---|---|---|---|---|---|"]
+    rows = 0
+    for run in PRUNED_REAL:
+        for s in seeds:
+            event = _found(results, run, s)
+            if event is None:
+                continue
+            kept = event.get("kept_per_layer") or {}
+            alive = [i for i, a in enumerate(kept.get("layers", [])) if a]
+            lines.append(f"| {run} | {s} | {_fmt_count(event['params'])} | {event.get('heads', 1.0):.0%} | "
+                         f"{event.get('ffn', 1.0):.0%} | {event.get('hidden', 1.0):.0%} | "
+                         + " ".join(str(kept["heads"][i]) for i in alive) + " | "
+                         + " ".join(str(kept["ffn"][i]) for i in alive) + " |")
+            rows += 1
+    return lines + [""] if rows else []
+
+
 def _plots(out: str, results: dict, seeds: list[int], family: Family = TRAINED) -> dict:
     import matplotlib
 
@@ -350,6 +381,60 @@ def _plots(out: str, results: dict, seeds: list[int], family: Family = TRAINED) 
             ax.legend(fontsize=8)
         paths["found shape per seed"] = _save(fig, out, "found_shapes.png")
         plt.close(fig)
+    if family.name != "trained":
+        paths.update(_imported_plots(out, results, seeds, plt))
+    return paths
+
+
+def _imported_plots(out: str, results: dict, seeds: list[int], plt) -> dict:
+    """Every pruned arm's per-layer widths (seed 0 of those that have it), and the tasks' average
+    against FLOPs: the parent at 0 (it is free), each arm after T tokens and after its matched-FLOPs
+    extension (-ii): the task curve the finished checkpoints give without scoring during training."""
+    paths = {}
+    shapes = [(run, s, event["kept_per_layer"]) for run in PRUNED_REAL
+              for s in seeds[:1] if (event := _found(results, run, s)) and event.get("kept_per_layer")]
+    if shapes:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for i, (run, s, kept) in enumerate(shapes):
+            layers = range(len(kept["ffn"]))
+            axes[0].plot(layers, kept["ffn"], marker=".", color=f"C{i}", label=f"{run} (hidden {kept['hidden']})")
+            axes[1].plot(layers, kept["heads"], marker=".", color=f"C{i}", label=run)
+        axes[0].set_title(f"kept FFN channels per layer (seed {seeds[0]})")
+        axes[1].set_title(f"kept query groups per layer (seed {seeds[0]})")
+        for ax in axes:
+            ax.set_xlabel("layer")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        paths["found shape per arm"] = _save(fig, out, "found_shapes_per_arm.png")
+        plt.close(fig)
+
+    def mean_point(run: str) -> tuple[float, float] | None:
+        done = [r for s in seeds if (r := results.get((run, s))) and r.get("status") == "ok"
+                and (r.get("tasks") or {}).get("average") is not None]
+        if not done:
+            return None
+        return (statistics.mean(r["flops"]["actual"] for r in done),
+                statistics.mean(r["tasks"]["average"] for r in done))
+
+    start = mean_point("parent")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for i, run in enumerate((*PRUNED_REAL, "parent-cont", "scratch")):
+        own = [p for p in (mean_point(run), mean_point(f"{run}-ii")) if p is not None]
+        if not own:
+            continue
+        points = ([start] if start and run != "scratch" else []) + own  # scratch does not start from the parent
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{i}", label=run)
+        drawn = True
+    if drawn:
+        if start:
+            ax.axhline(start[1], color="gray", linewidth=0.8, linestyle=":", label="parent")
+        ax.set_xlabel("training FLOPs (actual, teacher included; the parent is free)")
+        ax.set_ylabel("tasks: average score (mean over seeds)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        paths["tasks vs FLOPs"] = _save(fig, out, "tasks_vs_flops.png")
+    plt.close(fig)
     return paths
 
 

@@ -201,7 +201,11 @@ def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
     tokens_table, flops_table = text.split("## At matched tokens")[1].split("## At matched FLOPs")
     for run in arms.REAL_RUNS:
         assert f"| {run} |" in (flops_table if run.endswith("-ii") else tokens_table), run
-    assert os.path.getsize(os.path.join(out, "test_loss_vs_flops.png")) > 1000
+    for png in ("test_loss_vs_flops.png", "found_shapes_per_arm.png", "tasks_vs_flops.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000, png
+    architecture = text.split("## Found architecture per arm")[1].split("## Tasks")[0]
+    for run in arms.PRUNED_REAL:
+        assert f"| {run} | 0 | " in architecture, run
     # every arm (and the parent) scored on the recipe's tasks: the first 4 documents of the seven (issue 27 item 4)
     assert report["tasks"]["tasks"] == list(PAPER_TASKS) and report["tasks"]["limit"] == recipe.task_limit == 4
     tasks_table = text.split("## Tasks")[1]

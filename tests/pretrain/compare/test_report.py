@@ -1,0 +1,53 @@
+"""The comparison report of an imported parent, from fabricated runs: the found architecture of
+every pruned arm and the plots item 3 of issue 28 asks for (tasks against FLOPs, per-layer widths)."""
+
+import os
+
+from pretrain.compare.arms import PRUNED_REAL
+from pretrain.compare.recipes import get_recipe
+from pretrain.compare.report import write_report
+
+
+def _run(run: str, seed: int, flops: float, loss: float, average: float, heads: list | None = None) -> dict:
+    model = {"num_layers": 2, "hidden_size": 48, "num_attention_heads": 4, "num_query_groups": 2,
+             "ffn_hidden_size": 96}
+    result = {"status": "ok", "run": run, "seed": seed, "lr": 1e-3, "final_model": model, "params": 1000 + seed,
+              "tokens_trained": 4096, "flops": {"actual": flops, "ideal": flops, "teacher": 0},
+              "wall_seconds": 10.0, "cpu_seconds": 9.0, "test_loss": loss,
+              "curve": [{"tokens": 4096, "flops": flops, "test_loss": loss}],
+              "tasks": {"boolq": average, "average": average}, "pruning": []}
+    if heads is not None:
+        result["pruning"] = [{"iteration": 4, "tokens": 2048, "params": 900 + seed, "heads": 0.75, "ffn": 0.5,
+                              "hidden": 0.75, "kept_per_layer": {"layers": [True, False, True], "heads": heads,
+                                                                 "ffn": [64, 0, 32], "hidden": 48}}]
+    return result
+
+
+def test_imported_report_has_every_pruned_arms_shape_and_the_task_curve(tmp_path):
+    seeds = [0, 1]
+    results = {("parent", s): {**_run("parent", s, 0, 3.0, 0.40), "pruning": []} for s in seeds}
+    for i, run in enumerate(PRUNED_REAL):
+        for s in seeds:
+            results[(run, s)] = _run(run, s, 1e9 * (i + 1), 3.5 + 0.1 * i, 0.3, heads=[2, 0, i % 2 + 1])
+            results[(f"{run}-ii", s)] = _run(f"{run}-ii", s, 6e9, 3.4, 0.32)
+    results[("scratch", 0)] = _run("scratch", 0, 2e9, 5.0, 0.26)
+    results[("M-OBS", 1)] = {"status": "failed", "reason": "exit code 1"}  # a seed that did not finish
+    out = str(tmp_path)
+    write_report(out, get_recipe("cpu-tiny-real"), seeds, results, {"A": 1e-3, "M": 1e-3}, [], "cmd")
+    text = open(os.path.join(out, "report.md")).read()
+    table = text.split("## Found architecture per arm")[1].split("\n\n")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
+    # every finished pruned run, per seed; the dead middle layer is left out of the per-layer widths
+    assert len(rows) == 2 * len(PRUNED_REAL) - 1
+    assert "| A | 0 | 900 | 75% | 50% | 75% | 2 1 | 64 32 |" in rows
+    assert "| M-CE | 1 | 901 | 75% | 50% | 75% | 2 2 | 64 32 |" in rows
+    assert not any(row.startswith("| M-OBS | 1 ") for row in rows) and not any("scratch" in row for row in rows)
+    for png in ("found_shapes_per_arm.png", "tasks_vs_flops.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000 and f"({png})" in text, png
+
+
+def test_imported_report_without_pruned_runs_has_no_architecture_section(tmp_path):
+    results = {("parent", 0): _run("parent", 0, 0, 3.0, 0.4)}
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0], results, {}, [], "cmd")
+    text = open(os.path.join(str(tmp_path), "report.md")).read()
+    assert "Found architecture" not in text and not os.path.exists(os.path.join(str(tmp_path), "tasks_vs_flops.png"))
