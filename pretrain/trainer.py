@@ -220,6 +220,14 @@ class Trainer:
         self.state.consumed_valid_samples += num_iters * self.config.train.global_batch_size
         return loss
 
+    def score_on_validation(self, num_iters: int) -> float:
+        """Mean loss over the next ``num_iters`` global batches of the validation split without
+        consuming them: every call until the next ``evaluate`` reads the same batches (a search
+        comparing models on one score)."""
+        if self.valid_iterator_factory is None or num_iters <= 0:
+            return float("nan")
+        return self._mean_loss(self.valid_iterator_factory(self.state.consumed_valid_samples), num_iters)
+
     def evaluate_test(self, num_iters: int) -> float:
         """Mean loss over the first ``num_iters`` global batches of ``--test-data-path`` (the
         same sequences at every call, so losses along a run and across runs compare)."""

@@ -37,7 +37,9 @@ def run_flops(metrics: list[dict], tokens_per_step: int, pruning: list[dict] = (
     its step), so the ideal count switches one step after each event."""
     # a distilled step also ran the teacher's forward pass (logged by pretrain/distill.py)
     teacher = sum(tokens_per_step * r.get("kd_teacher_flops_per_token", 0) for r in metrics)
-    actual = sum(tokens_per_step * _model_flops_per_token(r) for r in metrics) + teacher
+    # Minitron's architecture search scored its candidate shapes with forward passes of their own
+    search = sum(r.get("search_flops", 0) for r in metrics)
+    actual = sum(tokens_per_step * _model_flops_per_token(r) for r in metrics) + teacher + search
     if not pruning:
         return {"actual": actual, "ideal": actual, "teacher": teacher}
     event_iters = [e["iteration"] for e in pruning]
@@ -47,7 +49,7 @@ def run_flops(metrics: list[dict], tokens_per_step: int, pruning: list[dict] = (
         last_event = bisect_left(event_iters, r["iteration"]) - 1  # events strictly before this step
         per_token = r["flops_per_token"] if last_event < 0 else min(kept[last_event], r["flops_per_token"])
         ideal += tokens_per_step * per_token * (2 if r.get("lm_pass_flops_per_token") else 1)
-    return {"actual": actual, "ideal": ideal + teacher, "teacher": teacher}
+    return {"actual": actual, "ideal": ideal + teacher + search, "teacher": teacher}
 
 
 def _model_flops_per_token(record: dict) -> int:
@@ -60,6 +62,7 @@ def cumulative_flops_at(metrics: list[dict], tokens_per_step: int) -> dict[int, 
     """Iteration -> actual FLOPs spent up to and including it."""
     out, total = {}, 0
     for r in metrics:
-        total += tokens_per_step * (_model_flops_per_token(r) + r.get("kd_teacher_flops_per_token", 0))
+        total += tokens_per_step * (_model_flops_per_token(r) + r.get("kd_teacher_flops_per_token", 0)) \
+            + r.get("search_flops", 0)
         out[r["iteration"]] = total
     return out

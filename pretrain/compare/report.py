@@ -26,7 +26,8 @@ REAL_DESCRIPTIONS = {
     "parent": "the imported parent itself, measured on the same batches (free: not charged)",
     "A": "pruning-aware: gradual pruning over the window, global allocation, shrunk in-run, CE",
     "A-KD": "A distilling from the parent (KL only) for all of T; the teacher's FLOPs charged",
-    "M": "Minitron: one-shot activation saliency on the calibration steps, shrink, KD (KL only)",
+    "M": "Minitron: one-shot activation saliency on the calibration steps, the homogeneous shape its search "
+         "chooses (validation loss of the 10 largest under the target), shrink, KD (KL only)",
     "M-CE": "the same one-shot, then CE",
     "M-OBS": "the one-shot with OBS compensation, then KD",
     "parent-cont": "the parent continued unpruned for T (CE)",
@@ -312,6 +313,15 @@ def _architecture_lines(results: dict, seeds: list[int]) -> list[str]:
                          + " ".join(str(kept["heads"][i]) for i in alive) + " | "
                          + " ".join(str(kept["ffn"][i]) for i in alive) + " |")
             rows += 1
+    searches = [(run, s, event["search"]) for run in PRUNED_REAL for s in seeds
+                if (event := _found(results, run, s)) and event.get("search")]
+    if searches:
+        lines += ["", "Minitron's search (each candidate: hidden / FFN / query groups per layer, validation loss):", ""]
+        for run, s, found in searches:
+            chosen = found["candidates"][found["chosen"]]
+            lines.append(f"- {run} seed {s}: chose {chosen['hidden']} / {chosen['ffn']} / {chosen['groups']} of "
+                         + ", ".join(f"{c['hidden']} / {c['ffn']} / {c['groups']} {c['valid_loss']:.4f}"
+                                     for c in found["candidates"]))
     return lines + [""] if rows else []
 
 

@@ -84,10 +84,25 @@ class PruneConfig:
         None, name="--shrink-pipeline-model-parallel-size",
         help="continue on this PP size after an in-run shrink (default: unchanged)", at_least=1)
     # issue 21: allocation across types and safety on real pretrained models
-    allocation: Literal["global", "proportional"] = flag(
+    allocation: Literal["global", "proportional", "search"] = flag(
         "global", name="--prune-allocation",
         help="global: one saliency-per-parameter ranking over all types; proportional: every type pruned by "
-             "the same fraction (a baseline)")
+             "the same fraction (a baseline); search: Minitron's architecture search (homogeneous shapes "
+             "scored by the validation loss; needs --prune-granularity uniform and --eval-iters)")
+    # Minitron's search (pretrain/pruning/search.py): Model-Optimizer's mcore_minitron settings and defaults
+    search_top_k: int = flag(10, name="--prune-search-top-k",
+                             help="--prune-allocation search: the largest shapes under the target that are scored",
+                             at_least=1)
+    search_max_width_pruning: float = flag(
+        0.4, name="--prune-search-max-width-pruning",
+        help="--prune-allocation search: each axis keeps the widest (1 - this) part of its choices", above=0,
+        at_most=1)
+    search_hidden_divisor: int = flag(
+        256, name="--prune-search-hidden-divisor",
+        help="--prune-allocation search: hidden widths are multiples of this (or the full width)", at_least=1)
+    search_ffn_divisor: int = flag(
+        512, name="--prune-search-ffn-divisor",
+        help="--prune-allocation search: FFN widths are multiples of this (or the full width)", at_least=1)
     max_step_fraction: float = flag(
         0.25, name="--prune-max-step-fraction",
         help="one pruning event removes at most this fraction of the model's parameters", above=0, at_most=1)
@@ -138,6 +153,13 @@ class PruneConfig:
         require(not bad and len(self.types) > 0,
                  f"--prune-types: {','.join(bad) or 'empty'}; use {', '.join(PRUNE_TYPES)}")
         require(self.align is None or self.align >= 1, "--prune-align must be >= 1")
+        if self.allocation == "search":
+            require(self.granularity == "uniform", "--prune-allocation search chooses homogeneous shapes (Minitron): "
+                    "add --prune-granularity uniform")
+            for divisor, name in ((self.search_hidden_divisor, "--prune-search-hidden-divisor"),
+                                  (self.search_ffn_divisor, "--prune-search-ffn-divisor")):
+                require(self.align is None or divisor % self.align == 0,
+                        f"{name} {divisor} must be a multiple of --prune-align {self.align}")
         if self.shrink_every_fraction is not None:
             require(0 < self.shrink_every_fraction < 1, "--shrink-every-fraction must be in (0, 1)")
             require(self.shrink_auto, "--shrink-every-fraction needs --shrink-at auto")

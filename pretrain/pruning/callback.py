@@ -17,14 +17,17 @@ import os
 import torch
 
 from pretrain.distributed import device, is_rank0, print_rank0
+from pretrain.errors import ConfigError
 from pretrain.pruning.compensation import Compensator, probe_uncompensated_loss
 from pretrain.pruning.masks import GroupMasks, ModelShape, build_local_masks
 from pretrain.engines.base import Engine
 from pretrain.engines.megatron import as_engine
 from pretrain.engines.slots import zero_masked_grads, zero_masked_state
 from pretrain.pruning.saliency import SaliencyEstimator, nonfinite_parts, reduce_table, table_problem
+from pretrain.pruning import search
 from pretrain.pruning.schedule import target_params
 from pretrain.pruning.solver import SolverConstraints, check_constraints, solve
+from pretrain.pruning.trial import loss_under_masks
 from pretrain.pruning.state import CHECKPOINT_KEY, PruningState
 from pretrain.trainer import Callback, StepMetrics
 
@@ -63,6 +66,11 @@ class PruningCallback(Callback):
         self._lm_pass, self._lm_table = False, None
         self._pending_local_state: dict | None = None
         self.compensator: Compensator | None = None  # --prune-compensation obs (issue 16)
+        self.search = search.SearchSettings(
+            top_k=prune_cfg.search_top_k, max_width_pruning=prune_cfg.search_max_width_pruning,
+            hidden_divisor=prune_cfg.search_hidden_divisor, ffn_divisor=prune_cfg.search_ffn_divisor,
+            group_unit=tensor_parallel, types=tuple(prune_cfg.types)) if prune_cfg.allocation == "search" else None
+        self._search_flops = 0  # the forward passes of this step's search, for metrics.jsonl
 
     # the parts of the state the hooks below use on every step
     masks = property(lambda self: self.state.masks, lambda self, v: setattr(self.state, "masks", v))
@@ -112,6 +120,8 @@ class PruningCallback(Callback):
             print_rank0(f"pruning compensation: obs, Hessian of the last {self.cfg.compensation_window} step(s) "
                         f"before each event, damping {self.cfg.compensation_damp}; "
                         f"{self.compensator.scheme(ps.get_tensor_model_parallel_world_size())}; Adam moments kept")
+        if self.search is not None:
+            self._check_search(trainer)
         if self._pending_local_state is not None:
             self._load_local_state(self._pending_local_state)
             self._pending_local_state = None
@@ -119,6 +129,26 @@ class PruningCallback(Callback):
         if self.state.shrink_requested_at is not None and self.state.shrink_requested_at == trainer.state.iteration:
             # resumed from the save made for a shrink that was interrupted: do that shrink first
             trainer.request_stop("shrink")
+
+    def _check_search(self, trainer) -> None:
+        """Refuse, before any step, a search that has nothing to score or cannot reach the target."""
+        c, tp = self.search, self.search.group_unit
+        align = self.constraints.align
+        problems = [f"{name} {divisor} must be a multiple of {unit} ({what})"
+                    for name, divisor, unit, what in (
+                        ("--prune-search-hidden-divisor", c.hidden_divisor, align, "the channel alignment"),
+                        ("--prune-search-ffn-divisor", c.ffn_divisor, tp * align, "TP x the channel alignment"))
+                    if divisor % unit]
+        if trainer.valid_iterator_factory is None or trainer.config.train.eval_iters <= 0:
+            problems.append("it scores each candidate on the validation split: give --eval-iters > 0 and a "
+                            "--split with a validation part")
+        smallest = search.smallest_reachable(self.shape, self.masks, c)
+        if smallest > self.final_params and not self.cfg.end_pruning:
+            problems.append(f"its narrowest shape has {smallest:,} parameters, above the target {self.final_params:,} "
+                            f"(each axis keeps at least {1 - c.max_width_pruning:.0%} of its choices): raise "
+                            "--prune-search-max-width-pruning or smaller divisors, or a larger target")
+        if problems:
+            raise ConfigError("--prune-allocation search: " + "; ".join(problems))
 
     def _refresh_local(self, trainer) -> None:
         self.local = build_local_masks(trainer.model_chunks, self.masks, self.shape, self.engine.full_shape)
@@ -191,6 +221,8 @@ class PruningCallback(Callback):
         if self._shrink_due(tokens):
             self.state.shrink_requested_at = it
             trainer.request_stop("shrink")
+        if self._search_flops:
+            metrics.extra["search_flops"], self._search_flops = self._search_flops, 0
         params = self.current_params()
         ratios = self.kept_ratios()
         metrics.extra.update({"params": params, "kept_heads": ratios["heads"],
@@ -261,8 +293,13 @@ class PruningCallback(Callback):
         if problem:
             self._warn_event_skipped(iteration, problem)
             return
-        local_masks, moves = solve(self.shape, self.masks, self.ema, target, self.constraints,
-                                   final_params=self.final_params)
+        found = None
+        if self.search is not None:
+            local_masks, found = self._search_event(trainer, target)
+            moves = []
+        else:
+            local_masks, moves = solve(self.shape, self.masks, self.ema, target, self.constraints,
+                                       final_params=self.final_params)
         decided = [local_masks.state_dict(), moves]
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.broadcast_object_list(decided, src=0)
@@ -303,6 +340,8 @@ class PruningCallback(Callback):
                   "moves": [{k: m[k] for k in ("type", "layers", "count", "saliency_per_param")} for m in moves]}
         if compensation is not None:
             record["compensation"] = compensation
+        if found is not None:
+            record["search"] = found
         self.history.append(record)
         if is_rank0():
             print(f"pruning at iteration {iteration}: {record['params'] / 1e6:.3f} M params "
@@ -320,6 +359,34 @@ class PruningCallback(Callback):
                 for k, v in compensation.get("probe", {}).items():
                     logger.log_scalar(f"pruning/compensation_{k}", v, iteration)
                 logger.log_scalar("pruning/compensation_hessian_mb", compensation["hessian_bytes"] / 2**20, iteration)
+
+    def _search_event(self, trainer, target: int) -> tuple[GroupMasks, dict]:
+        """Minitron's search (``pretrain/pruning/search.py``): the ``top_k`` largest homogeneous
+        shapes under ``target``, each kept by its most salient groups, scored on the same
+        validation batches; the lowest loss wins. Every rank scores every candidate (collective)."""
+        listed = search.candidates(self.shape, self.masks, target, self.search)
+        if not listed:
+            raise ConfigError(f"--prune-allocation search: no homogeneous shape of the search space is at or under "
+                              f"{target:,} parameters; raise --prune-search-max-width-pruning or use smaller divisors")
+        batches = trainer.config.train.eval_iters
+        scored = []
+        for candidate in listed:
+            trial = search.apply(self.masks, self.ema, candidate)
+            loss = loss_under_masks(trainer, self.shape, self.masks, trial,
+                                    lambda: trainer.score_on_validation(batches))
+            scored.append({**candidate.as_dict(), "valid_loss": loss})
+        best = min(range(len(scored)), key=lambda i: (not scored[i]["valid_loss"] < float("inf"),
+                                                      scored[i]["valid_loss"], i))
+        logger = next((c for c in trainer.callbacks if c.name == "logging"), None)
+        if logger is not None and getattr(logger, "flops_per_token", None):
+            tokens = len(listed) * batches * trainer.config.train.global_batch_size * trainer.config.model.seq_length
+            self._search_flops = tokens * (logger.flops_per_token // 3)  # forward passes only
+        if is_rank0():
+            print(f"pruning search: {len(listed)} shapes under {target / 1e6:.3f} M parameters scored on "
+                  f"{batches} validation batches; chosen hidden {scored[best]['hidden']}, FFN {scored[best]['ffn']}, "
+                  f"query groups {scored[best]['groups']} (validation loss {scored[best]['valid_loss']:.4f})",
+                  flush=True)
+        return search.apply(self.masks, self.ema, listed[best]), {"candidates": scored, "chosen": best}
 
     def _warn_event_skipped(self, iteration: int, problem: str) -> None:
         """A table that cannot rank the groups is never a choice (the solver would pick by its

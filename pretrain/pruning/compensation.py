@@ -45,11 +45,10 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.distributed import print_rank0
-from pretrain.engines.base import Engine
 from pretrain.engines.megatron import as_engine
 from pretrain.model import layout
 from pretrain.model.params import local_parameters
-from pretrain.pruning.masks import build_local_masks
+from pretrain.pruning.trial import loss_under_masks
 
 COMPENSATIONS = ("none", "obs")
 # the linears whose input channels a pruning type removes (roles of pretrain.model.layout)
@@ -322,27 +321,6 @@ class Compensator:
 
 @torch.no_grad()
 def probe_uncompensated_loss(trainer, shape, old_masks, new_masks, batches: int) -> float:
-    """The held-out (``--test-data-path``) loss of the model with ``new_masks`` applied and no update:
-    every weight is copied, masked, evaluated and put back, and the norms get ``old_masks`` again
-    (a full copy of this rank's weights for the time of one evaluation; ``--prune-compensation-probe``)."""
-    chunks = trainer.model_chunks
-    engine: Engine = as_engine(trainer.optimizer, chunks)
-    params = [p for chunk in chunks for p in chunk.parameters()]
-    saved = [p.detach().clone() for p in params]
-    # a ZeRO-3 parameter's weights are its slot's partition (``values``); its engine masks those
-    partitions = [slot.values for slot in engine.param_slots() if slot.values is not None]
-    saved_partitions = [values.clone() for values in partitions]
-    local = build_local_masks(chunks, new_masks, shape, engine.full_shape)
-    local.apply_to_weights()
-    if partitions:
-        engine.mask_weights(local.param_masks)
-    loss = trainer.evaluate_test(batches)
-    for values, s in zip(partitions, saved_partitions):
-        values.copy_(s)
-    for p, s in zip(params, saved):
-        if p.data.shape == s.shape:
-            p.data.copy_(s)
-        else:  # a ZeRO-3 parameter the evaluation gathered (masked): the next forward gathers it again
-            engine.release_gathered(p)
-    build_local_masks(chunks, old_masks, shape, engine.full_shape)  # the norms' hidden mask back to what the weights have
-    return loss
+    """The held-out (``--test-data-path``) loss of the model with ``new_masks`` applied and no update
+    (``--prune-compensation-probe``)."""
+    return loss_under_masks(trainer, shape, old_masks, new_masks, lambda: trainer.evaluate_test(batches))

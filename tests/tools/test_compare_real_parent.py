@@ -85,6 +85,10 @@ def test_every_real_arm_starts_from_the_parent_with_its_recipe(tmp_path):
         assert value(p, "--saliency") == "activation" and value(p, "--prune-max-step-fraction") == "1.0"
         assert value(p, "--prune-end-tokens") == str(recipe.oneshot_scoring_steps * step)
         assert value(p, "--prune-compensation") == ("obs" if run == "M-OBS" else None)
+        # Minitron's shape: homogeneous, chosen by its search over the recipe's width choices
+        assert value(p, "--prune-allocation") == "search" and value(p, "--prune-granularity") == "uniform"
+        assert (value(p, "--prune-search-hidden-divisor"), value(p, "--prune-search-ffn-divisor"),
+                value(p, "--prune-search-max-width-pruning")) == ("16", "32", "0.6")
     shape = {**TINY, "hidden_size": int(value(plans["scratch"], "--hidden-size")),
              "ffn_hidden_size": int(value(plans["scratch"], "--ffn-hidden-size"))}
     shape.pop("kv_channels")
@@ -176,13 +180,24 @@ def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
         # gradient saliency while distilling scores from a CE forward/backward of its own on each
         # step of the window (issue 28 item 0), at the full size; activation saliency (M) needs none
         lm_pass = window * full if run == "A-KD" else 0
+        # Minitron's search: a forward pass of every candidate shape over --eval-iters validation batches
+        search = 0 if run.startswith("A") else (len(r["pruning"][-1]["search"]["candidates"]) * recipe.eval_iters
+                                                * step * teacher)
         # the full size until the in-run shrink at the end of the pruning, the shrunk size after it
         assert r["flops"]["teacher"] == kd, run
         assert r["flops"]["actual"] == (full_tokens * full + (t - full_tokens) * r["flops_per_token_final"] + kd
-                                        + lm_pass), run
+                                        + lm_pass + search), run
         assert r["pruning"][-1]["tokens"] == full_tokens, run
-        assert abs(r["params"] - recipe.target_ratio * parent["params"]) <= 0.02 * parent["params"], run
+        if run.startswith("A"):
+            assert abs(r["params"] - recipe.target_ratio * parent["params"]) <= 0.02 * parent["params"], run
+        else:  # the search's choice: the best scored of the largest shapes at or under the target
+            found = r["pruning"][-1]["search"]
+            assert r["params"] == found["candidates"][found["chosen"]]["params"] <= int(
+                recipe.target_ratio * parent["params"]), run
     assert len(results["M"]["pruning"]) == 1 and len(results["A"]["pruning"]) == window // step
+    for run in ("M", "M-CE", "M-OBS"):  # homogeneous: every layer as wide as every other
+        kept = results[run]["pruning"][-1]["kept_per_layer"]
+        assert len(set(kept["ffn"])) == 1 and len(set(kept["heads"])) == 1, run
     # matched FLOPs: every -ii run within one of its last steps under the most expensive pruned arm
     budget = max(results[r]["flops"]["actual"] for r in arms.PRUNED_REAL)
     for run in [r for r in arms.REAL_RUNS if r.endswith("-ii")]:

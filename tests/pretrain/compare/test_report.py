@@ -20,6 +20,10 @@ def _run(run: str, seed: int, flops: float, loss: float, average: float, heads: 
         result["pruning"] = [{"iteration": 4, "tokens": 2048, "params": 900 + seed, "heads": 0.75, "ffn": 0.5,
                               "hidden": 0.75, "kept_per_layer": {"layers": [True, False, True], "heads": heads,
                                                                  "ffn": [64, 0, 32], "hidden": 48}}]
+        if run == "M":
+            result["pruning"][0]["search"] = {"chosen": 1, "candidates": [
+                {"hidden": 48, "ffn": 64, "groups": 2, "params": 950, "valid_loss": 4.5},
+                {"hidden": 40, "ffn": 96, "groups": 2, "params": 940, "valid_loss": 4.25}]}
     return result
 
 
@@ -42,6 +46,7 @@ def test_imported_report_has_every_pruned_arms_shape_and_the_task_curve(tmp_path
     assert "| A | 0 | 900 | 75% | 50% | 75% | 2 1 | 64 32 |" in rows
     assert "| M-CE | 1 | 901 | 75% | 50% | 75% | 2 2 | 64 32 |" in rows
     assert not any(row.startswith("| M-OBS | 1 ") for row in rows) and not any("scratch" in row for row in rows)
+    assert "- M seed 1: chose 40 / 96 / 2 of 48 / 64 / 2 4.5000, 40 / 96 / 2 4.2500" in text
     for png in ("found_shapes_per_arm.png", "tasks_vs_flops.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000 and f"({png})" in text, png
 

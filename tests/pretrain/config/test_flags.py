@@ -76,7 +76,7 @@ FROZEN = """
 --per-split-data-args-path None
 --pipeline-model-parallel-size 1
 --prune-align None
---prune-allocation 'global' {global,proportional}
+--prune-allocation 'global' {global,proportional,search}
 --prune-compensation 'none' {none,obs}
 --prune-compensation-damp 0.01
 --prune-compensation-probe False
@@ -91,6 +91,10 @@ FROZEN = """
 --prune-min-hidden 0
 --prune-min-layers 1
 --prune-ramp 'linear' {linear,cubic}
+--prune-search-ffn-divisor 512
+--prune-search-hidden-divisor 256
+--prune-search-max-width-pruning 0.4
+--prune-search-top-k 10
 --prune-start-tokens 0
 --prune-target-params None
 --prune-target-ratio None
