@@ -44,7 +44,8 @@ from pretrain.compare import arms  # noqa: E402
 from pretrain.compare.arms import ARMS, Context, Data, family_of  # noqa: E402
 from pretrain.compare.campaign import (Campaign, check_corpus, check_parent, check_parent_tokenizer,  # noqa: E402
                                        check_reachable, check_test_set, check_tokenizer,
-                                       format_command, training_tokens_available)
+                                       check_validation_split, format_command, split_tokens_available,
+                                       training_tokens_available)
 from pretrain.compare.recipes import RECIPES, get_recipe  # noqa: E402
 from pretrain.compare.report import write_report  # noqa: E402
 from pretrain.config import ConfigError, DataConfig, ranged  # noqa: E402
@@ -152,19 +153,20 @@ def _validate(args: argparse.Namespace):
         check_parent_tokenizer(args.parent, parent["tokenizer"], args.data_path, args.test_data_path)
     available = training_tokens_available(args.data_path, recipe.split)
     full = arms.total_tokens(recipe)
+    # a matched-FLOPs run trains the small model longer: at most (P + T) / target ratio tokens
+    longest = int(full / recipe.target_ratio) if any(r.endswith("-ii") for r in runs) else full
     try:
         check_corpus(recipe, full, available, f"a from-scratch run (P + T = {full:,} tokens)" if not parent else
                      f"every arm (T = {full:,} tokens)")
+        if recipe.imported_parent:  # M and M-ii choose their shape on validation batches (Minitron's search)
+            check_validation_split(recipe, longest, split_tokens_available(args.data_path, recipe.split, 1))
     except ConfigError as err:
         if not args.dry_run:
             raise
         notes.append(f"WARNING (a real run stops here): {err}")
-    if any(r.endswith("-ii") for r in runs):
-        # a matched-FLOPs run trains the small model longer: at most (P + T) / target ratio tokens
-        estimate = int(full / recipe.target_ratio)
-        if estimate > available:
-            notes.append(f"the matched-FLOPs runs may need up to ~{estimate:,} tokens and the training split holds "
-                         f"{available:,}; they are checked exactly once A has run")
+    if longest > full and longest > available:
+        notes.append(f"the matched-FLOPs runs may need up to ~{longest:,} tokens and the training split holds "
+                     f"{available:,}; they are checked exactly once A has run")
     _check_out(args)
     return recipe, runs, notes, available, parent
 

@@ -412,22 +412,41 @@ def _manifest_sources(prefix: str) -> set[str]:
 
 def training_tokens_available(data_path: list[str], split: str) -> int:
     """Tokens in the training share of --data-path's documents (megatron-core splits by document)."""
+    return split_tokens_available(data_path, split, 0)
+
+
+def split_tokens_available(data_path: list[str], split: str, part: int) -> int:
+    """Tokens in share ``part`` (0 training, 1 validation) of --data-path's documents."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefixes, weights = DataConfig(data_path=data_path).blend()
     shares = [float(x) for x in split.replace("/", ",").split(",")]
-    train_share = shares[0] / sum(shares)
+    bounds = [sum(shares[:i]) / sum(shares) for i in (part, part + 1)]
     total = 0.0
     for i, prefix in enumerate(prefixes):
         dataset = IndexedDataset(prefix, mmap=True)  # kept alive: its lengths are a view of its mmap
         lengths = dataset.sequence_lengths
-        documents = int(round(train_share * len(lengths)))
-        tokens = int(lengths[:documents].sum())
+        first, last = (int(round(b * len(lengths))) for b in bounds)
+        tokens = int(lengths[first:last].sum())
         del lengths, dataset
         # a blend reads each prefix in proportion to its weight: the scarcest one bounds the whole
         share = (weights[i] / sum(weights)) if weights else 1.0
         total = tokens / share if i == 0 else min(total, tokens / share)
     return int(total)
+
+
+def check_validation_split(recipe: Recipe, longest_tokens: int, available: int) -> None:
+    """The validation share holds every evaluation of the longest run in one epoch: megatron-core
+    shuffles a split by its epoch count, so a run that needed a second epoch would read other
+    validation batches than a shorter one, and Minitron's search (the M arms and their longer -ii
+    runs) must choose on the same ones. (Learning-rate sweeps compare runs of one length.)"""
+    iters = longest_tokens // recipe.tokens_per_step
+    needed = (iters // recipe.eval_interval + 1) * recipe.eval_iters * recipe.global_batch_size * recipe.seq_length
+    if needed > available:
+        raise ConfigError(f"the longest run evaluates {needed:,} validation tokens, but the validation share of "
+                          f"--data-path (--split {recipe.split}) holds {available:,}: runs of different lengths "
+                          "would read different validation batches. Build a bigger corpus (python -m "
+                          "data_prep.build_corpus --source debian-docs)")
 
 
 def check_corpus(recipe: Recipe, needed_tokens: int, available: int, what: str) -> None:

@@ -82,6 +82,16 @@ def test_recipes_validate_and_refuse_a_window_too_small():
         get_recipe("cpu-huge")
 
 
+def test_the_validation_split_must_hold_the_longest_runs_evaluations_in_one_epoch():
+    from pretrain.compare.campaign import check_validation_split
+
+    recipe = get_recipe("cpu-real")  # 8 x 256 tokens a step, 4 batches every 40 steps
+    check_validation_split(recipe, 120 * 2048, 4 * 4 * 2048)  # T: evaluations at 0 (none), 40, 80, 120 + 1
+    with pytest.raises(ConfigError, match=r"evaluates 32,768 validation tokens, but the validation share of "
+                                          r"--data-path \(--split 98,2,0\) holds 32,767"):
+        check_validation_split(recipe, 120 * 2048, 4 * 4 * 2048 - 1)
+
+
 @pytest.fixture(scope="module")
 def split_data(tmp_path_factory) -> dict:
     """Training and held-out test data from disjoint documents of the built-in corpus."""
