@@ -20,6 +20,7 @@ until the file is closed, so one file per rank would hold the whole checkpoint.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import io
@@ -27,6 +28,9 @@ import math
 import os
 import pickle
 import queue
+import struct
+import sys
+import zipfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,6 +133,166 @@ class _RegionLoadPlanner(LoadPlanner):
         pass  # resolve_tensor handed out a view of ``out``: the data is already in place
 
 
+class _NotRaw(Exception):
+    """A region the raw reader does not serve (a chunk in another form): DCP reads it."""
+
+
+class _NotATensorRecord(Exception):
+    """``data.pkl`` holds something other than one plain tensor."""
+
+
+# the storage classes ``torch.save`` names in a tensor's record, for the dtypes read raw
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+def _tensor_record(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    """What ``torch._utils._rebuild_tensor_v2`` would rebuild, as data (no tensor is made)."""
+    if metadata or backward_hooks:
+        raise _NotATensorRecord("tensor metadata or hooks")
+    return storage, storage_offset, tuple(size), tuple(stride)
+
+
+class _TensorRecordUnpickler(pickle.Unpickler):
+    """Reads the ``data.pkl`` of ``torch.save(tensor)`` into (storage (dtype, key, numel), storage
+    offset, size, stride); any other global or record is refused, so nothing in it can run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _tensor_record
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise _NotATensorRecord(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+                and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise _NotATensorRecord("storage record")
+        return pid[1], pid[2], pid[4]
+
+
+class _FileSlice(io.RawIOBase):
+    """The bytes ``[start, start + length)`` of an open file, as a seekable file of their own (one
+    stored chunk: a whole ``torch.save`` zip archive)."""
+
+    def __init__(self, f, start: int, length: int) -> None:
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = max(0, pos + (0, self.pos, self.length)[whence])
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self.length - self.pos))
+        self.f.seek(self.start + self.pos)
+        n = self.f.readinto(memoryview(buf)[:n])
+        self.pos += n
+        return n
+
+
+@dataclass(frozen=True)
+class _StoredChunk:
+    """Where the elements of one stored chunk lie: in ``file``, the storage's element 0 at byte
+    ``data_start``; the chunk is the view (``storage_offset``, ``size``, ``stride``) of it."""
+
+    file: str
+    data_start: int
+    dtype: torch.dtype
+    storage_offset: int
+    size: tuple
+    stride: tuple
+
+    @staticmethod
+    def locate(path: str, info) -> _StoredChunk | None:
+        """The chunk DCP stored at ``info`` (a ``torch.save`` zip archive inside a ``.distcp``
+        file), or None unless it is one plain little-endian tensor stored uncompressed (then DCP
+        reads it, and refuses it if it is corrupt or would run code)."""
+        if getattr(info, "transform_descriptors", None) or sys.byteorder != "little":
+            return None
+        file = os.path.join(path, info.relative_path)
+        try:
+            with open(file, "rb") as f, zipfile.ZipFile(_FileSlice(f, info.offset, info.length)) as archive:
+                return _StoredChunk._in_archive(archive, file, info)
+        except Exception:  # noqa: BLE001 - any archive the raw reader cannot take apart is DCP's to read
+            return None
+
+    @staticmethod
+    def _in_archive(archive: zipfile.ZipFile, file: str, info) -> _StoredChunk | None:
+        names = archive.namelist()
+        records = [n for n in names if n.rsplit("/", 1)[-1] == "data.pkl"]
+        if len(records) != 1:
+            return None
+        prefix = records[0][:-len("data.pkl")]
+        if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder") != b"little":
+            return None
+        (dtype, key, numel), storage_offset, size, stride = _TensorRecordUnpickler(
+            io.BytesIO(archive.read(records[0]))).load()
+        member = archive.getinfo(f"{prefix}data/{key}")
+        if member.compress_type != zipfile.ZIP_STORED or member.file_size != numel * dtype.itemsize:
+            return None
+        if len(size) != len(stride) or storage_offset < 0 or min(stride, default=0) < 0 or \
+                (math.prod(size) and storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) >= numel):
+            return None
+        archive.fp.seek(member.header_offset)
+        header = archive.fp.read(30)  # the local file header: its name and extra field come before the data
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            return None
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        start = member.header_offset + 30 + name_length + extra_length
+        if start + member.file_size > info.length:
+            return None
+        return _StoredChunk(file, info.offset + start, dtype, storage_offset, size, stride)
+
+    def copy_region(self, start: list[int], dest: torch.Tensor) -> None:
+        """Copy the region ``[start, start + dest.shape)`` of the chunk into ``dest``, reading only
+        the bytes between its first and last element."""
+        if dest.numel() == 0:
+            return
+        first = self.storage_offset + sum(a * s for a, s in zip(start, self.stride))
+        count = 1 + sum((n - 1) * s for n, s in zip(dest.shape, self.stride))
+        dense = count == dest.numel() and dest.is_contiguous() and \
+            all(n == 1 or s == c for n, s, c in zip(dest.shape, self.stride, _contiguous_strides(dest.shape)))
+        buffer = dest if dense else torch.empty(count, dtype=self.dtype)
+        fd = os.open(self.file, os.O_RDONLY)
+        try:
+            _pread_into(fd, memoryview(buffer.reshape(-1).view(torch.uint8).numpy()),
+                        self.data_start + first * self.dtype.itemsize, self.file)
+        finally:
+            os.close(fd)
+        if not dense:
+            dest.copy_(buffer.as_strided(dest.shape, self.stride))
+
+
+def _contiguous_strides(shape) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return strides[::-1]
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int, file: str) -> None:
+    done = 0
+    while done < len(buffer):  # one pread returns at most ~2 GB
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            raise EOFError(f"{file} ends before the data its metadata points to (truncated)")
+        done += n
+
+
 class CheckpointReader:
     """Random access to the tensors and objects of one DCP folder (``model_optim``)."""
 
@@ -137,6 +301,7 @@ class CheckpointReader:
         self._storage = FileSystemReader(path)
         self.metadata = read_dcp_metadata(path)  # once, safely: ``_load`` does not ask again
         self._storage.set_up_storage_reader(self.metadata, True)
+        self._chunks: dict[MetadataIndex, _StoredChunk | None] = {}
 
     def keys(self) -> list[str]:
         return list(self.metadata.state_dict_metadata)
@@ -146,13 +311,48 @@ class CheckpointReader:
         return md if isinstance(md, TensorStorageMetadata) else None
 
     def read(self, key: str, offsets: tuple | None = None, sizes: tuple | None = None) -> torch.Tensor:
-        """The region ``[offsets, offsets + sizes)`` of tensor ``key`` (the whole tensor by default)."""
+        """The region ``[offsets, offsets + sizes)`` of tensor ``key`` (the whole tensor by default):
+        only the bytes of the region are read from each stored chunk it overlaps; a chunk stored in
+        a form the raw reader does not take apart is read through DCP (the whole chunk)."""
         md = self.tensor_meta(key)
         offsets = tuple(offsets) if offsets is not None else (0,) * len(md.size)
         sizes = tuple(sizes) if sizes is not None else tuple(md.size)
         out = torch.empty(sizes, dtype=md.properties.dtype)
-        self._load(_RegionLoadPlanner(key, offsets, out))
+        try:
+            self._read_raw(key, md, offsets, out)
+        except _NotRaw:
+            self._load(_RegionLoadPlanner(key, offsets, out))
         return out
+
+    def _read_raw(self, key: str, md: TensorStorageMetadata, offsets: tuple, out: torch.Tensor) -> None:
+        for chunk in md.chunks:
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
+            hi = [min(o + n, c + m) for o, n, c, m in zip(offsets, out.shape, chunk.offsets, chunk.sizes)]
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            stored = self._stored_chunk(key, chunk)
+            dest = out
+            for dim, (a, b, o) in enumerate(zip(lo, hi, offsets)):
+                dest = dest.narrow(dim, a - o, b - a)
+            try:
+                stored.copy_region([a - c for a, c in zip(lo, chunk.offsets)], dest)
+            except (OSError, EOFError) as err:
+                raise DCPFormatError(f"{self.path}: cannot read {key!r} ({type(err).__name__}: {str(err)[:300]}); "
+                                     "the checkpoint is corrupt") from None
+
+    def _stored_chunk(self, key: str, chunk: ChunkStorageMetadata) -> _StoredChunk:
+        index = MetadataIndex(key, chunk.offsets)
+        if index not in self._chunks:
+            self._chunks[index] = None  # until it is known to be readable raw
+            info = self.metadata.storage_data.get(index)
+            if info is not None:  # (else DCP's read names the missing chunk)
+                stored = _StoredChunk.locate(self.path, info)
+                if stored is not None and stored.dtype == self.tensor_meta(key).properties.dtype \
+                        and stored.size == tuple(chunk.sizes):
+                    self._chunks[index] = stored
+        if self._chunks[index] is None:
+            raise _NotRaw(key)
+        return self._chunks[index]
 
     def read_bytes(self, key: str) -> bytes:
         planner = _RegionLoadPlanner(key)
@@ -166,6 +366,11 @@ class CheckpointReader:
             planner.set_up_planner({}, self.metadata, True)
             plan = planner.create_local_plan()
             self._storage.read_data(self._storage.prepare_local_plan(plan), planner).wait()
+        except pickle.UnpicklingError as err:  # DCP's weights-only torch.load found more than tensor data
+            found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line] or [str(err)]
+            raise DCPFormatError(f"{self.path}: refused {planner.key!r}: its stored chunk is not plain tensor data "
+                                 f"and would run code when loaded ({found[0].split(' Please use')[0].rstrip('.')[:300]}); the file is corrupt or was "
+                                 "made to: use only checkpoints you trust") from None
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
             raise DCPFormatError(f"{self.path}: cannot read {planner.key!r} ({type(err).__name__}: "
                                  f"{str(err)[:300]}); the checkpoint is corrupt") from None
