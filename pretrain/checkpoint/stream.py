@@ -30,7 +30,7 @@ import pickle
 import queue
 import struct
 import sys
-import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -175,32 +175,104 @@ class _TensorRecordUnpickler(pickle.Unpickler):
         return pid[1], pid[2], pid[4]
 
 
-class _FileSlice(io.RawIOBase):
-    """The bytes ``[start, start + length)`` of an open file, as a seekable file of their own (one
-    stored chunk: a whole ``torch.save`` zip archive)."""
+# A stored chunk is a ``torch.save`` zip archive: records stored uncompressed (``data.pkl``, then
+# small ones, then the storage), each after a local header whose sizes are zero (a data
+# descriptor follows the data), so sizes and offsets come from the central directory at the end.
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, name length, extra field length
+_CENTRAL_ENTRY = struct.Struct("<4s4xHH4xIIIHHH8xI")  # signature, flags, method, CRC, sizes, lengths, offset
+_END = struct.Struct("<4s4xHHII2x")  # signature, entries (this disk, all), directory size and offset
+_ZIP64_LOCATOR = struct.Struct("<4s4xQ4x")  # signature, offset of the zip64 end record
+_ZIP64_END = struct.Struct("<4s20xQQQQ")  # signature, entries (this disk, all), directory size and offset
+_SATURATED = (0xFFFF, 0xFFFFFFFF)
+_ARCHIVE_EDGE_BYTES = 4096  # the head (records before the storage) and tail (directory) of one archive
 
-    def __init__(self, f, start: int, length: int) -> None:
-        self.f, self.start, self.length, self.pos = f, start, length, 0
 
-    def readable(self) -> bool:
-        return True
+class _ArchiveBytes:
+    """Reads of one archive ``[offset, offset + length)`` of an open file: its first and last
+    few KB are read once (everything a chunk's record needs, in one archive from ``torch.save``)."""
 
-    def seekable(self) -> bool:
-        return True
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd, self.offset, self.length = fd, offset, length
+        self.head = os.pread(fd, min(length, _ARCHIVE_EDGE_BYTES), offset)
+        self.tail_start = max(0, length - _ARCHIVE_EDGE_BYTES)
+        self.tail = os.pread(fd, length - self.tail_start, offset + self.tail_start)
 
-    def tell(self) -> int:
-        return self.pos
+    def read(self, start: int, size: int) -> bytes:
+        if start < 0 or size < 0 or start + size > self.length:
+            raise ValueError("outside the archive")
+        if start + size <= len(self.head):
+            return self.head[start:start + size]
+        if start >= self.tail_start:
+            return self.tail[start - self.tail_start:start - self.tail_start + size]
+        data = os.pread(self.fd, size, self.offset + start)
+        if len(data) != size:
+            raise EOFError("archive cut short")
+        return data
 
-    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        self.pos = max(0, pos + (0, self.pos, self.length)[whence])
-        return self.pos
+    def data_start(self, header: int) -> int:
+        """Where the data of the record whose local header is at ``header`` starts."""
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(self.read(header, _LOCAL_HEADER.size))
+        if signature != b"PK\x03\x04":
+            raise ValueError("no local header")
+        return header + _LOCAL_HEADER.size + name_length + extra_length
 
-    def readinto(self, buf) -> int:
-        n = max(0, min(len(buf), self.length - self.pos))
-        self.f.seek(self.start + self.pos)
-        n = self.f.readinto(memoryview(buf)[:n])
-        self.pos += n
-        return n
+    def record(self, entry: tuple[int, int, int]) -> bytes:
+        """The bytes of one (small) record, checked against its CRC-32."""
+        header, size, crc = entry
+        data = self.read(self.data_start(header), size)
+        if zlib.crc32(data) != crc:
+            raise ValueError("record CRC-32 differs")
+        return data
+
+
+def _central_directory(archive: _ArchiveBytes) -> dict[str, tuple[int, int, int]]:
+    """{record name: (local header offset, size, CRC-32)} of an archive of stored records."""
+    end_at = archive.length - _END.size
+    signature, entries, total, directory_size, directory_at = _END.unpack(archive.read(end_at, _END.size))
+    if signature != b"PK\x05\x06":
+        raise ValueError("no end of central directory (a comment, or not a zip archive)")
+    if entries in _SATURATED or total in _SATURATED or directory_size in _SATURATED or directory_at in _SATURATED:
+        signature, zip64_end = _ZIP64_LOCATOR.unpack(archive.read(end_at - _ZIP64_LOCATOR.size, _ZIP64_LOCATOR.size))
+        if signature != b"PK\x06\x07":
+            raise ValueError("no zip64 locator")
+        signature, entries, total, directory_size, directory_at = _ZIP64_END.unpack(
+            archive.read(zip64_end, _ZIP64_END.size))
+        if signature != b"PK\x06\x06":
+            raise ValueError("no zip64 end record")
+    directory, pos, records = archive.read(directory_at, directory_size), 0, {}
+    for _ in range(total):
+        signature, flags, method, crc, packed, size, name_length, extra_length, comment_length, header = \
+            _CENTRAL_ENTRY.unpack_from(directory, pos)
+        if signature != b"PK\x01\x02" or flags & 0x1 or method != 0:
+            raise ValueError("not a plain stored record")
+        name_at = pos + _CENTRAL_ENTRY.size
+        extra = directory[name_at + name_length:name_at + name_length + extra_length]
+        size, packed, header = _zip64_fields(extra, size, packed, header)
+        if packed != size:
+            raise ValueError("record sizes differ")
+        records[directory[name_at:name_at + name_length].decode("utf-8")] = (header, size, crc)
+        pos = name_at + name_length + extra_length + comment_length
+    return records
+
+
+def _zip64_fields(extra: bytes, size: int, packed: int, header: int) -> tuple[int, int, int]:
+    """A central entry's size, packed size and header offset, the saturated ones taken from its
+    zip64 extra field (id 1: 8 bytes each, in that order, only those saturated)."""
+    values = [size, packed, header]
+    if 0xFFFFFFFF not in values:
+        return size, packed, header
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if tag == 1:
+            at = pos + 4
+            for i, value in enumerate(values):
+                if value == 0xFFFFFFFF:
+                    values[i] = struct.unpack_from("<Q", extra, at)[0]
+                    at += 8
+            return values[0], values[1], values[2]
+        pos += 4 + length
+    raise ValueError("no zip64 extra field")
 
 
 @dataclass(frozen=True)
@@ -224,37 +296,32 @@ class _StoredChunk:
             return None
         file = os.path.join(path, info.relative_path)
         try:
-            with open(file, "rb") as f, zipfile.ZipFile(_FileSlice(f, info.offset, info.length)) as archive:
-                return _StoredChunk._in_archive(archive, file, info)
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                return _StoredChunk._in_archive(_ArchiveBytes(fd, info.offset, info.length), file)
+            finally:
+                os.close(fd)
         except Exception:  # noqa: BLE001 - any archive the raw reader cannot take apart is DCP's to read
             return None
 
     @staticmethod
-    def _in_archive(archive: zipfile.ZipFile, file: str, info) -> _StoredChunk | None:
-        names = archive.namelist()
-        records = [n for n in names if n.rsplit("/", 1)[-1] == "data.pkl"]
-        if len(records) != 1:
+    def _in_archive(archive: _ArchiveBytes, file: str) -> _StoredChunk | None:
+        records = _central_directory(archive)
+        pickles = [name for name in records if name.rsplit("/", 1)[-1] == "data.pkl"]
+        if len(pickles) != 1:
             return None
-        prefix = records[0][:-len("data.pkl")]
-        if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder") != b"little":
+        prefix = pickles[0][:-len("data.pkl")]
+        if f"{prefix}byteorder" in records and archive.record(records[f"{prefix}byteorder"]) != b"little":
             return None
-        (dtype, key, numel), storage_offset, size, stride = _TensorRecordUnpickler(
-            io.BytesIO(archive.read(records[0]))).load()
-        member = archive.getinfo(f"{prefix}data/{key}")
-        if member.compress_type != zipfile.ZIP_STORED or member.file_size != numel * dtype.itemsize:
+        (dtype, key, numel), storage_offset, shape, stride = _TensorRecordUnpickler(
+            io.BytesIO(archive.record(records[pickles[0]]))).load()
+        start, size, _ = records[f"{prefix}data/{key}"]
+        start = archive.data_start(start)
+        if size != numel * dtype.itemsize or start + size > archive.length or len(shape) != len(stride) \
+                or storage_offset < 0 or min(stride, default=0) < 0 or \
+                (math.prod(shape) and storage_offset + sum((n - 1) * s for n, s in zip(shape, stride)) >= numel):
             return None
-        if len(size) != len(stride) or storage_offset < 0 or min(stride, default=0) < 0 or \
-                (math.prod(size) and storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) >= numel):
-            return None
-        archive.fp.seek(member.header_offset)
-        header = archive.fp.read(30)  # the local file header: its name and extra field come before the data
-        if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            return None
-        name_length, extra_length = struct.unpack("<HH", header[26:30])
-        start = member.header_offset + 30 + name_length + extra_length
-        if start + member.file_size > info.length:
-            return None
-        return _StoredChunk(file, info.offset + start, dtype, storage_offset, size, stride)
+        return _StoredChunk(file, archive.offset + start, dtype, storage_offset, tuple(shape), tuple(stride))
 
     def copy_region(self, start: list[int], dest: torch.Tensor) -> None:
         """Copy the region ``[start, start + dest.shape)`` of the chunk into ``dest``, reading only
