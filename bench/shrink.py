@@ -65,17 +65,21 @@ def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: i
     src = f"{masked_dir}/iter_0000004"
     size = _folder_bytes(src)
     # copy and shrink alternate, several times: the median of each (the page cache is warm for both)
-    copies, shrinks = [], []
+    # wall and CPU time (user + system, every thread of this process: the shrink's checksum thread too)
+    copies, shrinks, copies_cpu, shrinks_cpu = [], [], [], []
     for i in range(tool_rounds):
-        t = time.time()
+        t, c = time.time(), time.process_time()
         shutil.copytree(src, f"{root}/copy{i}")
         copies.append(time.time() - t)
+        copies_cpu.append(time.process_time() - c)
         atomic._verified.clear()  # as the tool in a new process: the source's checksums are verified
-        t = time.time()
+        t, c = time.time(), time.process_time()
         r = reshard_checkpoint(src, f"{root}/small{i}", shrink=True, progress=False)
         shrinks.append(time.time() - t)
+        shrinks_cpu.append(time.process_time() - c)
     copy_s, shrink_s = statistics.median(copies), statistics.median(shrinks)
     ratios = [c / s for c, s in zip(copies, shrinks)]
+    cpu_ratios = [c / s for c, s in zip(copies_cpu, shrinks_cpu)]
     small = f"{root}/small0"
     # the command-line tool in its own process: wall time with start-up, and its peak memory
     tool = str(ROOT / "tools" / "reshard_checkpoint.py")
@@ -99,6 +103,9 @@ def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: i
         h = run(cfg(dataclasses.replace(small_model), iters))["history"][2:]
         direct += [x["step_seconds"] for x in h]
     return {"bytes": size, "copy_s": copy_s, "shrink_s": shrink_s, "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "copy_cpu": statistics.median(copies_cpu), "shrink_cpu": statistics.median(shrinks_cpu),
+            "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
+            "cpu_ratio_max": max(cpu_ratios),
             "cli_s": cli_s, "cli_peak": cli_peak, "import_peak": import_peak, "params_before": r["params_before"],
             "params_after": r["params_after"], "masked": statistics.median(masked) if masked else None,
             "shrunk": statistics.median(shrunk) if shrunk else None, "direct": statistics.median(direct) if direct else None}
@@ -124,6 +131,8 @@ def main() -> None:
           f"{gb / r['shrink_s']:.3f} GB/s (ratio to the copy {r['copy_s'] / r['shrink_s']:.3f}, spread "
           f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}; streaming, in process; medians of {args.tool_rounds}); "
           f"command line {r['cli_s']:.1f}s with start-up")
+    print(f"by CPU time: copy {r['copy_cpu'] * 1000:.0f} ms, shrink {r['shrink_cpu'] * 1000:.0f} ms (ratio to the copy "
+          f"{r['cpu_ratio']:.3f}, spread {r['cpu_ratio_min']:.3f}-{r['cpu_ratio_max']:.3f})")
     print(f"tool peak memory {r['cli_peak'] / 1e6:.0f} MB (of which {r['import_peak'] / 1e6:.0f} MB is the "
           f"interpreter and imports) for a {gb * 1000:.0f} MB checkpoint")
     print(f"parameters {r['params_before'] / 1e6:.2f} M -> {r['params_after'] / 1e6:.2f} M "

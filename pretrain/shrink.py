@@ -196,15 +196,17 @@ def _write_checkpoint(folder: str, save: str, new_state: dict, masks, shape, sta
     try:
         with staged(tmp):
             target_dir = os.path.join(tmp, MODEL_OPTIM_DIR)
+            checksums = {}
             if masks is not None:
-                counts = _stream_shrink(source_dir, target_dir, masks, shape, stacked=stacked, progress=progress,
-                                        max_file_bytes=max_file_bytes)
+                counts, written = _stream_shrink(source_dir, target_dir, masks, shape, stacked=stacked,
+                                                 progress=progress, max_file_bytes=max_file_bytes)
+                checksums = {f"{MODEL_OPTIM_DIR}/{name}": crc for name, crc in written.items()}
             else:
                 shutil.copytree(source_dir, target_dir)
                 counts = (_model_numel(CheckpointReader(source_dir)),) * 2
             torch.save(new_state, os.path.join(tmp, TRAINER_STATE))
             before_publish()
-            return publish_checkpoint(save, iteration, tmp, remember_verified=True), counts
+            return publish_checkpoint(save, iteration, tmp, remember_verified=True, checksums=checksums), counts
     except BaseException as err:
         if created_save and not os.listdir(save):
             os.rmdir(save)
@@ -259,8 +261,9 @@ class _Progress:
 
 
 def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool, progress: bool,
-                   max_file_bytes: int) -> tuple[int, int]:
-    """Write the shrunk DCP folder; returns (model parameters before, after)."""
+                   max_file_bytes: int) -> tuple[tuple[int, int], dict[str, str]]:
+    """Write the shrunk DCP folder; returns (model parameters before, after) and the CRC-32 of
+    each data file written, by name."""
     reader = CheckpointReader(source_dir)
     kept = kept_layers(masks)
 
@@ -288,12 +291,12 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
 
     before = _model_numel(reader)
     after = sum(math.prod(t.size) for t in outputs if not _split_key(t.key)[0])
-    write_lazily(target_dir, outputs, objects, on_chunk=_Progress(sum(t.nbytes for t in outputs), progress),
-                 max_file_bytes=max_file_bytes)
+    checksums = write_lazily(target_dir, outputs, objects, max_file_bytes=max_file_bytes,
+                             on_chunk=_Progress(sum(t.nbytes for t in outputs), progress))
     for name in os.listdir(source_dir):  # metadata.json (format), common.pt (optimizer param groups)
         if not name.startswith(".") and not name.endswith(".distcp"):
             shutil.copy2(os.path.join(source_dir, name), os.path.join(target_dir, name))
-    return before, after
+    return (before, after), checksums
 
 
 def _sorted_keys(reader, source_dir: str, shape, indices_of) -> tuple[dict, list]:

@@ -171,9 +171,10 @@ def file_crc32(path: str) -> str:
     return f"{crc:08x}"
 
 
-def _describe_files(folder: str, names: list[str]) -> dict[str, dict]:
+def _describe_files(folder: str, names: list[str], checksums: dict[str, str] | None = None) -> dict[str, dict]:
+    checksums = checksums or {}
     return {rel: {"size": os.path.getsize(os.path.join(folder, rel)),
-                  "crc32": file_crc32(os.path.join(folder, rel))} for rel in names}
+                  "crc32": checksums.get(rel) or file_crc32(os.path.join(folder, rel))} for rel in names}
 
 
 def describe_files_collectively(folder: str) -> dict[str, dict]:
@@ -295,16 +296,18 @@ def find_checkpoint(root: str, skipped: list[str] | None = None, checksums: bool
 # --- publication and retention -------------------------------------------------------------------
 
 def publish_checkpoint(root: str, iteration: int, tmp: str, world_size: int = 1,
-                       files: dict[str, dict] | None = None, remember_verified: bool = False) -> str:
+                       files: dict[str, dict] | None = None, remember_verified: bool = False,
+                       checksums: dict[str, str] | None = None) -> str:
     """Make the complete folder ``tmp`` the checkpoint of ``iteration`` under ``root``: write its
     manifest (``files``: size and CRC-32 of each file, read back from them, computed here if not
-    given), rename it into place, then point ``latest`` at it (one process calls this).
+    given; ``checksums``: the CRC-32s of some, by relative path, read back by their writer once
+    complete), rename it into place, then point ``latest`` at it (one process calls this).
     ``remember_verified``: this process will not hash it again when it loads it (the in-run shrink
     reads the save it follows, the next segment the shrink's output): those CRCs were just read
     from these very files, still in the page cache, so a second pass would find what the first did."""
     final = iteration_dir(root, iteration)
     if files is None:
-        files = _describe_files(tmp, _files_of(tmp))
+        files = _describe_files(tmp, _files_of(tmp), checksums)
     manifest = {"iteration": iteration, "files": files, "world_size": world_size, "checksum": "crc32"}
     atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
     replaced = None

@@ -31,6 +31,7 @@ import queue
 import struct
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +46,7 @@ from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPl
                                                   TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from pretrain.checkpoint.atomic import file_crc32
 from pretrain.errors import DCPFormatError
 
 
@@ -497,11 +499,14 @@ class _LazySavePlanner(DefaultSavePlanner):
 
 class _LazyWriter(FileSystemWriter):
     """One output file per ``max_file_bytes`` of data, filled and closed in order (through
-    ``FileSystemWriter._write_data``, torch 2.13's per-file writer loop)."""
+    ``FileSystemWriter._write_data``, torch 2.13's per-file writer loop); then each is synced to
+    disk while another thread takes its CRC-32 from the page cache (``checksums``, by file name):
+    the disk's wait and the hashing overlap instead of following each other."""
 
     def __init__(self, path: str, max_file_bytes: int) -> None:
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
         self.max_file_bytes = max_file_bytes
+        self.checksums: dict[str, str] = {}
 
     def write_data(self, plan: SavePlan, planner):
         buckets, current, size = [], [], 0
@@ -517,17 +522,35 @@ class _LazyWriter(FileSystemWriter):
         if current:
             buckets.append(current)
         file_queue: queue.Queue = queue.Queue()
+        files = {}
         for i, bucket in enumerate(buckets):
             name = f"{plan.storage_data.prefix}{i}.distcp"
-            file_queue.put((self.fs.concat_path(self.path, name), name, bucket))
-        return self._write_data(planner, file_queue)
+            files[name] = self.fs.concat_path(self.path, name)
+            file_queue.put((files[name], name, bucket))
+        self.sync_files = False  # read by the loop for each data file: synced below instead
+        try:
+            written = self._write_data(planner, file_queue)
+        finally:
+            self.sync_files = True  # read by ``finish`` for ``.metadata``
+        with ThreadPoolExecutor(1) as hasher:
+            checksums = hasher.map(file_crc32, files.values())
+            for file in files.values():
+                fd = os.open(file, os.O_RDONLY)  # fsync syncs the file, whichever descriptor names it
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self.checksums = dict(zip(files, checksums))
+        return written
 
 
 def write_lazily(path: str, tensors: list[OutTensor], objects: dict[str, bytes],
                  on_chunk: Callable[[OutTensor, torch.Tensor], None] | None = None,
-                 max_file_bytes: int = 512 * 2**20) -> None:
+                 max_file_bytes: int = 512 * 2**20) -> dict[str, str]:
     """Write a DCP folder at ``path`` (created) from lazily produced tensor chunks and raw objects
-    (``objects`` hold bytes exactly as stored in another DCP folder, e.g. torch-saved objects)."""
+    (``objects`` hold bytes exactly as stored in another DCP folder, e.g. torch-saved objects).
+    Returns the CRC-32 of each data file (``file_crc32``), by name, taken once it was complete."""
     os.makedirs(path, exist_ok=True)
-    dcp_save({}, storage_writer=_LazyWriter(path, max_file_bytes),
-             planner=_LazySavePlanner(tensors, objects, on_chunk), no_dist=True)
+    writer = _LazyWriter(path, max_file_bytes)
+    dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(tensors, objects, on_chunk), no_dist=True)
+    return writer.checksums

@@ -165,6 +165,7 @@ def _all_of(path: str) -> dict:
 def test_a_shrink_through_raw_reads_writes_what_dcp_reads_gave(tmp_path, monkeypatch):
     """The megatron fixture (TP=2 chunks, masks in progress) shrunk twice, through raw reads and
     through DCP's reads as before: every tensor of the two outputs is the same, bit for bit."""
+    from pretrain.checkpoint import atomic
     from pretrain.checkpoint.files import MODEL_OPTIM_DIR
     from pretrain.shrink import reshard_checkpoint
 
@@ -175,9 +176,25 @@ def test_a_shrink_through_raw_reads_writes_what_dcp_reads_gave(tmp_path, monkeyp
         old = reshard_checkpoint(source, str(tmp_path / "dcp"), shrink=True, progress=False)["folder"]
         expected = _all_of(os.path.join(old, MODEL_OPTIM_DIR))
     got = _all_of(os.path.join(raw, MODEL_OPTIM_DIR))
+    atomic._verified.clear()
+    atomic.verify_checkpoint(raw)  # the manifest's CRC-32s (the data file's taken by its writer) match the files
     assert sorted(got) == sorted(expected) and any(k.startswith("optimizer.state.exp_avg_sq.") for k in got)
     for key, value in got.items():
         if isinstance(value, bytes):
             assert value == expected[key], key
         else:
             assert value[0] == expected[key][0] and torch.equal(value[1], expected[key][1]), key
+
+
+def test_written_data_files_are_synced_and_their_checksums_returned(tmp_path, monkeypatch):
+    from pretrain.checkpoint.atomic import file_crc32
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    t = torch.randn(4, 64, 64)
+    checksums = write_lazily(str(tmp_path / "dcp"), [OutTensor("w", (4, 64, 64), t.dtype, [
+        ((i, 0, 0), (1, 64, 64)) for i in range(4)], lambda i: t[i:i + 1])], {}, max_file_bytes=2 * 64 * 64 * 4)
+    files = sorted(n for n in os.listdir(tmp_path / "dcp") if n.endswith(".distcp"))
+    assert len(files) == 2 and checksums == {n: file_crc32(str(tmp_path / "dcp" / n)) for n in files}
+    assert {str(tmp_path / "dcp" / n) for n in files} | {str(tmp_path / "dcp" / ".metadata.tmp")} <= set(synced)
