@@ -8,14 +8,23 @@ any region of a key (only the chunks it overlaps are touched); ``write_lazily`` 
 folder whose tensors are produced one chunk at a time by a callback, so rewriting a checkpoint
 never holds more than one chunk (plus one output file's buffer) in memory.
 
+Each stored chunk is a ``torch.save`` zip archive. DCP's reader ``torch.load``s a whole chunk for
+every region asked of it (one layer of a key stored as one chunk of all layers costs all layers, at
+every layer); ``CheckpointReader`` instead takes the archive apart once (its central directory, the
+``data.pkl`` record read through an allowlist that builds no object: storage dtype, offset, size,
+strides) and ``pread``\ s only the bytes between the region's first and last element. An archive
+in any other form (compressed, big-endian, another record) is read through DCP as before, which
+refuses one that would run code.
+
 ``.metadata`` is a plain pickle that DCP reads with ``pickle.load``: ``read_dcp_metadata`` reads it
 through an allowlist (DCP's own metadata dataclasses and enums, ``torch.Size``, dtypes, layouts, paths),
 so a folder whose metadata would run code, or is corrupt, is refused with ``DCPFormatError``
 instead of executing or failing deep inside torch.
 
 Only public DCP planner/storage interfaces are used, except that ``_LazyWriter`` groups the
-write items into files itself: torch's ``FileSystemWriter`` keeps every tensor of a file alive
-until the file is closed, so one file per rank would hold the whole checkpoint.
+write items into files itself (torch's ``FileSystemWriter`` keeps every tensor of a file alive
+until the file is closed, so one file per rank would hold the whole checkpoint) and syncs them
+itself, each while another thread takes its CRC-32 for the manifest.
 """
 
 from __future__ import annotations
