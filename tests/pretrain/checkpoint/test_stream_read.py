@@ -198,3 +198,18 @@ def test_written_data_files_are_synced_and_their_checksums_returned(tmp_path, mo
     files = sorted(n for n in os.listdir(tmp_path / "dcp") if n.endswith(".distcp"))
     assert len(files) == 2 and checksums == {n: file_crc32(str(tmp_path / "dcp" / n)) for n in files}
     assert {str(tmp_path / "dcp" / n) for n in files} | {str(tmp_path / "dcp" / ".metadata.tmp")} <= set(synced)
+
+
+def test_the_collector_is_off_during_a_shrink_and_restored_after():
+    import gc
+
+    from pretrain.shrink import _no_collection_pauses
+
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        with pytest.raises(KeyError):
+            with _no_collection_pauses():
+                assert not gc.isenabled()
+                raise KeyError("a failed shrink")
+        assert gc.isenabled() == enabled
+    gc.enable()
