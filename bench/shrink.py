@@ -3,6 +3,7 @@ model vs the same shape built directly (target <= 1.02) and vs the masked model 
 
     python bench/shrink.py [--hidden 256 --ffn 1024 --layers 4] [--iters 16] [--rounds 3] [--tool-rounds 3]
     python bench/shrink.py --rounds 0      # the tool's speed against a copy only (about a minute)
+    python bench/shrink.py --rounds 0 --threads 2   # ... with torch's threads as the command-line tool has them
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _peak_rss_of(code: str) -> int:
     return int(out.split("PEAK")[-1]) * 1024
 
 
-def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: int, tool_rounds: int) -> dict:
+def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: int, tool_rounds: int,
+            threads: int) -> dict:
     from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig,
                                  ParallelConfig, PretrainConfig, PruneConfig, TrainConfig)
     from pretrain.checkpoint import atomic
@@ -66,6 +68,9 @@ def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: i
     size = _folder_bytes(src)
     # copy and shrink alternate, several times: the median of each (the page cache is warm for both)
     # wall and CPU time (user + system, every thread of this process: the shrink's checksum thread too)
+    import torch
+
+    torch.set_num_threads(threads)
     copies, shrinks, copies_cpu, shrinks_cpu = [], [], [], []
     for i in range(tool_rounds):
         t, c = time.time(), time.process_time()
@@ -119,13 +124,15 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="rounds of step timings (0: the tool alone)")
     p.add_argument("--tool-rounds", type=int, default=3, help="copies and shrinks timed, alternating")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while they are timed (the training "
+                   "processes run 1; the command-line tool starts with torch's default, one per core)")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from tests.dist_helper import run_distributed
 
     with tempfile.TemporaryDirectory() as root:
         r = run_distributed(_worker, 1, root, args.hidden, args.ffn, args.layers, args.iters, args.rounds,
-                            args.tool_rounds)[0]
+                            args.tool_rounds, args.threads)[0]
     gb = r["bytes"] / 1e9
     print(f"checkpoint {gb * 1000:.1f} MB; plain copy {gb / r['copy_s']:.3f} GB/s; shrink tool "
           f"{gb / r['shrink_s']:.3f} GB/s (ratio to the copy {r['copy_s'] / r['shrink_s']:.3f}, spread "

@@ -200,16 +200,21 @@ def test_written_data_files_are_synced_and_their_checksums_returned(tmp_path, mo
     assert {str(tmp_path / "dcp" / n) for n in files} | {str(tmp_path / "dcp" / ".metadata.tmp")} <= set(synced)
 
 
-def test_the_collector_is_off_during_a_shrink_and_restored_after():
+def test_a_shrink_runs_without_collector_on_one_thread_and_restores_both():
     import gc
 
-    from pretrain.shrink import _no_collection_pauses
+    from pretrain.shrink import _streaming
 
-    for enabled in (True, False):
-        (gc.enable if enabled else gc.disable)()
-        with pytest.raises(KeyError):
-            with _no_collection_pauses():
-                assert not gc.isenabled()
-                raise KeyError("a failed shrink")
-        assert gc.isenabled() == enabled
-    gc.enable()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            with pytest.raises(KeyError):
+                with _streaming():
+                    assert not gc.isenabled() and torch.get_num_threads() == 1
+                    raise KeyError("a failed shrink")
+            assert gc.isenabled() == enabled and torch.get_num_threads() == 2
+    finally:
+        gc.enable()
+        torch.set_num_threads(threads)
