@@ -3,6 +3,7 @@ model vs the same shape built directly (target <= 1.02) and vs the masked model 
 
     python bench/shrink.py [--hidden 256 --ffn 1024 --layers 4] [--iters 16] [--rounds 3] [--tool-rounds 3]
     python bench/shrink.py --rounds 0      # the tool's speed against a copy only (about a minute)
+    python bench/shrink.py --rounds 0 --threads 2   # ... with torch's threads as the command-line tool has them
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _peak_rss_of(code: str) -> int:
     return int(out.split("PEAK")[-1]) * 1024
 
 
-def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: int, tool_rounds: int) -> dict:
+def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: int, tool_rounds: int,
+            threads: int) -> dict:
     from pretrain.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig,
                                  ParallelConfig, PretrainConfig, PruneConfig, TrainConfig)
     from pretrain.checkpoint import atomic
@@ -65,17 +67,24 @@ def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: i
     src = f"{masked_dir}/iter_0000004"
     size = _folder_bytes(src)
     # copy and shrink alternate, several times: the median of each (the page cache is warm for both)
-    copies, shrinks = [], []
+    # wall and CPU time (user + system, every thread of this process: the shrink's checksum thread too)
+    import torch
+
+    torch.set_num_threads(threads)
+    copies, shrinks, copies_cpu, shrinks_cpu = [], [], [], []
     for i in range(tool_rounds):
-        t = time.time()
+        t, c = time.time(), time.process_time()
         shutil.copytree(src, f"{root}/copy{i}")
         copies.append(time.time() - t)
+        copies_cpu.append(time.process_time() - c)
         atomic._verified.clear()  # as the tool in a new process: the source's checksums are verified
-        t = time.time()
+        t, c = time.time(), time.process_time()
         r = reshard_checkpoint(src, f"{root}/small{i}", shrink=True, progress=False)
         shrinks.append(time.time() - t)
+        shrinks_cpu.append(time.process_time() - c)
     copy_s, shrink_s = statistics.median(copies), statistics.median(shrinks)
     ratios = [c / s for c, s in zip(copies, shrinks)]
+    cpu_ratios = [c / s for c, s in zip(copies_cpu, shrinks_cpu)]
     small = f"{root}/small0"
     # the command-line tool in its own process: wall time with start-up, and its peak memory
     tool = str(ROOT / "tools" / "reshard_checkpoint.py")
@@ -99,6 +108,9 @@ def _worker(root: str, hidden: int, ffn: int, layers: int, iters: int, rounds: i
         h = run(cfg(dataclasses.replace(small_model), iters))["history"][2:]
         direct += [x["step_seconds"] for x in h]
     return {"bytes": size, "copy_s": copy_s, "shrink_s": shrink_s, "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "copy_cpu": statistics.median(copies_cpu), "shrink_cpu": statistics.median(shrinks_cpu),
+            "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
+            "cpu_ratio_max": max(cpu_ratios),
             "cli_s": cli_s, "cli_peak": cli_peak, "import_peak": import_peak, "params_before": r["params_before"],
             "params_after": r["params_after"], "masked": statistics.median(masked) if masked else None,
             "shrunk": statistics.median(shrunk) if shrunk else None, "direct": statistics.median(direct) if direct else None}
@@ -112,18 +124,22 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="rounds of step timings (0: the tool alone)")
     p.add_argument("--tool-rounds", type=int, default=3, help="copies and shrinks timed, alternating")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while they are timed (the training "
+                   "processes run 1; the command-line tool starts with torch's default, one per core)")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from tests.dist_helper import run_distributed
 
     with tempfile.TemporaryDirectory() as root:
         r = run_distributed(_worker, 1, root, args.hidden, args.ffn, args.layers, args.iters, args.rounds,
-                            args.tool_rounds)[0]
+                            args.tool_rounds, args.threads)[0]
     gb = r["bytes"] / 1e9
     print(f"checkpoint {gb * 1000:.1f} MB; plain copy {gb / r['copy_s']:.3f} GB/s; shrink tool "
           f"{gb / r['shrink_s']:.3f} GB/s (ratio to the copy {r['copy_s'] / r['shrink_s']:.3f}, spread "
           f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}; streaming, in process; medians of {args.tool_rounds}); "
           f"command line {r['cli_s']:.1f}s with start-up")
+    print(f"by CPU time: copy {r['copy_cpu'] * 1000:.0f} ms, shrink {r['shrink_cpu'] * 1000:.0f} ms (ratio to the copy "
+          f"{r['cpu_ratio']:.3f}, spread {r['cpu_ratio_min']:.3f}-{r['cpu_ratio_max']:.3f})")
     print(f"tool peak memory {r['cli_peak'] / 1e6:.0f} MB (of which {r['import_peak'] / 1e6:.0f} MB is the "
           f"interpreter and imports) for a {gb * 1000:.0f} MB checkpoint")
     print(f"parameters {r['params_before'] / 1e6:.2f} M -> {r['params_after'] / 1e6:.2f} M "

@@ -19,19 +19,24 @@ here, not on the cluster). The new checkpoint is written to ``iter_N.tmp`` and r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import math
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from typing import Callable
 
 import torch
 
 from torch.distributed.checkpoint.api import CheckpointException
 
-from pretrain.checkpoint.atomic import publish_checkpoint, require_new_folder, save_failure_message, staged
-from pretrain.checkpoint.files import MODEL_OPTIM_DIR, TRAINER_STATE, iteration_dir
+from pretrain.checkpoint.atomic import (publish_checkpoint, require_new_folder, save_failure_message, staged,
+                                       verify_in_background)
+from pretrain.checkpoint.files import MODEL_OPTIM_DIR, TRAINER_STATE, CheckpointError, iteration_dir
 from pretrain.checkpoint.stored import StoredCheckpoint
 from pretrain.checkpoint.stream import CheckpointReader, DCPFormatError, OutTensor, write_lazily
 from pretrain.config import ConfigError, PretrainConfig
@@ -71,22 +76,76 @@ def reshard_checkpoint(load: str, save: str, shrink: bool = False, target_tp: in
     shrink does) and a plain ``python`` process needs no world at all. Returns a summary."""
     start = time.time()
     _check_target_sizes(target_tp, target_pp)
-    stored = _source_checkpoint(load, save, overwrite)
-    folder, state, cfg, vocab = stored.folder, stored.trainer_state, stored.config, int(stored.trainer_state["vocab_size"])
-    shape = _shape_of(cfg, vocab)
-    pruning = _pruning_to_shrink(folder, state, cfg, shape) if shrink else None
-    new_cfg = _target_config(cfg, pruning.masks if shrink else None, shape, vocab, target_tp, target_pp)
-    new_state = _new_trainer_state(state, cfg, new_cfg, pruning, shape)
-    path, counts = _write_checkpoint(folder, save, new_state, pruning.masks if shrink else None, shape,
-                                     stacked=new_cfg.model.layer_shapes is None, progress=progress,
-                                     max_file_bytes=max_file_bytes)
+    args = (load, save, shrink, target_tp, target_pp, progress, max_file_bytes, overwrite)
+    with _streaming():
+        try:
+            # the source's checksums are verified on another thread while it is rewritten, and
+            # the new checkpoint is published only once they match
+            return {**_reshard(*args, verify_meanwhile=True), "seconds": time.time() - start}
+        except _CorruptSource:
+            pass
+        # as when they are verified first: that checkpoint is skipped (warned about) for the
+        # newest valid one under --load, or refused with the reason
+        return {**_reshard(*args, verify_meanwhile=False), "seconds": time.time() - start}
+
+
+@contextlib.contextmanager
+def _streaming() -> Iterator[None]:
+    """The cyclic garbage collector off and torch on one thread for the block, both restored after.
+    A full collection walks every object of a process that imported torch and megatron-core
+    (0.1-0.3 s here, more than a whole shrink of a 100 MB checkpoint), and the shrink's own garbage
+    (planner records, small closures) waits harmlessly for the next collection after it. Its tensor
+    work is memory-bound copies and gathers that more threads do not speed up (with torch's default
+    threads on a loaded 2-core machine a shrink took 30% more CPU time and 50% more wall)."""
+    enabled, threads = gc.isenabled(), torch.get_num_threads()
+    gc.disable()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if enabled:
+            gc.enable()
+
+
+class _CorruptSource(Exception):
+    """The checksums of the checkpoint being rewritten differ from its manifest's."""
+
+
+def _reshard(load: str, save: str, shrink: bool, target_tp: int | None, target_pp: int | None, progress: bool,
+             max_file_bytes: int, overwrite: bool, verify_meanwhile: bool) -> dict:
+    stored = _source_checkpoint(load, save, overwrite, checksums=not verify_meanwhile)
+    verification = verify_in_background(stored.folder) if verify_meanwhile else None
+
+    def verified() -> None:
+        if verification is not None:
+            try:
+                verification.result()
+            except CheckpointError:
+                raise _CorruptSource() from None
+
+    try:
+        folder, state, cfg = stored.folder, stored.trainer_state, stored.config
+        vocab = int(state["vocab_size"])
+        shape = _shape_of(cfg, vocab)
+        pruning = _pruning_to_shrink(folder, state, cfg, shape) if shrink else None
+        new_cfg = _target_config(cfg, pruning.masks if shrink else None, shape, vocab, target_tp, target_pp)
+        new_state = _new_trainer_state(state, cfg, new_cfg, pruning, shape)
+        path, counts = _write_checkpoint(folder, save, new_state, pruning.masks if shrink else None, shape,
+                                         stacked=new_cfg.model.layer_shapes is None, progress=progress,
+                                         max_file_bytes=max_file_bytes, before_publish=verified)
+    except _CorruptSource:
+        raise
+    except BaseException:
+        verified()  # a failure on a corrupt source is the corruption's
+        raise
     return {"folder": path, "iteration": state["iteration"], "params_before": counts[0], "params_after": counts[1],
-            "seconds": time.time() - start, "config": new_cfg}
+            "config": new_cfg}
 
 
-def _source_checkpoint(load: str, save: str, overwrite: bool) -> StoredCheckpoint:
+def _source_checkpoint(load: str, save: str, overwrite: bool, checksums: bool) -> StoredCheckpoint:
     """The checkpoint under ``load``, once ``save`` is known to be a place to write to."""
-    stored = StoredCheckpoint.open(load, "--load", ShrinkError)
+    stored = StoredCheckpoint.open(load, "--load", ShrinkError, checksums)
     if stored.deepspeed_only:
         raise ShrinkError(stored.deepspeed_only)
     if os.path.abspath(save) == os.path.abspath(load):
@@ -148,9 +207,10 @@ def _new_trainer_state(state: dict, cfg: PretrainConfig, new_cfg: PretrainConfig
 
 
 def _write_checkpoint(folder: str, save: str, new_state: dict, masks, shape, stacked: bool, progress: bool,
-                      max_file_bytes: int) -> tuple[str, tuple[int, int]]:
+                      max_file_bytes: int, before_publish: Callable[[], None]) -> tuple[str, tuple[int, int]]:
     """Write ``iter_N.tmp`` under ``save`` (the DCP folder shrunk when ``masks`` are given, else
-    copied) and publish it; returns its path and the model parameters (before, after)."""
+    copied) and publish it unless ``before_publish`` raises; returns its path and the model
+    parameters (before, after)."""
     iteration = new_state["iteration"]
     tmp = iteration_dir(save, iteration) + ".tmp"
     source_dir = os.path.join(folder, MODEL_OPTIM_DIR)
@@ -159,14 +219,17 @@ def _write_checkpoint(folder: str, save: str, new_state: dict, masks, shape, sta
     try:
         with staged(tmp):
             target_dir = os.path.join(tmp, MODEL_OPTIM_DIR)
+            checksums = {}
             if masks is not None:
-                counts = _stream_shrink(source_dir, target_dir, masks, shape, stacked=stacked, progress=progress,
-                                        max_file_bytes=max_file_bytes)
+                counts, written = _stream_shrink(source_dir, target_dir, masks, shape, stacked=stacked,
+                                                 progress=progress, max_file_bytes=max_file_bytes)
+                checksums = {f"{MODEL_OPTIM_DIR}/{name}": crc for name, crc in written.items()}
             else:
                 shutil.copytree(source_dir, target_dir)
                 counts = (_model_numel(CheckpointReader(source_dir)),) * 2
             torch.save(new_state, os.path.join(tmp, TRAINER_STATE))
-            return publish_checkpoint(save, iteration, tmp, remember_verified=True), counts
+            before_publish()
+            return publish_checkpoint(save, iteration, tmp, remember_verified=True, checksums=checksums), counts
     except BaseException as err:
         if created_save and not os.listdir(save):
             os.rmdir(save)
@@ -221,8 +284,9 @@ class _Progress:
 
 
 def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool, progress: bool,
-                   max_file_bytes: int) -> tuple[int, int]:
-    """Write the shrunk DCP folder; returns (model parameters before, after)."""
+                   max_file_bytes: int) -> tuple[tuple[int, int], dict[str, str]]:
+    """Write the shrunk DCP folder; returns (model parameters before, after) and the CRC-32 of
+    each data file written, by name."""
     reader = CheckpointReader(source_dir)
     kept = kept_layers(masks)
 
@@ -250,12 +314,12 @@ def _stream_shrink(source_dir: str, target_dir: str, masks, shape, stacked: bool
 
     before = _model_numel(reader)
     after = sum(math.prod(t.size) for t in outputs if not _split_key(t.key)[0])
-    write_lazily(target_dir, outputs, objects, on_chunk=_Progress(sum(t.nbytes for t in outputs), progress),
-                 max_file_bytes=max_file_bytes)
+    checksums = write_lazily(target_dir, outputs, objects, max_file_bytes=max_file_bytes,
+                             on_chunk=_Progress(sum(t.nbytes for t in outputs), progress))
     for name in os.listdir(source_dir):  # metadata.json (format), common.pt (optimizer param groups)
         if not name.startswith(".") and not name.endswith(".distcp"):
             shutil.copy2(os.path.join(source_dir, name), os.path.join(target_dir, name))
-    return before, after
+    return (before, after), checksums
 
 
 def _sorted_keys(reader, source_dir: str, shape, indices_of) -> tuple[dict, list]:

@@ -59,18 +59,21 @@ class StoredCheckpoint:
     given_state: dict | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def find(cls, path: str | None, skipped: list[str] | None = None) -> StoredCheckpoint | None:
+    def find(cls, path: str | None, skipped: list[str] | None = None,
+             checksums: bool = True) -> StoredCheckpoint | None:
         """The newest valid checkpoint under ``path`` (a ``--save`` folder or one ``iter_N``);
-        None when there is none (yet). Invalid ones are skipped, each reason appended to ``skipped``."""
-        folder = find_checkpoint(path, skipped) if path else None
+        None when there is none (yet). Invalid ones are skipped, each reason appended to ``skipped``.
+        ``checksums``: as ``find_checkpoint``'s."""
+        folder = find_checkpoint(path, skipped, checksums) if path else None
         return None if folder is None else cls(folder)
 
     @classmethod
-    def open(cls, path: str, flag: str, error: type[Exception] = CheckpointError) -> StoredCheckpoint:
+    def open(cls, path: str, flag: str, error: type[Exception] = CheckpointError,
+             checksums: bool = True) -> StoredCheckpoint:
         """``find``, or ``error`` saying that ``flag path`` holds no valid checkpoint (and why each
         candidate there was skipped)."""
         skipped: list[str] = []
-        found = cls.find(path, skipped) if os.path.exists(path) else None
+        found = cls.find(path, skipped, checksums) if os.path.exists(path) else None
         if found is None:
             reasons = f" ({'; '.join(skipped)})" if skipped else ""
             raise error(f"{flag} {path}: no valid checkpoint there{reasons}")

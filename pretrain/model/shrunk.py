@@ -23,7 +23,9 @@ def kept_indices(name: str, masks, shape) -> tuple:
     the shrink has no rule for.
     """
     where = layout.param_layout(name)
-    return tuple(None if kept is None else kept.nonzero().flatten()
+    # an axis that keeps everything is None, not a full index: a full index_select is a copy (a
+    # gather, along an inner dimension) that changes nothing, and most axes of a shrink keep all
+    return tuple(None if kept is None or bool(kept.all()) else kept.nonzero().flatten()
                  for kept in (layout.axis_mask(axis, where.layer, masks, shape) for axis in where.axes))
 
 

@@ -82,6 +82,36 @@ def test_same_size_corruption_falls_back_and_names_the_file(tmp_path, capsys):
     assert len(skipped) == 2 and "trainer_state.pt is corrupt" in skipped[1]
 
 
+def test_the_shrink_hashes_its_source_meanwhile_and_skips_a_corrupt_one(tmp_path, monkeypatch, capsys):
+    """The shrink verifies its source's checksums on another thread while it rewrites it (issue
+    32); a newest checkpoint whose bytes differ is then skipped for the newest valid one, as when
+    they were verified first, and nothing read from it is published."""
+    import threading
+
+    from pretrain.checkpoint import atomic
+    from pretrain.shrink import reshard_checkpoint
+
+    fixture = ROOT / "tests" / "fixtures" / "old_checkpoints" / "megatron" / "iter_0000004"
+    for iteration in (4, 8):
+        shutil.copytree(fixture, tmp_path / "run" / f"iter_{iteration:07d}")
+    _flip_byte(tmp_path / "run" / "iter_0000008" / "model_optim" / "__0_0.distcp")
+    hashed_on = []
+    crc = atomic.file_crc32
+    monkeypatch.setattr(atomic, "file_crc32", lambda path: hashed_on.append(
+        (os.path.basename(os.path.dirname(os.path.dirname(path))), threading.current_thread() is
+         threading.main_thread())) or crc(path))
+    r = reshard_checkpoint(str(tmp_path / "run"), str(tmp_path / "small"), shrink=True, progress=False)
+    assert ("iter_0000008", False) in hashed_on  # hashed on another thread, first
+    out = capsys.readouterr().out
+    assert "skipping invalid checkpoint" in out and "iter_0000008: file model_optim/__0_0.distcp is corrupt" in out
+    assert sorted(os.listdir(tmp_path / "small")) == sorted(["iter_0000004", ckpt.LATEST_FILE])
+    ckpt.verify_checkpoint(r["folder"])
+    with pytest.raises(ckpt.CheckpointError, match=r"iter_0000008: file model_optim/__0_0.distcp is corrupt"):
+        reshard_checkpoint(str(tmp_path / "run" / "iter_0000008"), str(tmp_path / "other"), shrink=True,
+                           progress=False)
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_checkpoint_this_process_published_is_not_hashed_again(tmp_path, monkeypatch):
     """Issue 32: the in-run shrink reads the save it follows, the next segment the shrink's output;
     the CRCs were read back from those files when they were published, so loading them again in the
