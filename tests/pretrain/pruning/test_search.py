@@ -82,19 +82,32 @@ def test_search_flags_are_checked():
                     search_ffn_divisor=100).validate(1000)
 
 
-def _search_worker(data: dict) -> dict:
-    from pretrain.run.segments import run
+def _search_config(data: dict, tp: int = 1, pp: int = 1, **prune):
     from tests.pretrain.common import debug_config
 
-    def config(**prune):
-        c = debug_config(data, iters=3, gbs=4, mbs=2, seq_length=32)
-        settings = dict(target_ratio=0.75, saliency="activation", granularity="uniform", allocation="search",
-                        interval=100, max_step_fraction=1.0, end_tokens=3 * 4 * 32, search_top_k=4,
-                        search_hidden_divisor=32, search_ffn_divisor=64, search_max_width_pruning=0.6)
-        return dataclasses.replace(c, prune=PruneConfig(**{**settings, **prune}),
-                                   train=dataclasses.replace(c.train, eval_iters=2))
+    c = debug_config(data, tp=tp, pp=pp, iters=3, gbs=4, mbs=2, seq_length=32)
+    settings = dict(target_ratio=0.75, saliency="activation", granularity="uniform", allocation="search",
+                    interval=100, max_step_fraction=1.0, end_tokens=3 * 4 * 32, search_top_k=4,
+                    search_hidden_divisor=32, search_ffn_divisor=64, search_max_width_pruning=0.6)
+    return dataclasses.replace(c, prune=PruneConfig(**{**settings, **prune}),
+                               train=dataclasses.replace(c.train, eval_iters=2))
 
-    summary = run(config())
+
+def _layouts_worker(data: dict) -> dict:
+    from pretrain.run.segments import run
+
+    out = {}
+    for tp, pp in ((2, 1), (1, 2)):
+        summary = run(_search_config(data, tp, pp))
+        pruning = next(cb for cb in summary["trainer"].callbacks if cb.name == "pruning")
+        out[(tp, pp)] = pruning.history[-1]["search"]
+    return out
+
+
+def _search_worker(data: dict) -> dict:
+    from pretrain.run.segments import run
+
+    summary = run(_search_config(data))
     trainer = summary["trainer"]
     pruning = next(cb for cb in trainer.callbacks if cb.name == "pruning")
     out = {"history": pruning.history, "metrics": summary["history"],
@@ -104,15 +117,20 @@ def _search_worker(data: dict) -> dict:
                       pruning.masks.heads.sum(1).tolist()),
            "flops_per_token": next(cb for cb in trainer.callbacks if cb.name == "logging").flops_per_token}
     try:
-        run(config(target_ratio=0.2))
+        run(_search_config(data, target_ratio=0.2))
     except ConfigError as err:
         out["unreachable"] = str(err)
     return out
 
 
+@pytest.fixture(scope="module")
+def trained(tiny_dataset) -> dict:
+    return run_distributed(_search_worker, 1, tiny_dataset)[0]
+
+
 @pytest.mark.distributed
-def test_search_in_training_scores_every_candidate_and_keeps_the_best(tiny_dataset):
-    out = run_distributed(_search_worker, 1, tiny_dataset)[0]
+def test_search_in_training_scores_every_candidate_and_keeps_the_best(trained):
+    out = trained
     (event,) = out["history"]
     found = event["search"]
     losses = [c["valid_loss"] for c in found["candidates"]]
@@ -130,3 +148,23 @@ def test_search_in_training_scores_every_candidate_and_keeps_the_best(tiny_datas
     search_flops = [m.get("search_flops", 0) for m in out["metrics"]]
     assert search_flops == [0, 0, 4 * 2 * 4 * 32 * (out["flops_per_token"] // 3)]
     assert "narrowest shape has" in out["unreachable"] and "--prune-search-max-width-pruning" in out["unreachable"]
+
+
+@pytest.mark.distributed
+def test_search_chooses_alike_under_tp2_and_pp2(trained, tiny_dataset):
+    """The choice and each candidate's validation loss do not depend on the layout (under TP=2 the
+    query groups move in pairs, so the candidates with one group are not among them)."""
+    def shape(c):
+        return c["hidden"], c["ffn"], c["groups"], c["params"]
+
+    reference = trained["history"][0]["search"]
+    losses = {shape(c): c["valid_loss"] for c in reference["candidates"]}
+    for rank in run_distributed(_layouts_worker, 2, tiny_dataset):
+        for layout, found in rank.items():
+            assert shape(found["candidates"][found["chosen"]]) == shape(reference["candidates"][reference["chosen"]])
+            if layout == (1, 2):
+                assert [shape(c) for c in found["candidates"]] == list(losses), layout
+            for c in found["candidates"]:
+                assert c["groups"] % layout[0] == 0, layout
+                if shape(c) in losses:
+                    assert c["valid_loss"] == pytest.approx(losses[shape(c)], rel=1e-4), layout
