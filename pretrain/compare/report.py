@@ -346,12 +346,9 @@ def _plots(out: str, results: dict, seeds: list[int], family: Family = TRAINED) 
                 xs = [c[axis] + offset for c in points]
                 ax.plot(xs, [c["test_loss"] for c in points], color=f"C{i}", alpha=0.8,
                         label=run if s == seeds[0] else None, marker="." if run == "parent" else None)
-        ax.set_xlabel("training tokens (position in the data)" if axis == "tokens" else
-                      "training FLOPs (actual; A and C include the parent's)" if family.name == "trained" else
-                      "training FLOPs (actual, teacher included; the parent is free)")
-        ax.set_ylabel("test loss")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _label(ax, "training tokens (position in the data)" if axis == "tokens" else
+               "training FLOPs (actual; A and C include the parent's)" if family.name == "trained" else
+               "training FLOPs (actual, teacher included; the parent is free)", "test loss")
         paths[f"test loss vs {axis}"] = _save(fig, out, f"test_loss_vs_{axis}.png")
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -369,28 +366,14 @@ def _plots(out: str, results: dict, seeds: list[int], family: Family = TRAINED) 
                         label=f"{run} {kind}" if s == seeds[0] else None)
                 drawn = True
     if drawn:
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("kept fraction")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _label(ax, "tokens", "kept fraction")
         paths["pruning trajectory"] = _save(fig, out, "pruning_trajectory.png")
     plt.close(fig)
     found = [(s, results[("A", s)]["pruning"][-1]["kept_per_layer"]) for s in seeds
              if (results.get(("A", s)) or {}).get("status") == "ok" and results[("A", s)].get("pruning")]
     if found:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        for s, kept in found:
-            layers = range(len(kept["ffn"]))
-            axes[0].plot(layers, kept["ffn"], marker="o", label=f"seed {s} (hidden {kept['hidden']})")
-            axes[1].plot(layers, kept["heads"], marker="o", label=f"seed {s}")
-        axes[0].set_title("A's kept FFN channels per layer")
-        axes[1].set_title("A's kept query groups per layer")
-        for ax in axes:
-            ax.set_xlabel("layer")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        paths["found shape per seed"] = _save(fig, out, "found_shapes.png")
-        plt.close(fig)
+        paths["found shape per seed"] = _widths_plot(plt, out, "found_shapes.png", "A's ",
+                                                     [(f"seed {s}", kept) for s, kept in found])
     if family.name != "trained":
         paths.update(_imported_plots(out, results, seeds, plt))
     return paths
@@ -404,19 +387,8 @@ def _imported_plots(out: str, results: dict, seeds: list[int], plt) -> dict:
     shapes = [(run, s, event["kept_per_layer"]) for run in PRUNED_REAL
               for s in seeds[:1] if (event := _found(results, run, s)) and event.get("kept_per_layer")]
     if shapes:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for i, (run, s, kept) in enumerate(shapes):
-            layers = range(len(kept["ffn"]))
-            axes[0].plot(layers, kept["ffn"], marker=".", color=f"C{i}", label=f"{run} (hidden {kept['hidden']})")
-            axes[1].plot(layers, kept["heads"], marker=".", color=f"C{i}", label=run)
-        axes[0].set_title(f"kept FFN channels per layer (seed {seeds[0]})")
-        axes[1].set_title(f"kept query groups per layer (seed {seeds[0]})")
-        for ax in axes:
-            ax.set_xlabel("layer")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        paths["found shape per arm"] = _save(fig, out, "found_shapes_per_arm.png")
-        plt.close(fig)
+        paths["found shape per arm"] = _widths_plot(plt, out, "found_shapes_per_arm.png", f"seed {seeds[0]}: ",
+                                                    [(run, kept) for run, _, kept in shapes])
 
     def mean_point(run: str) -> tuple[float, float] | None:
         done = [r for s in seeds if (r := results.get((run, s))) and r.get("status") == "ok"
@@ -439,13 +411,35 @@ def _imported_plots(out: str, results: dict, seeds: list[int], plt) -> dict:
     if drawn:
         if start:
             ax.axhline(start[1], color="gray", linewidth=0.8, linestyle=":", label="parent")
-        ax.set_xlabel("training FLOPs (actual, teacher included; the parent is free)")
-        ax.set_ylabel("tasks: average score (mean over seeds)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _label(ax, "training FLOPs (actual, teacher included; the parent is free)",
+               "tasks: average score (mean over seeds)")
         paths["tasks vs FLOPs"] = _save(fig, out, "tasks_vs_flops.png")
     plt.close(fig)
     return paths
+
+
+def _widths_plot(plt, out: str, name: str, title: str, curves: list[tuple[str, dict]]) -> str:
+    """Kept FFN channels and query groups per layer, one line per (label, ``kept_per_layer``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (label, kept) in enumerate(curves):
+        layers = range(len(kept["ffn"]))
+        axes[0].plot(layers, kept["ffn"], marker=".", color=f"C{i}", label=f"{label} (hidden {kept['hidden']})")
+        axes[1].plot(layers, kept["heads"], marker=".", color=f"C{i}", label=label)
+    axes[0].set_title(f"{title}kept FFN channels per layer")
+    axes[1].set_title(f"{title}kept query groups per layer")
+    for ax in axes:
+        _label(ax, "layer")
+    path = _save(fig, out, name)
+    plt.close(fig)
+    return path
+
+
+def _label(ax, xlabel: str, ylabel: str | None = None) -> None:
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def _save(fig, out: str, name: str) -> str:
