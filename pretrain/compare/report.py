@@ -265,24 +265,23 @@ def _stability_lines(results: dict, seeds: list[int]) -> list[str]:
     """The shape A found per seed, and how much it varies (bench/seed_stability.py's measures).
     Each seed has its own parent, so which groups survive cannot be compared across seeds; their
     numbers per layer can."""
-    found = [(s, results[("A", s)]) for s in seeds if results.get(("A", s), {}).get("status") == "ok"
-             and results[("A", s)].get("pruning")]
+    found = [(s, event) for s in seeds if (event := _found(results, "A", s))]
     if not found:
         return []
     lines = ["Found shape per seed (last pruning event: kept query groups / FFN channels per layer, hidden):", ""]
     per_layer_ffn = []
-    for s, r in found:
-        kept = r["pruning"][-1]["kept_per_layer"]
+    for s, event in found:
+        kept = event["kept_per_layer"]
         alive = [i for i, a in enumerate(kept["layers"]) if a]
         lines.append(f"- seed {s}: " + " ".join(f"{kept['heads'][i]}/{kept['ffn'][i]}" for i in alive)
-                     + f", hidden {kept['hidden']}; kept heads {r['pruning'][-1].get('heads', 0):.0%}, "
-                       f"FFN {r['pruning'][-1].get('ffn', 0):.0%}, hidden {r['pruning'][-1].get('hidden', 0):.0%}")
+                     + f", hidden {kept['hidden']}; kept heads {event.get('heads', 0):.0%}, "
+                       f"FFN {event.get('ffn', 0):.0%}, hidden {event.get('hidden', 0):.0%}")
         per_layer_ffn.append([kept["ffn"][i] for i in alive])
     if len(found) > 1 and len({len(x) for x in per_layer_ffn}) == 1:
         spread = [statistics.pstdev(col) for col in zip(*per_layer_ffn)]
         lines.append(f"- per-layer FFN width std across seeds: {' '.join(f'{x:.1f}' for x in spread)}")
         for kind in ("heads", "ffn", "hidden"):
-            values = [r["pruning"][-1].get(kind, 0) for _, r in found]
+            values = [event.get(kind, 0) for _, event in found]
             lines.append(f"- kept {kind}: mean {statistics.mean(values):.3f}, std {statistics.pstdev(values):.3f}")
     return lines + [""]
 
@@ -369,11 +368,9 @@ def _plots(out: str, results: dict, seeds: list[int], family: Family = TRAINED) 
         _label(ax, "tokens", "kept fraction")
         paths["pruning trajectory"] = _save(fig, out, "pruning_trajectory.png")
     plt.close(fig)
-    found = [(s, results[("A", s)]["pruning"][-1]["kept_per_layer"]) for s in seeds
-             if (results.get(("A", s)) or {}).get("status") == "ok" and results[("A", s)].get("pruning")]
+    found = [(f"seed {s}", event["kept_per_layer"]) for s in seeds if (event := _found(results, "A", s))]
     if found:
-        paths["found shape per seed"] = _widths_plot(plt, out, "found_shapes.png", "A's ",
-                                                     [(f"seed {s}", kept) for s, kept in found])
+        paths["found shape per seed"] = _widths_plot(plt, out, "found_shapes.png", "A's ", found)
     if family.name != "trained":
         paths.update(_imported_plots(out, results, seeds, plt))
     return paths

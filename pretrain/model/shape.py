@@ -156,9 +156,18 @@ class ModelShape:
         return self.layer_cost(groups, ffn, hidden_kept) * masks.layers.long()
 
     def _count(self, masks: GroupMasks, hidden_kept: int) -> int:
+        return self._with_layers(hidden_kept, int(self._layer_costs(masks, hidden_kept).sum()))
+
+    def _with_layers(self, hidden_kept: int, layers: int) -> int:
+        """The whole model's parameters, given its layers' (embedding, output layer, final norm added)."""
         embedding, output = self.vocab_cost(hidden_kept)
         final_norm = hidden_kept
-        return embedding + output + final_norm + int(self._layer_costs(masks, hidden_kept).sum())
+        return embedding + output + final_norm + layers
+
+    def homogeneous_parameter_count(self, num_layers: int, groups: int, ffn: int, hidden: int) -> int:
+        """Parameters of ``num_layers`` layers that each keep ``groups`` query groups and ``ffn``
+        channels, and ``hidden`` channels: ``parameter_count`` of any masks with these widths."""
+        return self._with_layers(hidden, num_layers * int(self.layer_cost(groups, ffn, hidden)))
 
     def parameter_count(self, masks: GroupMasks) -> int:
         """Parameters of the model these masks describe once shrunk."""

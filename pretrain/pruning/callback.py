@@ -369,12 +369,10 @@ class PruningCallback(Callback):
             raise ConfigError(f"--prune-allocation search: no homogeneous shape of the search space is at or under "
                               f"{target:,} parameters; raise --prune-search-max-width-pruning or use smaller divisors")
         batches = trainer.config.train.eval_iters
-        scored = []
-        for candidate in listed:
-            trial = search.apply(self.masks, self.ema, candidate)
-            loss = loss_under_masks(trainer, self.shape, self.masks, trial,
-                                    lambda: trainer.score_on_validation(batches))
-            scored.append({**candidate.as_dict(), "valid_loss": loss})
+        trials = [search.apply(self.masks, self.ema, candidate) for candidate in listed]
+        scored = [{**candidate.as_dict(), "valid_loss": loss_under_masks(
+            trainer, self.shape, self.masks, trial, lambda: trainer.score_on_validation(batches))}
+            for candidate, trial in zip(listed, trials)]
         best = min(range(len(scored)), key=lambda i: (not scored[i]["valid_loss"] < float("inf"),
                                                       scored[i]["valid_loss"], i))
         logger = next((c for c in trainer.callbacks if c.name == "logging"), None)
@@ -386,7 +384,7 @@ class PruningCallback(Callback):
                   f"{batches} validation batches; chosen hidden {scored[best]['hidden']}, FFN {scored[best]['ffn']}, "
                   f"query groups {scored[best]['groups']} (validation loss {scored[best]['valid_loss']:.4f})",
                   flush=True)
-        return search.apply(self.masks, self.ema, listed[best]), {"candidates": scored, "chosen": best}
+        return trials[best], {"candidates": scored, "chosen": best}
 
     def _warn_event_skipped(self, iteration: int, problem: str) -> None:
         """A table that cannot rank the groups is never a choice (the solver would pick by its

@@ -82,30 +82,17 @@ def candidates(shape: ModelShape, masks: GroupMasks, target_params: int, setting
             return [kept]
         return [c for c in axis_choices(size, divisor, settings.max_width_pruning) if c <= kept] or [kept]
 
+    layers = int(masks.layers.sum())
     found = []
     for h, f, g in itertools.product(axis("hidden", shape.hidden, hidden, settings.hidden_divisor),
                                      axis("ffn", shape.ffn, ffn, settings.ffn_divisor),
                                      axis("heads", shape.num_groups, groups, settings.group_unit)):
-        params = shape.parameter_count(_counts_as_masks(masks, h, f, g))
+        # every alive layer keeps at least these widths (``_kept``), so each ends with exactly them
+        params = shape.homogeneous_parameter_count(layers, g, f, h)
         if params <= target_params:
             found.append(Candidate(h, f, g, params))
     found.sort(key=lambda c: (-c.params, -c.hidden, -c.ffn, -c.groups))
     return found[:settings.top_k]
-
-
-def _counts_as_masks(masks: GroupMasks, hidden: int, ffn: int, groups: int) -> GroupMasks:
-    """Any masks with these widths (for counting parameters: the count depends on the widths only)."""
-    def first(kept: torch.Tensor, count: int) -> torch.Tensor:
-        out = torch.zeros_like(kept)
-        out[torch.nonzero(kept).flatten()[:count]] = True
-        return out
-
-    new = masks.clone()
-    new.hidden = first(masks.hidden, hidden)
-    for layer in torch.nonzero(masks.layers).flatten().tolist():
-        new.ffn[layer] = first(masks.ffn[layer], ffn)
-        new.heads[layer] = first(masks.heads[layer], groups)
-    return new
 
 
 def _most_important(scores: torch.Tensor, kept: torch.Tensor, count: int) -> torch.Tensor:
