@@ -8,6 +8,11 @@ a folder whose manifest is missing or does not match the files on disk (missing,
 corrupted at the same size: the CRC-32 differs) is refused (``verify_checkpoint``). Retention
 (``prune_old_checkpoints``) only ever deletes checkpoints older than the one just written, and
 counts only valid ones towards the number kept.
+
+A rename is only as durable as what it renames: every file and folder is synced to the disk
+before the rename that publishes it (``sync_file`` as each file is described for the manifest,
+``_sync_folders`` just before the rename), so a power cut after the ``latest`` pointer moved (and
+retention deleted the older checkpoint) cannot leave a published checkpoint with empty files.
 """
 
 from __future__ import annotations
@@ -87,10 +92,15 @@ def staging_folder(save: str) -> str:
 
 
 def publish_folder(tmp: str, save: str) -> None:
-    """Rename the finished staging folder to ``save`` (which may be an empty folder the user made)."""
+    """Rename the finished staging folder to ``save`` (which may be an empty folder the user made),
+    its files and folders synced to the disk first."""
+    for rel in _files_of(tmp, every=True):
+        sync_file(os.path.join(tmp, rel))
+    _sync_folders(tmp)
     if os.path.isdir(save):
         os.rmdir(save)
     os.replace(tmp, save)
+    _fsync_dir(os.path.dirname(os.path.abspath(save)))
 
 
 @contextlib.contextmanager
@@ -150,15 +160,33 @@ def is_disk_full(err: BaseException, tmp: str) -> bool:
 
 # --- manifest and checksums ----------------------------------------------------------------------
 
-def _files_of(folder: str) -> list[str]:
-    """Every file under ``folder`` but the manifest, as sorted relative paths."""
+def _files_of(folder: str, every: bool = False) -> list[str]:
+    """Every file under ``folder`` but the manifest (``every``: the manifest too), as sorted
+    relative paths."""
     files = []
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), folder)
-            if rel != MANIFEST:
+            if every or rel != MANIFEST:
                 files.append(rel)
     return sorted(files)
+
+
+def sync_file(path: str) -> None:
+    """Flush ``path``'s data to the disk (``fsync``; whichever descriptor names the file, and
+    cheap for a file its writer synced already)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folders(folder: str) -> None:
+    """Sync ``folder`` and every folder under it, deepest first: their entries (the names of the
+    files just written) reach the disk before ``folder`` is renamed into place."""
+    for dirpath, _, _ in sorted(os.walk(folder), key=lambda entry: -entry[0].count(os.sep)):
+        _fsync_dir(dirpath)
 
 
 def file_crc32(path: str) -> str:
@@ -172,9 +200,15 @@ def file_crc32(path: str) -> str:
 
 
 def _describe_files(folder: str, names: list[str], checksums: dict[str, str] | None = None) -> dict[str, dict]:
+    """Size and CRC-32 of each file (from ``checksums`` where given), each synced to the disk: the
+    manifest that vouches for a file is written only once the file is durable."""
     checksums = checksums or {}
-    return {rel: {"size": os.path.getsize(os.path.join(folder, rel)),
-                  "crc32": checksums.get(rel) or file_crc32(os.path.join(folder, rel))} for rel in names}
+    files = {}
+    for rel in names:
+        path = os.path.join(folder, rel)
+        sync_file(path)
+        files[rel] = {"size": os.path.getsize(path), "crc32": checksums.get(rel) or file_crc32(path)}
+    return files
 
 
 def describe_files_collectively(folder: str) -> dict[str, dict]:
@@ -310,6 +344,7 @@ def publish_checkpoint(root: str, iteration: int, tmp: str, world_size: int = 1,
         files = _describe_files(tmp, _files_of(tmp), checksums)
     manifest = {"iteration": iteration, "files": files, "world_size": world_size, "checksum": "crc32"}
     atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+    _sync_folders(tmp)
     replaced = None
     if os.path.exists(final):  # re-saving an iteration (e.g. after a resume): replace it
         replaced = f"{final}.replaced-{os.getpid()}"

@@ -139,6 +139,61 @@ def test_a_checkpoint_this_process_published_is_not_hashed_again(tmp_path, monke
     assert hashed
 
 
+def _record_syncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
+    """[("sync", path) / ("rename", source)] in the order the publishing code issued them."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(a))) or real_replace(a, b))
+    return events
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
+    """A rename is only as durable as what it renames: before ``iter_N.tmp`` becomes ``iter_N``
+    (and ``latest`` moves, and retention deletes the older checkpoint), every file in it and every
+    folder of it, manifest included, was synced; a power cut cannot leave a published checkpoint
+    whose trainer_state.pt or rng files are empty. Before the fix only the DCP data files and the
+    manifest were."""
+    tmp = tmp_path / "iter_0000003.tmp"
+    (tmp / "model_optim").mkdir(parents=True)
+    (tmp / "rng").mkdir()
+    (tmp / "model_optim" / "a.distcp").write_bytes(b"x" * 100)
+    (tmp / "model_optim" / "common.pt").write_bytes(b"c" * 10)
+    (tmp / "rng" / "rank_0.pt").write_bytes(b"r" * 10)
+    (tmp / "trainer_state.pt").write_bytes(b"y" * 10)
+    events = _record_syncs_and_renames(monkeypatch)
+    ckpt.publish_checkpoint(str(tmp_path), 3, str(tmp))
+    published = events.index(("rename", str(tmp)))
+    synced = {path for kind, path in events[:published] if kind == "sync"}
+    files = ["model_optim/a.distcp", "model_optim/common.pt", "rng/rank_0.pt", "trainer_state.pt"]
+    assert {str(tmp / f) for f in files} <= synced, synced
+    assert any(path.startswith(str(tmp / "manifest.json")) for path in synced)  # under its temporary name
+    assert {str(tmp), str(tmp / "model_optim"), str(tmp / "rng")} <= synced, synced
+    # the folder's own entry (the manifest's name) is synced after the manifest is in it
+    manifest_renamed = max(i for i, (kind, path) in enumerate(events) if kind == "rename" and "manifest" in path)
+    assert ("sync", str(tmp)) in events[manifest_renamed:published]
+
+
+def test_an_output_folder_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
+    """The same for the tools' whole output folders (``staged_output``: an HF export, a shrunk or
+    converted dataset): synced files and folders, then the rename, then the parent folder."""
+    from pretrain.checkpoint.atomic import staged_output
+
+    save = tmp_path / "out"
+    events = _record_syncs_and_renames(monkeypatch)
+    with staged_output(str(save)) as tmp:
+        os.makedirs(os.path.join(tmp, "sub"))
+        Path(tmp, "sub", "weights.bin").write_bytes(b"w" * 100)
+        Path(tmp, "config.json").write_text("{}")
+    published = events.index(("rename", tmp))
+    synced = {path for kind, path in events[:published] if kind == "sync"}
+    assert {os.path.join(tmp, "sub", "weights.bin"), os.path.join(tmp, "config.json"), tmp,
+            os.path.join(tmp, "sub")} <= synced, synced
+    assert ("sync", str(tmp_path)) in events[published:]
+    assert (save / "sub" / "weights.bin").read_bytes() == b"w" * 100
+
+
 def test_failed_save_removes_tmp_and_keeps_the_previous(tmp_path, monkeypatch):
     """A disk that fills during a save: one clear message, no .tmp left, latest unchanged."""
     _publish_fake(tmp_path, 10)
