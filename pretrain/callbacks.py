@@ -99,11 +99,12 @@ class EvalCallback(Callback):
     name = "eval"
 
     def __init__(self, eval_interval: int, eval_iters: int, logger: LoggingCallback | None = None,
-                 tasks: "TaskEvaluation | None" = None):
+                 tasks: "TaskEvaluation | None" = None, tasks_interval: int | None = None):
         self.eval_interval = eval_interval
         self.eval_iters = eval_iters
         self.logger = logger
-        self.tasks = tasks  # --eval-tasks: scored wherever the held-out loss is
+        self.tasks = tasks  # --eval-tasks: scored where the held-out loss is, at the end and ...
+        self.tasks_interval = tasks_interval  # ... every this many iterations (None: every evaluation; 0: none)
         self.last_loss: float | None = None
         self.last_test_loss: float | None = None
         self.last_benchmarks: dict | None = None  # the record of the last --eval-tasks scoring
@@ -113,11 +114,12 @@ class EvalCallback(Callback):
         at_end = it == trainer.total_iters
         validate = bool(self.eval_interval) and (it % self.eval_interval == 0 or at_end)
         if validate or (trainer.has_test_set and at_end):
-            self.evaluate_now(trainer, validate)
+            tasks = at_end or self.tasks_interval is None or bool(self.tasks_interval and it % self.tasks_interval == 0)
+            self.evaluate_now(trainer, validate, tasks)
 
-    def evaluate_now(self, trainer: Trainer, validate: bool = True) -> dict:
-        """Validation (when ``validate``) and the test set, at the trainer's current iteration:
-        printed, to tensorboard and a line of ``evals.jsonl``."""
+    def evaluate_now(self, trainer: Trainer, validate: bool = True, tasks: bool = True) -> dict:
+        """Validation (when ``validate``), the test set and (when ``tasks``) the --eval-tasks, at the
+        trainer's current iteration: printed, to tensorboard and a line of ``evals.jsonl``."""
         it = trainer.state.iteration
         record = {}
         if validate:
@@ -135,7 +137,7 @@ class EvalCallback(Callback):
                 print(f"test at iteration {it} | loss {loss:.4f}", flush=True)
             if self.logger is not None:
                 self.logger.log_scalar("test/loss", loss, it)
-        if self.tasks is not None:
+        if self.tasks is not None and tasks:
             summary = self.tasks.evaluate(trainer)
             self.last_benchmarks = record["benchmarks"] = TaskEvaluation.record(summary)
             if is_rank0():

@@ -154,7 +154,7 @@ _SHRINK_FIELDS = ("shrink_at", "shrink_auto", "shrink_every_fraction", "shrink_t
 # fields of which a command gives one: giving one replaces the checkpoint's choice of the pair
 _ALTERNATIVES = (("target_params", "target_ratio"),)
 # --eval-tasks and its settings: a resumed run goes on scoring the same documents (``--eval-tasks none`` stops)
-_EVAL_TASKS = ("eval_tasks", "eval_tasks_limit", "eval_tasks_num_fewshot")
+_EVAL_TASKS = ("eval_tasks", "eval_tasks_limit", "eval_tasks_num_fewshot", "eval_tasks_interval")
 
 
 def keep_checkpoint_settings(cfg: PretrainConfig, state: dict, given: frozenset[str]) -> PretrainConfig:

@@ -53,6 +53,9 @@ class TrainConfig:
                                         at_least=1)
     eval_tasks_num_fewshot: int = flag(0, help="--eval-tasks: 0- or 5-shot requests (the benchmark data has these two)",
                                        at_least=0, at_most=5)
+    eval_tasks_interval: int | None = flag(None, help="--eval-tasks: score them at the evaluations of every N iterations "
+                                                      "(a multiple of --eval-interval) and at the end; 0: at the end "
+                                                      "only (default: at every evaluation)", at_least=0)
     log_interval: int = flag(10, at_least=1)
     exit_interval: int | None = flag(None, help="save and exit at this iteration", at_least=1)
     dry_run: bool = flag(False, help="build everything, print the plan, exit")
@@ -82,6 +85,10 @@ class TrainConfig:
         require(self.max_skipped_nonfinite_steps >= 0, "--max-skipped-nonfinite-steps must be >= 0")
         require(self.eval_tasks_num_fewshot in (0, 5), f"--eval-tasks-num-fewshot {self.eval_tasks_num_fewshot}: "
                 "use 0 or 5 (the benchmark data holds 0- and 5-shot requests)")
+        if self.eval_tasks_interval:  # the tasks are scored where the held-out loss is evaluated
+            require(self.eval_interval > 0 and self.eval_tasks_interval % self.eval_interval == 0,
+                    f"--eval-tasks-interval {self.eval_tasks_interval}: the tasks are scored at evaluations, so it "
+                    f"must be a multiple of --eval-interval ({self.eval_interval}); or 0 to score them at the end only")
 
     @property
     def scores_tasks(self) -> bool:

@@ -186,7 +186,8 @@ def build_callbacks(cfg: PretrainConfig, layout: dict, vocab_size: int, extra_ca
         tasks = TaskEvaluation(task_docs, tokenizer, max_length(cfg.model), real_vocab,
                                cfg.train.eval_tasks_num_fewshot, cfg.train.eval_tasks_limit,
                                batch_size=max(8, cfg.train.micro_batch_size))
-    callbacks = [logger, EvalCallback(cfg.train.eval_interval, cfg.train.eval_iters, logger, tasks),
+    callbacks = [logger, EvalCallback(cfg.train.eval_interval, cfg.train.eval_iters, logger, tasks,
+                                      cfg.train.eval_tasks_interval),
                  *extra_callbacks]
     if cfg.prune.enabled:
         callbacks.insert(0, _pruning_callback(cfg, vocab_size))

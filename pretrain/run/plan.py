@@ -78,7 +78,8 @@ def _plan(cfg: PretrainConfig, layout: dict, vocab_size: int, counts: dict, num_
         f"load {cfg.checkpoint.load}",
     ]
     if t.scores_tasks:
-        where = f"every {t.eval_interval} iterations and at the end" if t.eval_interval else "at the end"
+        every = t.eval_interval if t.eval_tasks_interval is None else t.eval_tasks_interval
+        where = f"every {every} iterations and at the end" if every else "at the end"
         lines.append(f"benchmarks: {t.eval_tasks}, {t.eval_tasks_num_fewshot}-shot, "
                      + (f"the first {t.eval_tasks_limit} documents of each" if t.eval_tasks_limit else "every document")
                      + f", scored on the training model {where} (--eval-tasks)")

@@ -72,6 +72,10 @@ CASES = [
     BadInput("train-eval-tasks-limit-zero",
              lambda d, f: _train(f, "--eval-interval", "1", "--eval-tasks", "boolq", "--eval-tasks-limit", "0"),
              message=r"--eval-tasks-limit 0: must be >= 1"),
+    BadInput("train-eval-tasks-interval-not-a-multiple",
+             lambda d, f: _train(f, "--eval-interval", "2", "--eval-tasks", "boolq", "--eval-tasks-interval", "3"),
+             message=r"--eval-tasks-interval 3: the tasks are scored at evaluations, so it must be a multiple of "
+                     r"--eval-interval \(2\); or 0 to score them at the end only"),
     BadInput("train-eval-tasks-without-tokenizer",
              lambda d, f: python("-m", "pretrain", "--model", "debug", "--seq-length", "32", "--mock-data",
                                  "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2",

@@ -6,6 +6,7 @@ scored by tools/evaluate.py's path. Config-time refusals: tests/bad_inputs/cases
 import dataclasses
 import json
 import os
+import types
 
 import pytest
 
@@ -70,3 +71,49 @@ def test_eval_tasks_score_the_training_model_and_change_nothing(tiny_dataset, tm
         for metric in ("acc", "acc_norm", "score"):
             steps = [e.step for e in events.Scalars(f"benchmarks/{name}/{metric}")]
             assert steps == [2, 4], (name, metric, tags)
+
+
+class _CountingTasks:
+    """Stands for TaskEvaluation: records the iterations it is scored at."""
+
+    def __init__(self):
+        self.scored_at = []
+
+    def evaluate(self, trainer):
+        self.scored_at.append(trainer.state.iteration)
+        return {"tasks": {}, "num_fewshot": 0, "seconds": 0.0}
+
+
+class _Trainer:
+    def __init__(self, total_iters: int, test_set: bool):
+        self.state = types.SimpleNamespace(iteration=0, tokens_seen=0)
+        self.total_iters, self.has_test_set = total_iters, test_set
+        self.validated_at = []
+
+    def evaluate(self, iters):
+        self.validated_at.append(self.state.iteration)
+        return 1.0
+
+    def evaluate_test(self, iters):
+        return 1.0
+
+
+@pytest.mark.parametrize("total, eval_interval, tasks_interval, test_set, validated, scored", [
+    (8, 2, None, False, [2, 4, 6, 8], [2, 4, 6, 8]),  # default: at every evaluation
+    (8, 2, 4, False, [2, 4, 6, 8], [4, 8]),
+    (7, 2, 4, False, [2, 4, 6, 7], [4, 7]),  # and at the end, whatever its iteration
+    (8, 2, 0, False, [2, 4, 6, 8], [8]),  # 0: at the end only
+    (8, 0, 0, True, [], [8]),  # no validation interval: the test set's evaluation at the end
+])
+def test_eval_tasks_interval_chooses_which_evaluations_score_the_tasks(total, eval_interval, tasks_interval, test_set,
+                                                                       validated, scored):
+    """--eval-tasks-interval: the held-out loss is evaluated as before, the tasks (minutes each on a
+    CPU) only at the evaluations of every N iterations and at the end."""
+    from pretrain.callbacks import EvalCallback
+
+    tasks, trainer = _CountingTasks(), _Trainer(total, test_set)
+    callback = EvalCallback(eval_interval, 1, None, tasks, tasks_interval)
+    for it in range(1, total + 1):
+        trainer.state.iteration = it
+        callback.on_step_end(trainer, None)
+    assert trainer.validated_at == validated and tasks.scored_at == scored

@@ -69,6 +69,9 @@ def test_eval_tasks_are_kept_on_resume(monkeypatch):
     assert (cfg.train.eval_tasks, cfg.train.eval_tasks_limit, cfg.train.eval_tasks_num_fewshot) == ("paper", 50, 5)
     cfg = _resumed(monkeypatch, ["--eval-tasks", "none"], state)
     assert cfg.train.eval_tasks == "none" and not cfg.train.scores_tasks
+    state["config"]["train"]["eval_tasks_interval"] = 0  # scored at the end only: so on resume
+    assert _resumed(monkeypatch, [], state).train.eval_tasks_interval == 0
+    assert _resumed(monkeypatch, ["--eval-tasks-interval", "40"], state).train.eval_tasks_interval == 40
     assert _resumed(monkeypatch, [], _state()).train.eval_tasks is None  # a checkpoint without them: none
 
 

@@ -32,6 +32,7 @@ FROZEN = """
 --eval-interval 0
 --eval-iters 10
 --eval-tasks None
+--eval-tasks-interval None
 --eval-tasks-limit None
 --eval-tasks-num-fewshot 0
 --exit-interval None
