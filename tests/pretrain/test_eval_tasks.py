@@ -5,7 +5,6 @@ scored by tools/evaluate.py's path. Config-time refusals: tests/bad_inputs/cases
 
 import dataclasses
 import json
-import os
 import types
 
 import pytest
@@ -13,7 +12,6 @@ import pytest
 from tests.dist_helper import run_distributed
 from tests.pretrain.common import debug_config, full_params, losses_of
 
-pytestmark = [pytest.mark.distributed]
 TASKS, LIMIT = "arc_easy,boolq,hellaswag", 3
 
 
@@ -45,6 +43,7 @@ def train_worker(data, root):
             "reference": {n: (m["acc"], m["acc_norm"]) for n, m in ref["tasks"].items()}}
 
 
+@pytest.mark.distributed
 def test_eval_tasks_score_the_training_model_and_change_nothing(tiny_dataset, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
