@@ -105,6 +105,9 @@ class Family:
     sweep_run: dict
     opt_in: tuple
     early_sweeps: tuple  # swept before any run; the others after the first seed's non-late runs
+    # the arms the comparison's question turns on: every seed of these before the other runs
+    # (``Campaign.matched_token_order``), so that their seed spread is the first answer
+    decisive: tuple = ()
 
     @property
     def default_arms(self) -> tuple:
@@ -127,7 +130,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TRAINED = Family(name="trained", runs=RUNS, arms=ARMS, needs=NEEDS, sweep_of=SWEEP_OF, sweeps=SWEEPS,
                  sweep_run=SWEEP_RUN, opt_in=OPT_IN, early_sweeps=("parent", "A0"))
 IMPORTED = Family(name="imported", runs=REAL_RUNS, arms=REAL_ARMS, needs=REAL_NEEDS, sweep_of=REAL_SWEEP_OF,
-                  sweeps=REAL_SWEEPS, sweep_run={s: s for s in REAL_SWEEPS}, opt_in=(), early_sweeps=REAL_SWEEPS)
+                  sweeps=REAL_SWEEPS, sweep_run={s: s for s in REAL_SWEEPS}, opt_in=(), early_sweeps=REAL_SWEEPS,
+                  decisive=("A-KD", "M"))  # issue 28: pruning-aware with KD against Minitron
 
 
 def family_of(recipe: Recipe) -> Family:

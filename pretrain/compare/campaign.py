@@ -344,6 +344,14 @@ class Campaign:
         self.ctx.lrs[sweep] = chosen
 
     # ------------------------------------------------------------------ all of it
+    def matched_token_order(self) -> list[tuple[str, int]]:
+        """(run, seed) of every matched-token (not late) run, in the order they run: the decisive
+        arms (``Family.decisive``) seed by seed, then the other runs seed by seed."""
+        family = self.family
+        wanted = [r for r in family.runs if r in set(self.runs) and not family.late(r)]
+        return [(r, s) for s in self.seeds for r in wanted if r in family.decisive] + \
+            [(r, s) for s in self.seeds for r in wanted if r not in family.decisive]
+
     def run_all(self) -> None:
         self.load_results()
         family, first = self.family, self.seeds[0]
@@ -353,10 +361,11 @@ class Campaign:
                 self._sweep(sweep)
         # Every seed's matched-token runs before any late run (a -ii extension, B): the matched-token
         # table with its seed spread is the first answer a long campaign gives, one session at a time.
-        for seed in self.seeds:
-            for run in [r for r in family.runs if r in wanted and not family.late(r)]:
-                self.run_if_possible(run, seed)
-            if seed == first:  # B's sweeps need A's shape on the first seed
+        order = self.matched_token_order()
+        for i, (run, seed) in enumerate(order):
+            self.run_if_possible(run, seed)
+            if seed == first and all(s != first for _, s in order[i + 1:]):
+                # the first seed's runs are done: B's sweeps need A's shape on the first seed
                 for sweep in family.sweeps:
                     if sweep not in family.early_sweeps and any(family.sweep_of[r] == sweep for r in wanted) and \
                             self.ctx.results.get(("A", first), {}).get("status") == "ok":
