@@ -95,7 +95,8 @@ def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict
                 "cpu_seconds": (statistics.mean(r["cpu_seconds"] for r in ok.values())
                                 if all(r.get("cpu_seconds") is not None for r in ok.values()) else None),
                 "lr": any_ok["lr"],
-                "test_loss": dict(zip(("mean", "std"), _mean_std([r["test_loss"] for r in ok.values()]))),
+                "test_loss": {**dict(zip(("mean", "std"), _mean_std([r["test_loss"] for r in ok.values()]))),
+                              "seeds": len(ok)},
                 "test_loss_per_seed": {s: r["test_loss"] for s, r in ok.items()},
             })
             ref = _reference(family, run)
@@ -179,7 +180,8 @@ def _table(summary: dict, runs: list[str], ref: str, last_flops: str) -> list[st
             f"{_fmt_count(row['flops_actual'])} | {_fmt_count(row['flops_ideal'])} | "
             f"{_fmt_count(third)} | {row['wall_seconds']:.0f}"
             + (f" ({row['cpu_seconds']:.0f})" if row.get("cpu_seconds") is not None else "") + " | "
-            f"{loss['mean']:.4f} ± {loss['std']:.4f} | "
+            + (f"{loss['mean']:.4f} ± {loss['std']:.4f} ({loss['seeds']} seeds) | " if loss.get("seeds", 2) > 1
+               else f"{loss['mean']:.4f} (1 seed) | ")
             + (f"{diff['mean']:+.4f} | {diff[f'{ref}_better_in']}/{diff['seeds']} |" if diff else " | |"))
         if row["not_ok"]:
             lines.append(f"| | missing seeds: {row['not_ok']} | | | | | | | | | |")

@@ -47,6 +47,8 @@ def test_imported_report_has_every_pruned_arms_shape_and_the_task_curve(tmp_path
     assert "| M-CE | 1 | 901 | 75% | 50% | 75% | 2 2 | 64 32 |" in rows
     assert not any(row.startswith("| M-OBS | 1 ") for row in rows) and not any("scratch" in row for row in rows)
     assert "- M seed 1: chose 40 / 96 / 2 of 48 / 64 / 2 4.5000, 40 / 96 / 2 4.2500" in text
+    # the test loss says over how many seeds it is a mean: M-OBS and scratch finished one
+    assert "| 3.5000 ± 0.0000 (2 seeds) |" in text and "| 3.9000 (1 seed) |" in text and "| 5.0000 (1 seed) |" in text
     for png in ("found_shapes_per_arm.png", "tasks_vs_flops.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000 and f"({png})" in text, png
 
