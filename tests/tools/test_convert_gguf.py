@@ -38,6 +38,9 @@ CASES = {
     # hidden pruned to 40 with 3 heads of 16: not hidden / heads (llama.cpp's default head size)
     "hidden": dict(hidden=40, heads=3, groups=1, ffn=64, head_dim=16, layers=None),
     "qwen2": dict(hidden=64, heads=4, groups=2, ffn=128, head_dim=16, layers=None),
+    # a Qwen2 pruned per layer: q/k/v biases in llama.cpp's ``deci`` (its RoPE, not Qwen2's)
+    "per_layer_qwen2": dict(hidden=64, heads=4, groups=2, ffn=128, head_dim=16, layers=[(4, 2, 128), (2, 1, 64)],
+                            qkv_bias=True),
 }
 
 
@@ -68,11 +71,13 @@ def _hf_folder(case: str, folder: str, tokenizer_model: str, vocab: int = 1000) 
     else:
         shapes = [{"num_attention_heads": h, "num_query_groups": g, "ffn_hidden_size": f}
                   for h, g, f in c["layers"]] if c["layers"] else None
+        qwen2 = c.get("qkv_bias", False)  # Qwen2's RoPE base, no Llama 3 scaling, tied output
         model_cfg = ModelConfig(num_layers=len(shapes) if shapes else 2, hidden_size=c["hidden"],
                                 num_attention_heads=c["heads"], num_query_groups=c["groups"],
                                 ffn_hidden_size=c["ffn"], kv_channels=c["head_dim"], seq_length=256,
-                                untie_embeddings_and_output_weights=bool(shapes), layer_shapes=shapes,
-                                use_rope_scaling=bool(shapes), rope_scaling_factor=8.0, rotary_base=500000.0)
+                                untie_embeddings_and_output_weights=bool(shapes) and not qwen2, layer_shapes=shapes,
+                                use_rope_scaling=bool(shapes) and not qwen2, rope_scaling_factor=8.0,
+                                rotary_base=1000000.0 if qwen2 else 500000.0, add_qkv_bias=qwen2)
         os.makedirs(folder)
         config = hf_config_dict(model_cfg, vocab, {}, torch.float32)
         config["initializer_range"] = 0.15
@@ -83,6 +88,10 @@ def _hf_folder(case: str, folder: str, tokenizer_model: str, vocab: int = 1000) 
                 shutil.copyfile(os.path.join(REMOTE_CODE, file), os.path.join(folder, file))
         loaded = AutoConfig.from_pretrained(folder, trust_remote_code=True)
         model = AutoModelForCausalLM.from_config(loaded, trust_remote_code=True)
+        with torch.no_grad():  # biases that matter
+            for name, p in model.named_parameters():
+                if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                    p.normal_(0, 0.3)
         # the weights alone: transformers' save_pretrained re-validates the config and refuses 64 / 6
         save_file({k: v.contiguous() for k, v in model.state_dict().items()
                    if not (k == "lm_head.weight" and config["tie_word_embeddings"])},
@@ -203,7 +212,9 @@ def export_worker(tokenizer_model: str, root: str) -> dict:
         fields = {k: reader.fields[f"{arch}.{k}"].contents() for k in (
             "attention.head_count", "attention.head_count_kv", "feed_forward_length", "attention.key_length")}
         out[case] = {"summary": summary, "fields": fields, "f32": compare(f"{root}/{case}.gguf", f"{root}/{case}",
-                                                                          prompts, 1000)}
+                                                                          prompts, 1000),
+                     "biases": sum(t.name.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias"))
+                                   for t in reader.tensors)}
         out["text_ours"][case] = [tok.detokenize(p + g) for p, g in zip(prompts, out[case]["f32"]["greedy_ours"])]
         for dtype in {"uniform": ("q8_0", "f16", "bf16"), "per_layer": ("q8_0",)}.get(case, ()):
             low = export_gguf(f"{root}/{case}", f"{root}/{case}_{dtype}.gguf", dtype, progress=False)
@@ -252,6 +263,9 @@ def test_f16_and_bf16_load_and_stay_close(exported, dtype):
 def test_architectures_and_per_layer_arrays(exported):
     assert exported["uniform"]["summary"]["architecture"] == "llama"
     assert exported["qwen2"]["summary"]["architecture"] == "qwen2"
+    assert exported["per_layer_qwen2"]["summary"]["architecture"] == "deci"
+    assert exported["per_layer_qwen2"]["fields"]["attention.head_count"] == [4, 2]
+    assert exported["per_layer_qwen2"]["biases"] == 2 * 3  # q, k and v of each layer went into the file
     assert exported["hidden"]["summary"]["architecture"] == "llama"
     per_layer = exported["per_layer"]
     assert per_layer["summary"]["architecture"] == "deci"
