@@ -6,19 +6,28 @@ q/k row permutation; the result is a HF Llama state dict, its config and its tok
 dequantized GGUF computes: the quantization error is the GGUF's own, reported, not added to.
 Architectures and quantization types are checked from the file's header first, so an unsupported
 file is refused in a second, before anything is dequantized.
+
+transformers reads no ``deci`` file (llama.cpp's architecture for per-layer shapes, which our
+export writes for a model pruned per layer: ``pretrain.interop.gguf_export``), so those are read
+here (``read_deci_gguf``): the per-layer head, query-group and FFN arrays of the header, each tensor
+dequantized by the ``gguf`` package under the name our export gave it, the q/k rows put back in
+HF's order, the tokenizer through transformers (its GGUF tokenizer reader is architecture-free).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import tempfile
 
-from pretrain.interop.hf_config import ConversionError, model_config_from_hf
+from pretrain.config import ConfigError, ModelConfig
+from pretrain.interop.hf_config import ConversionError, hf_config_dict, model_config_from_hf
 from pretrain.model.memory import check_model_fits
 
-# GGUF general.architecture values that are Llama-family models our model computes
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# GGUF general.architecture values that are Llama-family models our model computes (deci: as our
+# export writes per-layer shapes, read by read_deci_gguf)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "deci")
 _PLAIN_TYPES = ("F32", "F16", "BF16", "F64")
 
 
@@ -68,7 +77,8 @@ def check_gguf(path: str) -> collections.Counter:
     architecture, types = gguf_header(path)
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(f"{path}: GGUF architecture {architecture!r} is not supported (supported: "
-                              f"{', '.join(SUPPORTED_ARCHITECTURES)}: Llama-family models such as Llama, SmolLM, Qwen2)")
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)}: Llama-family models such as Llama, SmolLM, Qwen2, "
+                              "and deci as our export writes per-layer shapes)")
     unknown = sorted(set(types) - supported_quantizations())
     if unknown:
         raise ConversionError(f"{path}: quantization type(s) {', '.join(unknown)} cannot be dequantized by the gguf "
@@ -92,6 +102,8 @@ def read_gguf(path: str) -> tuple[dict, dict, str, dict]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     types = check_gguf(path)
+    if gguf_header(path)[0] == "deci":
+        return read_deci_gguf(path, types)
     folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)  # the header only
@@ -110,4 +122,117 @@ def read_gguf(path: str) -> tuple[dict, dict, str, dict]:
     hf = config.to_dict()
     hf["architectures"] = [f"{type(model).__name__} (GGUF {name})"]
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return hf, state, tokenizer_dir, dict(types)
+
+
+def _deci_model(reader, path: str) -> ModelConfig:
+    """Our ModelConfig from a ``deci`` header: per-layer arrays of heads, query groups and FFN
+    widths (what our export writes), the Llama 3 RoPE factors if the file has them."""
+    import torch
+
+    from pretrain.interop.gguf_export import llama3_rope_factors  # lazy: the export pulls in the writer's imports
+
+    def field(key: str, default=None):
+        found = reader.fields.get(f"deci.{key}")
+        if found is None:
+            if default is None:
+                raise ConversionError(f"{path}: the deci header has no deci.{key}")
+            return default
+        return found.contents()
+
+    layers = int(field("block_count"))
+    widths = [field("attention.head_count"), field("attention.head_count_kv"), field("feed_forward_length")]
+    heads, groups, ffn = [w if isinstance(w, list) else [w] * layers for w in widths]
+    if not len(heads) == len(groups) == len(ffn) == layers:
+        raise ConversionError(f"{path}: the per-layer arrays have {len(heads)}, {len(groups)} and {len(ffn)} entries "
+                              f"for {layers} layers")
+    if any(g == 0 or h == 0 or f == 0 for h, g, f in zip(heads, groups, ffn)):
+        raise ConversionError(f"{path}: a layer without attention or FFN (deci's linear-attention or no-op blocks) "
+                              "is not a model ours computes; only per-layer widths are imported")
+    names = {t.name for t in reader.tensors}
+    hidden = int(field("embedding_length"))
+    model = ModelConfig(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=max(heads), num_query_groups=max(groups),
+        ffn_hidden_size=max(ffn), kv_channels=int(field("attention.key_length", hidden // max(heads))),
+        seq_length=min(int(field("context_length", 2048)), 2048),
+        max_position_embeddings=int(field("context_length", 2048)),
+        vocab_size=int(reader.tensors[[t.name for t in reader.tensors].index("token_embd.weight")].shape[1]),
+        untie_embeddings_and_output_weights="output.weight" in names,
+        rotary_base=float(field("rope.freq_base", 10000.0)),
+        norm_epsilon=float(field("attention.layer_norm_rms_epsilon", 1e-6)),
+        add_qkv_bias="blk.0.attn_q.bias" in names,
+        layer_shapes=[{"num_attention_heads": h, "num_query_groups": g, "ffn_hidden_size": f}
+                      for h, g, f in zip(heads, groups, ffn)])
+    if "rope_freqs.weight" in names:  # Llama 3 scaling, written as each frequency's divisor
+        factors = torch.from_numpy(_tensor(reader, "rope_freqs.weight").copy())
+        model = dataclasses.replace(model, use_rope_scaling=True, rope_scaling_factor=float(factors.max()))
+        if not torch.allclose(factors, llama3_rope_factors(model), rtol=1e-5):
+            raise ConversionError(f"{path}: rope_freqs are not Llama 3's RoPE scaling (the one scaling imported)")
+    try:
+        model.validate()
+    except ConfigError as err:
+        raise ConversionError(f"{path}: {err}") from None
+    return model
+
+
+def _tensor(reader, name: str):
+    """One tensor of the file, dequantized to fp32 numpy in its row-major (HF) shape."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    tensor = next(t for t in reader.tensors if t.name == name)
+    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.F64):
+        return np.asarray(tensor.data, dtype=np.float32)
+    return quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+
+
+def read_deci_gguf(path: str, types: collections.Counter) -> tuple[dict, dict, str, dict]:
+    """``read_gguf`` for a ``deci`` file (module docstring): the same four results."""
+    import gguf
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    from pretrain.interop.gguf_export import rope_pairs_halves  # lazy: as in _deci_model
+
+    reader = gguf.GGUFReader(path)
+    model = _deci_model(reader, path)
+    vocab = model.vocab_size
+    hf = hf_config_dict(model, vocab, {}, torch.float32)
+    _check_fits(hf, path)
+    tensor_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, model.num_layers)
+    stored = {t.name for t in reader.tensors}
+    state, used = {}, set()
+    hf_names = ["model.embed_tokens.weight", "model.norm.weight"] + \
+        (["lm_head.weight"] if model.untie_embeddings_and_output_weights else [])
+    for i in range(model.num_layers):
+        layer = f"model.layers.{i}."
+        hf_names += [layer + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                         "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                                         "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                                         "mlp.down_proj.weight")]
+        if model.add_qkv_bias:
+            hf_names += [layer + f"self_attn.{p}_proj.bias" for p in "qkv"]
+    widths = model.layer_widths()
+    for hf_name in hf_names:
+        name = tensor_names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name not in stored:
+            raise ConversionError(f"{path}: no tensor {name} ({hf_name}); the file is not a complete model")
+        t = torch.from_numpy(_tensor(reader, name).copy())
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+            groups, heads, _ = widths[int(hf_name.split(".")[2])]
+            t = rope_pairs_halves(t, heads if ".q_proj." in hf_name else groups)
+        state[hf_name] = t
+        used.add(name)
+    extra = sorted(stored - used - {"rope_freqs.weight"})
+    if extra:
+        raise ConversionError(f"{path}: tensors {', '.join(extra[:5])} are not part of a model ours computes")
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, NotImplementedError, OSError) as err:
+        raise ConversionError(f"{path}: transformers cannot read this GGUF's tokenizer ({type(err).__name__}: "
+                              f"{str(err)[:300]})") from None
+    tokenizer_dir = tempfile.mkdtemp(prefix="gguf_tokenizer_")
+    tokenizer.save_pretrained(tokenizer_dir)
+    hf["architectures"] = [f"PrunedLlamaForCausalLM (GGUF {name}, deci)"]
     return hf, state, tokenizer_dir, dict(types)

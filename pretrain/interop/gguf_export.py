@@ -221,6 +221,11 @@ def _rope_pairs_adjacent(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def rope_pairs_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of ``_rope_pairs_adjacent``: llama.cpp's q/k rows back in HF's order (a GGUF read back)."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def llama3_rope_factors(model: ModelConfig) -> torch.Tensor:
     """The ``rope_freqs`` tensor: llama.cpp divides each RoPE frequency by its factor; this is
     megatron-core's Llama 3 scaling of the same frequencies (as convert_hf_to_gguf.py computes it)."""
