@@ -27,6 +27,26 @@ def _gguf(path: Path, architecture: str, quantization: str = "F32") -> Path:
     return path
 
 
+def gguf_deci_linear_attention(d: Path, f: Fixtures) -> list[str]:
+    """A deci file (llama.cpp's per-layer architecture) whose second block is deci's linear
+    attention (query heads, no key/value heads): not a block our model computes."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(d / "model.gguf"), "deci")
+    writer.add_block_count(2)
+    writer.add_embedding_length(8)
+    writer.add_head_count([2, 2])
+    writer.add_head_count_kv([1, 0])
+    writer.add_feed_forward_length([16, 16])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tool("convert_from_hf.py", "--load", str(d / "model.gguf"), "--save", str(d / "out"))
+
+
 def gguf_other_architecture(d: Path, f: Fixtures) -> list[str]:
     return tool("convert_from_hf.py", "--load", str(_gguf(d / "model.gguf", "gpt2")), "--save", str(d / "out"))
 
@@ -50,6 +70,9 @@ def data_made_by_another_tokenizer(d: Path, f: Fixtures) -> list[str]:
 CASES: list[BadInput] = [
     BadInput("pretrained-gguf-other-architecture", gguf_other_architecture,
              message=r"model\.gguf: GGUF architecture 'gpt2' is not supported", leftovers=("out", "out.tmp")),
+    BadInput("pretrained-gguf-deci-linear-attention", gguf_deci_linear_attention,
+             message=r"model\.gguf: a layer without attention or FFN \(deci's linear-attention or no-op blocks\) is "
+                     r"not a model ours computes", leftovers=("out", "out.tmp")),
     BadInput("pretrained-gguf-unsupported-quantization", gguf_unsupported_quantization,
              message=r"model\.Q8_1\.gguf: quantization type\(s\) Q8_1 cannot be dequantized",
              leftovers=("out", "out.tmp")),
