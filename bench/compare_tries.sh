@@ -12,6 +12,8 @@
 # as before) and prints the test loss and kept fractions of each next to the arm's.
 set -euo pipefail
 CMP=${1:?the --out folder of tools/compare_baselines.py}
+[ -d "$CMP" ] || { echo "error: $CMP: no such folder (the --out of tools/compare_baselines.py)" >&2; exit 1; }
+CMP=$(cd "$CMP" && pwd)  # absolute, no trailing slash: as the paths in each run's command.sh
 SEED=${2:-0}
 ARM=${3:-A}
 shift $(( $# < 3 ? $# : 3 ))
@@ -45,12 +47,18 @@ if [ -n "$RELEASED" ]; then
         [allocation-search]="--prune-allocation search --prune-granularity uniform $M_SEARCH"  # Minitron's widths, chosen gradually
     )
     ORDER="window-half events-half saliency-fisher obs-each-event allocation-search"
+    if [ -z "$M_SEARCH" ]; then  # without M's search space the try would search another one than M's
+        unset 'FLAGS[allocation-search]'
+        ORDER="window-half events-half saliency-fisher obs-each-event"
+        echo "note: no M command in $CMP (M/seed*/ or sweep/M/): the allocation-search try needs M's search space; skipped" >&2
+    fi
     if grep -q -- "--kd-teacher" "$BASE/command.sh"; then
         FLAGS[kd-mixed]="--kd-weight 0.5"                              # half KL, half the language-model loss
         ORDER="$ORDER kd-mixed"
     fi
 else
     TRIES=$(dirname "$CMP")/tries/seed$SEED
+    [ "$ARM" = A ] || TRIES=$TRIES/$ARM  # A's tries where they always were; another arm's beside them
     FLAGS=(
         [ramp-cubic]="--prune-ramp cubic"
         [window-half]="--prune-end-tokens $HALF_WINDOW"
@@ -67,7 +75,15 @@ for name in $ORDER; do
     dir="$TRIES/$name"
     mkdir -p "$dir"
     if [ -f "$dir/done" ]; then continue; fi
-    sed -e "s|$BASE/|$dir/|g" -e "s|^    --load \"\$LOAD\"|    ${FLAGS[$name]} --load \"\$LOAD\"|" "$BASE/command.sh" > "$dir/command.sh"
+    base_pattern=$(printf '%s/' "$BASE" | sed 's/[][\.*^$|]/\\&/g')  # the arm's folder, literally
+    sed -e "s|$base_pattern|$dir/|g" -e "s|^    --load \"\$LOAD\"|    ${FLAGS[$name]} --load \"\$LOAD\"|" \
+        "$BASE/command.sh" > "$dir/command.sh"
+    # never a try that would write into the arm's own folders or run without its flags
+    if grep -qF -- "$BASE/" "$dir/command.sh" || ! grep -qF -- "$dir/ckpt" "$dir/command.sh" || \
+            ! grep -qF -- "${FLAGS[$name]} --load" "$dir/command.sh"; then
+        echo "error: could not rewrite $BASE/command.sh for try $name (its folders or the --load line differ from what this script expects); nothing was run" >&2
+        exit 1
+    fi
     echo "== try $name: ${FLAGS[$name]}"
     if [ -n "${DRY_RUN:-}" ]; then echo "   $dir/command.sh"; continue; fi
     bash "$dir/command.sh" > "$dir/log.txt" 2>&1 && touch "$dir/done" || echo "   failed: see $dir/log.txt"

@@ -113,10 +113,10 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer, tr
         lambda: _write_checkpoint_files(tmp, model_chunks, optimizer, trainer_state, local_state), tmp)
     try:
         files = describe_files_collectively(tmp)
-    except CheckpointError:
+    except CheckpointError as err:  # a file could not be read back or synced (a full disk, an I/O error)
         if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise CheckpointError(f"{err}. The incomplete {tmp} was removed; the previous checkpoint is kept") from None
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
     def publish() -> None:

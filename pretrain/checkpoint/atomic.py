@@ -18,6 +18,7 @@ retention deleted the older checkpoint) cannot leave a published checkpoint with
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -55,15 +56,26 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+# what a filesystem that cannot sync a folder answers (its entries are then as durable as it makes them)
+_CANNOT_SYNC_FOLDERS = (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM)
+
+
 def _fsync_dir(path: str) -> None:
+    """Sync a folder's entries to the disk; an error other than "this filesystem cannot" is
+    raised (naming the folder) like a file's."""
     try:
         fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    except OSError as err:
+        if err.errno in _CANNOT_SYNC_FOLDERS:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _CANNOT_SYNC_FOLDERS:
+            raise OSError(err.errno, err.strerror, path) from None
+    finally:
+        os.close(fd)
 
 
 # --- staging -------------------------------------------------------------------------------------
@@ -178,6 +190,8 @@ def sync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:  # fsync's error names no file: the callers' messages need it
+        raise OSError(err.errno, err.strerror, path) from None
     finally:
         os.close(fd)
 
@@ -206,8 +220,11 @@ def _describe_files(folder: str, names: list[str], checksums: dict[str, str] | N
     files = {}
     for rel in names:
         path = os.path.join(folder, rel)
+        # read first, then sync: on a shared filesystem another node's rank may have written the
+        # file, and reading it makes that node hand its cached pages to the server the sync commits
+        crc = checksums.get(rel) or file_crc32(path)
         sync_file(path)
-        files[rel] = {"size": os.path.getsize(path), "crc32": checksums.get(rel) or file_crc32(path)}
+        files[rel] = {"size": os.path.getsize(path), "crc32": crc}
     return files
 
 
@@ -219,8 +236,8 @@ def describe_files_collectively(folder: str) -> dict[str, dict]:
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     try:
         mine: dict | str = _describe_files(folder, names[this_rank()::world])
-    except OSError as err:
-        mine = f"rank {this_rank()}: cannot read back {folder} to checksum it ({err})"
+    except OSError as err:  # reading back or syncing (a full disk, an I/O error): the save failed
+        mine = f"rank {this_rank()}: {save_failure_message(err, folder)}"
     shares = [mine]
     if world > 1:
         shares = [None] * world

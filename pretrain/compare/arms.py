@@ -116,6 +116,13 @@ class Family:
     def late(self, run: str) -> bool:
         return run.startswith("B-") if self.name == "trained" else run.endswith("-ii")
 
+    def matched_token_order(self, runs: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+        """(run, seed) of every matched-token (not late) run of ``runs``, in the order a campaign
+        runs or submits them: the decisive arms seed by seed, then the other runs seed by seed."""
+        wanted = [r for r in self.runs if r in set(runs) and not self.late(r)]
+        return [(r, s) for s in seeds for r in wanted if r in self.decisive] + \
+            [(r, s) for s in seeds for r in wanted if r not in self.decisive]
+
     def submit_after(self, run: str, wanted: list[str]) -> list[str]:
         """What a run's job waits for: its needs, and for a late ``-ii`` run every earlier run of the seed
         (its budget is the most expensive pruned arm's)."""

@@ -345,12 +345,8 @@ class Campaign:
 
     # ------------------------------------------------------------------ all of it
     def matched_token_order(self) -> list[tuple[str, int]]:
-        """(run, seed) of every matched-token (not late) run, in the order they run: the decisive
-        arms (``Family.decisive``) seed by seed, then the other runs seed by seed."""
-        family = self.family
-        wanted = [r for r in family.runs if r in set(self.runs) and not family.late(r)]
-        return [(r, s) for s in self.seeds for r in wanted if r in family.decisive] + \
-            [(r, s) for s in self.seeds for r in wanted if r not in family.decisive]
+        """(run, seed) of every matched-token run, in the order they run (``Family.matched_token_order``)."""
+        return self.family.matched_token_order(self.runs, self.seeds)
 
     def run_all(self) -> None:
         self.load_results()

@@ -180,7 +180,7 @@ def _table(summary: dict, runs: list[str], ref: str, last_flops: str) -> list[st
             f"{_fmt_count(row['flops_actual'])} | {_fmt_count(row['flops_ideal'])} | "
             f"{_fmt_count(third)} | {row['wall_seconds']:.0f}"
             + (f" ({row['cpu_seconds']:.0f})" if row.get("cpu_seconds") is not None else "") + " | "
-            + (f"{loss['mean']:.4f} ± {loss['std']:.4f} ({loss['seeds']} seeds) | " if loss.get("seeds", 2) > 1
+            + (f"{loss['mean']:.4f} ± {loss['std']:.4f} ({loss['seeds']} seeds) | " if loss["seeds"] > 1
                else f"{loss['mean']:.4f} (1 seed) | ")
             + (f"{diff['mean']:+.4f} | {diff[f'{ref}_better_in']}/{diff['seeds']} |" if diff else " | |"))
         if row["not_ok"]:
@@ -197,7 +197,9 @@ def _imported_lines(recipe, seeds: list[int], summary: dict, results: dict, lrs:
                 if (results.get((r, s)) or {}).get("status") == "ok"}
         if done:
             top = max(done, key=done.get)
-            budgets.append(f"seed {s}: {_fmt_count(done[top])} ({top})")
+            # until every pruned arm of the seed finished, a later one may raise the budget
+            so_far = "" if len(done) == len(PRUNED_REAL) else f", so far: {len(done)} of {len(PRUNED_REAL)} pruned arms"
+            budgets.append(f"seed {s}: {_fmt_count(done[top])} ({top}{so_far})")
     base = [r for r in IMPORTED.runs if not IMPORTED.late(r)]
     late = [r for r in IMPORTED.runs if IMPORTED.late(r)]
     lines = [f"Seeds {seeds}; the parent is imported and free (its FLOPs are charged to no run); every arm starts "

@@ -85,7 +85,7 @@ class TrainConfig:
         require(self.max_skipped_nonfinite_steps >= 0, "--max-skipped-nonfinite-steps must be >= 0")
         require(self.eval_tasks_num_fewshot in (0, 5), f"--eval-tasks-num-fewshot {self.eval_tasks_num_fewshot}: "
                 "use 0 or 5 (the benchmark data holds 0- and 5-shot requests)")
-        if self.eval_tasks_interval:  # the tasks are scored where the held-out loss is evaluated
+        if self.scores_tasks and self.eval_tasks_interval:  # the tasks are scored where the held-out loss is evaluated
             require(self.eval_interval > 0 and self.eval_tasks_interval % self.eval_interval == 0,
                     f"--eval-tasks-interval {self.eval_tasks_interval}: the tasks are scored at evaluations, so it "
                     f"must be a multiple of --eval-interval ({self.eval_interval}); or 0 to score them at the end only")

@@ -399,9 +399,9 @@ class DeepSpeedEngine(Engine):
                     end = min(param.ds_numel, start + part)
                     if end > start:
                         local = param.ds_tensor.data.view(-1)[:end - start]
-                        local.mul_(mask.reshape(-1)[start:end].to(local.dtype))
+                        local.masked_fill_(~mask.reshape(-1)[start:end].to(local.device), 0)  # NaN-safe
                 else:
-                    param.data.mul_(mask)
+                    param.data.masked_fill_(~mask.to(param.device), 0)
 
 
 def checkpoint_pickle_globals() -> list:

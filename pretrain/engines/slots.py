@@ -42,23 +42,25 @@ def is_distributed(optimizer) -> bool:
 def zero_masked_state(optimizer, param_masks: dict) -> int:
     """Zero master weights and Adam moments of masked elements; returns elements touched.
 
-    Device-agnostic: each mask is moved to the device (and dtype) of the tensor it multiplies
-    (the fp32 master of a bf16 GPU parameter, or an offloaded optimizer state, may live elsewhere),
-    and the count is summed on the device and read once, not once per parameter."""
+    ``masked_fill_`` with the dropped elements, not a multiply by the mask: a NaN or inf there
+    becomes 0 too (0 * inf is NaN) and no float copy of the mask is made. Device-agnostic: the
+    dropped elements are moved to the device of the tensor they fill (the fp32 master of a bf16 GPU
+    parameter, or an offloaded optimizer state, may live elsewhere), and the count is summed on
+    the device and read once, not once per parameter."""
     engine = as_engine(optimizer)
     touched = None
     for slot in engine.param_slots():
         mask = param_masks.get(slot.param)
         if mask is None or slot.end <= slot.start:
             continue
-        flat = mask.reshape(-1)[slot.start:slot.end]
+        dropped = ~mask.reshape(-1)[slot.start:slot.end]
         if slot.main_param is not None:
-            slot.main_param.mul_(flat.to(device=slot.main_param.device, dtype=slot.main_param.dtype))
+            slot.main_param.masked_fill_(dropped.to(slot.main_param.device).view_as(slot.main_param), 0)
         for key, value in slot.state.items():
-            if key != "step" and isinstance(value, torch.Tensor) and value.numel() == flat.numel():
-                value.mul_(flat.to(device=value.device, dtype=value.dtype).view_as(value))
-        dropped = (~flat).sum()
-        touched = dropped if touched is None else touched + dropped.to(touched.device)
+            if key != "step" and isinstance(value, torch.Tensor) and value.numel() == dropped.numel():
+                value.masked_fill_(dropped.to(value.device).view_as(value), 0)
+        count = dropped.sum()
+        touched = count if touched is None else touched + count.to(touched.device)
     engine.mask_weights(param_masks)  # weights the engine partitions (ZeRO-3)
     return 0 if touched is None else int(touched)
 
@@ -70,4 +72,5 @@ def zero_masked_grads(optimizer, param_masks: dict) -> None:
     for slot in as_engine(optimizer).param_slots():
         mask = param_masks.get(slot.param)
         if mask is not None and slot.grad is not None and slot.end > slot.start:
-            slot.grad.mul_(mask.reshape(-1)[slot.start:slot.end].to(device=slot.grad.device, dtype=slot.grad.dtype))
+            dropped = ~mask.reshape(-1)[slot.start:slot.end]
+            slot.grad.masked_fill_(dropped.to(slot.grad.device).view_as(slot.grad), 0)  # NaN-safe, as above

@@ -72,6 +72,11 @@ def test_eval_tasks_are_kept_on_resume(monkeypatch):
     state["config"]["train"]["eval_tasks_interval"] = 0  # scored at the end only: so on resume
     assert _resumed(monkeypatch, [], state).train.eval_tasks_interval == 0
     assert _resumed(monkeypatch, ["--eval-tasks-interval", "40"], state).train.eval_tasks_interval == 40
+    # a kept interval is checked only while tasks are scored: stopping them with another
+    # --eval-interval is no conflict
+    state["config"]["train"]["eval_tasks_interval"] = 200
+    cfg = _resumed(monkeypatch, ["--eval-tasks", "none", "--eval-interval", "300"], state)
+    cfg.train.validate(1, cfg.model.seq_length)
     assert _resumed(monkeypatch, [], _state()).train.eval_tasks is None  # a checkpoint without them: none
 
 

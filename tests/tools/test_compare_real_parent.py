@@ -154,6 +154,10 @@ def test_gpu_real_sbatch_imports_the_parent_and_checks_every_flag_for_8_gpus(rea
     job = {line.split("--job-name=")[1].split()[0]: f"DRYRUN{i + 1}" for i, line in enumerate(lines)}
     assert len([n for n in job if n.startswith("cmp-sweep-")]) == 4 * 2  # A, M, parent-cont, scratch x 2 rates
     assert len(lines) == 8 + 14 * 3 + 1
+    # submitted as the campaign runs them: the deciding arms' seeds first, the -ii extensions last
+    runs = [n[len("cmp-"):] for n in job if not n.startswith(("cmp-sweep-", "cmp-report"))]
+    assert runs[:6] == ["A-KD:0", "M:0", "A-KD:1", "M:1", "A-KD:2", "M:2"], runs
+    assert all(r.split(":")[0].endswith("-ii") for r in runs[-6 * 3:]), runs
     extended = next(line for line in lines if "--job-name=cmp-M-CE-ii:1" in line)
     for need in ("A:1", "A-KD:1", "M:1", "M-CE:1", "M-OBS:1"):
         assert job[f"cmp-{need}"] in extended.split("--dependency=afterany:")[1].split()[0]

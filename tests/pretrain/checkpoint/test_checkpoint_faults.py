@@ -194,6 +194,56 @@ def test_an_output_folder_is_on_disk_before_it_is_published(tmp_path, monkeypatc
     assert (save / "sub" / "weights.bin").read_bytes() == b"w" * 100
 
 
+def _failing_fsync(monkeypatch, code: int, on: str) -> None:
+    """os.fsync fails with ``code`` for a descriptor whose path contains ``on``."""
+    real = os.fsync
+
+    def fsync(fd):
+        if on in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(code, os.strerror(code))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_sync_that_fails_is_the_save_s_failure_named_and_cleaned_up(tmp_path, monkeypatch):
+    """A checkpoint file whose sync fails (a full disk: ENOSPC; an I/O error) fails the save with
+    the disk-full advice or the error and the file named; the staging folder goes, the previous
+    checkpoint stays. A folder's sync that fails is raised too, except on a filesystem that cannot
+    sync folders at all (EINVAL)."""
+    from pretrain.checkpoint import atomic
+
+    _publish_fake(tmp_path, 2)
+    tmp = tmp_path / "iter_0000004.tmp"
+    (tmp / "model_optim").mkdir(parents=True)
+    (tmp / "trainer_state.pt").write_bytes(b"y" * 10)
+    _failing_fsync(monkeypatch, errno.ENOSPC, "trainer_state.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"rank 0: no space left on device while saving .*iter_0000004\.tmp"):
+        atomic.describe_files_collectively(str(tmp))
+    _failing_fsync(monkeypatch, errno.EIO, "trainer_state.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"Input/output error: '.*iter_0000004\.tmp/trainer_state\.pt'"):
+        atomic.describe_files_collectively(str(tmp))
+    _failing_fsync(monkeypatch, errno.EIO, "iter_0000004.tmp/model_optim")
+    with pytest.raises(OSError, match=r"Input/output error: '.*model_optim'"):
+        atomic._sync_folders(str(tmp))
+    _failing_fsync(monkeypatch, errno.EINVAL, "iter_0000004.tmp")
+    atomic._sync_folders(str(tmp))  # a filesystem without folder syncs: nothing to do
+    assert ckpt.find_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000002")
+
+
+def test_an_output_folder_whose_sync_fails_is_an_output_error(tmp_path, monkeypatch):
+    """A tool's output folder (``staged_output``): an I/O error on a sync is an OutputError naming
+    --save, not a bare OSError without a path; nothing is left."""
+    from pretrain.checkpoint.atomic import staged_output
+    from pretrain.errors import OutputError
+
+    save = tmp_path / "out"
+    _failing_fsync(monkeypatch, errno.EIO, "weights.bin")
+    with pytest.raises(OutputError, match=r"--save"):
+        with staged_output(str(save)) as tmp:
+            Path(tmp, "weights.bin").write_bytes(b"w" * 100)
+    assert not save.exists() and not Path(str(save) + ".tmp").exists()
+
+
 def test_failed_save_removes_tmp_and_keeps_the_previous(tmp_path, monkeypatch):
     """A disk that fills during a save: one clear message, no .tmp left, latest unchanged."""
     _publish_fake(tmp_path, 10)

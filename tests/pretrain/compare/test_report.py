@@ -49,6 +49,8 @@ def test_imported_report_has_every_pruned_arms_shape_and_the_task_curve(tmp_path
     assert "- M seed 1: chose 40 / 96 / 2 of 48 / 64 / 2 4.5000, 40 / 96 / 2 4.2500" in text
     # the test loss says over how many seeds it is a mean: M-OBS and scratch finished one
     assert "| 3.5000 ± 0.0000 (2 seeds) |" in text and "| 3.9000 (1 seed) |" in text and "| 5.0000 (1 seed) |" in text
+    # seed 1's budget is provisional while M-OBS has not finished: it could raise it
+    assert "seed 0: 5G (M-OBS); seed 1: 4G (M-CE, so far: 4 of 5 pruned arms)" in text
     for png in ("found_shapes_per_arm.png", "tasks_vs_flops.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000 and f"({png})" in text, png
 
