@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep import debian_docs
+from data_prep.durable import replace_durably, sync_folder
 from data_prep.text import duplicate_key
 
 DEFAULT_MIN_CHARS = 200
@@ -202,7 +203,8 @@ def write_jsonl(
             f.close()  # a full disk can show only here, when the last buffer is flushed
         if counts.documents and counts.characters >= min_total_chars:
             for (flag, path), tmp in zip(names, temporaries):
-                os.replace(tmp, path)
+                replace_durably(tmp, path)
+                sync_folder(os.path.dirname(os.path.abspath(path)))
     except OSError as err:  # a read-only or full disk, a file where the folder should be
         raise SystemExit(f"error: {flag} {path}: cannot write it ({err.strerror or err}); nothing was "
                          "written. Choose a writable folder with free space") from None

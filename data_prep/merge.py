@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_prep.durable import replace_durably, sync_folder
 from data_prep.indexed_dataset import (
     _HEADER_BYTES, INDEX_HEADER, INDEX_VERSION, DTYPE_CODES, DatasetError, DatasetManifest, IndexHeader,
     manifest_path, read_index_header, read_manifest, remove_stale_temporaries, tool_version, write_manifest,
@@ -248,13 +249,14 @@ def merge_datasets(prefixes: list[str], output_prefix: str, overwrite: bool = Fa
             os.remove(finals[1])  # --overwrite: no moment where the old .idx sits beside the new .bin
         if manifest is not None:
             write_manifest(tmp_json, manifest)
-            os.replace(tmp_bin, finals[0])
-            os.replace(tmp_json, finals[2])
+            replace_durably(tmp_bin, finals[0])
+            replace_durably(tmp_json, finals[2])
         else:
-            os.replace(tmp_bin, finals[0])
+            replace_durably(tmp_bin, finals[0])
             if os.path.exists(finals[2]):
                 os.remove(finals[2])  # an overwritten dataset's manifest would describe other data
-        os.replace(tmp_idx, finals[1])  # last: whoever finds the .idx finds the rest complete
+        replace_durably(tmp_idx, finals[1])  # last: whoever finds the .idx finds the rest complete (on disk too)
+        sync_folder(os.path.dirname(os.path.abspath(finals[1])))
     except BaseException as err:
         for path in (tmp_bin, tmp_idx, tmp_json):
             if os.path.exists(path):

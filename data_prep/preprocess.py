@@ -47,6 +47,7 @@ from data_prep.indexed_dataset import (
     DTYPE_CODES, INDEX_HEADER, DatasetManifest, SourceFile, file_sha256, manifest_path, remove_stale_temporaries,
     tool_version, write_manifest,
 )
+from data_prep.durable import replace_durably, sync_folder
 from data_prep.merge import MergeError, merge_datasets
 from data_prep.processes import die_with_parent
 from data_prep.tokenizers import TokenizerError, build_tokenizer, infer_tokenizer_type
@@ -376,9 +377,12 @@ class IndexedDatasetWriter:
         # an earlier run's .idx goes first, so that it is never seen beside the new .bin.
         if os.path.exists(self.idx_path):
             os.remove(self.idx_path)
-        os.replace(self._tmp_bin, self.bin_path)
-        os.replace(self._tmp_json, self.json_path)
-        os.replace(self._tmp_idx, self.idx_path)
+        # each on the disk before its rename, the folder after: a power cut never leaves an .idx
+        # beside a .bin that has its name but not its tokens
+        replace_durably(self._tmp_bin, self.bin_path)
+        replace_durably(self._tmp_json, self.json_path)
+        replace_durably(self._tmp_idx, self.idx_path)
+        sync_folder(os.path.dirname(os.path.abspath(self.idx_path)))
 
     def abort(self) -> None:
         if not self._bin.closed:

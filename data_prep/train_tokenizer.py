@@ -24,6 +24,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_prep.durable import replace_durably, sync_folder
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # sentencepiece skips training "sentences" longer than this many bytes; we cut lines to fit.
 _MAX_SENTENCE_BYTES = 4096
@@ -111,7 +113,8 @@ def train_tokenizer(
     )
     _strip_output_path(tmp_prefix + ".model", out.name)
     for ext in (".model", ".vocab"):
-        os.replace(tmp_prefix + ext, str(out) + ext)
+        replace_durably(tmp_prefix + ext, str(out) + ext)
+    sync_folder(os.path.dirname(os.path.abspath(str(out))))
     return str(out) + ".model"
 
 

@@ -15,6 +15,7 @@ import errno
 import os
 import tempfile
 
+from data_prep.durable import replace_durably, sync_folder
 from pretrain.errors import OutputError
 
 # errors that say the place cannot take the output, whichever file was being written
@@ -91,7 +92,8 @@ def write_output_file(path: str, text: str, flag: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
+        sync_folder(os.path.dirname(path))
     except OSError as err:
         with contextlib.suppress(OSError):
             os.remove(tmp)

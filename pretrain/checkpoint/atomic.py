@@ -18,7 +18,6 @@ retention deleted the older checkpoint) cannot leave a published checkpoint with
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from concurrent.futures import Future
 
 import torch
 
+from data_prep.durable import sync_file, sync_folder
 from pretrain.checkpoint.files import (LATEST_FILE, MANIFEST, CheckpointError, is_iteration_name, iteration_dir,
                                        iterations)
 from pretrain.distributed import is_rank0
@@ -54,28 +54,6 @@ def atomic_write_text(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-# what a filesystem that cannot sync a folder answers (its entries are then as durable as it makes them)
-_CANNOT_SYNC_FOLDERS = (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM)
-
-
-def _fsync_dir(path: str) -> None:
-    """Sync a folder's entries to the disk; an error other than "this filesystem cannot" is
-    raised (naming the folder) like a file's."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as err:
-        if err.errno in _CANNOT_SYNC_FOLDERS:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in _CANNOT_SYNC_FOLDERS:
-            raise OSError(err.errno, err.strerror, path) from None
-    finally:
-        os.close(fd)
 
 
 # --- staging -------------------------------------------------------------------------------------
@@ -112,7 +90,7 @@ def publish_folder(tmp: str, save: str) -> None:
     if os.path.isdir(save):
         os.rmdir(save)
     os.replace(tmp, save)
-    _fsync_dir(os.path.dirname(os.path.abspath(save)))
+    sync_folder(os.path.dirname(os.path.abspath(save)))
 
 
 @contextlib.contextmanager
@@ -184,23 +162,11 @@ def _files_of(folder: str, every: bool = False) -> list[str]:
     return sorted(files)
 
 
-def sync_file(path: str) -> None:
-    """Flush ``path``'s data to the disk (``fsync``; whichever descriptor names the file, and
-    cheap for a file its writer synced already)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:  # fsync's error names no file: the callers' messages need it
-        raise OSError(err.errno, err.strerror, path) from None
-    finally:
-        os.close(fd)
-
-
 def _sync_folders(folder: str) -> None:
     """Sync ``folder`` and every folder under it, deepest first: their entries (the names of the
     files just written) reach the disk before ``folder`` is renamed into place."""
     for dirpath, _, _ in sorted(os.walk(folder), key=lambda entry: -entry[0].count(os.sep)):
-        _fsync_dir(dirpath)
+        sync_folder(dirpath)
 
 
 def file_crc32(path: str) -> str:
@@ -367,7 +333,7 @@ def publish_checkpoint(root: str, iteration: int, tmp: str, world_size: int = 1,
         replaced = f"{final}.replaced-{os.getpid()}"
         os.replace(final, replaced)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    sync_folder(root)
     if remember_verified:
         _verified.add(_identity(final, sorted(files)))
     atomic_write_text(os.path.join(root, LATEST_FILE), str(iteration))

@@ -32,6 +32,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from data_prep.durable import sync_folder
 from data_prep.hf_tokenizer import sentencepiece_proto
 from data_prep.tokenizers import HuggingFaceTokenizer, SentencePieceTokenizer, TextTokenizer
 from pretrain.checkpoint.atomic import is_disk_full
@@ -364,6 +365,7 @@ def export_gguf(load: str, save: str, dtype: str = "f16", tokenizer_model: str |
         os.fsync(writer.fout[0].fileno())
         writer.close()
         os.replace(tmp, save)
+        sync_folder(os.path.dirname(os.path.abspath(save)))  # the new name on the disk too
     except BaseException as err:
         # numpy's tofile reports a short write as "N requested and M written", without errno:
         # whether the disk is full is asked before the partial file is removed

@@ -303,3 +303,23 @@ def test_sigkill_with_partitions_leaves_no_process_and_a_rerun_cleans_up(tiny_da
     assert done.returncode == 0, done.stderr[-3000:]
     assert not workdir.exists() and live.is_dir()
     assert f"removed 1 temporary file(s) of an earlier run that is no longer running: {workdir}" in done.stderr
+
+
+def test_the_dataset_is_on_disk_before_its_names_appear(tiny_dataset, tmp_path, monkeypatch):
+    """A rename is only as durable as what it renames: the .bin, the manifest and the .idx are
+    each synced before the rename that gives them their names, and the folder after the last; a
+    power cut never leaves an .idx beside a named .bin without its tokens. Before: no sync."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(b))) or real_replace(a, b))
+    prefix = str(tmp_path / "d")
+    preprocess([tiny_dataset["corpus"]], prefix, "GPTSentencePieceTokenizer", tiny_dataset["tokenizer"],
+               append_eod=True, workers=1, progress=False)
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    finals = [events[i][1] for i in renames]
+    assert finals == [f"{prefix}_text_document{e}" for e in (".bin", ".json", ".idx")], events
+    for i in renames:  # the file renamed into place was synced just before
+        assert events[i - 1][0] == "sync" and events[i - 1][1].startswith(f"{prefix}_text_document"), events
+    assert events[renames[-1] + 1] == ("sync", str(tmp_path)), events
