@@ -95,6 +95,24 @@ def _check_fits(hf: dict, path: str) -> None:
                      "two fp32 copies (dequantized) in one process", "import it on a machine with more memory")
 
 
+# what transformers raises on a GGUF it cannot read
+_TRANSFORMERS_ERRORS = (ValueError, KeyError, NotImplementedError, OSError)
+
+
+def _saved_tokenizer(tokenizer_class, path: str) -> str:
+    """The GGUF's tokenizer, read by transformers' ``tokenizer_class``, saved into a new
+    temporary folder (returned; the caller removes it)."""
+    try:
+        tokenizer = tokenizer_class.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                    gguf_file=os.path.basename(path))
+    except _TRANSFORMERS_ERRORS as err:
+        raise ConversionError(f"{path}: transformers cannot read this GGUF's tokenizer ({type(err).__name__}: "
+                              f"{str(err)[:300]})") from None
+    tokenizer_dir = tempfile.mkdtemp(prefix="gguf_tokenizer_")
+    tokenizer.save_pretrained(tokenizer_dir)
+    return tokenizer_dir
+
+
 def read_gguf(path: str) -> tuple[dict, dict, str, dict]:
     """(HF config dict, dequantized fp32 state dict, a temporary folder with its tokenizer, tensors
     per quantization type). The caller removes the tokenizer folder."""
@@ -107,18 +125,16 @@ def read_gguf(path: str) -> tuple[dict, dict, str, dict]:
     folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)  # the header only
-    except (ValueError, KeyError, NotImplementedError, OSError) as err:
+    except _TRANSFORMERS_ERRORS as err:
         raise ConversionError(f"{path}: transformers cannot read this GGUF's header ({type(err).__name__}: "
                               f"{str(err)[:300]})") from None
     _check_fits(config.to_dict(), path)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError, NotImplementedError, OSError) as err:
+    except _TRANSFORMERS_ERRORS as err:
         raise ConversionError(f"{path}: transformers cannot load this GGUF ({type(err).__name__}: "
                               f"{str(err)[:300]})") from None
-    tokenizer_dir = tempfile.mkdtemp(prefix="gguf_tokenizer_")
-    tokenizer.save_pretrained(tokenizer_dir)
+    tokenizer_dir = _saved_tokenizer(AutoTokenizer, path)
     hf = config.to_dict()
     hf["architectures"] = [f"{type(model).__name__} (GGUF {name})"]
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -226,13 +242,7 @@ def read_deci_gguf(path: str, types: collections.Counter) -> tuple[dict, dict, s
     extra = sorted(stored - used - {"rope_freqs.weight"})
     if extra:
         raise ConversionError(f"{path}: tensors {', '.join(extra[:5])} are not part of a model ours computes")
-    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError, NotImplementedError, OSError) as err:
-        raise ConversionError(f"{path}: transformers cannot read this GGUF's tokenizer ({type(err).__name__}: "
-                              f"{str(err)[:300]})") from None
-    tokenizer_dir = tempfile.mkdtemp(prefix="gguf_tokenizer_")
-    tokenizer.save_pretrained(tokenizer_dir)
-    hf["architectures"] = [f"PrunedLlamaForCausalLM (GGUF {name}, deci)"]
+    # transformers' GGUF tokenizer reader asks nothing of the architecture (its AutoTokenizer does)
+    tokenizer_dir = _saved_tokenizer(PreTrainedTokenizerFast, path)
+    hf["architectures"] = [f"PrunedLlamaForCausalLM (GGUF {os.path.basename(path)}, deci)"]
     return hf, state, tokenizer_dir, dict(types)
