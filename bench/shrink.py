@@ -60,7 +60,7 @@ def _io_floor(src: str, out: str) -> float:
     start = time.perf_counter()
     source = threading.Thread(target=lambda: [file_crc32(f) for f in files])
     source.start()
-    done, offset, fd = 0, 0, None
+    done, offset = 0, 0
     for f in files:
         fd = os.open(f, os.O_RDONLY)
         size = os.path.getsize(f)

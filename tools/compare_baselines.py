@@ -255,20 +255,17 @@ def _submit_slurm(args, recipe, runs: list[str], seeds: list[int], dry_run: bool
         needs = [f"{n}:{seed}" for n in family.submit_after(run, runs)] + sweeps.get(family.sweep_of[run], [])
         submit(f"{run}:{seed}", needs, f"{run}:{seed}", recipe.nodes)
 
-    # the order of Campaign.run_all (the decisive arms' seeds first); B's sweeps need A's shape on
-    # the first seed, so they are submitted once its runs are
+    # the order of Campaign.run_all (Family.campaign_order); B's sweeps need A's shape on the first
+    # seed, so they are submitted once its runs are
     for sweep in family.early_sweeps:
         submit_sweep(sweep)
-    order = family.matched_token_order(runs, seeds)
-    for i, (run, seed) in enumerate(order):
-        submit_run(run, seed)
-        if seed == seeds[0] and all(s != seeds[0] for _, s in order[i + 1:]):
-            for sweep in family.sweeps:
-                if sweep not in family.early_sweeps:
-                    submit_sweep(sweep)
-    for seed in seeds:
-        for run in [r for r in runs if family.late(r)]:
+    for run, seed in family.campaign_order(runs, seeds):
+        if run is not None:
             submit_run(run, seed)
+            continue
+        for sweep in family.sweeps:
+            if sweep not in family.early_sweeps:
+                submit_sweep(sweep)
     submit("report", list(job_ids), None, 1)
 
 

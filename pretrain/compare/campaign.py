@@ -344,10 +344,6 @@ class Campaign:
         self.ctx.lrs[sweep] = chosen
 
     # ------------------------------------------------------------------ all of it
-    def matched_token_order(self) -> list[tuple[str, int]]:
-        """(run, seed) of every matched-token run, in the order they run (``Family.matched_token_order``)."""
-        return self.family.matched_token_order(self.runs, self.seeds)
-
     def run_all(self) -> None:
         self.load_results()
         family, first = self.family, self.seeds[0]
@@ -357,18 +353,15 @@ class Campaign:
                 self._sweep(sweep)
         # Every seed's matched-token runs before any late run (a -ii extension, B): the matched-token
         # table with its seed spread is the first answer a long campaign gives, one session at a time.
-        order = self.matched_token_order()
-        for i, (run, seed) in enumerate(order):
-            self.run_if_possible(run, seed)
-            if seed == first and all(s != first for _, s in order[i + 1:]):
-                # the first seed's runs are done: B's sweeps need A's shape on the first seed
-                for sweep in family.sweeps:
-                    if sweep not in family.early_sweeps and any(family.sweep_of[r] == sweep for r in wanted) and \
-                            self.ctx.results.get(("A", first), {}).get("status") == "ok":
-                        self._sweep(sweep)
-        for seed in self.seeds:
-            for run in [r for r in family.runs if r in wanted and family.late(r)]:
+        for run, seed in family.campaign_order(self.runs, self.seeds):
+            if run is not None:
                 self.run_if_possible(run, seed)
+                continue
+            # the first seed's matched-token runs are done: B's sweeps need A's shape on it
+            for sweep in family.sweeps:
+                if sweep not in family.early_sweeps and any(family.sweep_of[r] == sweep for r in wanted) and \
+                        self.ctx.results.get(("A", first), {}).get("status") == "ok":
+                    self._sweep(sweep)
 
 
 # ---------------------------------------------------------------------- checks before any training

@@ -389,8 +389,10 @@ class DeepSpeedEngine(Engine):
         param.partition(param_list=[param], has_been_updated=False)
 
     def mask_weights(self, param_masks: dict) -> None:
-        """Zero masked elements of the weights the forward uses (for ZeRO-3: this rank's partition
-        of each parameter; the fp32 masters are masked through ``param_slots``)."""
+        """Zero masked elements of ZeRO-3's partitions of the weights (this rank's share of each
+        parameter). A parameter ZeRO-3 does not partition holds its weight itself, and
+        ``LocalModelMasks.apply_to_weights`` (which every caller runs first) masked it; the fp32
+        masters are masked through ``param_slots``."""
         with torch.no_grad():
             for param, mask in param_masks.items():
                 if hasattr(param, "ds_tensor"):
@@ -400,8 +402,6 @@ class DeepSpeedEngine(Engine):
                     if end > start:
                         local = param.ds_tensor.data.view(-1)[:end - start]
                         local.masked_fill_(~mask.reshape(-1)[start:end].to(local.device), 0)  # NaN-safe
-                else:
-                    param.data.masked_fill_(~mask.to(param.device), 0)
 
 
 def checkpoint_pickle_globals() -> list:

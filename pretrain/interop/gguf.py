@@ -72,8 +72,8 @@ def gguf_header(path: str) -> tuple[str, collections.Counter]:
     return architecture, collections.Counter(t.tensor_type.name for t in reader.tensors)
 
 
-def check_gguf(path: str) -> collections.Counter:
-    """Refuse a GGUF whose architecture or quantization types we cannot import; returns the types."""
+def check_gguf(path: str) -> tuple[str, collections.Counter]:
+    """Refuse a GGUF whose architecture or quantization types we cannot import; returns both."""
     architecture, types = gguf_header(path)
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(f"{path}: GGUF architecture {architecture!r} is not supported (supported: "
@@ -84,7 +84,7 @@ def check_gguf(path: str) -> collections.Counter:
         raise ConversionError(f"{path}: quantization type(s) {', '.join(unknown)} cannot be dequantized by the gguf "
                               f"package (supported: {', '.join(sorted(supported_quantizations()))}); use a GGUF "
                               "with another quantization, or the model's HF folder")
-    return types
+    return architecture, types
 
 
 def _check_fits(hf: dict, path: str) -> None:
@@ -119,8 +119,8 @@ def read_gguf(path: str) -> tuple[dict, dict, str, dict]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    types = check_gguf(path)
-    if gguf_header(path)[0] == "deci":
+    architecture, types = check_gguf(path)
+    if architecture == "deci":
         return read_deci_gguf(path, types)
     folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     try:
@@ -141,7 +141,7 @@ def read_gguf(path: str) -> tuple[dict, dict, str, dict]:
     return hf, state, tokenizer_dir, dict(types)
 
 
-def _deci_model(reader, path: str) -> ModelConfig:
+def _deci_model(reader, tensors: dict, path: str) -> ModelConfig:
     """Our ModelConfig from a ``deci`` header: per-layer arrays of heads, query groups and FFN
     widths (what our export writes), the Llama 3 RoPE factors if the file has them."""
     import torch
@@ -165,22 +165,23 @@ def _deci_model(reader, path: str) -> ModelConfig:
     if any(g == 0 or h == 0 or f == 0 for h, g, f in zip(heads, groups, ffn)):
         raise ConversionError(f"{path}: a layer without attention or FFN (deci's linear-attention or no-op blocks) "
                               "is not a model ours computes; only per-layer widths are imported")
-    names = {t.name for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ConversionError(f"{path}: no tensor token_embd.weight; the file is not a complete model")
     hidden = int(field("embedding_length"))
     model = ModelConfig(
         num_layers=layers, hidden_size=hidden, num_attention_heads=max(heads), num_query_groups=max(groups),
         ffn_hidden_size=max(ffn), kv_channels=int(field("attention.key_length", hidden // max(heads))),
         seq_length=min(int(field("context_length", 2048)), 2048),
         max_position_embeddings=int(field("context_length", 2048)),
-        vocab_size=int(reader.tensors[[t.name for t in reader.tensors].index("token_embd.weight")].shape[1]),
-        untie_embeddings_and_output_weights="output.weight" in names,
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),  # GGUF lists dimensions innermost first
+        untie_embeddings_and_output_weights="output.weight" in tensors,
         rotary_base=float(field("rope.freq_base", 10000.0)),
         norm_epsilon=float(field("attention.layer_norm_rms_epsilon", 1e-6)),
-        add_qkv_bias="blk.0.attn_q.bias" in names,
+        add_qkv_bias="blk.0.attn_q.bias" in tensors,
         layer_shapes=[{"num_attention_heads": h, "num_query_groups": g, "ffn_hidden_size": f}
                       for h, g, f in zip(heads, groups, ffn)])
-    if "rope_freqs.weight" in names:  # Llama 3 scaling, written as each frequency's divisor
-        factors = torch.from_numpy(_tensor(reader, "rope_freqs.weight").copy())
+    if "rope_freqs.weight" in tensors:  # Llama 3 scaling, written as each frequency's divisor
+        factors = torch.from_numpy(_dequantized(tensors["rope_freqs.weight"]).copy())
         model = dataclasses.replace(model, use_rope_scaling=True, rope_scaling_factor=float(factors.max()))
         if not torch.allclose(factors, llama3_rope_factors(model), rtol=1e-5):
             raise ConversionError(f"{path}: rope_freqs are not Llama 3's RoPE scaling (the one scaling imported)")
@@ -191,12 +192,11 @@ def _deci_model(reader, path: str) -> ModelConfig:
     return model
 
 
-def _tensor(reader, name: str):
-    """One tensor of the file, dequantized to fp32 numpy in its row-major (HF) shape."""
+def _dequantized(tensor):
+    """One tensor of the file (a ``gguf.ReaderTensor``) as fp32 numpy in its row-major (HF) shape."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
-    tensor = next(t for t in reader.tensors if t.name == name)
     if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.F64):
         return np.asarray(tensor.data, dtype=np.float32)
     return quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
@@ -211,12 +211,12 @@ def read_deci_gguf(path: str, types: collections.Counter) -> tuple[dict, dict, s
     from pretrain.interop.gguf_export import rope_pairs_halves  # lazy: as in _deci_model
 
     reader = gguf.GGUFReader(path)
-    model = _deci_model(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    model = _deci_model(reader, tensors, path)
     vocab = model.vocab_size
     hf = hf_config_dict(model, vocab, {}, torch.float32)
     _check_fits(hf, path)
     tensor_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, model.num_layers)
-    stored = {t.name for t in reader.tensors}
     state, used = {}, set()
     hf_names = ["model.embed_tokens.weight", "model.norm.weight"] + \
         (["lm_head.weight"] if model.untie_embeddings_and_output_weights else [])
@@ -231,15 +231,15 @@ def read_deci_gguf(path: str, types: collections.Counter) -> tuple[dict, dict, s
     widths = model.layer_widths()
     for hf_name in hf_names:
         name = tensor_names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name not in stored:
+        if name not in tensors:
             raise ConversionError(f"{path}: no tensor {name} ({hf_name}); the file is not a complete model")
-        t = torch.from_numpy(_tensor(reader, name).copy())
+        t = torch.from_numpy(_dequantized(tensors[name]).copy())
         if hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             groups, heads, _ = widths[int(hf_name.split(".")[2])]
             t = rope_pairs_halves(t, heads if ".q_proj." in hf_name else groups)
         state[hf_name] = t
         used.add(name)
-    extra = sorted(stored - used - {"rope_freqs.weight"})
+    extra = sorted(set(tensors) - used - {"rope_freqs.weight"})
     if extra:
         raise ConversionError(f"{path}: tensors {', '.join(extra[:5])} are not part of a model ours computes")
     # transformers' GGUF tokenizer reader asks nothing of the architecture (its AutoTokenizer does)

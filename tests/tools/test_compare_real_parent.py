@@ -101,15 +101,12 @@ def test_the_deciding_arms_run_every_seed_first():
     machine a cpu-real campaign spans sessions, so their seeds run before the other arms' (then
     every other run, seed by seed; the -ii extensions after all of these). A comparison from a
     trained parent keeps seed-by-seed order."""
-    from pretrain.compare.campaign import Campaign
-
-    real = Campaign(get_recipe("cpu-real"), None, [0, 1], arms.runs_for(list(arms.IMPORTED.default_arms),
-                                                                         arms.IMPORTED)[0])
-    order = real.matched_token_order()
+    order = arms.IMPORTED.matched_token_order(arms.runs_for(list(arms.IMPORTED.default_arms), arms.IMPORTED)[0],
+                                              [0, 1])
     assert order[:4] == [("A-KD", 0), ("M", 0), ("A-KD", 1), ("M", 1)]
     assert order[4:] == [(r, s) for s in (0, 1) for r in ("parent", "A", "M-CE", "M-OBS", "parent-cont", "scratch")]
-    trained = Campaign(get_recipe("cpu-tiny"), None, [0, 1], ["parent", "A", "C"])
-    assert trained.matched_token_order() == [("parent", 0), ("A", 0), ("C", 0), ("parent", 1), ("A", 1), ("C", 1)]
+    assert arms.TRAINED.matched_token_order(["parent", "A", "C"], [0, 1]) == \
+        [("parent", 0), ("A", 0), ("C", 0), ("parent", 1), ("A", 1), ("C", 1)]
 
 
 def test_a_target_below_the_smallest_aligned_model_is_refused():
