@@ -106,7 +106,7 @@ class Family:
     opt_in: tuple
     early_sweeps: tuple  # swept before any run; the others after the first seed's non-late runs
     # the arms the comparison's question turns on: every seed of these before the other runs
-    # (``matched_token_order``), so that their seed spread is the first answer
+    # (``campaign_order``), so that their seed spread is the first answer
     decisive: tuple = ()
 
     @property
@@ -116,23 +116,23 @@ class Family:
     def late(self, run: str) -> bool:
         return run.startswith("B-") if self.name == "trained" else run.endswith("-ii")
 
-    def matched_token_order(self, runs: list[str], seeds: list[int]) -> list[tuple[str, int]]:
-        """(run, seed) of every matched-token (not late) run of ``runs``, in the order a campaign
-        runs or submits them: the decisive arms seed by seed, then the other runs seed by seed."""
-        wanted = [r for r in self.runs if r in set(runs) and not self.late(r)]
-        return [(r, s) for s in seeds for r in wanted if r in self.decisive] + \
-            [(r, s) for s in seeds for r in wanted if r not in self.decisive]
-
     def campaign_order(self, runs: list[str], seeds: list[int]) -> list[tuple[str | None, int]]:
         """Every run of ``runs`` as (run, seed), in the order a campaign runs or submits them: the
-        matched-token runs (``matched_token_order``), then the late runs seed by seed. ``(None,
-        first seed)`` marks where the first seed's matched-token runs (if it has any) are all done: the
-        sweeps planned from them (B's, from A's shape) go there."""
-        order: list[tuple[str | None, int]] = list(self.matched_token_order(runs, seeds))
-        first = [i for i, (_, s) in enumerate(order) if s == seeds[0]]
-        if first:
-            order.insert(first[-1] + 1, (None, seeds[0]))
-        return order + [(r, s) for s in seeds for r in self.runs if r in set(runs) and self.late(r)]
+        decisive arms' matched-token runs for every seed, then seed by seed the seed's other
+        matched-token runs and then its late runs, so that each seed's table (matched tokens and
+        matched FLOPs) is complete before the next seed's other arms start. ``(None, first seed)``
+        marks where the first seed's matched-token runs are all done: the sweeps planned from them
+        (B's, from A's shape) go there."""
+        wanted = set(runs)
+        order: list[tuple[str | None, int]] = [
+            (r, s) for s in seeds for r in self.runs if r in wanted and r in self.decisive and not self.late(r)]
+        for seed in seeds:
+            order += [(r, seed) for r in self.runs
+                      if r in wanted and r not in self.decisive and not self.late(r)]
+            if seed == seeds[0]:
+                order.append((None, seed))
+            order += [(r, seed) for r in self.runs if r in wanted and self.late(r)]
+        return order
 
     def submit_after(self, run: str, wanted: list[str]) -> list[str]:
         """What a run's job waits for: its needs, and for a late ``-ii`` run every earlier run of the seed

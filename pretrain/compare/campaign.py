@@ -351,8 +351,8 @@ class Campaign:
         for sweep in family.early_sweeps:
             if any(family.sweep_of[r] == sweep for r in wanted):
                 self._sweep(sweep)
-        # Every seed's matched-token runs before any late run (a -ii extension, B): the matched-token
-        # table with its seed spread is the first answer a long campaign gives, one session at a time.
+        # The deciding arms' seeds first, then one seed's whole table at a time: a long campaign
+        # gives its answers in that order, one session at a time.
         for run, seed in family.campaign_order(self.runs, self.seeds):
             if run is not None:
                 self.run_if_possible(run, seed)
