@@ -60,3 +60,6 @@ class NonFiniteError(UserError, RuntimeError):
 
 class FolderInUseError(UserError, RuntimeError):
     """Another live run holds the folder (its host and pid are in the message)."""
+
+    owner: str = ""  # the holder's host, pid, start and command, as the message names it
+    orphaned: bool = False  # the holder has exited; processes it started hold the lock still

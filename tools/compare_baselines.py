@@ -44,13 +44,15 @@ from pretrain.compare import arms  # noqa: E402
 from pretrain.compare.arms import ARMS, Context, Data, family_of  # noqa: E402
 from pretrain.compare.campaign import (Campaign, check_corpus, check_parent, check_parent_tokenizer,  # noqa: E402
                                        check_reachable, check_test_set, check_tokenizer,
-                                       check_validation_split, format_command, split_tokens_available,
+                                       check_validation_split, format_command, hold_campaign_folder,
+                                       release_campaign_folder, split_tokens_available,
                                        training_tokens_available)
 from pretrain.compare.recipes import RECIPES, get_recipe  # noqa: E402
 from pretrain.compare.report import write_report  # noqa: E402
 from pretrain.config import ConfigError, DataConfig, ranged  # noqa: E402
 from pretrain.errors import BenchmarkError  # noqa: E402
 from pretrain.outputs import require_writable  # noqa: E402
+from pretrain.run import run_lock  # noqa: E402
 from pretrain.run.arguments import build_parser as pretrain_parser, config_from_args  # noqa: E402
 
 # what must not change when a comparison is resumed
@@ -108,7 +110,8 @@ def _check_out(args: argparse.Namespace) -> None:
         if changed:
             raise ConfigError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
                               f"comparison in {args.out} ({plan_path}); resume with the same settings")
-    elif os.path.isdir(args.out) and os.listdir(args.out) and not args.dry_run:
+    elif os.path.isdir(args.out) and set(os.listdir(args.out)) - {run_lock.LOCK_NAME} and not args.dry_run:
+        # (a lock alone: a campaign starting there now, refused by its lock, or one that died before its plan)
         raise ConfigError(f"--out {args.out} is not empty and holds no comparison: give an empty or new folder")
     if not args.dry_run:
         require_writable(args.out, "--out")
@@ -335,6 +338,15 @@ def main(argv: list[str] | None = None) -> int:
             _save_plan(args, recipe, runs, seeds)
         _submit_slurm(args, recipe, runs, seeds, args.dry_run)
         return 0
+    campaign_lock = not (args.only or args.report_only)
+    if campaign_lock:
+        try:
+            note = hold_campaign_folder(ctx.out, command)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if note:
+            print(note)
     if not args.only:
         _save_plan(args, recipe, runs, seeds)
     try:
@@ -350,8 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             campaign.load_results()
     except ConfigError as err:
+        if campaign_lock:
+            release_campaign_folder(ctx.out)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if campaign_lock:
+        release_campaign_folder(ctx.out)
     write_report(ctx.out, recipe, seeds, ctx.results, ctx.lrs, notes, command)
     print(f"report: {os.path.join(ctx.out, 'report.md')}")
     unfinished = sorted(f"{run}:{seed}" for (run, seed), r in ctx.results.items() if r.get("status") != "ok")

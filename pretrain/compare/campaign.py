@@ -20,6 +20,7 @@ from pretrain.checkpoint.stored import StoredCheckpoint
 from pretrain.compare import arms
 from pretrain.compare.accounting import cumulative_flops_at, run_flops
 from pretrain.report import read_jsonl
+from pretrain.run import run_lock
 from pretrain.compare.arms import Context, RunPlan, family_of, plan_run
 from pretrain.compare.recipes import Recipe
 from pretrain.config import ConfigError, DataConfig, ModelConfig
@@ -33,11 +34,38 @@ def _log(message: str) -> None:
 
 
 def run_local(command: str, log_path: str) -> int:
-    """Runs one ``command.sh``; its output goes to ``log_path`` (appended: attempts stay readable)."""
+    """Runs one ``command.sh``; its output goes to ``log_path`` (appended: attempts stay readable).
+    The run inherits the campaign's lock (``hold_campaign_folder``)."""
     with open(log_path, "a") as log:
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} bash {command}\n")
         log.flush()
-        return subprocess.run(["bash", command], stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(["bash", command], stdout=log, stderr=subprocess.STDOUT,
+                              pass_fds=run_lock.held_descriptors()).returncode
+
+
+def hold_campaign_folder(out: str, command: str) -> str:
+    """One campaign per ``--out``: the folder's lock (``pretrain.run.run_lock``) for the campaign's
+    whole life, passed on to the runs it starts (``run_local``). A second campaign on the same
+    folder would start the same runs (each refused by its run's own lock and recorded as failed)
+    and move on to the next, both writing results; a campaign killed alone leaves its run
+    training, and a new one must wait for it. Returns a note when a dead campaign's lock was taken
+    over. Raises ConfigError naming the holder."""
+    try:
+        return run_lock.acquire(out, "--out", command)
+    except run_lock.FolderInUseError as err:
+        raise ConfigError(
+            f"--out {out} is in use by another campaign ({err.owner}): two campaigns on one folder run the "
+            "same arms twice and overwrite each other's results. "
+            + ("Its campaign process has exited but a run it started is still going (a stopped run saves "
+               "its checkpoint first): wait for it to end, or stop it, then --resume" if err.orphaned else
+               "Wait for it to end, stop it (kill its process group: its runs save a checkpoint and stop), "
+               "then --resume; or give another --out")) from None
+
+
+def release_campaign_folder(out: str) -> None:
+    """Drop the lock (a campaign that ended; not one that was interrupted, whose runs may still be
+    saving: its lock is taken over once they have exited)."""
+    run_lock.release(out)
 
 
 def children_cpu_seconds() -> float:

@@ -111,10 +111,13 @@ def acquire(folder: str, flag: str = "--save", command: str = "") -> str:
                 remove = (f"; if that run is gone (another host's crash), delete {path}" if locked is None else "")
                 if locked is False and _is_dead_here(owner):  # its forked children hold the lock still
                     remove = f"; pid {owner['pid']} has exited but processes it started still hold the lock: stop them"
-                raise FolderInUseError(
+                err = FolderInUseError(
                     f"{flag} {folder} is in use by another run ({_owner_text(owner)}): two runs writing one "
                     f"checkpoint folder overwrite each other's checkpoints. Wait for it to end, stop it, or give "
                     f"another {flag}{remove}")
+                err.owner = _owner_text(owner)
+                err.orphaned = locked is False and _is_dead_here(owner)
+                raise err
             # the holder may have removed the file (a clean end) between our open and our lock:
             # then this descriptor locks a deleted file, and the next run would lock a new one
             if os.fstat(fd).st_ino != os.stat(path).st_ino:
@@ -149,6 +152,13 @@ def release(folder: str) -> None:
     except OSError:
         pass  # a read-only or vanished folder: the lock dies with the descriptor anyway
     os.close(fd)
+
+
+def held_descriptors() -> tuple[int, ...]:
+    """The descriptors of this process's locks: a process that starts others on its behalf (a
+    campaign starting its runs) passes them on, so a child left running after its parent was
+    killed still holds the lock and the next one is refused until the child ends."""
+    return tuple(fd for fd, _ in _held.values())
 
 
 def release_all() -> None:

@@ -374,3 +374,20 @@ def test_a_sweep_rate_that_failed_holds_back_the_runs_it_decides(tmp_path):
     camp = campaign()
     camp._sweep(sweep)
     assert ctx.lrs[sweep] == recipe.lrs[1] and not camp.undecided_sweeps
+
+
+def test_a_second_campaign_on_one_folder_is_refused_and_the_report_still_reads_it(split_data, tmp_path):
+    from pretrain.compare.campaign import hold_campaign_folder, release_campaign_folder
+
+    out = str(tmp_path / "busy")
+    hold_campaign_folder(out, "a running campaign")  # this process plays the campaign already running
+    try:
+        proc = _tool(*_args(split_data, out, "--resume"))
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"--out {out} is in use by another campaign" in proc.stderr and "a running campaign" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert sorted(os.listdir(out)) == ["run.lock"]  # nothing was started or written
+        proc = _tool(*_args(split_data, out, "--report-only"))  # reading what finished needs no lock
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    finally:
+        release_campaign_folder(out)
