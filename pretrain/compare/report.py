@@ -106,6 +106,7 @@ def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict
                       if ref and a[s] and a[s].get("status") == "ok"}
             if paired:
                 row[f"minus_{ref}"] = {"mean": statistics.mean(paired.values()), "per_seed": paired,
+                                       "std": _mean_std(list(paired.values()))[1],
                                        f"{ref}_better_in": sum(1 for d in paired.values() if d > 0),
                                        "seeds": len(paired)}
             tasks = [r["tasks"] for r in ok.values() if r.get("tasks")]
@@ -182,7 +183,8 @@ def _table(summary: dict, runs: list[str], ref: str, last_flops: str) -> list[st
             + (f" ({row['cpu_seconds']:.0f})" if row.get("cpu_seconds") is not None else "") + " | "
             + (f"{loss['mean']:.4f} ± {loss['std']:.4f} ({loss['seeds']} seeds) | " if loss["seeds"] > 1
                else f"{loss['mean']:.4f} (1 seed) | ")
-            + (f"{diff['mean']:+.4f} | {diff[f'{ref}_better_in']}/{diff['seeds']} |" if diff else " | |"))
+            + (f"{diff['mean']:+.4f}" + (f" ± {diff['std']:.4f}" if diff["seeds"] > 1 else "")
+               + f" | {diff[f'{ref}_better_in']}/{diff['seeds']} |" if diff else " | |"))
         if row["not_ok"]:
             lines.append(f"| | missing seeds: {row['not_ok']} | | | | | | | | | |")
     return lines
@@ -216,11 +218,47 @@ def _imported_lines(recipe, seeds: list[int], summary: dict, results: dict, lrs:
               "Each arm continued after its window until it has spent the budget (whole steps); the arm that set "
               "it is its own -ii row.", ""]
     lines += _table(summary, late, "M-ii", "FLOPs teacher")
+    lines += ["", "## Verdict", "",
+              "Each pruned arm against Minitron's recipe, paired by seed. A difference is called larger than the "
+              "seed spread when it has the same sign on every seed (2 at least) and its mean exceeds each arm's "
+              "standard deviation over seeds and that of the paired differences: a rule for few seeds, not a "
+              "significance test.", ""] + \
+        verdict_lines(summary, base, "M", "matched tokens") + verdict_lines(summary, late, "M-ii", "matched FLOPs")
     lines += ["", "Runs: " + "; ".join(f"**{k}** {v}" for k, v in REAL_DESCRIPTIONS.items() if not k.endswith("-ii")),
               "", "*minus M*: the run's test loss minus M's (Minitron's recipe), per seed, averaged (positive: M is "
               "better); *FLOPs actual*: what the run computed, the teacher's forward passes included (a masked model "
               "at full size until the in-run shrink); *ideal*: the kept shape alone; *teacher*: the teacher's share.",
               ""]
+    return lines
+
+
+def verdict_lines(summary: dict, runs: list[str], ref: str, setting: str) -> list[str]:
+    """Plain sentences for one table: the ranking by mean test loss, and each pruned arm against
+    ``ref`` (Minitron's recipe). A difference is *larger than the seed spread* when it has the
+    same sign on every seed (at least 2) and its mean exceeds each arm's own standard deviation
+    over seeds and the paired differences' own: a stated rule for few seeds, not a significance
+    test."""
+    finished = [r for r in runs if "test_loss" in summary.get(r, {})]
+    if not finished:
+        return [f"- At {setting}: no run has finished yet."]
+    ranked = sorted(finished, key=lambda r: summary[r]["test_loss"]["mean"])
+    lines = [f"- At {setting}, by mean test loss: " + ", ".join(
+        f"{r} {summary[r]['test_loss']['mean']:.4f}" for r in ranked) + "."]
+    ref_row = summary.get(ref, {})
+    for run in finished:
+        diff = summary[run].get(f"minus_{ref}")
+        if not diff or run.removesuffix("-ii") not in PRUNED_REAL:
+            continue
+        gap, n = -diff["mean"], diff["seeds"]
+        who = f"{run} is {'lower' if gap > 0 else 'higher'} than {ref} by {abs(gap):.4f}"
+        if n < 2:
+            lines.append(f"- {who} on 1 seed: no seed spread yet.")
+            continue
+        spread = max(summary[run]["test_loss"]["std"], ref_row.get("test_loss", {}).get("std", 0.0), diff["std"])
+        same_sign = len({d > 0 for d in diff["per_seed"].values()}) == 1
+        larger = same_sign and abs(gap) > spread
+        lines.append(f"- {who} (mean of {n} seeds, paired; {ref} better on {diff[f'{ref}_better_in']} of {n}): "
+                     + ("larger than" if larger else "within") + f" the seed spread ({spread:.4f}).")
     return lines
 
 

@@ -60,3 +60,31 @@ def test_imported_report_without_pruned_runs_has_no_architecture_section(tmp_pat
     write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0], results, {}, [], "cmd")
     text = open(os.path.join(str(tmp_path), "report.md")).read()
     assert "Found architecture" not in text and not os.path.exists(os.path.join(str(tmp_path), "tasks_vs_flops.png"))
+
+
+def test_the_verdict_says_who_won_by_how_much_and_against_the_seed_spread(tmp_path):
+    """Item 3 of issue 28: which recipe won, by how much, and whether the difference is larger
+    than the seed spread (the rule ``verdict_lines`` states)."""
+    losses = {"A-KD": (3.89, 3.91), "M": (4.05, 4.08), "A": (3.95, 4.20), "M-CE": (4.04, 4.00)}
+    results = {(run, s): _run(run, s, 1e9, loss, 0.3) for run, pair in losses.items() for s, loss in enumerate(pair)}
+    results[("M-OBS", 0)] = _run("M-OBS", 0, 1e9, 4.5, 0.3)  # one seed only
+    results[("A-ii", 0)] = _run("A-ii", 0, 2e9, 3.70, 0.3)
+    results[("M-ii", 0)] = _run("M-ii", 0, 2e9, 3.80, 0.3)
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0, 1], results, {}, [], "cmd")
+    text = open(os.path.join(str(tmp_path), "report.md")).read()
+    verdict = text.split("## Verdict")[1].split("\nRuns:")[0]
+    assert "- At matched tokens, by mean test loss: A-KD 3.9000, M-CE 4.0200, M 4.0650, A 4.0750, M-OBS 4.5000." \
+        in verdict
+    # A-KD: lower on both seeds by 0.16 and 0.17, more than any spread (0.0212 is M's std)
+    assert "- A-KD is lower than M by 0.1650 (mean of 2 seeds, paired; M better on 0 of 2): larger than the seed " \
+           "spread (0.0212)." in verdict
+    # A: lower on one seed, higher on the other
+    assert "- A is higher than M by 0.0100 (mean of 2 seeds, paired; M better on 1 of 2): within the seed spread" \
+        in verdict
+    # M-CE: lower on both seeds, but by less than the paired differences' own spread
+    assert "- M-CE is lower than M by 0.0450 (mean of 2 seeds, paired; M better on 0 of 2): within the seed " \
+           "spread (0.0495)." in verdict
+    assert "- M-OBS is higher than M by 0.4500 on 1 seed: no seed spread yet." in verdict
+    assert "- At matched FLOPs, by mean test loss: A-ii 3.7000, M-ii 3.8000." in verdict
+    assert "- A-ii is lower than M-ii by 0.1000 on 1 seed: no seed spread yet." in verdict
+    assert "| -0.1650 ± 0.0071 | 0/2 |" in text  # the paired difference's own spread in the table
