@@ -63,3 +63,4 @@ class FolderInUseError(UserError, RuntimeError):
 
     owner: str = ""  # the holder's host, pid, start and command, as the message names it
     orphaned: bool = False  # the holder has exited; processes it started hold the lock still
+    hint: str = ""  # what to do beyond waiting (e.g. delete a lock a crashed host left without flock)

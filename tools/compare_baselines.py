@@ -333,12 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n# B runs: planned once A has finished (the shape it found, the FLOPs it spent)" if family.name == "trained"
               else "\n# -ii runs: planned once the pruned arms have finished (the FLOPs budget to match)")
         return 0
-    if args.launcher == "slurm" and not args.only and not args.report_only:
-        if not args.dry_run:
-            _save_plan(args, recipe, runs, seeds)
-        _submit_slurm(args, recipe, runs, seeds, args.dry_run)
-        return 0
-    campaign_lock = not (args.only or args.report_only)
+    # One campaign per --out (a local one holds the lock for its life; a Slurm submission checks
+    # that no local one runs there; the Slurm jobs and --report-only take none)
+    campaign_lock = not (args.only or args.report_only or args.dry_run)
     if campaign_lock:
         try:
             note = hold_campaign_folder(ctx.out, command)
@@ -347,6 +344,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if note:
             print(note)
+    try:
+        return _submit_or_run(args, recipe, runs, seeds, campaign, ctx, notes, command)
+    except KeyboardInterrupt:  # its run may still be saving: the lock stays until that run exits
+        campaign_lock = False
+        raise
+    finally:
+        if campaign_lock:
+            release_campaign_folder(ctx.out)
+
+
+def _submit_or_run(args, recipe, runs: list[str], seeds: list[int], campaign: Campaign, ctx: Context,
+                   notes: list[str], command: str) -> int:
+    if args.launcher == "slurm" and not args.only and not args.report_only:
+        if not args.dry_run:
+            _save_plan(args, recipe, runs, seeds)
+        _submit_slurm(args, recipe, runs, seeds, args.dry_run)
+        return 0
     if not args.only:
         _save_plan(args, recipe, runs, seeds)
     try:
@@ -362,12 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             campaign.load_results()
     except ConfigError as err:
-        if campaign_lock:
-            release_campaign_folder(ctx.out)
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if campaign_lock:
-        release_campaign_folder(ctx.out)
     write_report(ctx.out, recipe, seeds, ctx.results, ctx.lrs, notes, command)
     print(f"report: {os.path.join(ctx.out, 'report.md')}")
     unfinished = sorted(f"{run}:{seed}" for (run, seed), r in ctx.results.items() if r.get("status") != "ok")

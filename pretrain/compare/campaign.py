@@ -39,8 +39,20 @@ def run_local(command: str, log_path: str) -> int:
     with open(log_path, "a") as log:
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} bash {command}\n")
         log.flush()
-        return subprocess.run(["bash", command], stdout=log, stderr=subprocess.STDOUT,
-                              pass_fds=run_lock.held_descriptors()).returncode
+        run = subprocess.Popen(["bash", command], stdout=log, stderr=subprocess.STDOUT,
+                               pass_fds=run_lock.held_descriptors())
+        try:
+            return run.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached the run too (one process group): it is saving a checkpoint before it
+            # exits; subprocess.run would kill it 0.25 s later, mid-save
+            _log("interrupted: the run saves a checkpoint and stops (Ctrl-C again kills it; --resume goes on)")
+            try:
+                run.wait()
+            except KeyboardInterrupt:
+                run.kill()
+                run.wait()
+            raise
 
 
 def hold_campaign_folder(out: str, command: str) -> str:
@@ -57,9 +69,11 @@ def hold_campaign_folder(out: str, command: str) -> str:
             f"--out {out} is in use by another campaign ({err.owner}): two campaigns on one folder run the "
             "same arms twice and overwrite each other's results. "
             + ("Its campaign process has exited but a run it started is still going (a stopped run saves "
-               "its checkpoint first): wait for it to end, or stop it, then --resume" if err.orphaned else
+               "its checkpoint first; OUT/RUN/seedK/ckpt/run.lock names its pid): wait for it to end, or stop "
+               "it, then --resume" if err.orphaned else
                "Wait for it to end, stop it (kill its process group: its runs save a checkpoint and stop), "
-               "then --resume; or give another --out")) from None
+               "then --resume; or give another --out")
+            + (f" ({err.hint})" if err.hint else "")) from None
 
 
 def release_campaign_folder(out: str) -> None:
@@ -231,6 +245,7 @@ class Campaign:
         wall, cpu = spent["seconds"], spent.get("cpu_seconds")  # None: an attempt before CPU time was kept
         already = collect(self.recipe, plan, wall)
         if already.get("status") != "ok":  # not finished by an earlier attempt: run (or resume) it
+            self._check_not_running(plan)
             _log(f"{plan.name} seed {plan.seed} (lr {plan.lr:g}, {plan.train_tokens:,} tokens): bash {command}")
             start, cpu_start = time.time(), children_cpu_seconds()
             code = self.execute(command, os.path.join(plan.folder, "log.txt"))
@@ -252,6 +267,18 @@ class Campaign:
              + (f", test loss {result['test_loss']:.4f}, {result['wall_seconds']:.0f} s" if result["status"] == "ok"
                 else f" ({result['reason']})"))
         return self.score_tasks(plan, result) if score and result["status"] == "ok" else result
+
+    def _check_not_running(self, plan: RunPlan) -> None:
+        """A run still trained by another process (left by a stopped campaign, or started by hand)
+        stops the campaign: started again it would be refused by its own lock and recorded as failed,
+        and the campaign would go on past it. (The campaign's lock catches this where the run
+        inherits it; not on NFS, whose locks are not inherited.)"""
+        save = os.path.join(plan.folder, "ckpt")
+        try:
+            run_lock.check_free(save)
+        except run_lock.FolderInUseError as err:
+            raise ConfigError(f"{plan.name} seed {plan.seed} is being trained by another process ({err.owner}): "
+                              "wait for it to end or stop it, then --resume") from None
 
     def score_tasks(self, plan: RunPlan, result: dict) -> dict:
         """A finished run's final checkpoint (an imported parent's: the checkpoint it measured)
@@ -313,6 +340,15 @@ class Campaign:
             if not sweep:
                 self._record_missing(run, seed, reason)
             return None
+        if self.family.name == "imported" and self.family.late(run) and not sweep:
+            # the budget is the most expensive pruned arm's: planned from fewer, it could be too small
+            # and its result would stand on a resume
+            waiting = [r for r in arms.PRUNED_REAL if r in self.runs
+                       and self.ctx.results.get((r, seed), {}).get("status") != "ok"]
+            if waiting:
+                self._record_missing(run, seed, f"its FLOPs budget waits for {', '.join(waiting)} (seed {seed}), "
+                                     "which did not finish; --resume retries them and then this run")
+                return None
         undecided = self.family.sweep_of.get(run)
         if not sweep and undecided in self.undecided_sweeps:
             # never trained at a rate the sweep did not choose: its result would stand on a resume

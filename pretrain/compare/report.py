@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 
@@ -52,6 +53,8 @@ def _shape_text(model: dict) -> str:
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
+    if not all(math.isfinite(v) for v in values):  # (statistics.stdev raises on a NaN)
+        return sum(values) / len(values), float("nan")
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -142,7 +145,8 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
                   + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), ""]
         lines += _table(summary, list(summary), "A", "FLOPs + parent")
         lines += ["", "Runs: " + "; ".join(f"**{k}** {v}" for k, v in DESCRIPTIONS.items()), "",
-                  "*minus A*: the run's test loss minus A's, per seed, averaged (positive: A is better); "
+                  "*minus A*: the run's test loss minus A's, per seed, averaged, ± their standard deviation over seeds "
+                  "(positive: A is better); "
                   "*A better*: seeds where A's loss is lower. *FLOPs actual*: what the run computed (a masked "
                   "model at full size until the in-run shrink); *ideal*: the kept shape alone; *+ parent*: A and C "
                   "charged with the parent's FLOPs (the matched-compute B runs spend exactly that).", ""]
@@ -225,8 +229,8 @@ def _imported_lines(recipe, seeds: list[int], summary: dict, results: dict, lrs:
               "significance test.", ""] + \
         verdict_lines(summary, base, "M", "matched tokens") + verdict_lines(summary, late, "M-ii", "matched FLOPs")
     lines += ["", "Runs: " + "; ".join(f"**{k}** {v}" for k, v in REAL_DESCRIPTIONS.items() if not k.endswith("-ii")),
-              "", "*minus M*: the run's test loss minus M's (Minitron's recipe), per seed, averaged (positive: M is "
-              "better); *FLOPs actual*: what the run computed, the teacher's forward passes included (a masked model "
+              "", "*minus M*: the run's test loss minus M's (Minitron's recipe), per seed, averaged, ± the standard "
+              "deviation of those paired differences over seeds (positive: M is better); *FLOPs actual*: what the run computed, the teacher's forward passes included (a masked model "
               "at full size until the in-run shrink); *ideal*: the kept shape alone; *teacher*: the teacher's share.",
               ""]
     return lines
@@ -243,20 +247,25 @@ def verdict_lines(summary: dict, runs: list[str], ref: str, setting: str) -> lis
         return [f"- At {setting}: no run has finished yet."]
     ranked = sorted(finished, key=lambda r: summary[r]["test_loss"]["mean"])
     lines = [f"- At {setting}, by mean test loss: " + ", ".join(
-        f"{r} {summary[r]['test_loss']['mean']:.4f}" for r in ranked) + "."]
+        f"{r} {summary[r]['test_loss']['mean']:.4f} ({summary[r]['test_loss']['seeds']} "
+        f"seed{'s' if summary[r]['test_loss']['seeds'] > 1 else ''})" for r in ranked) + "."]
     ref_row = summary.get(ref, {})
+    if "test_loss" not in ref_row:
+        return lines + [f"- {ref} has not finished: no paired comparison yet."]
     for run in finished:
         diff = summary[run].get(f"minus_{ref}")
         if not diff or run.removesuffix("-ii") not in PRUNED_REAL:
             continue
         gap, n = -diff["mean"], diff["seeds"]
-        who = f"{run} is {'lower' if gap > 0 else 'higher'} than {ref} by {abs(gap):.4f}"
+        who = (f"{run} equals {ref}" if gap == 0 else
+               f"{run} is {'lower' if gap > 0 else 'higher'} than {ref} by {abs(gap):.4f}")
         if n < 2:
             lines.append(f"- {who} on 1 seed: no seed spread yet.")
             continue
-        spread = max(summary[run]["test_loss"]["std"], ref_row.get("test_loss", {}).get("std", 0.0), diff["std"])
-        same_sign = len({d > 0 for d in diff["per_seed"].values()}) == 1
-        larger = same_sign and abs(gap) > spread
+        spread = max(summary[run]["test_loss"]["std"], ref_row["test_loss"]["std"], diff["std"])
+        per_seed = list(diff["per_seed"].values())
+        same_sign = all(d > 0 for d in per_seed) or all(d < 0 for d in per_seed)
+        larger = same_sign and abs(gap) > spread  # (False when a spread is NaN)
         lines.append(f"- {who} (mean of {n} seeds, paired; {ref} better on {diff[f'{ref}_better_in']} of {n}): "
                      + ("larger than" if larger else "within") + f" the seed spread ({spread:.4f}).")
     return lines

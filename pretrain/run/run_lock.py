@@ -13,6 +13,12 @@ Two runs writing one checkpoint folder overwrite each other's ``iter_*`` folders
   host/pid is checked instead: a pid that no longer exists on this host is a stale lock; a lock
   from another host is obeyed, and the message says how to remove it.
 
+A process that starts others on its behalf may pass its lock on (``held_descriptors``): with
+local ``flock`` the children then hold it after the parent dies. Linux's NFS client emulates
+``flock`` with process-owned ``fcntl`` locks, which children do not inherit: there a lock passed
+on dies with its taker (a campaign checks each run's own lock before starting it for that
+reason).
+
 The file is removed when the run ends cleanly. Rank 0 alone takes the lock; the verdict goes to
 every rank (``hold_output_folders``), so all ranks stop with the same message.
 """
@@ -117,6 +123,7 @@ def acquire(folder: str, flag: str = "--save", command: str = "") -> str:
                     f"another {flag}{remove}")
                 err.owner = _owner_text(owner)
                 err.orphaned = locked is False and _is_dead_here(owner)
+                err.hint = remove[2:]
                 raise err
             # the holder may have removed the file (a clean end) between our open and our lock:
             # then this descriptor locks a deleted file, and the next run would lock a new one
@@ -138,6 +145,32 @@ def acquire(folder: str, flag: str = "--save", command: str = "") -> str:
     return ""
 
 
+def check_free(folder: str, flag: str = "--save") -> None:
+    """Raises FolderInUseError (as ``acquire`` would) when a live run holds ``folder``'s lock;
+    takes and writes nothing: a caller about to start that run learns now that it would be refused."""
+    path = os.path.join(os.path.abspath(folder), LOCK_NAME)
+    if os.path.abspath(folder) in _held:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR)  # (NFS emulates flock with write locks: a read-only descriptor cannot take one)
+    except (FileNotFoundError, PermissionError):  # no lock, or one the run itself will report it cannot take
+        return
+    try:
+        locked = _flock(fd)
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return
+        owner = _read_owner(fd)
+        if locked is None and not _without_flock_owner_alive(owner):
+            return
+    finally:
+        os.close(fd)
+    err = FolderInUseError(f"{flag} {os.path.abspath(folder)} is in use by another run ({_owner_text(owner)})")
+    err.owner = _owner_text(owner)
+    err.orphaned = locked is False and _is_dead_here(owner)
+    raise err
+
+
 def release(folder: str) -> None:
     """Drop this process's lock on ``folder`` and remove the file (a clean end), and the folder
     itself when this run made it and wrote nothing there (a run refused at start leaves nothing)."""
@@ -157,7 +190,8 @@ def release(folder: str) -> None:
 def held_descriptors() -> tuple[int, ...]:
     """The descriptors of this process's locks: a process that starts others on its behalf (a
     campaign starting its runs) passes them on, so a child left running after its parent was
-    killed still holds the lock and the next one is refused until the child ends."""
+    killed still holds the lock and the next one is refused until the child ends (local
+    filesystems; not NFS: module docstring)."""
     return tuple(fd for fd, _ in _held.values())
 
 

@@ -387,6 +387,9 @@ def test_a_second_campaign_on_one_folder_is_refused_and_the_report_still_reads_i
         assert f"--out {out} is in use by another campaign" in proc.stderr and "a running campaign" in proc.stderr
         assert "Traceback" not in proc.stderr
         assert sorted(os.listdir(out)) == ["run.lock"]  # nothing was started or written
+        proc = _tool(*_args(split_data, out, "--resume", "--launcher", "slurm"))  # nor submitted
+        assert proc.returncode == 2 and "is in use by another campaign" in proc.stderr, proc.stderr[-2000:]
+        assert sorted(os.listdir(out)) == ["run.lock"]
         proc = _tool(*_args(split_data, out, "--report-only"))  # reading what finished needs no lock
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     finally:

@@ -75,3 +75,101 @@ def test_a_live_campaign_refuses_a_second(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _holding(folder: str, name: str) -> subprocess.Popen:
+    """A live process holding ``folder``'s run lock, as a training run does."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pretrain.run import run_lock
+        run_lock.acquire({folder!r}, "--save", {name!r})
+        print("held", flush=True)
+        time.sleep(120)
+    """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def _campaign(tmp_path, execute):
+    from pretrain.compare.arms import Context, Data
+    from pretrain.compare.campaign import Campaign
+    from pretrain.compare.recipes import get_recipe
+
+    ctx = Context(out=str(tmp_path / "cmp"), data=Data(data_path=["d"], tokenizer_model="t", test_data_path=["e"]),
+                  parent=str(tmp_path / "parent"), parent_vocab=1024)
+    recipe = get_recipe("cpu-tiny-real")
+    runs = ["parent", "A", "A-KD", "M", "M-CE", "M-OBS", "A-ii", "M-ii"]
+    return Campaign(recipe, ctx, [0], runs, execute=execute), recipe, ctx
+
+
+def test_a_run_another_process_trains_stops_the_campaign_before_it_is_started_again(tmp_path):
+    """Where the campaign's lock does not reach the run (NFS, a run started by hand), the run's
+    own lock is checked before starting it: started again it would be refused and recorded as
+    failed, and the campaign would go on past it."""
+    from pretrain.compare.arms import RunPlan
+
+    started = []
+    campaign, _, ctx = _campaign(tmp_path, lambda command, log: started.append(command) or 1)
+    plan = RunPlan(name="A", seed=0, folder=ctx.run_dir("A", 0), flags=["--save", ctx.run_dir("A", 0) + "/ckpt"],
+                   train_tokens=4096, lr=1e-3)
+    holder = _holding(os.path.join(plan.folder, "ckpt"), "a run started by hand")
+    try:
+        with pytest.raises(ConfigError, match="A seed 0 is being trained by another process .*a run started by hand"):
+            campaign.run_one(plan, score=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not started and not os.path.exists(os.path.join(plan.folder, "result.json"))
+    assert campaign.run_one(plan, score=False)["status"] == "failed" and len(started) == 1  # its lock is free now
+
+
+def test_check_free_reads_a_lock_and_takes_nothing(tmp_path):
+    from pretrain.run import run_lock
+
+    folder = str(tmp_path / "ckpt")
+    run_lock.check_free(folder)  # no folder: free
+    holder = _holding(folder, "the trainer")
+    try:
+        with pytest.raises(run_lock.FolderInUseError) as err:
+            run_lock.check_free(folder)
+        assert "the trainer" in err.value.owner and not err.value.orphaned
+    finally:
+        holder.kill()
+        holder.wait()
+    before = open(os.path.join(folder, "run.lock")).read()
+    run_lock.check_free(folder)  # the holder died: free, and its lock file is left as it was
+    assert open(os.path.join(folder, "run.lock")).read() == before
+
+
+def test_matched_flops_runs_wait_for_every_pruned_arm_of_their_seed(tmp_path):
+    """The budget is the most expensive pruned arm's: an -ii run planned while one of them has
+    not finished could get too small a budget, and its result would stand on a resume."""
+    import json
+
+    campaign, _, ctx = _campaign(tmp_path, lambda command, log: pytest.fail("nothing may start"))
+    ok = {"status": "ok", "flops": {"actual": 10**12}, "tokens_trained": 4096, "flops_per_token_last_step": 10**6}
+    for run in ("A", "A-KD", "M", "M-CE"):
+        ctx.results[(run, 0)] = dict(ok)
+    ctx.results[("M-OBS", 0)] = {"status": "failed", "reason": "exit code 1"}
+    assert campaign.run_if_possible("A-ii", 0) is None
+    result = json.load(open(os.path.join(ctx.run_dir("A-ii", 0), "result.json")))
+    assert result["status"] == "missing" and "waits for M-OBS (seed 0)" in result["reason"]
+
+
+def test_ctrl_c_lets_the_run_save_before_the_campaign_stops(tmp_path):
+    """Ctrl-C reaches the campaign and its run together; the run saves a checkpoint on SIGINT,
+    which takes longer than the 0.25 s subprocess.run would give it before killing it."""
+    saved = tmp_path / "saved"
+    command = tmp_path / "command.sh"
+    command.write_text(f"trap 'sleep 1; echo yes > {saved}; kill %1; exit 130' INT\nsleep 60 &\nwait\n")
+    driver = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from pretrain.compare.campaign import run_local
+        print("started", flush=True)
+        run_local({str(command)!r}, {str(tmp_path / 'log.txt')!r})
+    """)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert driver.stdout.readline().strip() == "started"
+    time.sleep(1.0)  # bash is waiting in its trap-able `wait`
+    os.killpg(driver.pid, signal.SIGINT)
+    out, err = driver.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err and "the run saves a checkpoint and stops" in out + err
+    assert saved.read_text().strip() == "yes"

@@ -73,8 +73,8 @@ def test_the_verdict_says_who_won_by_how_much_and_against_the_seed_spread(tmp_pa
     write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0, 1], results, {}, [], "cmd")
     text = open(os.path.join(str(tmp_path), "report.md")).read()
     verdict = text.split("## Verdict")[1].split("\nRuns:")[0]
-    assert "- At matched tokens, by mean test loss: A-KD 3.9000, M-CE 4.0200, M 4.0650, A 4.0750, M-OBS 4.5000." \
-        in verdict
+    assert "- At matched tokens, by mean test loss: A-KD 3.9000 (2 seeds), M-CE 4.0200 (2 seeds), M 4.0650 " \
+           "(2 seeds), A 4.0750 (2 seeds), M-OBS 4.5000 (1 seed)." in verdict
     # A-KD: lower on both seeds by 0.16 and 0.17, more than any spread (0.0212 is M's std)
     assert "- A-KD is lower than M by 0.1650 (mean of 2 seeds, paired; M better on 0 of 2): larger than the seed " \
            "spread (0.0212)." in verdict
@@ -85,6 +85,20 @@ def test_the_verdict_says_who_won_by_how_much_and_against_the_seed_spread(tmp_pa
     assert "- M-CE is lower than M by 0.0450 (mean of 2 seeds, paired; M better on 0 of 2): within the seed " \
            "spread (0.0495)." in verdict
     assert "- M-OBS is higher than M by 0.4500 on 1 seed: no seed spread yet." in verdict
-    assert "- At matched FLOPs, by mean test loss: A-ii 3.7000, M-ii 3.8000." in verdict
+    assert "- At matched FLOPs, by mean test loss: A-ii 3.7000 (1 seed), M-ii 3.8000 (1 seed)." in verdict
     assert "- A-ii is lower than M-ii by 0.1000 on 1 seed: no seed spread yet." in verdict
     assert "| -0.1650 ± 0.0071 | 0/2 |" in text  # the paired difference's own spread in the table
+    # no reference yet; a tie; a zero difference on one seed is no sign
+    del results[("M", 0)], results[("M", 1)]
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0, 1], results, {}, [], "cmd")
+    assert "- M has not finished: no paired comparison yet." in open(os.path.join(str(tmp_path), "report.md")).read()
+    results[("M", 0)] = _run("M", 0, 1e9, 3.89, 0.3)
+    results[("M", 1)] = _run("M", 1, 1e9, 4.41, 0.3)
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0, 1], results, {}, [], "cmd")
+    verdict = open(os.path.join(str(tmp_path), "report.md")).read().split("## Verdict")[1]
+    assert "- A-KD is lower than M by 0.2500 (mean of 2 seeds, paired; M better on 0 of 2): within" in verdict
+    results[("M", 0)] = _run("M", 0, 1e9, 3.99, 0.3)
+    results[("M", 1)] = _run("M", 1, 1e9, 3.81, 0.3)
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0, 1], results, {}, [], "cmd")
+    verdict = open(os.path.join(str(tmp_path), "report.md")).read().split("## Verdict")[1]
+    assert "- A-KD equals M (mean of 2 seeds" in verdict
