@@ -120,6 +120,9 @@ def _check_out(args: argparse.Namespace) -> None:
 def _validate(args: argparse.Namespace):
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
+    if args.dry_run and (args.only or args.report_only):
+        raise ConfigError(f"--dry-run starts nothing, --{'only' if args.only else 'report-only'} does something: "
+                          "give one of them")
     overrides = {k: v for k, v in (("continue_tokens", args.train_tokens), ("target_ratio", args.target_ratio))
                  if v is not None}
     recipe = get_recipe(args.recipe, **overrides)

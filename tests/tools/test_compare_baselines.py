@@ -142,6 +142,8 @@ def test_bad_input_is_refused_before_any_training(split_data, tmp_path):
         (_args(split_data, str(tmp_path / "b"), "--arms", "A,Z"), "no such arm"),
         (["--recipe", "cpu-big", *_args(split_data, str(tmp_path / "c"))[2:]], "--recipe 'cpu-big' does not exist"),
         (["--recipe", "cpu-small", *_args(split_data, str(tmp_path / "d"))[2:]], "no arm may repeat data"),
+        (_args(split_data, str(tmp_path / "e"), "--dry-run", "--launcher", "slurm", "--only", "A:0"),
+         "--dry-run starts nothing, --only does something"),
     ]
     for args, message in cases:
         proc = _tool(*args)
