@@ -161,14 +161,20 @@ def test_ctrl_c_lets_the_run_save_before_the_campaign_stops(tmp_path):
     which takes longer than the 0.25 s subprocess.run would give it before killing it."""
     saved = tmp_path / "saved"
     command = tmp_path / "command.sh"
-    command.write_text(f"trap 'sleep 1; echo yes > {saved}; kill %1; exit 130' INT\nsleep 60 &\nwait\n")
+    ready = tmp_path / "ready"
+    command.write_text(f"trap 'sleep 1; echo yes > {saved}; kill %1; exit 130' INT\nsleep 60 &\n"
+                       f"touch {ready}\nwait\n")
     driver = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import signal
+        # Ctrl-C as at a terminal, also where this test runs in the background (SIGINT ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from pretrain.compare.campaign import run_local
-        print("started", flush=True)
         run_local({str(command)!r}, {str(tmp_path / 'log.txt')!r})
     """)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    assert driver.stdout.readline().strip() == "started"
-    time.sleep(1.0)  # bash is waiting in its trap-able `wait`
+    deadline = time.time() + 60
+    while not ready.exists():  # bash has its trap and waits in its trap-able `wait`
+        assert time.time() < deadline and driver.poll() is None, driver.communicate()
+        time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGINT)
     out, err = driver.communicate(timeout=30)
     assert "KeyboardInterrupt" in err and "the run saves a checkpoint and stops" in out + err
