@@ -340,11 +340,12 @@ class Campaign:
             if not sweep:
                 self._record_missing(run, seed, reason)
             return None
-        if self.family.name == "imported" and self.family.late(run) and not sweep:
-            # the budget is the most expensive pruned arm's: planned from fewer, it could be too small
-            # and its result would stand on a resume
-            waiting = [r for r in arms.PRUNED_REAL if r in self.runs
-                       and self.ctx.results.get((r, seed), {}).get("status") != "ok"]
+        if self.family.late(run) and not sweep:
+            # what its job would wait for (``Family.submit_after``): for an -ii run every pruned arm
+            # of the seed, whose most expensive sets the budget; planned from fewer, the budget
+            # could be too small and its result would stand on a resume
+            waiting = [r for r in self.family.submit_after(run, self.runs)
+                       if self.ctx.results.get((r, seed), {}).get("status") != "ok"]
             if waiting:
                 self._record_missing(run, seed, f"its FLOPs budget waits for {', '.join(waiting)} (seed {seed}), "
                                      "which did not finish; --resume retries them and then this run")

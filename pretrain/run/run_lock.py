@@ -98,6 +98,26 @@ def _without_flock_owner_alive(owner: dict) -> bool:
     return owner.get("host") != socket.gethostname() or not _is_dead_here(owner)
 
 
+def _held_by_another(locked: bool | None, owner: dict) -> bool:
+    """Whether a live run holds the lock, from ``_flock``'s answer and the recorded owner."""
+    return locked is False or (locked is None and _without_flock_owner_alive(owner))
+
+
+def _in_use(folder: str, flag: str, locked: bool | None, owner: dict) -> FolderInUseError:
+    """The refusal of ``folder`` (absolute), held by ``owner``: what to do, and the holder apart."""
+    hint = (f"if that run is gone (another host's crash), delete {os.path.join(folder, LOCK_NAME)}"
+            if locked is None else "")
+    orphaned = locked is False and _is_dead_here(owner)
+    if orphaned:  # its forked children hold the lock still
+        hint = f"pid {owner['pid']} has exited but processes it started still hold the lock: stop them"
+    err = FolderInUseError(
+        f"{flag} {folder} is in use by another run ({_owner_text(owner)}): two runs writing one checkpoint "
+        f"folder overwrite each other's checkpoints. Wait for it to end, stop it, or give another {flag}"
+        + (f"; {hint}" if hint else ""))
+    err.owner, err.orphaned, err.hint = _owner_text(owner), orphaned, hint
+    return err
+
+
 def acquire(folder: str, flag: str = "--save", command: str = "") -> str:
     """Take ``folder``'s lock for this process (creating the folder); returns a note when a dead
     run's lock was taken over, else ''. Idempotent within a process. Raises FolderInUseError when
@@ -113,18 +133,8 @@ def acquire(folder: str, flag: str = "--save", command: str = "") -> str:
         try:
             locked = _flock(fd)
             owner = _read_owner(fd)
-            if locked is False or (locked is None and _without_flock_owner_alive(owner)):
-                remove = (f"; if that run is gone (another host's crash), delete {path}" if locked is None else "")
-                if locked is False and _is_dead_here(owner):  # its forked children hold the lock still
-                    remove = f"; pid {owner['pid']} has exited but processes it started still hold the lock: stop them"
-                err = FolderInUseError(
-                    f"{flag} {folder} is in use by another run ({_owner_text(owner)}): two runs writing one "
-                    f"checkpoint folder overwrite each other's checkpoints. Wait for it to end, stop it, or give "
-                    f"another {flag}{remove}")
-                err.owner = _owner_text(owner)
-                err.orphaned = locked is False and _is_dead_here(owner)
-                err.hint = remove[2:]
-                raise err
+            if _held_by_another(locked, owner):
+                raise _in_use(folder, flag, locked, owner)
             # the holder may have removed the file (a clean end) between our open and our lock:
             # then this descriptor locks a deleted file, and the next run would lock a new one
             if os.fstat(fd).st_ino != os.stat(path).st_ino:
@@ -148,11 +158,11 @@ def acquire(folder: str, flag: str = "--save", command: str = "") -> str:
 def check_free(folder: str, flag: str = "--save") -> None:
     """Raises FolderInUseError (as ``acquire`` would) when a live run holds ``folder``'s lock;
     takes and writes nothing: a caller about to start that run learns now that it would be refused."""
-    path = os.path.join(os.path.abspath(folder), LOCK_NAME)
-    if os.path.abspath(folder) in _held:
+    folder = os.path.abspath(folder)
+    if folder in _held:
         return
     try:
-        fd = os.open(path, os.O_RDWR)  # (NFS emulates flock with write locks: a read-only descriptor cannot take one)
+        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR)  # (NFS emulates flock with write locks)
     except (FileNotFoundError, PermissionError):  # no lock, or one the run itself will report it cannot take
         return
     try:
@@ -161,14 +171,10 @@ def check_free(folder: str, flag: str = "--save") -> None:
             fcntl.flock(fd, fcntl.LOCK_UN)
             return
         owner = _read_owner(fd)
-        if locked is None and not _without_flock_owner_alive(owner):
-            return
     finally:
         os.close(fd)
-    err = FolderInUseError(f"{flag} {os.path.abspath(folder)} is in use by another run ({_owner_text(owner)})")
-    err.owner = _owner_text(owner)
-    err.orphaned = locked is False and _is_dead_here(owner)
-    raise err
+    if _held_by_another(locked, owner):
+        raise _in_use(folder, flag, locked, owner)
 
 
 def release(folder: str) -> None:

@@ -179,3 +179,23 @@ def test_ctrl_c_lets_the_run_save_before_the_campaign_stops(tmp_path):
     out, err = driver.communicate(timeout=30)
     assert "KeyboardInterrupt" in err and "the run saves a checkpoint and stops" in out + err
     assert saved.read_text().strip() == "yes"
+
+
+def test_without_flock_a_lock_from_another_host_is_obeyed_and_the_message_says_how_to_remove_it(
+        tmp_path, monkeypatch):
+    """Lustre without -o flock: the recorded holder decides; a crashed host's lock stays until
+    someone deletes it, and the campaign's message keeps that advice."""
+    import json
+
+    from pretrain.run import run_lock
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "run.lock").write_text(json.dumps({"host": "another-node", "pid": 4242, "started": "then"}))
+    monkeypatch.setattr(run_lock, "_flock", lambda fd: None)
+    with pytest.raises(ConfigError, match=rf"another-node, pid 4242.*delete {out}/run.lock"):
+        hold_campaign_folder(str(out), "the second campaign")
+    with pytest.raises(run_lock.FolderInUseError) as err:
+        run_lock.check_free(str(out))
+    assert err.value.hint == f"if that run is gone (another host's crash), delete {out}/run.lock"
+    assert not err.value.orphaned
