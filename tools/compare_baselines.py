@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-limit", type=ranged(int, at_least=1), help="the first N documents of each task, the same "
                    "for every run (default: the recipe's: 4 for cpu-tiny and cpu-tiny-real, 100 for cpu-small, "
                    "cpu-real and cpu-real-70, 1000 for the GPU recipes)")
+    p.add_argument("--final-test-samples", type=ranged(int, at_least=0), help="each finished run's final checkpoint "
+                   "(and the parent) measured on the first N sequences of --test-data-path by tools/evaluate.py, into "
+                   "RUN/seedK/final_test.json and the report's final test table: the in-run test loss is a few batches "
+                   "(default: the recipe's: 256 for cpu-real and cpu-real-70, 1024 for gpu-real, 8 for cpu-tiny-real, "
+                   "0 (none) for the trained-parent recipes). Not a setting of the comparison: --resume with another N "
+                   "measures again")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--resume", action="store_true", help="continue the comparison in --out")
     p.add_argument("--dry-run", action="store_true", help="print the plan (and sbatch lines), run nothing")
@@ -123,7 +129,8 @@ def _validate(args: argparse.Namespace):
     if args.dry_run and (args.only or args.report_only):
         raise ConfigError(f"--dry-run starts nothing, --{'only' if args.only else 'report-only'} does something: "
                           "give one of them")
-    overrides = {k: v for k, v in (("continue_tokens", args.train_tokens), ("target_ratio", args.target_ratio))
+    overrides = {k: v for k, v in (("continue_tokens", args.train_tokens), ("target_ratio", args.target_ratio),
+                                   ("final_test_samples", args.final_test_samples))
                  if v is not None}
     recipe = get_recipe(args.recipe, **overrides)
     family = family_of(recipe)
@@ -309,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                             tokenizer_model=os.path.abspath(tokenizer_model),
                             test_data_path=[os.path.abspath(p) if os.path.exists(p + ".bin") else p
                                             for p in args.test_data_path],
-                            tokenizer_type=args.tokenizer_type), tasks=tasks, task_limit=task_limit)
+                            tokenizer_type=args.tokenizer_type), tasks=tasks, task_limit=task_limit,
+                  final_test_samples=recipe.final_test_samples)
     campaign = Campaign(recipe, ctx, seeds, runs)
     command = format_command(["python", "tools/compare_baselines.py", *(argv if argv is not None else sys.argv[1:])])
     for note in notes:
@@ -327,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
               f"training split holds {available:,} tokens")
         print(f"tasks: {', '.join(tasks)}, the first {task_limit or 'all'} documents of each, scored on every "
               "finished run (tools/evaluate.py; RUN/seedK/tasks.json)" if tasks else "tasks: none (--tasks none)")
+        print(f"final test loss: the first {ctx.final_test_samples} sequences of --test-data-path, measured on every "
+              "finished run (tools/evaluate.py; RUN/seedK/final_test.json)" if ctx.final_test_samples
+              else "final test loss: the in-run measurement only (--final-test-samples 0)")
         family = family_of(recipe)
         for run in runs:
             if not family.late(run):

@@ -205,6 +205,9 @@ class Context:
     # (none: no scoring) and the first documents of each
     tasks: tuple[str, ...] = ()
     task_limit: int | None = None
+    # every finished run's final test loss on this many sequences of the test data
+    # (``campaign.Campaign.measure_final_test``); 0: the in-run test loss alone
+    final_test_samples: int = 0
 
     def run_dir(self, run: str, seed: int) -> str:
         return os.path.join(self.out, run, f"seed{seed}")
@@ -496,6 +499,25 @@ def write_tasks_command(plan: RunPlan, recipe: Recipe, settings: dict, output: s
             *(["--limit", str(settings["limit"])] if settings["limit"] else []), "--output", output]
     lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
     path = os.path.join(plan.folder, "tasks.sh")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+def write_final_test_command(plan: RunPlan, recipe: Recipe, settings: dict, output: str) -> str:
+    """``FOLDER/final_test.sh``: ``tools/evaluate.py`` measuring the run's checkpoint on the first
+    ``settings['samples']`` sequences of the test data (one process), rerunnable by hand."""
+    lines = ["#!/usr/bin/env bash",
+             f"# tools/compare_baselines.py, recipe {recipe.name}: the final test loss of run {plan.name}, seed {plan.seed}.",
+             "set -euo pipefail", f"cd {shlex.quote(REPO)}", "export TORCHDYNAMO_DISABLE=1 PYTHONUNBUFFERED=1"]
+    if recipe.threads:
+        lines.append(f"export OMP_NUM_THREADS={recipe.threads}")
+    argv = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--load", settings["checkpoint"],
+            "--data-path", *settings["test_data_path"], "--seq-length", str(settings["seq_length"]),
+            "--max-samples", str(settings["samples"]), "--micro-batch-size", str(recipe.micro_batch_size),
+            "--output", output]
+    lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
+    path = os.path.join(plan.folder, "final_test.sh")
     atomic_write_text(path, "\n".join(lines) + "\n")
     os.chmod(path, 0o755)
     return path

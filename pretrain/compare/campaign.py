@@ -187,6 +187,26 @@ def task_settings(ctx: Context, checkpoint: str) -> dict:
     return {"tasks": list(ctx.tasks), "limit": ctx.task_limit, "num_fewshot": 0, "checkpoint": checkpoint}
 
 
+# A run's final test loss on a larger sample (``Campaign.measure_final_test``): ``{"settings":
+# final_test_settings(...), "loss", "samples", "tokens"}``.
+FINAL_TEST_FILE = "final_test.json"
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        data = json.load(open(path)) if os.path.isfile(path) else None
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged file: measured again
+    return data if isinstance(data, dict) else None
+
+
+def final_test_settings(ctx: Context, recipe: Recipe, checkpoint: str) -> dict:
+    """What a ``FINAL_TEST_FILE`` must have been made with to stand: the test data, the sequences
+    (the first ``final_test_samples`` of it, at the recipe's length) and the checkpoint."""
+    return {"test_data_path": list(ctx.data.test_data_path), "samples": ctx.final_test_samples,
+            "seq_length": recipe.seq_length, "checkpoint": checkpoint}
+
+
 class Campaign:
     """The sweeps, then every run of every seed, in dependency order; results kept on disk."""
 
@@ -238,7 +258,7 @@ class Campaign:
         if os.path.isfile(path):
             result = json.load(open(path))
             if result.get("status") == "ok":
-                return self.score_tasks(plan, result) if score else result
+                return self.measure(plan, result) if score else result
         command = arms.write_command(plan, self.recipe, self.ctx)
         wall_path = os.path.join(plan.folder, "wall_seconds.json")
         spent = json.load(open(wall_path)) if os.path.isfile(wall_path) else {"seconds": 0.0, "cpu_seconds": 0.0}
@@ -266,7 +286,12 @@ class Campaign:
         _log(f"{plan.name} seed {plan.seed}: {result['status']}"
              + (f", test loss {result['test_loss']:.4f}, {result['wall_seconds']:.0f} s" if result["status"] == "ok"
                 else f" ({result['reason']})"))
-        return self.score_tasks(plan, result) if score and result["status"] == "ok" else result
+        return self.measure(plan, result) if score and result["status"] == "ok" else result
+
+    def measure(self, plan: RunPlan, result: dict) -> dict:
+        """A finished run's final checkpoint judged beyond its in-run test loss: scored on the
+        campaign's tasks, then its loss measured on a larger sample of the test data."""
+        return self.measure_final_test(plan, self.score_tasks(plan, result))
 
     def _check_not_running(self, plan: RunPlan) -> None:
         """A run still trained by another process (left by a stopped campaign, or started by hand)
@@ -288,8 +313,7 @@ class Campaign:
         into ``result.json``; a scoring that fails is said and leaves the run's result as it was."""
         if not self.ctx.tasks:
             return result
-        stored = StoredCheckpoint.find(plan.first_load if "--skip-train" in plan.flags
-                                       else os.path.join(plan.folder, "ckpt"))
+        stored = self._final_checkpoint(plan)
         if stored is None:
             return result
         settings = task_settings(self.ctx, stored.folder)
@@ -331,6 +355,57 @@ class Campaign:
         primary = {name: m["primary"] for name, m in results["tasks"].items()}
         _log(f"{plan.name} seed {plan.seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         return {"settings": {**settings, "primary": primary}, "scores": scores, "results": results}
+
+    def _final_checkpoint(self, plan: RunPlan) -> StoredCheckpoint | None:
+        """What a finished run is judged by: its last checkpoint (an imported parent's: the
+        checkpoint it measured)."""
+        return StoredCheckpoint.find(plan.first_load if "--skip-train" in plan.flags
+                                     else os.path.join(plan.folder, "ckpt"))
+
+    def measure_final_test(self, plan: RunPlan, result: dict) -> dict:
+        """A finished run's final checkpoint measured on the first ``ctx.final_test_samples``
+        sequences of the test data by ``tools/evaluate.py`` (``FOLDER/final_test.sh``; the same
+        sequences for every run, whatever its seed), unless its ``FINAL_TEST_FILE`` was made with
+        the same data, sample count and checkpoint. The in-run test loss is a few batches (what
+        the curves can afford at every evaluation); this one is large enough to tell measurement
+        from seed spread. The loss goes into ``result.json`` as ``final_test``; a measurement that
+        fails is said and leaves the result as it was (``--resume`` tries again)."""
+        if not self.ctx.final_test_samples:
+            return result
+        stored = self._final_checkpoint(plan)
+        if stored is None:
+            return result
+        settings = final_test_settings(self.ctx, self.recipe, stored.folder)
+        existing = _read_json(os.path.join(plan.folder, FINAL_TEST_FILE))
+        if not existing or existing.get("settings") != settings:
+            existing = self._run_final_test(plan, settings)
+            if existing is None:
+                return result
+            atomic_write_text(os.path.join(plan.folder, FINAL_TEST_FILE), json.dumps(existing, indent=1))
+        measured = {k: existing[k] for k in ("loss", "samples", "tokens")}
+        if result.get("final_test") != measured:
+            result = {**result, "final_test": measured}
+            atomic_write_text(self.result_path(plan), json.dumps(result, indent=1))
+        return result
+
+    def _run_final_test(self, plan: RunPlan, settings: dict) -> dict | None:
+        output = os.path.join(plan.folder, "final_test_results.json")
+        command = arms.write_final_test_command(plan, self.recipe, settings, output)
+        _log(f"{plan.name} seed {plan.seed}: test loss on the first {settings['samples']} sequences of the test data "
+             f"({settings['checkpoint']}): bash {command}")
+        log = os.path.join(plan.folder, "final_test_log.txt")
+        if os.path.exists(output):
+            os.remove(output)  # an earlier attempt's: only this one's result counts
+        code = self.execute(command, log)
+        measured = _read_json(output) if code == 0 else None
+        if not measured or not isinstance(measured.get("loss"), (int, float)):
+            _log(f"{plan.name} seed {plan.seed}: the final test loss was not measured (exit code {code}; see {log}); "
+                 "--resume tries again")
+            return None
+        os.remove(output)
+        _log(f"{plan.name} seed {plan.seed}: final test loss {measured['loss']:.4f} over {measured['tokens']:,} tokens")
+        return {"settings": settings, "loss": measured["loss"], "samples": measured["samples"],
+                "tokens": measured["tokens"]}
 
     def run_if_possible(self, run: str, seed: int, sweep: bool = False, lr: float | None = None) -> dict | None:
         missing = [need for need in self.family.needs[run]

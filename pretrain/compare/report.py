@@ -103,20 +103,41 @@ def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict
                 "test_loss_per_seed": {s: r["test_loss"] for s, r in ok.items()},
             })
             ref = _reference(family, run)
-            a = {s: results.get((ref, s)) for s in ok}
-            # the parent is a starting point, not an alternative to the reference
-            paired = {s: r["test_loss"] - a[s]["test_loss"] for s, r in ok.items()
-                      if ref and a[s] and a[s].get("status") == "ok"}
+            paired = _paired(ok, results, ref, lambda r: r["test_loss"])
             if paired:
-                row[f"minus_{ref}"] = {"mean": statistics.mean(paired.values()), "per_seed": paired,
-                                       "std": _mean_std(list(paired.values()))[1],
-                                       f"{ref}_better_in": sum(1 for d in paired.values() if d > 0),
-                                       "seeds": len(paired)}
+                row[f"minus_{ref}"] = paired
+            final = {s: r["final_test"] for s, r in ok.items() if r.get("final_test")}
+            if final:  # the larger measurement of the final checkpoints (campaign.measure_final_test)
+                row["final_test"] = {**dict(zip(("mean", "std"), _mean_std([f["loss"] for f in final.values()]))),
+                                     "seeds": len(final), "per_seed": {s: f["loss"] for s, f in final.items()},
+                                     "tokens": sorted({f["tokens"] for f in final.values()})}
+                paired = _paired({s: ok[s] for s in final}, results, ref,
+                                 lambda r: (r.get("final_test") or {}).get("loss"))
+                if paired:
+                    row[f"final_test_minus_{ref}"] = paired
             tasks = [r["tasks"] for r in ok.values() if r.get("tasks")]
             if tasks:  # the campaign's TASKS_FILE: each task's score, mean over the seeds that have it
                 row["tasks"] = {t: statistics.mean(x[t] for x in tasks if t in x) for t in sorted(set().union(*tasks))}
         out[run] = row
     return out
+
+
+def _paired(ok: dict, results: dict, ref: str | None, value) -> dict | None:
+    """``value`` of each seed's run minus the reference run's on the same seed, with its mean, std
+    and the seeds where the reference is better; None without a finished reference (the parent is
+    a starting point, not an alternative to it)."""
+    if not ref:
+        return None
+    diffs = {}
+    for s, r in ok.items():
+        other = results.get((ref, s)) or {}
+        mine, theirs = value(r), (value(other) if other.get("status") == "ok" else None)
+        if mine is not None and theirs is not None:
+            diffs[s] = mine - theirs
+    if not diffs:
+        return None
+    return {"mean": statistics.mean(diffs.values()), "per_seed": diffs, "std": _mean_std(list(diffs.values()))[1],
+            f"{ref}_better_in": sum(1 for d in diffs.values() if d > 0), "seeds": len(diffs)}
 
 
 def _fmt_count(x: float) -> str:
@@ -144,6 +165,7 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
                   "Learning rates (chosen on the training data's validation split, seed 0): "
                   + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), ""]
         lines += _table(summary, list(summary), "A", "FLOPs + parent")
+        lines += final_test_lines(summary, [("matched tokens or FLOPs", list(summary), "A")])
         lines += ["", "Runs: " + "; ".join(f"**{k}** {v}" for k, v in DESCRIPTIONS.items()), "",
                   "*minus A*: the run's test loss minus A's, per seed, averaged, ± their standard deviation over seeds "
                   "(positive: A is better); "
@@ -222,12 +244,15 @@ def _imported_lines(recipe, seeds: list[int], summary: dict, results: dict, lrs:
               "Each arm continued after its window until it has spent the budget (whole steps); the arm that set "
               "it is its own -ii row.", ""]
     lines += _table(summary, late, "M-ii", "FLOPs teacher")
+    lines += final_test_lines(summary, [("matched tokens", base, "M"), ("matched FLOPs", late, "M-ii")])
     lines += ["", "## Verdict", "",
               "Each pruned arm against Minitron's recipe, paired by seed. A difference is called larger than the "
               "seed spread when it has the same sign on every seed (2 at least) and its mean exceeds each arm's "
               "standard deviation over seeds and that of the paired differences: a rule for few seeds, not a "
               "significance test.", ""] + \
-        verdict_lines(summary, base, "M", "matched tokens") + verdict_lines(summary, late, "M-ii", "matched FLOPs")
+        verdict_lines(summary, base, "M", "matched tokens") + verdict_lines(summary, late, "M-ii", "matched FLOPs") + \
+        verdict_lines(summary, base, "M", "matched tokens", "final_test") + \
+        verdict_lines(summary, late, "M-ii", "matched FLOPs", "final_test")
     lines += ["", "Runs: " + "; ".join(f"**{k}** {v}" for k, v in REAL_DESCRIPTIONS.items() if not k.endswith("-ii")),
               "", "*minus M*: the run's test loss minus M's (Minitron's recipe), per seed, averaged, ± the standard "
               "deviation of those paired differences over seeds (positive: M is better); *FLOPs actual*: what the run computed, the teacher's forward passes included (a masked model "
@@ -236,24 +261,60 @@ def _imported_lines(recipe, seeds: list[int], summary: dict, results: dict, lrs:
     return lines
 
 
-def verdict_lines(summary: dict, runs: list[str], ref: str, setting: str) -> list[str]:
+def final_test_lines(summary: dict, tables: list[tuple[str, list[str], str]]) -> list[str]:
+    """The final checkpoints' test loss on the larger sample (``campaign.measure_final_test``):
+    one table per (setting, runs, reference), beside the in-run measurement; nothing when no run
+    was measured."""
+    measured = [row for row in summary.values() if "final_test" in row]
+    if not measured:
+        return []
+    tokens = sorted({t for row in measured for t in row["final_test"]["tokens"]})
+    lines = ["", f"## Final test loss on a larger sample ({' / '.join(f'{t:,}' for t in tokens)} tokens)", "",
+             "Each run's final checkpoint (the parent: the checkpoint it starts from) measured by `tools/evaluate.py` "
+             "on the first sequences of --test-data-path, the same for every run: the in-run test loss (the tables "
+             "above, and the curves) is a few batches of them."
+             + (" (WARNING: not every run was measured on as many tokens; --resume measures them again.)"
+                if len(tokens) > 1 else ""), ""]
+    for setting, runs, ref in tables:
+        rows = [r for r in runs if "final_test" in summary.get(r, {})]
+        if not rows:
+            continue
+        lines += [f"At {setting}:", "", f"| run | final test loss | minus {ref} (paired) | {ref} better | "
+                  "in-run test loss |", "|---|---|---|---|---|"]
+        for run in rows:
+            row = summary[run]
+            loss, diff = row["final_test"], row.get(f"final_test_minus_{ref}")
+            cells = [run, f"{loss['mean']:.4f}" + (f" ± {loss['std']:.4f}" if loss["seeds"] > 1 else "")
+                     + f" ({loss['seeds']} seed{'s' if loss['seeds'] > 1 else ''})"]
+            cells += ([f"{diff['mean']:+.4f}" + (f" ± {diff['std']:.4f}" if diff["seeds"] > 1 else ""),
+                       f"{diff[f'{ref}_better_in']}/{diff['seeds']}"] if diff else ["", ""])
+            lines.append("| " + " | ".join(cells + [f"{row['test_loss']['mean']:.4f}"]) + " |")
+        lines.append("")
+    return lines
+
+
+def verdict_lines(summary: dict, runs: list[str], ref: str, setting: str, metric: str = "test_loss") -> list[str]:
     """Plain sentences for one table: the ranking by mean test loss, and each pruned arm against
     ``ref`` (Minitron's recipe). A difference is *larger than the seed spread* when it has the
     same sign on every seed (at least 2) and its mean exceeds each arm's own standard deviation
     over seeds and the paired differences' own: a stated rule for few seeds, not a significance
-    test."""
-    finished = [r for r in runs if "test_loss" in summary.get(r, {})]
+    test. ``metric``: ``test_loss`` (the in-run measurement, on every curve) or ``final_test``
+    (the final checkpoints on a larger sample)."""
+    what = "test loss" if metric == "test_loss" else "final test loss"
+    finished = [r for r in runs if metric in summary.get(r, {})]
     if not finished:
-        return [f"- At {setting}: no run has finished yet."]
-    ranked = sorted(finished, key=lambda r: summary[r]["test_loss"]["mean"])
-    lines = [f"- At {setting}, by mean test loss: " + ", ".join(
-        f"{r} {summary[r]['test_loss']['mean']:.4f} ({summary[r]['test_loss']['seeds']} "
-        f"seed{'s' if summary[r]['test_loss']['seeds'] > 1 else ''})" for r in ranked) + "."]
+        return [f"- At {setting}: no run has finished yet."] if metric == "test_loss" else []
+    ranked = sorted(finished, key=lambda r: summary[r][metric]["mean"])
+    lines = [f"- At {setting}, by mean {what}: " + ", ".join(
+        f"{r} {summary[r][metric]['mean']:.4f} ({summary[r][metric]['seeds']} "
+        f"seed{'s' if summary[r][metric]['seeds'] > 1 else ''})" for r in ranked) + "."]
     ref_row = summary.get(ref, {})
-    if "test_loss" not in ref_row:
-        return lines + [f"- {ref} has not finished: no paired comparison yet."]
+    if metric not in ref_row:
+        return lines + [f"- {ref} has not finished" + ("" if metric == "test_loss" else " or was not measured")
+                        + ": no paired comparison yet."]
+    prefix = "" if metric == "test_loss" else "final_test_"
     for run in finished:
-        diff = summary[run].get(f"minus_{ref}")
+        diff = summary[run].get(f"{prefix}minus_{ref}")
         if not diff or run.removesuffix("-ii") not in PRUNED_REAL:
             continue
         gap, n = -diff["mean"], diff["seeds"]
@@ -262,7 +323,7 @@ def verdict_lines(summary: dict, runs: list[str], ref: str, setting: str) -> lis
         if n < 2:
             lines.append(f"- {who} on 1 seed: no seed spread yet.")
             continue
-        spread = max(summary[run]["test_loss"]["std"], ref_row["test_loss"]["std"], diff["std"])
+        spread = max(summary[run][metric]["std"], ref_row[metric]["std"], diff["std"])
         per_seed = list(diff["per_seed"].values())
         same_sign = all(d > 0 for d in per_seed) or all(d < 0 for d in per_seed)
         larger = same_sign and abs(gap) > spread  # (False when a spread is NaN)

@@ -340,6 +340,73 @@ def test_finished_runs_are_scored_on_the_tasks_once_per_settings(tmp_path, monke
     assert "| run | boolq | piqa |" in text and "| A | 0.250 | 0.500 |" in text
 
 
+def test_finished_runs_are_measured_on_a_larger_test_sample_once_per_settings(tmp_path, monkeypatch):
+    """Issue 28: a finished run's final checkpoint is measured by tools/evaluate.py on the first N
+    sequences of the test data (FOLDER/final_test.sh) into final_test.json and result.json's
+    ``final_test``; the same data, N and checkpoint are not measured again, another N is; a failed
+    measurement leaves the result as it was; N = 0 measures nothing."""
+    import dataclasses
+    import shlex
+    from types import SimpleNamespace
+
+    from pretrain.compare import campaign as campaign_module
+    from pretrain.compare.campaign import Campaign
+
+    ckpt = str(tmp_path / "M" / "seed1" / "ckpt" / "iter_0000004")
+    monkeypatch.setattr(campaign_module.StoredCheckpoint, "find", classmethod(
+        lambda cls, path, skipped=None: SimpleNamespace(folder=ckpt)))
+    calls, outcome = [], {"code": 0, "loss": 4.25}
+
+    def execute(command: str, log: str) -> int:  # tools/evaluate.py, as final_test.sh asks it
+        argv = shlex.split(open(command).read().splitlines()[-1])[1:]
+        calls.append(argv)
+        if outcome["code"] == 0:
+            samples = int(argv[argv.index("--max-samples") + 1])
+            with open(argv[argv.index("--output") + 1], "w") as f:
+                json.dump({"loss": outcome["loss"], "perplexity": 70.1, "samples": samples, "tokens": samples * 64,
+                           "checkpoint": ckpt}, f)
+        return outcome["code"]
+
+    recipe = get_recipe("cpu-tiny-real")
+    ctx = arms.Context(out=str(tmp_path), data=arms.Data(data_path=["d"], tokenizer_model="t",
+                                                         test_data_path=["/data/held_out_a", "/data/held_out_b"]),
+                       final_test_samples=16)
+    camp = Campaign(recipe, ctx, [1], ["M"], execute=execute)
+    folder = str(tmp_path / "M" / "seed1")
+    os.makedirs(folder)
+    plan = SimpleNamespace(name="M", seed=1, folder=folder, flags=[], first_load=None, lr=1e-3)
+    with open(os.path.join(folder, "result.json"), "w") as f:
+        json.dump({"status": "ok", "run": "M", "seed": 1, "test_loss": 4.5}, f)
+
+    result = camp.run_one(plan)  # finished before the measurement: measured now
+    argv = calls[0]
+    assert argv[argv.index("--load") + 1] == ckpt and argv[argv.index("--max-samples") + 1] == "16"
+    assert argv[argv.index("--data-path") + 1:argv.index("--data-path") + 3] == ["/data/held_out_a", "/data/held_out_b"]
+    assert argv[argv.index("--seq-length") + 1] == "64"
+    assert argv[argv.index("--micro-batch-size") + 1] == str(recipe.micro_batch_size)
+    assert result["final_test"] == {"loss": 4.25, "samples": 16, "tokens": 1024} and result["test_loss"] == 4.5
+    assert json.load(open(os.path.join(folder, "result.json")))["final_test"] == result["final_test"]
+    assert json.load(open(os.path.join(folder, "final_test.json")))["settings"]["samples"] == 16
+    assert not os.path.exists(os.path.join(folder, "final_test_results.json"))
+    assert camp.run_one(plan) == result and len(calls) == 1  # the same settings: not again
+    camp.ctx = dataclasses.replace(ctx, final_test_samples=32)
+    outcome["code"] = 1
+    assert camp.run_one(plan) == result and len(calls) == 2  # another N, failed: said, the result kept
+    outcome.update(code=0, loss=4.3)
+    assert camp.run_one(plan)["final_test"] == {"loss": 4.3, "samples": 32, "tokens": 2048} and len(calls) == 3
+    with open(os.path.join(folder, "final_test.json"), "w") as f:
+        f.write("{damaged")
+    assert camp.run_one(plan)["final_test"]["loss"] == 4.3 and len(calls) == 4  # a damaged file: again
+    camp.ctx = dataclasses.replace(ctx, final_test_samples=0)
+    assert camp.run_one(plan)["final_test"]["loss"] == 4.3 and len(calls) == 4  # none asked: nothing run
+
+
+def test_final_test_samples_fewer_than_a_batch_are_refused():
+    with pytest.raises(ConfigError, match=r"final_test_samples \(--final-test-samples\) 3 is fewer than one batch of 8"):
+        get_recipe("cpu-tiny-real", final_test_samples=3)
+    assert get_recipe("cpu-tiny-real", final_test_samples=0).final_test_samples == 0
+
+
 def test_a_sweep_rate_that_failed_holds_back_the_runs_it_decides(tmp_path):
     """A learning-rate sweep with a failed rate decides nothing: the runs whose rate it sets are
     recorded as waiting (not trained at a rate nobody chose, whose result a resume would keep), and

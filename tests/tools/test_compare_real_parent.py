@@ -175,7 +175,7 @@ def test_gpu_real_sbatch_imports_the_parent_and_checks_every_flag_for_8_gpus(rea
 def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
     out = str(tmp_path / "cmp")
     args = ["--recipe", "cpu-tiny-real", "--parent", real["parent"], "--data-path", real["train"],
-            "--test-data-path", real["test"], "--seeds", "1", "--out", out]
+            "--test-data-path", real["test"], "--seeds", "1", "--out", out, "--final-test-samples", "0"]
     # ~15 trainings and ~11 scorings (tools/evaluate.py, ~12 s each on an idle machine): a loaded one needs the margin
     proc = _tool(*args, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -271,3 +271,19 @@ def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
     assert proc.returncode == 0 and proc.stdout.count("scoring ") == 1 and "A seed 0: scoring" in proc.stdout, \
         proc.stdout[-2000:]
     assert "command.sh" not in proc.stdout and json.load(open(path))["tasks"] == results["A"]["tasks"]
+    # the final test loss on a larger sample asked for on --resume (as the cpu-real campaign did):
+    # measured on the finished runs asked for, nothing trained again
+    more = [a for a in args if a not in ("--final-test-samples", "0")]
+    proc = _tool(*more, "--resume", "--arms", "parent,parent-cont", "--final-test-samples", str(recipe.final_test_samples))
+    assert proc.returncode == 0 and "command.sh" not in proc.stdout and proc.stdout.count("final test loss ") == 2, \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    measured = {run: json.load(open(os.path.join(out, run, "seed0", "result.json"))).get("final_test")
+                for run in ("parent", "parent-cont", "A")}
+    assert measured["A"] is None
+    for run in ("parent", "parent-cont"):
+        assert measured[run]["samples"] == 8 and measured[run]["tokens"] == 8 * recipe.seq_length, run
+        assert 0 < measured[run]["loss"] < 10, run
+    text = open(os.path.join(out, "report.md")).read()
+    assert "## Final test loss on a larger sample (512 tokens)" in text and \
+        f"| parent-cont | {measured['parent-cont']['loss']:.4f} (1 seed) |" in text
+    assert "- At matched tokens, by mean final test loss: " in text

@@ -102,3 +102,41 @@ def test_the_verdict_says_who_won_by_how_much_and_against_the_seed_spread(tmp_pa
     write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0, 1], results, {}, [], "cmd")
     verdict = open(os.path.join(str(tmp_path), "report.md")).read().split("## Verdict")[1]
     assert "- A-KD equals M (mean of 2 seeds" in verdict
+
+
+def test_the_final_test_loss_on_a_larger_sample_has_its_own_table_and_verdict(tmp_path):
+    """The final checkpoints measured on more test data (``campaign.measure_final_test``): a table
+    per setting beside the in-run loss, paired with M / M-ii, and the verdict's own lines; a run
+    not measured (a campaign resumed with the measurement turned on, mid-way) is left out."""
+    in_run = {"A-KD": (3.89, 3.89), "M": (4.06, 3.93)}
+    final = {"A-KD": (3.95, 3.97), "M": (4.00, 4.03)}
+    results = {}
+    for run in in_run:
+        for s in (0, 1):
+            results[(run, s)] = {**_run(run, s, 1e9, in_run[run][s], 0.3),
+                                 "final_test": {"loss": final[run][s], "samples": 256, "tokens": 65536}}
+    results[("A", 0)] = _run("A", 0, 1e9, 3.89, 0.3)  # finished before the measurement was asked for
+    results[("A-ii", 0)] = {**_run("A-ii", 0, 2e9, 3.70, 0.3),
+                            "final_test": {"loss": 3.75, "samples": 256, "tokens": 65536}}
+    results[("M-ii", 0)] = {**_run("M-ii", 0, 2e9, 3.80, 0.3),
+                            "final_test": {"loss": 3.70, "samples": 256, "tokens": 65536}}
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0, 1], results, {}, [], "cmd")
+    text = open(os.path.join(str(tmp_path), "report.md")).read()
+    section = text.split("## Final test loss on a larger sample (65,536 tokens)")[1].split("## Verdict")[0]
+    assert "| A-KD | 3.9600 ± 0.0141 (2 seeds) | -0.0550 ± 0.0071 | 0/2 | 3.8900 |" in section
+    assert "| M | 4.0150 ± 0.0212 (2 seeds) |  |  | 3.9950 |" in section
+    assert "| A |" not in section
+    assert "| A-ii | 3.7500 (1 seed) | +0.0500 | 1/1 | 3.7000 |" in section
+    verdict = text.split("## Verdict")[1].split("\nRuns:")[0]
+    # the in-run loss says A-KD by 0.10, larger than the spread; the larger sample says 0.055, still on both seeds
+    assert "- A-KD is lower than M by 0.1050 (mean of 2 seeds, paired; M better on 0 of 2): larger than" in verdict
+    assert "- At matched tokens, by mean final test loss: A-KD 3.9600 (2 seeds), M 4.0150 (2 seeds)." in verdict
+    assert "- A-KD is lower than M by 0.0550 (mean of 2 seeds, paired; M better on 0 of 2): larger than the seed " \
+           "spread (0.0212)." in verdict
+    assert "- A-ii is higher than M-ii by 0.0500 on 1 seed: no seed spread yet." in verdict
+    # with no run measured, no section and no final-test verdict
+    for r in results.values():
+        r.pop("final_test", None)
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0, 1], results, {}, [], "cmd")
+    text = open(os.path.join(str(tmp_path), "report.md")).read()
+    assert "larger sample" not in text and "final test loss" not in text
