@@ -28,7 +28,10 @@ class TrainerState:
     tokens_seen: int = 0
     consumed_valid_samples: int = 0
     should_stop: bool = False
-    stop_reason: str = ""
+    stop_reason: str = ""  # the first reason asked for: what the run reports
+    # every reason asked for at the step it stopped: a stop signal that arrives on the step a
+    # shrink is due must still stop the run (``run.segments``), though "shrink" was asked first
+    stop_reasons: list[str] = field(default_factory=list)
     skipped_nonfinite_steps: int = 0
     # set when training stops on an error: the checkpoint callback then saves nothing more
     failed: bool = False
@@ -257,6 +260,8 @@ class Trainer:
     def request_stop(self, reason: str) -> None:
         self.state.should_stop = True
         self.state.stop_reason = self.state.stop_reason or reason
+        if reason not in self.state.stop_reasons:
+            self.state.stop_reasons.append(reason)
 
     def fit(self) -> TrainerState:
         for cb in self.callbacks:

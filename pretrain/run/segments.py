@@ -60,6 +60,14 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
             segments.append(summary)
             if summary.get("stop_reason") != "shrink":
                 break
+            others = [r for r in summary.get("stop_reasons", []) if r != "shrink"]
+            if others:
+                # a stop signal (or --exit-interval) on the step a shrink is due: stop, as asked.
+                # The checkpoint saved for the stop records the shrink as due, so --load of it
+                # shrinks first; going on would leave a preempted job to be killed mid-segment
+                print_rank0(f"stopped at iteration {summary['iteration']} ({', '.join(others)}) where the model was to "
+                            "shrink: resuming from the checkpoint shrinks first")
+                break
             cfg = _shrink_in_run(cfg, summary)
     finally:
         run_lock.release_all()  # the output folders are free for the next run
@@ -235,6 +243,7 @@ def _segment_summary(cfg: PretrainConfig, trainer, layout: dict) -> dict:
     tps = cfg.tokens_per_step()
     return {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
             "tokens_seen": state.tokens_seen, "history": history, "stop_reason": state.stop_reason,
+            "stop_reasons": list(state.stop_reasons),
             "layout": layout, "trainer": trainer, "params": params,
             "tokens_per_second": {"start": tps * _steps_per_second(history, last=False),
                                   "end": tps * _steps_per_second(history, last=True)}}
