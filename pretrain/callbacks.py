@@ -19,7 +19,11 @@ class LoggingCallback(Callback):
     """One line per ``--log-interval`` and the same scalars in tensorboard (rank 0).
 
     Also appends every step's metrics to ``metrics.jsonl`` beside the tensorboard events, so tests
-    and scripts can read the loss curve without tensorboard.
+    and scripts can read the loss curve without tensorboard. Each record has the wall and process
+    CPU seconds since the previous one (``elapsed_seconds``, ``process_cpu_seconds``; the first of
+    a process: since training began), so the previous step's evaluation and checkpoint are in
+    them: what the run cost, summed over its records, however often it was stopped and resumed
+    (a resumed step's record replaces the one of the attempt that lost it).
     """
 
     name = "logging"
@@ -32,9 +36,11 @@ class LoggingCallback(Callback):
         self._window: list[StepMetrics] = []
         self._start = time.time()
         self.history: list[dict] = []
+        self._last_wall, self._last_cpu = time.time(), time.process_time()
 
     def on_train_begin(self, trainer: Trainer) -> None:
         self._start = time.time()
+        self._last_wall, self._last_cpu = self._start, time.process_time()
         if self.tensorboard_dir and is_rank0():
             from torch.utils.tensorboard import SummaryWriter
 
@@ -47,6 +53,9 @@ class LoggingCallback(Callback):
         record = {"iteration": it, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
                   "tokens": tokens_seen, "step_seconds": m.seconds, "flops_per_token": self.flops_per_token,
                   **m.extra}
+        now_wall, now_cpu = time.time(), time.process_time()  # (process: every thread of it)
+        record["elapsed_seconds"], record["process_cpu_seconds"] = now_wall - self._last_wall, now_cpu - self._last_cpu
+        self._last_wall, self._last_cpu = now_wall, now_cpu
         if m.lm_pass:  # a second forward/backward of the model (saliency while distilling): charged to the run
             record["lm_pass_flops_per_token"] = self.flops_per_token
         self.history.append(record)

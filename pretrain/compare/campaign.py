@@ -131,7 +131,7 @@ def collect(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
                                       if metrics else 0),
         "tasks": _tasks(plan.folder),
         "test_loss": final[-1]["test_loss"], "valid_loss": final[-1].get("valid_loss"),
-        "wall_seconds": wall_seconds,
+        "wall_seconds": wall_seconds, **train_seconds(metrics),
         "curve": [{"iteration": e["iteration"], "tokens": e["tokens"], "flops": spent.get(e["iteration"], 0),
                    "test_loss": e.get("test_loss"), "valid_loss": e.get("valid_loss")} for e in evals],
         "pruning": [{"iteration": e["iteration"], "tokens": e["tokens"], "params": e["params"],
@@ -139,6 +139,18 @@ def collect(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
                      "kept_per_layer": e["kept_per_layer"], **({"search": e["search"]} if "search" in e else {})}
                     for e in pruning],
     }
+
+
+def train_seconds(metrics: list[dict]) -> dict:
+    """The run's own account of its time (``LoggingCallback``): wall and process CPU seconds summed
+    over its steps, each step once (a resumed step's record replaces the lost attempt's), the
+    evaluations and saves between steps included. Unlike the campaign's clock around each attempt
+    (``wall_seconds.json``), it keeps the attempts a killed campaign never saw return. Empty for
+    a run whose records predate these fields."""
+    if not metrics or not all("process_cpu_seconds" in r for r in metrics):
+        return {}
+    return {"train_wall_seconds": sum(r["elapsed_seconds"] for r in metrics),
+            "train_cpu_seconds": sum(r["process_cpu_seconds"] for r in metrics)}
 
 
 def _collect_measured(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:

@@ -94,9 +94,7 @@ def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict
                 "flops_ideal": statistics.mean(r["flops"]["ideal"] for r in ok.values()),
                 "flops_teacher": statistics.mean(r["flops"].get("teacher", 0) for r in ok.values()),
                 "flops_with_parent": statistics.mean(charged.values()),
-                "wall_seconds": statistics.mean(r["wall_seconds"] for r in ok.values()),
-                "cpu_seconds": (statistics.mean(r["cpu_seconds"] for r in ok.values())
-                                if all(r.get("cpu_seconds") is not None for r in ok.values()) else None),
+                **_seconds(ok.values()),
                 "lr": any_ok["lr"],
                 "test_loss": {**dict(zip(("mean", "std"), _mean_std([r["test_loss"] for r in ok.values()]))),
                               "seeds": len(ok)},
@@ -120,6 +118,20 @@ def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict
                 row["tasks"] = {t: statistics.mean(x[t] for x in tasks if t in x) for t in sorted(set().union(*tasks))}
         out[run] = row
     return out
+
+
+def _seconds(runs) -> dict:
+    """Mean wall and CPU seconds of a row's runs: the runs' own account of their steps
+    (``campaign.train_seconds``) where every run has one, else the campaign's clock around each
+    attempt, which misses an attempt whose campaign was killed before it returned (``source``)."""
+    runs = list(runs)
+    if all(r.get("train_cpu_seconds") is not None for r in runs):
+        return {"wall_seconds": statistics.mean(r["train_wall_seconds"] for r in runs),
+                "cpu_seconds": statistics.mean(r["train_cpu_seconds"] for r in runs), "seconds_source": "run"}
+    return {"wall_seconds": statistics.mean(r["wall_seconds"] for r in runs),
+            "cpu_seconds": (statistics.mean(r["cpu_seconds"] for r in runs)
+                            if all(r.get("cpu_seconds") is not None for r in runs) else None),
+            "seconds_source": "campaign" if any(r.get("tokens_trained") for r in runs) else "measured"}
 
 
 def _paired(ok: dict, results: dict, ref: str | None, value) -> dict | None:
@@ -206,13 +218,19 @@ def _table(summary: dict, runs: list[str], ref: str, last_flops: str) -> list[st
             f"| {run} | {shape} | {_fmt_count(row['params'])} | {_fmt_count(row['tokens'])} | "
             f"{_fmt_count(row['flops_actual'])} | {_fmt_count(row['flops_ideal'])} | "
             f"{_fmt_count(third)} | {row['wall_seconds']:.0f}"
-            + (f" ({row['cpu_seconds']:.0f})" if row.get("cpu_seconds") is not None else "") + " | "
+            + (f" ({row['cpu_seconds']:.0f})" if row.get("cpu_seconds") is not None else "")
+            + ("*" if row.get("seconds_source") == "campaign" else "") + " | "
             + (f"{loss['mean']:.4f} ± {loss['std']:.4f} ({loss['seeds']} seeds) | " if loss["seeds"] > 1
                else f"{loss['mean']:.4f} (1 seed) | ")
             + (f"{diff['mean']:+.4f}" + (f" ± {diff['std']:.4f}" if diff["seeds"] > 1 else "")
                + f" | {diff[f'{ref}_better_in']}/{diff['seeds']} |" if diff else " | |"))
         if row["not_ok"]:
             lines.append(f"| | missing seeds: {row['not_ok']} | | | | | | | | | |")
+    if any(summary.get(run, {}).get("seconds_source") == "campaign" for run in runs):
+        lines += ["", "*: seconds measured by the campaign around each attempt of the run (its steps' own account "
+                  "is missing: a run begun before it was kept); an attempt whose campaign was killed before it "
+                  "returned (a session's end) is not in them. The others: the run's own wall and process CPU "
+                  "seconds over its steps, evaluations and saves included, each step once."]
     return lines
 
 

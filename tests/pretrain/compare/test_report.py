@@ -140,3 +140,20 @@ def test_the_final_test_loss_on_a_larger_sample_has_its_own_table_and_verdict(tm
     write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0, 1], results, {}, [], "cmd")
     text = open(os.path.join(str(tmp_path), "report.md")).read()
     assert "larger sample" not in text and "final test loss" not in text
+
+
+def test_the_seconds_are_the_runs_own_where_they_have_them_and_marked_where_not(tmp_path):
+    """A run's own account of its steps (``campaign.train_seconds``) survives a campaign killed
+    mid-run; the campaign's clock does not: a row without the former is marked."""
+    results = {("parent", 0): {**_run("parent", 0, 0, 3.0, 0.4), "tokens_trained": 0, "wall_seconds": 80.0,
+                               "cpu_seconds": 60.0}}
+    results[("A", 0)] = {**_run("A", 0, 1e9, 3.5, 0.3), "train_wall_seconds": 1900.0, "train_cpu_seconds": 3700.0}
+    results[("M", 0)] = _run("M", 0, 1e9, 3.6, 0.3)  # begun before the runs kept their own account
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0], results, {}, [], "cmd")
+    text = open(os.path.join(str(tmp_path), "report.md")).read()
+    table = text.split("## At matched tokens")[1].split("## At matched FLOPs")[0]
+    assert "| 1900 (3700) |" in table and "| 10 (9)* |" in table and "| 80 (60) |" in table
+    assert "*: seconds measured by the campaign around each attempt" in table
+    del results[("M", 0)]
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0], results, {}, [], "cmd")
+    assert "*: seconds measured" not in open(os.path.join(str(tmp_path), "report.md")).read()
