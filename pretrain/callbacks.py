@@ -251,6 +251,11 @@ class CheckpointCallback(Callback):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
+    def signal_pending(self) -> bool:
+        """Whether a stop signal reached any rank after the last step's check (collective: every
+        rank calls it): the in-run shrink asks before it goes on to the next segment."""
+        return self.handle_signals and self._agreed_signal()
+
     def save_now(self, trainer: Trainer) -> None:
         if not self.save or self.last_saved_iteration == trainer.state.iteration:
             return

@@ -71,6 +71,7 @@ def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict
     """Per run: what it cost and reached, over seeds, and its paired difference to the reference
     run (``_reference``: ``minus_A`` or ``minus_M``/``minus_M-ii``)."""
     parent = {s: results.get(("parent", s)) for s in seeds}
+    final_tokens = _final_test_tokens(results)
     descriptions = DESCRIPTIONS if family.name == "trained" else REAL_DESCRIPTIONS
     charge_parent = family.name == "trained"
     out = {}
@@ -104,13 +105,22 @@ def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict
             paired = _paired(ok, results, ref, lambda r: r["test_loss"])
             if paired:
                 row[f"minus_{ref}"] = paired
-            final = {s: r["final_test"] for s, r in ok.items() if r.get("final_test")}
-            if final:  # the larger measurement of the final checkpoints (campaign.measure_final_test)
-                row["final_test"] = {**dict(zip(("mean", "std"), _mean_std([f["loss"] for f in final.values()]))),
-                                     "seeds": len(final), "per_seed": {s: f["loss"] for s, f in final.items()},
-                                     "tokens": sorted({f["tokens"] for f in final.values()})}
-                paired = _paired({s: ok[s] for s in final}, results, ref,
-                                 lambda r: (r.get("final_test") or {}).get("loss"))
+            # the larger measurement of the final checkpoints (campaign.measure_final_test): only
+            # losses over the same sequences are averaged or paired
+            def final_loss(r: dict) -> float | None:
+                f = r.get("final_test") or {}
+                return f["loss"] if f and f.get("tokens") == final_tokens else None
+
+            final = {s: final_loss(r) for s, r in ok.items() if final_loss(r) is not None}
+            others = {s: r["final_test"]["tokens"] for s, r in ok.items()
+                      if r.get("final_test") and final_loss(r) is None}
+            if others:
+                row["final_test_other_sizes"] = others
+            if final:
+                row["final_test"] = {**dict(zip(("mean", "std"), _mean_std(list(final.values())))),
+                                     "seeds": len(final), "per_seed": final, "tokens": final_tokens,
+                                     "test_loss": statistics.mean(ok[s]["test_loss"] for s in final)}
+                paired = _paired({s: ok[s] for s in final}, results, ref, final_loss)
                 if paired:
                     row[f"final_test_minus_{ref}"] = paired
             tasks = [r["tasks"] for r in ok.values() if r.get("tasks")]
@@ -118,6 +128,17 @@ def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict
                 row["tasks"] = {t: statistics.mean(x[t] for x in tasks if t in x) for t in sorted(set().union(*tasks))}
         out[run] = row
     return out
+
+
+def _final_test_tokens(results: dict) -> int | None:
+    """The size of the final test measurement that the report compares: the one most runs have
+    (the larger on a tie). A resumed campaign measures again what another --final-test-samples
+    made, so other sizes are runs whose measurement failed or has not come yet."""
+    sizes = [r["final_test"]["tokens"] for r in results.values()
+             if r and r.get("status") == "ok" and (r.get("final_test") or {}).get("tokens")]
+    if not sizes:
+        return None
+    return max(set(sizes), key=lambda t: (sizes.count(t), t))
 
 
 def _seconds(runs) -> dict:
@@ -286,19 +307,20 @@ def final_test_lines(summary: dict, tables: list[tuple[str, list[str], str]]) ->
     measured = [row for row in summary.values() if "final_test" in row]
     if not measured:
         return []
-    tokens = sorted({t for row in measured for t in row["final_test"]["tokens"]})
-    lines = ["", f"## Final test loss on a larger sample ({' / '.join(f'{t:,}' for t in tokens)} tokens)", "",
+    other = {run: row["final_test_other_sizes"] for run, row in summary.items() if row.get("final_test_other_sizes")}
+    lines = ["", f"## Final test loss on a larger sample ({measured[0]['final_test']['tokens']:,} tokens)", "",
              "Each run's final checkpoint (the parent: the checkpoint it starts from) measured by `tools/evaluate.py` "
              "on the first sequences of --test-data-path, the same for every run: the in-run test loss (the tables "
              "above, and the curves) is a few batches of them."
-             + (" (WARNING: not every run was measured on as many tokens; --resume measures them again.)"
-                if len(tokens) > 1 else ""), ""]
+             + (" Left out, measured on another number of tokens (a --resume with this --final-test-samples "
+                "measures them again): " + "; ".join(f"{run} seed {s} ({t:,})" for run, by_seed in other.items()
+                                                     for s, t in by_seed.items()) + "." if other else ""), ""]
     for setting, runs, ref in tables:
         rows = [r for r in runs if "final_test" in summary.get(r, {})]
         if not rows:
             continue
         lines += [f"At {setting}:", "", f"| run | final test loss | minus {ref} (paired) | {ref} better | "
-                  "in-run test loss |", "|---|---|---|---|---|"]
+                  "in-run test loss (the same seeds) |", "|---|---|---|---|---|"]
         for run in rows:
             row = summary[run]
             loss, diff = row["final_test"], row.get(f"final_test_minus_{ref}")
@@ -306,7 +328,7 @@ def final_test_lines(summary: dict, tables: list[tuple[str, list[str], str]]) ->
                      + f" ({loss['seeds']} seed{'s' if loss['seeds'] > 1 else ''})"]
             cells += ([f"{diff['mean']:+.4f}" + (f" ± {diff['std']:.4f}" if diff["seeds"] > 1 else ""),
                        f"{diff[f'{ref}_better_in']}/{diff['seeds']}"] if diff else ["", ""])
-            lines.append("| " + " | ".join(cells + [f"{row['test_loss']['mean']:.4f}"]) + " |")
+            lines.append("| " + " | ".join(cells + [f"{loss['test_loss']:.4f}"]) + " |")
         lines.append("")
     return lines
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 from pretrain import checkpoint as ckpt
 from pretrain.benchmarks import load_tasks, max_length, parse_tasks, scored_vocab
@@ -279,7 +280,11 @@ def restore_trainer_state(cfg: PretrainConfig, trainer, resume: Resume, stored: 
         trainer.load_state_dict(resume.trainer_state)
         if resume.loaded.local_state:
             trainer.load_local_state_dict(resume.loaded.local_state)
-        callback_named(trainer, "checkpoint").last_saved_iteration = trainer.state.iteration
+        if stored is not None and cfg.checkpoint.save and \
+                os.path.realpath(os.path.dirname(stored.folder)) == os.path.realpath(cfg.checkpoint.save):
+            # --save holds this iteration already. Loaded from elsewhere it does not, and a shrink
+            # due at once (one a stop interrupted) reads its source from --save: it saves first
+            callback_named(trainer, "checkpoint").last_saved_iteration = trainer.state.iteration
     elif cfg.prune.enabled and stored and stored.pruning is not None:
         # --finetune starts a fresh run, but the weights it loaded are pruned: keep their masks
         callback_named(trainer, "pruning").load_state_dict(stored.pruning)

@@ -61,7 +61,12 @@ def run(cfg: PretrainConfig, extra_callbacks: list = (), plain_megatron_spec: bo
             if summary.get("stop_reason") != "shrink":
                 break
             others = [r for r in summary.get("stop_reasons", []) if r != "shrink"]
+            checkpointer = callback_named(summary["trainer"], "checkpoint")
+            if not others and checkpointer.signal_pending():  # after the step's own check
+                checkpointer.save_now(summary["trainer"])
+                others = ["signal"]
             if others:
+                summary["stop_reason"] = others[0]
                 # a stop signal (or --exit-interval) on the step a shrink is due: stop, as asked.
                 # The checkpoint saved for the stop records the shrink as due, so --load of it
                 # shrinks first; going on would leave a preempted job to be killed mid-segment
@@ -226,7 +231,7 @@ def _hold_output_folders(cfg: PretrainConfig) -> None:
 
 def _print_end(cfg: PretrainConfig, state) -> None:
     if state.stop_reason:
-        print_rank0(f"stopped at iteration {state.iteration}: {state.stop_reason}")
+        print_rank0(f"stopped at iteration {state.iteration}: {', '.join(state.stop_reasons) or state.stop_reason}")
     if cfg.logging.tensorboard_dir:
         print_rank0(f"tensorboard logs: {os.path.abspath(cfg.logging.tensorboard_dir)} "
                     f"(view with: tensorboard --logdir {cfg.logging.tensorboard_dir})")

@@ -144,12 +144,16 @@ def test_gpu_real_sbatch_imports_the_parent_and_checks_every_flag_for_8_gpus(rea
     hf = tiny_hf_llama(str(tmp_path / "hf256"), real["tok"], hidden=256)  # align 64 leaves room for 50%
     out = str(tmp_path / "g")
     env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "RECIPE": "gpu-real", "PARENT": hf,
-           "DATA_PATH": real["train"], "TEST_DATA_PATH": real["test"], "OUT": out, "PYTHONWARNINGS": "ignore"}
+           "DATA_PATH": real["train"], "TEST_DATA_PATH": real["test"], "OUT": out, "PYTHONWARNINGS": "ignore",
+           "TASK_LIMIT": "50", "FINAL_TEST_SAMPLES": "512"}
     env.pop("TOKENIZER_MODEL", None)
     proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "compare_baselines.sbatch")], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert os.path.isfile(os.path.join(out + "_parent", "tokenizer", "tokenizer.model"))  # imported beside OUT
+    # how each run is judged reaches every job: they all run tools/compare_baselines.py with these
+    sbatch = [line for line in proc.stdout.splitlines() if line.startswith("sbatch")]
+    assert sbatch and all("--task-limit 50" in line and "--final-test-samples 512" in line for line in sbatch)
     for run in arms.REAL_RUNS:
         if not run.endswith("-ii"):
             assert f"checked {run}: flags valid for 8 ranks" in proc.stdout, proc.stdout

@@ -134,6 +134,15 @@ def test_the_final_test_loss_on_a_larger_sample_has_its_own_table_and_verdict(tm
     assert "- A-KD is lower than M by 0.0550 (mean of 2 seeds, paired; M better on 0 of 2): larger than the seed " \
            "spread (0.0212)." in verdict
     assert "- A-ii is higher than M-ii by 0.0500 on 1 seed: no seed spread yet." in verdict
+    # a run measured on another number of tokens (a failed measurement after another N) is neither
+    # averaged nor paired: it is named
+    results[("A-KD", 1)]["final_test"] = {"loss": 3.5, "samples": 512, "tokens": 131072}
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0, 1], results, {}, [], "cmd")
+    text = open(os.path.join(str(tmp_path), "report.md")).read()
+    section = text.split("## Final test loss on a larger sample (65,536 tokens)")[1].split("## Verdict")[0]
+    assert "Left out, measured on another number of tokens" in section and "A-KD seed 1 (131,072)" in section
+    assert "| A-KD | 3.9500 (1 seed) | -0.0500 | 0/1 | 3.8900 |" in section
+    assert "- A-KD is lower than M by 0.0500 on 1 seed: no seed spread yet." in text.split("## Verdict")[1]
     # with no run measured, no section and no final-test verdict
     for r in results.values():
         r.pop("final_test", None)
