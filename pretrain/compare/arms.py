@@ -489,35 +489,30 @@ def write_command(plan: RunPlan, recipe: Recipe, ctx: Context) -> str:
 def write_tasks_command(plan: RunPlan, recipe: Recipe, settings: dict, output: str) -> str:
     """``FOLDER/tasks.sh``: ``tools/evaluate.py`` scoring the run's checkpoint on the tasks (one
     process; any checkpoint layout loads into it), rerunnable by hand."""
-    lines = ["#!/usr/bin/env bash",
-             f"# tools/compare_baselines.py, recipe {recipe.name}: the tasks of run {plan.name}, seed {plan.seed}.",
-             "set -euo pipefail", f"cd {shlex.quote(REPO)}", "export TORCHDYNAMO_DISABLE=1 PYTHONUNBUFFERED=1"]
-    if recipe.threads:
-        lines.append(f"export OMP_NUM_THREADS={recipe.threads}")
-    argv = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--load", settings["checkpoint"],
-            "--tasks", ",".join(settings["tasks"]), "--num-fewshot", str(settings["num_fewshot"]),
-            *(["--limit", str(settings["limit"])] if settings["limit"] else []), "--output", output]
-    lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
-    path = os.path.join(plan.folder, "tasks.sh")
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    os.chmod(path, 0o755)
-    return path
+    return _write_evaluate_script(plan, recipe, "tasks.sh", "the tasks", [
+        "--load", settings["checkpoint"], "--tasks", ",".join(settings["tasks"]),
+        "--num-fewshot", str(settings["num_fewshot"]),
+        *(["--limit", str(settings["limit"])] if settings["limit"] else []), "--output", output])
 
 
 def write_final_test_command(plan: RunPlan, recipe: Recipe, settings: dict, output: str) -> str:
     """``FOLDER/final_test.sh``: ``tools/evaluate.py`` measuring the run's checkpoint on the first
     ``settings['samples']`` sequences of the test data (one process), rerunnable by hand."""
+    return _write_evaluate_script(plan, recipe, "final_test.sh", "the final test loss", [
+        "--load", settings["checkpoint"], "--data-path", *settings["test_data_path"],
+        "--seq-length", str(settings["seq_length"]), "--max-samples", str(settings["samples"]),
+        "--micro-batch-size", str(recipe.micro_batch_size), "--output", output])
+
+
+def _write_evaluate_script(plan: RunPlan, recipe: Recipe, name: str, what: str, args: list[str]) -> str:
     lines = ["#!/usr/bin/env bash",
-             f"# tools/compare_baselines.py, recipe {recipe.name}: the final test loss of run {plan.name}, seed {plan.seed}.",
+             f"# tools/compare_baselines.py, recipe {recipe.name}: {what} of run {plan.name}, seed {plan.seed}.",
              "set -euo pipefail", f"cd {shlex.quote(REPO)}", "export TORCHDYNAMO_DISABLE=1 PYTHONUNBUFFERED=1"]
     if recipe.threads:
         lines.append(f"export OMP_NUM_THREADS={recipe.threads}")
-    argv = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--load", settings["checkpoint"],
-            "--data-path", *settings["test_data_path"], "--seq-length", str(settings["seq_length"]),
-            "--max-samples", str(settings["samples"]), "--micro-batch-size", str(recipe.micro_batch_size),
-            "--output", output]
+    argv = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), *args]
     lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
-    path = os.path.join(plan.folder, "final_test.sh")
+    path = os.path.join(plan.folder, name)
     atomic_write_text(path, "\n".join(lines) + "\n")
     os.chmod(path, 0o755)
     return path

@@ -178,11 +178,7 @@ TASKS_FILE = "tasks.json"
 
 
 def _read_tasks_file(folder: str) -> dict | None:
-    path = os.path.join(folder, TASKS_FILE)
-    try:
-        return json.load(open(path)) if os.path.isfile(path) else None
-    except (OSError, json.JSONDecodeError):
-        return None  # a damaged file is scored again
+    return _read_json(os.path.join(folder, TASKS_FILE))  # a damaged file is scored again
 
 
 def _tasks(folder: str) -> dict | None:
@@ -348,19 +344,12 @@ class Campaign:
         command = arms.write_tasks_command(plan, self.recipe, settings, output)
         _log(f"{plan.name} seed {plan.seed}: scoring {', '.join(settings['tasks'])} (first {settings['limit']} "
              f"documents each) on {settings['checkpoint']}: bash {command}")
-        log = os.path.join(plan.folder, "tasks_log.txt")
-        if os.path.exists(output):
-            os.remove(output)  # an earlier attempt's: only this one's results count
-        code = self.execute(command, log)
-        try:
-            results = json.load(open(output)) if code == 0 else None
-        except (OSError, json.JSONDecodeError):
+        results = self._evaluate(plan, command, output, "tasks_log.txt", "the tasks were not scored")
+        if results is not None and not isinstance(results.get("tasks"), dict):
+            _log(f"{plan.name} seed {plan.seed}: {output} holds no task scores; --resume scores again")
             results = None
-        if not results:
-            _log(f"{plan.name} seed {plan.seed}: the tasks were not scored (exit code {code}; see {log}); "
-                 "--resume tries again")
+        if results is None:
             return None
-        os.remove(output)  # its contents go into TASKS_FILE
         scores = {name: m["score"] for name, m in results["tasks"].items()}
         if "average" in results:
             scores["average"] = results["average"]
@@ -403,21 +392,28 @@ class Campaign:
             atomic_write_text(self.result_path(plan), json.dumps(result, indent=1))
         return result
 
+    def _evaluate(self, plan: RunPlan, command: str, output: str, log_name: str, failed: str) -> dict | None:
+        """Runs one ``tools/evaluate.py`` script of the run: its ``--output`` JSON (whose contents
+        go into the run's own files), or None, said, when it failed (``--resume`` tries again)."""
+        log = os.path.join(plan.folder, log_name)
+        if os.path.exists(output):
+            os.remove(output)  # an earlier attempt's: only this one's counts
+        code = self.execute(command, log)
+        results = _read_json(output) if code == 0 else None
+        if not results:
+            _log(f"{plan.name} seed {plan.seed}: {failed} (exit code {code}; see {log}); --resume tries again")
+            return None
+        os.remove(output)
+        return results
+
     def _run_final_test(self, plan: RunPlan, settings: dict) -> dict | None:
         output = os.path.join(plan.folder, "final_test_results.json")
         command = arms.write_final_test_command(plan, self.recipe, settings, output)
         _log(f"{plan.name} seed {plan.seed}: test loss on the first {settings['samples']} sequences of the test data "
              f"({settings['checkpoint']}): bash {command}")
-        log = os.path.join(plan.folder, "final_test_log.txt")
-        if os.path.exists(output):
-            os.remove(output)  # an earlier attempt's: only this one's result counts
-        code = self.execute(command, log)
-        measured = _read_json(output) if code == 0 else None
-        if not measured or not isinstance(measured.get("loss"), (int, float)):
-            _log(f"{plan.name} seed {plan.seed}: the final test loss was not measured (exit code {code}; see {log}); "
-                 "--resume tries again")
+        measured = self._evaluate(plan, command, output, "final_test_log.txt", "the final test loss was not measured")
+        if measured is None or not isinstance(measured.get("loss"), (int, float)):
             return None
-        os.remove(output)
         _log(f"{plan.name} seed {plan.seed}: final test loss {measured['loss']:.4f} over {measured['tokens']:,} tokens")
         return {"settings": settings, "loss": measured["loss"], "samples": measured["samples"],
                 "tokens": measured["tokens"]}
