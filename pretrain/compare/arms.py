@@ -105,9 +105,11 @@ class Family:
     sweep_run: dict
     opt_in: tuple
     early_sweeps: tuple  # swept before any run; the others after the first seed's non-late runs
-    # the arms the comparison's question turns on: every seed of these before the other runs
-    # (``campaign_order``), so that their seed spread is the first answer
+    # the runs the comparison's question turns on, at matched tokens and (late runs) at matched
+    # FLOPs: their answers come first (``campaign_order``)
     decisive: tuple = ()
+    # reference runs left, with the late runs not decisive, until every seed's decisive runs are done
+    deferred: tuple = ()
 
     @property
     def default_arms(self) -> tuple:
@@ -117,21 +119,28 @@ class Family:
         return run.startswith("B-") if self.name == "trained" else run.endswith("-ii")
 
     def campaign_order(self, runs: list[str], seeds: list[int]) -> list[tuple[str | None, int]]:
-        """Every run of ``runs`` as (run, seed), in the order a campaign runs or submits them: the
-        decisive arms' matched-token runs for every seed, then seed by seed the seed's other
-        matched-token runs and then its late runs, so that each seed's table (matched tokens and
-        matched FLOPs) is complete before the next seed's other arms start. ``(None, first seed)``
-        marks where the first seed's matched-token runs are all done: the sweeps planned from them
-        (B's, from A's shape) go there."""
-        wanted = set(runs)
+        """Every run of ``runs`` as (run, seed), in the order a campaign runs or submits them, so
+        that a campaign longer than a session gives its answers in the order of their weight:
+        1. the decisive matched-token runs, every seed (their seed spread is the first answer);
+        2. seed by seed: the seed's other matched-token runs (not the deferred references), then
+           its late runs (its decisive ones alone when there are deferred runs: the matched-FLOPs
+           answer of every seed before the references);
+        3. seed by seed: the deferred references, then the remaining late runs.
+        ``(None, first seed)`` marks where the first seed's matched-token runs of step 2 are done:
+        the sweeps planned from them (B's, from A's shape) go there."""
+        wanted = [r for r in self.runs if r in set(runs)]
         order: list[tuple[str | None, int]] = [
-            (r, s) for s in seeds for r in self.runs if r in wanted and r in self.decisive and not self.late(r)]
+            (r, s) for s in seeds for r in wanted if r in self.decisive and not self.late(r)]
         for seed in seeds:
-            order += [(r, seed) for r in self.runs
-                      if r in wanted and r not in self.decisive and not self.late(r)]
+            order += [(r, seed) for r in wanted
+                      if r not in self.decisive and r not in self.deferred and not self.late(r)]
             if seed == seeds[0]:
                 order.append((None, seed))
-            order += [(r, seed) for r in self.runs if r in wanted and self.late(r)]
+            order += [(r, seed) for r in wanted if self.late(r) and (r in self.decisive or not self.deferred)]
+        if self.deferred:
+            for seed in seeds:
+                order += [(r, seed) for r in wanted if r in self.deferred]
+                order += [(r, seed) for r in wanted if self.late(r) and r not in self.decisive]
         return order
 
     def submit_after(self, run: str, wanted: list[str]) -> list[str]:
@@ -149,7 +158,8 @@ TRAINED = Family(name="trained", runs=RUNS, arms=ARMS, needs=NEEDS, sweep_of=SWE
                  sweep_run=SWEEP_RUN, opt_in=OPT_IN, early_sweeps=("parent", "A0"))
 IMPORTED = Family(name="imported", runs=REAL_RUNS, arms=REAL_ARMS, needs=REAL_NEEDS, sweep_of=REAL_SWEEP_OF,
                   sweeps=REAL_SWEEPS, sweep_run={s: s for s in REAL_SWEEPS}, opt_in=(), early_sweeps=REAL_SWEEPS,
-                  decisive=("A-KD", "M"))  # issue 28: pruning-aware with KD against Minitron
+                  # issue 28: pruning-aware (with KD, and at matched FLOPs the cheaper A) against Minitron
+                  decisive=("A-KD", "M", "A-ii", "A-KD-ii", "M-ii"), deferred=("parent-cont", "scratch"))
 
 
 def family_of(recipe: Recipe) -> Family:

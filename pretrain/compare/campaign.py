@@ -502,8 +502,8 @@ class Campaign:
         for sweep in family.early_sweeps:
             if any(family.sweep_of[r] == sweep for r in wanted):
                 self._sweep(sweep)
-        # The deciding arms' seeds first, then one seed's whole table at a time: a long campaign
-        # gives its answers in that order, one session at a time.
+        # The deciding runs' seeds first (at matched tokens, then at matched FLOPs), the references
+        # last: a long campaign gives its answers in that order, one session at a time.
         for run, seed in family.campaign_order(self.runs, self.seeds):
             if run is not None:
                 self.run_if_possible(run, seed)

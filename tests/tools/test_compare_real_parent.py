@@ -98,19 +98,26 @@ def test_every_real_arm_starts_from_the_parent_with_its_recipe(tmp_path):
 
 def test_the_deciding_arms_run_every_seed_first_then_one_seed_at_a_time():
     """Issue 28 asks for the seed spread of A-KD and M, the two arms that decide; on a 2-core
-    machine a cpu-real campaign spans sessions, so their seeds run before the other arms'. Then a
-    seed's other runs and its -ii extensions (which wait for every pruned arm of the seed), so the
-    first seed's table at matched tokens and FLOPs is whole before the second seed's other arms
-    start. A comparison from a trained parent has no deciding arms: seed by seed, B's sweeps
-    (None) after the first seed's matched-token runs, its B runs after them."""
+    machine a cpu-real campaign spans sessions, so their seeds run before the other arms'. Then,
+    seed by seed, the pruned arms and the matched-FLOPs runs that decide (which wait for every
+    pruned arm of the seed); the references and the other extensions last. A comparison from a
+    trained parent has no deciding arms: seed by seed, B's sweeps (None) after the first seed's
+    matched-token runs, its B runs after them."""
     runs = arms.runs_for(list(arms.IMPORTED.default_arms), arms.IMPORTED)[0]
     order = arms.IMPORTED.campaign_order(runs, [0, 1])
     assert order[:4] == [("A-KD", 0), ("M", 0), ("A-KD", 1), ("M", 1)]
-    rest = ("parent", "A", "M-CE", "M-OBS", "parent-cont", "scratch")
-    late = ("A-ii", "A-KD-ii", "M-ii", "M-CE-ii", "M-OBS-ii", "scratch-ii")
-    assert order[4:] == [(r, 0) for r in rest] + [(None, 0)] + [(r, 0) for r in late] + \
-        [(r, 1) for r in rest] + [(r, 1) for r in late]
+    # then each seed's matched-FLOPs answer (A-ii, A-KD-ii, M-ii after every pruned arm of the seed,
+    # which set their budget), then the references and the other extensions
+    pruned = ("parent", "A", "M-CE", "M-OBS")
+    deciding_late = ("A-ii", "A-KD-ii", "M-ii")
+    rest = ("parent-cont", "scratch", "M-CE-ii", "M-OBS-ii", "scratch-ii")
+    assert order[4:] == [(r, 0) for r in pruned] + [(None, 0)] + [(r, 0) for r in deciding_late] + \
+        [(r, 1) for r in pruned] + [(r, 1) for r in deciding_late] + [(r, 0) for r in rest] + [(r, 1) for r in rest]
     assert sorted(r for r, _ in order if r) == sorted(runs * 2)
+    for i, (run, seed) in enumerate(order):  # a run after what it waits for
+        if run:
+            before = {r for r, s in order[:i] if s == seed}
+            assert set(arms.IMPORTED.submit_after(run, runs)) <= before, (run, seed)
     assert arms.TRAINED.campaign_order(["parent", "A", "C", "B-found-i", "B-found-ii"], [0, 1]) == \
         [("parent", 0), ("A", 0), ("C", 0), (None, 0), ("B-found-i", 0), ("B-found-ii", 0),
          ("parent", 1), ("A", 1), ("C", 1), ("B-found-i", 1), ("B-found-ii", 1)]
@@ -162,12 +169,12 @@ def test_gpu_real_sbatch_imports_the_parent_and_checks_every_flag_for_8_gpus(rea
     job = {line.split("--job-name=")[1].split()[0]: f"DRYRUN{i + 1}" for i, line in enumerate(lines)}
     assert len([n for n in job if n.startswith("cmp-sweep-")]) == 4 * 2  # A, M, parent-cont, scratch x 2 rates
     assert len(lines) == 8 + 14 * 3 + 1
-    # submitted as the campaign runs them: the deciding arms' seeds first, then a seed at a time
-    # with its -ii extensions last
+    # submitted as the campaign runs them (campaign_order): the deciding arms' seeds first, then a
+    # seed at a time its pruned arms and deciding -ii runs, the references and other -ii runs last
     runs = [n[len("cmp-"):] for n in job if not n.startswith(("cmp-sweep-", "cmp-report"))]
+    expected = arms.IMPORTED.campaign_order(list(arms.REAL_RUNS), [0, 1, 2])
+    assert runs == [f"{r}:{s}" for r, s in expected if r], runs
     assert runs[:6] == ["A-KD:0", "M:0", "A-KD:1", "M:1", "A-KD:2", "M:2"], runs
-    assert [r for r in runs[6:] if r.endswith(":0")] == runs[6:6 + 12], runs
-    assert all(r.split(":")[0].endswith("-ii") for r in runs[6 + 6:6 + 12] + runs[-6:]), runs
     extended = next(line for line in lines if "--job-name=cmp-M-CE-ii:1" in line)
     for need in ("A:1", "A-KD:1", "M:1", "M-CE:1", "M-OBS:1"):
         assert job[f"cmp-{need}"] in extended.split("--dependency=afterany:")[1].split()[0]
