@@ -40,12 +40,12 @@ class LoggingCallback(Callback):
 
     def on_train_begin(self, trainer: Trainer) -> None:
         self._start = time.time()
-        self._last_wall, self._last_cpu = self._start, time.process_time()
         if self.tensorboard_dir and is_rank0():
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(self.tensorboard_dir, exist_ok=True)
             self.writer = SummaryWriter(log_dir=self.tensorboard_dir)
+        self._last_wall, self._last_cpu = time.time(), time.process_time()
 
     def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
         it = trainer.state.iteration

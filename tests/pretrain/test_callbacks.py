@@ -43,11 +43,12 @@ def test_each_record_has_the_seconds_since_the_last_and_a_resumed_step_counts_on
     _attempt(log_dir, range(3, 6), work=0.05, between=0.0)  # resumed from the checkpoint of step 2
     lines = [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl"))]
     assert [r["iteration"] for r in lines] == [1, 2, 3, 4, 3, 4, 5]
+    # (bounds with room: two clocks, and a loaded machine; what is checked is where time is counted)
     for r in lines:
-        assert r["elapsed_seconds"] >= r["step_seconds"] >= 0.1 and r["process_cpu_seconds"] >= 0.05, r
+        assert r["elapsed_seconds"] >= r["step_seconds"] >= 0.09 and r["process_cpu_seconds"] >= 0.045, r
         assert r["elapsed_seconds"] >= r["process_cpu_seconds"] - 0.02, r  # one thread busy at a time
     # the step after one with an evaluation or a save carries its cost; the first of a process does not
-    assert lines[1]["process_cpu_seconds"] >= 0.15 and lines[4]["process_cpu_seconds"] < 0.1
+    assert lines[1]["process_cpu_seconds"] >= 0.14 and lines[4]["process_cpu_seconds"] < 0.1
     kept = read_jsonl(os.path.join(log_dir, "metrics.jsonl"))
     total = train_seconds(kept)
     assert [r["iteration"] for r in kept] == [1, 2, 3, 4, 5]
