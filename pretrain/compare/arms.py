@@ -127,8 +127,10 @@ class Family:
            answer of every seed before the references);
         3. seed by seed: the deferred references, then the remaining late runs.
         ``(None, first seed)`` marks where the first seed's matched-token runs of step 2 are done:
-        the sweeps planned from them (B's, from A's shape) go there."""
-        wanted = [r for r in self.runs if r in set(runs)]
+        the sweeps planned from them (B's, from A's shape) go there; it comes before the deferred
+        runs, so no sweep may be planned from those."""
+        asked = set(runs)
+        wanted = [r for r in self.runs if r in asked]
         order: list[tuple[str | None, int]] = [
             (r, s) for s in seeds for r in wanted if r in self.decisive and not self.late(r)]
         for seed in seeds:

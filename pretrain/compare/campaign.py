@@ -8,6 +8,7 @@ whose result is there and reruns the others (a run that was killed resumes from 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shlex
@@ -344,10 +345,10 @@ class Campaign:
         command = arms.write_tasks_command(plan, self.recipe, settings, output)
         _log(f"{plan.name} seed {plan.seed}: scoring {', '.join(settings['tasks'])} (first {settings['limit']} "
              f"documents each) on {settings['checkpoint']}: bash {command}")
-        results = self._evaluate(plan, command, output, "tasks_log.txt", "the tasks were not scored")
-        if results is not None and not isinstance(results.get("tasks"), dict):
-            _log(f"{plan.name} seed {plan.seed}: {output} holds no task scores; --resume scores again")
-            results = None
+        results = self._evaluate(plan, command, output, "tasks_log.txt", "the tasks were not scored",
+                                 lambda r: isinstance(r.get("tasks"), dict) and all(
+                                     isinstance(m, dict) and {"score", "primary"} <= set(m)
+                                     for m in r["tasks"].values()))
         if results is None:
             return None
         scores = {name: m["score"] for name, m in results["tasks"].items()}
@@ -392,16 +393,19 @@ class Campaign:
             atomic_write_text(self.result_path(plan), json.dumps(result, indent=1))
         return result
 
-    def _evaluate(self, plan: RunPlan, command: str, output: str, log_name: str, failed: str) -> dict | None:
+    def _evaluate(self, plan: RunPlan, command: str, output: str, log_name: str, failed: str,
+                  complete: Callable[[dict], bool]) -> dict | None:
         """Runs one ``tools/evaluate.py`` script of the run: its ``--output`` JSON (whose contents
-        go into the run's own files), or None, said, when it failed (``--resume`` tries again)."""
+        go into the run's own files), or None, said, when it failed or the output is not
+        ``complete`` (the output is then kept to be read; ``--resume`` tries again)."""
         log = os.path.join(plan.folder, log_name)
         if os.path.exists(output):
             os.remove(output)  # an earlier attempt's: only this one's counts
         code = self.execute(command, log)
         results = _read_json(output) if code == 0 else None
-        if not results:
-            _log(f"{plan.name} seed {plan.seed}: {failed} (exit code {code}; see {log}); --resume tries again")
+        if not results or not complete(results):
+            _log(f"{plan.name} seed {plan.seed}: {failed} (exit code {code}; see {log}"
+                 + (f" and {output}" if os.path.exists(output) else "") + "); --resume tries again")
             return None
         os.remove(output)
         return results
@@ -411,8 +415,10 @@ class Campaign:
         command = arms.write_final_test_command(plan, self.recipe, settings, output)
         _log(f"{plan.name} seed {plan.seed}: test loss on the first {settings['samples']} sequences of the test data "
              f"({settings['checkpoint']}): bash {command}")
-        measured = self._evaluate(plan, command, output, "final_test_log.txt", "the final test loss was not measured")
-        if measured is None or not isinstance(measured.get("loss"), (int, float)):
+        measured = self._evaluate(plan, command, output, "final_test_log.txt", "the final test loss was not measured",
+                                  lambda r: isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
+                                  and isinstance(r.get("samples"), int) and isinstance(r.get("tokens"), int))
+        if measured is None:
             return None
         _log(f"{plan.name} seed {plan.seed}: final test loss {measured['loss']:.4f} over {measured['tokens']:,} tokens")
         return {"settings": settings, "loss": measured["loss"], "samples": measured["samples"],

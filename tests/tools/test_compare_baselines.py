@@ -295,7 +295,7 @@ def test_finished_runs_are_scored_on_the_tasks_once_per_settings(tmp_path, monke
         if outcome["code"] == 0:
             tasks = {t: {"score": 0.25 * (i + 1), "primary": "acc"} for i, t in enumerate(value["--tasks"].split(","))}
             with open(value["--output"], "w") as f:
-                json.dump({"tasks": tasks, "limit": int(value["--limit"])}, f)
+                json.dump({"tasks": [] if outcome.get("partial") else tasks, "limit": int(value["--limit"])}, f)
         return outcome["code"]
 
     recipe = get_recipe("cpu-tiny")
@@ -326,7 +326,11 @@ def test_finished_runs_are_scored_on_the_tasks_once_per_settings(tmp_path, monke
     outcome["code"] = 1
     kept = camp.run_one(plan)  # a failed scoring: said, the result untouched, tried again on resume
     assert len(calls) == 3 and kept["tasks_settings"]["limit"] == 5
-    outcome["code"] = 0
+    outcome.update(code=0, partial=True)  # exit 0 with no scores: said, kept to be read, tried again on resume
+    assert camp.run_one(plan)["tasks_settings"]["limit"] == 5 and len(calls) == 4
+    assert os.path.exists(os.path.join(folder, "tasks_results.json"))
+    calls.pop()
+    outcome["partial"] = False
     result = camp.run_one(plan)
     assert len(calls) == 4 and json.load(open(os.path.join(folder, "tasks.json")))["settings"]["limit"] == 5
     assert camp.run_one(plan, score=False) and len(calls) == 4
@@ -396,11 +400,19 @@ def test_finished_runs_are_measured_on_a_larger_test_sample_once_per_settings(tm
     assert "final_test" not in json.load(open(os.path.join(folder, "result.json")))
     outcome.update(code=0, loss=4.3)
     assert camp.run_one(plan)["final_test"] == {"loss": 4.3, "samples": 32, "tokens": 2048} and len(calls) == 3
+    # evaluate.py exited 0 but its output has no finite loss: said, the output kept to be read
+    camp.ctx = dataclasses.replace(ctx, final_test_samples=16)
+    outcome["loss"] = float("nan")
+    assert "final_test" not in camp.run_one(plan) and len(calls) == 4
+    assert os.path.exists(os.path.join(folder, "final_test_results.json"))
+    outcome["loss"] = 4.3
+    camp.ctx = dataclasses.replace(ctx, final_test_samples=32)  # final_test.json still holds N = 32's
+    assert camp.run_one(plan)["final_test"]["loss"] == 4.3 and len(calls) == 4
     with open(os.path.join(folder, "final_test.json"), "w") as f:
         f.write("{damaged")
-    assert camp.run_one(plan)["final_test"]["loss"] == 4.3 and len(calls) == 4  # a damaged file: again
+    assert camp.run_one(plan)["final_test"]["loss"] == 4.3 and len(calls) == 5  # a damaged file: again
     camp.ctx = dataclasses.replace(ctx, final_test_samples=0)
-    assert camp.run_one(plan)["final_test"]["loss"] == 4.3 and len(calls) == 4  # none asked: nothing run
+    assert camp.run_one(plan)["final_test"]["loss"] == 4.3 and len(calls) == 5  # none asked: nothing run
 
 
 def test_final_test_samples_fewer_than_a_batch_are_refused():

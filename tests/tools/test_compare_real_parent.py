@@ -175,9 +175,15 @@ def test_gpu_real_sbatch_imports_the_parent_and_checks_every_flag_for_8_gpus(rea
     expected = arms.IMPORTED.campaign_order(list(arms.REAL_RUNS), [0, 1, 2])
     assert runs == [f"{r}:{s}" for r, s in expected if r], runs
     assert runs[:6] == ["A-KD:0", "M:0", "A-KD:1", "M:1", "A-KD:2", "M:2"], runs
+    for line in lines:  # every run's job waits for what it needs, all submitted before it
+        name = line.split("--job-name=cmp-")[1].split()[0]
+        if ":" not in name or name.startswith("sweep-"):
+            continue
+        run, seed = name.split(":")
+        waits = line.split("--dependency=afterany:")[1].split()[0].split(":") if "--dependency" in line else []
+        for need in arms.IMPORTED.submit_after(run, list(arms.REAL_RUNS)):
+            assert job[f"cmp-{need}:{seed}"] in waits, (name, need)
     extended = next(line for line in lines if "--job-name=cmp-M-CE-ii:1" in line)
-    for need in ("A:1", "A-KD:1", "M:1", "M-CE:1", "M-OBS:1"):
-        assert job[f"cmp-{need}"] in extended.split("--dependency=afterany:")[1].split()[0]
     assert "--gpus-per-node=8" in extended and f"--parent {out}_parent" in extended
     assert not os.path.exists(out)
 
