@@ -161,7 +161,8 @@ TRAINED = Family(name="trained", runs=RUNS, arms=ARMS, needs=NEEDS, sweep_of=SWE
 IMPORTED = Family(name="imported", runs=REAL_RUNS, arms=REAL_ARMS, needs=REAL_NEEDS, sweep_of=REAL_SWEEP_OF,
                   sweeps=REAL_SWEEPS, sweep_run={s: s for s in REAL_SWEEPS}, opt_in=(), early_sweeps=REAL_SWEEPS,
                   # issue 28: pruning-aware (with KD, and at matched FLOPs the cheaper A) against Minitron
-                  decisive=("A-KD", "M", "A-ii", "A-KD-ii", "M-ii"), deferred=("parent-cont", "scratch"))
+                  # (at matched FLOPs also its OBS variant, the strongest one-shot arm measured)
+                  decisive=("A-KD", "M", "A-ii", "A-KD-ii", "M-ii", "M-OBS-ii"), deferred=("parent-cont", "scratch"))
 
 
 def family_of(recipe: Recipe) -> Family:

@@ -109,8 +109,8 @@ def test_the_deciding_arms_run_every_seed_first_then_one_seed_at_a_time():
     # then each seed's matched-FLOPs answer (A-ii, A-KD-ii, M-ii after every pruned arm of the seed,
     # which set their budget), then the references and the other extensions
     pruned = ("parent", "A", "M-CE", "M-OBS")
-    deciding_late = ("A-ii", "A-KD-ii", "M-ii")
-    rest = ("parent-cont", "scratch", "M-CE-ii", "M-OBS-ii", "scratch-ii")
+    deciding_late = ("A-ii", "A-KD-ii", "M-ii", "M-OBS-ii")
+    rest = ("parent-cont", "scratch", "M-CE-ii", "scratch-ii")
     assert order[4:] == [(r, 0) for r in pruned] + [(None, 0)] + [(r, 0) for r in deciding_late] + \
         [(r, 1) for r in pruned] + [(r, 1) for r in deciding_late] + [(r, 0) for r in rest] + [(r, 1) for r in rest]
     assert sorted(r for r, _ in order if r) == sorted(runs * 2)
