@@ -198,8 +198,20 @@ def _make_save_helpers_die_with_us() -> None:
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
 
-    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    manager.start(initializer=_save_server_start, initargs=(os.getpid(),))
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
+
+def _save_server_start(parent_pid: int) -> None:
+    """The save server ignores the stop signals and dies with its rank alone. A stop signal sent
+    to the whole process group (Slurm's SIGTERM to every process of a step, ``kill -TERM -PGID``,
+    Ctrl-C) reached the server too, and killed it: the save the rank then makes on that signal
+    failed (BrokenPipeError), and the steps since the last checkpoint were lost."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(parent_pid)
 
 
 @dataclass

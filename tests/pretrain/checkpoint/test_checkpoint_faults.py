@@ -319,6 +319,36 @@ def _train_command(data: dict, save: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+def test_a_stop_signal_to_the_whole_process_group_still_saves(tiny_dataset, tmp_path):
+    """SIGTERM to the run's process group (Slurm signals every process of a step; a campaign is
+    stopped with kill -TERM -PGID) after a first save: the save server megatron-core's writer
+    uses (a multiprocessing Manager started at that save) got it too and died, so the save the
+    run makes on the signal failed with BrokenPipeError and the steps since were lost."""
+    save = tmp_path / "ckpt"
+    proc = subprocess.Popen(_train_command(tiny_dataset, save, "--train-iters", "100000", "--save-interval", "2"),
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    deadline = time.time() + 180
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("saved checkpoint") or time.time() > deadline:
+                break
+        os.killpg(proc.pid, signal.SIGTERM)
+        lines += proc.stdout.readlines()
+        assert proc.wait(timeout=120) == 0, "".join(lines[-30:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines)
+    assert "signal received: saving a checkpoint" in text and "cannot save" not in text, text[-3000:]
+    stopped = int(text.split("signal received: saving a checkpoint at iteration ")[1].split()[0])
+    assert stopped > 2 and (save / f"iter_{stopped:07d}").is_dir()
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
+
+
+@pytest.mark.slow
 def test_killed_rank_leaves_no_process_and_retention_keeps_the_save(tiny_dataset, tmp_path):
     """A real run saving every step with --keep-last 1 into a folder that holds a corrupt
     iter_50 (newer than the run): each save is kept and is `latest`; then kill -9 the rank: the
