@@ -28,7 +28,6 @@ class TrainerState:
     tokens_seen: int = 0
     consumed_valid_samples: int = 0
     should_stop: bool = False
-    stop_reason: str = ""  # the first reason asked for: what the run reports
     # every reason asked for at the step it stopped: a stop signal that arrives on the step a
     # shrink is due must still stop the run (``run.segments``), though "shrink" was asked first
     stop_reasons: list[str] = field(default_factory=list)
@@ -37,6 +36,11 @@ class TrainerState:
     failed: bool = False
     # this step's loss or gradients are not finite: callbacks must not learn from it
     nonfinite_step: bool = False
+
+    @property
+    def stop_reason(self) -> str:
+        """The first reason asked for: what the run reports."""
+        return self.stop_reasons[0] if self.stop_reasons else ""
 
 
 @dataclass
@@ -259,7 +263,6 @@ class Trainer:
 
     def request_stop(self, reason: str) -> None:
         self.state.should_stop = True
-        self.state.stop_reason = self.state.stop_reason or reason
         if reason not in self.state.stop_reasons:
             self.state.stop_reasons.append(reason)
 

@@ -111,9 +111,9 @@ def summarise(results: dict, seeds: list[int], family: Family = TRAINED) -> dict
                 f = r.get("final_test") or {}
                 return f["loss"] if f and f.get("tokens") == final_tokens else None
 
-            final = {s: final_loss(r) for s, r in ok.items() if final_loss(r) is not None}
-            others = {s: r["final_test"]["tokens"] for s, r in ok.items()
-                      if r.get("final_test") and final_loss(r) is None}
+            measured = {s: r["final_test"] for s, r in ok.items() if r.get("final_test")}
+            final = {s: f["loss"] for s, f in measured.items() if f.get("tokens") == final_tokens}
+            others = {s: f["tokens"] for s, f in measured.items() if s not in final}
             if others:
                 row["final_test_other_sizes"] = others
             if final:

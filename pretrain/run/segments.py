@@ -231,7 +231,7 @@ def _hold_output_folders(cfg: PretrainConfig) -> None:
 
 def _print_end(cfg: PretrainConfig, state) -> None:
     if state.stop_reason:
-        print_rank0(f"stopped at iteration {state.iteration}: {', '.join(state.stop_reasons) or state.stop_reason}")
+        print_rank0(f"stopped at iteration {state.iteration}: {', '.join(state.stop_reasons)}")
     if cfg.logging.tensorboard_dir:
         print_rank0(f"tensorboard logs: {os.path.abspath(cfg.logging.tensorboard_dir)} "
                     f"(view with: tensorboard --logdir {cfg.logging.tensorboard_dir})")
