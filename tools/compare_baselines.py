@@ -57,7 +57,7 @@ from pretrain.run.arguments import build_parser as pretrain_parser, config_from_
 
 # what must not change when a comparison is resumed
 _SETTINGS = ("recipe", "data_path", "tokenizer_model", "tokenizer_type", "test_data_path", "seeds", "parent",
-             "train_tokens", "target_ratio")
+             "train_tokens", "target_ratio", "lr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "parent (default: the recipe's)")
     p.add_argument("--target-ratio", type=float, help="the pruned arms' final parameters / the parent's "
                    "(default: the recipe's)")
+    p.add_argument("--lr", type=ranged(float, above=0), help="one learning rate for every arm, no sweep (default: the recipe's "
+                   "rates, swept per arm family on seed 0 at a shorter horizon and chosen on the validation split): "
+                   "e.g. a rate an earlier campaign's sweeps chose, given again on another machine")
     p.add_argument("--tasks", help="the benchmarks each finished run's final checkpoint (and the parent) is scored on "
                    "by tools/evaluate.py, into RUN/seedK/tasks.json and the report's task table (tools/evaluate.py "
                    "--tasks names: paper = the seven common-sense tasks, mmlu, ...; none: no scoring; default: the "
@@ -130,7 +133,8 @@ def _validate(args: argparse.Namespace):
         raise ConfigError(f"--dry-run starts nothing, --{'only' if args.only else 'report-only'} does something: "
                           "give one of them")
     overrides = {k: v for k, v in (("continue_tokens", args.train_tokens), ("target_ratio", args.target_ratio),
-                                   ("final_test_samples", args.final_test_samples))
+                                   ("final_test_samples", args.final_test_samples),
+                                   ("lrs", (args.lr,) if args.lr is not None else None))
                  if v is not None}
     recipe = get_recipe(args.recipe, **overrides)
     family = family_of(recipe)

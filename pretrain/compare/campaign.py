@@ -324,7 +324,7 @@ class Campaign:
             return result
         stored = self._final_checkpoint(plan)
         if stored is None:
-            return result
+            return self._without_checkpoint(plan, result, "tasks", _read_tasks_file(plan.folder), "scored on the tasks")
         settings = task_settings(self.ctx, stored.folder)
         existing = _read_tasks_file(plan.folder)
         if not existing or {k: v for k, v in (existing.get("settings") or {}).items() if k in settings} != settings:
@@ -376,7 +376,9 @@ class Campaign:
             return result
         stored = self._final_checkpoint(plan)
         if stored is None:
-            return result
+            return self._without_checkpoint(plan, result, "final test loss",
+                                             _read_json(os.path.join(plan.folder, FINAL_TEST_FILE)),
+                                             f"measured on {self.ctx.final_test_samples} test sequences")
         settings = final_test_settings(self.ctx, self.recipe, stored.folder)
         existing = _read_json(os.path.join(plan.folder, FINAL_TEST_FILE))
         if not existing or existing.get("settings") != settings:
@@ -391,6 +393,16 @@ class Campaign:
         if result.get("final_test") != measured:
             result = {**result, "final_test": measured}
             atomic_write_text(self.result_path(plan), json.dumps(result, indent=1))
+        return result
+
+    @staticmethod
+    def _without_checkpoint(plan: RunPlan, result: dict, what: str, recorded: dict | None, undone: str) -> dict:
+        """A finished run whose final checkpoint is gone (its records copied from another disk,
+        ``tools/campaign_records.py``): what it recorded stands as recorded; what it never recorded
+        cannot be made, and is said."""
+        if recorded is None:
+            _log(f"{plan.name} seed {plan.seed}: its final checkpoint is gone (only its record is here), so it "
+                 f"cannot be {undone}: its {what} stays missing from the report")
         return result
 
     def _evaluate(self, plan: RunPlan, command: str, output: str, log_name: str, failed: str,

@@ -195,8 +195,7 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
         lines += [f"Seeds {seeds}; P = {recipe.parent_tokens:,} parent tokens, T = {recipe.continue_tokens:,} after "
                   f"it; target {recipe.target_ratio:.0%} of the parent's parameters; saliency {recipe.saliency}, "
                   f"{recipe.granularity}; test loss on --test-data-path (no run trains or selects on it).", "",
-                  "Learning rates (chosen on the training data's validation split, seed 0): "
-                  + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), ""]
+                  _lr_line(recipe, lrs, "Learning rates"), ""]
         lines += _table(summary, list(summary), "A", "FLOPs + parent")
         lines += final_test_lines(summary, [("matched tokens or FLOPs", list(summary), "A")])
         lines += ["", "Runs: " + "; ".join(f"**{k}** {v}" for k, v in DESCRIPTIONS.items()), "",
@@ -255,6 +254,15 @@ def _table(summary: dict, runs: list[str], ref: str, last_flops: str) -> list[st
     return lines
 
 
+def _lr_line(recipe, lrs: dict, what: str) -> str:
+    """How the runs' learning rates were set: one given rate (the recipe's only one, or --lr) is
+    no sweep's choice."""
+    if len(recipe.lrs) == 1:
+        return f"Learning rate {recipe.lrs[0]:g} for every run, given (the recipe's only rate, or --lr): no sweep."
+    return (f"{what} (chosen on the training data's validation split, seed 0): "
+            + ", ".join(f"{k} {v:g}" for k, v in lrs.items()))
+
+
 def _imported_lines(recipe, seeds: list[int], summary: dict, results: dict, lrs: dict) -> list[str]:
     """An imported parent's two tables: every arm at T tokens, and the pruned arms and scratch at
     the FLOPs of the most expensive pruned arm (the ``-ii`` runs)."""
@@ -274,8 +282,7 @@ def _imported_lines(recipe, seeds: list[int], summary: dict, results: dict, lrs:
              f"{recipe.target_ratio:.0%} of the parent's parameters; A prunes over {recipe.window[0]:.0%}-"
              f"{recipe.window[1]:.0%} of T, the M arms calibrate for {recipe.oneshot_scoring_steps} steps; test loss "
              "on --test-data-path (no run trains or selects on it).", "",
-             "Learning rates per arm family (chosen on the training data's validation split, seed 0): "
-             + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), "",
+             _lr_line(recipe, lrs, "Learning rates per arm family"), "",
              "## At matched tokens (T each)", ""]
     lines += _table(summary, base, "M", "FLOPs teacher")
     lines += ["", "## At matched FLOPs (the most expensive pruned arm's actual FLOPs: "

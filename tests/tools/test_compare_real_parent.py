@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import pytest
 
 from pretrain.benchmarks import PAPER_TASKS
 from pretrain.compare import arms
-from pretrain.compare.campaign import check_reachable, smallest_model
+from pretrain.compare.campaign import Campaign, check_reachable, smallest_model
 from pretrain.compare.recipes import RECIPES, get_recipe
 from pretrain.config import ConfigError
 from tests.tools.real_parent_fixture import corpus_split, import_parent, tiny_hf_llama
@@ -188,6 +189,31 @@ def test_gpu_real_sbatch_imports_the_parent_and_checks_every_flag_for_8_gpus(rea
     assert not os.path.exists(out)
 
 
+def test_one_given_learning_rate_replaces_the_sweep_and_is_a_setting_of_the_comparison(real, tmp_path):
+    """--lr: every run at that rate and no sweep (a rate an earlier campaign's sweeps chose, given
+    again on another machine); a resume at another rate is refused, and the report says so."""
+    out = str(tmp_path / "cmp")
+    args = ["--recipe", "cpu-tiny-real", "--parent", real["parent"], "--data-path", real["train"],
+            "--test-data-path", real["test"], "--seeds", "1", "--out", out, "--tasks", "none"]
+    recipe = get_recipe("cpu-real", lrs=(3e-4,))  # a recipe that sweeps two rates
+    family = arms.family_of(recipe)
+    camp = Campaign(recipe, arms.Context(out=out, data=arms.Data(data_path=["d"], tokenizer_model="t",
+                                                                 test_data_path=["x"])), [0], list(arms.REAL_RUNS))
+    for sweep in family.sweeps:  # chosen without a sweep run
+        assert camp.chosen_lr(sweep) == 3e-4
+    proc = _tool(*args, "--lr", "3e-4", "--report-only")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.load(open(os.path.join(out, "plan.json")))["settings"]["lr"] == 3e-4
+    assert "Learning rate 0.0003 for every run, given" in open(os.path.join(out, "report.md")).read()
+    proc = _tool(*args, "--lr", "1e-4", "--resume")
+    assert proc.returncode == 2 and "--lr differ from the comparison" in proc.stderr, proc.stderr[-2000:]
+    proc = _tool(*args, "--resume", "--dry-run")  # and without it: the recipe's sweep is another comparison
+    assert proc.returncode == 2 and "--lr differ" in proc.stderr, proc.stderr[-2000:]
+    for bad in ("0", "nan"):
+        proc = _tool(*args, "--lr", bad)
+        assert proc.returncode == 2 and "argument --lr" in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
     out = str(tmp_path / "cmp")
@@ -308,3 +334,27 @@ def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
     assert "## Final test loss on a larger sample (512 tokens)" in text and \
         f"| parent-cont | {measured['parent-cont']['loss']:.4f} (1 seed) |" in text
     assert "- At matched tokens, by mean final test loss: " in text
+    # the records alone (no checkpoint: tools/campaign_records.py) continue the comparison on
+    # another disk: every finished run is read, none trained or scored again, the same results
+    kept, elsewhere = str(tmp_path / "kept"), str(tmp_path / "elsewhere")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "campaign_records.py"), out, kept],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and f"({len(arms.REAL_RUNS)} run records)" in proc.stdout, proc.stdout + proc.stderr
+    copied = [os.path.relpath(os.path.join(r, f), kept) for r, _, files in os.walk(kept) for f in files]
+    assert not any(part == "ckpt" for f in copied for part in f.split(os.sep)) and "plan.json" in copied
+    assert os.path.join("A", "seed0", "tb", "metrics.jsonl") in copied
+    assert sum(os.path.getsize(os.path.join(kept, f)) for f in copied) < 5e6
+    shutil.copytree(kept, elsewhere)
+    moved = [a if a != out else elsewhere for a in more]
+    proc = _tool(*moved, "--resume", "--final-test-samples", str(recipe.final_test_samples))
+    assert proc.returncode == 0 and "command.sh" not in proc.stdout and "scoring " not in proc.stdout, \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    # A was never measured on the larger sample, and its checkpoint is not here: said, not failed
+    assert "A seed 0: its final checkpoint is gone" in proc.stdout and "parent seed 0: its final" not in proc.stdout
+    for run in arms.REAL_RUNS:
+        assert json.load(open(os.path.join(elsewhere, run, "seed0", "result.json"))) == \
+            json.load(open(os.path.join(out, run, "seed0", "result.json"))), run
+    assert "| M-OBS-ii |" in open(os.path.join(elsewhere, "report.md")).read()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "campaign_records.py"), real["train"] + "x", kept],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "holds no comparison (no plan.json)" in proc.stderr, proc.stderr
