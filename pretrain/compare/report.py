@@ -351,7 +351,11 @@ def verdict_lines(summary: dict, runs: list[str], ref: str, setting: str, metric
     finished = [r for r in runs if metric in summary.get(r, {})]
     if not finished:
         return [f"- At {setting}: no run has finished yet."] if metric == "test_loss" else []
-    ranked = sorted(finished, key=lambda r: summary[r][metric]["mean"])
+    def order(run: str) -> tuple[bool, float]:  # a NaN (a diverged run) last, not wherever sorted() leaves it
+        mean = summary[run][metric]["mean"]
+        return math.isnan(mean), 0.0 if math.isnan(mean) else mean
+
+    ranked = sorted(finished, key=order)
     lines = [f"- At {setting}, by mean {what}: " + ", ".join(
         f"{r} {summary[r][metric]['mean']:.4f} ({summary[r][metric]['seeds']} "
         f"seed{'s' if summary[r][metric]['seeds'] > 1 else ''})" for r in ranked) + "."]
@@ -365,6 +369,10 @@ def verdict_lines(summary: dict, runs: list[str], ref: str, setting: str, metric
         if not diff or run.removesuffix("-ii") not in PRUNED_REAL:
             continue
         gap, n = -diff["mean"], diff["seeds"]
+        if math.isnan(gap):
+            lines.append(f"- {run} against {ref}: no difference, a test loss is not a number (a run diverged; see "
+                         "its log.txt).")
+            continue
         who = (f"{run} equals {ref}" if gap == 0 else
                f"{run} is {'lower' if gap > 0 else 'higher'} than {ref} by {abs(gap):.4f}")
         if n < 2:

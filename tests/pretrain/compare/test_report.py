@@ -104,6 +104,18 @@ def test_the_verdict_says_who_won_by_how_much_and_against_the_seed_spread(tmp_pa
     assert "- A-KD equals M (mean of 2 seeds" in verdict
 
 
+def test_a_diverged_run_ranks_last_and_is_paired_with_no_number(tmp_path):
+    """A NaN test loss (a run that diverged) is neither the winner nor "higher by nan"."""
+    losses = {"A-KD": (3.89, float("nan")), "M": (4.05, 4.08), "A": (3.95, 4.00)}
+    results = {(run, s): _run(run, s, 1e9, loss, 0.3) for run, pair in losses.items() for s, loss in enumerate(pair)}
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0, 1], results, {}, [], "cmd")
+    verdict = open(os.path.join(str(tmp_path), "report.md")).read().split("## Verdict")[1].split("\nRuns:")[0]
+    assert "- At matched tokens, by mean test loss: A 3.9750 (2 seeds), M 4.0650 (2 seeds), A-KD nan (2 seeds)." \
+        in verdict
+    assert "- A-KD against M: no difference, a test loss is not a number" in verdict
+    assert "- A is lower than M by 0.0900" in verdict
+
+
 def test_the_final_test_loss_on_a_larger_sample_has_its_own_table_and_verdict(tmp_path):
     """The final checkpoints measured on more test data (``campaign.measure_final_test``): a table
     per setting beside the in-run loss, paired with M / M-ii, and the verdict's own lines; a run
