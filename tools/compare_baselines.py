@@ -21,7 +21,8 @@ The parent is free (its FLOPs are not charged) and every arm starts from it: ``A
 ``parent``, ``parent-cont`` and ``scratch``; the data must be tokenized with the parent's tokenizer.
 
 Learning rates are swept on seed 0 at a shorter horizon and chosen on the validation split of
-the training data; the test set (``--test-data-path``) is only ever measured. ``OUT/report.md``
+the training data (``--lr RATE``: one rate for every run, no sweep); the test set
+(``--test-data-path``) is only ever measured. ``OUT/report.md``
 and ``OUT/report.json`` hold the table; ``--resume`` continues an interrupted comparison.
 ``--launcher slurm`` submits every run as a Slurm job, chained by dependencies
 (``slurm/compare_baselines.sbatch``); ``--dry-run`` prints the plan (and the sbatch lines).
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the recipe's)")
     p.add_argument("--lr", type=ranged(float, above=0), help="one learning rate for every arm, no sweep (default: the recipe's "
                    "rates, swept per arm family on seed 0 at a shorter horizon and chosen on the validation split): "
-                   "e.g. a rate an earlier campaign's sweeps chose, given again on another machine")
+                   "e.g. the rate an earlier campaign's sweeps chose for every family, given again on another "
+                   "machine (where they chose different rates, copy the sweeps' records instead: "
+                   "tools/campaign_records.py)")
     p.add_argument("--tasks", help="the benchmarks each finished run's final checkpoint (and the parent) is scored on "
                    "by tools/evaluate.py, into RUN/seedK/tasks.json and the report's task table (tools/evaluate.py "
                    "--tasks names: paper = the seven common-sense tasks, mmlu, ...; none: no scoring; default: the "
@@ -118,7 +121,9 @@ def _check_out(args: argparse.Namespace) -> None:
         changed = [k for k in _SETTINGS if saved.get(k) != _settings(args).get(k)]
         if changed:
             raise ConfigError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
-                              f"comparison in {args.out} ({plan_path}); resume with the same settings")
+                              f"comparison in {args.out} ({plan_path}: "
+                              + "; ".join(f"{k} {saved.get(k)!r}, given {_settings(args).get(k)!r}" for k in changed)
+                              + "; None: not given); resume with the same settings")
     elif os.path.isdir(args.out) and set(os.listdir(args.out)) - {run_lock.LOCK_NAME} and not args.dry_run:
         # (a lock alone: a campaign starting there now, refused by its lock, or one that died before its plan)
         raise ConfigError(f"--out {args.out} is not empty and holds no comparison: give an empty or new folder")
@@ -335,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.dry_run and args.launcher == "local":
         print(f"recipe {recipe.name}: {recipe.summary}")
-        print(f"runs {', '.join(runs)} x seeds {seeds}; learning rates {recipe.lrs}; "
+        rates = (f"learning rate {recipe.lrs[0]:g} for every run (given; no sweep)" if len(recipe.lrs) == 1
+                 else f"learning rates {', '.join(f'{lr:g}' for lr in recipe.lrs)} (swept)")
+        print(f"runs {', '.join(runs)} x seeds {seeds}; {rates}; "
               f"training split holds {available:,} tokens")
         print(f"tasks: {', '.join(tasks)}, the first {task_limit or 'all'} documents of each, scored on every "
               "finished run (tools/evaluate.py; RUN/seedK/tasks.json)" if tasks else "tasks: none (--tasks none)")

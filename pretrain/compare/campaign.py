@@ -216,6 +216,20 @@ def final_test_settings(ctx: Context, recipe: Recipe, checkpoint: str) -> dict:
             "seq_length": recipe.seq_length, "checkpoint": checkpoint}
 
 
+def _made_with(recorded: dict | None, settings: dict, checkpoint_known: bool) -> bool:
+    """Whether a recorded measurement (``TASKS_FILE``, ``FINAL_TEST_FILE``) was made with every one
+    of ``settings`` (it may record more); of a finished run whose checkpoint is gone (its records
+    copied from another disk, ``tools/campaign_records.py``), with every one but the checkpoint."""
+    made = (recorded or {}).get("settings") or {}
+    return bool(recorded) and all(k in made and made[k] == v for k, v in settings.items()
+                                  if checkpoint_known or k != "checkpoint")
+
+
+def _gone(plan: RunPlan, undone: str, so: str) -> None:
+    _log(f"{plan.name} seed {plan.seed}: its final checkpoint is gone (only its record is here: "
+         f"tools/campaign_records.py), so it cannot be {undone}; {so} in the report")
+
+
 class Campaign:
     """The sweeps, then every run of every seed, in dependency order; results kept on disk."""
 
@@ -273,7 +287,13 @@ class Campaign:
         spent = json.load(open(wall_path)) if os.path.isfile(wall_path) else {"seconds": 0.0, "cpu_seconds": 0.0}
         wall, cpu = spent["seconds"], spent.get("cpu_seconds")  # None: an attempt before CPU time was kept
         already = collect(self.recipe, plan, wall)
-        if already.get("status") != "ok":  # not finished by an earlier attempt: run (or resume) it
+        if already.get("status") != "ok" and self._start_is_gone(plan):
+            result = {"status": "missing", "reason": (
+                f"it starts from {plan.first_load}, which holds no checkpoint: the run that saved it finished, but "
+                "only its record is here (tools/campaign_records.py copies no checkpoint). Copy that checkpoint "
+                f"here, or delete {os.path.join(os.path.dirname(plan.first_load), 'result.json')} so that --resume "
+                "trains it again")}
+        elif already.get("status") != "ok":  # not finished by an earlier attempt: run (or resume) it
             self._check_not_running(plan)
             _log(f"{plan.name} seed {plan.seed} (lr {plan.lr:g}, {plan.train_tokens:,} tokens): bash {command}")
             start, cpu_start = time.time(), children_cpu_seconds()
@@ -296,6 +316,13 @@ class Campaign:
              + (f", test loss {result['test_loss']:.4f}, {result['wall_seconds']:.0f} s" if result["status"] == "ok"
                 else f" ({result['reason']})"))
         return self.measure(plan, result) if score and result["status"] == "ok" else result
+
+    @staticmethod
+    def _start_is_gone(plan: RunPlan) -> bool:
+        """A run that has no checkpoint of its own and would start from another run's (a
+        trained-parent recipe's A and C from ``parent``), which is not here."""
+        return bool(plan.first_load) and StoredCheckpoint.find(os.path.join(plan.folder, "ckpt")) is None \
+            and StoredCheckpoint.find(plan.first_load) is None
 
     def measure(self, plan: RunPlan, result: dict) -> dict:
         """A finished run's final checkpoint judged beyond its in-run test loss: scored on the
@@ -323,11 +350,13 @@ class Campaign:
         if not self.ctx.tasks:
             return result
         stored = self._final_checkpoint(plan)
-        if stored is None:
-            return self._without_checkpoint(plan, result, "tasks", _read_tasks_file(plan.folder), "scored on the tasks")
-        settings = task_settings(self.ctx, stored.folder)
+        settings = task_settings(self.ctx, stored.folder if stored else None)
         existing = _read_tasks_file(plan.folder)
-        if not existing or {k: v for k, v in (existing.get("settings") or {}).items() if k in settings} != settings:
+        if not _made_with(existing, settings, checkpoint_known=stored is not None):
+            if stored is None:
+                _gone(plan, f"scored on {', '.join(self.ctx.tasks)} (first {self.ctx.task_limit} documents)",
+                      "its task scores are" + (" those recorded under other settings" if existing else " missing"))
+                return result
             scored = self._run_tasks(plan, settings)
             if scored is None:
                 return result
@@ -375,16 +404,16 @@ class Campaign:
         if not self.ctx.final_test_samples:
             return result
         stored = self._final_checkpoint(plan)
-        if stored is None:
-            return self._without_checkpoint(plan, result, "final test loss",
-                                             _read_json(os.path.join(plan.folder, FINAL_TEST_FILE)),
-                                             f"measured on {self.ctx.final_test_samples} test sequences")
-        settings = final_test_settings(self.ctx, self.recipe, stored.folder)
+        settings = final_test_settings(self.ctx, self.recipe, stored.folder if stored else None)
         existing = _read_json(os.path.join(plan.folder, FINAL_TEST_FILE))
-        if not existing or existing.get("settings") != settings:
+        if not _made_with(existing, settings, checkpoint_known=stored is not None):
             if "final_test" in result:  # made otherwise: not this comparison's, whether or not this one succeeds
                 result = {k: v for k, v in result.items() if k != "final_test"}
                 atomic_write_text(self.result_path(plan), json.dumps(result, indent=1))
+            if stored is None:
+                _gone(plan, f"measured on the first {self.ctx.final_test_samples} test sequences",
+                      "its final test loss is missing")
+                return result
             existing = self._run_final_test(plan, settings)
             if existing is None:
                 return result
@@ -393,16 +422,6 @@ class Campaign:
         if result.get("final_test") != measured:
             result = {**result, "final_test": measured}
             atomic_write_text(self.result_path(plan), json.dumps(result, indent=1))
-        return result
-
-    @staticmethod
-    def _without_checkpoint(plan: RunPlan, result: dict, what: str, recorded: dict | None, undone: str) -> dict:
-        """A finished run whose final checkpoint is gone (its records copied from another disk,
-        ``tools/campaign_records.py``): what it recorded stands as recorded; what it never recorded
-        cannot be made, and is said."""
-        if recorded is None:
-            _log(f"{plan.name} seed {plan.seed}: its final checkpoint is gone (only its record is here), so it "
-                 f"cannot be {undone}: its {what} stays missing from the report")
         return result
 
     def _evaluate(self, plan: RunPlan, command: str, output: str, log_name: str, failed: str,

@@ -187,6 +187,14 @@ def test_gpu_real_sbatch_imports_the_parent_and_checks_every_flag_for_8_gpus(rea
     extended = next(line for line in lines if "--job-name=cmp-M-CE-ii:1" in line)
     assert "--gpus-per-node=8" in extended and f"--parent {out}_parent" in extended
     assert not os.path.exists(out)
+    # LR: one rate for every run, no sweep job
+    proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "compare_baselines.sbatch")], capture_output=True,
+                          text=True, env={**env, "LR": "2e-4"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    given = [line for line in proc.stdout.splitlines() if line.startswith("sbatch")]
+    assert len(given) == len(lines) - 8 and not any("cmp-sweep-" in line for line in given)
+    assert all("--lr 2e-4" in line for line in given)
+    assert "checked A-KD: flags valid for 8 ranks" in proc.stdout and "lr 0.0002" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_one_given_learning_rate_replaces_the_sweep_and_is_a_setting_of_the_comparison(real, tmp_path):
@@ -339,7 +347,8 @@ def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
     kept, elsewhere = str(tmp_path / "kept"), str(tmp_path / "elsewhere")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "campaign_records.py"), out, kept],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0 and f"({len(arms.REAL_RUNS)} run records)" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and f"(the records of {len(arms.REAL_RUNS)} finished runs" in proc.stdout, \
+        proc.stdout + proc.stderr
     copied = [os.path.relpath(os.path.join(r, f), kept) for r, _, files in os.walk(kept) for f in files]
     assert not any(part == "ckpt" for f in copied for part in f.split(os.sep)) and "plan.json" in copied
     assert os.path.join("A", "seed0", "tb", "metrics.jsonl") in copied
