@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "parent (default: the recipe's)")
     p.add_argument("--target-ratio", type=float, help="the pruned arms' final parameters / the parent's "
                    "(default: the recipe's)")
-    p.add_argument("--lr", type=ranged(float, above=0), help="one learning rate for every arm, no sweep (default: the recipe's "
-                   "rates, swept per arm family on seed 0 at a shorter horizon and chosen on the validation split): "
-                   "e.g. the rate an earlier campaign's sweeps chose for every family, given again on another "
+    p.add_argument("--lr", type=ranged(float, above=0), help="one learning rate for every arm, no sweep "
+                   "(default: the recipe's rates, swept per arm family on seed 0 at a shorter horizon and chosen "
+                   "on the validation split): e.g. the rate an earlier campaign's sweeps chose for every family, given again on another "
                    "machine (where they chose different rates, copy the sweeps' records instead: "
                    "tools/campaign_records.py)")
     p.add_argument("--tasks", help="the benchmarks each finished run's final checkpoint (and the parent) is scored on "

@@ -287,13 +287,15 @@ class Campaign:
         spent = json.load(open(wall_path)) if os.path.isfile(wall_path) else {"seconds": 0.0, "cpu_seconds": 0.0}
         wall, cpu = spent["seconds"], spent.get("cpu_seconds")  # None: an attempt before CPU time was kept
         already = collect(self.recipe, plan, wall)
-        if already.get("status") != "ok" and self._start_is_gone(plan):
+        if already.get("status") == "ok":  # finished by an earlier attempt the campaign did not see end
+            result = already
+        elif self._start_is_gone(plan):
             result = {"status": "missing", "reason": (
                 f"it starts from {plan.first_load}, which holds no checkpoint: the run that saved it finished, but "
                 "only its record is here (tools/campaign_records.py copies no checkpoint). Copy that checkpoint "
                 f"here, or delete {os.path.join(os.path.dirname(plan.first_load), 'result.json')} so that --resume "
                 "trains it again")}
-        elif already.get("status") != "ok":  # not finished by an earlier attempt: run (or resume) it
+        else:  # not finished by an earlier attempt: run (or resume) it
             self._check_not_running(plan)
             _log(f"{plan.name} seed {plan.seed} (lr {plan.lr:g}, {plan.train_tokens:,} tokens): bash {command}")
             start, cpu_start = time.time(), children_cpu_seconds()
@@ -306,8 +308,6 @@ class Campaign:
             atomic_write_text(wall_path, json.dumps({"seconds": wall, "cpu_seconds": cpu}))
             result = collect(self.recipe, plan, wall) if code == 0 else {
                 "status": "failed", "reason": f"exit code {code}; see {os.path.join(plan.folder, 'log.txt')}"}
-        else:
-            result = already
         if result.get("status") == "ok":
             result["cpu_seconds"] = cpu
         result.update(run=plan.name, seed=plan.seed, lr=plan.lr, command=command)

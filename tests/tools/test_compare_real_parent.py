@@ -364,6 +364,6 @@ def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
         assert json.load(open(os.path.join(elsewhere, run, "seed0", "result.json"))) == \
             json.load(open(os.path.join(out, run, "seed0", "result.json"))), run
     assert "| M-OBS-ii |" in open(os.path.join(elsewhere, "report.md")).read()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "campaign_records.py"), real["train"] + "x", kept],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "campaign_records.py"), real["train"] + "x",
+                           kept], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "holds no comparison (no plan.json)" in proc.stderr, proc.stderr
