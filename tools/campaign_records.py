@@ -55,9 +55,14 @@ def _finished(folder: str) -> bool | None:
         return False
 
 
+def _record_name(name: str) -> bool:
+    return name.endswith(RECORD_SUFFIXES) and not name.startswith(".")
+
+
 def _is_record(path: str) -> bool:
-    name = os.path.basename(path)
-    return name.endswith(RECORD_SUFFIXES) and not name.startswith(".") and os.path.getsize(path) <= MAX_RECORD_BYTES
+    """A plain file (a link is not: it may point anywhere, or nowhere) that a copy would hold."""
+    return not os.path.islink(path) and os.path.isfile(path) and _record_name(os.path.basename(path)) \
+        and os.path.getsize(path) <= MAX_RECORD_BYTES
 
 
 def record_files(out: str) -> tuple[list[str], list[str]]:
@@ -79,11 +84,11 @@ def record_files(out: str) -> tuple[list[str], list[str]]:
         folders[:] = kept
         for name in files:
             path = os.path.join(root, name)
-            if not name.endswith(RECORD_SUFFIXES) or name.startswith("."):
+            if not _record_name(name):
                 continue
             if os.path.islink(path) or not os.path.isfile(path):
                 left.append(f"{os.path.relpath(path, out)} (a link)")
-            elif not _is_record(path):
+            elif os.path.getsize(path) > MAX_RECORD_BYTES:
                 left.append(f"{os.path.relpath(path, out)} (over {MAX_RECORD_BYTES >> 20} MB)")
             else:
                 found.append(os.path.relpath(path, out))
@@ -101,7 +106,7 @@ def _check_dest(out: str, dest: str) -> None:
     if not os.path.isdir(dest) or os.path.islink(dest):
         raise OutputError(f"{dest} exists and is not a folder: give a new folder or an earlier copy of records")
     others = [os.path.relpath(os.path.join(root, f), dest) for root, _, files in os.walk(dest) for f in files
-              if not _is_record(os.path.join(root, f)) or os.path.islink(os.path.join(root, f))]
+              if not _is_record(os.path.join(root, f))]
     if others or (os.listdir(dest) and not os.path.isfile(os.path.join(dest, "plan.json"))):
         what = f"holds {others[0]}" if others else "holds no plan.json"
         raise OutputError(f"{dest} {what}: it is not an earlier copy of records, and it would be replaced whole. "

@@ -73,8 +73,11 @@ def test_a_dest_that_is_not_an_earlier_copy_is_refused_untouched(tmp_path):
     _write(os.path.join(other, "todo.txt"), "mine")
     live = str(tmp_path / "live")
     _comparison(live)
+    linked = str(tmp_path / "linked")  # an earlier copy's look, with a link to nowhere in it
+    _write(os.path.join(linked, "plan.json"))
+    os.symlink(str(tmp_path / "nowhere"), os.path.join(linked, "result.json"))
     for dest, message in ((os.path.join(out, "kept"), "inside it"), (str(tmp_path), "holds it"),
-                          (other, "holds todo.txt"), (live, "live holds (run.lock|A/seed0/)")):
+                          (other, "holds todo.txt"), (linked, "holds result.json"), (live, "live holds (run.lock|A/seed0/)")):
         with pytest.raises(OutputError, match=message):
             copy_records(out, dest)
     assert open(os.path.join(other, "todo.txt")).read() == "mine"
