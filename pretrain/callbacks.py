@@ -23,7 +23,9 @@ class LoggingCallback(Callback):
     CPU seconds since the previous one (``elapsed_seconds``, ``process_cpu_seconds``; the first of
     a process: since training began), so the previous step's evaluation and checkpoint are in
     them: what the run cost, summed over its records, however often it was stopped and resumed
-    (a resumed step's record replaces the one of the attempt that lost it).
+    (a resumed step's record replaces the one of the attempt that lost it). The --eval-tasks
+    scoring among them is also given alone (``tasks_seconds``, ``tasks_cpu_seconds``), so that
+    training time can be told apart from the benchmarks' (``note_task_scoring``).
     """
 
     name = "logging"
@@ -37,6 +39,12 @@ class LoggingCallback(Callback):
         self._start = time.time()
         self.history: list[dict] = []
         self._last_wall, self._last_cpu = time.time(), time.process_time()
+        self._task_seconds, self._task_cpu_seconds = 0.0, 0.0  # scoring since the last record
+
+    def note_task_scoring(self, seconds: float, cpu_seconds: float) -> None:
+        """The --eval-tasks scoring that the next step's record includes (``EvalCallback``)."""
+        self._task_seconds += seconds
+        self._task_cpu_seconds += cpu_seconds
 
     def on_train_begin(self, trainer: Trainer) -> None:
         self._start = time.time()
@@ -46,6 +54,7 @@ class LoggingCallback(Callback):
             os.makedirs(self.tensorboard_dir, exist_ok=True)
             self.writer = SummaryWriter(log_dir=self.tensorboard_dir)
         self._last_wall, self._last_cpu = time.time(), time.process_time()
+        self._task_seconds, self._task_cpu_seconds = 0.0, 0.0
 
     def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
         it = trainer.state.iteration
@@ -56,6 +65,9 @@ class LoggingCallback(Callback):
         now_wall, now_cpu = time.time(), time.process_time()  # (process: every thread of it)
         record["elapsed_seconds"], record["process_cpu_seconds"] = now_wall - self._last_wall, now_cpu - self._last_cpu
         self._last_wall, self._last_cpu = now_wall, now_cpu
+        if self._task_seconds or self._task_cpu_seconds:
+            record["tasks_seconds"], record["tasks_cpu_seconds"] = self._task_seconds, self._task_cpu_seconds
+            self._task_seconds, self._task_cpu_seconds = 0.0, 0.0
         if m.lm_pass:  # a second forward/backward of the model (saliency while distilling): charged to the run
             record["lm_pass_flops_per_token"] = self.flops_per_token
         self.history.append(record)
@@ -147,8 +159,13 @@ class EvalCallback(Callback):
             if self.logger is not None:
                 self.logger.log_scalar("test/loss", loss, it)
         if self.tasks is not None and tasks:
+            wall, cpu = time.time(), time.process_time()
             summary = self.tasks.evaluate(trainer)
-            self.last_benchmarks = record["benchmarks"] = TaskEvaluation.record(summary)
+            wall, cpu = time.time() - wall, time.process_time() - cpu
+            self.last_benchmarks = record["benchmarks"] = {**TaskEvaluation.record(summary), "seconds": wall,
+                                                           "cpu_seconds": cpu}
+            if self.logger is not None:
+                self.logger.note_task_scoring(wall, cpu)
             if is_rank0():
                 print(f"benchmarks at iteration {it} | " + " | ".join(
                     f"{name} {m['primary']} {m['score']:.4f}" for name, m in summary["tasks"].items())

@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the recipe's: 256 for cpu-real and cpu-real-70, 1024 for gpu-real, 8 for cpu-tiny-real, "
                    "0 (none) for the trained-parent recipes). Not a setting of the comparison: --resume with another N "
                    "measures again")
+    p.add_argument("--task-curve-interval", type=ranged(int, at_least=0), help="the task curve: every run also scores "
+                   "the --tasks (on the same documents) during training, at its evaluations of every N iterations and "
+                   "at its end (python -m pretrain --eval-tasks-interval), into its tb/evals.jsonl, the report's "
+                   "task-curve table and task_curves.png; a multiple of the recipe's evaluation interval; 0: none "
+                   "(default: the recipe's: 800 for gpu-real, 4 for cpu-tiny-real, 0 otherwise). Each point is a "
+                   "forward pass per scored row: seconds on a GPU, ~10 minutes for the 135M model at 100 documents "
+                   "per task on 2 CPU cores. Training is the same with or without it and the scoring's time is kept "
+                   "apart from the runs' (the report's CPU seconds are training's). Not a setting of the comparison: "
+                   "runs finished before have no curve")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--resume", action="store_true", help="continue the comparison in --out")
     p.add_argument("--dry-run", action="store_true", help="print the plan (and sbatch lines), run nothing")
@@ -139,6 +148,7 @@ def _validate(args: argparse.Namespace):
                           "give one of them")
     overrides = {k: v for k, v in (("continue_tokens", args.train_tokens), ("target_ratio", args.target_ratio),
                                    ("final_test_samples", args.final_test_samples),
+                                   ("task_curve_interval", args.task_curve_interval),
                                    ("lrs", (args.lr,) if args.lr is not None else None))
                  if v is not None}
     recipe = get_recipe(args.recipe, **overrides)
@@ -312,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         tasks, task_limit = _tasks(args, get_recipe(args.recipe))  # before the slower checks
+        if args.task_curve_interval and not tasks:
+            raise ConfigError(f"--task-curve-interval {args.task_curve_interval}: --tasks none scores no task; give "
+                              "the tasks, or --task-curve-interval 0")
         recipe, runs, notes, available, parent = _validate(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -346,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
               f"training split holds {available:,} tokens")
         print(f"tasks: {', '.join(tasks)}, the first {task_limit or 'all'} documents of each, scored on every "
               "finished run (tools/evaluate.py; RUN/seedK/tasks.json)" if tasks else "tasks: none (--tasks none)")
+        print(f"task curve: the tasks also scored by every run at its evaluations of every "
+              f"{recipe.task_curve_interval} iterations and at its end" if recipe.task_curve_interval and tasks
+              else "task curve: none (--task-curve-interval 0" + (", --tasks none)" if not tasks else ")"))
         print(f"final test loss: the first {ctx.final_test_samples} sequences of --test-data-path, measured on every "
               "finished run (tools/evaluate.py; RUN/seedK/final_test.json)" if ctx.final_test_samples
               else "final test loss: the in-run measurement only (--final-test-samples 0)")

@@ -264,6 +264,19 @@ def _common_flags(recipe: Recipe, ctx: Context, seed: int, lr: float, run_dir: s
     return [str(f) for f in flags]
 
 
+def task_curve_flags(recipe: Recipe, ctx: Context) -> list[str]:
+    """The task curve (``Recipe.task_curve_interval``): the campaign's tasks, on its documents,
+    scored by the run itself at its evaluations of every N iterations and at its end (``python -m
+    pretrain --eval-tasks``). Training is the same with and without them (no data read, no random
+    number drawn); their time is kept apart from the run's (``campaign.train_seconds``)."""
+    if not (recipe.task_curve_interval and ctx.tasks):
+        return []
+    flags = ["--eval-tasks", ",".join(ctx.tasks), "--eval-tasks-interval", str(recipe.task_curve_interval)]
+    if ctx.task_limit:
+        flags += ["--eval-tasks-limit", str(ctx.task_limit)]
+    return flags
+
+
 def _prune_flags(recipe: Recipe, start: int, end: int, oneshot: bool = False) -> list[str]:
     flags = ["--prune-target-ratio", recipe.target_ratio, "--prune-start-tokens", start, "--prune-end-tokens", end,
              "--saliency", recipe.saliency, "--prune-granularity", recipe.granularity, "--shrink-at", "auto"]
@@ -350,6 +363,8 @@ def plan_run(recipe: Recipe, ctx: Context, run: str, seed: int, lr: float | None
             train = steps(matched_flops_tokens(recipe, budget, per_token))
     if run.endswith("-KD"):  # the parent, as it was when A/C started from it, teaches
         flags += ["--kd-teacher", first_load]
+    if not sweep:  # the sweeps choose a rate on the validation loss: no tasks
+        flags += task_curve_flags(recipe, ctx)
     flags += ["--train-tokens", str(train)]
     return RunPlan(name=run, seed=seed, folder=folder, flags=flags, train_tokens=train, lr=lr,
                    first_load=first_load, shape_file=shape_file)
@@ -393,6 +408,8 @@ def _plan_imported(recipe: Recipe, ctx: Context, run: str, seed: int, lr: float 
         flags += ["--kd-teacher", ctx.parent]
     if run.endswith("-ii") and not sweep:
         train = matched_flops_tokens_real(recipe, ctx, run, seed)
+    if not sweep and base != "parent":  # the parent is scored once, by tools/evaluate.py (its tasks.json)
+        flags += task_curve_flags(recipe, ctx)
     flags += ["--train-tokens", str(train)]
     return RunPlan(name=run, seed=seed, folder=folder, flags=flags, train_tokens=train, lr=lr,
                    first_load=first_load, shape_file=shape_file)

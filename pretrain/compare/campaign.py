@@ -132,9 +132,11 @@ def collect(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
                                       if metrics else 0),
         "tasks": _tasks(plan.folder),
         "test_loss": final[-1]["test_loss"], "valid_loss": final[-1].get("valid_loss"),
-        "wall_seconds": wall_seconds, **train_seconds(metrics),
+        "wall_seconds": wall_seconds, **train_seconds(metrics), **task_curve_seconds(evals),
         "curve": [{"iteration": e["iteration"], "tokens": e["tokens"], "flops": spent.get(e["iteration"], 0),
-                   "test_loss": e.get("test_loss"), "valid_loss": e.get("valid_loss")} for e in evals],
+                   "test_loss": e.get("test_loss"), "valid_loss": e.get("valid_loss"),
+                   **({"tasks": curve_tasks(e["benchmarks"]), "tasks_limit": e["benchmarks"].get("limit")}
+                      if e.get("benchmarks") else {})} for e in evals],
         "pruning": [{"iteration": e["iteration"], "tokens": e["tokens"], "params": e["params"],
                      **{k: e[f"kept_{k}"] for k in ("heads", "ffn", "hidden", "layers") if f"kept_{k}" in e},
                      "kept_per_layer": e["kept_per_layer"], **({"search": e["search"]} if "search" in e else {})}
@@ -145,13 +147,33 @@ def collect(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:
 def train_seconds(metrics: list[dict]) -> dict:
     """The run's own account of its time (``LoggingCallback``): wall and process CPU seconds summed
     over its steps, each step once (a resumed step's record replaces the lost attempt's), the
-    evaluations and saves between steps included. Unlike the campaign's clock around each attempt
-    (``wall_seconds.json``), it keeps the attempts a killed campaign never saw return. Empty for
-    a run whose records predate these fields."""
+    evaluations and saves between steps included, the task curve's scoring not (its own
+    ``tasks_seconds``: a benchmark, not training, and not in every run). Unlike the campaign's
+    clock around each attempt (``wall_seconds.json``), it keeps the attempts a killed campaign
+    never saw return. Empty for a run whose records predate these fields."""
     if not metrics or not all("process_cpu_seconds" in r for r in metrics):
         return {}
-    return {"train_wall_seconds": sum(r["elapsed_seconds"] for r in metrics),
-            "train_cpu_seconds": sum(r["process_cpu_seconds"] for r in metrics)}
+    return {"train_wall_seconds": sum(r["elapsed_seconds"] - r.get("tasks_seconds", 0.0) for r in metrics),
+            "train_cpu_seconds": sum(r["process_cpu_seconds"] - r.get("tasks_cpu_seconds", 0.0) for r in metrics)}
+
+
+def curve_tasks(benchmarks: dict) -> dict:
+    """A point of the task curve (an ``evals.jsonl`` line's ``benchmarks``): {task: score,
+    "average": the paper's seven, when they were all scored}."""
+    scores = {name: m["score"] for name, m in benchmarks["tasks"].items()}
+    if benchmarks.get("paper_average") is not None:
+        scores["average"] = benchmarks["paper_average"]
+    return scores
+
+
+def task_curve_seconds(evals: list[dict]) -> dict:
+    """What scoring the task curve during the run took (its end's scoring included); empty
+    without one."""
+    scored = [e["benchmarks"] for e in evals if e.get("benchmarks") and "seconds" in e["benchmarks"]]
+    if not scored:
+        return {}
+    return {"task_curve_wall_seconds": sum(b["seconds"] for b in scored),
+            "task_curve_cpu_seconds": sum(b["cpu_seconds"] for b in scored)}
 
 
 def _collect_measured(recipe: Recipe, plan: RunPlan, wall_seconds: float) -> dict:

@@ -73,6 +73,11 @@ class Recipe:
     # (tools/evaluate.py; 0: none): the in-run test loss is eval_iters batches, what the curves
     # can afford at every evaluation, too few to tell measurement noise from seed spread
     final_test_samples: int = 0
+    # the task curve: every run also scores the tasks during training, at its evaluations of every N
+    # iterations and at its end (python -m pretrain --eval-tasks-interval; the same documents; 0:
+    # none): a forward pass per scored row, seconds on a GPU, ~10 minutes per point for the 135M
+    # model at 100 documents per task on 2 cores
+    task_curve_interval: int = 0
 
     @property
     def seq_length(self) -> int:
@@ -137,6 +142,11 @@ class Recipe:
         need(self.final_test_samples == 0 or self.final_test_samples >= self.micro_batch_size,
              f"final_test_samples (--final-test-samples) {self.final_test_samples} is fewer than one batch of "
              f"{self.micro_batch_size} sequences: give 0 (none) or at least {self.micro_batch_size}")
+        need(self.task_curve_interval == 0 or (self.task_curve_interval > 0 and self.eval_interval > 0
+                                                 and self.task_curve_interval % self.eval_interval == 0),
+             f"task_curve_interval (--task-curve-interval) {self.task_curve_interval}: the tasks are scored at the "
+             f"runs' evaluations, every {self.eval_interval} iterations: give a multiple of {self.eval_interval}, "
+             "or 0 (no task curve)")
         need(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size must be a multiple of "
              "micro_batch_size")
 
@@ -194,7 +204,7 @@ RECIPES.update({
         name="cpu-tiny-real", summary="an imported tiny model on a few thousand tokens: a smoke test of the real-parent arms",
         model={"seq_length": 64}, target_ratio=0.5, continue_tokens=8 * 512, oneshot_scoring_steps=2,
         prune_interval=1, global_batch_size=8, micro_batch_size=8, lrs=(1e-3,), warmup_iters=2, eval_interval=4,
-        eval_iters=2, threads=2, task_limit=4, search_hidden_divisor=16, search_ffn_divisor=32,
+        eval_iters=2, threads=2, task_limit=4, search_hidden_divisor=16, search_ffn_divisor=32, task_curve_interval=4,
         # a validation split that holds the longest run's evaluations in one epoch: every run, whatever its
         # length, then reads the same validation batches (Minitron's search scores on them)
         split="90,10,0",
@@ -222,7 +232,8 @@ RECIPES.update({
         model={"seq_length": 2048}, target_ratio=0.5, continue_tokens=4800 * 256 * 2048, oneshot_scoring_steps=4,
         prune_interval=20, prune_align=64, global_batch_size=256, micro_batch_size=2, lrs=(1e-4, 3e-4),
         sweep_fraction=0.1, warmup_iters=50, eval_interval=400, eval_iters=20, save_interval=400, nproc_per_node=8,
-        nodes=1, bf16=True, slurm_time="48:00:00", gpus_per_node=8, task_limit=1000, final_test_samples=1024, **_REAL,
+        nodes=1, bf16=True, slurm_time="48:00:00", gpus_per_node=8, task_limit=1000, final_test_samples=1024,
+        task_curve_interval=800, **_REAL,
     ),
 })
 

@@ -210,6 +210,7 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
     if family.name != "trained":
         lines += _architecture_lines(results, seeds)
     lines += _tasks_lines(summary, tasks)
+    lines += _task_curve_lines(results, seeds, family)
     lines += [f"![{name}]({os.path.basename(path)})" for name, path in plots.items()]
     if notes:
         lines += ["", "Notes:", *[f"- {n}" for n in notes]]
@@ -428,6 +429,63 @@ def _tasks_lines(summary: dict, settings: dict | None) -> list[str]:
     return lines + [""]
 
 
+def _curve_score(tasks: dict) -> float:
+    """A task-curve point's one number: the paper's seven's average, else the mean of what was scored."""
+    if tasks.get("average") is not None:
+        return tasks["average"]
+    return statistics.mean(v for k, v in tasks.items() if k != "average")
+
+
+def task_curves(results: dict, seeds: list[int], family: Family = TRAINED) -> dict[str, dict[int, tuple]]:
+    """Per run, the task curve it scored during training (``campaign.curve_tasks``): {iteration:
+    (tokens, score mean over the seeds that have the point, seeds)}."""
+    curves = {}
+    for run in family.runs:
+        points: dict[int, list] = {}
+        for s in seeds:
+            r = results.get((run, s)) or {}
+            if r.get("status") != "ok" or r.get("same_as"):  # an -ii that is its arm: the arm's row has it
+                continue
+            for c in r.get("curve", []):
+                if c.get("tasks"):
+                    points.setdefault(c["iteration"], []).append((c["tokens"], _curve_score(c["tasks"])))
+        if points:
+            curves[run] = {it: (statistics.mean(t for t, _ in p), statistics.mean(v for _, v in p), len(p))
+                           for it, p in sorted(points.items())}
+    return curves
+
+
+def _task_curve_lines(results: dict, seeds: list[int], family: Family) -> list[str]:
+    """The task curve table: each run's scores during training, one column per scored iteration."""
+    curves = task_curves(results, seeds, family)
+    if not curves:
+        return []
+    iterations = sorted(set().union(*curves.values()))
+    scored = [r for r in results.values()
+              if r and r.get("status") == "ok" and r.get("task_curve_wall_seconds") and not r.get("same_as")]
+    limits = {c.get("tasks_limit") for r in scored for c in r.get("curve", []) if c.get("tasks")}
+    lines = ["## Task curves (scored by each run during training; mean over seeds)", "",
+             "Each run scored the tasks itself (`python -m pretrain --eval-tasks`) at its evaluations of every "
+             "`--task-curve-interval` iterations and at its end, on the model as it trained (masked, then shrunk "
+             "in-run), "
+             + (f"the first {limits.pop()} documents of each task" if len(limits) == 1 and None not in limits
+                else "the documents of each task listed in the runs' evals.jsonl")
+             + "; one number per point: the average of the seven common-sense tasks where they were all scored, "
+               "else the mean of the tasks scored. The last point is the run's final model (the task table scores "
+               "its saved checkpoint with tools/evaluate.py)."
+             + (f" Scoring took {statistics.mean(r['task_curve_wall_seconds'] for r in scored):,.0f} s of wall "
+                "clock per run on average, kept out of the runs' seconds." if scored else ""), "",
+             "| run | " + " | ".join(f"iter {it}" for it in iterations) + " |",
+             "|---|" + "---|" * len(iterations)]
+    for run, curve in curves.items():
+        lines.append(f"| {run} | " + " | ".join(f"{curve[it][1]:.3f}" + (f" ({curve[it][2]})" if curve[it][2] < len(seeds)
+                                                                          else "")
+                                                 if it in curve else "" for it in iterations) + " |")
+    if any(p[2] < len(seeds) for c in curves.values() for p in c.values()):
+        lines += ["", "(n): a point only n seeds have."]
+    return lines + [""]
+
+
 def _stability_lines(results: dict, seeds: list[int]) -> list[str]:
     """The shape A found per seed, and how much it varies (bench/seed_stability.py's measures).
     Each seed has its own parent, so which groups survive cannot be compared across seeds; their
@@ -538,6 +596,22 @@ def _plots(out: str, results: dict, seeds: list[int], family: Family = TRAINED) 
     found = [(f"seed {s}", event["kept_per_layer"]) for s in seeds if (event := _found(results, "A", s))]
     if found:
         paths["found shape per seed"] = _widths_plot(plt, out, "found_shapes.png", "A's ", found)
+    curves = task_curves(results, seeds, family)
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, run in enumerate(family.runs):
+            if run in curves:
+                points = list(curves[run].values())
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", color=f"C{i % 10}", label=run,
+                        linestyle="--" if run.endswith("-ii") else "-")
+        start = [r["tasks"] for s in seeds if (r := results.get(("parent", s))) and r.get("status") == "ok"
+                 and r.get("tasks") and family.name != "trained"]
+        if start:  # an imported parent: where every arm starts from
+            ax.axhline(statistics.mean(_curve_score(t) for t in start), color="gray", linewidth=0.8, linestyle=":",
+                       label="parent")
+        _label(ax, "training tokens (position in the data)", "tasks during training (mean over seeds)")
+        paths["task curves"] = _save(fig, out, "task_curves.png")
+        plt.close(fig)
     if family.name != "trained":
         paths.update(_imported_plots(out, results, seeds, plt))
     return paths

@@ -76,6 +76,16 @@ CASES: list[BadInput] = [
              message=r"--tasks arc: unknown task; known: arc_easy, arc_challenge, .*mmlu", leftovers=("out",)),
     BadInput("compare-task-limit-zero", lambda d, f: _compare(d, f, _parent(f)[1], "--task-limit", "0"),
              message=r"argument --task-limit: 0: must be >= 1", leftovers=("out",)),
+    # the task curve: scored at the runs' evaluations, of tasks there are
+    BadInput("compare-task-curve-not-at-evaluations",
+             lambda d, f: _compare(d, f, _parent(f)[1], "--task-curve-interval", "3"),
+             message=r"recipe cpu-tiny-real: task_curve_interval \(--task-curve-interval\) 3: the tasks are scored at "
+                     r"the runs' evaluations, every 4 iterations: give a multiple of 4, or 0 \(no task curve\)",
+             leftovers=("out",)),
+    BadInput("compare-task-curve-without-tasks",
+             lambda d, f: _compare(d, f, _parent(f)[1], "--task-curve-interval", "4", "--tasks", "none"),
+             message=r"--task-curve-interval 4: --tasks none scores no task; give the tasks, or "
+                     r"--task-curve-interval 0", leftovers=("out",)),
     BadInput("compare-real-parent-is-a-hf-model", parent_is_a_hf_model,
              message=r"--parent \S+/hf is a HuggingFace model or GGUF file, not an imported checkpoint: import it "
                      r"first: python tools/convert_from_hf.py", leftovers=("out",)),

@@ -63,6 +63,14 @@ def test_eval_tasks_score_the_training_model_and_change_nothing(tiny_dataset, tm
         assert (m["acc"], m["acc_norm"], m["documents"]) == (acc, acc_norm, LIMIT), name
         assert m["score"] == m[m["primary"]]
     assert "valid_loss" in evals[-1]  # the same line as the held-out loss
+    assert last["seconds"] > 0 and last["cpu_seconds"] > 0  # the scoring's own time ...
+    # ... also on the record of the step whose time includes it (iteration 3, after the scoring at 2;
+    # the end's scoring follows the last record), so training time is told apart from it
+    steps = [json.loads(line) for line in open(f"{root}/scored_tb/metrics.jsonl")]
+    assert [s["iteration"] for s in steps if "tasks_seconds" in s] == [3]
+    third = next(s for s in steps if s["iteration"] == 3)
+    assert evals[0]["benchmarks"]["seconds"] == third["tasks_seconds"] <= third["elapsed_seconds"]
+    assert not any("tasks_seconds" in json.loads(line) for line in open(f"{root}/plain_tb/metrics.jsonl"))
     events = EventAccumulator(f"{root}/scored_tb")
     events.Reload()
     tags = events.Tags()["scalars"]

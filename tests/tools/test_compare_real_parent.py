@@ -90,6 +90,18 @@ def test_every_real_arm_starts_from_the_parent_with_its_recipe(tmp_path):
         assert value(p, "--prune-allocation") == "search" and value(p, "--prune-granularity") == "uniform"
         assert (value(p, "--prune-search-hidden-divisor"), value(p, "--prune-search-ffn-divisor"),
                 value(p, "--prune-search-max-width-pruning")) == ("16", "32", "0.6")
+    # no tasks in this context: no task curve
+    assert not any("--eval-tasks" in p.flags for p in plans.values())
+    # with them (the recipe's --task-curve-interval 4), every run scores them in-run but the parent
+    # (measured once by tools/evaluate.py) and the sweeps (they choose a rate on the validation loss)
+    scored = dataclasses.replace(ctx, tasks=("boolq", "piqa"), task_limit=4)
+    for run in plans:
+        p = arms.plan_run(recipe, scored, run, 0)
+        assert (value(p, "--eval-tasks"), value(p, "--eval-tasks-interval"), value(p, "--eval-tasks-limit")) == \
+            ((None, None, None) if run == "parent" else ("boolq,piqa", "4", "4")), run
+    assert "--eval-tasks" not in arms.plan_run(recipe, scored, "A", 0, lr=1e-3, sweep=True).flags
+    off = dataclasses.replace(recipe, task_curve_interval=0)
+    assert "--eval-tasks" not in arms.plan_run(off, scored, "A", 0).flags
     shape = {**TINY, "hidden_size": int(value(plans["scratch"], "--hidden-size")),
              "ffn_hidden_size": int(value(plans["scratch"], "--ffn-hidden-size"))}
     shape.pop("kv_channels")
@@ -314,6 +326,21 @@ def test_cpu_tiny_real_runs_every_arm_with_exact_accounting(real, tmp_path):
             scored = json.load(open(os.path.join(out, run, "seed0", "tasks.json")))
             assert scored["scores"] == scores and scored["results"]["tasks"]["boolq"]["documents"] == 4, run
     assert results["parent"]["tasks_settings"]["checkpoint"].startswith(real["parent"])  # the imported checkpoint
+    # the task curve (the recipe's --task-curve-interval 4): every trained run scored the same tasks
+    # itself at iterations 4, 8, ... and at its end; the end's point is its saved checkpoint's score
+    assert recipe.task_curve_interval == 4
+    for run, r in results.items():
+        points = {c["iteration"]: c for c in r["curve"] if c.get("tasks")}
+        if run == "parent":  # measured once, by tools/evaluate.py
+            assert not points and "task_curve_wall_seconds" not in r
+            continue
+        assert sorted(points) == sorted({*range(4, r["final_iteration"] + 1, 4), r["final_iteration"]}), run
+        assert set(points[r["final_iteration"]]["tasks"]) == {*PAPER_TASKS, "average"}, run
+        assert points[r["final_iteration"]]["tasks"] == r["tasks"], run  # in-run scoring = tools/evaluate.py's
+        assert r["task_curve_wall_seconds"] > 0 and points[4]["tasks_limit"] == 4, run
+    curves = text.split("## Task curves")[1].split("\n\n")[2]
+    assert curves.splitlines()[0].startswith("| run | iter 4 | iter 8 |") and "| A-KD | " in curves
+    assert os.path.getsize(os.path.join(out, "task_curves.png")) > 1000
     proc = _tool(*args, "--resume")  # a finished comparison: nothing runs again, nothing is scored again
     assert proc.returncode == 0 and "bash " not in proc.stdout, proc.stdout[-2000:]
     # a run finished before the tasks were scored (a campaign of older code): --resume scores it alone

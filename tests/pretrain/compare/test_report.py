@@ -178,3 +178,48 @@ def test_the_seconds_are_the_runs_own_where_they_have_them_and_marked_where_not(
     del results[("M", 0)]
     write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0], results, {}, [], "cmd")
     assert "*: seconds measured" not in open(os.path.join(str(tmp_path), "report.md")).read()
+
+
+def _with_curve(result: dict, points: list[tuple[int, float | None]], seconds: float = 30.0) -> dict:
+    """``result`` with a task curve: (iteration, average) points, scored during training (None:
+    an evaluation without the tasks)."""
+    curve = []
+    for it, average in points:
+        point = {"iteration": it, "tokens": it * 512, "flops": it * 1e6, "test_loss": 4.0}
+        if average is not None:
+            point.update(tasks={"boolq": average - 0.1, "average": average}, tasks_limit=4)
+        curve.append(point)
+    return {**result, "curve": curve, "task_curve_wall_seconds": seconds, "task_curve_cpu_seconds": seconds}
+
+
+def test_the_task_curve_is_a_table_and_a_plot_of_what_each_run_scored_during_training(tmp_path):
+    """Item 3 of issue 28: the task curve per arm. Points are means over the seeds that have them
+    (marked when fewer than all); an -ii run that is its arm (same_as) is not a second row; a run
+    scored only at its end (no curve) has no row."""
+    seeds = [0, 1]
+    results = {("parent", s): {**_run("parent", s, 0, 3.0, 0.40), "pruning": []} for s in seeds}
+    results[("A", 0)] = _with_curve(_run("A", 0, 1e9, 3.5, 0.3), [(4, 0.30), (6, None), (8, 0.34)], 20.0)
+    results[("A", 1)] = _with_curve(_run("A", 1, 1e9, 3.5, 0.3), [(4, 0.32), (8, 0.36)], 40.0)
+    results[("A-ii", 0)] = {**results[("A", 0)], "run": "A-ii", "same_as": "A"}
+    results[("M", 0)] = _with_curve(_run("M", 0, 1e9, 3.7, 0.3), [(4, 0.28), (8, 0.29)])
+    results[("M-ii", 0)] = _with_curve(_run("M-ii", 0, 2e9, 3.6, 0.3), [(4, 0.28), (8, 0.29), (12, 0.31)])
+    results[("M-CE", 0)] = _run("M-CE", 0, 1e9, 3.7, 0.3)  # scored at its end only
+    out = str(tmp_path)
+    write_report(out, get_recipe("cpu-tiny-real"), seeds, results, {}, [], "cmd")
+    text = open(os.path.join(out, "report.md")).read()
+    section = text.split("## Task curves")[1].split("\n\n")
+    assert "the first 4 documents of each task" in section[1]
+    assert "Scoring took 30 s of wall clock per run on average" in section[1]  # (20 + 40 + 30 + 30) / 4
+    rows = section[2].splitlines()
+    assert rows[0] == "| run | iter 4 | iter 8 | iter 12 |"
+    assert "| A | 0.310 | 0.350 |  |" in rows  # both seeds: no mark
+    assert "| M | 0.280 (1) | 0.290 (1) |  |" in rows and "| M-ii | 0.280 (1) | 0.290 (1) | 0.310 (1) |" in rows
+    assert not any(r.startswith(("| A-ii ", "| M-CE ", "| parent ")) for r in rows)
+    assert os.path.getsize(os.path.join(out, "task_curves.png")) > 1000 and "(task_curves.png)" in text
+
+
+def test_no_task_curve_section_without_one(tmp_path):
+    results = {("A", 0): _run("A", 0, 1e9, 3.5, 0.3)}
+    write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0], results, {}, [], "cmd")
+    text = open(os.path.join(str(tmp_path), "report.md")).read()
+    assert "Task curves" not in text and not os.path.exists(os.path.join(str(tmp_path), "task_curves.png"))

@@ -68,7 +68,8 @@ def _train_engines(data: dict, runs: list) -> dict:
             "layout": summary["layout"],
             "masked_nonzero": _masked_nonzero(summary["trainer"], pruning),
             "valid": next(c for c in summary["trainer"].callbacks if c.name == "eval").last_loss,
-            "tasks": next(c for c in summary["trainer"].callbacks if c.name == "eval").last_benchmarks,
+            "tasks": {k: v for k, v in next(c for c in summary["trainer"].callbacks if c.name == "eval")
+                      .last_benchmarks.items() if k not in ("seconds", "cpu_seconds")},  # the scores, not their time
         }
         del summary
     return out
