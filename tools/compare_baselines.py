@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
               "finished run (tools/evaluate.py; RUN/seedK/tasks.json)" if tasks else "tasks: none (--tasks none)")
         print(f"task curve: the tasks also scored by every run at its evaluations of every "
               f"{recipe.task_curve_interval} iterations and at its end" if recipe.task_curve_interval and tasks
-              else "task curve: none (--task-curve-interval 0" + (", --tasks none)" if not tasks else ")"))
+              else "task curve: none (--tasks none)" if not tasks else "task curve: none (--task-curve-interval 0)")
         print(f"final test loss: the first {ctx.final_test_samples} sequences of --test-data-path, measured on every "
               "finished run (tools/evaluate.py; RUN/seedK/final_test.json)" if ctx.final_test_samples
               else "final test loss: the in-run measurement only (--final-test-samples 0)")

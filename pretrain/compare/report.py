@@ -185,8 +185,12 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
     family = family_of(recipe)
     summary = summarise(results, seeds, family)
     tasks = task_settings(results)
+    curves = task_curves(results, seeds, family)
     report = {"recipe": recipe.name, "seeds": seeds, "command": command, "learning_rates": lrs, "runs": summary,
-              "notes": notes, **({"tasks": tasks} if tasks else {})}
+              "notes": notes, **({"tasks": tasks} if tasks else {}),
+              **({"task_curves": {run: [{"iteration": k, "tokens": t, "score": v, "seeds": n}
+                                        for k, (t, v, n) in c.items()] for run, c in curves.items()}}
+                 if curves else {})}
     atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1, default=str))
     plots = _plots(out, results, seeds, family)
     lines = [f"# Baseline comparison: recipe `{recipe.name}`", "", recipe.summary, "",
@@ -436,22 +440,29 @@ def _curve_score(tasks: dict) -> float:
     return statistics.mean(v for k, v in tasks.items() if k != "average")
 
 
-def task_curves(results: dict, seeds: list[int], family: Family = TRAINED) -> dict[str, dict[int, tuple]]:
-    """Per run, the task curve it scored during training (``campaign.curve_tasks``): {iteration:
-    (tokens, score mean over the seeds that have the point, seeds)}."""
+LAST = "last"  # a task curve's column: each run's last scored point, wherever its seed ended
+
+
+def task_curves(results: dict, seeds: list[int], family: Family = TRAINED) -> dict[str, dict]:
+    """Per run, the task curve it scored during training (``campaign.curve_tasks``): {iteration, or
+    ``LAST`` for each seed's last point: (tokens, score, each a mean over the seeds that have the
+    point, seeds)}. The last points are one column: an -ii run ends where its seed's FLOPs budget
+    does, a different iteration on each seed."""
     curves = {}
     for run in family.runs:
-        points: dict[int, list] = {}
+        points: dict = {}
         for s in seeds:
             r = results.get((run, s)) or {}
             if r.get("status") != "ok" or r.get("same_as"):  # an -ii that is its arm: the arm's row has it
                 continue
-            for c in r.get("curve", []):
-                if c.get("tasks"):
-                    points.setdefault(c["iteration"], []).append((c["tokens"], _curve_score(c["tasks"])))
+            scored = [c for c in r.get("curve", []) if c.get("tasks")]
+            for i, c in enumerate(scored):
+                key = LAST if i == len(scored) - 1 else c["iteration"]
+                points.setdefault(key, []).append((c["tokens"], _curve_score(c["tasks"])))
         if points:
-            curves[run] = {it: (statistics.mean(t for t, _ in p), statistics.mean(v for _, v in p), len(p))
-                           for it, p in sorted(points.items())}
+            ordered = sorted((k for k in points if k != LAST)) + ([LAST] if LAST in points else [])
+            curves[run] = {k: (statistics.mean(t for t, _ in points[k]), statistics.mean(v for _, v in points[k]),
+                               len(points[k])) for k in ordered}
     return curves
 
 
@@ -460,22 +471,23 @@ def _task_curve_lines(results: dict, seeds: list[int], family: Family) -> list[s
     curves = task_curves(results, seeds, family)
     if not curves:
         return []
-    iterations = sorted(set().union(*curves.values()))
+    iterations = sorted(set().union(*curves.values()) - {LAST}) + [LAST]
     scored = [r for r in results.values()
               if r and r.get("status") == "ok" and r.get("task_curve_wall_seconds") and not r.get("same_as")]
     limits = {c.get("tasks_limit") for r in scored for c in r.get("curve", []) if c.get("tasks")}
     lines = ["## Task curves (scored by each run during training; mean over seeds)", "",
              "Each run scored the tasks itself (`python -m pretrain --eval-tasks`) at its evaluations of every "
-             "`--task-curve-interval` iterations and at its end, on the model as it trained (masked, then shrunk "
-             "in-run), "
+             "`--task-curve-interval` iterations and at its end, on the model as it trained (a pruned arm: masked, "
+             "then shrunk in-run), "
              + (f"the first {limits.pop()} documents of each task" if len(limits) == 1 and None not in limits
                 else "the documents of each task listed in the runs' evals.jsonl")
              + "; one number per point: the average of the seven common-sense tasks where they were all scored, "
-               "else the mean of the tasks scored. The last point is the run's final model (the task table scores "
-               "its saved checkpoint with tools/evaluate.py)."
+               "else the mean of the tasks scored. *last*: each seed's last point, the run's final model (an -ii "
+               "run ends where its seed's budget does; the task table scores the saved checkpoint with "
+               "tools/evaluate.py)."
              + (f" Scoring took {statistics.mean(r['task_curve_wall_seconds'] for r in scored):,.0f} s of wall "
-                "clock per run on average, kept out of the runs' seconds." if scored else ""), "",
-             "| run | " + " | ".join(f"iter {it}" for it in iterations) + " |",
+                "clock per run on average, kept out of the runs' own account of their seconds." if scored else ""), "",
+             "| run | " + " | ".join(f"iter {it}" if it != LAST else LAST for it in iterations) + " |",
              "|---|" + "---|" * len(iterations)]
     for run, curve in curves.items():
         lines.append(f"| {run} | " + " | ".join(f"{curve[it][1]:.3f}" + (f" ({curve[it][2]})" if curve[it][2] < len(seeds)
@@ -597,11 +609,14 @@ def _plots(out: str, results: dict, seeds: list[int], family: Family = TRAINED) 
     if found:
         paths["found shape per seed"] = _widths_plot(plt, out, "found_shapes.png", "A's ", found)
     curves = task_curves(results, seeds, family)
+    stale = os.path.join(out, "task_curves.png")
+    if not curves and os.path.exists(stale):  # an earlier report's, of runs since scored again without a curve
+        os.remove(stale)
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, run in enumerate(family.runs):
             if run in curves:
-                points = list(curves[run].values())
+                points = sorted(curves[run].values())  # by tokens (the last column: a mean over the seeds' ends)
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", color=f"C{i % 10}", label=run,
                         linestyle="--" if run.endswith("-ii") else "-")
         start = [r["tasks"] for s in seeds if (r := results.get(("parent", s))) and r.get("status") == "ok"

@@ -90,18 +90,18 @@ def test_every_real_arm_starts_from_the_parent_with_its_recipe(tmp_path):
         assert value(p, "--prune-allocation") == "search" and value(p, "--prune-granularity") == "uniform"
         assert (value(p, "--prune-search-hidden-divisor"), value(p, "--prune-search-ffn-divisor"),
                 value(p, "--prune-search-max-width-pruning")) == ("16", "32", "0.6")
-    # no tasks in this context: no task curve
-    assert not any("--eval-tasks" in p.flags for p in plans.values())
+    # no tasks in this context: no task curve, said (a resumed run would keep its checkpoint's scoring)
+    assert all(value(p, "--eval-tasks") == "none" and "--eval-tasks-interval" not in p.flags for p in plans.values())
     # with them (the recipe's --task-curve-interval 4), every run scores them in-run but the parent
     # (measured once by tools/evaluate.py) and the sweeps (they choose a rate on the validation loss)
     scored = dataclasses.replace(ctx, tasks=("boolq", "piqa"), task_limit=4)
     for run in plans:
         p = arms.plan_run(recipe, scored, run, 0)
         assert (value(p, "--eval-tasks"), value(p, "--eval-tasks-interval"), value(p, "--eval-tasks-limit")) == \
-            ((None, None, None) if run == "parent" else ("boolq,piqa", "4", "4")), run
-    assert "--eval-tasks" not in arms.plan_run(recipe, scored, "A", 0, lr=1e-3, sweep=True).flags
+            (("none", None, None) if run == "parent" else ("boolq,piqa", "4", "4")), run
+    assert value(arms.plan_run(recipe, scored, "A", 0, lr=1e-3, sweep=True), "--eval-tasks") == "none"
     off = dataclasses.replace(recipe, task_curve_interval=0)
-    assert "--eval-tasks" not in arms.plan_run(off, scored, "A", 0).flags
+    assert value(arms.plan_run(off, scored, "A", 0), "--eval-tasks") == "none"
     shape = {**TINY, "hidden_size": int(value(plans["scratch"], "--hidden-size")),
              "ffn_hidden_size": int(value(plans["scratch"], "--ffn-hidden-size"))}
     shape.pop("kv_channels")

@@ -1,7 +1,10 @@
 """The comparison report of an imported parent, from fabricated runs: the found architecture of
 every pruned arm and the plots item 3 of issue 28 asks for (tasks against FLOPs, per-layer widths)."""
 
+import json
 import os
+
+import pytest
 
 from pretrain.compare.arms import PRUNED_REAL
 from pretrain.compare.recipes import get_recipe
@@ -203,23 +206,30 @@ def test_the_task_curve_is_a_table_and_a_plot_of_what_each_run_scored_during_tra
     results[("A-ii", 0)] = {**results[("A", 0)], "run": "A-ii", "same_as": "A"}
     results[("M", 0)] = _with_curve(_run("M", 0, 1e9, 3.7, 0.3), [(4, 0.28), (8, 0.29)])
     results[("M-ii", 0)] = _with_curve(_run("M-ii", 0, 2e9, 3.6, 0.3), [(4, 0.28), (8, 0.29), (12, 0.31)])
+    # each seed's -ii run ends where its budget does: their ends are one column
+    results[("M-ii", 1)] = _with_curve(_run("M-ii", 1, 2e9, 3.6, 0.3), [(4, 0.30), (8, 0.31), (10, 0.33)])
     results[("M-CE", 0)] = _run("M-CE", 0, 1e9, 3.7, 0.3)  # scored at its end only
     out = str(tmp_path)
     write_report(out, get_recipe("cpu-tiny-real"), seeds, results, {}, [], "cmd")
     text = open(os.path.join(out, "report.md")).read()
     section = text.split("## Task curves")[1].split("\n\n")
     assert "the first 4 documents of each task" in section[1]
-    assert "Scoring took 30 s of wall clock per run on average" in section[1]  # (20 + 40 + 30 + 30) / 4
+    assert "Scoring took 30 s of wall clock per run on average" in section[1]  # (20 + 40 + 30 + 30 + 30) / 5
     rows = section[2].splitlines()
-    assert rows[0] == "| run | iter 4 | iter 8 | iter 12 |"
-    assert "| A | 0.310 | 0.350 |  |" in rows  # both seeds: no mark
-    assert "| M | 0.280 (1) | 0.290 (1) |  |" in rows and "| M-ii | 0.280 (1) | 0.290 (1) | 0.310 (1) |" in rows
+    assert rows[0] == "| run | iter 4 | iter 8 | last |"
+    assert "| A | 0.310 |  | 0.350 |" in rows  # both seeds: no mark
+    assert "| M | 0.280 (1) |  | 0.290 (1) |" in rows and "| M-ii | 0.290 | 0.300 | 0.320 |" in rows
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["task_curves"]["M-ii"][-1] == {"iteration": "last", "tokens": 11 * 512, "score": pytest.approx(0.32),
+                                                 "seeds": 2}
     assert not any(r.startswith(("| A-ii ", "| M-CE ", "| parent ")) for r in rows)
     assert os.path.getsize(os.path.join(out, "task_curves.png")) > 1000 and "(task_curves.png)" in text
 
 
 def test_no_task_curve_section_without_one(tmp_path):
+    open(os.path.join(str(tmp_path), "task_curves.png"), "w").close()  # an earlier report's
     results = {("A", 0): _run("A", 0, 1e9, 3.5, 0.3)}
     write_report(str(tmp_path), get_recipe("cpu-tiny-real"), [0], results, {}, [], "cmd")
     text = open(os.path.join(str(tmp_path), "report.md")).read()
     assert "Task curves" not in text and not os.path.exists(os.path.join(str(tmp_path), "task_curves.png"))
+    assert "task_curves" not in json.load(open(os.path.join(str(tmp_path), "report.json")))
