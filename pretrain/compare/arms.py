@@ -264,14 +264,15 @@ def _common_flags(recipe: Recipe, ctx: Context, seed: int, lr: float, run_dir: s
     return [str(f) for f in flags]
 
 
-def task_curve_flags(recipe: Recipe, ctx: Context) -> list[str]:
+def task_curve_flags(recipe: Recipe, ctx: Context, scored: bool = True) -> list[str]:
     """The task curve (``Recipe.task_curve_interval``): the campaign's tasks, on its documents,
     scored by the run itself at its evaluations of every N iterations and at its end (``python -m
     pretrain --eval-tasks``). Training is the same with and without them (no data read, no random
     number drawn); their time is kept apart from the run's (``campaign.train_seconds``). Without
     a curve, ``--eval-tasks none``: a resumed run (or one that starts from a trained parent's
-    checkpoint) would otherwise keep the scoring its checkpoint was saved with."""
-    if not (recipe.task_curve_interval and ctx.tasks):
+    checkpoint) would otherwise keep the scoring its checkpoint was saved with; so for a run that
+    is not ``scored`` (an imported parent, a learning-rate sweep)."""
+    if not (scored and recipe.task_curve_interval and ctx.tasks):
         return ["--eval-tasks", "none"]
     flags = ["--eval-tasks", ",".join(ctx.tasks), "--eval-tasks-interval", str(recipe.task_curve_interval)]
     if ctx.task_limit:
@@ -366,7 +367,7 @@ def plan_run(recipe: Recipe, ctx: Context, run: str, seed: int, lr: float | None
     if run.endswith("-KD"):  # the parent, as it was when A/C started from it, teaches
         flags += ["--kd-teacher", first_load]
     # the sweeps choose a rate on the validation loss: no tasks
-    flags += task_curve_flags(recipe, ctx) if not sweep else ["--eval-tasks", "none"]
+    flags += task_curve_flags(recipe, ctx, scored=not sweep)
     flags += ["--train-tokens", str(train)]
     return RunPlan(name=run, seed=seed, folder=folder, flags=flags, train_tokens=train, lr=lr,
                    first_load=first_load, shape_file=shape_file)
@@ -412,7 +413,7 @@ def _plan_imported(recipe: Recipe, ctx: Context, run: str, seed: int, lr: float 
         train = matched_flops_tokens_real(recipe, ctx, run, seed)
     # the parent is scored once, by tools/evaluate.py (its tasks.json); the sweeps choose a rate on
     # the validation loss
-    flags += task_curve_flags(recipe, ctx) if not sweep and base != "parent" else ["--eval-tasks", "none"]
+    flags += task_curve_flags(recipe, ctx, scored=not sweep and base != "parent")
     flags += ["--train-tokens", str(train)]
     return RunPlan(name=run, seed=seed, folder=folder, flags=flags, train_tokens=train, lr=lr,
                    first_load=first_load, shape_file=shape_file)

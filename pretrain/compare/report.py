@@ -192,7 +192,7 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
                                         for k, (t, v, n) in c.items()] for run, c in curves.items()}}
                  if curves else {})}
     atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1, default=str))
-    plots = _plots(out, results, seeds, family)
+    plots = _plots(out, results, seeds, family, curves)
     lines = [f"# Baseline comparison: recipe `{recipe.name}`", "", recipe.summary, "",
              f"Command: `{command}`", ""]
     if family.name == "trained":
@@ -214,7 +214,7 @@ def write_report(out: str, recipe, seeds: list[int], results: dict, lrs: dict, n
     if family.name != "trained":
         lines += _architecture_lines(results, seeds)
     lines += _tasks_lines(summary, tasks)
-    lines += _task_curve_lines(results, seeds, family)
+    lines += _task_curve_lines(curves, results, seeds)
     lines += [f"![{name}]({os.path.basename(path)})" for name, path in plots.items()]
     if notes:
         lines += ["", "Notes:", *[f"- {n}" for n in notes]]
@@ -466,9 +466,9 @@ def task_curves(results: dict, seeds: list[int], family: Family = TRAINED) -> di
     return curves
 
 
-def _task_curve_lines(results: dict, seeds: list[int], family: Family) -> list[str]:
-    """The task curve table: each run's scores during training, one column per scored iteration."""
-    curves = task_curves(results, seeds, family)
+def _task_curve_lines(curves: dict, results: dict, seeds: list[int]) -> list[str]:
+    """The task curve table (``task_curves``): each run's scores during training, one column per
+    scored iteration."""
     if not curves:
         return []
     iterations = sorted(set().union(*curves.values()) - {LAST}) + [LAST]
@@ -561,7 +561,8 @@ def _architecture_lines(results: dict, seeds: list[int]) -> list[str]:
     return lines + [""] if rows else []
 
 
-def _plots(out: str, results: dict, seeds: list[int], family: Family = TRAINED) -> dict:
+def _plots(out: str, results: dict, seeds: list[int], family: Family = TRAINED, curves: dict | None = None) -> dict:
+    """The report's PNGs; ``curves``: ``task_curves`` (none: no task-curve plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -608,7 +609,6 @@ def _plots(out: str, results: dict, seeds: list[int], family: Family = TRAINED) 
     found = [(f"seed {s}", event["kept_per_layer"]) for s in seeds if (event := _found(results, "A", s))]
     if found:
         paths["found shape per seed"] = _widths_plot(plt, out, "found_shapes.png", "A's ", found)
-    curves = task_curves(results, seeds, family)
     stale = os.path.join(out, "task_curves.png")
     if not curves and os.path.exists(stale):  # an earlier report's, of runs since scored again without a curve
         os.remove(stale)
